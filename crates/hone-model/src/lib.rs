@@ -1,0 +1,29 @@
+//! # hone-model
+//!
+//! Llama-family decoder-only transformers (Llama, Mistral, Qwen2) over any burn backend, loaded
+//! from Hugging Face model directories and checked against transformers' outputs: configuration
+//! ([`config`]), RoPE variants ([`rope`]), safetensors loading ([`weights`]), the model
+//! ([`model`]), the KV cache ([`cache`]), the tokenizer ([`tokenizer`]) and generation
+//! ([`generate`]).
+
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod loader;
+pub mod model;
+pub mod rope;
+pub mod tokenizer;
+pub mod weights;
+
+pub use cache::KvCache;
+pub use config::{Architecture, ModelConfig};
+pub use error::{ModelError, Result};
+pub use generate::{generate, FinishReason, GenerateConfig, Generation, Sampler, SamplingConfig};
+pub use loader::{load_model_dir, LoadedModel};
+pub use model::{CausalLm, LoadOptions, LoadReport};
+pub use tokenizer::Tokenizer;
+pub use weights::WeightStore;
+
+/// The CPU backend hone uses (burn's Flex, with AVX-512 gemm where the CPU has it).
+pub type Cpu = burn::backend::Flex;

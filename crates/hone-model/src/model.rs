@@ -1,0 +1,499 @@
+//! The Llama-family decoder (Llama, Mistral, Qwen2) over any burn backend, following
+//! transformers' `modeling_llama.py`: RMSNorm, grouped-query attention with RoPE in the
+//! `rotate_half` layout, SwiGLU MLP, optional q/k/v biases, tied or untied `lm_head`.
+//! Field names are the checkpoint keys (`model.layers.N.self_attn.q_proj.weight`, ...).
+
+use burn::module::{Module, Param};
+use burn::prelude::*;
+use burn::tensor::activation::silu;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{DType, Distribution, TensorData};
+
+use crate::cache::KvCache;
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::rope;
+use crate::weights::WeightStore;
+
+/// A linear projection with the weight in Hugging Face layout `[out, in]`: `y = x Wᵀ + b`.
+#[derive(Module, Debug)]
+pub struct Linear<B: Backend> {
+    /// `[out_features, in_features]`.
+    pub weight: Param<Tensor<B, 2>>,
+    /// `[out_features]`.
+    pub bias: Option<Param<Tensor<B, 1>>>,
+}
+
+impl<B: Backend> Linear<B> {
+    /// `x`: `[..., in]` -> `[..., out]`.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dims = x.dims();
+        let in_features = dims[D - 1];
+        let rows = dims[..D - 1].iter().product::<usize>();
+        let out_features = self.weight.dims()[0];
+        let y = x
+            .reshape([rows, in_features])
+            .matmul(self.weight.val().transpose());
+        let y = match &self.bias {
+            Some(b) => y + b.val().unsqueeze_dim(0),
+            None => y,
+        };
+        let mut out = dims;
+        out[D - 1] = out_features;
+        y.reshape(out)
+    }
+}
+
+/// Root-mean-square layer norm: `w * x / sqrt(mean(x²) + eps)`, computed in f32.
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    /// `[hidden]`.
+    pub weight: Param<Tensor<B, 1>>,
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    /// `x`: `[batch, seq, hidden]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let dtype = x.dtype();
+        let x = if dtype != DType::F32 { x.cast(DType::F32) } else { x };
+        let variance = x.clone().powi_scalar(2).mean_dim(2);
+        let x = x * (variance + self.eps).sqrt().recip();
+        let x = if dtype != DType::F32 { x.cast(dtype) } else { x };
+        x * self.weight.val().unsqueeze::<3>()
+    }
+}
+
+/// Multi-head attention with grouped key/value heads.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    pub o_proj: Linear<B>,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    /// Sliding window of this layer (0 = full attention).
+    pub sliding_window: usize,
+}
+
+/// Cos/sin tables for the positions of one forward pass, shaped `[1, seq, 1, rotary_dim]`.
+#[derive(Clone, Debug)]
+pub struct RopeTables<B: Backend> {
+    pub cos: Tensor<B, 4>,
+    pub sin: Tensor<B, 4>,
+}
+
+fn rotate_half<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let d = x.dims()[3];
+    let x1 = x.clone().narrow(3, 0, d / 2);
+    let x2 = x.narrow(3, d / 2, d / 2);
+    Tensor::cat(vec![x2.neg(), x1], 3)
+}
+
+/// Applies RoPE to `x` `[batch, seq, heads, head_dim]`; only the first `rotary_dim` features
+/// rotate (partial rotary), the rest pass through.
+fn apply_rope<B: Backend>(x: Tensor<B, 4>, rope: &RopeTables<B>) -> Tensor<B, 4> {
+    let head_dim = x.dims()[3];
+    let rotary = rope.cos.dims()[3];
+    if rotary == head_dim {
+        return x.clone() * rope.cos.clone() + rotate_half(x) * rope.sin.clone();
+    }
+    let rot = x.clone().narrow(3, 0, rotary);
+    let pass = x.narrow(3, rotary, head_dim - rotary);
+    let rot = rot.clone() * rope.cos.clone() + rotate_half(rot) * rope.sin.clone();
+    Tensor::cat(vec![rot, pass], 3)
+}
+
+impl<B: Backend> Attention<B> {
+    /// `x`: `[batch, seq, hidden]`; `cache` holds this layer's past keys and values.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        cache: Option<&mut (Option<Tensor<B, 4>>, Option<Tensor<B, 4>>)>,
+    ) -> Tensor<B, 3> {
+        let [batch, seq, _] = x.dims();
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x.clone()).reshape([batch, seq, h, d]);
+        let k = self.k_proj.forward(x.clone()).reshape([batch, seq, kvh, d]);
+        let v = self.v_proj.forward(x).reshape([batch, seq, kvh, d]);
+        let q = apply_rope(q, rope).swap_dims(1, 2);
+        let k = apply_rope(k, rope).swap_dims(1, 2);
+        let v = v.swap_dims(1, 2);
+        // [batch, kv_heads, total, head_dim]
+        let (k, v) = match cache {
+            Some(slot) => {
+                let k = match slot.0.take() {
+                    Some(past) => Tensor::cat(vec![past, k], 2),
+                    None => k,
+                };
+                let v = match slot.1.take() {
+                    Some(past) => Tensor::cat(vec![past, v], 2),
+                    None => v,
+                };
+                slot.0 = Some(k.clone());
+                slot.1 = Some(v.clone());
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let total = k.dims()[2];
+        let groups = h / kvh;
+        let (k, v) = if groups > 1 {
+            let expand = |t: Tensor<B, 4>| {
+                t.unsqueeze_dim::<5>(2)
+                    .expand([batch, kvh, groups, total, d])
+                    .reshape([batch, h, total, d])
+            };
+            (expand(k), expand(v))
+        } else {
+            (k, v)
+        };
+        let window = self.sliding_window;
+        let mask = if window > 0 && total > window {
+            Some(sliding_window_mask::<B>(seq, total, window, &q.device()))
+        } else {
+            None
+        };
+        let out = attention(
+            q,
+            k,
+            v,
+            mask.clone(),
+            None,
+            AttentionModuleOptions {
+                scale: None,
+                softcap: None,
+                is_causal: mask.is_none(),
+            },
+        );
+        let out = out.swap_dims(1, 2).reshape([batch, seq, h * d]);
+        self.o_proj.forward(out)
+    }
+}
+
+/// Boolean mask `[1, 1, seq, total]`, true where attention is forbidden: the future, and keys at
+/// least `window` positions behind the query (transformers: `kv_idx > q_idx - sliding_window`).
+fn sliding_window_mask<B: Backend>(
+    seq: usize,
+    total: usize,
+    window: usize,
+    device: &B::Device,
+) -> Tensor<B, 4, Bool> {
+    let offset = total - seq;
+    let mut data = vec![false; seq * total];
+    for i in 0..seq {
+        let q = i + offset;
+        for j in 0..total {
+            data[i * total + j] = j > q || q - j >= window;
+        }
+    }
+    Tensor::<B, 2, Bool>::from_data(TensorData::new(data, [seq, total]), device).unsqueeze()
+}
+
+/// SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub gate_proj: Linear<B>,
+    pub up_proj: Linear<B>,
+    pub down_proj: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}
+
+/// One pre-norm transformer block.
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    pub self_attn: Attention<B>,
+    pub mlp: Mlp<B>,
+    pub input_layernorm: RmsNorm<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        cache: Option<&mut (Option<Tensor<B, 4>>, Option<Tensor<B, 4>>)>,
+    ) -> Tensor<B, 3> {
+        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, cache);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+/// The decoder stack (checkpoint prefix `model.`).
+#[derive(Module, Debug)]
+pub struct Decoder<B: Backend> {
+    /// `[vocab, hidden]`.
+    pub embed_tokens: Param<Tensor<B, 2>>,
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+}
+
+/// A causal language model: decoder + `lm_head` (absent when tied to `embed_tokens`).
+#[derive(Module, Debug)]
+pub struct CausalLm<B: Backend> {
+    pub model: Decoder<B>,
+    pub lm_head: Option<Linear<B>>,
+    /// Inverse RoPE frequencies `[rotary_dim / 2]` (host copy; tables are built per call).
+    #[module(skip)]
+    pub inv_freq: Vec<f32>,
+    #[module(skip)]
+    pub config: ModelConfig,
+}
+
+/// Options for building a model.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    /// Compute dtype of the weights (F32 by default; BF16/F16 on GPUs).
+    pub dtype: DType,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { dtype: DType::F32 }
+    }
+}
+
+/// What loading found besides the tensors it used.
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    /// Tensors in the checkpoint that the model does not use (full names).
+    pub unused: Vec<String>,
+}
+
+/// Where the weights of a model come from.
+enum Source<'a> {
+    Checkpoint(&'a WeightStore, std::cell::RefCell<Vec<String>>),
+    Random,
+}
+
+struct Builder<'a, B: Backend> {
+    source: Source<'a>,
+    device: &'a B::Device,
+    dtype: DType,
+}
+
+impl<B: Backend> Builder<'_, B> {
+    fn tensor<const D: usize>(&self, name: &str, shape: [usize; D], init: Init) -> Result<Tensor<B, D>> {
+        let tensor = match &self.source {
+            Source::Checkpoint(store, used) => {
+                let values = store.load_f32(name, &shape)?;
+                used.borrow_mut().push(name.to_string());
+                Tensor::<B, D>::from_data(TensorData::new(values, shape), self.device)
+            }
+            Source::Random => match init {
+                Init::Normal => {
+                    Tensor::<B, D>::random(shape, Distribution::Normal(0.0, 0.02), self.device)
+                }
+                Init::Ones => Tensor::<B, D>::ones(shape, self.device),
+                Init::Zeros => Tensor::<B, D>::zeros(shape, self.device),
+            },
+        };
+        Ok(if self.dtype != DType::F32 {
+            tensor.cast(self.dtype)
+        } else {
+            tensor
+        })
+    }
+
+    fn param<const D: usize>(&self, name: &str, shape: [usize; D], init: Init) -> Result<Param<Tensor<B, D>>> {
+        Ok(Param::from_tensor(self.tensor(name, shape, init)?))
+    }
+
+    fn linear(&self, prefix: &str, inp: usize, out: usize, bias: bool) -> Result<Linear<B>> {
+        Ok(Linear {
+            weight: self.param(&format!("{prefix}.weight"), [out, inp], Init::Normal)?,
+            bias: if bias {
+                Some(self.param(&format!("{prefix}.bias"), [out], Init::Zeros)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn norm(&self, name: &str, size: usize, eps: f64) -> Result<RmsNorm<B>> {
+        Ok(RmsNorm {
+            weight: self.param(name, [size], Init::Ones)?,
+            eps,
+        })
+    }
+
+    fn build(&self, config: &ModelConfig) -> Result<CausalLm<B>> {
+        let c = config;
+        let (hid, d) = (c.hidden_size, c.head_dim);
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(DecoderLayer {
+                self_attn: Attention {
+                    q_proj: self.linear(&format!("{p}.self_attn.q_proj"), hid, c.num_heads * d, c.qkv_bias)?,
+                    k_proj: self.linear(&format!("{p}.self_attn.k_proj"), hid, c.num_kv_heads * d, c.qkv_bias)?,
+                    v_proj: self.linear(&format!("{p}.self_attn.v_proj"), hid, c.num_kv_heads * d, c.qkv_bias)?,
+                    o_proj: self.linear(&format!("{p}.self_attn.o_proj"), c.num_heads * d, hid, c.o_bias)?,
+                    num_heads: c.num_heads,
+                    num_kv_heads: c.num_kv_heads,
+                    head_dim: d,
+                    sliding_window: c.sliding_window[i].unwrap_or(0),
+                },
+                mlp: Mlp {
+                    gate_proj: self.linear(&format!("{p}.mlp.gate_proj"), hid, c.intermediate_size, c.mlp_bias)?,
+                    up_proj: self.linear(&format!("{p}.mlp.up_proj"), hid, c.intermediate_size, c.mlp_bias)?,
+                    down_proj: self.linear(&format!("{p}.mlp.down_proj"), c.intermediate_size, hid, c.mlp_bias)?,
+                },
+                input_layernorm: self.norm(&format!("{p}.input_layernorm.weight"), hid, c.rms_norm_eps)?,
+                post_attention_layernorm: self.norm(
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    hid,
+                    c.rms_norm_eps,
+                )?,
+            });
+        }
+        let model = Decoder {
+            embed_tokens: self.param("model.embed_tokens.weight", [c.vocab_size, hid], Init::Normal)?,
+            layers,
+            norm: self.norm("model.norm.weight", hid, c.rms_norm_eps)?,
+        };
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(self.linear("lm_head", hid, c.vocab_size, false)?)
+        };
+        Ok(CausalLm {
+            model,
+            lm_head,
+            inv_freq: rope::inverse_frequencies(c.rotary_dim(), c.rope_theta, &c.rope_scaling),
+            config: c.clone(),
+        })
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Init {
+    Normal,
+    Ones,
+    Zeros,
+}
+
+impl<B: Backend> CausalLm<B> {
+    /// Builds the model of `config` from the tensors of `store`. Missing or mis-shaped tensors
+    /// are errors naming the tensor and file; tensors the model does not use are reported.
+    pub fn from_store(
+        config: &ModelConfig,
+        store: &WeightStore,
+        device: &B::Device,
+        options: LoadOptions,
+    ) -> Result<(Self, LoadReport)> {
+        let builder = Builder::<B> {
+            source: Source::Checkpoint(store, Default::default()),
+            device,
+            dtype: options.dtype,
+        };
+        let model = builder.build(config)?;
+        let used = match &builder.source {
+            Source::Checkpoint(_, used) => used.borrow().clone(),
+            Source::Random => Vec::new(),
+        };
+        let used: std::collections::HashSet<String> = used.into_iter().collect();
+        let unused = store
+            .names()
+            .into_iter()
+            .filter(|n| !used.contains(n))
+            .collect();
+        Ok((model, LoadReport { unused }))
+    }
+
+    /// A model of `config` with random weights (normal, std 0.02; norms at one), for benchmarks.
+    pub fn random(config: &ModelConfig, device: &B::Device, options: LoadOptions) -> Self {
+        let builder = Builder::<B> {
+            source: Source::Random,
+            device,
+            dtype: options.dtype,
+        };
+        builder
+            .build(config)
+            .expect("building a model from random weights reads no file and cannot fail")
+    }
+
+    /// Cos/sin tables `[1, seq, 1, rotary_dim]` for positions `start..start + seq`.
+    pub fn rope_tables(&self, start: usize, seq: usize, device: &B::Device) -> RopeTables<B> {
+        let (cos, sin) = rope::cos_sin_tables(&self.inv_freq, start + seq);
+        let dim = 2 * self.inv_freq.len();
+        let from = start * dim;
+        let make = |v: Vec<f32>| {
+            let t = Tensor::<B, 2>::from_data(TensorData::new(v[from..].to_vec(), [seq, dim]), device);
+            let t = if self.config_dtype() != DType::F32 { t.cast(self.config_dtype()) } else { t };
+            t.reshape([1, seq, 1, dim])
+        };
+        RopeTables {
+            cos: make(cos),
+            sin: make(sin),
+        }
+    }
+
+    fn config_dtype(&self) -> DType {
+        self.model.embed_tokens.val().dtype()
+    }
+
+    /// Hidden states after the final norm: `input_ids` `[batch, seq]` -> `[batch, seq, hidden]`.
+    /// With a cache, positions continue after the cached ones and the cache is extended.
+    pub fn forward_hidden(&self, input_ids: Tensor<B, 2, Int>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        let [batch, seq] = input_ids.dims();
+        let device = input_ids.device();
+        let start = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        let rope = self.rope_tables(start, seq, &device);
+        let hidden = self.config.hidden_size;
+        let mut x = self
+            .model
+            .embed_tokens
+            .val()
+            .select(0, input_ids.reshape([batch * seq]))
+            .reshape([batch, seq, hidden]);
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| c.layer_mut(i));
+            x = layer.forward(x, &rope, slot);
+        }
+        if let Some(c) = cache {
+            c.advance(seq);
+        }
+        self.model.norm.forward(x)
+    }
+
+    /// Projects hidden states to vocabulary logits: `[batch, seq, hidden]` -> `[batch, seq, vocab]`.
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => {
+                let [b, s, h] = hidden.dims();
+                hidden
+                    .reshape([b * s, h])
+                    .matmul(self.model.embed_tokens.val().transpose())
+                    .reshape([b, s, self.config.vocab_size])
+            }
+        }
+    }
+
+    /// Full forward pass: `[batch, seq]` ids -> `[batch, seq, vocab]` logits.
+    pub fn forward(&self, input_ids: Tensor<B, 2, Int>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        let hidden = self.forward_hidden(input_ids, cache);
+        self.logits(hidden)
+    }
+
+    /// Logits of the last position only (what generation needs): `[batch, vocab]`.
+    pub fn forward_last(&self, input_ids: Tensor<B, 2, Int>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 2> {
+        let hidden = self.forward_hidden(input_ids, cache);
+        let [b, s, h] = hidden.dims();
+        let last = hidden.narrow(1, s - 1, 1);
+        debug_assert_eq!(h, self.config.hidden_size);
+        self.logits(last).reshape([b, self.config.vocab_size])
+    }
+}

@@ -1,0 +1,173 @@
+//! Rotary position embeddings: inverse frequencies for the RoPE types of transformers'
+//! `modeling_rope_utils` (`default`, `linear`, `llama3`) and the cos/sin tables of the HF
+//! `rotate_half` layout (the two halves of each head are rotated against each other).
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::error::{ModelError, Result};
+
+/// RoPE scaling as configured by `rope_scaling` (4.x) or `rope_parameters` (5.x).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    Default,
+    /// Position interpolation: every inverse frequency divided by `factor`.
+    Linear { factor: f64 },
+    /// Llama 3.1 / 3.2 frequency-dependent scaling.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+const SUPPORTED: &str = "default, linear, llama3";
+
+impl RopeScaling {
+    /// Parses a `rope_scaling` / `rope_parameters` object; `key` names it in errors.
+    pub fn from_json(
+        value: &serde_json::Value,
+        path: &Path,
+        key: &str,
+        max_position_embeddings: Option<usize>,
+    ) -> Result<Self> {
+        let invalid = |sub: &str, message: String| ModelError::InvalidConfig {
+            path: path.to_path_buf(),
+            key: format!("{key}.{sub}"),
+            message,
+        };
+        let obj = value.as_object().ok_or_else(|| ModelError::InvalidConfig {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            message: "expected an object".into(),
+        })?;
+        let kind = obj
+            .get("rope_type")
+            .or_else(|| obj.get("type"))
+            .and_then(|v| v.as_str())
+            .unwrap_or("default");
+        let num = |name: &str| -> Result<f64> {
+            obj.get(name)
+                .ok_or_else(|| invalid(name, format!("required for rope type `{kind}`")))?
+                .as_f64()
+                .ok_or_else(|| invalid(name, "expected a number".into()))
+        };
+        let factor = || -> Result<f64> {
+            let f = num("factor")?;
+            if f < 1.0 {
+                return Err(invalid("factor", format!("must be >= 1, found {f}")));
+            }
+            Ok(f)
+        };
+        match kind {
+            "default" => Ok(RopeScaling::Default),
+            "linear" => Ok(RopeScaling::Linear { factor: factor()? }),
+            "llama3" => {
+                let original = match obj.get("original_max_position_embeddings") {
+                    Some(_) => num("original_max_position_embeddings")?,
+                    None => max_position_embeddings.ok_or_else(|| {
+                        invalid("original_max_position_embeddings", "required for llama3".into())
+                    })? as f64,
+                };
+                let low = num("low_freq_factor")?;
+                let high = num("high_freq_factor")?;
+                if high <= low {
+                    return Err(invalid(
+                        "high_freq_factor",
+                        format!("must be greater than low_freq_factor ({low}), found {high}"),
+                    ));
+                }
+                Ok(RopeScaling::Llama3 {
+                    factor: factor()?,
+                    low_freq_factor: low,
+                    high_freq_factor: high,
+                    original_max_position_embeddings: original,
+                })
+            }
+            other => Err(ModelError::Unsupported {
+                path: path.to_path_buf(),
+                what: "RoPE type",
+                found: format!("{other} (in `{key}`)"),
+                supported: SUPPORTED.into(),
+            }),
+        }
+    }
+}
+
+/// Inverse frequencies `[rotary_dim / 2]`, as transformers computes them (in f32).
+pub fn inverse_frequencies(rotary_dim: usize, theta: f64, scaling: &RopeScaling) -> Vec<f32> {
+    // transformers: 1 / base ** (arange(0, dim, 2).float() / dim), evaluated in float32.
+    let base: Vec<f32> = (0..rotary_dim / 2)
+        .map(|i| {
+            let exponent = (2 * i) as f32 / rotary_dim as f32;
+            1.0 / (theta as f32).powf(exponent)
+        })
+        .collect();
+    match *scaling {
+        RopeScaling::Default => base,
+        RopeScaling::Linear { factor } => base.iter().map(|f| f / factor as f32).collect(),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
+            let factor = factor as f32;
+            let old = original_max_position_embeddings as f32;
+            let low_wavelen = old / low_freq_factor as f32;
+            let high_wavelen = old / high_freq_factor as f32;
+            base.iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f32::consts::PI / f;
+                    if wavelen < high_wavelen {
+                        f
+                    } else if wavelen > low_wavelen {
+                        f / factor
+                    } else {
+                        let smooth = (old / wavelen - low_freq_factor as f32)
+                            / (high_freq_factor - low_freq_factor) as f32;
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+/// `cos` and `sin` tables `[positions, rotary_dim]` in the `rotate_half` layout
+/// (`cat(freqs, freqs)`), row `p` for position `p`.
+pub fn cos_sin_tables(inv_freq: &[f32], positions: usize) -> (Vec<f32>, Vec<f32>) {
+    let half = inv_freq.len();
+    let dim = 2 * half;
+    let mut cos = vec![0f32; positions * dim];
+    let mut sin = vec![0f32; positions * dim];
+    for p in 0..positions {
+        for (i, &f) in inv_freq.iter().enumerate() {
+            // transformers: freqs = position (f32) * inv_freq (f32), then cos/sin in f32.
+            let angle = p as f32 * f;
+            let (s, c) = angle.sin_cos();
+            cos[p * dim + i] = c;
+            cos[p * dim + half + i] = c;
+            sin[p * dim + i] = s;
+            sin[p * dim + half + i] = s;
+        }
+    }
+    (cos, sin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linear_divides_every_frequency() {
+        let base = inverse_frequencies(16, 10000.0, &RopeScaling::Default);
+        let scaled = inverse_frequencies(16, 10000.0, &RopeScaling::Linear { factor: 4.0 });
+        for (b, s) in base.iter().zip(&scaled) {
+            assert!((b / 4.0 - s).abs() <= 1e-12);
+        }
+    }
+}
