@@ -8,6 +8,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod generate;
 pub mod loader;
@@ -18,6 +19,7 @@ pub mod weights;
 
 pub use cache::KvCache;
 pub use config::{Architecture, ModelConfig};
+pub use device::{run_on, BackendTask, DeviceSpec};
 pub use error::{ModelError, Result};
 pub use generate::{generate, FinishReason, GenerateConfig, Generation, Sampler, SamplingConfig};
 pub use loader::{load_model_dir, LoadedModel};

@@ -1,0 +1,92 @@
+//! `hone logits`: f32 logits [batch, seq, vocab] of integer `input_ids` [batch, seq], written as
+//! safetensors (the hook for numerical comparisons with other implementations).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use burn::prelude::*;
+use burn::tensor::TensorData;
+use hone_model::{load_model_dir, run_on, BackendTask, LoadOptions, WeightStore};
+use safetensors::tensor::{Dtype, TensorView};
+
+use crate::args::LogitsArgs;
+
+struct Task {
+    args: LogitsArgs,
+    ids: Vec<i64>,
+    batch: usize,
+    seq: usize,
+}
+
+impl BackendTask for Task {
+    type Output = Result<Vec<f32>>;
+
+    fn run<B: Backend>(self, device: B::Device) -> Result<Vec<f32>> {
+        let m = &self.args.model;
+        let loaded = load_model_dir::<B>(&m.model, &device, LoadOptions { dtype: m.dtype.dtype() })
+            .with_context(|| format!("loading model {}", m.model.display()))?;
+        let vocab = loaded.model.config.vocab_size as i64;
+        if let Some(bad) = self.ids.iter().find(|&&i| i < 0 || i >= vocab) {
+            bail!(
+                "{}: `input_ids` holds {bad}, outside the vocabulary [0, {vocab})",
+                self.args.input_ids.display()
+            );
+        }
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(self.ids, [self.batch, self.seq]), &device);
+        let logits = loaded.model.forward(ids, None).cast(burn::tensor::DType::F32);
+        logits
+            .into_data()
+            .to_vec::<f32>()
+            .map_err(|e| anyhow::anyhow!("reading logits: {e:?}"))
+    }
+}
+
+/// Writes `tensors` to `path` through a temporary file in the same directory, then renames.
+pub fn write_safetensors_atomic(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, &[u8])]) -> Result<()> {
+    let mut views = HashMap::new();
+    for (name, dtype, shape, data) in tensors {
+        views.insert(
+            name.to_string(),
+            TensorView::new(*dtype, shape.clone(), data).context("building output tensor")?,
+        );
+    }
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let file_name = path.file_name().context("output path has no file name")?;
+    let tmp = dir.join(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
+    let result = safetensors::serialize_to_file(views, None, &tmp)
+        .map_err(|e| anyhow::anyhow!("{e:?}"))
+        .and_then(|_| std::fs::rename(&tmp, path).map_err(Into::into));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("writing {}", path.display()))
+}
+
+pub fn run(args: LogitsArgs) -> Result<()> {
+    if let Some(adapter) = &args.adapter {
+        bail!(
+            "--adapter {}: LoRA adapters are not supported by this version of hone yet \
+             (they arrive with the LoRA training work); run without --adapter for base-model logits",
+            adapter.display()
+        );
+    }
+    let store = WeightStore::open_files(&[args.input_ids.clone()])
+        .with_context(|| format!("reading {}", args.input_ids.display()))?;
+    let (ids, shape) = store
+        .load_i64("input_ids")
+        .with_context(|| format!("reading `input_ids` from {}", args.input_ids.display()))?;
+    if shape.len() != 2 || shape[0] == 0 || shape[1] == 0 {
+        bail!(
+            "{}: `input_ids` must have shape [batch, seq] with both > 0, found {shape:?}",
+            args.input_ids.display()
+        );
+    }
+    let (batch, seq) = (shape[0], shape[1]);
+    let out = args.out.clone();
+    let device = args.model.device;
+    let logits = run_on(device, Task { args, ids, batch, seq })??;
+    let vocab = logits.len() / (batch * seq);
+    let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
+    write_safetensors_atomic(&out, &[("logits", Dtype::F32, vec![batch, seq, vocab], &bytes)])
+}
