@@ -6,7 +6,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use hone_model::DeviceSpec;
 
 #[derive(Parser, Debug)]
-#[command(name = "hone", version, about = "LoRA fine-tuning of Llama-family models: curate, tokenize, train, evaluate, merge, serve")]
+#[command(
+    name = "hone",
+    version,
+    about = "LoRA fine-tuning of Llama-family models: curate, tokenize, train, evaluate, merge, serve"
+)]
 pub struct Cli {
     /// Log debug messages (or set HONE_LOG, e.g. HONE_LOG=info).
     #[arg(long, short, global = true)]

@@ -274,7 +274,9 @@ impl HfConfig {
                 return Err(invalid(
                     path,
                     "model_type",
-                    format!("`{model_type}` does not match the architecture (expected `{expected}`)"),
+                    format!(
+                        "`{model_type}` does not match the architecture (expected `{expected}`)"
+                    ),
                 ));
             }
         }
@@ -291,7 +293,7 @@ impl HfConfig {
         }
         let num_heads = self.num_attention_heads;
         let num_kv_heads = self.num_key_value_heads.unwrap_or(num_heads);
-        if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+        if num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
             return Err(invalid(
                 path,
                 "num_key_value_heads",
@@ -302,7 +304,7 @@ impl HfConfig {
             Some(d) if d > 0 => d,
             Some(_) => return Err(invalid(path, "head_dim", "must be positive")),
             None => {
-                if self.hidden_size % num_heads != 0 {
+                if !self.hidden_size.is_multiple_of(num_heads) {
                     return Err(invalid(
                         path,
                         "hidden_size",
@@ -316,7 +318,11 @@ impl HfConfig {
             }
         };
         if head_dim % 2 != 0 {
-            return Err(invalid(path, "head_dim", format!("must be even for RoPE, found {head_dim}")));
+            return Err(invalid(
+                path,
+                "head_dim",
+                format!("must be even for RoPE, found {head_dim}"),
+            ));
         }
         let act = self.hidden_act.as_deref().unwrap_or("silu");
         if act != "silu" && act != "swish" {
@@ -334,7 +340,7 @@ impl HfConfig {
             return Err(invalid(path, "partial_rotary_factor", "must be in (0, 1]"));
         }
         let rotary = (head_dim as f64 * partial_rotary_factor) as usize;
-        if rotary % 2 != 0 || rotary == 0 {
+        if !rotary.is_multiple_of(2) || rotary == 0 {
             return Err(invalid(
                 path,
                 "partial_rotary_factor",
@@ -347,7 +353,11 @@ impl HfConfig {
 
         let attention_bias = self.attention_bias.unwrap_or(false);
         let (qkv_bias, o_bias, mlp_bias) = match architecture {
-            Architecture::Llama => (attention_bias, attention_bias, self.mlp_bias.unwrap_or(false)),
+            Architecture::Llama => (
+                attention_bias,
+                attention_bias,
+                self.mlp_bias.unwrap_or(false),
+            ),
             Architecture::Mistral => (false, false, false),
             Architecture::Qwen2 => (true, false, false),
         };
@@ -374,7 +384,11 @@ impl HfConfig {
             mlp_bias,
             sliding_window,
             bos_token_id: first(&self.bos_token_id),
-            eos_token_ids: self.eos_token_id.as_ref().map(OneOrMany::to_vec).unwrap_or_default(),
+            eos_token_ids: self
+                .eos_token_id
+                .as_ref()
+                .map(OneOrMany::to_vec)
+                .unwrap_or_default(),
         })
     }
 
@@ -401,9 +415,9 @@ impl HfConfig {
                 ));
             }
             let theta = match obj.get("rope_theta") {
-                Some(v) => v
-                    .as_f64()
-                    .ok_or_else(|| invalid(path, "rope_parameters.rope_theta", "expected a number"))?,
+                Some(v) => v.as_f64().ok_or_else(|| {
+                    invalid(path, "rope_parameters.rope_theta", "expected a number")
+                })?,
                 None => self.rope_theta.unwrap_or(default_theta),
             };
             let partial = obj.get("partial_rotary_factor").and_then(|v| v.as_f64());
@@ -413,7 +427,9 @@ impl HfConfig {
         let theta = self.rope_theta.unwrap_or(default_theta);
         let scaling = match &self.rope_scaling {
             None | Some(serde_json::Value::Null) => RopeScaling::Default,
-            Some(v) => RopeScaling::from_json(v, path, "rope_scaling", self.max_position_embeddings)?,
+            Some(v) => {
+                RopeScaling::from_json(v, path, "rope_scaling", self.max_position_embeddings)?
+            }
         };
         Ok((theta, scaling, None))
     }
@@ -429,7 +445,10 @@ impl HfConfig {
                 return Err(invalid(
                     path,
                     "layer_types",
-                    format!("has {} entries, expected num_hidden_layers = {layers}", types.len()),
+                    format!(
+                        "has {} entries, expected num_hidden_layers = {layers}",
+                        types.len()
+                    ),
                 ));
             }
             return types
@@ -459,7 +478,9 @@ impl HfConfig {
             Architecture::Qwen2 => {
                 if self.use_sliding_window.unwrap_or(false) {
                     let from = self.max_window_layers.unwrap_or(layers);
-                    (0..layers).map(|i| if i >= from { window } else { None }).collect()
+                    (0..layers)
+                        .map(|i| if i >= from { window } else { None })
+                        .collect()
                 } else {
                     vec![None; layers]
                 }

@@ -13,15 +13,11 @@ use crate::error::{ModelError, Result};
 /// A device named on the command line or in a config: `cpu`, `cuda` or `cuda:N`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
+#[derive(Default)]
 pub enum DeviceSpec {
+    #[default]
     Cpu,
     Cuda(usize),
-}
-
-impl Default for DeviceSpec {
-    fn default() -> Self {
-        DeviceSpec::Cpu
-    }
 }
 
 impl FromStr for DeviceSpec {
@@ -37,7 +33,9 @@ impl FromStr for DeviceSpec {
                     .parse()
                     .map(DeviceSpec::Cuda)
                     .map_err(|_| format!("invalid device `{s}`: expected cuda:N with N a number")),
-                None => Err(format!("invalid device `{s}`: expected cpu, cuda or cuda:N")),
+                None => Err(format!(
+                    "invalid device `{s}`: expected cpu, cuda or cuda:N"
+                )),
             },
         }
     }

@@ -26,9 +26,7 @@ pub enum ModelError {
         message: String,
     },
 
-    #[error(
-        "{path}: unsupported {what} `{found}`; hone supports: {supported}"
-    )]
+    #[error("{path}: unsupported {what} `{found}`; hone supports: {supported}")]
     Unsupported {
         path: PathBuf,
         what: &'static str,

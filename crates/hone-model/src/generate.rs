@@ -43,10 +43,16 @@ impl SamplingConfig {
     /// Rejects values outside their domain, naming the setting.
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(ModelError::Input(format!("temperature must be >= 0, found {}", self.temperature)));
+            return Err(ModelError::Input(format!(
+                "temperature must be >= 0, found {}",
+                self.temperature
+            )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(ModelError::Input(format!("top_p must be in (0, 1], found {}", self.top_p)));
+            return Err(ModelError::Input(format!(
+                "top_p must be in (0, 1], found {}",
+                self.top_p
+            )));
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
             return Err(ModelError::Input(format!(
@@ -80,7 +86,11 @@ impl Sampler {
             seen.dedup();
             for id in seen {
                 if let Some(l) = logits.get_mut(id as usize) {
-                    *l = if *l < 0.0 { *l * c.repetition_penalty } else { *l / c.repetition_penalty };
+                    *l = if *l < 0.0 {
+                        *l * c.repetition_penalty
+                    } else {
+                        *l / c.repetition_penalty
+                    };
                 }
             }
         }
@@ -186,7 +196,11 @@ fn held_back(text: &str, stops: &[String]) -> usize {
     let mut hold = 0;
     for stop in stops {
         for n in (1..stop.len().min(text.len() + 1)).rev() {
-            if text.is_char_boundary(text.len() - n) && stop.as_bytes().starts_with(&text.as_bytes()[text.len() - n..]) {
+            if text.is_char_boundary(text.len() - n)
+                && stop
+                    .as_bytes()
+                    .starts_with(&text.as_bytes()[text.len() - n..])
+            {
                 hold = hold.max(n);
                 break;
             }
@@ -206,11 +220,15 @@ pub fn generate<B: Backend>(
 ) -> Result<Generation> {
     config.sampling.validate()?;
     if prompt_ids.is_empty() {
-        return Err(ModelError::Input("cannot generate from an empty prompt".into()));
+        return Err(ModelError::Input(
+            "cannot generate from an empty prompt".into(),
+        ));
     }
     let vocab = model.config.vocab_size;
     if let Some(&bad) = prompt_ids.iter().find(|&&id| id as usize >= vocab) {
-        return Err(ModelError::Input(format!("prompt token id {bad} is outside the vocabulary (size {vocab})")));
+        return Err(ModelError::Input(format!(
+            "prompt token id {bad} is outside the vocabulary (size {vocab})"
+        )));
     }
     let device = model.devices().into_iter().next().unwrap_or_default();
     let mut sampler = Sampler::new(config.sampling.clone());
@@ -226,7 +244,10 @@ pub fn generate<B: Backend>(
     let mut prefill_seconds = 0.0;
     for step in 0..config.max_new_tokens {
         let ids = Tensor::<B, 2, Int>::from_data(
-            TensorData::new(input.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, input.len()]),
+            TensorData::new(
+                input.iter().map(|&i| i as i64).collect::<Vec<_>>(),
+                [1, input.len()],
+            ),
             &device,
         );
         let logits = model.forward_last(ids, Some(&mut cache));
@@ -307,7 +328,12 @@ mod tests {
 
     #[test]
     fn top_k_one_is_greedy_at_any_temperature() {
-        let mut sampler = Sampler::new(SamplingConfig { temperature: 5.0, top_k: 1, seed: 3, ..Default::default() });
+        let mut sampler = Sampler::new(SamplingConfig {
+            temperature: 5.0,
+            top_k: 1,
+            seed: 3,
+            ..Default::default()
+        });
         for _ in 0..20 {
             let mut logits = vec![0.1, 2.0, 1.9, -1.0];
             assert_eq!(sampler.sample(&mut logits, &[]), 1);
@@ -317,7 +343,10 @@ mod tests {
     #[test]
     fn repetition_penalty_follows_transformers_sign_rule() {
         // transformers: score < 0 -> score * penalty, else score / penalty.
-        let mut sampler = Sampler::new(SamplingConfig { repetition_penalty: 2.0, ..Default::default() });
+        let mut sampler = Sampler::new(SamplingConfig {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        });
         let mut logits = vec![3.0, 2.0, -1.0];
         assert_eq!(sampler.sample(&mut logits, &[0]), 1);
         assert_eq!(logits, vec![1.5, 2.0, -1.0]);
@@ -326,7 +355,12 @@ mod tests {
     #[test]
     fn top_p_keeps_the_smallest_nucleus() {
         // probabilities ~ [0.64, 0.24, 0.09, 0.03]: top_p 0.5 keeps only the first token.
-        let mut sampler = Sampler::new(SamplingConfig { temperature: 1.0, top_p: 0.5, seed: 7, ..Default::default() });
+        let mut sampler = Sampler::new(SamplingConfig {
+            temperature: 1.0,
+            top_p: 0.5,
+            seed: 7,
+            ..Default::default()
+        });
         for _ in 0..50 {
             let mut logits = vec![3.0, 2.0, 1.0, 0.0];
             assert_eq!(sampler.sample(&mut logits, &[]), 0);

@@ -25,14 +25,23 @@ pub fn load_model_dir<B: Backend>(
     options: LoadOptions,
 ) -> Result<LoadedModel<B>> {
     if !dir.is_dir() {
-        return Err(ModelError::MissingFile { path: dir.to_path_buf() });
+        return Err(ModelError::MissingFile {
+            path: dir.to_path_buf(),
+        });
     }
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
     let tokenizer = Tokenizer::from_dir(dir)?;
     let store = WeightStore::open_dir(dir)?;
     let (model, report) = CausalLm::from_store(&config, &store, device, options)?;
     for name in &report.unused {
-        tracing::warn!("{}: tensor `{name}` is not used by the model", dir.display());
+        tracing::warn!(
+            "{}: tensor `{name}` is not used by the model",
+            dir.display()
+        );
     }
-    Ok(LoadedModel { model, tokenizer, report })
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        report,
+    })
 }

@@ -10,7 +10,7 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Distribution, TensorData};
 
-use crate::cache::KvCache;
+use crate::cache::{KvCache, LayerCache};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::rope;
@@ -57,10 +57,18 @@ impl<B: Backend> RmsNorm<B> {
     /// `x`: `[batch, seq, hidden]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let dtype = x.dtype();
-        let x = if dtype != DType::F32 { x.cast(DType::F32) } else { x };
+        let x = if dtype != DType::F32 {
+            x.cast(DType::F32)
+        } else {
+            x
+        };
         let variance = x.clone().powi_scalar(2).mean_dim(2);
         let x = x * (variance + self.eps).sqrt().recip();
-        let x = if dtype != DType::F32 { x.cast(dtype) } else { x };
+        let x = if dtype != DType::F32 {
+            x.cast(dtype)
+        } else {
+            x
+        };
         x * self.weight.val().unsqueeze::<3>()
     }
 }
@@ -113,7 +121,7 @@ impl<B: Backend> Attention<B> {
         &self,
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
-        cache: Option<&mut (Option<Tensor<B, 4>>, Option<Tensor<B, 4>>)>,
+        cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
@@ -223,9 +231,12 @@ impl<B: Backend> DecoderLayer<B> {
         &self,
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
-        cache: Option<&mut (Option<Tensor<B, 4>>, Option<Tensor<B, 4>>)>,
+        cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
-        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, cache);
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), rope, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -284,7 +295,12 @@ struct Builder<'a, B: Backend> {
 }
 
 impl<B: Backend> Builder<'_, B> {
-    fn tensor<const D: usize>(&self, name: &str, shape: [usize; D], init: Init) -> Result<Tensor<B, D>> {
+    fn tensor<const D: usize>(
+        &self,
+        name: &str,
+        shape: [usize; D],
+        init: Init,
+    ) -> Result<Tensor<B, D>> {
         let tensor = match &self.source {
             Source::Checkpoint(store, used) => {
                 let values = store.load_f32(name, &shape)?;
@@ -306,7 +322,12 @@ impl<B: Backend> Builder<'_, B> {
         })
     }
 
-    fn param<const D: usize>(&self, name: &str, shape: [usize; D], init: Init) -> Result<Param<Tensor<B, D>>> {
+    fn param<const D: usize>(
+        &self,
+        name: &str,
+        shape: [usize; D],
+        init: Init,
+    ) -> Result<Param<Tensor<B, D>>> {
         Ok(Param::from_tensor(self.tensor(name, shape, init)?))
     }
 
@@ -336,21 +357,60 @@ impl<B: Backend> Builder<'_, B> {
             let p = format!("model.layers.{i}");
             layers.push(DecoderLayer {
                 self_attn: Attention {
-                    q_proj: self.linear(&format!("{p}.self_attn.q_proj"), hid, c.num_heads * d, c.qkv_bias)?,
-                    k_proj: self.linear(&format!("{p}.self_attn.k_proj"), hid, c.num_kv_heads * d, c.qkv_bias)?,
-                    v_proj: self.linear(&format!("{p}.self_attn.v_proj"), hid, c.num_kv_heads * d, c.qkv_bias)?,
-                    o_proj: self.linear(&format!("{p}.self_attn.o_proj"), c.num_heads * d, hid, c.o_bias)?,
+                    q_proj: self.linear(
+                        &format!("{p}.self_attn.q_proj"),
+                        hid,
+                        c.num_heads * d,
+                        c.qkv_bias,
+                    )?,
+                    k_proj: self.linear(
+                        &format!("{p}.self_attn.k_proj"),
+                        hid,
+                        c.num_kv_heads * d,
+                        c.qkv_bias,
+                    )?,
+                    v_proj: self.linear(
+                        &format!("{p}.self_attn.v_proj"),
+                        hid,
+                        c.num_kv_heads * d,
+                        c.qkv_bias,
+                    )?,
+                    o_proj: self.linear(
+                        &format!("{p}.self_attn.o_proj"),
+                        c.num_heads * d,
+                        hid,
+                        c.o_bias,
+                    )?,
                     num_heads: c.num_heads,
                     num_kv_heads: c.num_kv_heads,
                     head_dim: d,
                     sliding_window: c.sliding_window[i].unwrap_or(0),
                 },
                 mlp: Mlp {
-                    gate_proj: self.linear(&format!("{p}.mlp.gate_proj"), hid, c.intermediate_size, c.mlp_bias)?,
-                    up_proj: self.linear(&format!("{p}.mlp.up_proj"), hid, c.intermediate_size, c.mlp_bias)?,
-                    down_proj: self.linear(&format!("{p}.mlp.down_proj"), c.intermediate_size, hid, c.mlp_bias)?,
+                    gate_proj: self.linear(
+                        &format!("{p}.mlp.gate_proj"),
+                        hid,
+                        c.intermediate_size,
+                        c.mlp_bias,
+                    )?,
+                    up_proj: self.linear(
+                        &format!("{p}.mlp.up_proj"),
+                        hid,
+                        c.intermediate_size,
+                        c.mlp_bias,
+                    )?,
+                    down_proj: self.linear(
+                        &format!("{p}.mlp.down_proj"),
+                        c.intermediate_size,
+                        hid,
+                        c.mlp_bias,
+                    )?,
                 },
-                input_layernorm: self.norm(&format!("{p}.input_layernorm.weight"), hid, c.rms_norm_eps)?,
+                input_layernorm: self.norm(
+                    &format!("{p}.input_layernorm.weight"),
+                    hid,
+                    c.rms_norm_eps,
+                )?,
                 post_attention_layernorm: self.norm(
                     &format!("{p}.post_attention_layernorm.weight"),
                     hid,
@@ -359,7 +419,11 @@ impl<B: Backend> Builder<'_, B> {
             });
         }
         let model = Decoder {
-            embed_tokens: self.param("model.embed_tokens.weight", [c.vocab_size, hid], Init::Normal)?,
+            embed_tokens: self.param(
+                "model.embed_tokens.weight",
+                [c.vocab_size, hid],
+                Init::Normal,
+            )?,
             layers,
             norm: self.norm("model.norm.weight", hid, c.rms_norm_eps)?,
         };
@@ -430,8 +494,13 @@ impl<B: Backend> CausalLm<B> {
         let dim = 2 * self.inv_freq.len();
         let from = start * dim;
         let make = |v: Vec<f32>| {
-            let t = Tensor::<B, 2>::from_data(TensorData::new(v[from..].to_vec(), [seq, dim]), device);
-            let t = if self.config_dtype() != DType::F32 { t.cast(self.config_dtype()) } else { t };
+            let t =
+                Tensor::<B, 2>::from_data(TensorData::new(v[from..].to_vec(), [seq, dim]), device);
+            let t = if self.config_dtype() != DType::F32 {
+                t.cast(self.config_dtype())
+            } else {
+                t
+            };
             t.reshape([1, seq, 1, dim])
         };
         RopeTables {
@@ -446,7 +515,11 @@ impl<B: Backend> CausalLm<B> {
 
     /// Hidden states after the final norm: `input_ids` `[batch, seq]` -> `[batch, seq, hidden]`.
     /// With a cache, positions continue after the cached ones and the cache is extended.
-    pub fn forward_hidden(&self, input_ids: Tensor<B, 2, Int>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+    pub fn forward_hidden(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
         let [batch, seq] = input_ids.dims();
         let device = input_ids.device();
         let start = cache.as_ref().map(|c| c.len()).unwrap_or(0);
@@ -483,13 +556,21 @@ impl<B: Backend> CausalLm<B> {
     }
 
     /// Full forward pass: `[batch, seq]` ids -> `[batch, seq, vocab]` logits.
-    pub fn forward(&self, input_ids: Tensor<B, 2, Int>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+    pub fn forward(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
         let hidden = self.forward_hidden(input_ids, cache);
         self.logits(hidden)
     }
 
     /// Logits of the last position only (what generation needs): `[batch, vocab]`.
-    pub fn forward_last(&self, input_ids: Tensor<B, 2, Int>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 2> {
+    pub fn forward_last(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 2> {
         let hidden = self.forward_hidden(input_ids, cache);
         let [b, s, h] = hidden.dims();
         let last = hidden.narrow(1, s - 1, 1);

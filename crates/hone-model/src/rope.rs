@@ -69,7 +69,10 @@ impl RopeScaling {
                 let original = match obj.get("original_max_position_embeddings") {
                     Some(_) => num("original_max_position_embeddings")?,
                     None => max_position_embeddings.ok_or_else(|| {
-                        invalid("original_max_position_embeddings", "required for llama3".into())
+                        invalid(
+                            "original_max_position_embeddings",
+                            "required for llama3".into(),
+                        )
                     })? as f64,
                 };
                 let low = num("low_freq_factor")?;

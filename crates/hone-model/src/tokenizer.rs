@@ -38,7 +38,10 @@ fn read_json(path: &Path) -> Result<Option<Value>> {
 fn token_text(value: Option<&Value>) -> Option<String> {
     match value? {
         Value::String(s) => Some(s.clone()),
-        Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+        Value::Object(o) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
         _ => None,
     }
 }
@@ -124,7 +127,11 @@ impl Tokenizer {
     /// Encodes a generation prompt: special tokens as configured, BOS first when the model uses
     /// one. An empty prompt is BOS alone.
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
-        let mut ids = if text.is_empty() { Vec::new() } else { self.encode(text)? };
+        let mut ids = if text.is_empty() {
+            Vec::new()
+        } else {
+            self.encode(text)?
+        };
         if let Some(bos) = self.bos_id {
             if (self.add_bos || ids.is_empty()) && ids.first() != Some(&bos) {
                 ids.insert(0, bos);

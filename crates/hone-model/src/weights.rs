@@ -37,11 +37,10 @@ impl WeightStore {
             return Self::open_files(&[single]);
         }
         if !index_path.is_file() {
-            return Err(ModelError::MissingFile {
-                path: single,
-            });
+            return Err(ModelError::MissingFile { path: single });
         }
-        let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
+        let text =
+            std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
         let json: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| ModelError::InvalidJson {
                 path: index_path.clone(),
@@ -80,7 +79,11 @@ impl WeightStore {
                 _ => {
                     return Err(ModelError::MissingTensor {
                         name: name.clone(),
-                        files: format!("{} (listed by {})", expected.display(), index_path.display()),
+                        files: format!(
+                            "{} (listed by {})",
+                            expected.display(),
+                            index_path.display()
+                        ),
                     })
                 }
             }
@@ -148,7 +151,10 @@ impl WeightStore {
     /// The shape of tensor `name`.
     pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
         let shard = self.shard(name)?;
-        let info = shard.metadata.info(name).ok_or_else(|| self.missing(name))?;
+        let info = shard
+            .metadata
+            .info(name)
+            .ok_or_else(|| self.missing(name))?;
         Ok(info.shape.clone())
     }
 
@@ -167,7 +173,10 @@ impl WeightStore {
     /// Reads tensor `name` as f32, checking that its shape is `expected`.
     pub fn load_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
         let shard = self.shard(name)?;
-        let info = shard.metadata.info(name).ok_or_else(|| self.missing(name))?;
+        let info = shard
+            .metadata
+            .info(name)
+            .ok_or_else(|| self.missing(name))?;
         if info.shape != expected {
             return Err(ModelError::ShapeMismatch {
                 name: name.to_string(),
@@ -188,7 +197,10 @@ impl WeightStore {
     /// Reads an integer tensor (I64 or I32) with its shape.
     pub fn load_i64(&self, name: &str) -> Result<(Vec<i64>, Vec<usize>)> {
         let shard = self.shard(name)?;
-        let info = shard.metadata.info(name).ok_or_else(|| self.missing(name))?;
+        let info = shard
+            .metadata
+            .info(name)
+            .ok_or_else(|| self.missing(name))?;
         let (start, end) = info.data_offsets;
         let bytes = &shard.mmap[shard.data_start + start..shard.data_start + end];
         let values = match info.dtype {

@@ -27,7 +27,11 @@ fn golden() -> serde_json::Value {
     serde_json::from_str(&text).unwrap()
 }
 
-fn ids_tensor(ids: &[i64], batch: usize, device: &burn::tensor::Device<Cpu>) -> Tensor<Cpu, 2, Int> {
+fn ids_tensor(
+    ids: &[i64],
+    batch: usize,
+    device: &burn::tensor::Device<Cpu>,
+) -> Tensor<Cpu, 2, Int> {
     let seq = ids.len() / batch;
     Tensor::from_data(TensorData::new(ids.to_vec(), [batch, seq]), device)
 }
@@ -38,7 +42,10 @@ fn to_vec(t: Tensor<Cpu, 3>) -> Vec<f32> {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Loads `refs/<file>` tensor `name` as f32 with its shape.
@@ -65,7 +72,11 @@ fn stories260k_greedy_generation_from_bos_matches_golden_ids() {
         .map(|v| v.as_u64().unwrap() as u32)
         .collect();
     let prompt = loaded.tokenizer.encode_prompt("").unwrap();
-    assert_eq!(prompt, vec![expected[0]], "an empty prompt starts from BOS alone");
+    assert_eq!(
+        prompt,
+        vec![expected[0]],
+        "an empty prompt starts from BOS alone"
+    );
     let config = GenerateConfig {
         max_new_tokens: expected.len() - 1,
         sampling: SamplingConfig::default(),
@@ -73,7 +84,10 @@ fn stories260k_greedy_generation_from_bos_matches_golden_ids() {
         stop_strings: vec![],
     };
     let mut streamed = String::new();
-    let out = generate(&loaded.model, &loaded.tokenizer, &prompt, &config, |t| streamed.push_str(t)).unwrap();
+    let out = generate(&loaded.model, &loaded.tokenizer, &prompt, &config, |t| {
+        streamed.push_str(t)
+    })
+    .unwrap();
     assert_eq!(out.ids, expected[1..].to_vec());
     assert_eq!(out.text, golden["greedy_from_bos_text"].as_str().unwrap());
     assert_eq!(streamed, out.text, "streamed pieces add up to the text");
@@ -84,7 +98,10 @@ fn stories260k_prompt_logits_match_golden() {
     let device = Default::default();
     let loaded = load_model_dir::<Cpu>(&stories(), &device, LoadOptions::default()).unwrap();
     let golden = golden();
-    let prompt_ids: Vec<u32> = loaded.tokenizer.encode_prompt(golden["prompt"].as_str().unwrap()).unwrap();
+    let prompt_ids: Vec<u32> = loaded
+        .tokenizer
+        .encode_prompt(golden["prompt"].as_str().unwrap())
+        .unwrap();
     let expected_ids: Vec<u32> = golden["prompt_ids"]
         .as_array()
         .unwrap()
@@ -93,7 +110,9 @@ fn stories260k_prompt_logits_match_golden() {
         .collect();
     assert_eq!(prompt_ids, expected_ids, "tokenization of the prompt");
     let ids: Vec<i64> = prompt_ids.iter().map(|&i| i as i64).collect();
-    let logits = loaded.model.forward_last(ids_tensor(&ids, 1, &device), None);
+    let logits = loaded
+        .model
+        .forward_last(ids_tensor(&ids, 1, &device), None);
     let logits = logits.into_data().to_vec::<f32>().unwrap();
     let first8: Vec<f32> = golden["last_position_logits_first8"]
         .as_array()
@@ -102,7 +121,11 @@ fn stories260k_prompt_logits_match_golden() {
         .map(|v| v.as_f64().unwrap() as f32)
         .collect();
     let diff = max_abs_diff(&logits[..8], &first8);
-    assert!(diff < 1e-4, "first 8 logits differ by {diff}: {:?} vs {first8:?}", &logits[..8]);
+    assert!(
+        diff < 1e-4,
+        "first 8 logits differ by {diff}: {:?} vs {first8:?}",
+        &logits[..8]
+    );
     assert_eq!(
         hone_model::generate::argmax(&logits) as u64,
         golden["last_position_argmax"].as_u64().unwrap()
@@ -125,12 +148,20 @@ fn stories260k_mean_nll_of_reference_sentence_matches_golden() {
     for t in 0..ids.len() - 1 {
         let row = &logits[t * vocab..(t + 1) * vocab];
         let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let lse = max + row.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln();
+        let lse = max
+            + row
+                .iter()
+                .map(|&l| (l as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
         total += lse - row[ids[t + 1] as usize] as f64;
     }
     let nll = total / (ids.len() - 1) as f64;
     let expected = golden["nll_mean"].as_f64().unwrap();
-    assert!((nll - expected).abs() < 1e-3, "mean NLL {nll} vs {expected}");
+    assert!(
+        (nll - expected).abs() < 1e-3,
+        "mean NLL {nll} vs {expected}"
+    );
 }
 
 fn check_base_logits(name: &str, config_file: &str) {
@@ -138,14 +169,22 @@ fn check_base_logits(name: &str, config_file: &str) {
     let device = Default::default();
     let config = ModelConfig::from_file(&dir.join(config_file)).unwrap();
     let store = WeightStore::open_dir(&dir).unwrap();
-    let (model, report) = CausalLm::<Cpu>::from_store(&config, &store, &device, LoadOptions::default()).unwrap();
-    assert!(report.unused.is_empty(), "unused tensors: {:?}", report.unused);
+    let (model, report) =
+        CausalLm::<Cpu>::from_store(&config, &store, &device, LoadOptions::default()).unwrap();
+    assert!(
+        report.unused.is_empty(),
+        "unused tensors: {:?}",
+        report.unused
+    );
     let (ids, shape) = reference_ids(&dir, "inputs.safetensors", "input_ids");
     let logits = to_vec(model.forward(ids_tensor(&ids, shape[0], &device), None));
     let (expected, eshape) = reference(&dir, "logits_base.safetensors", "logits");
     assert_eq!(eshape, vec![shape[0], shape[1], config.vocab_size]);
     let diff = max_abs_diff(&logits, &expected);
-    assert!(diff < 1e-4, "{name} ({config_file}): base logits differ by {diff}");
+    assert!(
+        diff < 1e-4,
+        "{name} ({config_file}): base logits differ by {diff}"
+    );
 }
 
 #[test]
@@ -186,7 +225,10 @@ fn tokenization_matches_transformers() {
                 .collect();
             let ids = tokenizer.encode(input).unwrap();
             assert_eq!(ids, expected, "{name}: ids of {input:?}");
-            let tokens: Vec<String> = ids.iter().map(|&i| tokenizer.id_to_token(i).unwrap()).collect();
+            let tokens: Vec<String> = ids
+                .iter()
+                .map(|&i| tokenizer.id_to_token(i).unwrap())
+                .collect();
             let expected_tokens: Vec<String> = case["tokens"]
                 .as_array()
                 .unwrap()
@@ -225,7 +267,11 @@ fn kv_cache_decoding_matches_full_forward_position_by_position() {
                     let ours = &logits[(b * step + s) * vocab..(b * step + s + 1) * vocab];
                     let at = (b * seq + pos + s) * vocab;
                     let diff = max_abs_diff(ours, &full[at..at + vocab]);
-                    assert!(diff < 1e-4, "{name}: batch {b} position {}: cached logits differ by {diff}", pos + s);
+                    assert!(
+                        diff < 1e-4,
+                        "{name}: batch {b} position {}: cached logits differ by {diff}",
+                        pos + s
+                    );
                 }
             }
             pos += step;

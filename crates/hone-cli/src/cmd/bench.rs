@@ -6,7 +6,9 @@ use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use hone_model::generate::argmax;
-use hone_model::{load_model_dir, run_on, BackendTask, CausalLm, KvCache, LoadOptions, ModelConfig};
+use hone_model::{
+    load_model_dir, run_on, BackendTask, CausalLm, KvCache, LoadOptions, ModelConfig,
+};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
@@ -27,22 +29,41 @@ struct Timing {
 }
 
 fn ids_tensor<B: Backend>(ids: &[i64], batch: usize, device: &B::Device) -> Tensor<B, 2, Int> {
-    Tensor::from_data(TensorData::new(ids.to_vec(), [batch, ids.len() / batch]), device)
+    Tensor::from_data(
+        TensorData::new(ids.to_vec(), [batch, ids.len() / batch]),
+        device,
+    )
 }
 
 /// One prefill of `prompt` then `new_tokens` greedy decode steps for every row.
-fn run_once<B: Backend>(model: &CausalLm<B>, prompt: &[i64], batch: usize, new_tokens: usize, device: &B::Device) -> Result<Timing> {
+fn run_once<B: Backend>(
+    model: &CausalLm<B>,
+    prompt: &[i64],
+    batch: usize,
+    new_tokens: usize,
+    device: &B::Device,
+) -> Result<Timing> {
     let vocab = model.config.vocab_size;
     let mut cache = KvCache::new(model.config.num_layers);
     let started = Instant::now();
     let logits = model.forward_last(ids_tensor::<B>(prompt, batch, device), Some(&mut cache));
-    let mut logits: Vec<f32> = logits.into_data().convert::<f32>().to_vec().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let mut logits: Vec<f32> = logits
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let prefill_seconds = started.elapsed().as_secs_f64();
     let decode_started = Instant::now();
     for _ in 0..new_tokens {
-        let next: Vec<i64> = (0..batch).map(|b| argmax(&logits[b * vocab..(b + 1) * vocab]) as i64).collect();
+        let next: Vec<i64> = (0..batch)
+            .map(|b| argmax(&logits[b * vocab..(b + 1) * vocab]) as i64)
+            .collect();
         let out = model.forward_last(ids_tensor::<B>(&next, batch, device), Some(&mut cache));
-        logits = out.into_data().convert::<f32>().to_vec().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        logits = out
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     }
     Ok(Timing {
         prefill_seconds,
@@ -55,7 +76,9 @@ impl BackendTask for GenerateTask {
 
     fn run<B: Backend>(self, device: B::Device) -> Result<serde_json::Value> {
         let a = self.0;
-        let options = LoadOptions { dtype: a.dtype.dtype() };
+        let options = LoadOptions {
+            dtype: a.dtype.dtype(),
+        };
         let (model, label) = match (&a.model, a.shape) {
             (Some(dir), _) => {
                 let loaded = load_model_dir::<B>(dir, &device, options)
@@ -68,7 +91,10 @@ impl BackendTask for GenerateTask {
                     Shape::Small => ModelConfig::small(),
                 };
                 B::seed(&device, 0);
-                (CausalLm::random(&config, &device, options), format!("{shape:?}").to_lowercase())
+                (
+                    CausalLm::random(&config, &device, options),
+                    format!("{shape:?}").to_lowercase(),
+                )
             }
             (None, None) => bail!("give --model DIR or --shape"),
         };
@@ -77,9 +103,17 @@ impl BackendTask for GenerateTask {
         }
         let vocab = model.config.vocab_size;
         let mut rng = rand::rngs::StdRng::seed_from_u64(42);
-        let prompt: Vec<i64> = (0..a.batch * a.prompt_tokens).map(|_| rng.random_range(0..vocab as i64)).collect();
+        let prompt: Vec<i64> = (0..a.batch * a.prompt_tokens)
+            .map(|_| rng.random_range(0..vocab as i64))
+            .collect();
         // Warm-up (allocator, thread pools, kernels).
-        run_once(&model, &prompt[..a.batch * a.prompt_tokens.min(8)], a.batch, 2.min(a.new_tokens), &device)?;
+        run_once(
+            &model,
+            &prompt[..a.batch * a.prompt_tokens.min(8)],
+            a.batch,
+            2.min(a.new_tokens),
+            &device,
+        )?;
         let mut best: Option<Timing> = None;
         for _ in 0..a.repeat {
             let t = run_once(&model, &prompt, a.batch, a.new_tokens, &device)?;

@@ -4,7 +4,9 @@ use std::io::Write;
 
 use anyhow::{Context, Result};
 use burn::prelude::*;
-use hone_model::{generate, load_model_dir, run_on, BackendTask, GenerateConfig, LoadOptions, SamplingConfig};
+use hone_model::{
+    generate, load_model_dir, run_on, BackendTask, GenerateConfig, LoadOptions, SamplingConfig,
+};
 
 use crate::args::GenerateArgs;
 
@@ -15,8 +17,14 @@ impl BackendTask for Task {
 
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
         let args = self.0;
-        let loaded = load_model_dir::<B>(&args.model.model, &device, LoadOptions { dtype: args.model.dtype.dtype() })
-            .with_context(|| format!("loading model {}", args.model.model.display()))?;
+        let loaded = load_model_dir::<B>(
+            &args.model.model,
+            &device,
+            LoadOptions {
+                dtype: args.model.dtype.dtype(),
+            },
+        )
+        .with_context(|| format!("loading model {}", args.model.model.display()))?;
         let prompt = loaded.tokenizer.encode_prompt(&args.prompt)?;
         let config = GenerateConfig {
             max_new_tokens: args.max_tokens,
@@ -27,7 +35,11 @@ impl BackendTask for Task {
                 repetition_penalty: args.repetition_penalty,
                 seed: args.seed,
             },
-            stop_ids: if args.ignore_eos { vec![] } else { loaded.tokenizer.eos_ids.clone() },
+            stop_ids: if args.ignore_eos {
+                vec![]
+            } else {
+                loaded.tokenizer.eos_ids.clone()
+            },
             stop_strings: args.stop.clone(),
         };
         let stdout = std::io::stdout();
@@ -35,13 +47,19 @@ impl BackendTask for Task {
         out.write_all(args.prompt.as_bytes())?;
         out.flush()?;
         let mut write_error = None;
-        let result = generate(&loaded.model, &loaded.tokenizer, &prompt, &config, |piece| {
-            if write_error.is_none() {
-                if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
-                    write_error = Some(e);
+        let result = generate(
+            &loaded.model,
+            &loaded.tokenizer,
+            &prompt,
+            &config,
+            |piece| {
+                if write_error.is_none() {
+                    if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
+                        write_error = Some(e);
+                    }
                 }
-            }
-        })?;
+            },
+        )?;
         if let Some(e) = write_error {
             return Err(e).context("writing to stdout");
         }

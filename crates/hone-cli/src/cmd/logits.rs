@@ -24,8 +24,14 @@ impl BackendTask for Task {
 
     fn run<B: Backend>(self, device: B::Device) -> Result<Vec<f32>> {
         let m = &self.args.model;
-        let loaded = load_model_dir::<B>(&m.model, &device, LoadOptions { dtype: m.dtype.dtype() })
-            .with_context(|| format!("loading model {}", m.model.display()))?;
+        let loaded = load_model_dir::<B>(
+            &m.model,
+            &device,
+            LoadOptions {
+                dtype: m.dtype.dtype(),
+            },
+        )
+        .with_context(|| format!("loading model {}", m.model.display()))?;
         let vocab = loaded.model.config.vocab_size as i64;
         if let Some(bad) = self.ids.iter().find(|&&i| i < 0 || i >= vocab) {
             bail!(
@@ -33,8 +39,14 @@ impl BackendTask for Task {
                 self.args.input_ids.display()
             );
         }
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(self.ids, [self.batch, self.seq]), &device);
-        let logits = loaded.model.forward(ids, None).cast(burn::tensor::DType::F32);
+        let ids = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(self.ids, [self.batch, self.seq]),
+            &device,
+        );
+        let logits = loaded
+            .model
+            .forward(ids, None)
+            .cast(burn::tensor::DType::F32);
         logits
             .into_data()
             .to_vec::<f32>()
@@ -43,7 +55,10 @@ impl BackendTask for Task {
 }
 
 /// Writes `tensors` to `path` through a temporary file in the same directory, then renames.
-pub fn write_safetensors_atomic(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, &[u8])]) -> Result<()> {
+pub fn write_safetensors_atomic(
+    path: &Path,
+    tensors: &[(&str, Dtype, Vec<usize>, &[u8])],
+) -> Result<()> {
     let mut views = HashMap::new();
     for (name, dtype, shape, data) in tensors {
         views.insert(
@@ -51,9 +66,16 @@ pub fn write_safetensors_atomic(path: &Path, tensors: &[(&str, Dtype, Vec<usize>
             TensorView::new(*dtype, shape.clone(), data).context("building output tensor")?,
         );
     }
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let file_name = path.file_name().context("output path has no file name")?;
-    let tmp = dir.join(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
     let result = safetensors::serialize_to_file(views, None, &tmp)
         .map_err(|e| anyhow::anyhow!("{e:?}"))
         .and_then(|_| std::fs::rename(&tmp, path).map_err(Into::into));
@@ -71,7 +93,7 @@ pub fn run(args: LogitsArgs) -> Result<()> {
             adapter.display()
         );
     }
-    let store = WeightStore::open_files(&[args.input_ids.clone()])
+    let store = WeightStore::open_files(std::slice::from_ref(&args.input_ids))
         .with_context(|| format!("reading {}", args.input_ids.display()))?;
     let (ids, shape) = store
         .load_i64("input_ids")
@@ -85,8 +107,19 @@ pub fn run(args: LogitsArgs) -> Result<()> {
     let (batch, seq) = (shape[0], shape[1]);
     let out = args.out.clone();
     let device = args.model.device;
-    let logits = run_on(device, Task { args, ids, batch, seq })??;
+    let logits = run_on(
+        device,
+        Task {
+            args,
+            ids,
+            batch,
+            seq,
+        },
+    )??;
     let vocab = logits.len() / (batch * seq);
     let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
-    write_safetensors_atomic(&out, &[("logits", Dtype::F32, vec![batch, seq, vocab], &bytes)])
+    write_safetensors_atomic(
+        &out,
+        &[("logits", Dtype::F32, vec![batch, seq, vocab], &bytes)],
+    )
 }
