@@ -106,6 +106,13 @@ pub struct LogitsArgs {
     /// Output safetensors file; receives f32 `logits` [batch, seq, vocab].
     #[arg(long)]
     pub out: PathBuf,
+    /// Compare with the `logits` of this safetensors file and print one JSON line
+    /// (max and mean absolute difference); fails above --tolerance.
+    #[arg(long)]
+    pub compare_with: Option<PathBuf>,
+    /// Largest accepted max absolute difference for --compare-with.
+    #[arg(long, default_value_t = 1e-4)]
+    pub tolerance: f64,
 }
 
 #[derive(Args, Debug)]

@@ -150,34 +150,39 @@ impl<B: Backend> Attention<B> {
         };
         let total = k.dims()[2];
         let groups = h / kvh;
-        let (k, v) = if groups > 1 {
-            let expand = |t: Tensor<B, 4>| {
-                t.unsqueeze_dim::<5>(2)
-                    .expand([batch, kvh, groups, total, d])
-                    .reshape([batch, h, total, d])
-            };
-            (expand(k), expand(v))
-        } else {
-            (k, v)
-        };
         let window = self.sliding_window;
         let mask = if window > 0 && total > window {
             Some(sliding_window_mask::<B>(seq, total, window, &q.device()))
         } else {
             None
         };
-        let out = attention(
-            q,
-            k,
-            v,
-            mask.clone(),
-            None,
-            AttentionModuleOptions {
-                scale: None,
-                softcap: None,
-                is_causal: mask.is_none(),
-            },
-        );
+        let options = AttentionModuleOptions {
+            scale: Some(1.0 / (d as f64).sqrt()),
+            softcap: None,
+            is_causal: mask.is_none(),
+        };
+        let out = if groups > 1 && seq == 1 && mask.is_none() {
+            // One new position attends to every cached one: fold the query heads of each group
+            // into the sequence axis instead of copying keys and values `groups` times.
+            let q = q.reshape([batch, kvh, groups, d]);
+            let options = AttentionModuleOptions {
+                is_causal: false,
+                ..options
+            };
+            attention(q, k, v, None, None, options).reshape([batch, h, 1, d])
+        } else {
+            let (k, v) = if groups > 1 {
+                let expand = |t: Tensor<B, 4>| {
+                    t.unsqueeze_dim::<5>(2)
+                        .expand([batch, kvh, groups, total, d])
+                        .reshape([batch, h, total, d])
+                };
+                (expand(k), expand(v))
+            } else {
+                (k, v)
+            };
+            attention(q, k, v, mask, None, options)
+        };
         let out = out.swap_dims(1, 2).reshape([batch, seq, h * d]);
         self.o_proj.forward(out)
     }

@@ -279,3 +279,53 @@ fn kv_cache_decoding_matches_full_forward_position_by_position() {
         assert_eq!(cache.len(), seq);
     }
 }
+
+#[test]
+fn stop_strings_cut_the_golden_story_and_streaming_never_shows_the_stop() {
+    let device = Default::default();
+    let loaded = load_model_dir::<Cpu>(&stories(), &device, LoadOptions::default()).unwrap();
+    let golden = golden();
+    let story = golden["greedy_from_bos_text"].as_str().unwrap();
+    let prompt_text = "Once upon a time";
+    let continuation = &story[prompt_text.len()..];
+    let stop = " named Lily";
+    let expected = &continuation[..continuation.find(stop).unwrap()];
+    let prompt = loaded.tokenizer.encode_prompt(prompt_text).unwrap();
+    let config = GenerateConfig {
+        max_new_tokens: 60,
+        sampling: SamplingConfig::default(),
+        stop_ids: loaded.tokenizer.eos_ids.clone(),
+        stop_strings: vec![stop.to_string()],
+    };
+    let mut pieces = Vec::new();
+    let out = generate(&loaded.model, &loaded.tokenizer, &prompt, &config, |t| pieces.push(t.to_string())).unwrap();
+    assert_eq!(out.text, expected);
+    assert_eq!(out.finish_reason, hone_model::FinishReason::Stop);
+    assert_eq!(pieces.concat(), expected);
+    assert!(pieces.iter().all(|p| !p.contains("named")), "{pieces:?}");
+
+    // max_new_tokens ends with finish reason `length` and exactly that many ids.
+    let config = GenerateConfig { max_new_tokens: 7, stop_strings: vec![], ..config };
+    let out = generate(&loaded.model, &loaded.tokenizer, &prompt, &config, |_| {}).unwrap();
+    assert_eq!(out.ids.len(), 7);
+    assert_eq!(out.finish_reason, hone_model::FinishReason::Length);
+    assert!(continuation.starts_with(&out.text), "{:?}", out.text);
+}
+
+#[test]
+fn seeded_sampling_is_reproducible_and_differs_across_seeds() {
+    let device = Default::default();
+    let loaded = load_model_dir::<Cpu>(&stories(), &device, LoadOptions::default()).unwrap();
+    let prompt = loaded.tokenizer.encode_prompt("Once upon a time").unwrap();
+    let run = |seed| {
+        let config = GenerateConfig {
+            max_new_tokens: 40,
+            sampling: SamplingConfig { temperature: 1.0, top_p: 0.95, top_k: 50, repetition_penalty: 1.1, seed },
+            stop_ids: vec![],
+            stop_strings: vec![],
+        };
+        generate(&loaded.model, &loaded.tokenizer, &prompt, &config, |_| {}).unwrap().ids
+    };
+    assert_eq!(run(1), run(1));
+    assert_ne!(run(1), run(2));
+}

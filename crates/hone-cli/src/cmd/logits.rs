@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use burn::tensor::TensorData;
-use hone_model::{load_model_dir, run_on, BackendTask, LoadOptions, WeightStore};
+use hone_model::{load_model_dir, run_on, BackendTask, DeviceSpec, LoadOptions, WeightStore};
 use safetensors::tensor::{Dtype, TensorView};
 
 use crate::args::LogitsArgs;
@@ -106,6 +106,7 @@ pub fn run(args: LogitsArgs) -> Result<()> {
     }
     let (batch, seq) = (shape[0], shape[1]);
     let out = args.out.clone();
+    let (compare_with, tolerance) = (args.compare_with.clone(), args.tolerance);
     let device = args.model.device;
     let logits = run_on(
         device,
@@ -121,5 +122,54 @@ pub fn run(args: LogitsArgs) -> Result<()> {
     write_safetensors_atomic(
         &out,
         &[("logits", Dtype::F32, vec![batch, seq, vocab], &bytes)],
-    )
+    )?;
+    if let Some(reference) = &compare_with {
+        compare(&logits, &[batch, seq, vocab], reference, tolerance, device)?;
+    }
+    Ok(())
+}
+
+/// Prints the difference between `logits` and the `logits` tensor of `reference` as one JSON
+/// line; an error when the max absolute difference exceeds `tolerance`.
+fn compare(
+    logits: &[f32],
+    shape: &[usize],
+    reference: &Path,
+    tolerance: f64,
+    device: DeviceSpec,
+) -> Result<()> {
+    let store = WeightStore::open_files(&[reference.to_path_buf()])
+        .with_context(|| format!("reading {}", reference.display()))?;
+    let expected = store
+        .load_f32("logits", shape)
+        .with_context(|| format!("reading `logits` from {}", reference.display()))?;
+    let (mut max, mut sum) = (0f64, 0f64);
+    for (a, b) in logits.iter().zip(&expected) {
+        let d = (*a as f64 - *b as f64).abs();
+        if d.is_nan() || d > max {
+            max = d;
+        }
+        sum += d;
+    }
+    let mean = sum / logits.len() as f64;
+    let ok = max <= tolerance; // false for NaN
+    println!(
+        "{}",
+        serde_json::json!({
+            "compare": "logits",
+            "reference": reference.display().to_string(),
+            "device": device.to_string(),
+            "max_abs_diff": max,
+            "mean_abs_diff": mean,
+            "tolerance": tolerance,
+            "ok": ok,
+        })
+    );
+    if !ok {
+        bail!(
+            "logits differ from {} by {max:e} (tolerance {tolerance:e})",
+            reference.display()
+        );
+    }
+    Ok(())
 }
