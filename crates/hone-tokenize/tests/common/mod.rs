@@ -78,3 +78,34 @@ pub fn describe_mismatch(expected: &str, actual: &str) -> String {
         tail(actual),
     )
 }
+
+/// The small byte-level BPE tokenizers shipped with the PEFT fixtures (`fixtures/peft/*`):
+/// `llama_gqa` (Llama-3 style: `<|begin_of_text|>`, `<|end_of_text|>`, `<|pad|>`; its
+/// post-processor prepends BOS) and `qwen2_tied` (`<|endoftext|>`, `<|im_start|>`,
+/// `<|im_end|>`; no BOS).
+///
+/// Their 509-token vocabularies lack most chat markers. `markers` are added as special tokens
+/// (as a model of the template's family has them) when missing, so that templates of other
+/// families can be tested with a real tokenizer; each test says which it adds.
+pub fn fixture_tokenizer(name: &str, markers: &[&str]) -> tokenizers::Tokenizer {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/peft")
+        .join(name)
+        .join("tokenizer.json");
+    let mut tokenizer = tokenizers::Tokenizer::from_file(&path)
+        .unwrap_or_else(|e| panic!("cannot load {}: {e}", path.display()));
+    let missing: Vec<tokenizers::AddedToken> = markers
+        .iter()
+        .filter(|m| tokenizer.token_to_id(m).is_none())
+        .map(|m| tokenizers::AddedToken::from(*m, true))
+        .collect();
+    tokenizer.add_special_tokens(&missing);
+    tokenizer
+}
+
+/// The directory of a PEFT fixture model (for its `tokenizer_config.json`).
+pub fn fixture_model_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/peft")
+        .join(name)
+}
