@@ -6,12 +6,15 @@
 //! ([`model`]), the KV cache ([`cache`]), the tokenizer ([`tokenizer`]) and generation
 //! ([`generate`]).
 
+pub mod adapter;
 pub mod cache;
 pub mod config;
 pub mod device;
 pub mod error;
 pub mod generate;
 pub mod loader;
+pub mod lora;
+pub mod loss;
 pub mod model;
 pub mod rope;
 pub mod tokenizer;

@@ -3,7 +3,7 @@
 //! `rotate_half` layout, SwiGLU MLP, optional q/k/v biases, tied or untied `lm_head`.
 //! Field names are the checkpoint keys (`model.layers.N.self_attn.q_proj.weight`, ...).
 
-use burn::module::{Module, Param};
+use burn::module::{Module, Param, ParamId};
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
@@ -13,16 +13,20 @@ use burn::tensor::{DType, Distribution, TensorData};
 use crate::cache::{KvCache, LayerCache};
 use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::lora::Lora;
 use crate::rope;
 use crate::weights::WeightStore;
 
-/// A linear projection with the weight in Hugging Face layout `[out, in]`: `y = x Wᵀ + b`.
+/// A linear projection with the weight in Hugging Face layout `[out, in]` and an optional LoRA
+/// adapter: `y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ`. The base weight and bias are frozen (they
+/// never require gradients); only the adapter trains.
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
     /// `[out_features, in_features]`.
     pub weight: Param<Tensor<B, 2>>,
     /// `[out_features]`.
     pub bias: Option<Param<Tensor<B, 1>>>,
+    pub lora: Option<Lora<B>>,
 }
 
 impl<B: Backend> Linear<B> {
@@ -32,11 +36,14 @@ impl<B: Backend> Linear<B> {
         let in_features = dims[D - 1];
         let rows = dims[..D - 1].iter().product::<usize>();
         let out_features = self.weight.dims()[0];
-        let y = x
-            .reshape([rows, in_features])
-            .matmul(self.weight.val().transpose());
+        let x2d = x.reshape([rows, in_features]);
+        let y = x2d.clone().matmul(self.weight.val().transpose());
         let y = match &self.bias {
             Some(b) => y + b.val().unsqueeze_dim(0),
+            None => y,
+        };
+        let y = match &self.lora {
+            Some(lora) => y + lora.delta(x2d),
             None => y,
         };
         let mut out = dims;
@@ -327,13 +334,14 @@ impl<B: Backend> Builder<'_, B> {
         })
     }
 
+    /// A frozen parameter: it never requires gradients, so no optimizer state is kept for it.
     fn param<const D: usize>(
         &self,
         name: &str,
         shape: [usize; D],
         init: Init,
     ) -> Result<Param<Tensor<B, D>>> {
-        Ok(Param::from_tensor(self.tensor(name, shape, init)?))
+        Ok(Param::initialized(ParamId::new(), self.tensor(name, shape, init)?))
     }
 
     fn linear(&self, prefix: &str, inp: usize, out: usize, bias: bool) -> Result<Linear<B>> {
@@ -344,6 +352,7 @@ impl<B: Backend> Builder<'_, B> {
             } else {
                 None
             },
+            lora: None,
         })
     }
 
