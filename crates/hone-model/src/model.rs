@@ -123,12 +123,14 @@ fn apply_rope<B: Backend>(x: Tensor<B, 4>, rope: &RopeTables<B>) -> Tensor<B, 4>
 }
 
 impl<B: Backend> Attention<B> {
-    /// `x`: `[batch, seq, hidden]`; `cache` holds this layer's past keys and values.
+    /// `x`: `[batch, seq, hidden]`; `cache` holds this layer's past keys and values; `mask`
+    /// (`[batch, 1, seq, keys]`, true = masked) replaces the causal/sliding-window mask.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
         cache: Option<&mut LayerCache<B>>,
+        mask: Option<&Tensor<B, 4, Bool>>,
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
@@ -158,10 +160,12 @@ impl<B: Backend> Attention<B> {
         let total = k.dims()[2];
         let groups = h / kvh;
         let window = self.sliding_window;
-        let mask = if window > 0 && total > window {
-            Some(sliding_window_mask::<B>(seq, total, window, &q.device()))
-        } else {
-            None
+        let mask = match mask {
+            Some(m) => Some(m.clone()),
+            None if window > 0 && total > window => {
+                Some(sliding_window_mask::<B>(seq, total, window, &q.device()))
+            }
+            None => None,
         };
         let options = AttentionModuleOptions {
             scale: Some(1.0 / (d as f64).sqrt()),
@@ -214,6 +218,28 @@ fn sliding_window_mask<B: Backend>(
     Tensor::<B, 2, Bool>::from_data(TensorData::new(data, [seq, total]), device).unsqueeze()
 }
 
+/// Block-diagonal causal mask `[batch, 1, seq, seq]` (true = masked): query `q` sees key `k`
+/// only when `k <= q`, both have the same segment id and (with a window) `q - k < window`.
+fn segment_mask<B: Backend>(
+    segments: &[u32],
+    batch: usize,
+    seq: usize,
+    window: usize,
+    device: &B::Device,
+) -> Tensor<B, 4, Bool> {
+    let mut data = vec![true; batch * seq * seq];
+    for b in 0..batch {
+        let row = &segments[b * seq..(b + 1) * seq];
+        for q in 0..seq {
+            for k in 0..=q {
+                let visible = row[k] == row[q] && (window == 0 || q - k < window);
+                data[(b * seq + q) * seq + k] = !visible;
+            }
+        }
+    }
+    Tensor::<B, 3, Bool>::from_data(TensorData::new(data, [batch, seq, seq]), device).unsqueeze_dim(1)
+}
+
 /// SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`.
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
@@ -244,11 +270,12 @@ impl<B: Backend> DecoderLayer<B> {
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
         cache: Option<&mut LayerCache<B>>,
+        mask: Option<&Tensor<B, 4, Bool>>,
     ) -> Tensor<B, 3> {
-        let h = x.clone()
-            + self
-                .self_attn
-                .forward(self.input_layernorm.forward(x), rope, cache);
+        let attn = self
+            .self_attn
+            .forward(self.input_layernorm.forward(x.clone()), rope, cache, mask);
+        let h = x + attn;
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -547,12 +574,90 @@ impl<B: Backend> CausalLm<B> {
             .reshape([batch, seq, hidden]);
         for (i, layer) in self.model.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| c.layer_mut(i));
-            x = layer.forward(x, &rope, slot);
+            x = layer.forward(x, &rope, slot, None);
         }
         if let Some(c) = cache {
             c.advance(seq);
         }
         self.model.norm.forward(x)
+    }
+
+    /// Hidden states of packed rows: several examples share a row, positions restart at each
+    /// example (`position_ids`) and attention never crosses examples (`segment_ids`: a token
+    /// attends to earlier tokens of its own segment only). Both are `[batch * seq]` row-major.
+    pub fn forward_packed_hidden(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        position_ids: &[u32],
+        segment_ids: &[u32],
+    ) -> Tensor<B, 3> {
+        let [batch, seq] = input_ids.dims();
+        assert_eq!(position_ids.len(), batch * seq, "position_ids must have batch * seq entries");
+        assert_eq!(segment_ids.len(), batch * seq, "segment_ids must have batch * seq entries");
+        let device = input_ids.device();
+        let rope = self.rope_tables_at(position_ids, batch, seq, &device);
+        let mut masks: Vec<(usize, Tensor<B, 4, Bool>)> = Vec::new();
+        let hidden = self.config.hidden_size;
+        let mut x = self
+            .model
+            .embed_tokens
+            .val()
+            .select(0, input_ids.reshape([batch * seq]))
+            .reshape([batch, seq, hidden]);
+        for layer in &self.model.layers {
+            let window = layer.self_attn.sliding_window;
+            let mask = match masks.iter().find(|(w, _)| *w == window) {
+                Some((_, m)) => m.clone(),
+                None => {
+                    let m = segment_mask::<B>(segment_ids, batch, seq, window, &device);
+                    masks.push((window, m.clone()));
+                    m
+                }
+            };
+            x = layer.forward(x, &rope, None, Some(&mask));
+        }
+        self.model.norm.forward(x)
+    }
+
+    /// Logits of packed rows (see [`CausalLm::forward_packed_hidden`]).
+    pub fn forward_packed(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        position_ids: &[u32],
+        segment_ids: &[u32],
+    ) -> Tensor<B, 3> {
+        self.logits(self.forward_packed_hidden(input_ids, position_ids, segment_ids))
+    }
+
+    /// Cos/sin tables `[batch, seq, 1, rotary_dim]` for per-token positions.
+    fn rope_tables_at(
+        &self,
+        positions: &[u32],
+        batch: usize,
+        seq: usize,
+        device: &B::Device,
+    ) -> RopeTables<B> {
+        let max = positions.iter().copied().max().unwrap_or(0) as usize;
+        let (cos, sin) = rope::cos_sin_tables(&self.inv_freq, max + 1);
+        let dim = 2 * self.inv_freq.len();
+        let gather = |table: &[f32]| {
+            let mut out = Vec::with_capacity(positions.len() * dim);
+            for &p in positions {
+                let p = p as usize;
+                out.extend_from_slice(&table[p * dim..(p + 1) * dim]);
+            }
+            let t = Tensor::<B, 2>::from_data(TensorData::new(out, [batch * seq, dim]), device);
+            let t = if self.config_dtype() != DType::F32 {
+                t.cast(self.config_dtype())
+            } else {
+                t
+            };
+            t.reshape([batch, seq, 1, dim])
+        };
+        RopeTables {
+            cos: gather(&cos),
+            sin: gather(&sin),
+        }
     }
 
     /// Projects hidden states to vocabulary logits: `[batch, seq, hidden]` -> `[batch, seq, vocab]`.
