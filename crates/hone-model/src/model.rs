@@ -17,6 +17,9 @@ use crate::lora::Lora;
 use crate::rope;
 use crate::weights::WeightStore;
 
+/// Row counts up to which [`Linear::forward`] multiplies as `(W xᵀ)ᵀ`.
+const SMALL_M: usize = 16;
+
 /// A linear projection with the weight in Hugging Face layout `[out, in]` and an optional LoRA
 /// adapter: `y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ`. The base weight and bias are frozen (they
 /// never require gradients); only the adapter trains.
@@ -37,7 +40,13 @@ impl<B: Backend> Linear<B> {
         let rows = dims[..D - 1].iter().product::<usize>();
         let out_features = self.weight.dims()[0];
         let x2d = x.reshape([rows, in_features]);
-        let y = x2d.clone().matmul(self.weight.val().transpose());
+        // gemm's small-M path is compute-bound on x·Wᵀ; with few rows (decoding) W·xᵀ streams
+        // the weight once at memory speed (1–3.5× faster for 1–16 rows on AVX-512).
+        let y = if rows <= SMALL_M {
+            self.weight.val().matmul(x2d.clone().transpose()).transpose()
+        } else {
+            x2d.clone().matmul(self.weight.val().transpose())
+        };
         let y = match &self.bias {
             Some(b) => y + b.val().unsqueeze_dim(0),
             None => y,
