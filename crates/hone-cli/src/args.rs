@@ -27,6 +27,12 @@ pub enum Command {
     Logits(LogitsArgs),
     /// Benchmarks printing one JSON line per measurement.
     Bench(BenchArgs),
+    /// Curate training data, and inspect what curation and masking did.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Chat templates: show exactly what a template renders.
+    #[command(subcommand)]
+    Template(TemplateCommand),
 }
 
 /// Compute dtype of the model weights.
@@ -64,6 +70,9 @@ pub struct ModelArgs {
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    /// PEFT LoRA adapter directory applied on top of the model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// Prompt text (empty: start from BOS alone).
     #[arg(long, default_value = "")]
     pub prompt: String,
@@ -125,6 +134,8 @@ pub struct BenchArgs {
 pub enum BenchCommand {
     /// Prefill and decode throughput of generation with a KV cache.
     Generate(BenchGenerateArgs),
+    /// Data-stage throughput: curation (with MinHash), and templating + tokenization + packing.
+    Data(BenchDataArgs),
 }
 
 /// Model shapes with random weights, for benchmarks without a download.
@@ -157,4 +168,188 @@ pub struct BenchGenerateArgs {
     /// Timed repetitions (the best is reported).
     #[arg(long, default_value_t = 3)]
     pub repeat: usize,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DataCommand {
+    /// Curate raw records into train.jsonl, val.jsonl and report.json; prints a summary.
+    Prepare(DataPrepareArgs),
+    /// Show the examples curation removed, or one curated example token by token with its
+    /// loss mask (--tokens).
+    Inspect(DataInspectArgs),
+}
+
+/// Record format of the inputs (`[data] format`).
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FormatArg {
+    /// Detect it per file.
+    Auto,
+    Alpaca,
+    Sharegpt,
+    Messages,
+    Completion,
+    Text,
+}
+
+/// What to do with a bad record (`[data] on_error`).
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnErrorArg {
+    /// Skip it and list it in report.json.
+    Skip,
+    /// Stop before writing anything.
+    Fail,
+}
+
+/// Duplicate removal (`[data.dedupe] exact` and `[data.dedupe.near] enabled`).
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DedupeArg {
+    /// Keep duplicates.
+    None,
+    /// Remove exact duplicates only.
+    Exact,
+    /// Remove exact duplicates, then MinHash near-duplicates.
+    Minhash,
+}
+
+#[derive(Args, Debug)]
+pub struct DataPrepareArgs {
+    /// TOML file whose `[data]` table holds the data settings (other tables are left to other
+    /// commands); flags override its values. Paths in it are relative to the current directory.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Input files or glob patterns (`inputs`); replaces the config's list.
+    #[arg(long = "input", value_name = "FILE", num_args = 1..)]
+    pub inputs: Vec<String>,
+    /// Record format (`format`).
+    #[arg(long, value_enum)]
+    pub format: Option<FormatArg>,
+    /// Output directory for train.jsonl, val.jsonl and report.json (replaced as a whole).
+    #[arg(long, default_value = "prepared")]
+    pub out: PathBuf,
+    /// What to do with bad records (`on_error`; default fail).
+    #[arg(long, value_enum)]
+    pub on_error: Option<OnErrorArg>,
+    /// Fraction of kept examples for validation (`split.val_fraction`; default 0.05).
+    #[arg(long)]
+    pub val_fraction: Option<f64>,
+    /// Duplicate removal (default minhash: exact, then near-duplicates).
+    #[arg(long, value_enum)]
+    pub dedupe: Option<DedupeArg>,
+    /// Model directory whose tokenizer.json counts tokens: token-length statistics and the
+    /// `filter.min_tokens` / `filter.max_tokens` bounds.
+    #[arg(long, value_name = "MODEL_DIR")]
+    pub tokenizer: Option<PathBuf>,
+    /// Evaluation files or globs to decontaminate against (`decontaminate.eval_files`);
+    /// replaces the config's list.
+    #[arg(long = "eval-file", value_name = "FILE", num_args = 1..)]
+    pub eval_files: Vec<String>,
+}
+
+/// Which curated file to read.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SplitArg {
+    Train,
+    Val,
+}
+
+fn removal_reason(name: String) -> Result<hone_data::RemovalReason, String> {
+    hone_data::RemovalReason::ALL
+        .into_iter()
+        .find(|r| r.as_str() == name)
+        .ok_or_else(|| format!("unknown removal reason `{name}`"))
+}
+
+#[derive(Args, Debug)]
+pub struct DataInspectArgs {
+    /// Directory written by `hone data prepare`.
+    pub dir: PathBuf,
+    /// Show only this removal reason.
+    #[arg(long, value_parser = clap::builder::TypedValueParser::try_map(
+        clap::builder::PossibleValuesParser::new(hone_data::RemovalReason::ALL.map(|r| r.as_str())),
+        removal_reason,
+    ))]
+    pub reason: Option<hone_data::RemovalReason>,
+    /// Print one curated example token by token (id, text, in the loss or not), rendered with
+    /// the chat template and tokenized as training does.
+    #[arg(long, requires = "model")]
+    pub tokens: bool,
+    /// Model directory (tokenizer.json, tokenizer_config.json) for --tokens.
+    #[arg(long, value_name = "MODEL_DIR")]
+    pub model: Option<PathBuf>,
+    /// Chat template for --tokens: model (the model's own), model:NAME, chatml, llama3, alpaca.
+    #[arg(long, default_value = "model")]
+    pub template: hone_tokenize::TemplateSource,
+    /// 0-based index of the example for --tokens.
+    #[arg(long, default_value_t = 0)]
+    pub index: usize,
+    /// Curated file for --tokens.
+    #[arg(long, value_enum, default_value = "train")]
+    pub split: SplitArg,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TemplateCommand {
+    /// Print exactly the text a chat template renders for a conversation (stdout holds the
+    /// rendering and nothing else, not even a final newline).
+    Render(TemplateRenderArgs),
+}
+
+#[derive(Args, Debug)]
+#[command(group(
+    clap::ArgGroup::new("source")
+        .required(true)
+        .args(["model", "tokenizer_config", "template"])
+))]
+pub struct TemplateRenderArgs {
+    /// Model directory: its chat_template.jinja, tokenizer_config.json or chat_template.json.
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// A tokenizer_config.json holding `chat_template`.
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer_config: Option<PathBuf>,
+    /// A built-in template.
+    #[arg(long, value_parser = clap::builder::TypedValueParser::try_map(
+        clap::builder::PossibleValuesParser::new(hone_tokenize::BuiltinTemplate::ALL.map(|b| b.name())),
+        |name: String| name.parse::<hone_tokenize::BuiltinTemplate>(),
+    ))]
+    pub template: Option<hone_tokenize::BuiltinTemplate>,
+    /// A named template of the model or tokenizer config (e.g. tool_use) instead of the default.
+    #[arg(long, conflicts_with = "template")]
+    pub name: Option<String>,
+    /// JSON file: a list of messages `[{"role": ..., "content": ...}]`, or an object with
+    /// `messages` whose other keys (`tools`, `documents`, ...) become template variables (a
+    /// line of train.jsonl works).
+    #[arg(long, value_name = "FILE.json")]
+    pub messages: PathBuf,
+    /// End with the prompt that starts an assistant turn.
+    #[arg(long)]
+    pub add_generation_prompt: bool,
+    /// Template variable KEY=VALUE (VALUE read as JSON when it parses, else as a string), e.g.
+    /// --var date_string="26 Jul 2024"; repeatable, overrides the messages file.
+    #[arg(long = "var", value_name = "KEY=VALUE")]
+    pub vars: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchDataArgs {
+    /// Examples to curate and to tokenize: the input repeated as often as needed.
+    #[arg(long, default_value_t = 100_000)]
+    pub examples: usize,
+    /// Source records (any format `hone data prepare` reads).
+    #[arg(long, default_value = "datasets/gsm8k_train.jsonl")]
+    pub input: PathBuf,
+    /// Append " (copy K)" to the first string field of the K-th repetition (K >= 1) so that
+    /// exact dedupe keeps the copies (MinHash still finds them: they are near-duplicates);
+    /// `--perturb false` repeats the records unchanged. The JSON line says what was removed.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub perturb: bool,
+    /// Model directory whose tokenizer the tokenization measurement uses.
+    #[arg(long, default_value = "checkpoints/base/stories260k")]
+    pub model: PathBuf,
+    /// Chat template for the tokenization measurement (model, model:NAME, chatml, ...).
+    #[arg(long, default_value = "chatml")]
+    pub template: hone_tokenize::TemplateSource,
+    /// Tokens per packed row.
+    #[arg(long, default_value_t = 2048)]
+    pub max_seq_len: usize,
 }

@@ -22,6 +22,8 @@ fn main() {
         Command::Generate(args) => cmd::generate::run(args),
         Command::Logits(args) => cmd::logits::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::Data(command) => cmd::data::run(command),
+        Command::Template(command) => cmd::template::run(command),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

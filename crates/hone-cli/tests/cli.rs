@@ -142,14 +142,52 @@ fn failing(args: &[&str], extra: &[&Path]) -> String {
 }
 
 #[test]
-fn logits_refuses_an_adapter_until_lora_lands_and_writes_nothing() {
+fn logits_with_a_peft_adapter_match_peft() {
+    for name in ["llama_gqa", "qwen2_tied"] {
+        let dir = root().join("fixtures/peft").join(name);
+        let tmp = tempfile::tempdir().unwrap();
+        let out_path = tmp.path().join("out.safetensors");
+        let out = hone()
+            .args(["logits", "--model"])
+            .arg(&dir)
+            .arg("--adapter")
+            .arg(dir.join("adapter"))
+            .arg("--input-ids")
+            .arg(dir.join("refs/inputs.safetensors"))
+            .arg("--out")
+            .arg(&out_path)
+            .arg("--compare-with")
+            .arg(dir.join("refs/logits_adapter.safetensors"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(line["max_abs_diff"].as_f64().unwrap() < 1e-4, "{line}");
+        let (ours, _) = read_f32(&out_path, "logits");
+        let (expected, _) = read_f32(&dir.join("refs/logits_adapter.safetensors"), "logits");
+        let diff = ours
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(diff < 1e-4, "{name}: {diff}");
+    }
+}
+
+#[test]
+fn logits_with_a_missing_adapter_is_an_error_and_writes_nothing() {
     let dir = root().join("fixtures/peft/llama_gqa");
     let tmp = tempfile::tempdir().unwrap();
     let out_path = tmp.path().join("out.safetensors");
+    let missing = tmp.path().join("no-adapter");
     let msg = failing(
         &["logits", "--adapter"],
         &[
-            &dir.join("adapter"),
+            &missing,
             Path::new("--model"),
             &dir,
             Path::new("--input-ids"),
@@ -159,7 +197,7 @@ fn logits_refuses_an_adapter_until_lora_lands_and_writes_nothing() {
         ],
     );
     assert!(
-        msg.contains("--adapter") && msg.contains("not supported"),
+        msg.contains("adapter_config.json") && msg.contains("no-adapter"),
         "{msg}"
     );
     assert!(!out_path.exists());

@@ -18,6 +18,7 @@ use crate::cmd::peak_rss_mb;
 pub fn run(args: BenchArgs) -> Result<()> {
     match args.what {
         BenchCommand::Generate(a) => bench_generate(a),
+        BenchCommand::Data(a) => crate::cmd::bench_data::run(a),
     }
 }
 

@@ -17,7 +17,7 @@ impl BackendTask for Task {
 
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
         let args = self.0;
-        let loaded = load_model_dir::<B>(
+        let mut loaded = load_model_dir::<B>(
             &args.model.model,
             &device,
             LoadOptions {
@@ -25,6 +25,12 @@ impl BackendTask for Task {
             },
         )
         .with_context(|| format!("loading model {}", args.model.model.display()))?;
+        if let Some(adapter) = &args.adapter {
+            loaded
+                .model
+                .load_adapter(adapter)
+                .with_context(|| format!("loading adapter {}", adapter.display()))?;
+        }
         let prompt = loaded.tokenizer.encode_prompt(&args.prompt)?;
         let config = GenerateConfig {
             max_new_tokens: args.max_tokens,

@@ -24,7 +24,7 @@ impl BackendTask for Task {
 
     fn run<B: Backend>(self, device: B::Device) -> Result<Vec<f32>> {
         let m = &self.args.model;
-        let loaded = load_model_dir::<B>(
+        let mut loaded = load_model_dir::<B>(
             &m.model,
             &device,
             LoadOptions {
@@ -32,6 +32,12 @@ impl BackendTask for Task {
             },
         )
         .with_context(|| format!("loading model {}", m.model.display()))?;
+        if let Some(adapter) = &self.args.adapter {
+            loaded
+                .model
+                .load_adapter(adapter)
+                .with_context(|| format!("loading adapter {}", adapter.display()))?;
+        }
         let vocab = loaded.model.config.vocab_size as i64;
         if let Some(bad) = self.ids.iter().find(|&&i| i < 0 || i >= vocab) {
             bail!(
@@ -86,13 +92,6 @@ pub fn write_safetensors_atomic(
 }
 
 pub fn run(args: LogitsArgs) -> Result<()> {
-    if let Some(adapter) = &args.adapter {
-        bail!(
-            "--adapter {}: LoRA adapters are not supported by this version of hone yet \
-             (they arrive with the LoRA training work); run without --adapter for base-model logits",
-            adapter.display()
-        );
-    }
     let store = WeightStore::open_files(std::slice::from_ref(&args.input_ids))
         .with_context(|| format!("reading {}", args.input_ids.display()))?;
     let (ids, shape) = store

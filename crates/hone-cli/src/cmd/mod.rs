@@ -1,8 +1,11 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod bench_data;
+pub mod data;
 pub mod generate;
 pub mod logits;
+pub mod template;
 
 /// Peak resident memory of this process in MB (VmHWM), where the OS reports it.
 pub fn peak_rss_mb() -> Option<f64> {
