@@ -101,37 +101,74 @@ pub fn read_adapter_config(dir: &Path) -> Result<(LoraSettings, Option<String>)>
     }
     let refuse = |key: &str, why: &str| Err(invalid(&path, key, why.to_string()));
     if raw.use_dora == Some(true) {
-        return refuse("use_dora", "DoRA adapters are not supported; hone supports LoRA and rsLoRA");
+        return refuse(
+            "use_dora",
+            "DoRA adapters are not supported; hone supports LoRA and rsLoRA",
+        );
     }
     if raw.bias.as_deref().is_some_and(|b| b != "none") {
-        return refuse("bias", "adapters that train biases are not supported (expected \"none\")");
+        return refuse(
+            "bias",
+            "adapters that train biases are not supported (expected \"none\")",
+        );
     }
     if raw.lora_bias == Some(true) {
         return refuse("lora_bias", "a bias on lora_B is not supported");
     }
-    if raw.modules_to_save.as_ref().is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty())) {
-        return refuse("modules_to_save", "fully fine-tuned modules are not supported (not portable to vLLM either)");
+    if raw
+        .modules_to_save
+        .as_ref()
+        .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
+    {
+        return refuse(
+            "modules_to_save",
+            "fully fine-tuned modules are not supported (not portable to vLLM either)",
+        );
     }
     if raw.fan_in_fan_out == Some(true) {
-        return refuse("fan_in_fan_out", "Conv1D-style (GPT-2) adapters do not apply to Llama-family models");
+        return refuse(
+            "fan_in_fan_out",
+            "Conv1D-style (GPT-2) adapters do not apply to Llama-family models",
+        );
     }
     if raw.target_parameters.as_ref().is_some_and(|v| !v.is_null()) {
-        return refuse("target_parameters", "parameter-targeted LoRA is not supported");
+        return refuse(
+            "target_parameters",
+            "parameter-targeted LoRA is not supported",
+        );
     }
-    if raw.layers_pattern.as_ref().is_some_and(|v| !v.is_null() && v.as_str() != Some("layers")) {
-        return refuse("layers_pattern", "only the standard `layers` pattern is supported");
+    if raw
+        .layers_pattern
+        .as_ref()
+        .is_some_and(|v| !v.is_null() && v.as_str() != Some("layers"))
+    {
+        return refuse(
+            "layers_pattern",
+            "only the standard `layers` pattern is supported",
+        );
     }
     let layers_to_transform = match &raw.layers_to_transform {
         None | Some(Value::Null) => None,
         Some(Value::Number(n)) => Some(vec![n.as_u64().unwrap_or(0) as usize]),
         Some(Value::Array(a)) => Some(
             a.iter()
-                .map(|v| v.as_u64().map(|n| n as usize).ok_or_else(|| invalid(&path, "layers_to_transform", "expected layer indices")))
+                .map(|v| {
+                    v.as_u64().map(|n| n as usize).ok_or_else(|| {
+                        invalid(&path, "layers_to_transform", "expected layer indices")
+                    })
+                })
                 .collect::<Result<Vec<_>>>()?,
         ),
-        Some(_) => return refuse("layers_to_transform", "expected an integer or a list of integers"),
+        Some(_) => {
+            return refuse(
+                "layers_to_transform",
+                "expected an integer or a list of integers",
+            )
+        }
     };
-    let r = raw.r.ok_or_else(|| invalid(&path, "r", "required key is missing"))?;
+    let r = raw
+        .r
+        .ok_or_else(|| invalid(&path, "r", "required key is missing"))?;
     let settings = LoraSettings {
         r,
         alpha: raw.lora_alpha.unwrap_or(8.0),
@@ -144,7 +181,9 @@ pub fn read_adapter_config(dir: &Path) -> Result<(LoraSettings, Option<String>)>
         alpha_pattern: raw.alpha_pattern.unwrap_or_default(),
         layers_to_transform,
     };
-    settings.validate().map_err(|e| invalid(&path, "lora", e.to_string()))?;
+    settings
+        .validate()
+        .map_err(|e| invalid(&path, "lora", e.to_string()))?;
     Ok((settings, raw.base_model_name_or_path))
 }
 
@@ -201,7 +240,11 @@ impl<B: Backend> CausalLm<B> {
                 },
             );
         }
-        let unexpected: Vec<String> = store.names().into_iter().filter(|n| !used.contains(n)).collect();
+        let unexpected: Vec<String> = store
+            .names()
+            .into_iter()
+            .filter(|n| !used.contains(n))
+            .collect();
         if !unexpected.is_empty() {
             return Err(ModelError::Input(format!(
                 "{}: tensors that do not belong to a LoRA adapter on this model's target modules: {} \
@@ -222,7 +265,12 @@ impl<B: Backend> CausalLm<B> {
 
     /// Writes the model's adapters to `dir` in PEFT's format, atomically (a temporary directory
     /// renamed into place). `settings` are the ones the adapters were made with.
-    pub fn save_adapter(&self, dir: &Path, settings: &LoraSettings, base_model_name_or_path: &str) -> Result<()> {
+    pub fn save_adapter(
+        &self,
+        dir: &Path,
+        settings: &LoraSettings,
+        base_model_name_or_path: &str,
+    ) -> Result<()> {
         let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
         for (name, linear) in self.projections() {
             if let Some(lora) = &linear.lora {
@@ -239,7 +287,9 @@ impl<B: Backend> CausalLm<B> {
             }
         }
         if tensors.is_empty() {
-            return Err(ModelError::Input("the model has no LoRA adapter to save".into()));
+            return Err(ModelError::Input(
+                "the model has no LoRA adapter to save".into(),
+            ));
         }
         let config = peft_config_json(settings, base_model_name_or_path);
         write_dir_atomic(dir, |tmp| {
@@ -249,8 +299,9 @@ impl<B: Backend> CausalLm<B> {
             let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
                 .iter()
                 .map(|(n, s, b)| {
-                    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                        .expect("shape and byte length agree by construction");
+                    let view =
+                        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                            .expect("shape and byte length agree by construction");
                     (n.clone(), view)
                 })
                 .collect();
@@ -303,7 +354,10 @@ pub fn peft_config_json(settings: &LoraSettings, base_model_name_or_path: &str) 
 /// Fills a temporary sibling of `dir` with `fill`, then renames it to `dir`, replacing an
 /// existing directory only once the new one is complete. On error nothing is left behind.
 pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| ModelError::io(parent, e))?;
     let name = dir
         .file_name()

@@ -7,6 +7,7 @@
 //! ([`generate`]).
 
 pub mod adapter;
+pub mod batch;
 pub mod cache;
 pub mod config;
 pub mod device;

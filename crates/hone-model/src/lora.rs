@@ -100,7 +100,9 @@ impl TargetModules {
             }
             TargetModules::Pattern(p) => {
                 let re = Regex::new(&format!("^(?:{p})$")).map_err(|e| {
-                    ModelError::Input(format!("target_modules: invalid regular expression `{p}`: {e}"))
+                    ModelError::Input(format!(
+                        "target_modules: invalid regular expression `{p}`: {e}"
+                    ))
                 })?;
                 Ok(Box::new(move |module: &str| re.is_match(module)))
             }
@@ -142,17 +144,27 @@ impl LoraSettings {
     /// Checks the values a user can get wrong.
     pub fn validate(&self) -> Result<()> {
         if self.r == 0 {
-            return Err(ModelError::Input("lora r must be a positive integer, found 0".into()));
+            return Err(ModelError::Input(
+                "lora r must be a positive integer, found 0".into(),
+            ));
         }
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
-            return Err(ModelError::Input(format!("lora alpha must be positive, found {}", self.alpha)));
+            return Err(ModelError::Input(format!(
+                "lora alpha must be positive, found {}",
+                self.alpha
+            )));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(ModelError::Input(format!("lora dropout must be in [0, 1), found {}", self.dropout)));
+            return Err(ModelError::Input(format!(
+                "lora dropout must be in [0, 1), found {}",
+                self.dropout
+            )));
         }
         for (pattern, r) in &self.rank_pattern {
             if *r == 0 {
-                return Err(ModelError::Input(format!("rank_pattern `{pattern}`: rank must be positive")));
+                return Err(ModelError::Input(format!(
+                    "rank_pattern `{pattern}`: rank must be positive"
+                )));
             }
         }
         Ok(())
@@ -185,7 +197,12 @@ impl LoraSettings {
 
 /// Layer index of a module name `model.layers.N....`.
 fn layer_index(module: &str) -> Option<usize> {
-    module.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
+    module
+        .strip_prefix("model.layers.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
 }
 
 impl<B: Backend> CausalLm<B> {
@@ -240,10 +257,12 @@ impl<B: Backend> CausalLm<B> {
             .into_iter()
             .map(|(name, _)| name)
             .filter(|name| matches(name))
-            .filter(|name| match (&settings.layers_to_transform, layer_index(name)) {
-                (Some(layers), Some(i)) => layers.contains(&i),
-                _ => true,
-            })
+            .filter(
+                |name| match (&settings.layers_to_transform, layer_index(name)) {
+                    (Some(layers), Some(i)) => layers.contains(&i),
+                    _ => true,
+                },
+            )
             .collect();
         if targets.is_empty() {
             return Err(ModelError::Input(format!(

@@ -14,9 +14,16 @@ pub const IGNORE_INDEX: i64 = -100;
 ///
 /// `logits`: `[batch, seq, vocab]`; `labels`: `[batch * seq]` row-major host values (unshifted,
 /// -100 = ignored). Returns a one-element tensor (differentiable) and the target count.
-pub fn causal_lm_loss_sum<B: Backend>(logits: Tensor<B, 3>, labels: &[i64]) -> (Tensor<B, 1>, usize) {
+pub fn causal_lm_loss_sum<B: Backend>(
+    logits: Tensor<B, 3>,
+    labels: &[i64],
+) -> (Tensor<B, 1>, usize) {
     let [batch, seq, vocab] = logits.dims();
-    assert_eq!(labels.len(), batch * seq, "labels must have batch * seq entries");
+    assert_eq!(
+        labels.len(),
+        batch * seq,
+        "labels must have batch * seq entries"
+    );
     let device = logits.device();
     let rows = batch * (seq - 1);
     // Targets: labels shifted left by one within each row.

@@ -30,6 +30,9 @@ pub struct Linear<B: Backend> {
     /// `[out_features]`.
     pub bias: Option<Param<Tensor<B, 1>>>,
     pub lora: Option<Lora<B>>,
+    /// Adapters selected per row when serving several at once (slot -> adapter); see
+    /// [`crate::batch`].
+    pub bank: Vec<Option<Lora<B>>>,
 }
 
 impl<B: Backend> Linear<B> {
@@ -43,7 +46,10 @@ impl<B: Backend> Linear<B> {
         // gemm's small-M path is compute-bound on x·Wᵀ; with few rows (decoding) W·xᵀ streams
         // the weight once at memory speed (1–3.5× faster for 1–16 rows on AVX-512).
         let y = if rows <= SMALL_M {
-            self.weight.val().matmul(x2d.clone().transpose()).transpose()
+            self.weight
+                .val()
+                .matmul(x2d.clone().transpose())
+                .transpose()
         } else {
             x2d.clone().matmul(self.weight.val().transpose())
         };
@@ -119,7 +125,7 @@ fn rotate_half<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
 
 /// Applies RoPE to `x` `[batch, seq, heads, head_dim]`; only the first `rotary_dim` features
 /// rotate (partial rotary), the rest pass through.
-fn apply_rope<B: Backend>(x: Tensor<B, 4>, rope: &RopeTables<B>) -> Tensor<B, 4> {
+pub(crate) fn apply_rope<B: Backend>(x: Tensor<B, 4>, rope: &RopeTables<B>) -> Tensor<B, 4> {
     let head_dim = x.dims()[3];
     let rotary = rope.cos.dims()[3];
     if rotary == head_dim {
@@ -210,7 +216,7 @@ impl<B: Backend> Attention<B> {
 
 /// Boolean mask `[1, 1, seq, total]`, true where attention is forbidden: the future, and keys at
 /// least `window` positions behind the query (transformers: `kv_idx > q_idx - sliding_window`).
-fn sliding_window_mask<B: Backend>(
+pub(crate) fn sliding_window_mask<B: Backend>(
     seq: usize,
     total: usize,
     window: usize,
@@ -246,7 +252,8 @@ fn segment_mask<B: Backend>(
             }
         }
     }
-    Tensor::<B, 3, Bool>::from_data(TensorData::new(data, [batch, seq, seq]), device).unsqueeze_dim(1)
+    Tensor::<B, 3, Bool>::from_data(TensorData::new(data, [batch, seq, seq]), device)
+        .unsqueeze_dim(1)
 }
 
 /// SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`.
@@ -281,9 +288,9 @@ impl<B: Backend> DecoderLayer<B> {
         cache: Option<&mut LayerCache<B>>,
         mask: Option<&Tensor<B, 4, Bool>>,
     ) -> Tensor<B, 3> {
-        let attn = self
-            .self_attn
-            .forward(self.input_layernorm.forward(x.clone()), rope, cache, mask);
+        let attn =
+            self.self_attn
+                .forward(self.input_layernorm.forward(x.clone()), rope, cache, mask);
         let h = x + attn;
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
@@ -377,7 +384,10 @@ impl<B: Backend> Builder<'_, B> {
         shape: [usize; D],
         init: Init,
     ) -> Result<Param<Tensor<B, D>>> {
-        Ok(Param::initialized(ParamId::new(), self.tensor(name, shape, init)?))
+        Ok(Param::initialized(
+            ParamId::new(),
+            self.tensor(name, shape, init)?,
+        ))
     }
 
     fn linear(&self, prefix: &str, inp: usize, out: usize, bias: bool) -> Result<Linear<B>> {
@@ -389,6 +399,7 @@ impl<B: Backend> Builder<'_, B> {
                 None
             },
             lora: None,
+            bank: Vec::new(),
         })
     }
 
@@ -601,8 +612,16 @@ impl<B: Backend> CausalLm<B> {
         segment_ids: &[u32],
     ) -> Tensor<B, 3> {
         let [batch, seq] = input_ids.dims();
-        assert_eq!(position_ids.len(), batch * seq, "position_ids must have batch * seq entries");
-        assert_eq!(segment_ids.len(), batch * seq, "segment_ids must have batch * seq entries");
+        assert_eq!(
+            position_ids.len(),
+            batch * seq,
+            "position_ids must have batch * seq entries"
+        );
+        assert_eq!(
+            segment_ids.len(),
+            batch * seq,
+            "segment_ids must have batch * seq entries"
+        );
         let device = input_ids.device();
         let rope = self.rope_tables_at(position_ids, batch, seq, &device);
         let mut masks: Vec<(usize, Tensor<B, 4, Bool>)> = Vec::new();

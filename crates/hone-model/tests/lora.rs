@@ -7,21 +7,25 @@ use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use hone_model::adapter::{peft_key, read_adapter_config};
-use hone_model::loss::causal_lm_loss;
 use hone_model::lora::{LoraSettings, TargetModules};
+use hone_model::loss::causal_lm_loss;
 use hone_model::{CausalLm, Cpu, LoadOptions, ModelConfig, WeightStore};
 
 type Ad = Autodiff<Cpu>;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/peft").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/peft")
+        .join(name)
 }
 
 fn base<B: Backend>(name: &str) -> CausalLm<B> {
     let dir = fixture(name);
     let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
     let store = WeightStore::open_dir(&dir).unwrap();
-    CausalLm::from_store(&config, &store, &Default::default(), LoadOptions::default()).unwrap().0
+    CausalLm::from_store(&config, &store, &Default::default(), LoadOptions::default())
+        .unwrap()
+        .0
 }
 
 fn refs(name: &str, file: &str) -> WeightStore {
@@ -34,14 +38,27 @@ fn f32s(store: &WeightStore, key: &str) -> Vec<f32> {
 }
 
 fn logits<B: Backend>(model: &CausalLm<B>, name: &str) -> Vec<f32> {
-    let (ids, shape) = refs(name, "inputs.safetensors").load_i64("input_ids").unwrap();
-    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [shape[0], shape[1]]), &Default::default());
-    model.forward(ids, None).into_data().convert::<f32>().to_vec::<f32>().unwrap()
+    let (ids, shape) = refs(name, "inputs.safetensors")
+        .load_i64("input_ids")
+        .unwrap();
+    let ids = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(ids, [shape[0], shape[1]]),
+        &Default::default(),
+    );
+    model
+        .forward(ids, None)
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .unwrap()
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 const FIXTURES: [&str; 2] = ["llama_gqa", "qwen2_tied"];
@@ -51,10 +68,17 @@ fn peft_adapter_logits_match_peft() {
     for name in FIXTURES {
         let mut model = base::<Cpu>(name);
         let info = model.load_adapter(&fixture(name).join("adapter")).unwrap();
-        assert_eq!(info.modules.len(), 2 * 7, "{name}: every projection of both layers");
+        assert_eq!(
+            info.modules.len(),
+            2 * 7,
+            "{name}: every projection of both layers"
+        );
         let expected = f32s(&refs(name, "logits_adapter.safetensors"), "logits");
         let diff = max_abs_diff(&logits(&model, name), &expected);
-        assert!(diff < 1e-4, "{name}: adapter logits differ from PEFT by {diff}");
+        assert!(
+            diff < 1e-4,
+            "{name}: adapter logits differ from PEFT by {diff}"
+        );
     }
 }
 
@@ -69,7 +93,10 @@ fn merged_model_matches_peft_merge_and_unmerged_adapter() {
         let merged = logits(&model, name);
         let expected = f32s(&refs(name, "logits_merged.safetensors"), "logits");
         let diff = max_abs_diff(&merged, &expected);
-        assert!(diff < 1e-4, "{name}: merged logits differ from PEFT's merge_and_unload by {diff}");
+        assert!(
+            diff < 1e-4,
+            "{name}: merged logits differ from PEFT's merge_and_unload by {diff}"
+        );
         let diff = max_abs_diff(&merged, &unmerged);
         assert!(diff < 1e-5, "{name}: merged vs unmerged differ by {diff}");
     }
@@ -83,12 +110,18 @@ fn loss_and_every_lora_gradient_match_peft() {
         let batch = refs(name, "train_batch.safetensors");
         let (ids, shape) = batch.load_i64("input_ids").unwrap();
         let (labels, _) = batch.load_i64("labels").unwrap();
-        let ids = Tensor::<Ad, 2, Int>::from_data(TensorData::new(ids, [shape[0], shape[1]]), &Default::default());
+        let ids = Tensor::<Ad, 2, Int>::from_data(
+            TensorData::new(ids, [shape[0], shape[1]]),
+            &Default::default(),
+        );
         let loss = causal_lm_loss(model.forward(ids, None), &labels).unwrap();
         let grads_ref = refs(name, "lora_grads.safetensors");
         let expected_loss = f32s(&grads_ref, "loss")[0];
         let ours = loss.clone().into_data().to_vec::<f32>().unwrap()[0];
-        assert!((ours - expected_loss).abs() < 1e-5, "{name}: loss {ours} vs PEFT {expected_loss}");
+        assert!(
+            (ours - expected_loss).abs() < 1e-5,
+            "{name}: loss {ours} vs PEFT {expected_loss}"
+        );
 
         let grads = loss.backward();
         let mut checked = 0;
@@ -96,7 +129,9 @@ fn loss_and_every_lora_gradient_match_peft() {
             let lora = linear.lora.as_ref().unwrap();
             for (which, param) in [("lora_A", &lora.lora_a), ("lora_B", &lora.lora_b)] {
                 let key = peft_key(&module, which);
-                let grad = param.grad(&grads).unwrap_or_else(|| panic!("{name}: no gradient for {key}"));
+                let grad = param
+                    .grad(&grads)
+                    .unwrap_or_else(|| panic!("{name}: no gradient for {key}"));
                 let grad = grad.into_data().to_vec::<f32>().unwrap();
                 let expected = f32s(&grads_ref, &key);
                 for (i, (g, e)) in grad.iter().zip(&expected).enumerate() {
@@ -106,9 +141,16 @@ fn loss_and_every_lora_gradient_match_peft() {
                 checked += 1;
             }
             // The frozen base weight has no gradient.
-            assert!(linear.weight.grad(&grads).is_none(), "{name}: {module}.weight must be frozen");
+            assert!(
+                linear.weight.grad(&grads).is_none(),
+                "{name}: {module}.weight must be frozen"
+            );
         }
-        assert_eq!(checked, grads_ref.names().len() - 1, "{name}: every reference gradient checked");
+        assert_eq!(
+            checked,
+            grads_ref.names().len() - 1,
+            "{name}: every reference gradient checked"
+        );
         assert!(model.model.embed_tokens.grad(&grads).is_none());
     }
 }
@@ -123,10 +165,16 @@ fn saved_adapter_round_trips_in_peft_format() {
     model.save_adapter(&out, &info.settings, "..").unwrap();
     // Same tensors, same keys, same shapes as PEFT's file.
     let ours = WeightStore::open_files(&[out.join("adapter_model.safetensors")]).unwrap();
-    let theirs = WeightStore::open_files(&[fixture(name).join("adapter/adapter_model.safetensors")]).unwrap();
+    let theirs =
+        WeightStore::open_files(&[fixture(name).join("adapter/adapter_model.safetensors")])
+            .unwrap();
     assert_eq!(ours.names(), theirs.names());
     for key in theirs.names() {
-        assert_eq!(ours.shape(&key).unwrap(), theirs.shape(&key).unwrap(), "{key}");
+        assert_eq!(
+            ours.shape(&key).unwrap(),
+            theirs.shape(&key).unwrap(),
+            "{key}"
+        );
         assert_eq!(f32s(&ours, &key), f32s(&theirs, &key), "{key}");
     }
     // The config reads back to the same settings, with PEFT's keys.
@@ -134,17 +182,35 @@ fn saved_adapter_round_trips_in_peft_format() {
     assert_eq!(settings, info.settings);
     assert_eq!(base_path.as_deref(), Some(".."));
     let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
     assert_eq!(json["peft_type"], "LORA");
     assert_eq!(json["task_type"], "CAUSAL_LM");
-    assert_eq!(json["target_modules"], serde_json::json!(["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]));
+    assert_eq!(
+        json["target_modules"],
+        serde_json::json!([
+            "down_proj",
+            "gate_proj",
+            "k_proj",
+            "o_proj",
+            "q_proj",
+            "up_proj",
+            "v_proj"
+        ])
+    );
     // And a model loading it computes PEFT's adapter logits.
     let mut again = base::<Cpu>(name);
     again.load_adapter(&out).unwrap();
-    let diff = max_abs_diff(&logits(&again, name), &f32s(&refs(name, "logits_adapter.safetensors"), "logits"));
+    let diff = max_abs_diff(
+        &logits(&again, name),
+        &f32s(&refs(name, "logits_adapter.safetensors"), "logits"),
+    );
     assert!(diff < 1e-4, "{diff}");
     // No temporary directories are left beside it.
-    let leftovers: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(leftovers, vec![std::ffi::OsString::from("adapter")]);
 }
 
@@ -156,10 +222,15 @@ fn fresh_adapters_follow_peft_init_and_leave_the_model_unchanged() {
     <Cpu as Backend>::seed(&Default::default(), 7);
     let settings = LoraSettings::new(4, 8.0, &["q_proj", "v_proj"]);
     let targets = model.attach_lora(&settings).unwrap();
-    assert_eq!(targets, vec![
-        "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
-        "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj",
-    ]);
+    assert_eq!(
+        targets,
+        vec![
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.0.self_attn.v_proj",
+            "model.layers.1.self_attn.q_proj",
+            "model.layers.1.self_attn.v_proj",
+        ]
+    );
     // B = 0: the adapted model computes the base model's logits.
     assert_eq!(logits(&model, name), before);
     for (_, linear) in model.projections() {
@@ -168,11 +239,21 @@ fn fresh_adapters_follow_peft_init_and_leave_the_model_unchanged() {
             let a = lora.lora_a.val().into_data().to_vec::<f32>().unwrap();
             let bound = 1.0 / (64f32).sqrt();
             assert!(a.iter().all(|v| v.abs() <= bound) && a.iter().any(|v| v.abs() > bound / 2.0));
-            assert!(lora.lora_b.val().into_data().to_vec::<f32>().unwrap().iter().all(|v| *v == 0.0));
+            assert!(lora
+                .lora_b
+                .val()
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap()
+                .iter()
+                .all(|v| *v == 0.0));
         }
     }
     // q: 4*64 + 64*4; v: 4*64 + 32*4 per layer.
-    assert_eq!(model.lora_parameter_count(), 2 * (4 * 64 + 64 * 4 + 4 * 64 + 32 * 4));
+    assert_eq!(
+        model.lora_parameter_count(),
+        2 * (4 * 64 + 64 * 4 + 4 * 64 + 32 * 4)
+    );
 }
 
 #[test]
@@ -183,22 +264,47 @@ fn target_selection_follows_peft_rules() {
         s.target_modules = t;
         model.lora_targets(&s)
     };
-    assert_eq!(names(TargetModules::Names(vec!["all-linear".into()])).unwrap().len(), 14);
-    assert_eq!(names(TargetModules::Pattern("all-linear".into())).unwrap().len(), 14);
+    assert_eq!(
+        names(TargetModules::Names(vec!["all-linear".into()]))
+            .unwrap()
+            .len(),
+        14
+    );
+    assert_eq!(
+        names(TargetModules::Pattern("all-linear".into()))
+            .unwrap()
+            .len(),
+        14
+    );
     // A string is a regular expression over the whole module name.
     assert_eq!(
         names(TargetModules::Pattern(r"model\.layers\.1\.mlp\..*".into())).unwrap(),
-        vec!["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"]
+        vec![
+            "model.layers.1.mlp.gate_proj",
+            "model.layers.1.mlp.up_proj",
+            "model.layers.1.mlp.down_proj"
+        ]
     );
     // Suffix matching is by whole components: "proj" matches nothing.
-    let err = names(TargetModules::Names(vec!["proj".into()])).unwrap_err().to_string();
-    assert!(err.contains("matches no linear layer") && err.contains("q_proj"), "{err}");
+    let err = names(TargetModules::Names(vec!["proj".into()]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("matches no linear layer") && err.contains("q_proj"),
+        "{err}"
+    );
     // rsLoRA scale and per-module rank.
     let mut s = LoraSettings::new(16, 32.0, &["q_proj"]);
     s.use_rslora = true;
-    assert_eq!(s.rank_and_scale("model.layers.0.self_attn.q_proj").unwrap(), (16, 8.0));
+    assert_eq!(
+        s.rank_and_scale("model.layers.0.self_attn.q_proj").unwrap(),
+        (16, 8.0)
+    );
     s.rank_pattern.insert("layers.1.self_attn.q_proj".into(), 4);
-    assert_eq!(s.rank_and_scale("model.layers.1.self_attn.q_proj").unwrap(), (4, 16.0));
+    assert_eq!(
+        s.rank_and_scale("model.layers.1.self_attn.q_proj").unwrap(),
+        (4, 16.0)
+    );
 }
 
 #[test]
@@ -211,9 +317,18 @@ fn adapter_for_another_base_is_refused_naming_the_tensor() {
     json["num_hidden_layers"] = 1.into();
     let config = ModelConfig::from_json_str(&json.to_string(), Path::new("config.json")).unwrap();
     let store = WeightStore::open_dir(&dir).unwrap();
-    let mut model = CausalLm::<Cpu>::from_store(&config, &store, &Default::default(), LoadOptions::default()).unwrap().0;
-    let err = model.load_adapter(&dir.join("adapter")).unwrap_err().to_string();
-    assert!(err.contains("model.layers.1.") && err.contains("another base model"), "{err}");
+    let mut model =
+        CausalLm::<Cpu>::from_store(&config, &store, &Default::default(), LoadOptions::default())
+            .unwrap()
+            .0;
+    let err = model
+        .load_adapter(&dir.join("adapter"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model.layers.1.") && err.contains("another base model"),
+        "{err}"
+    );
 
     // A config that asks for DoRA is refused by key.
     let tmp = tempfile::tempdir().unwrap();
@@ -221,9 +336,16 @@ fn adapter_for_another_base_is_refused_naming_the_tensor() {
         std::fs::copy(dir.join("adapter").join(f), tmp.path().join(f)).unwrap();
     }
     let cfg_path = tmp.path().join("adapter_config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["use_dora"] = true.into();
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-    let err = base::<Cpu>("llama_gqa").load_adapter(tmp.path()).unwrap_err().to_string();
-    assert!(err.contains("use_dora") && err.contains("adapter_config.json"), "{err}");
+    let err = base::<Cpu>("llama_gqa")
+        .load_adapter(tmp.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("use_dora") && err.contains("adapter_config.json"),
+        "{err}"
+    );
 }

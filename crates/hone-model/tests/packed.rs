@@ -10,20 +10,27 @@ use hone_model::loss::causal_lm_loss;
 use hone_model::{CausalLm, Cpu, LoadOptions, ModelConfig, WeightStore};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/peft").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/peft")
+        .join(name)
 }
 
 fn model<B: Backend>(name: &str) -> CausalLm<B> {
     let dir = fixture(name);
     let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
     let store = WeightStore::open_dir(&dir).unwrap();
-    let mut m = CausalLm::from_store(&config, &store, &Default::default(), LoadOptions::default()).unwrap().0;
+    let mut m = CausalLm::from_store(&config, &store, &Default::default(), LoadOptions::default())
+        .unwrap()
+        .0;
     m.load_adapter(&dir.join("adapter")).unwrap();
     m
 }
 
 fn ids<B: Backend>(v: &[i64], batch: usize) -> Tensor<B, 2, Int> {
-    Tensor::from_data(TensorData::new(v.to_vec(), [batch, v.len() / batch]), &Default::default())
+    Tensor::from_data(
+        TensorData::new(v.to_vec(), [batch, v.len() / batch]),
+        &Default::default(),
+    )
 }
 
 fn vec3<B: Backend>(t: Tensor<B, 3>) -> Vec<f32> {
@@ -69,16 +76,28 @@ fn packed_rows_do_not_attend_across_examples() {
             for t in 0..ex.len() {
                 let a = &alone[t * vocab..(t + 1) * vocab];
                 let p = &packed[(offset + t) * vocab..(offset + t + 1) * vocab];
-                let diff = a.iter().zip(p).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
-                assert!(diff < 1e-4, "{name}: token {t} of an example at offset {offset}: {diff}");
+                let diff = a
+                    .iter()
+                    .zip(p)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(
+                    diff < 1e-4,
+                    "{name}: token {t} of an example at offset {offset}: {diff}"
+                );
             }
             offset += ex.len();
         }
         // Without the segment mask the later examples would see the earlier ones.
         let unmasked = vec3(m.forward(ids(&row, 1), None));
         let t = 5 + 3;
-        let diff = (0..vocab).map(|v| (unmasked[t * vocab + v] - packed[t * vocab + v]).abs()).fold(0.0f32, f32::max);
-        assert!(diff > 1e-3, "{name}: the test must be sensitive to cross-example attention");
+        let diff = (0..vocab)
+            .map(|v| (unmasked[t * vocab + v] - packed[t * vocab + v]).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            diff > 1e-3,
+            "{name}: the test must be sensitive to cross-example attention"
+        );
     }
 }
 
@@ -118,9 +137,25 @@ fn packed_loss_and_gradients_equal_those_of_the_examples_alone() {
     let gb = separate_loss.backward();
     for (module, linear) in m.projections() {
         let lora = linear.lora.as_ref().unwrap();
-        let x = lora.lora_b.grad(&ga).unwrap().into_data().to_vec::<f32>().unwrap();
-        let y = lora.lora_b.grad(&gb).unwrap().into_data().to_vec::<f32>().unwrap();
-        let diff = x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+        let x = lora
+            .lora_b
+            .grad(&ga)
+            .unwrap()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        let y = lora
+            .lora_b
+            .grad(&gb)
+            .unwrap()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        let diff = x
+            .iter()
+            .zip(&y)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0f32, f32::max);
         assert!(diff < 1e-5, "{module}.lora_B gradient differs by {diff}");
     }
 }

@@ -298,14 +298,21 @@ fn stop_strings_cut_the_golden_story_and_streaming_never_shows_the_stop() {
         stop_strings: vec![stop.to_string()],
     };
     let mut pieces = Vec::new();
-    let out = generate(&loaded.model, &loaded.tokenizer, &prompt, &config, |t| pieces.push(t.to_string())).unwrap();
+    let out = generate(&loaded.model, &loaded.tokenizer, &prompt, &config, |t| {
+        pieces.push(t.to_string())
+    })
+    .unwrap();
     assert_eq!(out.text, expected);
     assert_eq!(out.finish_reason, hone_model::FinishReason::Stop);
     assert_eq!(pieces.concat(), expected);
     assert!(pieces.iter().all(|p| !p.contains("named")), "{pieces:?}");
 
     // max_new_tokens ends with finish reason `length` and exactly that many ids.
-    let config = GenerateConfig { max_new_tokens: 7, stop_strings: vec![], ..config };
+    let config = GenerateConfig {
+        max_new_tokens: 7,
+        stop_strings: vec![],
+        ..config
+    };
     let out = generate(&loaded.model, &loaded.tokenizer, &prompt, &config, |_| {}).unwrap();
     assert_eq!(out.ids.len(), 7);
     assert_eq!(out.finish_reason, hone_model::FinishReason::Length);
@@ -320,11 +327,19 @@ fn seeded_sampling_is_reproducible_and_differs_across_seeds() {
     let run = |seed| {
         let config = GenerateConfig {
             max_new_tokens: 40,
-            sampling: SamplingConfig { temperature: 1.0, top_p: 0.95, top_k: 50, repetition_penalty: 1.1, seed },
+            sampling: SamplingConfig {
+                temperature: 1.0,
+                top_p: 0.95,
+                top_k: 50,
+                repetition_penalty: 1.1,
+                seed,
+            },
             stop_ids: vec![],
             stop_strings: vec![],
         };
-        generate(&loaded.model, &loaded.tokenizer, &prompt, &config, |_| {}).unwrap().ids
+        generate(&loaded.model, &loaded.tokenizer, &prompt, &config, |_| {})
+            .unwrap()
+            .ids
     };
     assert_eq!(run(1), run(1));
     assert_ne!(run(1), run(2));
