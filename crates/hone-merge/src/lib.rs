@@ -1,0 +1,25 @@
+//! # hone-merge
+//!
+//! LoRA adapters folded into base weights, and adapter arithmetic, following PEFT:
+//! [`merge()`] writes a Hugging Face model directory (sharded safetensors, index, config,
+//! tokenizer files) holding `W + B' A'` for the adapters' combination; [`combine_adapters`]
+//! writes the combination itself as a new PEFT adapter. The combination methods are PEFT's
+//! `add_weighted_adapter` ones ([`combine`]) built on `merge_utils.py`'s rules ([`methods`]).
+//! Merging is host-side f32 arithmetic, tensor by tensor; no burn backend is involved.
+
+pub mod adapters;
+pub mod atomic;
+pub mod combine;
+pub mod combined_adapter;
+pub mod error;
+pub mod export;
+pub mod merge;
+pub mod methods;
+
+pub use adapters::{Adapter, Factors, ModuleShape};
+pub use combine::{combine_factors, AdapterSet, Combination, LowRank, Method};
+pub use combined_adapter::{combine_adapters, CombineOptions, CombineReport};
+pub use error::{MergeError, Result};
+pub use export::{parse_size, OutDtype};
+pub use merge::{merge, MergeOptions, MergeReport, ShardInfo, DEFAULT_MAX_SHARD_SIZE};
+pub use methods::MajoritySign;

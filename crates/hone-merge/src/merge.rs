@@ -1,0 +1,260 @@
+//! Merging adapters into a base model and writing the result as a Hugging Face directory that
+//! transformers and hone load as a plain model: `W' = W + B' A'` for every targeted module, where
+//! `B' A'` is the adapters' combination ([`crate::combine`]; for one adapter `w · s · B A`, what
+//! PEFT's `merge_and_unload` adds). Every other tensor of the base is copied through, converted
+//! to the output dtype; a model with tied embeddings gets no `lm_head.weight`.
+//!
+//! Work is tensor by tensor on the host in f32, one output shard at a time, so memory stays
+//! about one shard plus the adapters. Everything is checked (adapters against each other and
+//! against the base's tensor shapes) before the first byte is written, and the directory is
+//! written all or nothing ([`crate::atomic`]).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use hone_model::{ModelConfig, WeightStore};
+
+use crate::atomic::StagedDir;
+use crate::combine::{AdapterSet, Combination, Method};
+use crate::error::{MergeError, Result};
+use crate::export::{self, OutDtype};
+
+/// transformers' default `max_shard_size`.
+pub const DEFAULT_MAX_SHARD_SIZE: u64 = 5_000_000_000;
+
+/// What to merge and where to write it.
+#[derive(Debug, Clone)]
+pub struct MergeOptions {
+    /// Hugging Face model directory of the base model.
+    pub base: PathBuf,
+    /// PEFT LoRA adapter directories, in the order of `combination.weights`.
+    pub adapters: Vec<PathBuf>,
+    pub combination: Combination,
+    /// Output dtype; `None`: the dtype `config.json` declares, else f32.
+    pub dtype: Option<OutDtype>,
+    /// Largest shard in bytes of tensor data.
+    pub max_shard_size: u64,
+    /// Output directory.
+    pub out: PathBuf,
+    /// Replace `out` if it exists.
+    pub force: bool,
+}
+
+/// One written weights file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShardInfo {
+    pub file: String,
+    pub tensors: usize,
+    /// Bytes of tensor data.
+    pub bytes: u64,
+}
+
+/// What [`merge`] did.
+#[derive(Debug, Clone)]
+pub struct MergeReport {
+    /// The combination method used (`linear` for a single adapter).
+    pub method: Method,
+    pub dtype: OutDtype,
+    /// Modules that received an update.
+    pub merged_modules: usize,
+    pub tensors: usize,
+    pub shards: Vec<ShardInfo>,
+    /// Bytes of tensor data over all shards (the index's `total_size`).
+    pub total_size: u64,
+    /// Non-weight files copied from the base (besides the rewritten `config.json`).
+    pub copied_files: Vec<String>,
+    /// Base tensors not written (`lm_head.weight` of a tied model).
+    pub dropped: Vec<String>,
+}
+
+/// Canonical form of `path` when it exists.
+fn canonical(path: &Path) -> Option<PathBuf> {
+    std::fs::canonicalize(path).ok()
+}
+
+/// Refuses an output directory that is one of the inputs.
+pub(crate) fn check_output_not_input(out: &Path, inputs: &[(&Path, &'static str)]) -> Result<()> {
+    let Some(out_c) = canonical(out) else {
+        return Ok(());
+    };
+    for (input, what) in inputs {
+        if canonical(input).as_ref() == Some(&out_c) {
+            return Err(MergeError::OutputIsInput {
+                path: out.to_path_buf(),
+                what,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Merges the adapters of `options` into the base model and writes the Hugging Face directory.
+pub fn merge(options: &MergeOptions) -> Result<MergeReport> {
+    let base = &options.base;
+    let mut inputs: Vec<(&Path, &'static str)> = vec![(base.as_path(), "base model directory")];
+    inputs.extend(
+        options
+            .adapters
+            .iter()
+            .map(|a| (a.as_path(), "an adapter directory")),
+    );
+    check_output_not_input(&options.out, &inputs)?;
+    if options.out.exists() && !options.force {
+        return Err(MergeError::OutputExists {
+            path: options.out.clone(),
+        });
+    }
+    let config_json = export::read_config(base)?;
+    let config = ModelConfig::from_file(&base.join("config.json"))?;
+    let dtype = options
+        .dtype
+        .or_else(|| export::declared_dtype(&config_json))
+        .unwrap_or(OutDtype::F32);
+    let store = WeightStore::open_dir(base)?;
+    let set = AdapterSet::open(&options.adapters, &options.combination)?;
+
+    // Plan: every base tensor in module order, minus lm_head.weight of a tied model.
+    let mut names = store.names();
+    names.sort_by(|a, b| export::natural_cmp(a, b));
+    let mut dropped = Vec::new();
+    if config.tie_word_embeddings {
+        names.retain(|n| {
+            let keep = n != "lm_head.weight";
+            if !keep {
+                dropped.push(n.clone());
+            }
+            keep
+        });
+    }
+    let mut shapes = Vec::with_capacity(names.len());
+    for name in &names {
+        shapes.push(store.shape(name)?);
+    }
+    check_modules_in_base(
+        &set,
+        &store,
+        base,
+        &names,
+        &shapes,
+        config.tie_word_embeddings,
+    )?;
+    let sizes: Vec<u64> = shapes
+        .iter()
+        .map(|s| (s.iter().product::<usize>() * dtype.size()) as u64)
+        .collect();
+    let shards = export::plan_shards(&sizes, options.max_shard_size);
+
+    let staged = StagedDir::create(&options.out, options.force)?;
+    let copied_files =
+        export::write_config_and_copy_files(base, &config_json, dtype, staged.path())?;
+    let mut weight_map = BTreeMap::new();
+    let mut infos = Vec::new();
+    let mut merged_modules = 0;
+    for (index, range) in shards.iter().enumerate() {
+        let file = export::shard_file_name(index, shards.len());
+        let mut tensors = Vec::with_capacity(range.len());
+        for i in range.clone() {
+            let (name, shape) = (&names[i], &shapes[i]);
+            let mut values = store.load_f32(name, shape)?;
+            if let Some(module) = name
+                .strip_suffix(".weight")
+                .filter(|m| set.modules().contains_key(*m))
+            {
+                set.combined(module)?.add_to(&mut values);
+                merged_modules += 1;
+            }
+            tensors.push((name.clone(), shape.clone(), dtype.encode(&values)));
+            weight_map.insert(name.clone(), file.clone());
+        }
+        export::write_safetensors(&staged.path().join(&file), dtype.safetensors(), &tensors)?;
+        let bytes = range.clone().map(|i| sizes[i]).sum();
+        tracing::info!("wrote {file} ({} tensors, {bytes} bytes)", tensors.len());
+        infos.push(ShardInfo {
+            file,
+            tensors: tensors.len(),
+            bytes,
+        });
+    }
+    let total_size: u64 = sizes.iter().sum();
+    if shards.len() > 1 {
+        export::write_index(staged.path(), total_size, &weight_map)?;
+    }
+    staged.commit()?;
+    Ok(MergeReport {
+        method: set.method,
+        dtype,
+        merged_modules,
+        tensors: names.len(),
+        shards: infos,
+        total_size,
+        copied_files,
+        dropped,
+    })
+}
+
+/// Every module of the adapters must be a written 2-D base tensor `<module>.weight` of shape
+/// `[out_features, in_features]`.
+fn check_modules_in_base(
+    set: &AdapterSet,
+    store: &WeightStore,
+    base: &Path,
+    names: &[String],
+    shapes: &[Vec<usize>],
+    tied: bool,
+) -> Result<()> {
+    let written: BTreeMap<&str, &Vec<usize>> =
+        names.iter().map(String::as_str).zip(shapes).collect();
+    for (module, shape) in set.modules() {
+        let adapter = set
+            .adapters
+            .iter()
+            .find(|a| a.modules().contains_key(module))
+            .map(|a| a.dir.clone())
+            .unwrap_or_default();
+        let tensor = format!("{module}.weight");
+        let Some(found) = written.get(tensor.as_str()) else {
+            if tied && module == "lm_head" && store.contains(&tensor) {
+                return Err(MergeError::TiedTarget {
+                    adapter,
+                    module: module.clone(),
+                    base: base.to_path_buf(),
+                });
+            }
+            return Err(MergeError::NotInBase {
+                adapter,
+                module: module.clone(),
+                tensor,
+                base: base.to_path_buf(),
+            });
+        };
+        if found.len() != 2 {
+            return Err(MergeError::NotInBase {
+                adapter,
+                module: module.clone(),
+                tensor,
+                base: base.to_path_buf(),
+            });
+        }
+        let (out_f, in_f) = (found[0], found[1]);
+        let why = format!("the base's `{tensor}` is {found:?}");
+        if shape.in_features != in_f {
+            return Err(MergeError::ShapeMismatch {
+                adapter,
+                tensor: hone_model::adapter::peft_key(module, "lora_A"),
+                expected: vec![shape.rank, in_f],
+                found: vec![shape.rank, shape.in_features],
+                why,
+            });
+        }
+        if shape.out_features != out_f {
+            return Err(MergeError::ShapeMismatch {
+                adapter,
+                tensor: hone_model::adapter::peft_key(module, "lora_B"),
+                expected: vec![out_f, shape.rank],
+                found: vec![shape.out_features, shape.rank],
+                why,
+            });
+        }
+    }
+    Ok(())
+}
