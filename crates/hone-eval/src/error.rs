@@ -1,0 +1,92 @@
+//! Typed errors of the evaluation crate. Every variant names the file, line, key or setting at
+//! fault and says what was expected, so a user can fix the input without reading the code.
+
+use std::path::PathBuf;
+
+/// Errors raised while reading evaluation data, running a model or writing a report.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{path} does not exist ({what})")]
+    MissingPath { path: PathBuf, what: &'static str },
+
+    #[error("{path}:{line}: invalid JSON: {message}")]
+    Json {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+
+    #[error("{path}:{line}: key `{key}`: expected {expected}, found {found}")]
+    Record {
+        path: PathBuf,
+        line: usize,
+        key: String,
+        expected: String,
+        found: String,
+    },
+
+    #[error("{path}: no usable records{detail}")]
+    EmptyData { path: PathBuf, detail: String },
+
+    #[error("eval setting `{key}`: {message}")]
+    Config { key: String, message: String },
+
+    #[error("prompt template {template:?}: {message}")]
+    Template { template: String, message: String },
+
+    #[error("chat template: {0}")]
+    ChatTemplate(#[from] hone_tokenize::TemplateError),
+
+    #[error("tokenizing {task} example {index}: {message}")]
+    Tokenize {
+        task: String,
+        index: usize,
+        message: String,
+    },
+
+    #[error(transparent)]
+    Model(#[from] hone_model::ModelError),
+
+    #[error("adapter `{name}` ({path}): {source}")]
+    Adapter {
+        name: String,
+        path: PathBuf,
+        #[source]
+        source: Box<hone_model::ModelError>,
+    },
+
+    #[error("cannot read tensor data back from the device: {0}")]
+    TensorData(String),
+
+    #[error("cannot write {path}: {message}")]
+    Write { path: PathBuf, message: String },
+
+    #[error("plotting {path}: {message}")]
+    Plot { path: PathBuf, message: String },
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = EvalError> = std::result::Result<T, E>;
+
+impl EvalError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        EvalError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn config(key: impl Into<String>, message: impl Into<String>) -> Self {
+        EvalError::Config {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,421 @@
+//! The evaluation report: [`EvalReport`] holds every number and every setting (model,
+//! adapters, data files, limits, prompts, generation settings, timings, per-example outputs);
+//! [`write_report`] writes it as `eval.json` and as `eval.md` (a Markdown table whose rows are
+//! task metrics and whose columns are the base model and each adapter), each atomically
+//! (a temporary file in the same directory, renamed into place).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Dtype, EvalPlan, TaskKind};
+use crate::error::{EvalError, Result};
+
+/// File names inside the output directory.
+pub const JSON_FILE: &str = "eval.json";
+pub const MARKDOWN_FILE: &str = "eval.md";
+
+/// Everything one evaluation measured and how.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    pub hone_version: String,
+    /// Seconds since the Unix epoch when the report was made.
+    pub created_unix: u64,
+    /// The resolved settings.
+    pub plan: EvalPlan,
+    pub model: ModelSummary,
+    pub columns: Vec<ColumnSummary>,
+    pub tasks: Vec<TaskReport>,
+    pub timings: Timings,
+    /// Plot files written beside the report (file names).
+    pub plots: Vec<PathBuf>,
+}
+
+/// The base model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelSummary {
+    pub path: PathBuf,
+    pub architecture: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    /// Longest row used: `max_seq_len` capped by the model's `max_position_embeddings`.
+    pub max_seq_len: usize,
+    pub device: String,
+    pub dtype: Dtype,
+}
+
+/// One column: the base model or an adapter on it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ColumnSummary {
+    pub name: String,
+    pub adapter: Option<PathBuf>,
+    pub lora_r: Option<usize>,
+    pub lora_alpha: Option<f64>,
+    /// Projections that carry the adapter.
+    pub lora_modules: usize,
+    pub load_seconds: f64,
+}
+
+/// How a task's prompts were built.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PromptReport {
+    pub template: String,
+    pub choice_format: String,
+    pub chat: bool,
+    /// Name of the chat template used (chat prompts or chat examples).
+    pub chat_template: Option<String>,
+    pub fewshot: usize,
+    pub fewshot_path: Option<PathBuf>,
+    /// Lines of the few-shot file that were used, in order.
+    pub fewshot_lines: Vec<usize>,
+    /// The first example's full context text, as the model saw it.
+    pub example: String,
+}
+
+/// Decoding settings of a generation task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationReport {
+    pub decoding: String,
+    pub max_new_tokens: usize,
+    pub stop_strings: Vec<String>,
+    pub stop_ids: Vec<u32>,
+    pub batch_size: usize,
+}
+
+/// One task, all columns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskReport {
+    pub name: String,
+    pub kind: TaskKind,
+    pub path: PathBuf,
+    /// Records in the file.
+    pub available: usize,
+    /// Records evaluated.
+    pub evaluated: usize,
+    pub limit: Option<usize>,
+    pub prompt: PromptReport,
+    pub generation: Option<GenerationReport>,
+    /// Rows scored per column (multiple choice: one per choice).
+    pub rows: usize,
+    /// Rows whose context was cut on the left to fit `max_seq_len`.
+    pub truncated: usize,
+    /// Records left out (perplexity: no token in the loss).
+    pub skipped: usize,
+    pub results: Vec<TaskResult>,
+}
+
+/// One task on one column.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskResult {
+    pub column: String,
+    pub metrics: BTreeMap<String, f64>,
+    pub seconds: f64,
+    /// Tokens processed (log-likelihood) or generated (generation).
+    pub tokens: usize,
+    pub tokens_per_second: f64,
+    pub samples: Vec<Sample>,
+}
+
+/// Per-example outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Sample {
+    Choice(ChoiceSample),
+    Generated(GeneratedSample),
+}
+
+/// A multiple-choice question's scores.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChoiceSample {
+    pub line: usize,
+    pub answer: usize,
+    pub predicted: usize,
+    pub predicted_norm: usize,
+    /// Summed log-probability of each choice's tokens.
+    pub log_likelihoods: Vec<f64>,
+}
+
+/// A generation and its scores.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GeneratedSample {
+    pub line: usize,
+    pub output: String,
+    pub reference: String,
+    pub predicted_number: Option<f64>,
+    pub reference_number: Option<f64>,
+    pub exact_match: bool,
+    pub numeric_match: bool,
+    pub contains: bool,
+    pub rouge_l: f64,
+    pub new_tokens: usize,
+    pub finish_reason: String,
+}
+
+/// Wall-clock seconds of each phase.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timings {
+    pub load_data_seconds: f64,
+    pub load_model_seconds: f64,
+    pub prepare_seconds: f64,
+    pub evaluate_seconds: f64,
+    pub total_seconds: f64,
+}
+
+/// Metric rows shown in the Markdown table, per kind (`(metric, its stderr)`).
+fn shown_metrics(kind: TaskKind) -> &'static [(&'static str, Option<&'static str>)] {
+    match kind {
+        TaskKind::Perplexity => &[("loss", None), ("ppl", None), ("tokens", None)],
+        TaskKind::MultipleChoice => &[
+            ("acc", Some("acc_stderr")),
+            ("acc_norm", Some("acc_norm_stderr")),
+        ],
+        TaskKind::Generation => &[
+            ("exact_match", Some("exact_match_stderr")),
+            ("numeric_match", Some("numeric_match_stderr")),
+            ("contains", Some("contains_stderr")),
+            ("rouge_l", None),
+            ("mean_new_tokens", None),
+        ],
+    }
+}
+
+fn format_value(metric: &str, value: f64) -> String {
+    if metric == "tokens" {
+        format!("{value:.0}")
+    } else if metric == "mean_new_tokens" {
+        format!("{value:.1}")
+    } else {
+        format!("{value:.4}")
+    }
+}
+
+/// Escapes text for a Markdown table cell.
+fn cell(text: &str) -> String {
+    text.replace('|', "\\|").replace('\n', " ")
+}
+
+/// A fenced code block that survives backticks inside `text`.
+fn fenced(text: &str) -> String {
+    let mut longest = 0;
+    let mut run = 0;
+    for c in text.chars() {
+        run = if c == '`' { run + 1 } else { 0 };
+        longest = longest.max(run);
+    }
+    let fence = "`".repeat(longest.max(2) + 1);
+    format!("{fence}text\n{text}\n{fence}\n")
+}
+
+impl EvalReport {
+    /// The report as Markdown.
+    pub fn to_markdown(&self) -> String {
+        let mut md = String::new();
+        let m = &self.model;
+        let _ = writeln!(md, "# Evaluation\n");
+        let _ = writeln!(
+            md,
+            "- model: `{}` ({}, {} layers, hidden {}, vocab {})",
+            m.path.display(),
+            m.architecture,
+            m.num_layers,
+            m.hidden_size,
+            m.vocab_size
+        );
+        for c in self.columns.iter().filter(|c| c.adapter.is_some()) {
+            let _ = writeln!(
+                md,
+                "- adapter `{}`: `{}` (r={}, alpha={}, {} projections)",
+                c.name,
+                c.adapter.as_deref().unwrap_or(Path::new("")).display(),
+                c.lora_r.map_or("?".into(), |r| r.to_string()),
+                c.lora_alpha.map_or("?".into(), |a| a.to_string()),
+                c.lora_modules
+            );
+        }
+        let _ = writeln!(
+            md,
+            "- device {}, dtype {}, batch size {}, max_seq_len {}, total {:.1} s\n",
+            m.device, m.dtype, self.plan.batch_size, m.max_seq_len, self.timings.total_seconds
+        );
+
+        let names: Vec<&str> = self.columns.iter().map(|c| c.name.as_str()).collect();
+        let _ = writeln!(
+            md,
+            "| task | metric | n | {} |",
+            names
+                .iter()
+                .map(|n| cell(n))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+        let _ = writeln!(md, "|---|---|---:|{}", "---:|".repeat(names.len()));
+        for task in &self.tasks {
+            for (metric, stderr) in shown_metrics(task.kind) {
+                let mut row = format!("| {} | {} | {} |", cell(&task.name), metric, task.evaluated);
+                for name in &names {
+                    let result = task.results.iter().find(|r| r.column == *name);
+                    let value = result.and_then(|r| r.metrics.get(*metric).copied());
+                    let text = match value {
+                        None => "–".to_string(),
+                        Some(v) => {
+                            let err = stderr.and_then(|s| result.and_then(|r| r.metrics.get(s)));
+                            match err {
+                                Some(e) => format!(
+                                    "{} ± {}",
+                                    format_value(metric, v),
+                                    format_value(metric, *e)
+                                ),
+                                None => format_value(metric, v),
+                            }
+                        }
+                    };
+                    let _ = write!(row, " {text} |");
+                }
+                let _ = writeln!(md, "{row}");
+            }
+        }
+
+        let _ = writeln!(md, "\n## Timings (seconds, tokens/s)\n");
+        let _ = writeln!(
+            md,
+            "| task | {} |",
+            names
+                .iter()
+                .map(|n| cell(n))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+        let _ = writeln!(md, "|---|{}", "---:|".repeat(names.len()));
+        for task in &self.tasks {
+            let mut row = format!("| {} |", cell(&task.name));
+            for name in &names {
+                match task.results.iter().find(|r| r.column == *name) {
+                    Some(r) => {
+                        let _ = write!(
+                            row,
+                            " {:.2} s ({:.0} tok/s) |",
+                            r.seconds, r.tokens_per_second
+                        );
+                    }
+                    None => row.push_str(" – |"),
+                }
+            }
+            let _ = writeln!(md, "{row}");
+        }
+        let t = &self.timings;
+        let _ = writeln!(
+            md,
+            "\nLoading data {:.2} s, model {:.2} s, tokenizing {:.2} s, evaluating {:.2} s.",
+            t.load_data_seconds, t.load_model_seconds, t.prepare_seconds, t.evaluate_seconds
+        );
+
+        let _ = writeln!(md, "\n## Tasks");
+        for task in &self.tasks {
+            let _ = writeln!(md, "\n### {}\n", task.name);
+            let _ = writeln!(
+                md,
+                "- {} on `{}`: {} of {} records{}",
+                task.kind,
+                task.path.display(),
+                task.evaluated,
+                task.available,
+                task.limit
+                    .map_or(String::new(), |l| format!(" (limit {l})"))
+            );
+            let _ = writeln!(
+                md,
+                "- {} rows per column, {} truncated on the left, {} skipped",
+                task.rows, task.truncated, task.skipped
+            );
+            let p = &task.prompt;
+            if task.kind != TaskKind::Perplexity {
+                let _ = writeln!(md, "- prompt template `{:?}`", p.template);
+                if task.kind == TaskKind::MultipleChoice {
+                    let _ = writeln!(md, "- choices scored as `{:?}`", p.choice_format);
+                }
+                if p.chat {
+                    let _ = writeln!(
+                        md,
+                        "- chat template `{}`",
+                        p.chat_template.as_deref().unwrap_or("?")
+                    );
+                }
+                if p.fewshot > 0 {
+                    let _ = writeln!(
+                        md,
+                        "- {}-shot from `{}` (lines {:?})",
+                        p.fewshot,
+                        p.fewshot_path.as_deref().unwrap_or(Path::new("")).display(),
+                        p.fewshot_lines
+                    );
+                }
+            }
+            if let Some(g) = &task.generation {
+                let _ = writeln!(
+                    md,
+                    "- {} decoding, at most {} new tokens, stop strings {:?}, stop ids {:?}",
+                    g.decoding, g.max_new_tokens, g.stop_strings, g.stop_ids
+                );
+            }
+            if !p.example.is_empty() {
+                let _ = writeln!(md, "\nFirst prompt:\n\n{}", fenced(&p.example));
+            }
+        }
+        if !self.plots.is_empty() {
+            let _ = writeln!(md, "\n## Training curves\n");
+            for plot in &self.plots {
+                let _ = writeln!(md, "![{}]({})", plot.display(), plot.display());
+            }
+        }
+        md
+    }
+}
+
+/// Gives a temporary file (created 0600) the usual mode of a written file, 0644.
+pub(crate) fn make_readable(file: &std::fs::File) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    }
+    #[cfg(not(unix))]
+    let _ = file;
+    Ok(())
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let fail = |message: String| EvalError::Write {
+        path: path.to_path_buf(),
+        message,
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| fail(e.to_string()))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(&dir).map_err(|e| fail(e.to_string()))?;
+    tmp.write_all(bytes).map_err(|e| fail(e.to_string()))?;
+    make_readable(tmp.as_file()).map_err(|e| fail(e.to_string()))?;
+    tmp.as_file().sync_all().map_err(|e| fail(e.to_string()))?;
+    tmp.persist(path).map_err(|e| fail(e.error.to_string()))?;
+    Ok(())
+}
+
+/// Writes `eval.json` and `eval.md` into `dir` (created if needed); returns their paths.
+pub fn write_report(report: &EvalReport, dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let json_path = dir.join(JSON_FILE);
+    let md_path = dir.join(MARKDOWN_FILE);
+    let mut json = serde_json::to_string_pretty(report).map_err(|e| EvalError::Write {
+        path: json_path.clone(),
+        message: e.to_string(),
+    })?;
+    json.push('\n');
+    write_atomic(&json_path, json.as_bytes())?;
+    write_atomic(&md_path, report.to_markdown().as_bytes())?;
+    Ok((json_path, md_path))
+}
