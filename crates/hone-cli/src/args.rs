@@ -33,6 +33,34 @@ pub enum Command {
     /// Chat templates: show exactly what a template renders.
     #[command(subcommand)]
     Template(TemplateCommand),
+    /// Merge LoRA adapters into a base model and write a Hugging Face model directory.
+    Merge(crate::cmd::merge::MergeArgs),
+    /// Adapter arithmetic: combine PEFT adapters into a new adapter.
+    #[command(subcommand)]
+    Adapter(crate::cmd::adapter::AdapterCommand),
+    /// Fine-tune LoRA adapters as a run config (TOML) says; writes a run directory.
+    Train(TrainArgs),
+    /// Evaluate a base model and adapters side by side; writes eval.json and eval.md.
+    Eval(crate::cmd::eval::EvalArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API, with LoRA adapters per request.
+    Serve(crate::cmd::serve::ServeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Run config (TOML): [model], [data], [tokenize], [lora], [train], [eval], [output].
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override a config value: TABLE.KEY=VALUE, VALUE read as TOML (else as a string), e.g.
+    /// --set train.lr=1e-4 --set lora.target_modules='["q_proj","v_proj"]'; repeatable.
+    #[arg(long = "set", value_name = "TABLE.KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Continue the run in the output directory from its newest checkpoint.
+    #[arg(long, conflicts_with = "overwrite")]
+    pub resume: bool,
+    /// Delete the run in the output directory and start again.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 /// Compute dtype of the model weights.
@@ -136,6 +164,37 @@ pub enum BenchCommand {
     Generate(BenchGenerateArgs),
     /// Data-stage throughput: curation (with MinHash), and templating + tokenization + packing.
     Data(BenchDataArgs),
+    /// LoRA training-step throughput (forward, backward, clipping, AdamW) on random weights.
+    Train(BenchTrainArgs),
+    /// Serving throughput and latency: concurrent streamed requests across adapters.
+    Serve(crate::cmd::serve::BenchServeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchTrainArgs {
+    /// Model shape (random weights).
+    #[arg(long, value_enum, default_value = "small")]
+    pub shape: Shape,
+    /// Tokens per row.
+    #[arg(long, default_value_t = 256)]
+    pub seq: usize,
+    /// Rows per step.
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16)]
+    pub lora_r: usize,
+    /// LoRA alpha (default: twice the rank).
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Target modules, comma-separated (or all-linear).
+    #[arg(long, default_value = "q_proj,v_proj", value_delimiter = ',')]
+    pub targets: Vec<String>,
+    /// Timed steps (after one untimed warm-up step).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
 }
 
 /// Model shapes with random weights, for benchmarks without a download.

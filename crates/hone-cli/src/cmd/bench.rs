@@ -19,6 +19,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     match args.what {
         BenchCommand::Generate(a) => bench_generate(a),
         BenchCommand::Data(a) => crate::cmd::bench_data::run(a),
+        BenchCommand::Train(a) => crate::cmd::train::bench(a),
+        BenchCommand::Serve(a) => crate::cmd::serve::bench(a),
     }
 }
 

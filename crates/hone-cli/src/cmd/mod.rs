@@ -1,11 +1,16 @@
 //! One module per subcommand.
 
+pub mod adapter;
 pub mod bench;
 pub mod bench_data;
 pub mod data;
+pub mod eval;
 pub mod generate;
 pub mod logits;
+pub mod merge;
+pub mod serve;
 pub mod template;
+pub mod train;
 
 /// Peak resident memory of this process in MB (VmHWM), where the OS reports it.
 pub fn peak_rss_mb() -> Option<f64> {

@@ -1,0 +1,316 @@
+//! `hone eval`: a base model and any number of adapters on perplexity, multiple-choice and
+//! generation tasks, side by side, through [`hone_eval::evaluate`]. Settings come from the
+//! `[eval]` section of `--config` and/or flags (flags win; `--task` replaces the config's
+//! tasks). Writes `eval.json` and `eval.md` (and, with `--run`, loss and learning-rate plots)
+//! into `--out`, prints the results table, and shows progress as a bar on a terminal or as
+//! plain lines otherwise.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use burn::prelude::*;
+use clap::Args;
+use hone_eval::{
+    evaluate, plot_run, write_report, AdapterSpec, Dtype, EvalConfig, EvalPlan, EvalReport,
+    Progress, TaskConfig, TaskKind,
+};
+use hone_model::{run_on, BackendTask, DeviceSpec};
+use hone_tokenize::TemplateSource;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::args::DTypeArg;
+
+/// Output directory when neither `--out` nor the config names one.
+const DEFAULT_OUT: &str = "runs/eval";
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// TOML file with an `[eval]` section (flags override its values).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Hugging Face model directory of the base model.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// A PEFT adapter as NAME=DIR (repeatable); each is a column beside the base model.
+    #[arg(long = "adapter", value_name = "NAME=DIR")]
+    pub adapters: Vec<AdapterSpec>,
+    /// A task (repeatable): a preset (openbookqa, gsm8k), PRESET=FILE, or KIND=FILE with KIND
+    /// one of ppl, mc, gen (named after the file). Replaces the config's tasks.
+    #[arg(long = "task", value_name = "TASK")]
+    pub tasks: Vec<String>,
+    /// Evaluate the first N records of each task.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Rows per forward pass (log-likelihood) and prompts per generation batch [default: 8].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Device: cpu, cuda or cuda:N [default: cpu].
+    #[arg(long)]
+    pub device: Option<DeviceSpec>,
+    /// Compute dtype of the weights [default: f32].
+    #[arg(long, value_enum)]
+    pub dtype: Option<DTypeArg>,
+    /// Wrap multiple-choice and generation prompts in the chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// Chat template: model, model:NAME, chatml, llama3 or alpaca [default: model].
+    #[arg(long)]
+    pub template: Option<TemplateSource>,
+    /// Perplexity over every token, not only the trained (assistant) ones.
+    #[arg(long)]
+    pub all_tokens: bool,
+    /// Longest row in tokens [default: 2048, capped by the model].
+    #[arg(long)]
+    pub max_seq_len: Option<usize>,
+    /// Prompt template of multiple-choice and generation tasks ({question}, {choices}).
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Scored continuation of multiple-choice tasks ({choice}, {label}).
+    #[arg(long)]
+    pub choice_format: Option<String>,
+    /// Generation: solved examples before each prompt.
+    #[arg(long)]
+    pub fewshot: Option<usize>,
+    /// Generation: {question, answer} JSONL the few-shot examples come from.
+    #[arg(long)]
+    pub fewshot_file: Option<PathBuf>,
+    /// Generation: new tokens at most.
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+    /// Generation: cut the output before this string (repeatable; replaces the defaults).
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+    /// Output directory for eval.json, eval.md and plots [default: runs/eval].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Training run directory whose metrics.jsonl is plotted (loss.png, lr.png).
+    #[arg(long)]
+    pub run: Option<PathBuf>,
+}
+
+/// `--task` text -> a task config.
+fn parse_task(text: &str) -> Result<TaskConfig> {
+    let Some((head, file)) = text.split_once('=') else {
+        return Ok(TaskConfig::named(text.trim()));
+    };
+    let path = PathBuf::from(file.trim());
+    let kind = match head.trim() {
+        "ppl" | "perplexity" => Some(TaskKind::Perplexity),
+        "mc" | "multiple_choice" => Some(TaskKind::MultipleChoice),
+        "gen" | "generation" => Some(TaskKind::Generation),
+        _ => None,
+    };
+    Ok(match kind {
+        Some(kind) => {
+            let name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .filter(|s| !s.is_empty())
+                .with_context(|| format!("--task {text}: no file name after `=`"))?;
+            TaskConfig {
+                kind: Some(kind),
+                path: Some(path),
+                ..TaskConfig::named(name)
+            }
+        }
+        None => TaskConfig {
+            path: Some(path),
+            ..TaskConfig::named(head.trim())
+        },
+    })
+}
+
+/// Config file + flags -> the validated plan.
+fn build_plan(args: &EvalArgs) -> Result<EvalPlan> {
+    let mut config = match &args.config {
+        Some(path) => EvalConfig::from_toml_file(path)?,
+        None => EvalConfig::default(),
+    };
+    if let Some(model) = &args.model {
+        config.model = model.clone();
+    }
+    config.adapters.extend(args.adapters.iter().cloned());
+    if !args.tasks.is_empty() {
+        config.tasks = args
+            .tasks
+            .iter()
+            .map(|t| parse_task(t))
+            .collect::<Result<_>>()?;
+    }
+    if args.limit.is_some() {
+        config.limit = args.limit;
+    }
+    if let Some(n) = args.batch_size {
+        config.batch_size = n;
+    }
+    if let Some(d) = args.device {
+        config.device = d;
+    }
+    if let Some(d) = args.dtype {
+        config.dtype = match d {
+            DTypeArg::F32 => Dtype::F32,
+            DTypeArg::Bf16 => Dtype::Bf16,
+            DTypeArg::F16 => Dtype::F16,
+        };
+    }
+    config.chat |= args.chat;
+    config.all_tokens |= args.all_tokens;
+    if let Some(t) = &args.template {
+        config.template = t.clone();
+    }
+    if let Some(n) = args.max_seq_len {
+        config.max_seq_len = n;
+    }
+    if args.out.is_some() {
+        config.out = args.out.clone();
+    }
+    if args.run.is_some() {
+        config.run = args.run.clone();
+    }
+    for task in &mut config.tasks {
+        let kind = task.kind_hint();
+        let prompted = matches!(kind, Some(TaskKind::MultipleChoice | TaskKind::Generation));
+        if prompted && args.prompt.is_some() {
+            task.prompt = args.prompt.clone();
+        }
+        if kind == Some(TaskKind::MultipleChoice) && args.choice_format.is_some() {
+            task.choice_format = args.choice_format.clone();
+        }
+        if kind == Some(TaskKind::Generation) {
+            if args.fewshot.is_some() {
+                task.fewshot = args.fewshot;
+            }
+            if args.fewshot_file.is_some() {
+                task.fewshot_path = args.fewshot_file.clone();
+            }
+            if args.max_tokens.is_some() {
+                task.max_new_tokens = args.max_tokens;
+            }
+            if !args.stop.is_empty() {
+                task.stop = Some(args.stop.clone());
+            }
+        }
+    }
+    if config.model.as_os_str().is_empty() {
+        bail!("give --model DIR (or `model` in the [eval] section of --config)");
+    }
+    Ok(config.resolve()?)
+}
+
+/// Progress on stderr: a bar on a terminal, a line per 10% otherwise.
+struct Display {
+    bar: Option<ProgressBar>,
+    stage: usize,
+    last_tenth: usize,
+}
+
+impl Display {
+    fn new(interactive: bool) -> Self {
+        let bar = interactive.then(|| {
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{msg} {bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}]",
+                )
+                .expect("a valid template"),
+            );
+            bar
+        });
+        Self {
+            bar,
+            stage: 0,
+            last_tenth: 0,
+        }
+    }
+
+    fn update(&mut self, p: &Progress<'_>) {
+        let message = format!("[{}/{}] {} · {}", p.stage, p.stages, p.column, p.task);
+        let new_stage = p.stage != self.stage;
+        self.stage = p.stage;
+        match &self.bar {
+            Some(bar) => {
+                if new_stage {
+                    bar.set_length(p.total as u64);
+                    bar.set_message(message);
+                    bar.reset();
+                }
+                bar.set_position(p.done as u64);
+            }
+            None => {
+                let tenth = (p.done * 10).checked_div(p.total).unwrap_or(10);
+                if new_stage {
+                    self.last_tenth = 0;
+                    eprintln!("{message}: 0/{}", p.total);
+                } else if tenth > self.last_tenth {
+                    self.last_tenth = tenth;
+                    eprintln!("{message}: {}/{}", p.done, p.total);
+                }
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+struct EvalTask<'a> {
+    plan: &'a EvalPlan,
+    display: &'a mut Display,
+}
+
+impl BackendTask for EvalTask<'_> {
+    type Output = hone_eval::Result<EvalReport>;
+
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let display = self.display;
+        evaluate::<B>(self.plan, &device, &mut |p| display.update(p))
+    }
+}
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    let started = Instant::now();
+    let plan = build_plan(&args)?;
+    let out = plan
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_OUT));
+    let mut display = Display::new(std::io::stderr().is_terminal());
+    let task = EvalTask {
+        plan: &plan,
+        display: &mut display,
+    };
+    let result = run_on(plan.device, task);
+    display.finish();
+    let mut report = result??;
+    if let Some(run_dir) = &plan.run {
+        let files =
+            plot_run(run_dir, &out).with_context(|| format!("plotting {}", run_dir.display()))?;
+        report.plots = files
+            .iter()
+            .map(|f| {
+                f.file_name()
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| f.clone())
+            })
+            .collect();
+    }
+    let (json, md) = write_report(&report, &out)?;
+    let markdown = report.to_markdown();
+    let summary = markdown.split("\n## Tasks").next().unwrap_or(&markdown);
+    println!("{}", summary.trim_end());
+    eprintln!(
+        "wrote {} and {} in {:.1} s",
+        json.display(),
+        md.display(),
+        started.elapsed().as_secs_f64()
+    );
+    for plot in &report.plots {
+        eprintln!("wrote {}", out.join(plot).display());
+    }
+    Ok(())
+}

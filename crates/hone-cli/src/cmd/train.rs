@@ -1,0 +1,264 @@
+//! `hone train --config FILE [--set KEY=VALUE ...] [--resume | --overwrite]` and
+//! `hone bench train`.
+//!
+//! `train` loads and validates the run config, runs [`hone_train::train`] and shows progress:
+//! a progress bar (step, loss, tokens/s, ETA) when stdout is a terminal, plain lines every
+//! `train.log_every` steps otherwise. At the end it prints the validation loss before and after
+//! training and the sample generations with and without the adapter.
+//!
+//! `bench train` times full training steps (forward, backward, clipping, AdamW) of a model with
+//! random weights and prints one JSON line.
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use burn::backend::Autodiff;
+use burn::prelude::*;
+use hone_model::lora::{LoraSettings, TargetModules};
+use hone_model::{run_on, BackendTask, CausalLm, LoadOptions, ModelConfig};
+use hone_train::{
+    AdamWConfig, Control, Event, Learner, MicroBatch, Observer, RunConfig, RunOptions, RunSummary,
+};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+use crate::args::{BenchTrainArgs, Shape, TrainArgs};
+use crate::cmd::peak_rss_mb;
+
+/// Shows a run's progress on stdout.
+struct Progress {
+    bar: Option<ProgressBar>,
+    started: Instant,
+    first_step: usize,
+    total_steps: usize,
+}
+
+impl Progress {
+    fn new(interactive: bool) -> Self {
+        Self {
+            bar: interactive.then(|| ProgressBar::new(0)),
+            started: Instant::now(),
+            first_step: 0,
+            total_steps: 0,
+        }
+    }
+
+    fn line(&self, text: String) {
+        match &self.bar {
+            Some(bar) => bar.println(text),
+            None => println!("{text}"),
+        }
+    }
+
+    fn eta(&self, step: usize) -> Duration {
+        let done = step.saturating_sub(self.first_step).max(1) as f64;
+        let left = self.total_steps.saturating_sub(step) as f64;
+        Duration::from_secs_f64(self.started.elapsed().as_secs_f64() / done * left)
+    }
+}
+
+fn duration(d: Duration) -> String {
+    let s = d.as_secs();
+    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+impl Observer for Progress {
+    fn on_event(&mut self, event: &Event<'_>) -> Control {
+        match event {
+            Event::Started {
+                run_dir,
+                total_steps,
+                start_step,
+                resumed_from,
+                train_rows,
+                val_rows,
+                trainable_params,
+            } => {
+                self.first_step = *start_step;
+                self.total_steps = *total_steps;
+                self.started = Instant::now();
+                if let Some(dir) = resumed_from {
+                    self.line(format!(
+                        "resuming from {} (step {start_step})",
+                        dir.display()
+                    ));
+                }
+                self.line(format!(
+                    "training {} ({total_steps} steps, {train_rows} training rows, {val_rows} validation rows, {trainable_params} trainable parameters)",
+                    run_dir.display()
+                ));
+                if let Some(bar) = &self.bar {
+                    bar.set_length(*total_steps as u64);
+                    bar.set_position(*start_step as u64);
+                    bar.set_style(
+                        ProgressStyle::with_template(
+                            "{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
+                        )
+                        .expect("a valid template"),
+                    );
+                    bar.reset_eta();
+                }
+            }
+            Event::Step {
+                step,
+                outcome,
+                tokens_per_sec,
+                ..
+            } => {
+                if let Some(bar) = &self.bar {
+                    bar.set_position(*step as u64);
+                    bar.set_message(format!(
+                        "loss {:.4} | {tokens_per_sec:.0} tokens/s",
+                        outcome.loss
+                    ));
+                }
+                if !outcome.applied {
+                    self.line(format!(
+                        "step {step}: non-finite loss ({}) or gradient norm ({}): update skipped",
+                        outcome.loss, outcome.grad_norm
+                    ));
+                }
+            }
+            Event::Logged {
+                step,
+                loss,
+                lr,
+                grad_norm,
+                tokens_per_sec,
+            } if self.bar.is_none() => {
+                self.line(format!(
+                    "step {step}/{} loss {loss:.4} lr {lr:.3e} grad_norm {grad_norm:.3} {tokens_per_sec:.0} tokens/s eta {}",
+                    self.total_steps,
+                    duration(self.eta(*step))
+                ));
+            }
+            Event::Evaluated(r) => self.line(format!(
+                "step {}: eval loss {:.4} ppl {:.3}",
+                r.step, r.loss, r.ppl
+            )),
+            Event::Checkpoint { dir, .. } if self.bar.is_none() => {
+                self.line(format!("saved {}", dir.display()))
+            }
+            Event::Finished { adapter_dir, .. } => {
+                if let Some(bar) = &self.bar {
+                    bar.finish_and_clear();
+                }
+                self.line(format!("saved adapter {}", adapter_dir.display()));
+            }
+            _ => {}
+        }
+        Control::Continue
+    }
+}
+
+fn print_summary(summary: &RunSummary) {
+    println!(
+        "run        {} ({} steps, {:.1} s{})",
+        summary.run_dir.display(),
+        summary.step,
+        summary.seconds,
+        if summary.bad_steps_total > 0 {
+            format!(", {} skipped non-finite steps", summary.bad_steps_total)
+        } else {
+            String::new()
+        }
+    );
+    match (&summary.first_eval, &summary.last_eval) {
+        (Some(a), Some(b)) => println!(
+            "val loss   {:.4} (ppl {:.2}) before training -> {:.4} (ppl {:.2}) after",
+            a.loss, a.ppl, b.loss, b.ppl
+        ),
+        (None, Some(b)) => println!("val loss   {:.4} (ppl {:.2}) after training", b.loss, b.ppl),
+        _ => println!("val loss   (no validation rows)"),
+    }
+    if let Some(dir) = &summary.adapter_dir {
+        println!("adapter    {}", dir.display());
+    }
+    for sample in &summary.samples {
+        println!("\nprompt: {}", sample.prompt);
+        println!("--- base model ---\n{}", sample.base.trim_end());
+        println!("--- with adapter ---\n{}", sample.adapter.trim_end());
+    }
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let config = RunConfig::load(&args.config, &args.set)?;
+    let mut progress = Progress::new(std::io::stdout().is_terminal());
+    let options = RunOptions {
+        resume: args.resume,
+        overwrite: args.overwrite,
+    };
+    let summary = hone_train::train(&config, options, &mut progress)
+        .with_context(|| format!("training with {}", args.config.display()))?;
+    print_summary(&summary);
+    Ok(())
+}
+
+struct BenchTask(BenchTrainArgs);
+
+impl BackendTask for BenchTask {
+    type Output = Result<serde_json::Value>;
+
+    fn run<B: Backend>(self, device: B::Device) -> Result<serde_json::Value> {
+        let a = self.0;
+        if a.seq < 2 || a.batch == 0 || a.steps == 0 {
+            bail!("--seq must be at least 2, --batch and --steps positive");
+        }
+        let config = match a.shape {
+            Shape::Smol => ModelConfig::smol(),
+            Shape::Small => ModelConfig::small(),
+        };
+        B::seed(&device, 0);
+        let mut model = CausalLm::<Autodiff<B>>::random(&config, &device, LoadOptions::default());
+        let targets: Vec<&str> = a.targets.iter().map(String::as_str).collect();
+        let mut settings = LoraSettings::new(
+            a.lora_r,
+            a.lora_alpha.unwrap_or(2.0 * a.lora_r as f64),
+            &targets,
+        );
+        if targets == ["all-linear"] {
+            settings.target_modules = TargetModules::Names(vec!["all-linear".into()]);
+        }
+        model.attach_lora(&settings)?;
+        let trainable = model.lora_parameter_count();
+        let mut learner = Learner::new(model, AdamWConfig::default(), 1.0, device.clone());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+        let mut batch = || {
+            let ids: Vec<i64> = (0..a.batch * a.seq)
+                .map(|_| rng.random_range(0..config.vocab_size as i64))
+                .collect();
+            MicroBatch::dense(ids.clone(), ids, a.batch)
+        };
+        // Warm-up (allocator, thread pools, kernels), then timed steps; each step reads its
+        // loss back, so the device has finished it when the clock stops.
+        learner.step(&[batch()], 1e-4)?;
+        let started = Instant::now();
+        for _ in 0..a.steps {
+            learner.step(&[batch()], 1e-4)?;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        Ok(json!({
+            "bench": "train",
+            "shape": format!("{:?}", a.shape).to_lowercase(),
+            "device": a.device.to_string(),
+            "seq": a.seq,
+            "batch": a.batch,
+            "lora_r": a.lora_r,
+            "targets": a.targets,
+            "trainable_params": trainable,
+            "steps": a.steps,
+            "tokens_per_sec": (a.batch * a.seq * a.steps) as f64 / seconds,
+            "sec_per_step": seconds / a.steps as f64,
+            "peak_rss_mb": peak_rss_mb(),
+            "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        }))
+    }
+}
+
+pub fn bench(args: BenchTrainArgs) -> Result<()> {
+    let line = run_on(args.device, BenchTask(args))??;
+    println!("{line}");
+    Ok(())
+}

@@ -1,0 +1,246 @@
+//! `hone merge` and `hone adapter combine` end to end through the binary: outputs checked with
+//! `hone logits --compare-with` against the PEFT fixtures' references, and the errors a user sees.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/peft")
+        .join(name)
+}
+
+fn hone() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_hone"))
+}
+
+fn run(command: &mut Command) -> Output {
+    command.output().expect("the hone binary runs")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "stdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// The error message of a run that failed cleanly (exit code 1, or 2 for a usage error; not a
+/// panic or a signal).
+fn failed(out: &Output) -> String {
+    let code = out.status.code();
+    assert!(
+        matches!(code, Some(1 | 2)),
+        "exit {code:?}; stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+/// `hone logits` of `model` (+ `adapter`) on the fixture inputs, compared with `refs/logits_{reference}`.
+fn compare_logits(
+    fixture_dir: &Path,
+    model: &Path,
+    adapter: Option<&Path>,
+    reference: &str,
+    tolerance: &str,
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut command = hone();
+    command.args(["logits", "--model"]).arg(model);
+    if let Some(adapter) = adapter {
+        command.arg("--adapter").arg(adapter);
+    }
+    command
+        .arg("--input-ids")
+        .arg(fixture_dir.join("refs/inputs.safetensors"))
+        .arg("--out")
+        .arg(tmp.path().join("logits.safetensors"))
+        .arg("--compare-with")
+        .arg(fixture_dir.join(format!("refs/logits_{reference}.safetensors")))
+        .args(["--tolerance", tolerance]);
+    ok(&run(&mut command));
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn merge_writes_shards_whose_logits_match_peft() {
+    let dir = fixture("llama_gqa");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    let stdout = ok(&run(hone()
+        .args(["merge", "--model"])
+        .arg(&dir)
+        .arg("--adapter")
+        .arg(dir.join("adapter"))
+        .args(["--max-shard-size", "100KB", "--out"])
+        .arg(&out)));
+    assert!(
+        stdout.contains("into 14 modules") && stdout.contains("shards"),
+        "{stdout}"
+    );
+    let files = entries(&out);
+    assert!(
+        files.contains(&"model.safetensors.index.json".to_string()),
+        "{files:?}"
+    );
+    assert!(
+        files.contains(&"model-00001-of-00006.safetensors".to_string()),
+        "{files:?}"
+    );
+    assert!(
+        files.contains(&"tokenizer.json".to_string())
+            && files.contains(&"generation_config.json".to_string())
+    );
+    compare_logits(&dir, &out, None, "merged", "1e-4");
+}
+
+#[test]
+fn adapter_combine_round_trips_and_negative_weights_cancel() {
+    let dir = fixture("qwen2_tied");
+    let adapter = dir.join("adapter");
+    let tmp = tempfile::tempdir().unwrap();
+    // cat with 0.5, 0.5 of the same adapter is the adapter (rank 16).
+    let combined = tmp.path().join("combined");
+    let stdout = ok(&run(hone()
+        .args(["adapter", "combine", "--adapter"])
+        .arg(&adapter)
+        .arg("--adapter")
+        .arg(&adapter)
+        .args(["--method", "cat", "--weights", "0.5,0.5", "--out"])
+        .arg(&combined)));
+    assert!(stdout.contains("rank-16"), "{stdout}");
+    compare_logits(&dir, &dir, Some(&combined), "adapter", "1e-4");
+    // PEFT's method names are accepted as PEFT spells them.
+    let dare = tmp.path().join("dare");
+    let stdout = ok(&run(hone()
+        .args(["adapter", "combine", "--adapter"])
+        .arg(&adapter)
+        .arg("--adapter")
+        .arg(&adapter)
+        .args([
+            "--method",
+            "dare_ties",
+            "--density",
+            "0.5",
+            "--seed",
+            "3",
+            "--out",
+        ])
+        .arg(&dare)));
+    assert!(
+        stdout.contains("(dare_ties)") && stdout.contains("rank-8"),
+        "{stdout}"
+    );
+    // −1 and +1: the deltas cancel and the merged model is the base.
+    let merged = tmp.path().join("cancelled");
+    ok(&run(hone()
+        .args(["merge", "--model"])
+        .arg(&dir)
+        .arg("--adapter")
+        .arg(&adapter)
+        .arg("--adapter")
+        .arg(&adapter)
+        .args(["--method", "cat", "--weights", "-1,1", "--out"])
+        .arg(&merged)));
+    compare_logits(&dir, &merged, None, "base", "1e-4");
+}
+
+#[test]
+fn merge_errors_name_the_problem_and_touch_nothing() {
+    let dir = fixture("llama_gqa");
+    let adapter = dir.join("adapter");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "mine").unwrap();
+    let merge = |extra: &[&str]| {
+        let mut c = hone();
+        c.args(["merge", "--model"])
+            .arg(&dir)
+            .arg("--adapter")
+            .arg(&adapter)
+            .args(extra);
+        run(&mut c)
+    };
+    let out_arg = out.to_str().unwrap();
+    let message = failed(&merge(&["--out", out_arg]));
+    assert!(
+        message.contains("already exists") && message.contains("--force"),
+        "{message}"
+    );
+    assert_eq!(entries(&out), ["keep.txt"]);
+
+    let message = failed(&merge(&["--weights", "1,2", "--out", out_arg, "--force"]));
+    assert!(
+        message.contains("2 weight(s) given for 1 adapter(s)"),
+        "{message}"
+    );
+    let message = failed(&merge(&["--max-shard-size", "5XB", "--out", out_arg]));
+    assert!(message.contains("invalid size `5XB`"), "{message}");
+    let message = failed(&merge(&[
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--method",
+        "ties",
+        "--out",
+        out_arg,
+        "--force",
+    ]));
+    assert!(
+        message.contains("method `ties`") && message.contains("density"),
+        "{message}"
+    );
+    let message = failed(&merge(&[
+        "--adapter",
+        dir.join("refs").to_str().unwrap(),
+        "--out",
+        out_arg,
+        "--force",
+    ]));
+    assert!(message.contains("adapter_config.json"), "{message}");
+    assert_eq!(entries(&out), ["keep.txt"]);
+    assert_eq!(entries(tmp.path()), ["out"]);
+}
+
+#[test]
+fn a_write_failure_midway_leaves_no_partial_output() {
+    // Files above 150 KiB cannot be written (RLIMIT_FSIZE, with SIGXFSZ ignored so the write
+    // fails with EFBIG instead of killing the process). With 200 KB shards, the first shard
+    // (lm_head, 131 KB) is written and the second (embed_tokens + more, 176 KB) fails.
+    let dir = fixture("llama_gqa");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    let result = run(Command::new("bash")
+        .args(["-c", "trap '' XFSZ; ulimit -f 150; exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_hone"))
+        .args(["merge", "--model"])
+        .arg(&dir)
+        .arg("--adapter")
+        .arg(dir.join("adapter"))
+        .args(["--max-shard-size", "200KB", "--out"])
+        .arg(&out));
+    let message = failed(&result);
+    assert!(
+        message.contains("model-00002-of-"),
+        "the second shard fails: {message}"
+    );
+    assert!(!out.exists());
+    assert_eq!(
+        entries(tmp.path()),
+        Vec::<String>::new(),
+        "no temporary directory left"
+    );
+}

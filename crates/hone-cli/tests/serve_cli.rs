@@ -1,0 +1,200 @@
+//! `hone serve` and `hone bench serve` end to end: the binary listens on loopback (port 0),
+//! answers over HTTP with adapters and an API key, stops on SIGTERM, refuses bad settings, and
+//! the load benchmark reports zero errors.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hone_model::ModelConfig;
+use hone_serve::random_adapter::{write_random_adapter, RandomAdapter};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn stories() -> PathBuf {
+    root().join("checkpoints/base/stories260k")
+}
+
+fn hone() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_hone"))
+}
+
+/// Kills the server if the test fails before stopping it.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`: (status, body).
+fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    key: Option<&str>,
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(key) = key {
+        req.push_str(&format!("Authorization: Bearer {key}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    req.push_str(&format!(
+        "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    ));
+    s.write_all(req.as_bytes()).unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn serve_answers_with_adapters_and_a_key_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ModelConfig::from_file(&stories().join("config.json")).unwrap();
+    let adapter = dir.path().join("a");
+    write_random_adapter(&adapter, &config, &RandomAdapter::default()).unwrap();
+    let child = hone()
+        .arg("serve")
+        .arg("--model")
+        .arg(stories())
+        .args(["--port", "0", "--chat-template", "chatml", "--api-key", "k"])
+        .arg("--adapter")
+        .arg(format!("a={}", adapter.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut guard = Guard(child);
+    let mut line = String::new();
+    BufReader::new(guard.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    assert_eq!(http(&addr, "GET", "/health", None, None).0, 200);
+    let body = r#"{"model": "a", "prompt": "Once upon a time", "max_tokens": 5, "temperature": 0}"#;
+    let (status, text) = http(&addr, "POST", "/v1/completions", Some(body), Some("k"));
+    assert_eq!(status, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["model"], "a");
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+    let (status, text) = http(&addr, "POST", "/v1/completions", Some(body), None);
+    assert_eq!(status, 401, "{text}");
+    let chat = r#"{"model": "stories260k", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}"#;
+    assert_eq!(
+        http(&addr, "POST", "/v1/chat/completions", Some(chat), Some("k")).0,
+        200
+    );
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(guard.0.id() as i32, libc::SIGTERM) };
+    let started = Instant::now();
+    loop {
+        if let Some(status) = guard.0.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn serve_refuses_bad_settings_before_loading() {
+    for (args, needle) in [
+        (vec!["--adapter", "no-equals-sign"], "NAME=DIR"),
+        (
+            vec!["--adapter", "a=/nonexistent/adapter"],
+            "not a directory",
+        ),
+        (vec!["--max-batch", "0"], "max_batch"),
+    ] {
+        let out = hone()
+            .arg("serve")
+            .arg("--model")
+            .arg(stories())
+            .args(&args)
+            .args(["--port", "0"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} was accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+    let out = hone()
+        .args(["serve", "--model", "/nonexistent/model", "--port", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+#[test]
+fn bench_serve_reports_throughput_latency_and_zero_errors_across_adapters() {
+    let out = hone()
+        .args(["bench", "serve", "--model"])
+        .arg(stories())
+        .args([
+            "--concurrency",
+            "1,3",
+            "--requests",
+            "6",
+            "--max-tokens",
+            "4",
+        ])
+        .args(["--adapters", "2", "--time-limit-s", "60"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for (line, concurrency) in lines.iter().zip([1, 3]) {
+        assert_eq!(line["bench"], "serve");
+        assert_eq!(line["concurrency"], concurrency);
+        assert_eq!(line["ok"], 6);
+        assert_eq!(line["errors"], 0);
+        assert_eq!(line["completion_tokens"], 24);
+        assert_eq!(line["requests_per_model"].as_object().unwrap().len(), 3);
+        for key in [
+            "tokens_per_sec",
+            "latency_p50_s",
+            "latency_p99_s",
+            "decode_tokens_per_sec",
+        ] {
+            assert!(line[key].as_f64().unwrap() > 0.0, "{key}: {line}");
+        }
+    }
+}

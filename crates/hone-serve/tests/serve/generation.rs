@@ -1,0 +1,212 @@
+//! Generation: text and usage, streaming, stop strings, and continuous batching.
+
+use std::sync::atomic::Ordering;
+
+use burn::backend::Flex;
+use hone_model::{generate, load_model_dir, GenerateConfig, LoadOptions, SamplingConfig};
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+fn stream_text(chunks: &[Value], chat: bool) -> String {
+    chunks
+        .iter()
+        .filter_map(|c| {
+            let choice = c["choices"].get(0)?;
+            if chat {
+                choice["delta"]["content"].as_str().map(str::to_string)
+            } else {
+                choice["text"].as_str().map(str::to_string)
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_completion_matches_hone_generate_with_usage_and_length_finish() {
+    let server = start(stories_config()).await;
+    let prompt = "Once upon a time";
+    let (text, v) = server.complete("stories260k", prompt, 12).await;
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["model"], "stories260k");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    let usage = &v["usage"];
+    let loaded =
+        load_model_dir::<Flex>(&stories(), &Default::default(), LoadOptions::default()).unwrap();
+    let ids = loaded.tokenizer.encode_prompt(prompt).unwrap();
+    assert_eq!(usage["prompt_tokens"], ids.len());
+    assert_eq!(usage["completion_tokens"], 12);
+    assert_eq!(usage["total_tokens"], ids.len() + 12);
+    let config = GenerateConfig {
+        max_new_tokens: 12,
+        sampling: SamplingConfig::default(),
+        stop_ids: loaded.tokenizer.eos_ids.clone(),
+        stop_strings: vec![],
+    };
+    let expected = generate(&loaded.model, &loaded.tokenizer, &ids, &config, |_| {}).unwrap();
+    // The server decodes in the prompt's context, so it may keep a leading space that decoding
+    // the completion alone drops.
+    assert_eq!(text.trim_start(), expected.text.trim_start());
+    assert_eq!(text, ", there was a little girl named Lily. She");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_deltas_concatenate_to_the_non_streamed_text() {
+    let mut config = stories_config();
+    config.chat_template = Some("chatml".parse().unwrap());
+    let server = start(config).await;
+    let body = json!({"prompt": "Lily went to the park", "max_tokens": 20, "temperature": 0});
+    let whole = server
+        .post("/v1/completions", body.clone())
+        .await
+        .json()
+        .unwrap();
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let chunks = server.stream("/v1/completions", streamed).await;
+    assert!(chunks.len() > 2);
+    assert_eq!(stream_text(&chunks, false), whole["choices"][0]["text"]);
+    let last_choice = &chunks[chunks.len() - 2]["choices"][0];
+    assert_eq!(last_choice["finish_reason"], "length");
+    let usage_chunk = chunks.last().unwrap();
+    assert_eq!(usage_chunk["choices"], json!([]));
+    assert_eq!(usage_chunk["usage"], whole["usage"]);
+
+    let messages = json!([{"role": "user", "content": "Tell me a story."}]);
+    let body = json!({"messages": messages, "max_tokens": 16, "temperature": 0});
+    let whole = server
+        .post("/v1/chat/completions", body.clone())
+        .await
+        .json()
+        .unwrap();
+    assert_eq!(whole["object"], "chat.completion");
+    assert_eq!(whole["choices"][0]["message"]["role"], "assistant");
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let chunks = server.stream("/v1/chat/completions", streamed).await;
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    assert_eq!(
+        stream_text(&chunks, true),
+        whole["choices"][0]["message"]["content"]
+    );
+    assert!(chunks.last().unwrap()["choices"][0]["finish_reason"].is_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_string_cuts_the_text_before_it_and_finishes_with_stop() {
+    let server = start(stories_config()).await;
+    let prompt = "Once upon a time";
+    let (full, _) = server.complete("stories260k", prompt, 40).await;
+    // A word from the middle of the greedy text.
+    let word = full
+        .split_whitespace()
+        .nth(4)
+        .expect("enough words")
+        .to_string();
+    let cut = full.find(&word).unwrap();
+    for stop in [json!(word.clone()), json!(["zzzz", word.clone()])] {
+        let body = json!({"prompt": prompt, "max_tokens": 40, "temperature": 0, "stop": stop});
+        let v = server
+            .post("/v1/completions", body.clone())
+            .await
+            .json()
+            .unwrap();
+        assert_eq!(v["choices"][0]["text"], full[..cut], "stop {stop}");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+        let mut streamed = body;
+        streamed["stream"] = json!(true);
+        let chunks = server.stream("/v1/completions", streamed).await;
+        assert_eq!(stream_text(&chunks, false), full[..cut]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_decode_in_one_batch_with_the_same_greedy_output_as_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = stories_config();
+    config.adapters = stories_adapters(dir.path(), &["a", "b"]);
+    let server = start(config).await;
+    // 20 requests: more rows than hone-model's small-batch matmul path (16), mixed adapters,
+    // prompts of equal length (prefilled together) and of different lengths.
+    let prompts = [
+        "Once upon a time",
+        "The cat sat",
+        "Tom and Lily",
+        "One day, a little bird",
+        "Sara had a red ball. She",
+    ];
+    let models = ["stories260k", "a", "b"];
+    let cases: Vec<(&str, &str, usize)> = (0..20)
+        .map(|i| (models[i % 3], prompts[i % 5], 16 + (i * 7) % 20))
+        .collect();
+    let mut alone = Vec::new();
+    for (model, prompt, n) in &cases {
+        alone.push(server.complete(model, prompt, *n).await.0);
+    }
+    let steps_before = server.metrics.decode_step.totals().0;
+    let tokens_before = server.metrics.decode_tokens.load(Ordering::Relaxed);
+    let together = futures_util::future::join_all(
+        cases
+            .iter()
+            .map(|(model, prompt, n)| server.complete(model, prompt, *n)),
+    )
+    .await;
+    for (i, ((text, _), expected)) in together.iter().zip(&alone).enumerate() {
+        assert_eq!(text, expected, "case {i} {:?}", cases[i]);
+    }
+    let steps = server.metrics.decode_step.totals().0 - steps_before;
+    let tokens = server.metrics.decode_tokens.load(Ordering::Relaxed) - tokens_before;
+    assert!(
+        tokens as f64 / steps as f64 > 1.5,
+        "requests were not batched: {tokens} tokens in {steps} steps"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeded_sampling_is_reproducible_and_differs_from_greedy() {
+    let server = start(stories_config()).await;
+    let body = |seed: u64| {
+        json!({"prompt": "Once upon a time", "max_tokens": 24, "temperature": 1.0,
+               "top_p": 0.95, "seed": seed})
+    };
+    let text = |v: Value| v["choices"][0]["text"].as_str().unwrap().to_string();
+    let a = text(
+        server
+            .post("/v1/completions", body(7))
+            .await
+            .json()
+            .unwrap(),
+    );
+    let b = text(
+        server
+            .post("/v1/completions", body(7))
+            .await
+            .json()
+            .unwrap(),
+    );
+    let c = text(
+        server
+            .post("/v1/completions", body(8))
+            .await
+            .json()
+            .unwrap(),
+    );
+    let (greedy, _) = server.complete("stories260k", "Once upon a time", 24).await;
+    assert_eq!(a, b);
+    assert!(a != c || a != greedy, "sampling looks greedy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_id_prompts_and_ignore_eos_give_exactly_max_tokens() {
+    let server = start(stories_config()).await;
+    let body = json!({"prompt": [1, 400, 30, 260], "max_tokens": 50, "temperature": 0,
+                      "ignore_eos": true});
+    let v = server.post("/v1/completions", body).await.json().unwrap();
+    assert_eq!(v["usage"]["prompt_tokens"], 4);
+    assert_eq!(v["usage"]["completion_tokens"], 50);
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+}

@@ -1,0 +1,518 @@
+//! The run config: one TOML file with the tables `[model]`, `[data]` (hone-data's
+//! [`DataConfig`]), `[tokenize]` (hone-tokenize's [`TokenizeConfig`]), `[lora]`, `[train]`,
+//! `[eval]` and `[output]`, plus `--set table.key=value` overrides from the command line.
+//!
+//! ```toml
+//! [model]
+//! path = "checkpoints/base/stories260k"
+//! device = "cpu"                 # cpu | cuda | cuda:N
+//!
+//! [data]
+//! inputs = ["datasets/quickstart/train.jsonl"]
+//!
+//! [tokenize]
+//! template = "alpaca"
+//! max_seq_len = 256
+//!
+//! [lora]
+//! r = 8
+//! alpha = 16
+//! target_modules = ["all-linear"]
+//!
+//! [train]
+//! lr = 3e-3
+//! schedule = "cosine"
+//! warmup_ratio = 0.05
+//! epochs = 2
+//! ```
+//!
+//! Parsing follows "parse, then validate": every table denies unknown keys, and a wrong type
+//! or a bad value is a [`TrainError::Config`] naming the file (or the `--set` that supplied
+//! it) and the dotted key. [`RunConfig::to_toml`] writes the resolved config (every default
+//! filled in) that a run saves beside its outputs.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use hone_data::DataConfig;
+use hone_model::lora::{LoraSettings, TargetModules};
+use hone_model::DeviceSpec;
+use hone_tokenize::TokenizeConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+use crate::schedule::ScheduleKind;
+
+/// Where run directories go when `[output] dir` is not given: `<RUNS_DIR>/<name>/`.
+pub const RUNS_DIR: &str = "checkpoints/runs";
+
+/// Compute dtype of the base weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DTypeChoice {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+/// `[model]`: the base model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
+    pub path: PathBuf,
+    /// `cpu`, `cuda` or `cuda:N`. Default `cpu`.
+    #[serde(default)]
+    pub device: DeviceSpec,
+    /// Compute dtype of the weights. Default `f32` (the only one training supports so far).
+    #[serde(default)]
+    pub dtype: DTypeChoice,
+}
+
+fn default_r() -> usize {
+    8
+}
+fn default_alpha() -> f64 {
+    16.0
+}
+fn default_targets() -> TargetModules {
+    TargetModules::Names(vec!["q_proj".into(), "v_proj".into()])
+}
+
+/// `[lora]`: the adapters, as PEFT's `LoraConfig`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSection {
+    /// Rank. Default 8.
+    #[serde(default = "default_r")]
+    pub r: usize,
+    /// Scale numerator (`alpha / r`). Default 16.
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// Dropout on the adapters' input while training. Default 0.
+    #[serde(default)]
+    pub dropout: f64,
+    /// Scale `alpha / sqrt(r)` instead of `alpha / r`. Default false.
+    #[serde(default)]
+    pub use_rslora: bool,
+    /// Module names (`["q_proj", "v_proj"]`, the default), `["all-linear"]`, or a regular
+    /// expression over full module names.
+    #[serde(default = "default_targets")]
+    pub target_modules: TargetModules,
+    /// Per-module rank overrides (PEFT's `rank_pattern`).
+    #[serde(default)]
+    pub rank_pattern: BTreeMap<String, usize>,
+    /// Per-module alpha overrides (PEFT's `alpha_pattern`).
+    #[serde(default)]
+    pub alpha_pattern: BTreeMap<String, f64>,
+    /// Only these layer indices get adapters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers_to_transform: Option<Vec<usize>>,
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        Self {
+            r: default_r(),
+            alpha: default_alpha(),
+            dropout: 0.0,
+            use_rslora: false,
+            target_modules: default_targets(),
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+            layers_to_transform: None,
+        }
+    }
+}
+
+impl LoraSection {
+    /// The model crate's settings.
+    pub fn settings(&self) -> LoraSettings {
+        LoraSettings {
+            r: self.r,
+            alpha: self.alpha,
+            dropout: self.dropout,
+            use_rslora: self.use_rslora,
+            target_modules: self.target_modules.clone(),
+            rank_pattern: self.rank_pattern.clone(),
+            alpha_pattern: self.alpha_pattern.clone(),
+            layers_to_transform: self.layers_to_transform.clone(),
+        }
+    }
+}
+
+/// `[train]`: optimisation and the rhythm of the run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    /// Peak learning rate. Default 2e-4.
+    pub lr: f64,
+    /// `constant`, `linear` or `cosine` (each after a linear warmup). Default `linear`.
+    pub schedule: ScheduleKind,
+    /// Warmup steps (exclusive with `warmup_ratio`). Default 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warmup_steps: Option<usize>,
+    /// Warmup as a fraction of the total steps, rounded up (transformers' rule).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warmup_ratio: Option<f64>,
+    /// Passes over the training rows. Default 1. Ignored when `max_steps` is set.
+    pub epochs: usize,
+    /// Optimizer steps to run (overrides `epochs`; the data cycles as needed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_steps: Option<usize>,
+    /// Rows per forward/backward pass. Default 4.
+    pub micro_batch_size: usize,
+    /// Micro-batches per optimizer step. Default 1.
+    pub grad_accum: usize,
+    /// Clip the global gradient norm to this (torch's `clip_grad_norm_`); 0 turns it off.
+    /// Default 1.0.
+    pub max_grad_norm: f64,
+    /// Decoupled weight decay (AdamW). Default 0.
+    pub weight_decay: f64,
+    /// AdamW's (beta1, beta2). Default [0.9, 0.999].
+    pub betas: [f64; 2],
+    /// AdamW's epsilon. Default 1e-8.
+    pub eps: f64,
+    /// Seed of adapter init, data order and dropout. Default 42.
+    pub seed: u64,
+    /// Write a checkpoint every N steps (0: only the final adapter). Default 0.
+    pub save_every: usize,
+    /// Checkpoints kept (the oldest are removed; 0 keeps all). Default 2.
+    pub keep_last: usize,
+    /// Validation loss every N steps (0: only before and after training). Default 0.
+    pub eval_every: usize,
+    /// Metrics every N steps. Default 10.
+    pub log_every: usize,
+    /// Stop after this many consecutive steps with a non-finite loss or gradient. Default 5.
+    pub max_bad_steps: usize,
+    /// Recompute activations in the backward pass to save memory (not supported yet).
+    pub gradient_checkpointing: bool,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            lr: 2e-4,
+            schedule: ScheduleKind::Linear,
+            warmup_steps: None,
+            warmup_ratio: None,
+            epochs: 1,
+            max_steps: None,
+            micro_batch_size: 4,
+            grad_accum: 1,
+            max_grad_norm: 1.0,
+            weight_decay: 0.0,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            seed: 42,
+            save_every: 0,
+            keep_last: 2,
+            eval_every: 0,
+            log_every: 10,
+            max_bad_steps: 5,
+            gradient_checkpointing: false,
+        }
+    }
+}
+
+/// `[eval]`: validation and sample generations.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSection {
+    /// Rows per validation forward pass (default: `train.micro_batch_size`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub micro_batch_size: Option<usize>,
+    /// Use at most this many validation batches (default: all).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_batches: Option<usize>,
+    /// Measure the validation loss before the first step. Default true.
+    pub at_start: bool,
+    /// User messages to answer with and without the adapter when training ends (rendered
+    /// with the chat template and its generation prompt).
+    pub prompts: Vec<String>,
+    /// Tokens generated per prompt. Default 128.
+    pub max_new_tokens: usize,
+    /// Sampling temperature of those generations (0: greedy). Default 0.
+    pub temperature: f32,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        Self {
+            micro_batch_size: None,
+            max_batches: None,
+            at_start: true,
+            prompts: Vec::new(),
+            max_new_tokens: 128,
+            temperature: 0.0,
+        }
+    }
+}
+
+/// `[output]`: where the run directory is.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputSection {
+    /// Run directory (default `checkpoints/runs/<name>/`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// Run name (default: the config file's stem).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// A whole run config. Relative paths are relative to the current directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub model: ModelSection,
+    pub data: DataConfig,
+    #[serde(default)]
+    pub tokenize: TokenizeConfig,
+    #[serde(default)]
+    pub lora: LoraSection,
+    #[serde(default)]
+    pub train: TrainSection,
+    #[serde(default)]
+    pub eval: EvalSection,
+    #[serde(default)]
+    pub output: OutputSection,
+}
+
+/// Parses the value of `--set key=value` as TOML, or as a plain string when it is not TOML
+/// (`--set model.path=dir/x` needs no quotes).
+fn parse_set_value(text: &str) -> toml::Value {
+    let wrapped = format!("v = {text}");
+    match toml::from_str::<toml::Table>(&wrapped) {
+        Ok(mut table) => table
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(text.into())),
+        Err(_) => toml::Value::String(text.to_string()),
+    }
+}
+
+/// Applies one `table.key=value` override to `root`.
+fn apply_set(root: &mut toml::Table, assignment: &str) -> Result<()> {
+    let source = format!("--set {assignment}");
+    let Some((key, value)) = assignment.split_once('=') else {
+        return Err(TrainError::config(
+            source,
+            assignment,
+            "expected KEY=VALUE, e.g. train.lr=1e-4",
+        ));
+    };
+    let key = key.trim();
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(TrainError::config(
+            source,
+            key,
+            "expected a dotted key such as train.lr",
+        ));
+    }
+    let mut table = root;
+    for (i, part) in parts[..parts.len() - 1].iter().enumerate() {
+        let entry = table
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = match entry {
+            toml::Value::Table(t) => t,
+            _ => {
+                let prefix = parts[..=i].join(".");
+                return Err(TrainError::config(
+                    source,
+                    key,
+                    format!("`{prefix}` is a value, not a table"),
+                ));
+            }
+        };
+    }
+    table.insert(
+        parts[parts.len() - 1].to_string(),
+        parse_set_value(value.trim()),
+    );
+    Ok(())
+}
+
+/// Which source supplied `key` (the innermost `--set` that covers it, else the file).
+fn source_of(key: &str, file: &str, sets: &[String]) -> String {
+    sets.iter()
+        .rev()
+        .find(|s| {
+            let k = s.split_once('=').map_or(s.as_str(), |(k, _)| k).trim();
+            key == k || key.starts_with(&format!("{k}.")) || k.starts_with(&format!("{key}."))
+        })
+        .map(|s| format!("{file} (--set {s})"))
+        .unwrap_or_else(|| file.to_string())
+}
+
+impl RunConfig {
+    /// Reads `path`, applies `sets` (`table.key=value`), and validates. The run name defaults
+    /// to the file stem and the output directory to `checkpoints/runs/<name>/`.
+    pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+        Self::from_toml_str(&text, &path.display().to_string(), name, sets)
+    }
+
+    /// As [`RunConfig::load`] for config text; `file` names it in errors.
+    pub fn from_toml_str(
+        text: &str,
+        file: &str,
+        default_name: Option<String>,
+        sets: &[String],
+    ) -> Result<Self> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| {
+            let message = e.message().trim_end().to_string();
+            let at = e
+                .span()
+                .map(|s| {
+                    let line = text[..s.start.min(text.len())].lines().count().max(1);
+                    format!("line {line}: ")
+                })
+                .unwrap_or_default();
+            TrainError::config(file, "(syntax)", format!("{at}{message}"))
+        })?;
+        for assignment in sets {
+            apply_set(&mut table, assignment)?;
+        }
+        let mut config: RunConfig = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| {
+                let key = e.path().to_string();
+                let message = e.into_inner().message().trim_end().to_string();
+                TrainError::config(source_of(&key, file, sets), key, message)
+            })?;
+        if config.output.name.is_none() {
+            config.output.name = default_name;
+        }
+        let name = config.output.name.clone().unwrap_or_else(|| "run".into());
+        if config.output.dir.is_none() {
+            config.output.dir = Some(Path::new(RUNS_DIR).join(&name));
+        }
+        config.validate().map_err(|(key, message)| {
+            TrainError::config(source_of(&key, file, sets), key, message)
+        })?;
+        Ok(config)
+    }
+
+    /// The run directory.
+    pub fn run_dir(&self) -> PathBuf {
+        self.output.dir.clone().unwrap_or_else(|| {
+            Path::new(RUNS_DIR).join(self.output.name.as_deref().unwrap_or("run"))
+        })
+    }
+
+    /// The resolved config as TOML (what `config.toml` in a run directory holds).
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string_pretty(self)
+            .map_err(|e| TrainError::config("config", "(write)", e.to_string()))
+    }
+
+    /// Range checks; the error is `(dotted key, message)`.
+    fn validate(&self) -> std::result::Result<(), (String, String)> {
+        let err = |key: &str, message: String| Err((key.to_string(), message));
+        let t = &self.train;
+        if !(t.lr.is_finite() && t.lr >= 0.0) {
+            return err(
+                "train.lr",
+                format!("must be a finite number >= 0, found {}", t.lr),
+            );
+        }
+        if t.warmup_steps.is_some() && t.warmup_ratio.is_some() {
+            return err(
+                "train.warmup_ratio",
+                "give warmup_steps or warmup_ratio, not both".into(),
+            );
+        }
+        if let Some(r) = t.warmup_ratio {
+            if !(0.0..=1.0).contains(&r) {
+                return err(
+                    "train.warmup_ratio",
+                    format!("must be in [0, 1], found {r}"),
+                );
+            }
+        }
+        if t.max_steps.is_none() && t.epochs == 0 {
+            return err(
+                "train.epochs",
+                "must be at least 1 (or set train.max_steps)".into(),
+            );
+        }
+        if t.max_steps == Some(0) {
+            return err("train.max_steps", "must be at least 1".into());
+        }
+        for (key, v) in [
+            ("train.micro_batch_size", t.micro_batch_size),
+            ("train.grad_accum", t.grad_accum),
+            ("train.log_every", t.log_every),
+            ("train.max_bad_steps", t.max_bad_steps),
+        ] {
+            if v == 0 {
+                return err(key, "must be at least 1".into());
+            }
+        }
+        if !(t.max_grad_norm.is_finite() && t.max_grad_norm >= 0.0) {
+            return err(
+                "train.max_grad_norm",
+                format!("must be >= 0 (0 = no clipping), found {}", t.max_grad_norm),
+            );
+        }
+        if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
+            return err(
+                "train.weight_decay",
+                format!("must be >= 0, found {}", t.weight_decay),
+            );
+        }
+        for (i, b) in t.betas.iter().enumerate() {
+            if !(0.0..1.0).contains(b) {
+                return err(
+                    "train.betas",
+                    format!("beta{} must be in [0, 1), found {b}", i + 1),
+                );
+            }
+        }
+        if !(t.eps.is_finite() && t.eps > 0.0) {
+            return err("train.eps", format!("must be > 0, found {}", t.eps));
+        }
+        if t.gradient_checkpointing {
+            return err(
+                "train.gradient_checkpointing",
+                "is not supported yet; set it to false".into(),
+            );
+        }
+        if self.model.dtype != DTypeChoice::F32 {
+            return err(
+                "model.dtype",
+                "training supports f32 only so far (bf16/f16 base weights are planned)".into(),
+            );
+        }
+        if self.eval.micro_batch_size == Some(0) {
+            return err("eval.micro_batch_size", "must be at least 1".into());
+        }
+        if !(self.eval.temperature.is_finite() && self.eval.temperature >= 0.0) {
+            return err(
+                "eval.temperature",
+                format!("must be >= 0, found {}", self.eval.temperature),
+            );
+        }
+        if let Err(e) = self.lora.settings().validate() {
+            return err("lora", e.to_string());
+        }
+        if let Err(e) = self.data.validate() {
+            return err("data", e.to_string());
+        }
+        if let Err(e) = self.tokenize.validate() {
+            return err("tokenize", e.to_string());
+        }
+        if let Some(name) = &self.output.name {
+            if name.is_empty() || name.contains(['/', '\\']) || name == "." || name == ".." {
+                return err(
+                    "output.name",
+                    format!("`{name}` is not a plain directory name"),
+                );
+            }
+        }
+        Ok(())
+    }
+}

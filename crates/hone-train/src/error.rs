@@ -1,0 +1,87 @@
+//! Typed errors of the training crate. Each variant names the file, key, checkpoint or step at
+//! fault and says what was expected, so that a message can be acted on without the code.
+
+use std::path::PathBuf;
+
+/// Errors raised while configuring, running or resuming a training run.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A config value that does not parse or is out of range. `source` is the config file (or
+    /// `--set KEY=VALUE` when the value came from the command line), `key` the dotted key.
+    #[error("{source_name}: {key}: {message}")]
+    Config {
+        source_name: String,
+        key: String,
+        message: String,
+    },
+
+    #[error("cannot access {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error(transparent)]
+    Model(#[from] hone_model::ModelError),
+
+    #[error("data: {0}")]
+    Data(#[from] hone_data::DataError),
+
+    #[error("tokenization: {0}")]
+    Tokenize(#[from] hone_tokenize::TokenizeError),
+
+    #[error("chat template: {0}")]
+    Template(#[from] hone_tokenize::TemplateError),
+
+    /// The data left nothing to train on (or a token id the model cannot embed).
+    #[error("{0}")]
+    Dataset(String),
+
+    /// A checkpoint directory that cannot be read back.
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint { path: PathBuf, message: String },
+
+    /// The run directory holds another run, or cannot be resumed.
+    #[error("run directory {path}: {message}")]
+    RunDir { path: PathBuf, message: String },
+
+    /// Too many consecutive steps with a non-finite loss or gradient.
+    #[error(
+        "training stopped at step {step}: {count} steps in a row had a non-finite loss or \
+         gradient (train.max_bad_steps = {count}); {last_good}"
+    )]
+    Diverged {
+        step: usize,
+        count: usize,
+        last_good: String,
+    },
+
+    /// A tensor could not be read back to the host.
+    #[error("reading {what} from the device: {message}")]
+    Tensor { what: String, message: String },
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = TrainError> = std::result::Result<T, E>;
+
+impl TrainError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        TrainError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn config(
+        source: impl Into<String>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        TrainError::Config {
+            source_name: source.into(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! # hone-train
+//!
+//! The LoRA training loop of hone, generic over any burn autodiff backend:
+//!
+//! * [`config`]: the run config (TOML with `[model]`, `[data]`, `[tokenize]`, `[lora]`,
+//!   `[train]`, `[eval]`, `[output]`), `--set` overrides, validation naming file and key;
+//! * [`data`]: curation + tokenization of the run's data and the seeded visiting order;
+//! * [`step`]: forward/backward per micro-batch, gradient accumulation normalised by the
+//!   step's target tokens, clipping and the update ([`step::Learner`]);
+//! * [`optim`]: AdamW exactly as `torch.optim.AdamW`, `clip_grad_norm_`;
+//! * [`schedule`]: constant / linear / cosine learning rates with warmup (transformers);
+//! * [`checkpoint`]: atomic `step-N/` checkpoints (PEFT adapter, optimizer moments, state);
+//! * [`eval`]: validation loss and perplexity, sample generations;
+//! * [`metrics`]: `metrics.jsonl` and TensorBoard events;
+//! * [`run`]: the whole run ([`train`]), reporting progress to an [`Observer`].
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod eval;
+pub mod metrics;
+pub mod optim;
+pub mod run;
+pub mod schedule;
+pub mod step;
+
+pub use config::RunConfig;
+pub use error::{Result, TrainError};
+pub use eval::{EvalResult, Sample};
+pub use optim::{AdamW, AdamWConfig};
+pub use run::{train, train_on, Control, Event, Observer, RunOptions, RunSummary, Silent};
+pub use schedule::{Schedule, ScheduleKind};
+pub use step::{Learner, MicroBatch, StepOutcome};

@@ -1,0 +1,307 @@
+//! One optimizer step over the LoRA adapters: forward and backward of each micro-batch,
+//! gradient accumulation, global-norm clipping and the AdamW update.
+//!
+//! The loss of a step is transformers' causal-LM loss over *all* its micro-batches: the
+//! summed negative log-likelihood of every target token divided by the number of target
+//! tokens of the whole step (`num_items_in_batch`), so that accumulating four micro-batches of
+//! one row computes exactly what one batch of four rows would. Each micro-batch contributes
+//! the gradient of its NLL *sum*; the accumulated sum is divided by the step's target count.
+//!
+//! Trainable parameters are found by walking the model's projections ([`adapter_keys`]): the
+//! adapters' `lora_A`/`lora_B` in checkpoint order, named by their PEFT keys. Base weights are
+//! never touched, so no gradient or optimizer memory is spent on them.
+
+use burn::module::Param;
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::TensorData;
+use hone_model::adapter::peft_key;
+use hone_model::loss::causal_lm_loss_sum;
+use hone_model::CausalLm;
+use hone_tokenize::{Batch, PAD_SEGMENT};
+
+use crate::error::{Result, TrainError};
+use crate::optim::{clip_by_global_norm, global_norm, AdamW, AdamWConfig};
+
+/// The rows of one forward pass, on the host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MicroBatch {
+    pub batch: usize,
+    pub seq: usize,
+    /// `[batch * seq]` token ids.
+    pub input_ids: Vec<i64>,
+    /// `[batch * seq]` unshifted labels (-100 = not in the loss).
+    pub labels: Vec<i64>,
+    /// `(position_ids, segment_ids)` when a row holds several examples or padding; `None`
+    /// when every row is one unpadded sequence (plain causal attention).
+    pub packing: Option<(Vec<u32>, Vec<u32>)>,
+}
+
+impl MicroBatch {
+    /// A batch of unpadded single sequences.
+    pub fn dense(input_ids: Vec<i64>, labels: Vec<i64>, batch: usize) -> Self {
+        let seq = input_ids.len() / batch.max(1);
+        Self {
+            batch,
+            seq,
+            input_ids,
+            labels,
+            packing: None,
+        }
+    }
+
+    /// From collated rows (packed or padded).
+    pub fn from_batch(b: &Batch) -> Self {
+        let single = b.segment_ids.iter().all(|&s| s == 1)
+            && (0..b.batch_size).all(|r| {
+                b.position_ids[r * b.seq_len..(r + 1) * b.seq_len]
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &p)| p as usize == i)
+            });
+        Self {
+            batch: b.batch_size,
+            seq: b.seq_len,
+            input_ids: b.input_ids.iter().map(|&i| i64::from(i)).collect(),
+            labels: b.labels.iter().map(|&l| i64::from(l)).collect(),
+            packing: (!single).then(|| (b.position_ids.clone(), b.segment_ids.clone())),
+        }
+    }
+
+    /// Tokens that are not padding.
+    pub fn tokens(&self) -> usize {
+        match &self.packing {
+            Some((_, segments)) => segments.iter().filter(|&&s| s != PAD_SEGMENT).count(),
+            None => self.input_ids.len(),
+        }
+    }
+
+    /// Logits `[batch, seq, vocab]`.
+    pub fn logits<B: Backend>(&self, model: &CausalLm<B>, device: &B::Device) -> Tensor<B, 3> {
+        let ids = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(self.input_ids.clone(), [self.batch, self.seq]),
+            device,
+        );
+        match &self.packing {
+            Some((positions, segments)) => model.forward_packed(ids, positions, segments),
+            None => model.forward(ids, None),
+        }
+    }
+}
+
+/// PEFT keys of the trainable tensors, in the order every function here uses.
+pub fn adapter_keys<B: Backend>(model: &CausalLm<B>) -> Vec<String> {
+    let mut keys = Vec::new();
+    for (name, linear) in model.projections() {
+        if linear.lora.is_some() {
+            keys.push(peft_key(&name, "lora_A"));
+            keys.push(peft_key(&name, "lora_B"));
+        }
+    }
+    keys
+}
+
+/// The adapter tensors, in [`adapter_keys`] order.
+pub fn adapter_values<B: Backend>(model: &CausalLm<B>) -> Vec<Tensor<B, 2>> {
+    let mut out = Vec::new();
+    for (_, linear) in model.projections() {
+        if let Some(lora) = &linear.lora {
+            out.push(lora.lora_a.val());
+            out.push(lora.lora_b.val());
+        }
+    }
+    out
+}
+
+/// The gradients of the adapter tensors (zeros where a tensor got none), detached.
+fn adapter_grads<B: AutodiffBackend>(
+    model: &CausalLm<B>,
+    grads: &B::Gradients,
+) -> Vec<Tensor<B::InnerBackend, 2>> {
+    let mut out = Vec::new();
+    for (_, linear) in model.projections() {
+        if let Some(lora) = &linear.lora {
+            for p in [&lora.lora_a, &lora.lora_b] {
+                out.push(
+                    p.grad(grads)
+                        .unwrap_or_else(|| p.val().inner().zeros_like()),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Replaces the adapter tensors (same order and shapes), keeping each parameter's id and
+/// making it trainable again.
+pub fn set_adapter_values<B: AutodiffBackend>(
+    model: &mut CausalLm<B>,
+    values: Vec<Tensor<B::InnerBackend, 2>>,
+) {
+    let mut values = values.into_iter();
+    for (_, linear) in model.projections_mut() {
+        if let Some(lora) = &mut linear.lora {
+            for p in [&mut lora.lora_a, &mut lora.lora_b] {
+                let value = values.next().expect("one value per adapter tensor");
+                *p = Param::initialized(p.id, Tensor::from_inner(value).require_grad());
+            }
+        }
+    }
+}
+
+/// Gradients of one step, already divided by the step's target count.
+#[derive(Debug, Clone)]
+pub struct StepGradients<B: Backend> {
+    /// In [`adapter_keys`] order.
+    pub grads: Vec<Tensor<B, 2>>,
+    /// Mean loss over the step's targets (NaN or infinite when the forward pass was).
+    pub loss: f64,
+    /// Target tokens of the step.
+    pub targets: usize,
+    /// Non-padding tokens of the step.
+    pub tokens: usize,
+}
+
+/// Forward and backward of every micro-batch of one step. `before_micro_batch(i)` runs before
+/// micro-batch `i` (the trainer seeds the dropout generator there).
+pub fn step_gradients<B: AutodiffBackend>(
+    model: &CausalLm<B>,
+    batches: &[MicroBatch],
+    device: &B::Device,
+    mut before_micro_batch: impl FnMut(usize),
+) -> Result<StepGradients<B::InnerBackend>> {
+    let mut sums: Option<Vec<Tensor<B::InnerBackend, 2>>> = None;
+    let mut nll: Vec<Tensor<B::InnerBackend, 1>> = Vec::new();
+    let (mut targets, mut tokens) = (0usize, 0usize);
+    for (i, batch) in batches.iter().enumerate() {
+        tokens += batch.tokens();
+        before_micro_batch(i);
+        let logits = batch.logits(model, device);
+        let (sum, count) = causal_lm_loss_sum(logits, &batch.labels);
+        if count == 0 {
+            continue;
+        }
+        targets += count;
+        nll.push(sum.clone().inner());
+        let grads = sum.backward();
+        let micro = adapter_grads(model, &grads);
+        sums = Some(match sums {
+            None => micro,
+            Some(acc) => acc.into_iter().zip(micro).map(|(a, g)| a + g).collect(),
+        });
+    }
+    let Some(sums) = sums else {
+        return Err(TrainError::Dataset(
+            "a training step has no token in the loss".into(),
+        ));
+    };
+    let scale = 1.0 / targets as f64;
+    let total = Tensor::cat(nll, 0).sum();
+    let nll_sum = total
+        .into_data()
+        .convert::<f64>()
+        .to_vec::<f64>()
+        .map_err(|e| TrainError::Tensor {
+            what: "the loss".into(),
+            message: format!("{e:?}"),
+        })?[0];
+    Ok(StepGradients {
+        grads: sums.into_iter().map(|g| g * scale).collect(),
+        loss: nll_sum * scale,
+        targets,
+        tokens,
+    })
+}
+
+/// What one update did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepOutcome {
+    /// Mean loss of the step.
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// The learning rate used.
+    pub lr: f64,
+    /// False when the loss or gradient was not finite and the update was skipped.
+    pub applied: bool,
+    pub targets: usize,
+    pub tokens: usize,
+}
+
+/// Clips `grads` (when `max_grad_norm > 0`) and applies AdamW to the model's adapters, unless
+/// the loss or gradient norm is not finite (then nothing changes and `applied` is false).
+pub fn apply_update<B: AutodiffBackend>(
+    model: &mut CausalLm<B>,
+    optimizer: &mut AdamW<B::InnerBackend>,
+    step: StepGradients<B::InnerBackend>,
+    lr: f64,
+    max_grad_norm: f64,
+) -> Result<StepOutcome> {
+    let grad_norm = global_norm(&step.grads)?;
+    let mut outcome = StepOutcome {
+        loss: step.loss,
+        grad_norm,
+        lr,
+        applied: false,
+        targets: step.targets,
+        tokens: step.tokens,
+    };
+    if !(step.loss.is_finite() && grad_norm.is_finite()) {
+        return Ok(outcome);
+    }
+    let grads = if max_grad_norm > 0.0 {
+        clip_by_global_norm(step.grads, grad_norm, max_grad_norm)
+    } else {
+        step.grads
+    };
+    let params = adapter_values(model)
+        .into_iter()
+        .map(|p| p.inner())
+        .collect();
+    let updated = optimizer.update(lr, params, grads);
+    set_adapter_values(model, updated);
+    outcome.applied = true;
+    Ok(outcome)
+}
+
+/// A model with adapters and its optimizer: the unit the trainer, the benchmark and the
+/// reference tests drive.
+pub struct Learner<B: AutodiffBackend> {
+    pub model: CausalLm<B>,
+    pub optimizer: AdamW<B::InnerBackend>,
+    pub max_grad_norm: f64,
+    pub device: B::Device,
+}
+
+impl<B: AutodiffBackend> Learner<B> {
+    pub fn new(
+        model: CausalLm<B>,
+        config: AdamWConfig,
+        max_grad_norm: f64,
+        device: B::Device,
+    ) -> Self {
+        Self {
+            model,
+            optimizer: AdamW::new(config),
+            max_grad_norm,
+            device,
+        }
+    }
+
+    /// Loss and gradients of one step (no update).
+    pub fn gradients(&self, batches: &[MicroBatch]) -> Result<StepGradients<B::InnerBackend>> {
+        step_gradients(&self.model, batches, &self.device, |_| {})
+    }
+
+    /// A whole step: gradients, clipping, AdamW at `lr`.
+    pub fn step(&mut self, batches: &[MicroBatch], lr: f64) -> Result<StepOutcome> {
+        let grads = self.gradients(batches)?;
+        apply_update(
+            &mut self.model,
+            &mut self.optimizer,
+            grads,
+            lr,
+            self.max_grad_norm,
+        )
+    }
+}

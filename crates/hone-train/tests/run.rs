@@ -1,0 +1,322 @@
+//! Whole runs on the shipped stories260k: determinism, resume, checkpoints, the non-finite
+//! guard and the files a run leaves.
+
+mod common;
+
+use std::path::Path;
+
+use burn::backend::Autodiff;
+use common::*;
+use hone_model::Cpu;
+use hone_train::checkpoint::{list_checkpoints, read_state};
+use hone_train::{
+    train_on, Control, Event, Observer, RunConfig, RunOptions, RunSummary, Silent, TrainError,
+};
+
+type Ad = Autodiff<Cpu>;
+
+fn run(config: &RunConfig, options: RunOptions) -> Result<RunSummary, TrainError> {
+    train_on::<Ad>(config, options, &mut Silent, Default::default())
+}
+
+/// Stops the run after the checkpoint of step `at` (as an interruption would).
+struct StopAfter(usize);
+
+impl Observer for StopAfter {
+    fn on_event(&mut self, event: &Event<'_>) -> Control {
+        match event {
+            Event::Checkpoint { step, .. } if *step == self.0 => Control::Stop,
+            _ => Control::Continue,
+        }
+    }
+}
+
+#[test]
+fn same_seed_and_data_give_bit_identical_adapters() {
+    let _guard = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path(), 24);
+    let extra = "max_steps = 6\ngrad_accum = 2";
+    let sets = ["lora.dropout=0.1"];
+    let a = run(
+        &config(&data, &tmp.path().join("a"), extra, &sets),
+        RunOptions::default(),
+    )
+    .unwrap();
+    let b = run(
+        &config(&data, &tmp.path().join("b"), extra, &sets),
+        RunOptions::default(),
+    )
+    .unwrap();
+    let c = run(
+        &config(
+            &data,
+            &tmp.path().join("c"),
+            extra,
+            &["lora.dropout=0.1", "train.seed=7"],
+        ),
+        RunOptions::default(),
+    )
+    .unwrap();
+    let file = |s: &RunSummary| {
+        std::fs::read(
+            s.adapter_dir
+                .as_ref()
+                .unwrap()
+                .join("adapter_model.safetensors"),
+        )
+        .unwrap()
+    };
+    assert_eq!(file(&a), file(&b), "same seed, same data: the same bytes");
+    assert_ne!(file(&a), file(&c), "another seed gives another adapter");
+    assert_eq!(a.last_loss, b.last_loss);
+}
+
+#[test]
+fn resume_matches_uninterrupted_run() {
+    let _guard = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path(), 24);
+    // Dropout, accumulation and more than one epoch: resuming must restore the optimizer,
+    // the schedule, the data position and the random numbers.
+    let extra = "max_steps = 20\ngrad_accum = 2\nsave_every = 5\nkeep_last = 2\nlog_every = 1";
+    let sets = ["lora.dropout=0.1"];
+    let whole = run(
+        &config(&data, &tmp.path().join("whole"), extra, &sets),
+        RunOptions::default(),
+    )
+    .unwrap();
+    assert!(whole.completed);
+    let steps: Vec<usize> = list_checkpoints(&whole.run_dir)
+        .unwrap()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(steps, [15, 20], "keep_last = 2 keeps the newest two");
+
+    let split = config(&data, &tmp.path().join("split"), extra, &sets);
+    let first = train_on::<Ad>(
+        &split,
+        RunOptions::default(),
+        &mut StopAfter(10),
+        Default::default(),
+    )
+    .unwrap();
+    assert!(!first.completed && first.step == 10 && first.adapter_dir.is_none());
+    let state = read_state(&first.run_dir.join("step-10")).unwrap();
+    assert_eq!(
+        (state.step, state.optimizer_step, state.scheduler_step),
+        (10, 10, 10)
+    );
+    let second = run(
+        &split,
+        RunOptions {
+            resume: true,
+            overwrite: false,
+        },
+    )
+    .unwrap();
+    assert_eq!(second.resumed_from, Some(10));
+    assert!(second.completed);
+
+    let a = adapter_tensors(whole.adapter_dir.as_ref().unwrap());
+    let b = adapter_tensors(second.adapter_dir.as_ref().unwrap());
+    let diff = max_abs_diff(&a, &b);
+    assert!(
+        diff <= 1e-6,
+        "20 steps in one go vs 10 + resume + 10 differ by {diff}"
+    );
+    // Each step is logged once in the resumed run's metrics.
+    let metrics = std::fs::read_to_string(second.run_dir.join("metrics.jsonl")).unwrap();
+    let logged: Vec<u64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("train/loss").is_some())
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(logged, (1..=20).collect::<Vec<u64>>());
+}
+
+#[test]
+fn non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoint() {
+    let _guard = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path(), 16);
+    // An absurd learning rate: the first update is finite (the base model's loss), after it
+    // the adapters hold values near f32's maximum and the logits overflow.
+    let extra = "max_steps = 20\nsave_every = 1\nkeep_last = 0\nmax_bad_steps = 3\nwarmup_steps = 0\nschedule = \"constant\"";
+    let config = config(&data, &tmp.path().join("run"), extra, &["train.lr=1e37"]);
+    let err = run(&config, RunOptions::default()).unwrap_err();
+    let message = err.to_string();
+    assert!(
+        matches!(
+            err,
+            TrainError::Diverged {
+                step: 4,
+                count: 3,
+                ..
+            }
+        ),
+        "{message}"
+    );
+    assert!(
+        message.contains("max_bad_steps") && message.contains("step-1"),
+        "{message}"
+    );
+    let steps: Vec<usize> = list_checkpoints(&config.run_dir())
+        .unwrap()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(steps, [1], "no checkpoint is written for skipped steps");
+    let mut model =
+        hone_model::load_model_dir::<Cpu>(&stories260k(), &Default::default(), Default::default())
+            .unwrap()
+            .model;
+    model
+        .load_adapter(&config.run_dir().join("step-1/adapter"))
+        .unwrap();
+    assert!(!config.run_dir().join("adapter").exists());
+}
+
+#[test]
+fn a_run_leaves_config_metrics_events_adapter_and_samples() {
+    let _guard = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path(), 40);
+    let extra = "epochs = 3\neval_every = 10\nlog_every = 5\nlr = 1e-2";
+    let config = config(
+        &data,
+        &tmp.path().join("run"),
+        extra,
+        &[
+            "eval.prompts=[\"Tell me a story about Mia.\"]",
+            "eval.max_new_tokens=24",
+        ],
+    );
+    let summary = run(&config, RunOptions::default()).unwrap();
+    let dir = &summary.run_dir;
+    assert_eq!(
+        summary.total_steps,
+        3 * 16,
+        "32 training rows, 2 per micro-batch, 3 epochs"
+    );
+
+    // The saved config is the resolved one and reads back equal.
+    let saved = RunConfig::load(&dir.join("config.toml"), &[]).unwrap();
+    assert_eq!(saved, config);
+
+    // Training lowers the validation loss.
+    let (first, last) = (summary.first_eval.unwrap(), summary.last_eval.unwrap());
+    assert_eq!((first.step, last.step), (0, 48));
+    assert!(
+        last.loss < first.loss - 0.1,
+        "validation loss {} -> {}",
+        first.loss,
+        last.loss
+    );
+    assert!((last.ppl - last.loss.exp()).abs() < 1e-9);
+
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    for key in [
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_sec",
+        "eval/loss",
+        "eval/ppl",
+    ] {
+        assert!(
+            metrics.contains(&format!("\"{key}\"")),
+            "{key} missing in\n{metrics}"
+        );
+    }
+    let eval_steps = metrics.lines().filter(|l| l.contains("eval/loss")).count();
+    assert_eq!(
+        eval_steps,
+        1 + 4 + 1,
+        "start, every 10 steps before the end, end"
+    );
+    let events = std::fs::read_dir(dir.join("tb"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("events.out.tfevents")
+        })
+        .count();
+    assert_eq!(events, 1);
+
+    // The adapter is PEFT's format and changes the model's output.
+    let adapter = dir.join("adapter");
+    let (settings, _) = hone_model::adapter::read_adapter_config(&adapter).unwrap();
+    assert_eq!(
+        settings.target_modules,
+        hone_model::lora::TargetModules::Names(vec![
+            "down_proj".into(),
+            "q_proj".into(),
+            "v_proj".into()
+        ])
+    );
+    assert_eq!((settings.r, settings.alpha), (4, 8.0));
+    assert_eq!(summary.samples.len(), 1);
+    let sample = &summary.samples[0];
+    assert!(
+        sample.rendered.ends_with("### Response:\n"),
+        "{:?}",
+        sample.rendered
+    );
+    assert_ne!(sample.base, sample.adapter);
+    assert!(dir.join("samples.jsonl").is_file() && dir.join("data/train.jsonl").is_file());
+}
+
+#[test]
+fn existing_runs_are_not_mixed_up() {
+    let _guard = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path(), 12);
+    let out = tmp.path().join("run");
+    let config = config(&data, &out, "max_steps = 2", &[]);
+    run(&config, RunOptions::default()).unwrap();
+    let err = run(&config, RunOptions::default()).unwrap_err().to_string();
+    assert!(
+        err.contains("--resume") && err.contains("--overwrite"),
+        "{err}"
+    );
+    // Resuming with another config names the keys that differ.
+    let changed = common::config(&data, &out, "max_steps = 2", &["train.lr=1e-3", "lora.r=2"]);
+    let err = run(
+        &changed,
+        RunOptions {
+            resume: true,
+            overwrite: false,
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("train.lr") && err.contains("lora.r"), "{err}");
+    run(
+        &changed,
+        RunOptions {
+            resume: false,
+            overwrite: true,
+        },
+    )
+    .unwrap();
+    // A directory that is not a run is left alone.
+    let stranger = tmp.path().join("stranger");
+    std::fs::create_dir_all(&stranger).unwrap();
+    std::fs::write(stranger.join("notes.txt"), "mine").unwrap();
+    let err = run(
+        &common::config(&data, &stranger, "max_steps = 1", &[]),
+        RunOptions {
+            resume: false,
+            overwrite: true,
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("not a hone run"), "{err}");
+    assert!(Path::new(&stranger.join("notes.txt")).is_file());
+}
