@@ -7,8 +7,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::prelude::*;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{IndexingUpdateOp, TensorData};
 
 use crate::adapter::AdapterInfo;
@@ -111,12 +109,7 @@ impl<B: Backend> CausalLm<B> {
             .iter()
             .map(|cache| self.rope_tables(cache.len(), seq, &device))
             .collect();
-        let mut x = self
-            .model
-            .embed_tokens
-            .val()
-            .select(0, tokens.reshape([n * seq]))
-            .reshape([n * seq, hidden]);
+        let mut x = self.embed(tokens).reshape([n * seq, hidden]);
         for (li, layer) in self.model.layers.iter().enumerate() {
             let a = &layer.self_attn;
             let normed = layer
@@ -141,7 +134,7 @@ impl<B: Backend> CausalLm<B> {
                 let q = apply_rope(q.clone().narrow(0, r, 1), &ropes[r]).swap_dims(1, 2);
                 let k = apply_rope(k.clone().narrow(0, r, 1), &ropes[r]).swap_dims(1, 2);
                 let v = v.clone().narrow(0, r, 1).swap_dims(1, 2);
-                outs.push(a.attend(q, k, v, cache.layer_mut(li)));
+                outs.push(a.attend(q, k, v, Some(cache.layer_mut(li)), None));
             }
             let attn = Tensor::cat(outs, 0).reshape([n * seq, h * d]);
             let x1 = x + a.o_proj.forward_rows(attn, &row_rows);
@@ -194,55 +187,4 @@ fn expand_rows<B: Backend>(
         })
         .collect();
     RowAdapters { groups }
-}
-
-impl<B: Backend> crate::model::Attention<B> {
-    /// Causal attention of one row's new queries `[1, heads, seq, d]` against its cache extended
-    /// by the new keys/values `[1, kv_heads, seq, d]`; returns `[1, seq, heads * d]`.
-    pub(crate) fn attend(
-        &self,
-        q: Tensor<B, 4>,
-        k: Tensor<B, 4>,
-        v: Tensor<B, 4>,
-        slot: &mut crate::cache::LayerCache<B>,
-    ) -> Tensor<B, 3> {
-        let seq = q.dims()[2];
-        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let k = match slot.0.take() {
-            Some(past) => Tensor::cat(vec![past, k], 2),
-            None => k,
-        };
-        let v = match slot.1.take() {
-            Some(past) => Tensor::cat(vec![past, v], 2),
-            None => v,
-        };
-        slot.0 = Some(k.clone());
-        slot.1 = Some(v.clone());
-        let total = k.dims()[2];
-        let groups = h / kvh;
-        let window = self.sliding_window;
-        let mask = (window > 0 && total > window)
-            .then(|| crate::model::sliding_window_mask::<B>(seq, total, window, &q.device()));
-        let options = AttentionModuleOptions {
-            scale: Some(1.0 / (d as f64).sqrt()),
-            softcap: None,
-            is_causal: mask.is_none(),
-        };
-        let out = if groups > 1 && seq == 1 && mask.is_none() {
-            let q = q.reshape([1, kvh, groups, d]);
-            let options = AttentionModuleOptions {
-                is_causal: false,
-                ..options
-            };
-            attention(q, k, v, None, None, options).reshape([1, h, 1, d])
-        } else {
-            let expand = |t: Tensor<B, 4>| {
-                t.unsqueeze_dim::<5>(2)
-                    .expand([1, kvh, groups, total, d])
-                    .reshape([1, h, total, d])
-            };
-            attention(q, expand(k), expand(v), mask, None, options)
-        };
-        out.swap_dims(1, 2).reshape([1, seq, h * d])
-    }
 }

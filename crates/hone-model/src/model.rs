@@ -155,6 +155,24 @@ impl<B: Backend> Attention<B> {
         let q = apply_rope(q, rope).swap_dims(1, 2);
         let k = apply_rope(k, rope).swap_dims(1, 2);
         let v = v.swap_dims(1, 2);
+        let out = self.attend(q, k, v, cache, mask);
+        self.o_proj.forward(out)
+    }
+
+    /// Attention of new queries `[batch, heads, seq, d]` (RoPE applied) against the cached keys
+    /// and values extended by the new ones `[batch, kv_heads, seq, d]`; `mask` (`[batch, 1, seq,
+    /// keys]`, true = masked) replaces the causal/sliding-window mask. Returns
+    /// `[batch, seq, heads * d]`, before the output projection.
+    pub(crate) fn attend(
+        &self,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        cache: Option<&mut LayerCache<B>>,
+        mask: Option<&Tensor<B, 4, Bool>>,
+    ) -> Tensor<B, 3> {
+        let [batch, _, seq, _] = q.dims();
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         // [batch, kv_heads, total, head_dim]
         let (k, v) = match cache {
             Some(slot) => {
@@ -209,8 +227,7 @@ impl<B: Backend> Attention<B> {
             };
             attention(q, k, v, mask, None, options)
         };
-        let out = out.swap_dims(1, 2).reshape([batch, seq, h * d]);
-        self.o_proj.forward(out)
+        out.swap_dims(1, 2).reshape([batch, seq, h * d])
     }
 }
 
@@ -551,27 +568,22 @@ impl<B: Backend> CausalLm<B> {
 
     /// Cos/sin tables `[1, seq, 1, rotary_dim]` for positions `start..start + seq`.
     pub fn rope_tables(&self, start: usize, seq: usize, device: &B::Device) -> RopeTables<B> {
-        let (cos, sin) = rope::cos_sin_tables(&self.inv_freq, start + seq);
-        let dim = 2 * self.inv_freq.len();
-        let from = start * dim;
-        let make = |v: Vec<f32>| {
-            let t =
-                Tensor::<B, 2>::from_data(TensorData::new(v[from..].to_vec(), [seq, dim]), device);
-            let t = if self.config_dtype() != DType::F32 {
-                t.cast(self.config_dtype())
-            } else {
-                t
-            };
-            t.reshape([1, seq, 1, dim])
-        };
-        RopeTables {
-            cos: make(cos),
-            sin: make(sin),
-        }
+        let positions: Vec<u32> = (start as u32..(start + seq) as u32).collect();
+        self.rope_tables_at(&positions, 1, seq, device)
     }
 
     fn config_dtype(&self) -> DType {
         self.model.embed_tokens.val().dtype()
+    }
+
+    /// Token embeddings: `[batch, seq]` ids -> `[batch, seq, hidden]`.
+    pub fn embed(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let [batch, seq] = input_ids.dims();
+        self.model
+            .embed_tokens
+            .val()
+            .select(0, input_ids.reshape([batch * seq]))
+            .reshape([batch, seq, self.config.hidden_size])
     }
 
     /// Hidden states after the final norm: `input_ids` `[batch, seq]` -> `[batch, seq, hidden]`.
@@ -581,17 +593,11 @@ impl<B: Backend> CausalLm<B> {
         input_ids: Tensor<B, 2, Int>,
         mut cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
-        let [batch, seq] = input_ids.dims();
+        let seq = input_ids.dims()[1];
         let device = input_ids.device();
         let start = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         let rope = self.rope_tables(start, seq, &device);
-        let hidden = self.config.hidden_size;
-        let mut x = self
-            .model
-            .embed_tokens
-            .val()
-            .select(0, input_ids.reshape([batch * seq]))
-            .reshape([batch, seq, hidden]);
+        let mut x = self.embed(input_ids);
         for (i, layer) in self.model.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| c.layer_mut(i));
             x = layer.forward(x, &rope, slot, None);
@@ -625,13 +631,7 @@ impl<B: Backend> CausalLm<B> {
         let device = input_ids.device();
         let rope = self.rope_tables_at(position_ids, batch, seq, &device);
         let mut masks: Vec<(usize, Tensor<B, 4, Bool>)> = Vec::new();
-        let hidden = self.config.hidden_size;
-        let mut x = self
-            .model
-            .embed_tokens
-            .val()
-            .select(0, input_ids.reshape([batch * seq]))
-            .reshape([batch, seq, hidden]);
+        let mut x = self.embed(input_ids);
         for layer in &self.model.layers {
             let window = layer.self_attn.sliding_window;
             let mask = match masks.iter().find(|(w, _)| *w == window) {
