@@ -64,6 +64,7 @@ fn rope_at<B: Backend>(
     RopeTables {
         cos: gather(&cos),
         sin: gather(&sin),
+        host: None,
     }
 }
 

@@ -38,6 +38,21 @@ pub fn causal_lm_loss_sum<B: Backend>(
         }
     }
     let count = weights.iter().filter(|w| **w > 0.0).count();
+    if crate::kernels::fused::<B>(logits.dtype()) {
+        // Every position of every row; the last one of each row predicts nothing.
+        let mut all = Vec::with_capacity(batch * seq);
+        for row in targets.chunks(seq - 1).zip(weights.chunks(seq - 1)) {
+            all.extend(
+                row.0
+                    .iter()
+                    .zip(row.1)
+                    .map(|(&t, &w)| if w > 0.0 { t } else { -1 }),
+            );
+            all.push(-1);
+        }
+        let logits = logits.reshape([batch * seq, vocab]);
+        return (crate::kernels::nll_sum(logits, all), count);
+    }
     let logits = logits.narrow(1, 0, seq - 1).reshape([rows, vocab]);
     let logits = if logits.dtype() != burn::tensor::DType::F32 {
         logits.cast(burn::tensor::DType::F32)

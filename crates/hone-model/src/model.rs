@@ -3,6 +3,8 @@
 //! `rotate_half` layout, SwiGLU MLP, optional q/k/v biases, tied or untied `lm_head`.
 //! Field names are the checkpoint keys (`model.layers.N.self_attn.q_proj.weight`, ...).
 
+use std::sync::Arc;
+
 use burn::module::{Module, Param, ParamId};
 use burn::prelude::*;
 use burn::tensor::activation::silu;
@@ -13,6 +15,7 @@ use burn::tensor::{DType, Distribution, TensorData};
 use crate::cache::{KvCache, LayerCache};
 use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::kernels::{self, RopeHost};
 use crate::lora::Lora;
 use crate::rope;
 use crate::weights::WeightStore;
@@ -79,6 +82,9 @@ impl<B: Backend> RmsNorm<B> {
     /// `x`: `[batch, seq, hidden]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let dtype = x.dtype();
+        if kernels::fused::<B>(dtype) {
+            return kernels::rms_norm(x, self.weight.val(), self.eps);
+        }
         let x = if dtype != DType::F32 {
             x.cast(DType::F32)
         } else {
@@ -114,6 +120,8 @@ pub struct Attention<B: Backend> {
 pub struct RopeTables<B: Backend> {
     pub cos: Tensor<B, 4>,
     pub sin: Tensor<B, 4>,
+    /// The same tables on the host, `[rows, rotary_dim]`, for the fused CPU kernels.
+    pub host: Option<Arc<RopeHost>>,
 }
 
 fn rotate_half<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
@@ -149,6 +157,11 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        if let (None, Some(host)) = (&cache, &rope.host) {
+            if kernels::fused::<B>(x.dtype()) {
+                return self.forward_fused(x, host, mask);
+            }
+        }
         let q = self.q_proj.forward(x.clone()).reshape([batch, seq, h, d]);
         let k = self.k_proj.forward(x.clone()).reshape([batch, seq, kvh, d]);
         let v = self.v_proj.forward(x).reshape([batch, seq, kvh, d]);
@@ -157,6 +170,44 @@ impl<B: Backend> Attention<B> {
         let v = v.swap_dims(1, 2);
         let out = self.attend(q, k, v, cache, mask);
         self.o_proj.forward(out)
+    }
+
+    /// [`Self::forward`] without a cache through the fused CPU kernels: RoPE and attention on
+    /// the projections' own `[batch, seq, heads, head_dim]` layout, no transposes or copies of
+    /// grouped keys and values.
+    fn forward_fused(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Arc<RopeHost>,
+        mask: Option<&Tensor<B, 4, Bool>>,
+    ) -> Tensor<B, 3> {
+        let [batch, seq, _] = x.dims();
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = kernels::rope(self.q_proj.forward(x.clone()), h, d, rope);
+        let k = kernels::rope(self.k_proj.forward(x.clone()), kvh, d, rope);
+        let v = self.v_proj.forward(x);
+        let mask = match mask {
+            Some(m) => {
+                let m = m.clone().reshape([batch * seq * seq]).into_data();
+                let m: Vec<bool> = m
+                    .to_vec::<bool>()
+                    .expect("a boolean mask converts to bools");
+                kernels::Mask::Dense(Arc::new(m))
+            }
+            None => kernels::Mask::Causal {
+                window: self.sliding_window,
+            },
+        };
+        let shape = kernels::AttnShape {
+            batch,
+            seq,
+            heads: h,
+            kv_heads: kvh,
+            dim: d,
+            scale: 1.0 / (d as f32).sqrt(),
+        };
+        self.o_proj
+            .forward(kernels::attention(q, k, v, shape, mask))
     }
 
     /// Attention of new queries `[batch, heads, seq, d]` (RoPE applied) against the cached keys
@@ -283,6 +334,12 @@ pub struct Mlp<B: Backend> {
 
 impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        if kernels::fused::<B>(x.dtype()) {
+            let gate = self.gate_proj.forward(x.clone());
+            return self
+                .down_proj
+                .forward(kernels::swiglu(gate, self.up_proj.forward(x)));
+        }
         let gate = silu(self.gate_proj.forward(x.clone()));
         self.down_proj.forward(gate * self.up_proj.forward(x))
     }
@@ -682,9 +739,24 @@ impl<B: Backend> CausalLm<B> {
             };
             t.reshape([batch, seq, 1, dim])
         };
+        let host = kernels::fused::<B>(self.config_dtype()).then(|| {
+            let host = |table: &[f32]| -> Vec<f32> {
+                positions
+                    .iter()
+                    .flat_map(|&p| &table[p as usize * dim..(p as usize + 1) * dim])
+                    .copied()
+                    .collect()
+            };
+            Arc::new(RopeHost {
+                cos: host(&cos),
+                sin: host(&sin),
+                rot: dim,
+            })
+        });
         RopeTables {
             cos: gather(&cos),
             sin: gather(&sin),
+            host,
         }
     }
 

@@ -157,7 +157,9 @@ fn four_micro_batches_of_one_equal_one_batch_of_four() {
         let y = y.clone().into_data().to_vec::<f32>().unwrap();
         for (i, (p, q)) in x.iter().zip(&y).enumerate() {
             assert!(
-                (p - q).abs() <= 1e-8 + 1e-5 * p.abs(),
+                // The gradient tolerance: 1e-5 relative or 1e-7 absolute (summation order
+                // over 4×32 vs 32 tokens differs by ~2e-8 on gradients of size 3e-2).
+                (p - q).abs() <= 1e-7 + 1e-5 * p.abs(),
                 "{key}[{i}]: batch {p} vs accumulated {q}"
             );
         }

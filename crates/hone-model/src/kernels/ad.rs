@@ -1,0 +1,253 @@
+//! The fused kernels as autodiff nodes of `Autodiff<Flex, C>`: each forward runs the host
+//! kernel and, when a parent is tracked, keeps what its backward pass needs; each backward
+//! runs the matching host gradient kernel (burn-autodiff's `Backward` trait).
+
+use std::sync::Arc;
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::Flex;
+use burn_flex::FlexTensor;
+
+use super::cpu::{self, AttnShape};
+use super::{contiguous, dims, flex, values, AdTensor, Mask, RopeHost};
+
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct RmsNormOp;
+
+impl Backward<Flex, 2> for RmsNormOp {
+    /// `x`, `w`, reciprocal roots of the rows.
+    type State = (FlexTensor, FlexTensor, Arc<Vec<f32>>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [px, pw] = ops.parents;
+        let g = contiguous(&grads.consume::<Flex>(&ops.node));
+        let (x, w, rstd) = ops.state;
+        let (dx, dw) =
+            cpu::rms_norm_backward(values(&g), values(&x), values(&w), &rstd, pw.is_some());
+        if let Some(node) = px {
+            grads.register::<Flex>(node.id, flex(dx, &dims(&x)));
+        }
+        if let (Some(node), Some(dw)) = (pw, dw) {
+            grads.register::<Flex>(node.id, flex(dw, &dims(&w)));
+        }
+    }
+}
+
+pub(crate) fn rms_norm<C: CheckpointStrategy>(x: AdTensor, w: AdTensor, eps: f32) -> AdTensor {
+    let (xf, wf) = (contiguous(&x.primitive), contiguous(&w.primitive));
+    let (y, rstd) = cpu::rms_norm(values(&xf), values(&wf), eps);
+    let y = flex(y, &dims(&xf));
+    match RmsNormOp
+        .prepare::<C>([x.node.clone(), w.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((xf, wf, Arc::new(rstd)), y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct RopeOp;
+
+impl Backward<Flex, 1> for RopeOp {
+    /// Heads, head dim, tables.
+    type State = (usize, usize, Arc<RopeHost>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [px] = ops.parents;
+        let g = contiguous(&grads.consume::<Flex>(&ops.node));
+        let (heads, head_dim, t) = ops.state;
+        if let Some(node) = px {
+            let mut dx = values(&g).to_vec();
+            cpu::rope(&mut dx, heads, head_dim, &t.cos, &t.sin, t.rot, true);
+            grads.register::<Flex>(node.id, flex(dx, &dims(&g)));
+        }
+    }
+}
+
+pub(crate) fn rope<C: CheckpointStrategy>(
+    x: AdTensor,
+    heads: usize,
+    head_dim: usize,
+    tables: Arc<RopeHost>,
+) -> AdTensor {
+    let xf = contiguous(&x.primitive);
+    let mut y = values(&xf).to_vec();
+    cpu::rope(
+        &mut y,
+        heads,
+        head_dim,
+        &tables.cos,
+        &tables.sin,
+        tables.rot,
+        false,
+    );
+    let y = flex(y, &dims(&xf));
+    match RopeOp
+        .prepare::<C>([x.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((heads, head_dim, tables), y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct AttentionOp;
+
+#[derive(Debug, Clone)]
+struct AttentionState {
+    q: FlexTensor,
+    k: FlexTensor,
+    v: FlexTensor,
+    o: FlexTensor,
+    lse: Arc<Vec<f32>>,
+    shape: AttnShape,
+    mask: Mask,
+}
+
+impl Backward<Flex, 3> for AttentionOp {
+    type State = AttentionState;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [pq, pk, pv] = ops.parents;
+        let g = contiguous(&grads.consume::<Flex>(&ops.node));
+        let s = ops.state;
+        let (dq, dk, dv) = cpu::attention_backward(
+            values(&g),
+            values(&s.q),
+            values(&s.k),
+            values(&s.v),
+            values(&s.o),
+            &s.lse,
+            s.shape,
+            s.mask.view(),
+        );
+        if let Some(node) = pq {
+            grads.register::<Flex>(node.id, flex(dq, &dims(&s.q)));
+        }
+        if let Some(node) = pk {
+            grads.register::<Flex>(node.id, flex(dk, &dims(&s.k)));
+        }
+        if let Some(node) = pv {
+            grads.register::<Flex>(node.id, flex(dv, &dims(&s.v)));
+        }
+    }
+}
+
+pub(crate) fn attention<C: CheckpointStrategy>(
+    q: AdTensor,
+    k: AdTensor,
+    v: AdTensor,
+    shape: AttnShape,
+    mask: Mask,
+) -> AdTensor {
+    let (qf, kf, vf) = (
+        contiguous(&q.primitive),
+        contiguous(&k.primitive),
+        contiguous(&v.primitive),
+    );
+    let (o, lse) = cpu::attention(values(&qf), values(&kf), values(&vf), shape, mask.view());
+    let o = flex(o, &dims(&qf));
+    match AttentionOp
+        .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let state = AttentionState {
+                q: qf,
+                k: kf,
+                v: vf,
+                o: o.clone(),
+                lse: Arc::new(lse),
+                shape,
+                mask,
+            };
+            prep.finish(state, o)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(o),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct SwigluOp;
+
+impl Backward<Flex, 2> for SwigluOp {
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [pg, pu] = ops.parents;
+        let d = contiguous(&grads.consume::<Flex>(&ops.node));
+        let (gate, up) = ops.state;
+        let (dg, du) = cpu::swiglu_backward(values(&d), values(&gate), values(&up));
+        if let Some(node) = pg {
+            grads.register::<Flex>(node.id, flex(dg, &dims(&gate)));
+        }
+        if let Some(node) = pu {
+            grads.register::<Flex>(node.id, flex(du, &dims(&up)));
+        }
+    }
+}
+
+pub(crate) fn swiglu<C: CheckpointStrategy>(gate: AdTensor, up: AdTensor) -> AdTensor {
+    let (gf, uf) = (contiguous(&gate.primitive), contiguous(&up.primitive));
+    let out = flex(cpu::swiglu(values(&gf), values(&uf)), &dims(&gf));
+    match SwigluOp
+        .prepare::<C>([gate.node.clone(), up.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((gf, uf), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct NllOp;
+
+impl Backward<Flex, 1> for NllOp {
+    /// Logits, targets, log-sum-exp of each row.
+    type State = (FlexTensor, Arc<Vec<i64>>, Arc<Vec<f32>>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [px] = ops.parents;
+        let g = contiguous(&grads.consume::<Flex>(&ops.node));
+        let (x, targets, lse) = ops.state;
+        if let Some(node) = px {
+            let shape = dims(&x);
+            let dx = cpu::nll_sum_backward(values(&g)[0], values(&x), shape[1], &targets, &lse);
+            grads.register::<Flex>(node.id, flex(dx, &shape));
+        }
+    }
+}
+
+pub(crate) fn nll_sum<C: CheckpointStrategy>(logits: AdTensor, targets: Arc<Vec<i64>>) -> AdTensor {
+    let xf = contiguous(&logits.primitive);
+    let vocab = dims(&xf)[1];
+    let (sum, lse) = cpu::nll_sum(values(&xf), vocab, &targets);
+    let out = flex(vec![sum as f32], &[1]);
+    match NllOp
+        .prepare::<C>([logits.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((xf, targets, Arc::new(lse)), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }
+}

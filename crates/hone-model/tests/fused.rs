@@ -1,0 +1,200 @@
+//! The fused CPU kernels (RMSNorm, RoPE, attention, SwiGLU, cross-entropy, with their
+//! analytic backward passes) compute what the composition of burn operations computes: logits,
+//! loss and every LoRA gradient, on dense and packed batches, with grouped-query attention, q/k/v
+//! biases, tied embeddings, a sliding window and partial rotary embeddings. The composed path is
+//! itself checked against transformers and PEFT (tests/reference.rs, hone-train's reference
+//! tests), so this ties the fused path to the same references on cases the fixtures lack.
+//!
+//! One test function: the switch between the two paths is process-wide.
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::Autodiff;
+use burn::prelude::*;
+use burn::tensor::TensorData;
+use hone_model::kernels;
+use hone_model::loss::causal_lm_loss_sum;
+use hone_model::{CausalLm, Cpu, LoadOptions, ModelConfig, WeightStore};
+
+type Ad = Autodiff<Cpu>;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/peft")
+        .join(name)
+}
+
+fn model<B: Backend>(name: &str, edit: &dyn Fn(&mut ModelConfig)) -> CausalLm<B> {
+    let dir = fixture(name);
+    let mut config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    edit(&mut config);
+    let store = WeightStore::open_dir(&dir).unwrap();
+    let mut m = CausalLm::from_store(&config, &store, &Default::default(), LoadOptions::default())
+        .unwrap()
+        .0;
+    m.load_adapter(&dir.join("adapter")).unwrap();
+    m
+}
+
+fn ids<B: Backend>(v: &[i64], batch: usize) -> Tensor<B, 2, Int> {
+    Tensor::from_data(
+        TensorData::new(v.to_vec(), [batch, v.len() / batch]),
+        &Default::default(),
+    )
+}
+
+fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
+}
+
+/// Deterministic pseudo-random token ids below `vocab`.
+fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<i64> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) % vocab as u64) as i64
+        })
+        .collect()
+}
+
+/// Everything one path computes: logits (no autodiff), dense loss + gradients, packed loss +
+/// gradients.
+struct Outputs {
+    logits: Vec<f32>,
+    dense: (f32, Vec<Vec<f32>>),
+    packed: (f32, Vec<Vec<f32>>),
+}
+
+fn loss_and_grads(
+    m: &CausalLm<Ad>,
+    input: &[i64],
+    labels: &[i64],
+    batch: usize,
+    packing: Option<(&[u32], &[u32])>,
+) -> (f32, Vec<Vec<f32>>) {
+    let logits = match packing {
+        Some((pos, seg)) => m.forward_packed(ids(input, batch), pos, seg),
+        None => m.forward(ids(input, batch), None),
+    };
+    let (sum, count) = causal_lm_loss_sum(logits, labels);
+    assert!(count > 0);
+    let loss = host(sum.clone())[0];
+    let grads = sum.backward();
+    let mut out = Vec::new();
+    for (_, linear) in m.projections() {
+        if let Some(lora) = &linear.lora {
+            for p in [&lora.lora_a, &lora.lora_b] {
+                out.push(host(p.grad(&grads).expect("every adapter gets a gradient")));
+            }
+        }
+    }
+    (loss, out)
+}
+
+fn run(name: &str, edit: &dyn Fn(&mut ModelConfig)) -> Outputs {
+    let flex = model::<Cpu>(name, edit);
+    let vocab = flex.config.vocab_size;
+    let (batch, seq) = (3, 24);
+    let input = tokens(batch * seq, vocab, 7);
+    let logits = host(flex.forward(ids(&input, batch), None));
+
+    let ad = model::<Ad>(name, edit);
+    let mut labels = input.clone();
+    for (i, l) in labels.iter_mut().enumerate() {
+        if i % seq < 3 || i % 5 == 0 {
+            *l = -100;
+        }
+    }
+    let dense = loss_and_grads(&ad, &input, &labels, batch, None);
+
+    // Two rows: examples of 9 + 11 + 4 tokens, and 15 tokens + 9 padding.
+    let lengths: [&[usize]; 2] = [&[9, 11, 4], &[15]];
+    let (mut pos, mut seg) = (Vec::new(), Vec::new());
+    for row in lengths {
+        let mut used = 0;
+        for (i, &len) in row.iter().enumerate() {
+            pos.extend(0..len as u32);
+            seg.extend(std::iter::repeat_n(i as u32 + 1, len));
+            used += len;
+        }
+        pos.extend(std::iter::repeat_n(0, seq - used));
+        seg.extend(std::iter::repeat_n(0, seq - used));
+    }
+    let packed_input = tokens(2 * seq, vocab, 11);
+    let packed_labels: Vec<i64> = packed_input
+        .iter()
+        .zip(&seg)
+        .map(|(&t, &s)| if s == 0 { -100 } else { t })
+        .collect();
+    let packed = loss_and_grads(&ad, &packed_input, &packed_labels, 2, Some((&pos, &seg)));
+    Outputs {
+        logits,
+        dense,
+        packed,
+    }
+}
+
+fn assert_close(what: &str, a: &[f32], b: &[f32], tol: f32) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+    let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(
+        diff <= tol * scale.max(1.0) && diff.is_finite(),
+        "{what}: max |fused - composed| = {diff:e} (largest value {scale:e})"
+    );
+}
+
+#[test]
+fn fused_kernels_compute_what_composed_burn_ops_compute() {
+    let cases: Vec<(&str, &str, Box<dyn Fn(&mut ModelConfig)>)> = vec![
+        ("llama_gqa", "plain", Box::new(|_| {})),
+        ("qwen2_tied", "biases, tied", Box::new(|_| {})),
+        (
+            "llama_gqa",
+            "window 7, half rotary",
+            Box::new(|c: &mut ModelConfig| {
+                c.sliding_window = vec![Some(7); c.num_layers];
+                c.partial_rotary_factor = 0.5;
+            }),
+        ),
+    ];
+    for (name, label, edit) in &cases {
+        kernels::set_enabled(true);
+        let fused = run(name, edit.as_ref());
+        kernels::set_enabled(false);
+        let composed = run(name, edit.as_ref());
+        kernels::set_enabled(true);
+        let what = |s: &str| format!("{name} ({label}) {s}");
+        assert_close(&what("logits"), &fused.logits, &composed.logits, 1e-5);
+        for (kind, f, c) in [
+            ("dense", &fused.dense, &composed.dense),
+            ("packed", &fused.packed, &composed.packed),
+        ] {
+            assert!(
+                (f.0 - c.0).abs() <= 1e-5 * c.0.abs(),
+                "{}: loss {} vs {}",
+                what(kind),
+                f.0,
+                c.0
+            );
+            assert_eq!(f.1.len(), c.1.len());
+            for (i, (gf, gc)) in f.1.iter().zip(&c.1).enumerate() {
+                let scale = gc.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let diff = gf
+                    .iter()
+                    .zip(gc)
+                    .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(
+                    diff <= 1e-5 * scale + 1e-7,
+                    "{} gradient {i}: max diff {diff:e} (largest {scale:e})",
+                    what(kind)
+                );
+            }
+        }
+    }
+}
