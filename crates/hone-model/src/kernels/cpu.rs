@@ -36,6 +36,111 @@ pub fn exp(x: f32) -> f32 {
     y * f32::from_bits(((bits + 127) as u32) << 23)
 }
 
+/// Defines `pub fn $name(args) -> ret` that runs `$body` compiled for AVX-512 or AVX2+FMA when
+/// the CPU has them (checked at run time), plain x86-64 otherwise. Bodies are written with
+/// independent lanes so that the compiler vectorises them.
+macro_rules! multiversion {
+    ($(#[$m:meta])* fn $name:ident($($a:ident: $t:ty),*) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        pub fn $name($($a: $t),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($a: $t),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn v4($($a: $t),*) $(-> $ret)? { body($($a),*) }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn v3($($a: $t),*) $(-> $ret)? { body($($a),*) }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has the features the function was compiled for.
+                    return unsafe { v4($($a),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: as above.
+                    return unsafe { v3($($a),*) };
+                }
+            }
+            body($($a),*)
+        }
+    };
+}
+
+const LANES: usize = 16;
+
+multiversion! {
+    /// Largest value of `x` (`-inf` when empty).
+    fn max(x: &[f32]) -> f32 {
+        let mut acc = [f32::NEG_INFINITY; LANES];
+        let chunks = x.chunks_exact(LANES);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for i in 0..LANES {
+                acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+            }
+        }
+        let mut m = f32::NEG_INFINITY;
+        for v in acc.iter().chain(rest) {
+            m = if *v > m { *v } else { m };
+        }
+        m
+    }
+}
+
+multiversion! {
+    /// `Σ exp(x - shift)`.
+    fn sum_exp(x: &[f32], shift: f32) -> f32 {
+        let mut acc = [0f32; LANES];
+        let chunks = x.chunks_exact(LANES);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for i in 0..LANES {
+                acc[i] += exp(c[i] - shift);
+            }
+        }
+        acc.iter().sum::<f32>() + rest.iter().map(|&v| exp(v - shift)).sum::<f32>()
+    }
+}
+
+multiversion! {
+    /// `dst = scale · exp(x - shift)`.
+    fn exp_scaled(dst: &mut [f32], x: &[f32], shift: f32, scale: f32) {
+        for (d, &v) in dst.iter_mut().zip(x) {
+            *d = scale * exp(v - shift);
+        }
+    }
+}
+
+multiversion! {
+    /// `x = exp(x - shift)`.
+    fn exp_in_place(x: &mut [f32], shift: f32) {
+        for v in x.iter_mut() {
+            *v = exp(*v - shift);
+        }
+    }
+}
+
+multiversion! {
+    /// `out = silu(g) · u`.
+    fn swiglu_slice(out: &mut [f32], g: &[f32], u: &[f32]) {
+        for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+            *o = g * sigmoid(g) * u;
+        }
+    }
+}
+
+multiversion! {
+    /// Gradients of [`swiglu_slice`].
+    fn swiglu_backward_slice(dg: &mut [f32], du: &mut [f32], d: &[f32], g: &[f32], u: &[f32]) {
+        for ((((dg, du), &d), &g), &u) in dg.iter_mut().zip(du).zip(d).zip(g).zip(u) {
+            let s = sigmoid(g);
+            *du = d * g * s;
+            *dg = d * u * s * (1.0 + g * (1.0 - s));
+        }
+    }
+}
+
 /// A raw pointer that rayon tasks may share; every use writes a region no other task touches.
 #[derive(Clone, Copy)]
 struct Shared(*mut f32);
@@ -276,14 +381,11 @@ fn softmax_rows(
                 let lse = match lse_in {
                     Some(l) => l[q],
                     None => {
-                        let max = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let sum: f32 = live.iter().map(|&v| exp(v - max)).sum();
-                        max + sum.ln()
+                        let max = max(live);
+                        max + sum_exp(live, max).ln()
                     }
                 };
-                for v in live.iter_mut() {
-                    *v = exp(*v - lse);
-                }
+                exp_in_place(live, lse);
                 lse_out[q] = lse;
             }
             RowMask::Mask(mask) => {
@@ -542,9 +644,7 @@ pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
         .zip(gate.par_chunks(16_384))
         .zip(up.par_chunks(16_384))
         .for_each(|((o, g), u)| {
-            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                *o = g * sigmoid(g) * u;
-            }
+            swiglu_slice(o, g, u);
         });
     out
 }
@@ -558,11 +658,7 @@ pub fn swiglu_backward(dout: &[f32], gate: &[f32], up: &[f32]) -> (Vec<f32>, Vec
         .zip(dout.par_chunks(16_384))
         .zip(gate.par_chunks(16_384).zip(up.par_chunks(16_384)))
         .for_each(|(((dg, du), d), (g, u))| {
-            for ((((dg, du), &d), &g), &u) in dg.iter_mut().zip(du).zip(d).zip(g).zip(u) {
-                let s = sigmoid(g);
-                *du = d * g * s;
-                *dg = d * u * s * (1.0 + g * (1.0 - s));
-            }
+            swiglu_backward_slice(dg, du, d, g, u);
         });
     (dg, du)
 }
@@ -583,9 +679,8 @@ pub fn nll_sum(logits: &[f32], vocab: usize, targets: &[i64]) -> (f64, Vec<f32>)
         .map(|((lse, x), t)| {
             let mut total = 0f64;
             for ((lse, x), &t) in lse.iter_mut().zip(x.chunks(vocab)).zip(t) {
-                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f32 = x.iter().map(|&v| exp(v - max)).sum();
-                *lse = max + sum.ln();
+                let max = max(x);
+                *lse = max + sum_exp(x, max).ln();
                 if t >= 0 {
                     total += f64::from(*lse - x[t as usize]);
                 }
@@ -615,9 +710,7 @@ pub fn nll_sum_backward(
                 if t < 0 {
                     continue;
                 }
-                for (d, &v) in dx.iter_mut().zip(x) {
-                    *d = g * exp(v - lse);
-                }
+                exp_scaled(dx, x, lse, g);
                 dx[t as usize] -= g;
             }
         });
