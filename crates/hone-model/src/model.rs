@@ -158,7 +158,8 @@ impl<B: Backend> Attention<B> {
         let [batch, seq, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         if let (None, Some(host)) = (&cache, &rope.host) {
-            if kernels::fused::<B>(x.dtype()) {
+            let full_mask = mask.is_none_or(|m| m.dims() == [batch, 1, seq, seq]);
+            if full_mask && kernels::fused::<B>(x.dtype()) {
                 return self.forward_fused(x, host, mask);
             }
         }
@@ -256,15 +257,23 @@ impl<B: Backend> Attention<B> {
             softcap: None,
             is_causal: mask.is_none(),
         };
-        let out = if groups > 1 && seq == 1 && mask.is_none() {
-            // One new position attends to every cached one: fold the query heads of each group
-            // into the sequence axis instead of copying keys and values `groups` times.
-            let q = q.reshape([batch, kvh, groups, d]);
+        let out = if groups > 1 && (seq == 1 || mask.is_some()) {
+            // Fold the query heads of each group into the query axis instead of copying keys
+            // and values `groups` times; an explicit mask is repeated along the folded axis.
+            // (Without a mask only a single query can fold: the implicit causal mask would
+            // not know the folded rows.)
+            let q = q.reshape([batch, kvh, groups * seq, d]);
+            let mask = mask.map(|m| {
+                let [mb, _, _, keys] = m.dims();
+                m.unsqueeze_dim::<5>(2)
+                    .expand([mb, 1, groups, seq, keys])
+                    .reshape([mb, 1, groups * seq, keys])
+            });
             let options = AttentionModuleOptions {
                 is_causal: false,
                 ..options
             };
-            attention(q, k, v, None, None, options).reshape([batch, h, 1, d])
+            attention(q, k, v, mask, None, options).reshape([batch, h, seq, d])
         } else {
             let (k, v) = if groups > 1 {
                 let expand = |t: Tensor<B, 4>| {
