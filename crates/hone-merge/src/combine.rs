@@ -7,6 +7,11 @@
 //!   [`crate::methods`] is applied to the `A`s with weights `sign(w_i s_i) · sqrt(|w_i s_i|)` and
 //!   to the `B`s with weights `sqrt(|w_i s_i|)`, separately. `B' A'` therefore holds cross terms
 //!   (`linear` is not the sum of the deltas; `cat` is).
+//! - `svd`, `ties_svd`, `dare_linear_svd`, `dare_ties_svd`, `magnitude_prune_svd` (any ranks):
+//!   the rule (task arithmetic for `svd`) is applied to the adapters' deltas `s_i B_i A_i` with
+//!   the weights `w_i`, and the result is factored back to rank `svd_rank` (default: the largest
+//!   rank) by truncated SVD ([`crate::svd`]). The deltas are formed in f32 as PEFT's
+//!   `get_delta_weight` does; `svd` alone never forms them (its delta is `B A` of rank `Σ r_i`).
 //!
 //! The combined adapter has scaling 1 (PEFT sets `r = lora_alpha = new rank`). With a single
 //! adapter PEFT always uses `linear`, and so does hone. A module only some adapters target is
@@ -18,8 +23,9 @@ use std::path::PathBuf;
 use crate::adapters::{Adapter, Factors, ModuleShape};
 use crate::error::{MergeError, Result};
 use crate::methods::{self, MajoritySign};
+use crate::svd;
 
-/// How adapters are combined (PEFT's `combination_type`, the non-SVD ones).
+/// How adapters are combined (PEFT's `combination_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Method {
     /// Weighted sum of the `A`s and of the `B`s (with square-root weights); equal ranks.
@@ -35,6 +41,16 @@ pub enum Method {
     DareTies,
     /// Magnitude pruning, then a weighted sum; equal ranks, needs a density.
     MagnitudePrune,
+    /// Weighted sum of the deltas, truncated SVD; any ranks.
+    Svd,
+    /// TIES on the deltas, truncated SVD; any ranks, needs a density.
+    TiesSvd,
+    /// DARE + weighted sum on the deltas, truncated SVD; any ranks, needs a density.
+    DareLinearSvd,
+    /// DARE + TIES' election on the deltas, truncated SVD; any ranks, needs a density.
+    DareTiesSvd,
+    /// Magnitude pruning + weighted sum on the deltas, truncated SVD; any ranks, needs a density.
+    MagnitudePruneSvd,
 }
 
 impl Method {
@@ -47,12 +63,35 @@ impl Method {
             Method::DareLinear => "dare_linear",
             Method::DareTies => "dare_ties",
             Method::MagnitudePrune => "magnitude_prune",
+            Method::Svd => "svd",
+            Method::TiesSvd => "ties_svd",
+            Method::DareLinearSvd => "dare_linear_svd",
+            Method::DareTiesSvd => "dare_ties_svd",
+            Method::MagnitudePruneSvd => "magnitude_prune_svd",
         }
     }
 
     /// Whether the method prunes and so needs a density.
     pub fn uses_density(self) -> bool {
-        !matches!(self, Method::Linear | Method::Cat)
+        !matches!(self, Method::Linear | Method::Cat | Method::Svd)
+    }
+
+    /// Whether the method combines deltas and factors them by SVD (and so takes [`SvdOptions`]).
+    pub fn is_svd(self) -> bool {
+        matches!(
+            self,
+            Method::Svd
+                | Method::TiesSvd
+                | Method::DareLinearSvd
+                | Method::DareTiesSvd
+                | Method::MagnitudePruneSvd
+        )
+    }
+
+    /// Whether all adapters must have the same rank (the methods that combine factors
+    /// element-wise).
+    pub fn needs_equal_ranks(self) -> bool {
+        !(self == Method::Cat || self.is_svd())
     }
 }
 
@@ -73,6 +112,31 @@ pub struct Combination {
     pub majority_sign: MajoritySign,
     /// Seed of DARE's random pruning.
     pub seed: u64,
+    /// Settings of the SVD methods; must be left unset for the others.
+    pub svd: SvdOptions,
+}
+
+/// Settings of the SVD methods (PEFT's `svd_rank` and `svd_clamp`).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct SvdOptions {
+    /// Rank of the combined adapter (`None`: the largest rank of the adapters, as in PEFT).
+    pub rank: Option<usize>,
+    /// Quantile in [0, 1] of the entries of the factors at which they are clamped, symmetrically
+    /// (`None`: no clamping).
+    pub clamp: Option<f64>,
+}
+
+/// A validated combination as [`combine_factors`] applies it to each module.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModuleRule {
+    pub method: Method,
+    /// Fraction of values kept by the pruning methods (1 for the others).
+    pub density: f64,
+    pub majority_sign: MajoritySign,
+    /// Rank of the SVD methods' result (unused by the others).
+    pub svd_rank: usize,
+    /// Clamp quantile of the SVD methods.
+    pub svd_clamp: Option<f64>,
 }
 
 /// A combined update of one module with scaling 1: `delta = B A`.
@@ -136,15 +200,14 @@ impl LowRank {
 }
 
 /// Combines per-module factors of several adapters (in adapter order; `None` where an adapter
-/// does not target the module) with `method`. `weights` has one entry per adapter; `seeds` gives
-/// DARE's seed for adapter `i`'s `A` and `B`. The pure core of [`AdapterSet::combined`].
+/// does not target the module) with `rule`. `weights` has one entry per adapter; `seeds(i, which)`
+/// gives DARE's seed for adapter `i`'s `lora_A`, `lora_B` or `delta`. The pure core of
+/// [`AdapterSet::combined`].
 pub fn combine_factors(
     module: &str,
     factors: &[(PathBuf, Option<Factors>)],
     weights: &[f64],
-    method: Method,
-    density: f64,
-    sign: MajoritySign,
+    rule: &ModuleRule,
     seeds: &dyn Fn(usize, &str) -> u64,
 ) -> Result<LowRank> {
     if weights.len() != factors.len() {
@@ -153,41 +216,89 @@ pub fn combine_factors(
             adapters: factors.len(),
         });
     }
-    let present: Vec<(usize, &PathBuf, &Factors)> = factors
+    let present: Vec<Present> = factors
         .iter()
         .enumerate()
         .filter_map(|(i, (dir, f))| f.as_ref().map(|f| (i, dir, f)))
         .collect();
-    let Some(&(_, first_dir, first)) = present.first() else {
+    if present.is_empty() {
         return Err(
             hone_model::ModelError::Input(format!("no adapter targets module `{module}`")).into(),
         );
-    };
-    if method == Method::Cat {
-        let rank: usize = present.iter().map(|(_, _, f)| f.shape.rank).sum();
-        let shape = ModuleShape {
-            rank,
-            ..first.shape
-        };
-        let mut a = Vec::with_capacity(rank * shape.in_features);
-        let mut b = vec![0f32; shape.out_features * rank];
-        let mut offset = 0;
-        for &(i, _, f) in &present {
-            let factor = (weights[i] * f.scale) as f32;
-            a.extend(f.a.iter().map(|x| x * factor));
-            let r = f.shape.rank;
-            for o in 0..shape.out_features {
-                b[o * rank + offset..o * rank + offset + r]
-                    .copy_from_slice(&f.b[o * r..(o + 1) * r]);
-            }
-            offset += r;
-        }
-        return Ok(LowRank { shape, a, b });
     }
+    if rule.method == Method::Cat {
+        Ok(cat(&present, weights))
+    } else if rule.method.is_svd() {
+        svd_combined(module, &present, weights, rule, seeds)
+    } else {
+        factorwise(module, &present, weights, rule, seeds)
+    }
+}
+
+/// An adapter that targets the module: its index, directory and factors.
+type Present<'a> = (usize, &'a PathBuf, &'a Factors);
+
+/// `A' = concat_rows(w_i s_i A_i)`, `B' = concat_cols(B_i)`.
+fn cat(present: &[Present], weights: &[f64]) -> LowRank {
+    let first = present[0].2;
+    let rank: usize = present.iter().map(|(_, _, f)| f.shape.rank).sum();
+    let shape = ModuleShape {
+        rank,
+        ..first.shape
+    };
+    let mut a = Vec::with_capacity(rank * shape.in_features);
+    let mut b = vec![0f32; shape.out_features * rank];
+    let mut offset = 0;
+    for &(i, _, f) in present {
+        let factor = (weights[i] * f.scale) as f32;
+        a.extend(f.a.iter().map(|x| x * factor));
+        let r = f.shape.rank;
+        for o in 0..shape.out_features {
+            b[o * rank + offset..o * rank + offset + r].copy_from_slice(&f.b[o * r..(o + 1) * r]);
+        }
+        offset += r;
+    }
+    LowRank { shape, a, b }
+}
+
+/// The merge rule of `method` (its `merge_utils.py` function) on equally long tensors.
+fn apply_rule(
+    method: Method,
+    parts: &[&[f32]],
+    weights: &[f32],
+    rule: &ModuleRule,
+    seeds: &[u64],
+) -> Vec<f32> {
+    let (density, sign) = (rule.density, rule.majority_sign);
+    match method {
+        Method::Linear | Method::Cat | Method::Svd => methods::task_arithmetic(parts, weights),
+        Method::Ties | Method::TiesSvd => methods::ties(parts, weights, density, sign),
+        Method::DareLinear | Method::DareLinearSvd => {
+            methods::dare_linear(parts, weights, density, seeds)
+        }
+        Method::DareTies | Method::DareTiesSvd => {
+            methods::dare_ties(parts, weights, density, sign, seeds)
+        }
+        Method::MagnitudePrune | Method::MagnitudePruneSvd => {
+            methods::magnitude_prune_merge(parts, weights, density)
+        }
+    }
+}
+
+/// The rule applied to the `A`s and to the `B`s separately, with weights
+/// `sign(w_i s_i) · sqrt(|w_i s_i|)` and `sqrt(|w_i s_i|)`; equal ranks.
+fn factorwise(
+    module: &str,
+    present: &[Present],
+    weights: &[f64],
+    rule: &ModuleRule,
+    seeds: &dyn Fn(usize, &str) -> u64,
+) -> Result<LowRank> {
+    let (_, first_dir, first) = present[0];
     for &(_, dir, f) in &present[1..] {
         if f.shape.rank != first.shape.rank {
             return Err(MergeError::ModuleRankMismatch {
-                method: method.name(),
+                method: rule.method.name(),
                 module: module.to_string(),
                 first: first_dir.clone(),
                 first_rank: first.shape.rank,
@@ -197,7 +308,7 @@ pub fn combine_factors(
         }
     }
     let (mut weights_a, mut weights_b) = (Vec::new(), Vec::new());
-    for &(i, _, f) in &present {
+    for &(i, _, f) in present {
         let ws = weights[i] * f.scale;
         let root = ws.abs().sqrt();
         weights_a.push((if ws >= 0.0 { root } else { -root }) as f32);
@@ -205,21 +316,85 @@ pub fn combine_factors(
     }
     let a_parts: Vec<&[f32]> = present.iter().map(|(_, _, f)| f.a.as_slice()).collect();
     let b_parts: Vec<&[f32]> = present.iter().map(|(_, _, f)| f.b.as_slice()).collect();
-    let rule = |parts: &[&[f32]], w: &[f32], which: &str| -> Vec<f32> {
+    let combine = |parts: &[&[f32]], w: &[f32], which: &str| -> Vec<f32> {
         let seeds: Vec<u64> = present.iter().map(|&(i, _, _)| seeds(i, which)).collect();
-        match method {
-            Method::Linear | Method::Cat => methods::task_arithmetic(parts, w),
-            Method::Ties => methods::ties(parts, w, density, sign),
-            Method::DareLinear => methods::dare_linear(parts, w, density, &seeds),
-            Method::DareTies => methods::dare_ties(parts, w, density, sign, &seeds),
-            Method::MagnitudePrune => methods::magnitude_prune_merge(parts, w, density),
-        }
+        apply_rule(rule.method, parts, w, rule, &seeds)
     };
     Ok(LowRank {
         shape: first.shape,
-        a: rule(&a_parts, &weights_a, "lora_A"),
-        b: rule(&b_parts, &weights_b, "lora_B"),
+        a: combine(&a_parts, &weights_a, "lora_A"),
+        b: combine(&b_parts, &weights_b, "lora_B"),
     })
+}
+
+/// PEFT's `get_delta_weight` in f32: `(B A) · scale`, `[out, in]` row-major.
+fn delta(f: &Factors) -> Vec<f32> {
+    let mut delta = vec![0f32; f.shape.out_features * f.shape.in_features];
+    LowRank {
+        shape: f.shape,
+        a: f.a.clone(),
+        b: f.b.clone(),
+    }
+    .add_to(&mut delta);
+    let scale = f.scale as f32;
+    delta.iter_mut().for_each(|d| *d *= scale);
+    delta
+}
+
+/// The rule applied to the deltas `s_i B_i A_i` with weights `w_i`, factored by truncated SVD.
+fn svd_combined(
+    module: &str,
+    present: &[Present],
+    weights: &[f64],
+    rule: &ModuleRule,
+    seeds: &dyn Fn(usize, &str) -> u64,
+) -> Result<LowRank> {
+    let shape = present[0].2.shape;
+    let (out_features, in_features) = (shape.out_features, shape.in_features);
+    let total: usize = present.iter().map(|(_, _, f)| f.shape.rank).sum();
+    if rule.method == Method::Svd && total < out_features.min(in_features) {
+        // Σ w_i s_i B_i A_i = B' A' with B' = [w_i s_i B_i] (columns) and A' = [A_i] (rows).
+        let mut b = vec![0f64; out_features * total];
+        let mut a = Vec::with_capacity(total * in_features);
+        let mut offset = 0;
+        for &(i, _, f) in present {
+            let factor = weights[i] * f.scale;
+            let r = f.shape.rank;
+            for o in 0..out_features {
+                for k in 0..r {
+                    b[o * total + offset + k] = factor * f.b[o * r + k] as f64;
+                }
+            }
+            a.extend(f.a.iter().map(|&x| x as f64));
+            offset += r;
+        }
+        let product = ModuleShape {
+            rank: total,
+            ..shape
+        };
+        return svd::truncated_svd_of_product(
+            module,
+            &b,
+            &a,
+            product,
+            rule.svd_rank,
+            rule.svd_clamp,
+        );
+    }
+    let deltas: Vec<Vec<f32>> = present.iter().map(|(_, _, f)| delta(f)).collect();
+    let parts: Vec<&[f32]> = deltas.iter().map(Vec::as_slice).collect();
+    let w: Vec<f32> = present.iter().map(|&(i, _, _)| weights[i] as f32).collect();
+    let seeds: Vec<u64> = present.iter().map(|&(i, _, _)| seeds(i, "delta")).collect();
+    let merged = apply_rule(rule.method, &parts, &w, rule, &seeds);
+    tracing::debug!("module `{module}`: SVD of a {out_features}x{in_features} update");
+    svd::truncated_svd(
+        module,
+        &merged,
+        out_features,
+        in_features,
+        rule.svd_rank,
+        rule.svd_clamp,
+    )
 }
 
 /// Several opened adapters with the validated way to combine them.
@@ -228,8 +403,7 @@ pub struct AdapterSet {
     /// The method actually used (`linear` when there is one adapter, as in PEFT).
     pub method: Method,
     weights: Vec<f64>,
-    density: f64,
-    majority_sign: MajoritySign,
+    rule: ModuleRule,
     seed: u64,
     /// Union of the adapters' modules with their shape (the rank is the first adapter's).
     modules: BTreeMap<String, ModuleShape>,
@@ -273,13 +447,33 @@ impl AdapterSet {
             (false, Some(_)) => {
                 return Err(MergeError::Density {
                     method: requested.name(),
-                    message:
-                        "density is only used by ties, dare_linear, dare_ties and magnitude_prune"
-                            .into(),
+                    message: "density is only used by ties, dare_linear, dare_ties, \
+                              magnitude_prune and their _svd variants"
+                        .into(),
                 })
             }
             (false, None) => 1.0,
         };
+        let svd = combination.svd;
+        let svd_error = |message: String| MergeError::SvdSetting {
+            method: requested.name(),
+            message,
+        };
+        if !requested.is_svd() && (svd.rank.is_some() || svd.clamp.is_some()) {
+            return Err(svd_error(
+                "an SVD rank or clamp is only used by svd, ties_svd, dare_linear_svd, \
+                 dare_ties_svd and magnitude_prune_svd"
+                    .into(),
+            ));
+        }
+        if svd.rank == Some(0) {
+            return Err(svd_error("the SVD rank must be at least 1".into()));
+        }
+        if let Some(q) = svd.clamp.filter(|q| !(0.0..=1.0).contains(q)) {
+            return Err(svd_error(format!(
+                "the SVD clamp is a quantile in [0, 1], found {q}"
+            )));
+        }
         let method = if dirs.len() == 1 {
             Method::Linear
         } else {
@@ -292,7 +486,7 @@ impl AdapterSet {
             .iter()
             .map(|d| Adapter::open(d))
             .collect::<Result<Vec<_>>>()?;
-        if method != Method::Cat {
+        if method.needs_equal_ranks() {
             let first = &adapters[0];
             if let Some(other) = adapters
                 .iter()
@@ -339,14 +533,20 @@ impl AdapterSet {
             }
         }
         let modules = modules.into_iter().map(|(m, (s, _))| (m, s)).collect();
+        let largest_rank = adapters.iter().map(Adapter::config_rank).max().unwrap_or(0);
         Ok(Self {
-            adapters,
             method,
             weights,
-            density,
-            majority_sign: combination.majority_sign,
+            rule: ModuleRule {
+                method,
+                density,
+                majority_sign: combination.majority_sign,
+                svd_rank: svd.rank.unwrap_or(largest_rank),
+                svd_clamp: svd.clamp,
+            },
             seed: combination.seed,
             modules,
+            adapters,
         })
     }
 
@@ -356,11 +556,12 @@ impl AdapterSet {
     }
 
     /// The rank of the combined adapter as PEFT allocates it: the sum of the adapters' ranks for
-    /// `cat`, their common rank otherwise.
+    /// `cat`, the SVD rank for the SVD methods, their common rank otherwise.
     pub fn output_rank(&self) -> usize {
         let ranks = self.adapters.iter().map(Adapter::config_rank);
         match self.method {
             Method::Cat => ranks.sum(),
+            m if m.is_svd() => self.rule.svd_rank,
             _ => ranks.max().unwrap_or(0),
         }
     }
@@ -376,14 +577,6 @@ impl AdapterSet {
         let seeds = |i: usize, which: &str| {
             xxhash_rust::xxh3::xxh3_64_with_seed(format!("{module}\0{i}\0{which}").as_bytes(), seed)
         };
-        combine_factors(
-            module,
-            &factors,
-            &self.weights,
-            self.method,
-            self.density,
-            self.majority_sign,
-            &seeds,
-        )
+        combine_factors(module, &factors, &self.weights, &self.rule, &seeds)
     }
 }

@@ -38,6 +38,20 @@ pub enum MergeError {
         message: String,
     },
 
+    #[error("method `{method}`: {message}")]
+    SvdSetting {
+        method: &'static str,
+        message: String,
+    },
+
+    #[error("module `{module}`: SVD of the {rows}x{cols} combined update failed: {message}")]
+    Svd {
+        module: String,
+        rows: usize,
+        cols: usize,
+        message: String,
+    },
+
     #[error(
         "method `{method}` needs adapters of equal rank, but {first} has r={first_rank} and {other} has \
          r={other_rank} (`cat` combines adapters of different ranks)"

@@ -4,8 +4,10 @@
 //! [`merge()`] writes a Hugging Face model directory (sharded safetensors, index, config,
 //! tokenizer files) holding `W + B' A'` for the adapters' combination; [`combine_adapters`]
 //! writes the combination itself as a new PEFT adapter. The combination methods are PEFT's
-//! `add_weighted_adapter` ones ([`combine`]) built on `merge_utils.py`'s rules ([`methods`]).
-//! Merging is host-side f32 arithmetic, tensor by tensor; no burn backend is involved.
+//! `add_weighted_adapter` ones ([`combine`]) built on `merge_utils.py`'s rules ([`methods`]) and,
+//! for the SVD methods, a truncated SVD ([`svd`]).
+//! Merging is host-side f32 arithmetic (f64 for SVDs), tensor by tensor; no burn backend is
+//! involved.
 
 pub mod adapters;
 pub mod atomic;
@@ -15,9 +17,12 @@ pub mod error;
 pub mod export;
 pub mod merge;
 pub mod methods;
+pub mod svd;
 
 pub use adapters::{Adapter, Factors, ModuleShape};
-pub use combine::{combine_factors, AdapterSet, Combination, LowRank, Method};
+pub use combine::{
+    combine_factors, AdapterSet, Combination, LowRank, Method, ModuleRule, SvdOptions,
+};
 pub use combined_adapter::{combine_adapters, CombineOptions, CombineReport};
 pub use error::{MergeError, Result};
 pub use export::{parse_size, OutDtype};

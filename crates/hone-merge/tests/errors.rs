@@ -5,7 +5,10 @@
 mod common;
 
 use common::*;
-use hone_merge::{combine_adapters, merge, CombineOptions, MergeError, MergeOptions, Method};
+use hone_merge::{
+    combine_adapters, merge, Combination, CombineOptions, MergeError, MergeOptions, Method,
+    SvdOptions,
+};
 use hone_model::WeightStore;
 
 const Q0: &str = "base_model.model.model.layers.0.self_attn.q_proj";
@@ -120,6 +123,20 @@ fn equal_rank_methods_name_the_adapters_and_their_ranks() {
     );
     let (settings, _) = hone_model::adapter::read_adapter_config(&out).unwrap();
     assert_eq!((settings.r, settings.alpha), (12, 12.0));
+    // So do the SVD methods, at the largest rank unless told otherwise.
+    for (rank, expected) in [(None, 8), (Some(5), 5)] {
+        let report = combine_adapters(&CombineOptions {
+            adapters: vec![adapter.clone(), small.clone()],
+            combination: Combination {
+                svd: SvdOptions { rank, clamp: None },
+                ..combination(Method::MagnitudePruneSvd, &[1.0, 1.0], Some(0.5))
+            },
+            out: tmp.path().join(format!("svd-{expected}")),
+            force: false,
+        })
+        .unwrap();
+        assert_eq!(report.rank, expected);
+    }
 }
 
 #[test]
@@ -152,6 +169,33 @@ fn bad_arguments_are_refused_before_anything_is_written() {
         merge(&opts).unwrap_err(),
         MergeError::Density { .. }
     ));
+    opts.combination = combination(Method::TiesSvd, &[1.0, 1.0], None);
+    assert!(matches!(
+        merge(&opts).unwrap_err(),
+        MergeError::Density { .. }
+    ));
+    opts.combination = combination(Method::Svd, &[1.0, 1.0], Some(0.5));
+    assert!(matches!(
+        merge(&opts).unwrap_err(),
+        MergeError::Density { .. }
+    ));
+    for (method, rank, clamp, needle) in [
+        (Method::Linear, Some(4), None, "only used by svd"),
+        (Method::Cat, None, Some(0.9), "only used by svd"),
+        (Method::Svd, Some(0), None, "at least 1"),
+        (Method::Svd, None, Some(1.5), "quantile in [0, 1]"),
+        (Method::Svd, None, Some(f64::NAN), "quantile in [0, 1]"),
+    ] {
+        opts.combination = Combination {
+            svd: SvdOptions { rank, clamp },
+            ..combination(method, &[1.0, 1.0], None)
+        };
+        let err = merge(&opts).unwrap_err();
+        assert!(
+            matches!(err, MergeError::SvdSetting { .. }) && err.to_string().contains(needle),
+            "{method}: {err}"
+        );
+    }
     opts.combination = combination(Method::Linear, &[1.0, f64::NAN], None);
     assert!(matches!(
         merge(&opts).unwrap_err(),

@@ -9,8 +9,10 @@ use hone_merge::methods::{
     dare_linear, dare_ties, magnitude_prune, magnitude_prune_merge, random_prune, task_arithmetic,
     ties,
 };
+use hone_merge::svd::quantile;
 use hone_merge::{
-    combine_factors, parse_size, Factors, LowRank, MajoritySign, MergeError, Method, ModuleShape,
+    combine_factors, parse_size, Factors, LowRank, MajoritySign, MergeError, Method, ModuleRule,
+    ModuleShape,
 };
 
 fn close(found: &[f32], expected: &[f64]) {
@@ -191,14 +193,22 @@ fn two_adapters() -> Vec<(PathBuf, Option<Factors>)> {
     ]
 }
 
+fn rule(method: Method, density: f64) -> ModuleRule {
+    ModuleRule {
+        method,
+        density,
+        majority_sign: MajoritySign::Total,
+        svd_rank: 1,
+        svd_clamp: None,
+    }
+}
+
 fn combine(method: Method, density: f64) -> LowRank {
     combine_factors(
         "m",
         &two_adapters(),
         &[1.0, -2.0],
-        method,
-        density,
-        MajoritySign::Total,
+        &rule(method, density),
         &|i, _| i as u64,
     )
     .unwrap()
@@ -253,9 +263,7 @@ fn equal_rank_methods_refuse_different_ranks_on_a_module() {
         "m",
         &factors,
         &[1.0, 1.0],
-        Method::Linear,
-        1.0,
-        MajoritySign::Total,
+        &rule(Method::Linear, 1.0),
         &|_, _| 0,
     )
     .unwrap_err();
@@ -279,9 +287,7 @@ fn equal_rank_methods_refuse_different_ranks_on_a_module() {
         "m",
         &factors,
         &[1.0, 1.0],
-        Method::Cat,
-        1.0,
-        MajoritySign::Total,
+        &rule(Method::Cat, 1.0),
         &|_, _| 0,
     )
     .unwrap();
@@ -296,9 +302,7 @@ fn only_the_adapters_targeting_a_module_contribute() {
         "m",
         &factors,
         &[1.0, -2.0],
-        Method::Cat,
-        1.0,
-        MajoritySign::Total,
+        &rule(Method::Cat, 1.0),
         &|_, _| 0,
     )
     .unwrap();
@@ -317,6 +321,107 @@ fn padding_adds_zero_rank_without_changing_the_delta() {
     c.add_to(&mut w1);
     p.add_to(&mut w2);
     assert_eq!(w1, w2);
+}
+
+#[test]
+fn quantile_interpolates_like_torch() {
+    let mut v = [4.0, 1.0, 3.0, 2.0];
+    // Positions q·3 in [1, 2, 3, 4]: 0 → 1; 1.5 → 2.5; 2.7 → 3.7; 3 → 4.
+    for (q, expected) in [(0.0, 1.0), (0.5, 2.5), (0.9, 3.7), (1.0, 4.0)] {
+        let found = quantile(&mut v, q).unwrap();
+        assert!((found - expected).abs() < 1e-12, "q {q}: {found}");
+    }
+    assert_eq!(quantile(&mut [], 0.5), None);
+}
+
+/// Two rank-1 adapters of a 3×4 module: `s_1 B_1 A_1 = 2 e1 e1ᵀ` and `s_2 B_2 A_2 = e2 e3ᵀ`; with
+/// weights [1, −0.5] the combined delta is `2 e1 e1ᵀ − 0.5 e2 e3ᵀ`: singular values 2 and 0.5.
+fn orthogonal_adapters() -> Vec<(PathBuf, Option<Factors>)> {
+    let shape = ModuleShape {
+        rank: 1,
+        in_features: 4,
+        out_features: 3,
+    };
+    let one = Factors {
+        a: vec![1.0, 0.0, 0.0, 0.0],
+        b: vec![1.0, 0.0, 0.0],
+        scale: 2.0,
+        shape,
+    };
+    let two = Factors {
+        a: vec![0.0, 0.0, 1.0, 0.0],
+        b: vec![0.0, 1.0, 0.0],
+        scale: 1.0,
+        shape,
+    };
+    vec![("one".into(), Some(one)), ("two".into(), Some(two))]
+}
+
+fn svd_combine(method: Method, rank: usize, clamp: Option<f64>) -> LowRank {
+    let rule = ModuleRule {
+        svd_rank: rank,
+        svd_clamp: clamp,
+        ..rule(method, 1.0)
+    };
+    combine_factors("m", &orthogonal_adapters(), &[1.0, -0.5], &rule, &|_, _| 0).unwrap()
+}
+
+#[test]
+fn svd_methods_keep_the_largest_singular_triplets_with_fixed_signs() {
+    // svd decomposes the rank-2 product; magnitude_prune_svd and dare_linear_svd at density 1
+    // form the dense delta. All give B = U·S, A = Vᵀ with U's largest entry positive:
+    // σ1 = 2: u = e1, v = e1; σ2 = 0.5: u = e2, v = −e3.
+    for method in [
+        Method::Svd,
+        Method::MagnitudePruneSvd,
+        Method::DareLinearSvd,
+    ] {
+        let c = svd_combine(method, 1, None);
+        assert_eq!(c.shape.rank, 1);
+        close(&c.b, &[2.0, 0.0, 0.0]);
+        close(&c.a, &[1.0, 0.0, 0.0, 0.0]);
+        let c = svd_combine(method, 2, None);
+        close(&c.b, &[2.0, 0.0, 0.0, 0.5, 0.0, 0.0]);
+        close(&c.a, &[1.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0]);
+        // Rank 5 > min(3, 4): three triplets (the last with σ = 0), zero-padded to rank 5.
+        let c = svd_combine(method, 5, None);
+        assert_eq!((c.a.len(), c.b.len()), (20, 15), "{method}");
+        let mut w = vec![0.0; 12];
+        c.add_to(&mut w);
+        close(
+            &w,
+            &[2.0, 0.0, 0.0, 0.0, 0.0, 0.0, -0.5, 0.0, 0.0, 0.0, 0.0, 0.0],
+        );
+    }
+}
+
+#[test]
+fn svd_clamp_clamps_both_factors_at_the_quantile_of_their_entries() {
+    // Rank 2: B = [[2, 0], [0, 0.5], [0, 0]], A = [[1, 0, 0, 0], [0, 0, −1, 0]]; the 14 entries
+    // sorted are −1, ten 0s, 0.5, 1, 2. q = 0.9: position 11.7 → 0.5 + 0.7·(1 − 0.5) = 0.85, so
+    // every entry is clamped to [−0.85, 0.85].
+    let c = svd_combine(Method::Svd, 2, Some(0.9));
+    close(&c.b, &[0.85, 0.0, 0.0, 0.5, 0.0, 0.0]);
+    close(&c.a, &[0.85, 0.0, 0.0, 0.0, 0.0, 0.0, -0.85, 0.0]);
+}
+
+#[test]
+fn svd_methods_combine_adapters_of_different_ranks() {
+    // two' has rank 2 with a zero second column of B: the same delta as two.
+    let mut factors = orthogonal_adapters();
+    if let Some(f) = factors[1].1.as_mut() {
+        f.shape.rank = 2;
+        f.a = vec![0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0];
+        f.b = vec![0.0, 0.0, 1.0, 0.0, 0.0, 0.0];
+    }
+    let rule = ModuleRule {
+        svd_rank: 2,
+        ..rule(Method::TiesSvd, 1.0)
+    };
+    let c = combine_factors("m", &factors, &[1.0, -0.5], &rule, &|_, _| 0).unwrap();
+    // TIES at density 1 on disjoint deltas: each element has one non-zero value, kept as is.
+    close(&c.b, &[2.0, 0.0, 0.0, 0.5, 0.0, 0.0]);
+    close(&c.a, &[1.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0]);
 }
 
 #[test]

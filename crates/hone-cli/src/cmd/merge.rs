@@ -30,6 +30,20 @@ pub enum MethodArg {
     /// Keep the --density largest values, then sum.
     #[value(name = "magnitude_prune", alias = "magnitude-prune")]
     MagnitudePrune,
+    /// Weighted sum of the deltas s·B·A, then a truncated SVD to --svd-rank; any ranks.
+    Svd,
+    /// TIES on the deltas, then a truncated SVD.
+    #[value(name = "ties_svd", alias = "ties-svd")]
+    TiesSvd,
+    /// DARE on the deltas, then a truncated SVD.
+    #[value(name = "dare_linear_svd", alias = "dare-linear-svd")]
+    DareLinearSvd,
+    /// DARE + TIES on the deltas, then a truncated SVD.
+    #[value(name = "dare_ties_svd", alias = "dare-ties-svd")]
+    DareTiesSvd,
+    /// Magnitude pruning of the deltas, then a truncated SVD.
+    #[value(name = "magnitude_prune_svd", alias = "magnitude-prune-svd")]
+    MagnitudePruneSvd,
 }
 
 /// TIES' sign election.
@@ -59,9 +73,16 @@ pub struct AdapterSelection {
     /// How several adapters are combined (PEFT's combination_type).
     #[arg(long, value_enum, default_value = "linear")]
     pub method: MethodArg,
-    /// Fraction of values kept by ties, dare_linear, dare_ties and magnitude_prune, in (0, 1].
+    /// Fraction of values kept by ties, dare_linear, dare_ties and magnitude_prune (and their
+    /// _svd variants), in (0, 1].
     #[arg(long)]
     pub density: Option<f64>,
+    /// Rank of the result of the *_svd methods (default: the largest adapter rank).
+    #[arg(long)]
+    pub svd_rank: Option<usize>,
+    /// Clamp the *_svd factors to ±(this quantile of their entries), in [0, 1].
+    #[arg(long)]
+    pub svd_clamp: Option<f64>,
     /// Sign election of ties and dare_ties.
     #[arg(long, value_enum, default_value = "total")]
     pub majority_sign: MajoritySignArg,
@@ -81,9 +102,18 @@ impl AdapterSelection {
                 MethodArg::DareLinear => Method::DareLinear,
                 MethodArg::DareTies => Method::DareTies,
                 MethodArg::MagnitudePrune => Method::MagnitudePrune,
+                MethodArg::Svd => Method::Svd,
+                MethodArg::TiesSvd => Method::TiesSvd,
+                MethodArg::DareLinearSvd => Method::DareLinearSvd,
+                MethodArg::DareTiesSvd => Method::DareTiesSvd,
+                MethodArg::MagnitudePruneSvd => Method::MagnitudePruneSvd,
             },
             weights: (!self.weights.is_empty()).then(|| self.weights.clone()),
             density: self.density,
+            svd: hone_merge::SvdOptions {
+                rank: self.svd_rank,
+                clamp: self.svd_clamp,
+            },
             majority_sign: match self.majority_sign {
                 MajoritySignArg::Total => MajoritySign::Total,
                 MajoritySignArg::Frequency => MajoritySign::Frequency,
