@@ -319,6 +319,13 @@ impl<B: Backend> CausalLm<B> {
 /// sorted as PEFT writes them.
 pub fn peft_config_json(settings: &LoraSettings, base_model_name_or_path: &str) -> Value {
     let targets = match &settings.target_modules {
+        // PEFT expands only the plain string "all-linear"; a list holding it would name a
+        // module. Write the projections it stands for, as PEFT itself saves them.
+        t if t.is_all_linear() => {
+            let mut names = crate::lora::PROJECTIONS.to_vec();
+            names.sort();
+            Value::from(names)
+        }
         TargetModules::Names(names) => {
             let mut names = names.clone();
             names.sort();

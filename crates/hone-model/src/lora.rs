@@ -77,7 +77,7 @@ pub enum TargetModules {
 }
 
 impl TargetModules {
-    fn is_all_linear(&self) -> bool {
+    pub(crate) fn is_all_linear(&self) -> bool {
         match self {
             TargetModules::Names(names) => names.iter().any(|n| n == "all-linear"),
             TargetModules::Pattern(p) => p == "all-linear",

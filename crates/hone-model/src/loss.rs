@@ -39,19 +39,11 @@ pub fn causal_lm_loss_sum<B: Backend>(
     }
     let count = weights.iter().filter(|w| **w > 0.0).count();
     if crate::kernels::fused::<B>(logits.dtype()) {
-        // Every position of every row; the last one of each row predicts nothing.
-        let mut all = Vec::with_capacity(batch * seq);
-        for row in targets.chunks(seq - 1).zip(weights.chunks(seq - 1)) {
-            all.extend(
-                row.0
-                    .iter()
-                    .zip(row.1)
-                    .map(|(&t, &w)| if w > 0.0 { t } else { -1 }),
-            );
-            all.push(-1);
-        }
         let logits = logits.reshape([batch * seq, vocab]);
-        return (crate::kernels::nll_sum(logits, all), count);
+        return (
+            crate::kernels::nll_sum(logits, position_targets(labels, batch, seq, vocab)),
+            count,
+        );
     }
     let logits = logits.narrow(1, 0, seq - 1).reshape([rows, vocab]);
     let logits = if logits.dtype() != burn::tensor::DType::F32 {
@@ -71,4 +63,51 @@ pub fn causal_lm_loss_sum<B: Backend>(
 pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: &[i64]) -> Option<Tensor<B, 1>> {
     let (sum, count) = causal_lm_loss_sum(logits, labels);
     (count > 0).then(|| sum / count as f64)
+}
+
+/// The target of every position of `[batch, seq]` rows (the next label; -1 where nothing is
+/// predicted: ignored labels, out-of-range ids, the last position of each row).
+fn position_targets(labels: &[i64], batch: usize, seq: usize, vocab: usize) -> Vec<i64> {
+    let mut out = Vec::with_capacity(batch * seq);
+    for b in 0..batch {
+        for t in 1..seq {
+            let label = labels[b * seq + t];
+            let keep = label != IGNORE_INDEX && label >= 0 && (label as usize) < vocab;
+            out.push(if keep { label } else { -1 });
+        }
+        out.push(-1);
+    }
+    out
+}
+
+/// [`causal_lm_loss_sum`] from the final hidden states `[batch, seq, hidden]` (after the final
+/// norm): the same value, but on the CPU backends with a plain output projection the logits are
+/// never materialised (they are formed block by block and reduced on the spot, together with the
+/// gradient with respect to the hidden states), which saves two `[tokens, vocab]` buffers and
+/// their passes.
+pub fn causal_lm_loss_sum_hidden<B: Backend>(
+    model: &crate::CausalLm<B>,
+    hidden: Tensor<B, 3>,
+    labels: &[i64],
+) -> (Tensor<B, 1>, usize) {
+    let [batch, seq, h] = hidden.dims();
+    let weight = match &model.lm_head {
+        Some(head) if head.lora.is_none() && head.bias.is_none() => Some(head.weight.val()),
+        Some(_) => None,
+        None => Some(model.model.embed_tokens.val()),
+    };
+    match weight {
+        Some(w)
+            if !w.is_require_grad()
+                && labels.len() == batch * seq
+                && crate::kernels::fused::<B>(hidden.dtype()) =>
+        {
+            let vocab = w.dims()[0];
+            let targets = position_targets(labels, batch, seq, vocab);
+            let count = targets.iter().filter(|&&t| t >= 0).count();
+            let hidden = hidden.reshape([batch * seq, h]);
+            (crate::kernels::linear_nll_sum(hidden, w, targets), count)
+        }
+        _ => causal_lm_loss_sum(model.logits(hidden), labels),
+    }
 }

@@ -13,7 +13,7 @@ use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use hone_model::kernels;
-use hone_model::loss::causal_lm_loss_sum;
+use hone_model::loss::{causal_lm_loss_sum, causal_lm_loss_sum_hidden};
 use hone_model::{CausalLm, Cpu, LoadOptions, ModelConfig, WeightStore};
 
 type Ad = Autodiff<Cpu>;
@@ -76,12 +76,17 @@ fn loss_and_grads(
     labels: &[i64],
     batch: usize,
     packing: Option<(&[u32], &[u32])>,
+    via_hidden: bool,
 ) -> (f32, Vec<Vec<f32>>) {
-    let logits = match packing {
-        Some((pos, seg)) => m.forward_packed(ids(input, batch), pos, seg),
-        None => m.forward(ids(input, batch), None),
+    let hidden = match packing {
+        Some((pos, seg)) => m.forward_packed_hidden(ids(input, batch), pos, seg),
+        None => m.forward_hidden(ids(input, batch), None),
     };
-    let (sum, count) = causal_lm_loss_sum(logits, labels);
+    let (sum, count) = if via_hidden {
+        causal_lm_loss_sum_hidden(m, hidden, labels)
+    } else {
+        causal_lm_loss_sum(m.logits(hidden), labels)
+    };
     assert!(count > 0);
     let loss = host(sum.clone())[0];
     let grads = sum.backward();
@@ -96,7 +101,7 @@ fn loss_and_grads(
     (loss, out)
 }
 
-fn run(name: &str, edit: &dyn Fn(&mut ModelConfig)) -> Outputs {
+fn run(name: &str, edit: &dyn Fn(&mut ModelConfig), via_hidden: bool) -> Outputs {
     let flex = model::<Cpu>(name, edit);
     let vocab = flex.config.vocab_size;
     let (batch, seq) = (3, 24);
@@ -110,7 +115,7 @@ fn run(name: &str, edit: &dyn Fn(&mut ModelConfig)) -> Outputs {
             *l = -100;
         }
     }
-    let dense = loss_and_grads(&ad, &input, &labels, batch, None);
+    let dense = loss_and_grads(&ad, &input, &labels, batch, None, via_hidden);
 
     // Two rows: examples of 9 + 11 + 4 tokens, and 15 tokens + 9 padding.
     let lengths: [&[usize]; 2] = [&[9, 11, 4], &[15]];
@@ -131,7 +136,14 @@ fn run(name: &str, edit: &dyn Fn(&mut ModelConfig)) -> Outputs {
         .zip(&seg)
         .map(|(&t, &s)| if s == 0 { -100 } else { t })
         .collect();
-    let packed = loss_and_grads(&ad, &packed_input, &packed_labels, 2, Some((&pos, &seg)));
+    let packed = loss_and_grads(
+        &ad,
+        &packed_input,
+        &packed_labels,
+        2,
+        Some((&pos, &seg)),
+        via_hidden,
+    );
     Outputs {
         logits,
         dense,
@@ -164,36 +176,39 @@ fn fused_kernels_compute_what_composed_burn_ops_compute() {
         ),
     ];
     for (name, label, edit) in &cases {
-        kernels::set_enabled(true);
-        let fused = run(name, edit.as_ref());
         kernels::set_enabled(false);
-        let composed = run(name, edit.as_ref());
+        let composed = run(name, edit.as_ref(), false);
         kernels::set_enabled(true);
-        let what = |s: &str| format!("{name} ({label}) {s}");
-        assert_close(&what("logits"), &fused.logits, &composed.logits, 1e-5);
-        for (kind, f, c) in [
-            ("dense", &fused.dense, &composed.dense),
-            ("packed", &fused.packed, &composed.packed),
-        ] {
-            assert!(
-                (f.0 - c.0).abs() <= 1e-5 * c.0.abs(),
-                "{}: loss {} vs {}",
-                what(kind),
-                f.0,
-                c.0
-            );
-            assert_eq!(f.1.len(), c.1.len());
-            for (i, (gf, gc)) in f.1.iter().zip(&c.1).enumerate() {
-                let scale = gc.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let diff = gf
-                    .iter()
-                    .zip(gc)
-                    .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        // The loss from logits (fused cross-entropy) and from hidden states (the output
+        // projection fused with it).
+        for via_hidden in [false, true] {
+            let fused = run(name, edit.as_ref(), via_hidden);
+            let what = |s: &str| format!("{name} ({label}, via hidden {via_hidden}) {s}");
+            assert_close(&what("logits"), &fused.logits, &composed.logits, 1e-5);
+            for (kind, f, c) in [
+                ("dense", &fused.dense, &composed.dense),
+                ("packed", &fused.packed, &composed.packed),
+            ] {
                 assert!(
-                    diff <= 1e-5 * scale + 1e-7,
-                    "{} gradient {i}: max diff {diff:e} (largest {scale:e})",
-                    what(kind)
+                    (f.0 - c.0).abs() <= 1e-5 * c.0.abs(),
+                    "{}: loss {} vs {}",
+                    what(kind),
+                    f.0,
+                    c.0
                 );
+                assert_eq!(f.1.len(), c.1.len());
+                for (i, (gf, gc)) in f.1.iter().zip(&c.1).enumerate() {
+                    let scale = gc.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let diff = gf
+                        .iter()
+                        .zip(gc)
+                        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                    assert!(
+                        diff <= 1e-5 * scale + 1e-7,
+                        "{} gradient {i}: max diff {diff:e} (largest {scale:e})",
+                        what(kind)
+                    );
+                }
             }
         }
     }

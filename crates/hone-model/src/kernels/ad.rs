@@ -251,3 +251,48 @@ pub(crate) fn nll_sum<C: CheckpointStrategy>(logits: AdTensor, targets: Arc<Vec<
         OpsKind::UnTracked(prep) => prep.finish(out),
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct LinearNllOp;
+
+impl Backward<Flex, 1> for LinearNllOp {
+    /// The gradient with respect to the hidden states for an incoming gradient of 1.
+    type State = FlexTensor;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [ph] = ops.parents;
+        let g = contiguous(&grads.consume::<Flex>(&ops.node));
+        if let Some(node) = ph {
+            let g = values(&g)[0];
+            let dh = ops.state;
+            let dh = if g == 1.0 {
+                dh
+            } else {
+                flex(values(&dh).iter().map(|v| v * g).collect(), &dims(&dh))
+            };
+            grads.register::<Flex>(node.id, dh);
+        }
+    }
+}
+
+/// `weight` must be a constant (the caller checks): only `hidden` receives a gradient.
+pub(crate) fn linear_nll_sum<C: CheckpointStrategy>(
+    hidden: AdTensor,
+    weight: AdTensor,
+    targets: Arc<Vec<i64>>,
+) -> AdTensor {
+    let (hf, wf) = (contiguous(&hidden.primitive), contiguous(&weight.primitive));
+    let shape = dims(&hf);
+    let (sum, dh) = cpu::linear_nll_sum(values(&hf), values(&wf), shape[1], &targets, true);
+    let out = flex(vec![sum as f32], &[1]);
+    match LinearNllOp
+        .prepare::<C>([hidden.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(flex(dh, &shape), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }
+}

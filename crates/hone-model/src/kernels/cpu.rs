@@ -717,6 +717,101 @@ pub fn nll_sum_backward(
     dx
 }
 
+/// Rows of logits materialised at a time by [`linear_nll_sum`].
+const LOGIT_ROWS: usize = 256;
+
+/// Cross-entropy through the output projection without materialising the logits: for
+/// `hidden` `[rows, h]` and `weight` `[vocab, h]`, the summed negative log-likelihood of
+/// `targets` (`< 0` = ignored) under `hidden · weightᵀ`, and its gradient with respect to
+/// `hidden` (`(softmax - onehot) · weight` on counted rows), both computed block by block of
+/// [`LOGIT_ROWS`] rows. The gradient is what the backward pass scales by its incoming gradient.
+pub fn linear_nll_sum(
+    hidden: &[f32],
+    weight: &[f32],
+    h: usize,
+    targets: &[i64],
+    want_grad: bool,
+) -> (f64, Vec<f32>) {
+    let vocab = weight.len() / h;
+    let rows = targets.len();
+    let mut dh = vec![0f32; if want_grad { rows * h } else { 0 }];
+    let mut logits = vec![0f32; LOGIT_ROWS.min(rows) * vocab];
+    let mut total = 0f64;
+    for start in (0..rows).step_by(LOGIT_ROWS) {
+        let n = LOGIT_ROWS.min(rows - start);
+        let block = &mut logits[..n * vocab];
+        // SAFETY: `hidden` rows start..start+n, `weight` [vocab, h], `block` [n, vocab].
+        unsafe {
+            gemm(
+                n,
+                vocab,
+                h,
+                block.as_mut_ptr(),
+                1,
+                vocab as isize,
+                false,
+                hidden.as_ptr().add(start * h),
+                1,
+                h as isize,
+                weight.as_ptr(),
+                h as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::Rayon(0),
+            );
+        }
+        let t = &targets[start..start + n];
+        total += block
+            .par_chunks_mut(vocab)
+            .zip(t.par_iter())
+            .map(|(x, &t)| {
+                if t < 0 {
+                    x.fill(0.0);
+                    return 0.0;
+                }
+                let max = max(x);
+                let lse = max + sum_exp(x, max).ln();
+                let loss = f64::from(lse - x[t as usize]);
+                exp_in_place(x, lse);
+                x[t as usize] -= 1.0;
+                loss
+            })
+            .sum::<f64>();
+        if !want_grad {
+            continue;
+        }
+        // dh[start..start+n] = block · weight
+        unsafe {
+            gemm(
+                n,
+                h,
+                vocab,
+                dh.as_mut_ptr().add(start * h),
+                1,
+                h as isize,
+                false,
+                block.as_ptr(),
+                1,
+                vocab as isize,
+                weight.as_ptr(),
+                1,
+                h as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::Rayon(0),
+            );
+        }
+    }
+    (total, dh)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -252,3 +252,27 @@ pub fn nll_sum<B: Backend>(logits: Tensor<B, 2>, targets: Vec<i64>) -> Tensor<B,
     );
     tensor::<B, 1>(out)
 }
+
+/// Summed negative log-likelihood `[1]` of `targets` (`< 0` = ignored) under the logits
+/// `hidden · weightᵀ` (`hidden` `[rows, h]`, `weight` `[vocab, h]`, a constant), without
+/// materialising the logits.
+pub fn linear_nll_sum<B: Backend>(
+    hidden: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    targets: Vec<i64>,
+) -> Tensor<B, 1> {
+    let (hidden, weight) = (prim(hidden), prim(weight));
+    let out: B::FloatTensorPrimitive = dispatch!(
+        B,
+        {
+            let (h, w): (FlexTensor, FlexTensor) = (cast(hidden), cast(weight));
+            let (h, w) = (contiguous(&h), contiguous(&w));
+            let (sum, _) =
+                cpu::linear_nll_sum(values(&h), values(&w), dims(&h)[1], &targets, false);
+            cast(flex(vec![sum as f32], &[1]))
+        },
+        linear_nll_sum,
+        (cast(hidden), cast(weight), Arc::new(targets))
+    );
+    tensor::<B, 1>(out)
+}
