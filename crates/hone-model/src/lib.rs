@@ -18,6 +18,7 @@ pub mod loader;
 pub mod lora;
 pub mod loss;
 pub mod model;
+pub mod recompute;
 pub mod rope;
 pub mod tokenizer;
 pub mod weights;

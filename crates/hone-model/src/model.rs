@@ -312,7 +312,7 @@ pub(crate) fn sliding_window_mask<B: Backend>(
 
 /// Block-diagonal causal mask `[batch, 1, seq, seq]` (true = masked): query `q` sees key `k`
 /// only when `k <= q`, both have the same segment id and (with a window) `q - k < window`.
-fn segment_mask<B: Backend>(
+pub(crate) fn segment_mask<B: Backend>(
     segments: &[u32],
     batch: usize,
     seq: usize,
@@ -724,7 +724,7 @@ impl<B: Backend> CausalLm<B> {
     }
 
     /// Cos/sin tables `[batch, seq, 1, rotary_dim]` for per-token positions.
-    fn rope_tables_at(
+    pub(crate) fn rope_tables_at(
         &self,
         positions: &[u32],
         batch: usize,

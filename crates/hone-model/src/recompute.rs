@@ -1,0 +1,139 @@
+//! Gradient checkpointing per decoder layer (what `gradient_checkpointing_enable()` does in
+//! transformers): the forward pass runs without autodiff and keeps only each layer's input;
+//! the backward pass then goes layer by layer from the top, running each layer again with
+//! autodiff from its saved input and backpropagating the gradient that arrived from the layer
+//! above. Activation memory falls from every intermediate of every layer to one hidden state per
+//! layer plus one layer's intermediates, for one extra forward pass of compute.
+//!
+//! Each layer's recomputation is its own autodiff graph and its own `backward()` call, so the
+//! result is exactly the plain backward pass reassociated at layer boundaries.
+//!
+//! LoRA dropout draws a new mask on every forward pass, so the recomputation would not see the
+//! mask of the first pass: checkpointing refuses adapters with dropout.
+
+use burn::module::AutodiffModule;
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+
+use crate::error::{ModelError, Result};
+use crate::loss::causal_lm_loss_sum_hidden;
+use crate::model::{segment_mask, CausalLm, RopeTables};
+
+/// What one checkpointed forward and backward pass produced.
+#[derive(Debug, Clone)]
+pub struct CheckpointedGradients<B: Backend> {
+    /// Summed negative log-likelihood of the targets `[1]`.
+    pub loss_sum: Tensor<B, 1>,
+    /// Number of targets.
+    pub count: usize,
+    /// Gradients of `lora_A`, `lora_B` of every adapted projection, in
+    /// [`CausalLm::projections`] order (zeros where a tensor got none).
+    pub grads: Vec<Tensor<B, 2>>,
+}
+
+fn inner_tables<B: AutodiffBackend>(t: &RopeTables<B>) -> RopeTables<B::InnerBackend> {
+    RopeTables {
+        cos: t.cos.clone().inner(),
+        sin: t.sin.clone().inner(),
+        host: t.host.clone(),
+    }
+}
+
+impl<B: AutodiffBackend> CausalLm<B> {
+    /// Loss and adapter gradients of one batch with each decoder layer recomputed in the
+    /// backward pass. `packing` is `(position_ids, segment_ids)` as for
+    /// [`CausalLm::forward_packed`]; `labels` as for [`crate::loss::causal_lm_loss_sum`].
+    pub fn checkpointed_gradients(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        packing: Option<(&[u32], &[u32])>,
+        labels: &[i64],
+    ) -> Result<CheckpointedGradients<B::InnerBackend>> {
+        if let Some((name, _)) = self
+            .projections()
+            .into_iter()
+            .find(|(_, l)| l.lora.as_ref().is_some_and(|a| a.dropout > 0.0))
+        {
+            return Err(ModelError::Input(format!(
+                "gradient checkpointing needs LoRA dropout 0 (the recomputed forward pass would \
+                 draw another dropout mask); `{name}` has dropout > 0"
+            )));
+        }
+        let [batch, seq] = input_ids.dims();
+        let device = input_ids.device();
+        let rope = match packing {
+            Some((positions, _)) => self.rope_tables_at(positions, batch, seq, &device),
+            None => self.rope_tables(0, seq, &device),
+        };
+        let masks: Vec<Option<Tensor<B, 4, Bool>>> = self
+            .model
+            .layers
+            .iter()
+            .map(|layer| {
+                packing.map(|(_, segments)| {
+                    segment_mask::<B>(
+                        segments,
+                        batch,
+                        seq,
+                        layer.self_attn.sliding_window,
+                        &device,
+                    )
+                })
+            })
+            .collect();
+
+        // Forward without autodiff, keeping each layer's input.
+        let inner = self.valid();
+        let inner_rope = inner_tables(&rope);
+        let mut inputs = Vec::with_capacity(inner.model.layers.len());
+        let mut x = inner.embed(input_ids.inner());
+        for (layer, mask) in inner.model.layers.iter().zip(&masks) {
+            inputs.push(x.clone());
+            let mask = mask.clone().map(|m| m.inner());
+            x = layer.forward(x, &inner_rope, None, mask.as_ref());
+        }
+
+        // The head: final norm, output projection, loss.
+        let top = Tensor::<B, 3>::from_inner(x).require_grad();
+        let (sum, count) =
+            causal_lm_loss_sum_hidden(self, self.model.norm.forward(top.clone()), labels);
+        let loss_sum = sum.clone().inner();
+        let grads = sum.backward();
+        let mut upstream = top.grad(&grads).unwrap_or_else(|| top.inner().zeros_like());
+
+        // Layers from the top: recompute with autodiff, backpropagate `upstream`.
+        let mut per_layer = Vec::with_capacity(inputs.len());
+        for ((layer, mask), x) in self.model.layers.iter().zip(&masks).zip(inputs).rev() {
+            let x = Tensor::<B, 3>::from_inner(x).require_grad();
+            let y = layer.forward(x.clone(), &rope, None, mask.as_ref());
+            let grads = (y * Tensor::from_inner(upstream)).sum().backward();
+            let mut adapters = Vec::new();
+            for linear in [
+                &layer.self_attn.q_proj,
+                &layer.self_attn.k_proj,
+                &layer.self_attn.v_proj,
+                &layer.self_attn.o_proj,
+                &layer.mlp.gate_proj,
+                &layer.mlp.up_proj,
+                &layer.mlp.down_proj,
+            ] {
+                if let Some(lora) = &linear.lora {
+                    for p in [&lora.lora_a, &lora.lora_b] {
+                        adapters.push(
+                            p.grad(&grads)
+                                .unwrap_or_else(|| p.val().inner().zeros_like()),
+                        );
+                    }
+                }
+            }
+            per_layer.push(adapters);
+            upstream = x.grad(&grads).unwrap_or_else(|| x.inner().zeros_like());
+        }
+        per_layer.reverse();
+        Ok(CheckpointedGradients {
+            loss_sum,
+            count,
+            grads: per_layer.into_iter().flatten().collect(),
+        })
+    }
+}
