@@ -195,6 +195,13 @@ pub struct BenchTrainArgs {
     pub steps: usize,
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
+    /// Data-parallel over these devices (e.g. `cpu,cpu` or `cuda:0,cuda:1`), `--batch` rows
+    /// each per step, gradients all-reduced as in `train.devices`.
+    #[arg(long, value_delimiter = ',', conflicts_with = "device")]
+    pub devices: Vec<DeviceSpec>,
+    /// Recompute each decoder layer in the backward pass (less activation memory).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
 }
 
 /// Model shapes with random weights, for benchmarks without a download.

@@ -398,6 +398,10 @@ pub struct CausalLm<B: Backend> {
     pub inv_freq: Vec<f32>,
     #[module(skip)]
     pub config: ModelConfig,
+    /// Recompute each decoder layer in the backward pass of training steps
+    /// ([`CausalLm::enable_gradient_checkpointing`], [`crate::recompute`]).
+    #[module(skip)]
+    pub gradient_checkpointing: bool,
 }
 
 /// Options for building a model.
@@ -581,6 +585,7 @@ impl<B: Backend> Builder<'_, B> {
             lm_head,
             inv_freq: rope::inverse_frequencies(c.rotary_dim(), c.rope_theta, &c.rope_scaling),
             config: c.clone(),
+            gradient_checkpointing: false,
         })
     }
 }

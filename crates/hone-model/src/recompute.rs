@@ -39,6 +39,30 @@ fn inner_tables<B: AutodiffBackend>(t: &RopeTables<B>) -> RopeTables<B::InnerBac
     }
 }
 
+impl<B: Backend> CausalLm<B> {
+    /// Marks the model for per-layer recomputation in training steps (see the module docs).
+    /// Refused when an adapter uses dropout.
+    pub fn enable_gradient_checkpointing(&mut self) -> Result<()> {
+        refuse_dropout(self)?;
+        self.gradient_checkpointing = true;
+        Ok(())
+    }
+}
+
+fn refuse_dropout<B: Backend>(model: &CausalLm<B>) -> Result<()> {
+    match model
+        .projections()
+        .into_iter()
+        .find(|(_, l)| l.lora.as_ref().is_some_and(|a| a.dropout > 0.0))
+    {
+        Some((name, _)) => Err(ModelError::Input(format!(
+            "gradient checkpointing needs LoRA dropout 0 (the recomputed forward pass would \
+             draw another dropout mask); `{name}` has dropout > 0"
+        ))),
+        None => Ok(()),
+    }
+}
+
 impl<B: AutodiffBackend> CausalLm<B> {
     /// Loss and adapter gradients of one batch with each decoder layer recomputed in the
     /// backward pass. `packing` is `(position_ids, segment_ids)` as for
@@ -49,16 +73,7 @@ impl<B: AutodiffBackend> CausalLm<B> {
         packing: Option<(&[u32], &[u32])>,
         labels: &[i64],
     ) -> Result<CheckpointedGradients<B::InnerBackend>> {
-        if let Some((name, _)) = self
-            .projections()
-            .into_iter()
-            .find(|(_, l)| l.lora.as_ref().is_some_and(|a| a.dropout > 0.0))
-        {
-            return Err(ModelError::Input(format!(
-                "gradient checkpointing needs LoRA dropout 0 (the recomputed forward pass would \
-                 draw another dropout mask); `{name}` has dropout > 0"
-            )));
-        }
+        refuse_dropout(self)?;
         let [batch, seq] = input_ids.dims();
         let device = input_ids.device();
         let rope = match packing {

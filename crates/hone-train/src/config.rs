@@ -188,6 +188,16 @@ pub struct TrainSection {
     pub max_bad_steps: usize,
     /// Recompute activations in the backward pass to save memory (not supported yet).
     pub gradient_checkpointing: bool,
+    /// Data-parallel training over these devices (`["cpu", "cpu"]`, `["cuda:0", "cuda:1"]`),
+    /// one peer each, all on one backend. Each step then reads `micro_batch_size *
+    /// grad_accum * len(devices)` rows; peer k takes the k-th contiguous block of the step's
+    /// micro-batches. Training, evaluation and samples run on the first device, and
+    /// `model.device` is not used. Default: empty, train on `model.device` alone.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceSpec>,
+    /// With several devices: the longest a peer waits for the others at a step's all-reduce
+    /// before the run stops with an error naming the missing peers. Default 600.
+    pub collective_timeout_secs: u64,
 }
 
 impl Default for TrainSection {
@@ -212,6 +222,8 @@ impl Default for TrainSection {
             log_every: 10,
             max_bad_steps: 5,
             gradient_checkpointing: false,
+            devices: Vec::new(),
+            collective_timeout_secs: 600,
         }
     }
 }
@@ -396,6 +408,15 @@ impl RunConfig {
         Ok(config)
     }
 
+    /// The devices training runs on: `train.devices`, or `model.device` alone.
+    pub fn devices(&self) -> Vec<DeviceSpec> {
+        if self.train.devices.is_empty() {
+            vec![self.model.device]
+        } else {
+            self.train.devices.clone()
+        }
+    }
+
     /// The run directory.
     pub fn run_dir(&self) -> PathBuf {
         self.output.dir.clone().unwrap_or_else(|| {
@@ -452,6 +473,22 @@ impl RunConfig {
                 return err(key, "must be at least 1".into());
             }
         }
+        if let Some(other) = t
+            .devices
+            .iter()
+            .find(|d| matches!(d, DeviceSpec::Cpu) != matches!(t.devices[0], DeviceSpec::Cpu))
+        {
+            return err(
+                "train.devices",
+                format!(
+                    "mixes {} and {other}: all peers must be on one backend",
+                    t.devices[0]
+                ),
+            );
+        }
+        if t.collective_timeout_secs == 0 {
+            return err("train.collective_timeout_secs", "must be at least 1".into());
+        }
         if !(t.max_grad_norm.is_finite() && t.max_grad_norm >= 0.0) {
             return err(
                 "train.max_grad_norm",
@@ -475,10 +512,14 @@ impl RunConfig {
         if !(t.eps.is_finite() && t.eps > 0.0) {
             return err("train.eps", format!("must be > 0, found {}", t.eps));
         }
-        if t.gradient_checkpointing {
+        if t.gradient_checkpointing && self.lora.dropout > 0.0 {
             return err(
                 "train.gradient_checkpointing",
-                "is not supported yet; set it to false".into(),
+                format!(
+                    "needs lora.dropout = 0 (the recomputed forward pass would draw another \
+                     dropout mask), found lora.dropout = {}",
+                    self.lora.dropout
+                ),
             );
         }
         if self.model.dtype != DTypeChoice::F32 {

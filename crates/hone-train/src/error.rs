@@ -57,6 +57,11 @@ pub enum TrainError {
         last_good: String,
     },
 
+    /// Data-parallel training over several devices failed: a peer's error or panic, a
+    /// collective that failed or timed out. The message names the peer and the step.
+    #[error("data-parallel training: {message}")]
+    Parallel { message: String },
+
     /// A tensor could not be read back to the host.
     #[error("reading {what} from the device: {message}")]
     Tensor { what: String, message: String },

@@ -6,7 +6,6 @@
 //! autodiff, so adapter dropout is off.
 
 use burn::prelude::*;
-use hone_model::loss::causal_lm_loss_sum;
 use hone_model::{generate, CausalLm, GenerateConfig, SamplingConfig, Tokenizer};
 use hone_tokenize::{ChatTemplate, ExtraContext, Message, Row};
 use serde::{Deserialize, Serialize};
@@ -43,7 +42,7 @@ pub fn evaluate<B: Backend>(
     for chunk in chunks {
         let refs: Vec<&Row> = chunk.iter().collect();
         let batch = collate(&refs, pad_id)?;
-        let (sum, count) = causal_lm_loss_sum(batch.logits(model, device), &batch.labels);
+        let (sum, count) = batch.loss_sum(model, device);
         targets += count;
         sums.push(sum);
     }

@@ -8,6 +8,8 @@
 //! * [`step`]: forward/backward per micro-batch, gradient accumulation normalised by the
 //!   step's target tokens, clipping and the update ([`step::Learner`]);
 //! * [`optim`]: AdamW exactly as `torch.optim.AdamW`, `clip_grad_norm_`;
+//! * [`parallel`]: data-parallel steps over several devices (`train.devices`), gradients
+//!   all-reduced with burn's collective engine;
 //! * [`schedule`]: constant / linear / cosine learning rates with warmup (transformers);
 //! * [`checkpoint`]: atomic `step-N/` checkpoints (PEFT adapter, optimizer moments, state);
 //! * [`eval`]: validation loss and perplexity, sample generations;
@@ -21,6 +23,7 @@ pub mod error;
 pub mod eval;
 pub mod metrics;
 pub mod optim;
+pub mod parallel;
 pub mod run;
 pub mod schedule;
 pub mod step;
@@ -29,6 +32,7 @@ pub use config::RunConfig;
 pub use error::{Result, TrainError};
 pub use eval::{EvalResult, Sample};
 pub use optim::{AdamW, AdamWConfig};
+pub use parallel::{DataParallel, ParallelConfig};
 pub use run::{train, train_on, Control, Event, Observer, RunOptions, RunSummary, Silent};
 pub use schedule::{Schedule, ScheduleKind};
 pub use step::{Learner, MicroBatch, StepOutcome};

@@ -11,10 +11,14 @@
 //! <run>/metrics.jsonl, tb/ scalars; samples.jsonl: generations with and without the adapter
 //! ```
 //!
+//! With several `train.devices`, this thread is rank 0 of a [`DataParallel`] session: it
+//! prepares the data, hands every peer its share of each step, and alone evaluates, logs and
+//! writes checkpoints, the adapter and samples (every peer holds the same adapter).
+//!
 //! Progress is reported through an [`Observer`]; the library prints nothing.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
@@ -30,6 +34,7 @@ use crate::error::{Result, TrainError};
 use crate::eval::{evaluate, EvalResult, Sample, SampleSetup};
 use crate::metrics::MetricsWriter;
 use crate::optim::{AdamW, AdamWConfig};
+use crate::parallel::{device_for, DataParallel, ParallelConfig};
 use crate::schedule::Schedule;
 use crate::step::{apply_update, step_gradients, StepOutcome};
 
@@ -133,7 +138,7 @@ pub struct RunSummary {
     pub seconds: f64,
 }
 
-/// Runs `config` on the device it names.
+/// Runs `config` on the device(s) it names (`train.devices`, else `model.device`).
 pub fn train(
     config: &RunConfig,
     options: RunOptions,
@@ -151,7 +156,7 @@ pub fn train(
         }
     }
     run_on(
-        config.model.device,
+        config.devices()[0],
         Task {
             config,
             options,
@@ -249,7 +254,8 @@ struct LogWindow {
     seconds: f64,
 }
 
-/// Runs `config` on backend `B` (an autodiff backend) and `device`.
+/// Runs `config` on backend `B` (an autodiff backend) and `device`. With several
+/// `train.devices`, `device` is rank 0's (the first) and the others are resolved on `B`.
 pub fn train_on<B: AutodiffBackend>(
     config: &RunConfig,
     options: RunOptions,
@@ -258,6 +264,10 @@ pub fn train_on<B: AutodiffBackend>(
 ) -> Result<RunSummary> {
     let started = Instant::now();
     let t = &config.train;
+    let mut devices = vec![device.clone()];
+    for spec in &config.devices()[1..] {
+        devices.push(device_for::<B>(*spec)?);
+    }
     let run_dir = prepare_run_dir(config, options)?;
     let loaded = load_model_dir::<B>(&config.model.path, &device, LoadOptions::default())?;
     let tokenizer = loaded.tokenizer;
@@ -265,12 +275,16 @@ pub fn train_on<B: AutodiffBackend>(
     let settings = config.lora.settings();
     B::seed(&device, t.seed);
     model.attach_lora(&settings)?;
+    if config.train.gradient_checkpointing {
+        model.enable_gradient_checkpointing()?;
+    }
     let data = prepare_datasets(config, &tokenizer, model.config.vocab_size, &run_dir)?;
 
     let plan = BatchPlan {
         rows: data.train.len(),
         micro_batch_size: t.micro_batch_size,
-        grad_accum: t.grad_accum,
+        // With several devices a step reads every peer's micro-batches.
+        grad_accum: t.grad_accum * devices.len(),
         seed: t.seed,
     };
     let total_steps = t.max_steps.unwrap_or(t.epochs * plan.steps_per_epoch());
@@ -388,6 +402,20 @@ pub fn train_on<B: AutodiffBackend>(
         summary.first_eval = run_eval(&model, 0, &mut metrics, observer)?;
     }
 
+    let mut parallel = if devices.len() > 1 && start_step < total_steps {
+        let parallel_config = ParallelConfig {
+            max_grad_norm: t.max_grad_norm,
+            timeout: Duration::from_secs(t.collective_timeout_secs),
+        };
+        Some(DataParallel::start(
+            &mut model,
+            &optimizer,
+            &devices,
+            parallel_config,
+        )?)
+    } else {
+        None
+    };
     let mut window = LogWindow::default();
     let mut last_grad_norm = f64::NAN;
     let mut order: Option<(usize, Vec<usize>)> = None;
@@ -407,16 +435,33 @@ pub fn train_on<B: AutodiffBackend>(
                 )
             })
             .collect::<Result<Vec<_>>>()?;
-        let grads = step_gradients(&model, &batches, &device, |micro| {
-            B::seed(&device, step_seed(t.seed, step, micro))
-        })?;
-        let outcome = apply_update(
-            &mut model,
-            &mut optimizer,
-            grads,
-            schedule.lr(step),
-            t.max_grad_norm,
-        )?;
+        let outcome = match &mut parallel {
+            None => {
+                let grads = step_gradients(&model, &batches, &device, |micro| {
+                    B::seed(&device, step_seed(t.seed, step, micro))
+                })?;
+                apply_update(
+                    &mut model,
+                    &mut optimizer,
+                    grads,
+                    schedule.lr(step),
+                    t.max_grad_norm,
+                )?
+            }
+            Some(parallel) => {
+                let seeds: Vec<u64> = (0..batches.len())
+                    .map(|micro| step_seed(t.seed, step, micro))
+                    .collect();
+                parallel.step(
+                    &mut model,
+                    &mut optimizer,
+                    step,
+                    &batches,
+                    Some(&seeds),
+                    schedule.lr(step),
+                )?
+            }
+        };
         let done = step + 1;
         state.step = done;
         state.scheduler_step = done;
@@ -511,6 +556,9 @@ pub fn train_on<B: AutodiffBackend>(
         }
     }
 
+    if let Some(parallel) = parallel.take() {
+        parallel.finish()?;
+    }
     summary.last_eval =
         run_eval(&model, total_steps, &mut metrics, observer)?.or(summary.last_eval);
     let adapter_dir = run_dir.join(FINAL_ADAPTER);

@@ -16,7 +16,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::TensorData;
 use hone_model::adapter::peft_key;
-use hone_model::loss::causal_lm_loss_sum;
+use hone_model::loss::causal_lm_loss_sum_hidden;
 use hone_model::CausalLm;
 use hone_tokenize::{Batch, PAD_SEGMENT};
 
@@ -74,6 +74,29 @@ impl MicroBatch {
             Some((_, segments)) => segments.iter().filter(|&&s| s != PAD_SEGMENT).count(),
             None => self.input_ids.len(),
         }
+    }
+
+    /// Token ids `[batch, seq]` on `device`.
+    pub fn ids<B: Backend>(&self, device: &B::Device) -> Tensor<B, 2, Int> {
+        Tensor::from_data(
+            TensorData::new(self.input_ids.clone(), [self.batch, self.seq]),
+            device,
+        )
+    }
+
+    /// Summed negative log-likelihood of the targets (differentiable) and their number; on the
+    /// CPU the logits are never materialised (`causal_lm_loss_sum_hidden`).
+    pub fn loss_sum<B: Backend>(
+        &self,
+        model: &CausalLm<B>,
+        device: &B::Device,
+    ) -> (Tensor<B, 1>, usize) {
+        let ids = self.ids(device);
+        let hidden = match &self.packing {
+            Some((positions, segments)) => model.forward_packed_hidden(ids, positions, segments),
+            None => model.forward_hidden(ids, None),
+        };
+        causal_lm_loss_sum_hidden(model, hidden, &self.labels)
     }
 
     /// Logits `[batch, seq, vocab]`.
@@ -149,6 +172,20 @@ pub fn set_adapter_values<B: AutodiffBackend>(
     }
 }
 
+/// Unnormalised gradients of some micro-batches: what one data-parallel peer contributes to a
+/// step before the peers' contributions are summed and divided by the step's target count.
+#[derive(Debug, Clone)]
+pub struct GradientSums<B: Backend> {
+    /// Gradients of the summed NLL, in [`adapter_keys`] order (zeros when no target).
+    pub grads: Vec<Tensor<B, 2>>,
+    /// `[1]`: the summed NLL of every target token.
+    pub nll: Tensor<B, 1>,
+    /// Target tokens.
+    pub targets: usize,
+    /// Non-padding tokens.
+    pub tokens: usize,
+}
+
 /// Gradients of one step, already divided by the step's target count.
 #[derive(Debug, Clone)]
 pub struct StepGradients<B: Backend> {
@@ -162,55 +199,108 @@ pub struct StepGradients<B: Backend> {
     pub tokens: usize,
 }
 
-/// Forward and backward of every micro-batch of one step. `before_micro_batch(i)` runs before
-/// micro-batch `i` (the trainer seeds the dropout generator there).
-pub fn step_gradients<B: AutodiffBackend>(
+/// Forward and backward of every micro-batch in `batches`, without normalisation; zero
+/// gradients when there is no target (a data-parallel peer may get no micro-batch of a short
+/// last step). `before_micro_batch(i)` runs before the forward pass of micro-batch `i` (the
+/// trainer seeds the dropout generator there); what it returns is held until that forward
+/// pass is done, before its backward pass.
+pub fn gradient_sums<B: AutodiffBackend, G>(
     model: &CausalLm<B>,
     batches: &[MicroBatch],
     device: &B::Device,
-    mut before_micro_batch: impl FnMut(usize),
-) -> Result<StepGradients<B::InnerBackend>> {
+    mut before_micro_batch: impl FnMut(usize) -> G,
+) -> GradientSums<B::InnerBackend> {
     let mut sums: Option<Vec<Tensor<B::InnerBackend, 2>>> = None;
     let mut nll: Vec<Tensor<B::InnerBackend, 1>> = Vec::new();
     let (mut targets, mut tokens) = (0usize, 0usize);
     for (i, batch) in batches.iter().enumerate() {
         tokens += batch.tokens();
-        before_micro_batch(i);
-        let logits = batch.logits(model, device);
-        let (sum, count) = causal_lm_loss_sum(logits, &batch.labels);
+        let guard = before_micro_batch(i);
+        let (sum, count, micro) = if model.gradient_checkpointing {
+            let out = model
+                .checkpointed_gradients(
+                    batch.ids(device),
+                    batch.packing.as_ref().map(|(p, s)| (&p[..], &s[..])),
+                    &batch.labels,
+                )
+                .expect("enable_gradient_checkpointing refused what this refuses");
+            drop(guard);
+            (out.loss_sum, out.count, out.grads)
+        } else {
+            let (sum, count) = batch.loss_sum(model, device);
+            drop(guard);
+            if count == 0 {
+                continue;
+            }
+            let inner = sum.clone().inner();
+            let grads = sum.backward();
+            (inner, count, adapter_grads(model, &grads))
+        };
         if count == 0 {
             continue;
         }
         targets += count;
-        nll.push(sum.clone().inner());
-        let grads = sum.backward();
-        let micro = adapter_grads(model, &grads);
+        nll.push(sum);
         sums = Some(match sums {
             None => micro,
             Some(acc) => acc.into_iter().zip(micro).map(|(a, g)| a + g).collect(),
         });
     }
-    let Some(sums) = sums else {
-        return Err(TrainError::Dataset(
-            "a training step has no token in the loss".into(),
-        ));
+    let grads = sums.unwrap_or_else(|| {
+        adapter_values(model)
+            .into_iter()
+            .map(|p| p.inner().zeros_like())
+            .collect()
+    });
+    let nll = if nll.is_empty() {
+        Tensor::zeros([1], device)
+    } else {
+        Tensor::cat(nll, 0).sum()
     };
-    let scale = 1.0 / targets as f64;
-    let total = Tensor::cat(nll, 0).sum();
-    let nll_sum = total
-        .into_data()
+    GradientSums {
+        grads,
+        nll,
+        targets,
+        tokens,
+    }
+}
+
+/// Forward and backward of every micro-batch of one step. `before_micro_batch(i)` runs before
+/// micro-batch `i` (the trainer seeds the dropout generator there).
+pub fn step_gradients<B: AutodiffBackend, G>(
+    model: &CausalLm<B>,
+    batches: &[MicroBatch],
+    device: &B::Device,
+    before_micro_batch: impl FnMut(usize) -> G,
+) -> Result<StepGradients<B::InnerBackend>> {
+    let sums = gradient_sums(model, batches, device, before_micro_batch);
+    if sums.targets == 0 {
+        return Err(no_targets());
+    }
+    let scale = 1.0 / sums.targets as f64;
+    let nll_sum = read_f64s(sums.nll, "the loss")?[0];
+    Ok(StepGradients {
+        grads: sums.grads.into_iter().map(|g| g * scale).collect(),
+        loss: nll_sum * scale,
+        targets: sums.targets,
+        tokens: sums.tokens,
+    })
+}
+
+/// The error of a step without any token in the loss.
+pub(crate) fn no_targets() -> TrainError {
+    TrainError::Dataset("a training step has no token in the loss".into())
+}
+
+/// The values of a 1-D tensor on the host, as f64.
+pub(crate) fn read_f64s<B: Backend>(t: Tensor<B, 1>, what: &str) -> Result<Vec<f64>> {
+    t.into_data()
         .convert::<f64>()
         .to_vec::<f64>()
         .map_err(|e| TrainError::Tensor {
-            what: "the loss".into(),
+            what: what.into(),
             message: format!("{e:?}"),
-        })?[0];
-    Ok(StepGradients {
-        grads: sums.into_iter().map(|g| g * scale).collect(),
-        loss: nll_sum * scale,
-        targets,
-        tokens,
-    })
+        })
 }
 
 /// What one update did.

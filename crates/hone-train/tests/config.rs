@@ -168,3 +168,22 @@ fn shipped_configs_are_valid() {
         );
     }
 }
+
+#[test]
+fn train_devices_default_to_the_model_device_and_must_share_a_backend() {
+    use hone_model::DeviceSpec;
+    let c = parse(MINIMAL, &[]).unwrap();
+    assert_eq!(c.devices(), [DeviceSpec::Cpu]);
+    assert!(!c.to_toml().unwrap().contains("devices"));
+    let c = parse(MINIMAL, &["train.devices=[\"cuda:0\", \"cuda:1\"]"]).unwrap();
+    assert_eq!(c.devices(), [DeviceSpec::Cuda(0), DeviceSpec::Cuda(1)]);
+    let e = error(MINIMAL, &["train.devices=[\"cpu\", \"cuda:1\"]"]);
+    assert!(
+        e.contains("train.devices") && e.contains("mixes cpu and cuda:1"),
+        "{e}"
+    );
+    let e = error(MINIMAL, &["train.devices=[\"cpu\", \"tpu\"]"]);
+    assert!(e.contains("train.devices") && e.contains("tpu"), "{e}");
+    let e = error(MINIMAL, &["train.collective_timeout_secs=0"]);
+    assert!(e.contains("train.collective_timeout_secs"), "{e}");
+}

@@ -320,3 +320,49 @@ fn existing_runs_are_not_mixed_up() {
     assert!(err.contains("not a hone run"), "{err}");
     assert!(Path::new(&stranger.join("notes.txt")).is_file());
 }
+
+#[test]
+fn gradient_checkpointing_trains_the_same_adapter() {
+    let _guard = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path(), 24);
+    let extra = "max_steps = 4\ngrad_accum = 2";
+    let plain = run(
+        &config(&data, &tmp.path().join("plain"), extra, &[]),
+        RunOptions::default(),
+    )
+    .unwrap();
+    let recomputed = run(
+        &config(
+            &data,
+            &tmp.path().join("recomputed"),
+            extra,
+            &["train.gradient_checkpointing=true"],
+        ),
+        RunOptions::default(),
+    )
+    .unwrap();
+    let a = adapter_tensors(plain.adapter_dir.as_ref().unwrap());
+    let b = adapter_tensors(recomputed.adapter_dir.as_ref().unwrap());
+    let diff = max_abs_diff(&a, &b);
+    assert!(diff <= 1e-6, "adapters differ by {diff:e}");
+    // Training moved the adapter (B starts at zero), so the comparison is not vacuous.
+    assert!(a
+        .iter()
+        .any(|(k, v)| k.contains("lora_B") && v.iter().any(|x| *x != 0.0)));
+
+    let refused = hone_train::RunConfig::from_toml_str(
+        &config_text(&data, &tmp.path().join("dropout")),
+        "test.toml",
+        Some("test".into()),
+        &[
+            "train.gradient_checkpointing=true".into(),
+            "lora.dropout=0.1".into(),
+        ],
+    );
+    let message = match refused {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("gradient checkpointing with dropout must be refused"),
+    };
+    assert!(message.contains("lora.dropout"), "{message}");
+}

@@ -7,7 +7,7 @@
 //! training and the sample generations with and without the adapter.
 //!
 //! `bench train` times full training steps (forward, backward, clipping, AdamW) of a model with
-//! random weights and prints one JSON line.
+//! random weights and prints one JSON line; `--devices a,b` times data-parallel steps.
 
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
@@ -17,8 +17,10 @@ use burn::backend::Autodiff;
 use burn::prelude::*;
 use hone_model::lora::{LoraSettings, TargetModules};
 use hone_model::{run_on, BackendTask, CausalLm, LoadOptions, ModelConfig};
+use hone_train::parallel::device_for;
 use hone_train::{
-    AdamWConfig, Control, Event, Learner, MicroBatch, Observer, RunConfig, RunOptions, RunSummary,
+    AdamWConfig, Control, DataParallel, Event, Learner, MicroBatch, Observer, ParallelConfig,
+    RunConfig, RunOptions, RunSummary,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
@@ -222,8 +224,27 @@ impl BackendTask for BenchTask {
             settings.target_modules = TargetModules::Names(vec!["all-linear".into()]);
         }
         model.attach_lora(&settings)?;
+        if a.gradient_checkpointing {
+            model.enable_gradient_checkpointing()?;
+        }
         let trainable = model.lora_parameter_count();
         let mut learner = Learner::new(model, AdamWConfig::default(), 1.0, device.clone());
+        let mut devices = vec![device.clone()];
+        for spec in a.devices.iter().skip(1) {
+            devices.push(device_for::<Autodiff<B>>(*spec)?);
+        }
+        let mut parallel = match devices.len() {
+            1 => None,
+            _ => Some(DataParallel::start(
+                &mut learner.model,
+                &learner.optimizer,
+                &devices,
+                ParallelConfig {
+                    max_grad_norm: learner.max_grad_norm,
+                    timeout: Duration::from_secs(600),
+                },
+            )?),
+        };
         let mut rng = rand::rngs::StdRng::seed_from_u64(42);
         let mut batch = || {
             let ids: Vec<i64> = (0..a.batch * a.seq)
@@ -231,34 +252,57 @@ impl BackendTask for BenchTask {
                 .collect();
             MicroBatch::dense(ids.clone(), ids, a.batch)
         };
+        // One micro-batch per device and step.
+        let mut step = |i: usize| -> Result<()> {
+            let batches: Vec<MicroBatch> = devices.iter().map(|_| batch()).collect();
+            match &mut parallel {
+                None => learner.step(&batches, 1e-4)?,
+                Some(p) => p.step(
+                    &mut learner.model,
+                    &mut learner.optimizer,
+                    i,
+                    &batches,
+                    None,
+                    1e-4,
+                )?,
+            };
+            Ok(())
+        };
         // Warm-up (allocator, thread pools, kernels), then timed steps; each step reads its
         // loss back, so the device has finished it when the clock stops.
-        learner.step(&[batch()], 1e-4)?;
+        step(0)?;
         let started = Instant::now();
-        for _ in 0..a.steps {
-            learner.step(&[batch()], 1e-4)?;
+        for i in 0..a.steps {
+            step(i + 1)?;
         }
         let seconds = started.elapsed().as_secs_f64();
+        if let Some(p) = parallel {
+            p.finish()?;
+        }
+        let rows = a.batch * devices.len();
         Ok(json!({
             "bench": "train",
             "shape": format!("{:?}", a.shape).to_lowercase(),
-            "device": a.device.to_string(),
+            "device": a.devices.first().unwrap_or(&a.device).to_string(),
+            "devices": devices.len(),
             "seq": a.seq,
             "batch": a.batch,
             "lora_r": a.lora_r,
             "targets": a.targets,
             "trainable_params": trainable,
             "steps": a.steps,
-            "tokens_per_sec": (a.batch * a.seq * a.steps) as f64 / seconds,
+            "tokens_per_sec": (rows * a.seq * a.steps) as f64 / seconds,
             "sec_per_step": seconds / a.steps as f64,
             "peak_rss_mb": peak_rss_mb(),
+            "gradient_checkpointing": a.gradient_checkpointing,
             "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         }))
     }
 }
 
 pub fn bench(args: BenchTrainArgs) -> Result<()> {
-    let line = run_on(args.device, BenchTask(args))??;
+    let device = args.devices.first().copied().unwrap_or(args.device);
+    let line = run_on(device, BenchTask(args))??;
     println!("{line}");
     Ok(())
 }

@@ -1,0 +1,712 @@
+//! Data-parallel training over several devices of one machine (`train.devices`), with
+//! burn's collective engine (`burn-collective`): one peer per device, each a thread holding its
+//! own copy of the model and of the optimizer.
+//!
+//! Every step, rank 0 (the trainer's thread) hands each peer its share of the step's
+//! micro-batches ([`shares`]). Each peer computes the *unnormalised* gradients of its share
+//! ([`gradient_sums`]) and all peers exchange them in one all-reduce of one flat tensor:
+//!
+//! ```text
+//! row_k = [ grad sums of every adapter, flattened | NLL sum | targets hi, lo | tokens hi, lo ]
+//! peer k sends [n, len] zeros with row k = row_k; all-reduce (Sum) gives every row
+//! every peer adds the rows in rank order, divides by the step's total target count
+//! ```
+//!
+//! So the loss stays transformers' `num_items_in_batch` normalisation over the whole global
+//! step (peers with unequal target counts weigh exactly as their tokens), and adding the rows
+//! in rank order, rather than letting the collective sum them in whatever order it visits its
+//! peers, makes the result bit-identical on every peer and from run to run. The counts travel
+//! as two f32 halves (`c >> 12`, `c & 4095`) so that they stay exact. Every peer then applies
+//! the identical clipping and AdamW update ([`apply_update`]) to its own copy. The price of
+//! the stacked layout is `n` times the traffic of a plain sum, small for adapter gradients.
+//!
+//! A run with `n` devices and micro-batch `m`, accumulation `g` visits `m · g · n` rows per step
+//! and computes what one device computes with accumulation `g · n`; with `g = 1` the
+//! micro-batches, the sums and their order are those of one device with accumulation `n`,
+//! so the two agree bit for bit.
+//!
+//! Dropout draws from the backend's one global generator. With dropout on, peers take turns
+//! for [seed, forward pass] of each micro-batch (the backward passes still overlap), so the
+//! masks depend only on `(seed, step, micro-batch)` as on one device.
+//!
+//! Failures do not hang: a peer that returns an error or panics is recorded, and a watchdog
+//! thread then resets the collective (dropping the pending all-reduce, so that the peers
+//! waiting in it return an error); a peer that waits longer than the timeout in an all-reduce
+//! is treated the same way. The error names the peer and the step. (Registration, when the
+//! session starts, cannot be interrupted through burn-collective's API; the peers register
+//! first thing in their threads, and only once every thread exists.) Multi-node training is not
+//! here: see `examples/multinode.rs` for burn 0.21's hang of the second global all-reduce and
+//! the way around it.
+
+use std::any::Any;
+use std::ops::Range;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use burn::module::Module;
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{TensorData, TensorPrimitive};
+use burn_collective::{
+    all_reduce, finish_collective, register, reset_collective, CollectiveConfig, PeerId,
+    ReduceOperation,
+};
+use hone_model::{run_on, BackendTask, CausalLm, DeviceSpec};
+
+use crate::error::{Result, TrainError};
+use crate::optim::AdamW;
+use crate::step::{
+    apply_update, gradient_sums, no_targets, read_f64s, GradientSums, MicroBatch, StepGradients,
+    StepOutcome,
+};
+
+/// One collective session per process: burn-collective keeps one local server per backend.
+static SESSION: Mutex<()> = Mutex::new(());
+/// Turns for [seed, forward] when dropout draws from the backend's global generator.
+static FORWARD_TURN: Mutex<()> = Mutex::new(());
+
+/// How often the watchdog looks at the peers.
+const WATCH_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Counts travel as two f32 values `(c >> COUNT_SHIFT, c & COUNT_MASK)`, exact below 2^36.
+const COUNT_SHIFT: u32 = 12;
+const COUNT_MASK: usize = (1 << COUNT_SHIFT) - 1;
+/// Values after the gradients in a peer's row: NLL sum, targets (2), tokens (2).
+const TAIL: usize = 5;
+
+/// The micro-batches of a step that peer `k` of `n` computes: contiguous blocks, in order,
+/// as equal as possible (the first `len % n` peers take one more). Peer `k` of a full step of
+/// `g · n` micro-batches takes micro-batches `k·g .. (k+1)·g`; a short last step may leave a
+/// peer none.
+pub fn shares(len: usize, n: usize) -> Vec<Range<usize>> {
+    let (base, extra) = (len / n, len % n);
+    let mut start = 0;
+    (0..n)
+        .map(|k| {
+            let size = base + usize::from(k < extra);
+            let range = start..start + size;
+            start += size;
+            range
+        })
+        .collect()
+}
+
+/// The device `spec` names, on backend `B` (an error when `spec` needs another backend, e.g.
+/// `cuda:1` in a run whose first device is `cpu`).
+pub fn device_for<B: Backend>(spec: DeviceSpec) -> Result<B::Device> {
+    struct DeviceOf;
+    impl BackendTask for DeviceOf {
+        type Output = Box<dyn Any + Send>;
+        fn run<C: Backend>(self, device: C::Device) -> Self::Output {
+            Box::new(device)
+        }
+    }
+    run_on(spec, DeviceOf)?
+        .downcast::<B::Device>()
+        .map(|d| *d)
+        .map_err(|_| TrainError::Parallel {
+            message: format!("device {spec} is not on the backend of the run's first device"),
+        })
+}
+
+/// Settings of a data-parallel session.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ParallelConfig {
+    /// Clip the global gradient norm to this (0: off), as [`apply_update`].
+    pub max_grad_norm: f64,
+    /// The longest a peer waits for the others in one all-reduce.
+    pub timeout: Duration,
+}
+
+/// What rank 0 sends a peer thread.
+enum Message {
+    /// Register with the collective (sent once every peer thread exists).
+    Register,
+    Step(Job),
+}
+
+/// One step's work for one peer.
+struct Job {
+    step: usize,
+    batches: Vec<MicroBatch>,
+    /// Seed of the backend's generator before each micro-batch.
+    seeds: Option<Vec<u64>>,
+    /// The learning rate of the update; `None`: gradients only.
+    lr: Option<f64>,
+}
+
+/// What the peers, rank 0 and the watchdog share.
+struct Session {
+    n: usize,
+    config: ParallelConfig,
+    /// Dropout is on: [seed, forward] of a micro-batch takes [`FORWARD_TURN`].
+    serial_forward: bool,
+    /// Each peer's device, for messages.
+    names: Vec<String>,
+    /// The first failure, as reported to the user.
+    failure: Mutex<Option<String>>,
+    /// Per peer: the step whose all-reduce it waits in, and since when.
+    waiting: Mutex<Vec<Option<(usize, Instant)>>>,
+    /// The collective was reset: peers do not unregister.
+    aborted: AtomicBool,
+    /// The session is over: the watchdog exits.
+    closed: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Session {
+    fn peer(&self, rank: usize) -> String {
+        format!("peer {rank} ({})", self.names[rank])
+    }
+
+    /// Records `message` unless a failure is known already.
+    fn fail(&self, message: String) {
+        lock(&self.failure).get_or_insert(message);
+    }
+
+    fn failure(&self) -> Option<String> {
+        lock(&self.failure).clone()
+    }
+
+    /// The failure of a peer, else `fallback`.
+    fn error(&self, fallback: impl Into<String>) -> TrainError {
+        TrainError::Parallel {
+            message: self.failure().unwrap_or_else(|| fallback.into()),
+        }
+    }
+
+    fn set_waiting(&self, rank: usize, step: Option<usize>) {
+        lock(&self.waiting)[rank] = step.map(|s| (s, Instant::now()));
+    }
+
+    /// The timeout message when a peer has waited longer than the timeout.
+    fn overdue(&self) -> Option<String> {
+        let timeout = self.config.timeout;
+        let waiting = lock(&self.waiting);
+        let (rank, step, since) = waiting
+            .iter()
+            .enumerate()
+            .filter_map(|(k, w)| w.map(|(step, since)| (k, step, since)))
+            .find(|(_, _, since)| since.elapsed() > timeout)?;
+        let absent: Vec<String> = (0..self.n)
+            .filter(|&k| waiting[k].is_none())
+            .map(|k| self.peer(k))
+            .collect();
+        Some(format!(
+            "{} waited {:.0} s in the all-reduce of step {} (train.collective_timeout_secs = \
+             {}) for {}",
+            self.peer(rank),
+            since.elapsed().as_secs_f64(),
+            step + 1,
+            timeout.as_secs(),
+            if absent.is_empty() {
+                "nobody: the collective itself stalled".to_string()
+            } else {
+                absent.join(", ")
+            }
+        ))
+    }
+}
+
+/// The text of a panic payload.
+fn panic_text(payload: &(dyn Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// Whether any adapter draws dropout masks.
+fn uses_dropout<B: Backend>(model: &CausalLm<B>) -> bool {
+    model
+        .projections()
+        .into_iter()
+        .any(|(_, linear)| linear.lora.as_ref().is_some_and(|l| l.dropout > 0.0))
+}
+
+/// Packs `count` as two exact f32 halves.
+fn count_halves(count: usize) -> [f32; 2] {
+    [(count >> COUNT_SHIFT) as f32, (count & COUNT_MASK) as f32]
+}
+
+fn from_halves(hi: f64, lo: f64) -> usize {
+    ((hi as usize) << COUNT_SHIFT) + lo as usize
+}
+
+/// Sums the peers' gradient sums (the all-reduce of one flat tensor, see the module doc) and
+/// divides them by the step's target count.
+fn reduce<B: Backend>(
+    rank: usize,
+    step: usize,
+    sums: GradientSums<B>,
+    device: &B::Device,
+    session: &Session,
+) -> Result<StepGradients<B>> {
+    let n = session.n;
+    let shapes: Vec<[usize; 2]> = sums.grads.iter().map(|g| g.dims()).collect();
+    let width: usize = shapes.iter().map(|[r, c]| r * c).sum();
+    let len = width + TAIL;
+    let mut row: Vec<Tensor<B, 1>> = sums
+        .grads
+        .into_iter()
+        .map(|g| {
+            let [r, c] = g.dims();
+            g.reshape([r * c])
+        })
+        .collect();
+    let [t_hi, t_lo] = count_halves(sums.targets);
+    let [k_hi, k_lo] = count_halves(sums.tokens);
+    row.push(sums.nll);
+    row.push(Tensor::from_data(
+        TensorData::new(vec![t_hi, t_lo, k_hi, k_lo], [4]),
+        device,
+    ));
+    let mut blocks = Vec::with_capacity(3);
+    if rank > 0 {
+        blocks.push(Tensor::zeros([rank * len], device));
+    }
+    blocks.push(Tensor::cat(row, 0));
+    if rank + 1 < n {
+        blocks.push(Tensor::zeros([(n - 1 - rank) * len], device));
+    }
+    let stacked = Tensor::cat(blocks, 0).into_primitive().tensor();
+
+    session.set_waiting(rank, Some(step));
+    let reduced = all_reduce::<B>(PeerId::from(rank), stacked, ReduceOperation::Sum);
+    session.set_waiting(rank, None);
+    let reduced = reduced.map_err(|e| {
+        session.error(format!(
+            "{}: the all-reduce of step {} failed: {e:?}",
+            session.peer(rank),
+            step + 1
+        ))
+    })?;
+    let rows = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(reduced)).reshape([n, len]);
+
+    let tails = read_f64s(
+        rows.clone().slice([0..n, width..len]).reshape([n * TAIL]),
+        "the step's loss and counts",
+    )?;
+    let (mut nll, mut targets, mut tokens) = (0.0, 0, 0);
+    for tail in tails.chunks(TAIL) {
+        nll += tail[0];
+        targets += from_halves(tail[1], tail[2]);
+        tokens += from_halves(tail[3], tail[4]);
+    }
+    if targets == 0 {
+        return Err(no_targets());
+    }
+    let mut total = rows.clone().slice([0..1, 0..width]);
+    for k in 1..n {
+        total = total + rows.clone().slice([k..k + 1, 0..width]);
+    }
+    let scale = 1.0 / targets as f64;
+    let flat = total.reshape([width]) * scale;
+    let mut offset = 0;
+    let grads = shapes
+        .into_iter()
+        .map(|[r, c]| {
+            let g = flat.clone().slice(offset..offset + r * c).reshape([r, c]);
+            offset += r * c;
+            g
+        })
+        .collect();
+    Ok(StepGradients {
+        grads,
+        loss: nll * scale,
+        targets,
+        tokens,
+    })
+}
+
+/// The step's gradients as one peer sees them: those of its share, all-reduced.
+fn peer_gradients<B: AutodiffBackend>(
+    rank: usize,
+    model: &CausalLm<B>,
+    device: &B::Device,
+    job: &Job,
+    session: &Session,
+) -> Result<StepGradients<B::InnerBackend>> {
+    let sums = gradient_sums(model, &job.batches, device, |i| {
+        let turn = session.serial_forward.then(|| lock(&FORWARD_TURN));
+        if let Some(seeds) = &job.seeds {
+            B::seed(device, seeds[i]);
+        }
+        turn
+    });
+    reduce(rank, job.step, sums, device, session)
+}
+
+/// One step of one peer: the all-reduced gradients and, unless the job asks for gradients
+/// only, the update of the peer's copy of the model.
+fn peer_step<B: AutodiffBackend>(
+    rank: usize,
+    model: &mut CausalLm<B>,
+    optimizer: &mut AdamW<B::InnerBackend>,
+    device: &B::Device,
+    job: &Job,
+    session: &Session,
+) -> Result<()> {
+    let grads = peer_gradients(rank, model, device, job, session)?;
+    if let Some(lr) = job.lr {
+        apply_update(model, optimizer, grads, lr, session.config.max_grad_norm)?;
+    }
+    Ok(())
+}
+
+/// The optimizer state on `device`.
+fn optimizer_on<B: Backend>(optimizer: &AdamW<B>, device: &B::Device) -> AdamW<B> {
+    let mut out = optimizer.clone();
+    for m in out.moments.iter_mut().flatten() {
+        m.m = m.m.clone().to_device(device);
+        m.v = m.v.clone().to_device(device);
+    }
+    out
+}
+
+/// A peer thread (ranks 1..): registers when told, then runs the steps it receives until rank
+/// 0 closes the channel; a failure is recorded for the watchdog and ends the thread.
+fn peer_main<B: AutodiffBackend>(
+    rank: usize,
+    mut model: CausalLm<B>,
+    mut optimizer: AdamW<B::InnerBackend>,
+    device: B::Device,
+    messages: Receiver<Message>,
+    session: Arc<Session>,
+) {
+    if !matches!(messages.recv(), Ok(Message::Register)) {
+        return;
+    }
+    let collective = CollectiveConfig::default().with_num_devices(session.n);
+    if let Err(e) = register::<B::InnerBackend>(PeerId::from(rank), device.clone(), collective) {
+        session.fail(format!("{}: cannot register: {e:?}", session.peer(rank)));
+        return;
+    }
+    while let Ok(Message::Step(job)) = messages.recv() {
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            peer_step(rank, &mut model, &mut optimizer, &device, &job, &session)
+        }));
+        let message = match result {
+            Ok(Ok(_)) => continue,
+            Ok(Err(e)) => e.to_string(),
+            Err(payload) => format!("panicked: {}", panic_text(payload.as_ref())),
+        };
+        session.fail(format!(
+            "{} at step {}: {message}",
+            session.peer(rank),
+            job.step + 1
+        ));
+        return;
+    }
+    if !session.aborted.load(Ordering::SeqCst) {
+        if let Err(e) = finish_collective::<B::InnerBackend>(PeerId::from(rank)) {
+            session.fail(format!(
+                "{}: cannot leave the collective: {e:?}",
+                session.peer(rank)
+            ));
+        }
+    }
+}
+
+/// The watchdog: after a failure or a timeout it resets the collective, which drops the
+/// pending all-reduce so that no peer stays blocked in it.
+fn watch<B: Backend>(session: Arc<Session>) {
+    while !session.closed.load(Ordering::SeqCst) {
+        std::thread::sleep(WATCH_INTERVAL);
+        if session.failure().is_none() {
+            match session.overdue() {
+                Some(message) => session.fail(message),
+                None => continue,
+            }
+        }
+        session.aborted.store(true, Ordering::SeqCst);
+        reset_collective::<B>();
+        return;
+    }
+}
+
+/// Peers 1.. of a data-parallel session, driven by rank 0: the caller, who keeps its own model
+/// and optimizer and passes them to [`DataParallel::step`]. Dropping a session in the middle of
+/// a step (an error, a panic) aborts it without waiting for the collective.
+pub struct DataParallel<B: AutodiffBackend> {
+    session: Arc<Session>,
+    senders: Vec<SyncSender<Message>>,
+    workers: Vec<JoinHandle<()>>,
+    watchdog: Option<JoinHandle<()>>,
+    device: B::Device,
+    /// Rank 0 is between sending a step's jobs and the end of its update.
+    in_step: bool,
+    closed: bool,
+    _exclusive: MutexGuard<'static, ()>,
+}
+
+impl<B: AutodiffBackend> DataParallel<B> {
+    /// Starts peers on `devices[1..]` with copies of `model` and `optimizer` (rank 0, on
+    /// `devices[0]`, is the caller's) and registers all of them with the collective. The model
+    /// is materialised first: a lazily initialised parameter would be drawn anew by each copy.
+    pub fn start(
+        model: &mut CausalLm<B>,
+        optimizer: &AdamW<B::InnerBackend>,
+        devices: &[B::Device],
+        config: ParallelConfig,
+    ) -> Result<Self> {
+        let n = devices.len();
+        if n < 2 {
+            return Err(TrainError::Parallel {
+                message: format!("data-parallel training needs 2 devices or more, found {n}"),
+            });
+        }
+        let exclusive = lock(&SESSION);
+        *model = model.clone().fork(&devices[0]);
+        let session = Arc::new(Session {
+            n,
+            config,
+            serial_forward: uses_dropout(model),
+            names: devices.iter().map(|d| format!("{d:?}")).collect(),
+            failure: Mutex::new(None),
+            waiting: Mutex::new(vec![None; n]),
+            aborted: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+        });
+        let mut this = Self {
+            session: session.clone(),
+            senders: Vec::new(),
+            workers: Vec::new(),
+            watchdog: None,
+            device: devices[0].clone(),
+            in_step: false,
+            closed: false,
+            _exclusive: exclusive,
+        };
+        let spawn_error = |e: std::io::Error| TrainError::Parallel {
+            message: format!("cannot start a peer thread: {e}"),
+        };
+        for (rank, device) in devices.iter().enumerate().skip(1) {
+            let (copy, opt, device) = (
+                model.clone().fork(device),
+                optimizer_on(optimizer, device),
+                device.clone(),
+            );
+            let (tx, rx) = sync_channel(1);
+            let session = session.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("hone-peer-{rank}"))
+                .spawn(move || peer_main(rank, copy, opt, device, rx, session))
+                .map_err(spawn_error)?;
+            this.senders.push(tx);
+            this.workers.push(handle);
+        }
+        let watched = session.clone();
+        this.watchdog = Some(
+            std::thread::Builder::new()
+                .name("hone-peer-watchdog".into())
+                .spawn(move || watch::<B::InnerBackend>(watched))
+                .map_err(spawn_error)?,
+        );
+        // Every thread exists: only now may any peer register (registration waits for all).
+        for tx in &this.senders {
+            tx.send(Message::Register)
+                .map_err(|_| session.error("a peer thread ended before registering"))?;
+        }
+        let collective = CollectiveConfig::default().with_num_devices(n);
+        register::<B::InnerBackend>(PeerId::from(0usize), devices[0].clone(), collective)
+            .map_err(|e| session.error(format!("{}: cannot register: {e:?}", session.peer(0))))?;
+        Ok(this)
+    }
+
+    /// Number of peers.
+    pub fn devices(&self) -> usize {
+        self.session.n
+    }
+
+    /// One step over all peers: peer `k` computes micro-batches `shares(batches.len(), n)[k]`
+    /// (seeding the backend's generator with `seeds[i]` before micro-batch `i` when given),
+    /// then every peer applies the same update at `lr`; `model` and `optimizer` are rank 0's.
+    pub fn step(
+        &mut self,
+        model: &mut CausalLm<B>,
+        optimizer: &mut AdamW<B::InnerBackend>,
+        step: usize,
+        batches: &[MicroBatch],
+        seeds: Option<&[u64]>,
+        lr: f64,
+    ) -> Result<StepOutcome> {
+        let job = self.dispatch(step, batches, seeds, Some(lr))?;
+        let outcome = peer_gradients(0, model, &self.device, &job, &self.session)
+            .and_then(|grads| {
+                apply_update(
+                    model,
+                    optimizer,
+                    grads,
+                    lr,
+                    self.session.config.max_grad_norm,
+                )
+            })
+            .map_err(|e| self.cause(e))?;
+        self.in_step = false;
+        Ok(outcome)
+    }
+
+    /// The all-reduced, normalised gradients of a step as [`DataParallel::step`] computes
+    /// them, without an update (every peer's model stays as it is).
+    pub fn gradients(
+        &mut self,
+        model: &CausalLm<B>,
+        step: usize,
+        batches: &[MicroBatch],
+        seeds: Option<&[u64]>,
+    ) -> Result<StepGradients<B::InnerBackend>> {
+        let job = self.dispatch(step, batches, seeds, None)?;
+        let grads = peer_gradients(0, model, &self.device, &job, &self.session)
+            .map_err(|e| self.cause(e))?;
+        self.in_step = false;
+        Ok(grads)
+    }
+
+    /// Sends peers 1.. their jobs; returns rank 0's.
+    fn dispatch(
+        &mut self,
+        step: usize,
+        batches: &[MicroBatch],
+        seeds: Option<&[u64]>,
+        lr: Option<f64>,
+    ) -> Result<Job> {
+        if self.closed {
+            return Err(self.session.error("the data-parallel session is closed"));
+        }
+        if seeds.is_some_and(|s| s.len() != batches.len()) {
+            return Err(TrainError::Parallel {
+                message: "one seed per micro-batch is needed".into(),
+            });
+        }
+        self.in_step = true;
+        let ranges = shares(batches.len(), self.session.n);
+        let job = |range: &Range<usize>| Job {
+            step,
+            batches: batches[range.clone()].to_vec(),
+            seeds: seeds.map(|s| s[range.clone()].to_vec()),
+            lr,
+        };
+        for (tx, range) in self.senders.iter().zip(&ranges[1..]) {
+            tx.send(Message::Step(job(range)))
+                .map_err(|_| self.session.error("a peer thread ended"))?;
+        }
+        Ok(job(&ranges[0]))
+    }
+
+    /// Rank 0's error, or the peer failure that cut rank 0 off (the reset makes its
+    /// all-reduce fail).
+    fn cause(&self, e: TrainError) -> TrainError {
+        match (&e, self.session.failure()) {
+            (TrainError::Parallel { .. }, Some(message)) => TrainError::Parallel { message },
+            _ => e,
+        }
+    }
+
+    /// Ends the session: every peer leaves the collective and its thread is joined. An error
+    /// when a peer failed.
+    pub fn finish(mut self) -> Result<()> {
+        self.close(false);
+        match self.session.failure() {
+            Some(message) => Err(TrainError::Parallel { message }),
+            None => Ok(()),
+        }
+    }
+
+    fn close(&mut self, abort: bool) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
+        let abort = abort || self.session.failure().is_some();
+        if abort {
+            self.session.aborted.store(true, Ordering::SeqCst);
+            reset_collective::<B::InnerBackend>();
+        }
+        // Closing the channels ends the peers' loops.
+        self.senders.clear();
+        if !abort {
+            if let Err(e) = finish_collective::<B::InnerBackend>(PeerId::from(0usize)) {
+                let peer = self.session.peer(0);
+                self.session
+                    .fail(format!("{peer}: cannot leave the collective: {e:?}"));
+            }
+        }
+        for handle in self.workers.drain(..) {
+            if let Err(payload) = handle.join() {
+                self.session.fail(format!(
+                    "a peer thread panicked: {}",
+                    panic_text(payload.as_ref())
+                ));
+            }
+        }
+        self.session.closed.store(true, Ordering::SeqCst);
+        if let Some(handle) = self.watchdog.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl<B: AutodiffBackend> Drop for DataParallel<B> {
+    fn drop(&mut self) {
+        let abort = self.in_step;
+        self.close(abort);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_are_contiguous_ordered_and_as_equal_as_possible() {
+        assert_eq!(shares(4, 2), [0..2, 2..4]);
+        assert_eq!(shares(5, 2), [0..3, 3..5]);
+        assert_eq!(shares(1, 3), [0..1, 1..1, 1..1]);
+        assert_eq!(shares(0, 2), [0..0, 0..0]);
+    }
+
+    #[test]
+    fn a_peer_waiting_too_long_is_reported_with_the_absent_peers() {
+        let session = Session {
+            n: 3,
+            config: ParallelConfig {
+                max_grad_norm: 0.0,
+                timeout: Duration::from_millis(1),
+            },
+            serial_forward: false,
+            names: vec!["Cpu".into(); 3],
+            failure: Mutex::new(None),
+            waiting: Mutex::new(vec![None; 3]),
+            aborted: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+        };
+        assert_eq!(session.overdue(), None);
+        session.set_waiting(0, Some(4));
+        session.set_waiting(2, Some(4));
+        std::thread::sleep(Duration::from_millis(5));
+        let message = session.overdue().unwrap();
+        assert!(
+            message.starts_with("peer 0 (Cpu) waited")
+                && message.contains("all-reduce of step 5")
+                && message.ends_with("for peer 1 (Cpu)"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn counts_survive_the_f32_round_trip_exactly() {
+        for c in [0, 1, 4095, 4096, (1 << 24) + 1, (1 << 35) + 12345] {
+            let [hi, lo] = count_halves(c);
+            assert_eq!(from_halves(hi as f64, lo as f64), c);
+        }
+    }
+}
