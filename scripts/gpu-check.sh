@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check: CUDA vs CPU parity on the reference fixtures and the generation benchmark on CUDA.
+# GPU check: CUDA vs CPU parity on the reference fixtures (logits, and a few training steps), the
+# generation benchmark and the training benchmark (1B-class shape) on CUDA.
 #
 #   cargo build --release --features cuda && scripts/gpu-check.sh [target/release/hone]
 #
@@ -42,4 +43,23 @@ for batch in 1 8; do
   "$HONE" bench generate --shape smol --prompt-tokens 512 --new-tokens 128 --batch "$batch" --device "$DEVICE"
   "$HONE" bench generate --shape smol --prompt-tokens 512 --new-tokens 128 --batch "$batch" --device "$DEVICE" --dtype bf16
 done
+# Training parity: the same 6 LoRA steps on the llama_gqa fixture on CPU and on CUDA; the two
+# adapters must give the same logits (f32, within 1e-3) on the fixture's reference inputs.
+for dev in cpu "$DEVICE"; do
+  "$HONE" train --config configs/quickstart.toml --overwrite \
+    --set "model.path=\"fixtures/peft/llama_gqa\"" --set "model.device=\"$dev\"" \
+    --set train.max_steps=6 --set train.save_every=0 --set train.eval_every=0 \
+    --set "output.dir=\"$out/train-${dev//:/_}\"" > "$out/train-${dev//:/_}.log" || status=1
+done
+"$HONE" logits --model fixtures/peft/llama_gqa --adapter "$out/train-cpu/adapter" \
+  --input-ids fixtures/peft/llama_gqa/refs/inputs.safetensors --device cpu --out "$out/trained-cpu.safetensors"
+"$HONE" logits --model fixtures/peft/llama_gqa --adapter "$out/train-${DEVICE//:/_}/adapter" \
+  --input-ids fixtures/peft/llama_gqa/refs/inputs.safetensors --device cpu --out "$out/trained-cuda.safetensors" \
+  --compare-with "$out/trained-cpu.safetensors" --tolerance 1e-3 || status=1
+
+# Training throughput on a Llama-3.2-1B-class shape (H100 SXM dense f32 peak: 67 TFLOP/s).
+"$HONE" bench train --shape llama-1b --seq 2048 --batch 1 --lora-r 16 --targets q_proj,v_proj --steps 5 \
+  --device "$DEVICE" --peak-tflops "${HONE_GPU_PEAK_TFLOPS:-67}" || status=1
+"$HONE" bench train --shape llama-1b --seq 2048 --batch 1 --lora-r 16 --targets q_proj,v_proj --steps 5 \
+  --device "$DEVICE" --peak-tflops "${HONE_GPU_PEAK_TFLOPS:-67}" --gradient-checkpointing || status=1
 exit $status

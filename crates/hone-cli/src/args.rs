@@ -202,6 +202,9 @@ pub struct BenchTrainArgs {
     /// Recompute each decoder layer in the backward pass (less activation memory).
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Peak dense f32 FLOP/s of the device in TFLOP/s, to report model FLOPs utilisation.
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
 }
 
 /// Model shapes with random weights, for benchmarks without a download.
@@ -211,6 +214,23 @@ pub enum Shape {
     Smol,
     /// Llama hidden 512, 8 layers, 8 heads, 8 KV heads, intermediate 1408, vocab 32000, untied.
     Small,
+    /// Llama-3.2-1B class: hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192,
+    /// vocab 128256, tied.
+    #[value(name = "llama-1b", alias = "1b")]
+    Llama1b,
+}
+
+impl Shape {
+    /// The model configuration of the shape (random weights in the benchmarks).
+    pub fn config(self) -> hone_model::ModelConfig {
+        match self {
+            Shape::Smol => hone_model::ModelConfig::smol(),
+            Shape::Small => hone_model::ModelConfig::small(),
+            Shape::Llama1b => {
+                hone_model::ModelConfig::llama_shape(2048, 16, 32, 8, 8192, 128_256, true)
+            }
+        }
+    }
 }
 
 #[derive(Args, Debug)]

@@ -114,6 +114,10 @@ fn train_writes_the_run_directory_and_prints_the_validation_loss_before_and_afte
         stdout.contains("before training ->") && stdout.contains("after"),
         "{stdout}"
     );
+    assert!(
+        stdout.contains("peak mem "),
+        "the summary reports peak memory: {stdout}"
+    );
     for file in [
         "config.toml",
         "metrics.jsonl",

@@ -6,13 +6,11 @@ use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use hone_model::generate::argmax;
-use hone_model::{
-    load_model_dir, run_on, BackendTask, CausalLm, KvCache, LoadOptions, ModelConfig,
-};
+use hone_model::{load_model_dir, run_on, BackendTask, CausalLm, KvCache, LoadOptions};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-use crate::args::{BenchArgs, BenchCommand, BenchGenerateArgs, Shape};
+use crate::args::{BenchArgs, BenchCommand, BenchGenerateArgs};
 use crate::cmd::peak_rss_mb;
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -89,10 +87,7 @@ impl BackendTask for GenerateTask {
                 (loaded.model, dir.display().to_string())
             }
             (None, Some(shape)) => {
-                let config = match shape {
-                    Shape::Smol => ModelConfig::smol(),
-                    Shape::Small => ModelConfig::small(),
-                };
+                let config = shape.config();
                 B::seed(&device, 0);
                 (
                     CausalLm::random(&config, &device, options),

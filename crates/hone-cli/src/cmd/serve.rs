@@ -229,10 +229,7 @@ pub fn bench(args: BenchServeArgs) -> Result<()> {
                     )
                 }
                 (None, Some(shape)) => {
-                    let mc = match shape {
-                        Shape::Smol => ModelConfig::smol(),
-                        Shape::Small => ModelConfig::small(),
-                    };
+                    let mc = shape.config();
                     let name = format!("{shape:?}").to_lowercase();
                     let source = ModelSource::Random {
                         config: Box::new(mc.clone()),
