@@ -202,6 +202,9 @@ pub struct BenchTrainArgs {
     /// Recompute each decoder layer in the backward pass (less activation memory).
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Dtype of the base weights (the adapters and optimizer stay f32).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DTypeArg,
     /// Peak dense f32 FLOP/s of the device in TFLOP/s, to report model FLOPs utilisation.
     #[arg(long)]
     pub peak_tflops: Option<f64>,

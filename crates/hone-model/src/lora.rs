@@ -38,9 +38,19 @@ impl<B: Backend> Lora<B> {
         } else {
             x
         };
-        x.matmul(self.lora_a.val().transpose())
+        // Base weights in bf16/f16 with f32 adapters (PEFT's mixed precision): the adapter
+        // computes in its own dtype and its output joins the base output's.
+        let (dtype, own) = (x.dtype(), self.lora_a.val().dtype());
+        let x = if dtype != own { x.cast(own) } else { x };
+        let y = x
+            .matmul(self.lora_a.val().transpose())
             .matmul(self.lora_b.val().transpose())
-            * self.scale
+            * self.scale;
+        if dtype != own {
+            y.cast(dtype)
+        } else {
+            y
+        }
     }
 
     pub fn rank(&self) -> usize {

@@ -56,6 +56,16 @@ pub enum DTypeChoice {
     F16,
 }
 
+impl DTypeChoice {
+    pub fn dtype(self) -> burn::tensor::DType {
+        match self {
+            DTypeChoice::F32 => burn::tensor::DType::F32,
+            DTypeChoice::Bf16 => burn::tensor::DType::BF16,
+            DTypeChoice::F16 => burn::tensor::DType::F16,
+        }
+    }
+}
+
 /// `[model]`: the base model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -65,7 +75,8 @@ pub struct ModelSection {
     /// `cpu`, `cuda` or `cuda:N`. Default `cpu`.
     #[serde(default)]
     pub device: DeviceSpec,
-    /// Compute dtype of the weights. Default `f32` (the only one training supports so far).
+    /// Dtype of the base weights: `f32` (default) or `bf16` (adapters, their gradients and the
+    /// optimizer state stay f32; the adapters compute in f32 as in PEFT's mixed precision).
     #[serde(default)]
     pub dtype: DTypeChoice,
 }
@@ -522,10 +533,12 @@ impl RunConfig {
                 ),
             );
         }
-        if self.model.dtype != DTypeChoice::F32 {
+        if self.model.dtype == DTypeChoice::F16 {
             return err(
                 "model.dtype",
-                "training supports f32 only so far (bf16/f16 base weights are planned)".into(),
+                "f16 base weights are not supported for training (f16's range overflows in \
+                 activations without loss scaling); use bf16 or f32"
+                    .into(),
             );
         }
         if self.eval.micro_batch_size == Some(0) {

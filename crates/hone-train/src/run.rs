@@ -269,7 +269,10 @@ pub fn train_on<B: AutodiffBackend>(
         devices.push(device_for::<B>(*spec)?);
     }
     let run_dir = prepare_run_dir(config, options)?;
-    let loaded = load_model_dir::<B>(&config.model.path, &device, LoadOptions::default())?;
+    let load = LoadOptions {
+        dtype: config.model.dtype.dtype(),
+    };
+    let loaded = load_model_dir::<B>(&config.model.path, &device, load)?;
     let tokenizer = loaded.tokenizer;
     let mut model: CausalLm<B> = loaded.model;
     let settings = config.lora.settings();

@@ -108,7 +108,7 @@ fn bad_values_are_errors_naming_the_key() {
         ("train.betas=[0.9, 1.0]", "train.betas: beta2"),
         ("train.eps=0", "train.eps"),
         ("model.device=\"tpu\"", "model.device"),
-        ("model.dtype=\"bf16\"", "model.dtype"),
+        ("model.dtype=\"f16\"", "model.dtype"),
         ("lora.dropout=1.0", "lora"),
         ("tokenize.max_seq_len=1", "tokenize"),
         ("output.name=\"a/b\"", "output.name"),

@@ -366,3 +366,55 @@ fn gradient_checkpointing_trains_the_same_adapter() {
     };
     assert!(message.contains("lora.dropout"), "{message}");
 }
+
+/// bf16 base weights with f32 adapters (PEFT's mixed precision): the adapter stays f32 on disk and
+/// in the optimizer, and training follows the f32 run within bf16's precision.
+#[test]
+fn bf16_base_weights_train_f32_adapters_close_to_the_f32_run() {
+    let _guard = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path(), 24);
+    let extra = "max_steps = 4\ngrad_accum = 2";
+    let f32_run = run(
+        &config(&data, &tmp.path().join("f32"), extra, &[]),
+        RunOptions::default(),
+    )
+    .unwrap();
+    let bf16_run = run(
+        &config(
+            &data,
+            &tmp.path().join("bf16"),
+            extra,
+            &["model.dtype=\"bf16\""],
+        ),
+        RunOptions::default(),
+    )
+    .unwrap();
+    let dir = bf16_run.adapter_dir.as_ref().unwrap();
+    let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for (name, view) in st.tensors() {
+        assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+    }
+    let (a, b) = (f32_run.last_loss.unwrap(), bf16_run.last_loss.unwrap());
+    assert!(
+        (a - b).abs() <= 2e-2 * a.abs(),
+        "last loss f32 {a} vs bf16 {b}"
+    );
+    // The adapters point the same way (B starts at zero, so B is the whole update).
+    let fa = adapter_tensors(f32_run.adapter_dir.as_ref().unwrap());
+    let fb = adapter_tensors(dir);
+    let (mut dot, mut na, mut nb) = (0f64, 0f64, 0f64);
+    for ((ka, va), (kb, vb)) in fa.iter().zip(&fb) {
+        assert_eq!(ka, kb);
+        if ka.contains("lora_B") {
+            for (x, y) in va.iter().zip(vb) {
+                dot += f64::from(*x) * f64::from(*y);
+                na += f64::from(*x).powi(2);
+                nb += f64::from(*y).powi(2);
+            }
+        }
+    }
+    let cosine = dot / (na.sqrt() * nb.sqrt());
+    assert!(cosine > 0.95, "cosine of the lora_B updates {cosine}");
+}

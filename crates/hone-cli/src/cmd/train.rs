@@ -213,7 +213,10 @@ impl BackendTask for BenchTask {
         }
         let config = a.shape.config();
         B::seed(&device, 0);
-        let mut model = CausalLm::<Autodiff<B>>::random(&config, &device, LoadOptions::default());
+        let load = LoadOptions {
+            dtype: a.dtype.dtype(),
+        };
+        let mut model = CausalLm::<Autodiff<B>>::random(&config, &device, load);
         let targets: Vec<&str> = a.targets.iter().map(String::as_str).collect();
         let mut settings = LoraSettings::new(
             a.lora_r,
@@ -299,6 +302,7 @@ impl BackendTask for BenchTask {
             "sec_per_step": seconds / a.steps as f64,
             "peak_rss_mb": peak_rss_mb(),
             "gradient_checkpointing": a.gradient_checkpointing,
+            "dtype": format!("{:?}", a.dtype).to_lowercase(),
             "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         }))
     }
