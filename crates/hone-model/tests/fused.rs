@@ -161,9 +161,12 @@ fn assert_close(what: &str, a: &[f32], b: &[f32], tol: f32) {
     );
 }
 
+/// A change to a fixture's configuration.
+type Edit = Box<dyn Fn(&mut ModelConfig)>;
+
 #[test]
 fn fused_kernels_compute_what_composed_burn_ops_compute() {
-    let cases: Vec<(&str, &str, Box<dyn Fn(&mut ModelConfig)>)> = vec![
+    let cases: Vec<(&str, &str, Edit)> = vec![
         ("llama_gqa", "plain", Box::new(|_| {})),
         ("qwen2_tied", "biases, tied", Box::new(|_| {})),
         (

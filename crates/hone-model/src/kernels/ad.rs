@@ -12,7 +12,7 @@ use burn::backend::Flex;
 use burn_flex::FlexTensor;
 
 use super::cpu::{self, AttnShape};
-use super::{contiguous, dims, flex, values, AdTensor, Mask, RopeHost};
+use super::{contiguous, dims, flex, rotate, values, AdTensor, Mask, RopeHost};
 
 // ---------------------------------------------------------------------------------------------
 
@@ -66,9 +66,7 @@ impl Backward<Flex, 1> for RopeOp {
         let g = contiguous(&grads.consume::<Flex>(&ops.node));
         let (heads, head_dim, t) = ops.state;
         if let Some(node) = px {
-            let mut dx = values(&g).to_vec();
-            cpu::rope(&mut dx, heads, head_dim, &t.cos, &t.sin, t.rot, true);
-            grads.register::<Flex>(node.id, flex(dx, &dims(&g)));
+            grads.register::<Flex>(node.id, rotate(&g, heads, head_dim, &t, true));
         }
     }
 }
@@ -79,18 +77,7 @@ pub(crate) fn rope<C: CheckpointStrategy>(
     head_dim: usize,
     tables: Arc<RopeHost>,
 ) -> AdTensor {
-    let xf = contiguous(&x.primitive);
-    let mut y = values(&xf).to_vec();
-    cpu::rope(
-        &mut y,
-        heads,
-        head_dim,
-        &tables.cos,
-        &tables.sin,
-        tables.rot,
-        false,
-    );
-    let y = flex(y, &dims(&xf));
+    let y = rotate(&x.primitive, heads, head_dim, &tables, false);
     match RopeOp
         .prepare::<C>([x.node.clone()])
         .compute_bound()

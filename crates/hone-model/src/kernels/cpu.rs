@@ -31,7 +31,7 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     y * f32::from_bits(((bits + 127) as u32) << 23)
 }
@@ -416,6 +416,33 @@ fn softmax_rows(
     }
 }
 
+/// `p = scale · Q Kᵀ` `[seq, seq]` for the query head at offset `qo` of `q` and the key head at
+/// offset `ko` of `k`.
+fn scores(p: &mut [f32], q: &[f32], k: &[f32], s: &AttnShape, qo: usize, ko: usize) {
+    let (seq, d) = (s.seq, s.dim);
+    assert!(p.len() >= seq * seq && qo + (seq - 1) * s.heads * d + d <= q.len());
+    assert!(ko + (seq - 1) * s.kv_heads * d + d <= k.len());
+    // SAFETY: the assertions bound every strided row read and the `seq × seq` write.
+    unsafe {
+        matmul(
+            seq,
+            seq,
+            d,
+            p.as_mut_ptr(),
+            seq,
+            1,
+            false,
+            q.as_ptr().add(qo),
+            s.heads * d,
+            1,
+            k.as_ptr().add(ko),
+            1,
+            s.kv_heads * d,
+            s.scale,
+        );
+    }
+}
+
 /// Scaled dot-product attention with grouped key/value heads. Returns the output
 /// `[batch, seq, heads, dim]` and the log-sum-exp of every score row `[batch, heads, seq]`
 /// (what the backward pass needs to rebuild the probabilities).
@@ -438,27 +465,10 @@ pub fn attention(
             let kvh = h / groups;
             let (qo, ko) = (s.q_offset(b, h), s.kv_offset(b, kvh));
             let (hd, kd) = (s.heads * d, s.kv_heads * d);
+            scores(p, q, k, &s, qo, ko);
+            softmax_rows(p, seq, b, &vis, lse, None);
             // SAFETY: slices cover every strided row; each task writes its own head's
             // columns of `out`.
-            unsafe {
-                matmul(
-                    seq,
-                    seq,
-                    d,
-                    p.as_mut_ptr(),
-                    seq,
-                    1,
-                    false,
-                    q.as_ptr().add(qo),
-                    hd,
-                    1,
-                    k.as_ptr().add(ko),
-                    1,
-                    kd,
-                    s.scale,
-                );
-            }
-            softmax_rows(p, seq, b, &vis, lse, None);
             unsafe {
                 matmul(
                     seq,
@@ -521,27 +531,10 @@ pub fn attention_backward(
                 let h = kvh * groups + gi;
                 let qo = s.q_offset(b, h);
                 let lse = &lse[(b * s.heads + h) * seq..(b * s.heads + h + 1) * seq];
+                scores(p, q, k, &s, qo, ko);
+                softmax_rows(p, seq, b, &vis, scratch, Some(lse));
                 // SAFETY: as in `attention`; the task owns kv head `kvh` of batch `b` and the
                 // query heads of its group, so its writes to dq/dk/dv are disjoint.
-                unsafe {
-                    matmul(
-                        seq,
-                        seq,
-                        d,
-                        p.as_mut_ptr(),
-                        seq,
-                        1,
-                        false,
-                        q.as_ptr().add(qo),
-                        hd,
-                        1,
-                        k.as_ptr().add(ko),
-                        1,
-                        kd,
-                        s.scale,
-                    );
-                }
-                softmax_rows(p, seq, b, &vis, scratch, Some(lse));
                 unsafe {
                     // dV += Pᵀ dO
                     matmul(

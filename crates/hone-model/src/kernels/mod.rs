@@ -155,24 +155,24 @@ pub fn rope<B: Backend>(
     let x = prim(x);
     let out: B::FloatTensorPrimitive = dispatch!(
         B,
-        {
-            let x: FlexTensor = cast(x);
-            let mut v = values(&contiguous(&x)).to_vec();
-            cpu::rope(
-                &mut v,
-                heads,
-                head_dim,
-                &tables.cos,
-                &tables.sin,
-                tables.rot,
-                false,
-            );
-            cast(flex(v, &dims(&x)))
-        },
+        cast(rotate(&cast(x), heads, head_dim, tables, false)),
         rope,
         (cast(x), heads, head_dim, tables.clone())
     );
     tensor::<B, 3>(out)
+}
+
+/// RoPE (or its inverse, the gradient) of a Flex tensor `[.., heads * head_dim]`, as a new tensor.
+pub(crate) fn rotate(
+    x: &FlexTensor,
+    heads: usize,
+    head_dim: usize,
+    t: &RopeHost,
+    inverse: bool,
+) -> FlexTensor {
+    let mut v = values(&contiguous(x)).to_vec();
+    cpu::rope(&mut v, heads, head_dim, &t.cos, &t.sin, t.rot, inverse);
+    flex(v, &dims(x))
 }
 
 /// Which keys each query sees, owned (kept for the backward pass).
