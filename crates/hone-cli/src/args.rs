@@ -40,10 +40,19 @@ pub enum Command {
     Adapter(crate::cmd::adapter::AdapterCommand),
     /// Fine-tune LoRA adapters as a run config (TOML) says; writes a run directory.
     Train(TrainArgs),
+    /// Run a global orchestrator of multi-node training (train.orchestrators) until killed.
+    TrainOrchestrator(TrainOrchestratorArgs),
     /// Evaluate a base model and adapters side by side; writes eval.json and eval.md.
     Eval(crate::cmd::eval::EvalArgs),
     /// Serve the model over an OpenAI-compatible HTTP API, with LoRA adapters per request.
     Serve(crate::cmd::serve::ServeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TrainOrchestratorArgs {
+    /// Port to listen on (every interface); a multi-node run needs two orchestrators.
+    #[arg(long)]
+    pub port: u16,
 }
 
 #[derive(Args, Debug)]

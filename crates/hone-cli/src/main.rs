@@ -44,6 +44,7 @@ fn main() {
         Command::Merge(args) => cmd::merge::run(args),
         Command::Adapter(command) => cmd::adapter::run(command),
         Command::Train(args) => cmd::train::run(args),
+        Command::TrainOrchestrator(args) => cmd::train::orchestrator(args),
         Command::Eval(args) => cmd::eval::run(args),
         Command::Serve(args) => cmd::serve::run(args),
     };

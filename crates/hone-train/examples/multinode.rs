@@ -6,7 +6,7 @@
 //! namespace with loopback only:
 //!
 //! ```text
-//! cargo build -p hone-train --features multinode --example multinode
+//! cargo build -p hone-train --example multinode
 //! unshare -rn sh -c 'ip link set lo up && target/debug/examples/multinode'
 //! ```
 //!

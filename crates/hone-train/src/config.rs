@@ -209,6 +209,24 @@ pub struct TrainSection {
     /// With several devices: the longest a peer waits for the others at a step's all-reduce
     /// before the run stops with an error naming the missing peers. Default 600.
     pub collective_timeout_secs: u64,
+    /// Multi-node training: the number of machines (processes), each running its
+    /// `train.devices` peers. Global peer rank = `node_rank * len(devices) + local rank`; a
+    /// step reads `micro_batch_size * grad_accum * len(devices) * nodes` rows. Default 1.
+    pub nodes: usize,
+    /// With `nodes > 1`: this node's rank, `0..nodes`. Node 0 alone evaluates, logs and
+    /// writes checkpoints, the adapter and samples. Default 0.
+    pub node_rank: usize,
+    /// With `nodes > 1`: the two global orchestrators (`ws://host:port`, `hone
+    /// train-orchestrator --port P`), the same list on every node; steps alternate between
+    /// them (the per-step sessions that avoid burn 0.21's hang of a second global all-reduce).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub orchestrators: Vec<String>,
+    /// With `nodes > 1`: this node's host as the other nodes reach it (`10.0.0.2`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_host: Option<String>,
+    /// With `nodes > 1`: this node's two tensor-data ports (steps alternate between them).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub data_ports: Vec<u16>,
 }
 
 impl Default for TrainSection {
@@ -235,7 +253,85 @@ impl Default for TrainSection {
             gradient_checkpointing: false,
             devices: Vec::new(),
             collective_timeout_secs: 600,
+            nodes: 1,
+            node_rank: 0,
+            orchestrators: Vec::new(),
+            node_host: None,
+            data_ports: Vec::new(),
         }
+    }
+}
+
+impl TrainSection {
+    /// The multi-node keys; the error is `(dotted key, message)`.
+    fn validate_nodes(&self) -> std::result::Result<(), (&'static str, String)> {
+        if self.nodes == 0 {
+            return Err(("train.nodes", "must be at least 1".into()));
+        }
+        if self.nodes == 1 {
+            let set = [
+                ("train.node_rank", self.node_rank != 0),
+                ("train.orchestrators", !self.orchestrators.is_empty()),
+                ("train.node_host", self.node_host.is_some()),
+                ("train.data_ports", !self.data_ports.is_empty()),
+            ];
+            return match set.iter().find(|(_, on)| *on) {
+                Some((key, _)) => {
+                    Err((key, "is only for multi-node runs (train.nodes > 1)".into()))
+                }
+                None => Ok(()),
+            };
+        }
+        if self.node_rank >= self.nodes {
+            return Err((
+                "train.node_rank",
+                format!("must be in 0..{}, found {}", self.nodes, self.node_rank),
+            ));
+        }
+        if self.orchestrators.len() != 2 || self.orchestrators[0] == self.orchestrators[1] {
+            return Err((
+                "train.orchestrators",
+                format!(
+                    "needs two different addresses (steps alternate between them), found {:?}",
+                    self.orchestrators
+                ),
+            ));
+        }
+        for address in &self.orchestrators {
+            let port = address
+                .strip_prefix("ws://")
+                .and_then(|rest| rest.rsplit_once(':'))
+                .filter(|(host, _)| !host.is_empty())
+                .and_then(|(_, port)| port.parse::<u16>().ok());
+            if port.is_none_or(|p| p == 0) {
+                return Err((
+                    "train.orchestrators",
+                    format!("`{address}` is not of the form ws://host:port"),
+                ));
+            }
+        }
+        match &self.node_host {
+            Some(host) if !host.is_empty() && !host.contains(['/', ' ']) => {}
+            other => {
+                return Err((
+                    "train.node_host",
+                    format!("needs this node's host name or IP address, found {other:?}"),
+                ))
+            }
+        }
+        if self.data_ports.len() != 2
+            || self.data_ports[0] == self.data_ports[1]
+            || self.data_ports.contains(&0)
+        {
+            return Err((
+                "train.data_ports",
+                format!(
+                    "needs two different non-zero ports (steps alternate between them), found {:?}",
+                    self.data_ports
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -428,6 +524,25 @@ impl RunConfig {
         }
     }
 
+    /// This node's place in a multi-node run (`train.nodes > 1`), else `None`.
+    pub fn multinode(&self) -> Option<crate::parallel::MultiNode> {
+        let t = &self.train;
+        match (
+            t.orchestrators.as_slice(),
+            t.data_ports.as_slice(),
+            &t.node_host,
+        ) {
+            ([a, b], [p, q], Some(host)) if t.nodes > 1 => Some(crate::parallel::MultiNode {
+                nodes: t.nodes,
+                node_rank: t.node_rank,
+                orchestrators: [a.clone(), b.clone()],
+                node_host: host.clone(),
+                data_ports: [*p, *q],
+            }),
+            _ => None,
+        }
+    }
+
     /// The run directory.
     pub fn run_dir(&self) -> PathBuf {
         self.output.dir.clone().unwrap_or_else(|| {
@@ -499,6 +614,9 @@ impl RunConfig {
         }
         if t.collective_timeout_secs == 0 {
             return err("train.collective_timeout_secs", "must be at least 1".into());
+        }
+        if let Err((key, message)) = t.validate_nodes() {
+            return err(key, message);
         }
         if !(t.max_grad_norm.is_finite() && t.max_grad_norm >= 0.0) {
             return err(

@@ -34,9 +34,19 @@
 //! waiting in it return an error); a peer that waits longer than the timeout in an all-reduce
 //! is treated the same way. The error names the peer and the step. (Registration, when the
 //! session starts, cannot be interrupted through burn-collective's API; the peers register
-//! first thing in their threads, and only once every thread exists.) Multi-node training is not
-//! here: see `examples/multinode.rs` for burn 0.21's hang of the second global all-reduce and
-//! the way around it.
+//! first thing in their threads, and only once every thread exists.)
+//!
+//! Multi-node ([`MultiNode`], `train.nodes > 1`): every node (a process) runs its local peers
+//! as above, and global peer rank = `node_rank · local peers + local rank`. The rows are laid
+//! out by global rank, so the sums stay rank-ordered and every peer of every node computes what
+//! one device computes with accumulation `g · total peers`. Every node reads the same data
+//! order and takes its global peers' shares ([`node_shares`]). burn 0.21 hangs in the second
+//! global all-reduce of one registration (`SyncService::sync` clears a copy of its list of
+//! syncing nodes), so each step is a session of its own: register (with the global params of
+//! the step's orchestrator and data port), all-reduce, finish, alternating between two
+//! orchestrators and two data ports (see `examples/multinode.rs`). The local server awaits the
+//! global operations in its message loop, where a reset cannot reach them; so in multi-node the
+//! session runs on a helper thread that the peer waits for at most the timeout.
 
 use std::any::Any;
 use std::ops::Range;
@@ -75,8 +85,100 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(20);
 /// Counts travel as two f32 values `(c >> COUNT_SHIFT, c & COUNT_MASK)`, exact below 2^36.
 const COUNT_SHIFT: u32 = 12;
 const COUNT_MASK: usize = (1 << COUNT_SHIFT) - 1;
-/// Values after the gradients in a peer's row: NLL sum, targets (2), tokens (2).
-const TAIL: usize = 5;
+/// Values after the gradients in a peer's row: NLL sum, targets (2), tokens (2), step (2:
+/// peers at different steps, e.g. a node resumed from another checkpoint, are an error).
+const TAIL: usize = 7;
+
+/// The global peer ranks of node `node_rank` when `nodes` nodes run `local` peers each.
+pub fn node_ranks(nodes: usize, node_rank: usize, local: usize) -> Range<usize> {
+    debug_assert!(node_rank < nodes);
+    node_rank * local..(node_rank + 1) * local
+}
+
+/// The micro-batches of a step of `len` that the local peers of node `node_rank` compute (one
+/// range per local peer): the shares of their global ranks among `nodes · local` peers.
+pub fn node_shares(len: usize, nodes: usize, node_rank: usize, local: usize) -> Vec<Range<usize>> {
+    shares(len, nodes * local)[node_ranks(nodes, node_rank, local)].to_vec()
+}
+
+/// Where this process sits in a multi-node session (`train.nodes > 1`), as validated by the
+/// run config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MultiNode {
+    /// Number of nodes (processes), each with the same number of local peers.
+    pub nodes: usize,
+    /// This node's rank, `0..nodes`.
+    pub node_rank: usize,
+    /// The global orchestrators, `ws://host:port`: step `s` uses `orchestrators[s % 2]`.
+    pub orchestrators: [String; 2],
+    /// This node's host as the other nodes reach it.
+    pub node_host: String,
+    /// This node's tensor-data ports: step `s` uses `data_ports[s % 2]`.
+    pub data_ports: [u16; 2],
+}
+
+impl MultiNode {
+    /// The collective config of step `step` with `local` peers on this node.
+    fn collective(&self, local: usize, step: usize) -> Result<CollectiveConfig> {
+        let (orchestrator, port) = (&self.orchestrators[step % 2], self.data_ports[step % 2]);
+        let parse = |text: &str| {
+            text.parse().map_err(|e: String| TrainError::Parallel {
+                message: format!("`{text}` is not an address: {e}"),
+            })
+        };
+        Ok(CollectiveConfig::default()
+            .with_num_devices(local)
+            .with_num_nodes(self.nodes as u32)
+            .with_global_address(parse(orchestrator)?)
+            .with_node_address(parse(&format!("ws://{}:{port}", self.node_host))?)
+            .with_data_service_port(port))
+    }
+}
+
+/// Runs a global orchestrator of multi-node training on `port` (every interface) until the
+/// process is interrupted; a multi-node run needs two (`train.orchestrators`).
+pub fn run_orchestrator(port: u16) -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new().map_err(|e| TrainError::Parallel {
+        message: format!("cannot start the orchestrator's runtime: {e}"),
+    })?;
+    runtime.block_on(burn_collective::start_global_orchestrator(port));
+    Ok(())
+}
+
+/// One step's global session of one peer: register, all-reduce (Sum), finish, on a helper
+/// thread that the caller waits for at most `timeout` (see the module doc).
+fn node_all_reduce<B: Backend>(
+    id: PeerId,
+    device: B::Device,
+    collective: CollectiveConfig,
+    tensor: B::FloatTensorPrimitive,
+    timeout: Duration,
+) -> std::result::Result<B::FloatTensorPrimitive, String> {
+    let (tx, rx) = sync_channel(1);
+    std::thread::Builder::new()
+        .name(format!("hone-collective-{id}"))
+        .spawn(move || {
+            let result = register::<B>(id, device, collective)
+                .map_err(|e| format!("cannot register with the orchestrator: {e:?}"))
+                .and_then(|()| {
+                    all_reduce::<B>(id, tensor, ReduceOperation::Sum)
+                        .map_err(|e| format!("the global all-reduce failed: {e:?}"))
+                })
+                .and_then(|out| {
+                    finish_collective::<B>(id)
+                        .map(|()| out)
+                        .map_err(|e| format!("cannot leave the collective: {e:?}"))
+                });
+            let _ = tx.send(result);
+        })
+        .map_err(|e| format!("cannot start a collective thread: {e}"))?;
+    rx.recv_timeout(timeout).unwrap_or_else(|_| {
+        Err(format!(
+            "no answer from the other nodes within {} s (train.collective_timeout_secs)",
+            timeout.as_secs()
+        ))
+    })
+}
 
 /// The micro-batches of a step that peer `k` of `n` computes: contiguous blocks, in order,
 /// as equal as possible (the first `len % n` peers take one more). Peer `k` of a full step of
@@ -141,7 +243,12 @@ struct Job {
 
 /// What the peers, rank 0 and the watchdog share.
 struct Session {
+    /// Local peers.
     n: usize,
+    /// Peers of every node, and the global rank of local rank 0.
+    total: usize,
+    offset: usize,
+    multinode: Option<MultiNode>,
     config: ParallelConfig,
     /// Dropout is on: [seed, forward] of a micro-batch takes [`FORWARD_TURN`].
     serial_forward: bool,
@@ -163,7 +270,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Session {
     fn peer(&self, rank: usize) -> String {
-        format!("peer {rank} ({})", self.names[rank])
+        format!("peer {} ({})", self.offset + rank, self.names[rank])
     }
 
     /// Records `message` unless a failure is known already.
@@ -206,7 +313,9 @@ impl Session {
             since.elapsed().as_secs_f64(),
             step + 1,
             timeout.as_secs(),
-            if absent.is_empty() {
+            if absent.is_empty() && self.multinode.is_some() {
+                "the other nodes".to_string()
+            } else if absent.is_empty() {
                 "nobody: the collective itself stalled".to_string()
             } else {
                 absent.join(", ")
@@ -250,7 +359,7 @@ fn reduce<B: Backend>(
     device: &B::Device,
     session: &Session,
 ) -> Result<StepGradients<B>> {
-    let n = session.n;
+    let (n, global) = (session.total, session.offset + rank);
     let shapes: Vec<[usize; 2]> = sums.grads.iter().map(|g| g.dims()).collect();
     let width: usize = shapes.iter().map(|[r, c]| r * c).sum();
     let len = width + TAIL;
@@ -264,27 +373,42 @@ fn reduce<B: Backend>(
         .collect();
     let [t_hi, t_lo] = count_halves(sums.targets);
     let [k_hi, k_lo] = count_halves(sums.tokens);
+    let [s_hi, s_lo] = count_halves(step);
     row.push(sums.nll);
     row.push(Tensor::from_data(
-        TensorData::new(vec![t_hi, t_lo, k_hi, k_lo], [4]),
+        TensorData::new(vec![t_hi, t_lo, k_hi, k_lo, s_hi, s_lo], [6]),
         device,
     ));
     let mut blocks = Vec::with_capacity(3);
-    if rank > 0 {
-        blocks.push(Tensor::zeros([rank * len], device));
+    if global > 0 {
+        blocks.push(Tensor::zeros([global * len], device));
     }
     blocks.push(Tensor::cat(row, 0));
-    if rank + 1 < n {
-        blocks.push(Tensor::zeros([(n - 1 - rank) * len], device));
+    if global + 1 < n {
+        blocks.push(Tensor::zeros([(n - 1 - global) * len], device));
     }
     let stacked = Tensor::cat(blocks, 0).into_primitive().tensor();
 
+    let id = PeerId::from(global);
+    let collective = match &session.multinode {
+        Some(node) => Some(node.collective(session.n, step)?),
+        None => None,
+    };
     session.set_waiting(rank, Some(step));
-    let reduced = all_reduce::<B>(PeerId::from(rank), stacked, ReduceOperation::Sum);
+    let reduced = match collective {
+        None => all_reduce::<B>(id, stacked, ReduceOperation::Sum).map_err(|e| format!("{e:?}")),
+        Some(collective) => node_all_reduce::<B>(
+            id,
+            device.clone(),
+            collective,
+            stacked,
+            session.config.timeout,
+        ),
+    };
     session.set_waiting(rank, None);
     let reduced = reduced.map_err(|e| {
         session.error(format!(
-            "{}: the all-reduce of step {} failed: {e:?}",
+            "{}: the all-reduce of step {} failed: {e}",
             session.peer(rank),
             step + 1
         ))
@@ -296,7 +420,17 @@ fn reduce<B: Backend>(
         "the step's loss and counts",
     )?;
     let (mut nll, mut targets, mut tokens) = (0.0, 0, 0);
-    for tail in tails.chunks(TAIL) {
+    for (k, tail) in tails.chunks(TAIL).enumerate() {
+        let at = from_halves(tail[5], tail[6]);
+        if at != step {
+            return Err(session.error(format!(
+                "peer {k} is at step {} while {} is at step {}: every node must start from the \
+                 same checkpoint",
+                at + 1,
+                session.peer(rank),
+                step + 1
+            )));
+        }
         nll += tail[0];
         targets += from_halves(tail[1], tail[2]);
         tokens += from_halves(tail[3], tail[4]);
@@ -382,13 +516,17 @@ fn peer_main<B: AutodiffBackend>(
     messages: Receiver<Message>,
     session: Arc<Session>,
 ) {
-    if !matches!(messages.recv(), Ok(Message::Register)) {
-        return;
-    }
-    let collective = CollectiveConfig::default().with_num_devices(session.n);
-    if let Err(e) = register::<B::InnerBackend>(PeerId::from(rank), device.clone(), collective) {
-        session.fail(format!("{}: cannot register: {e:?}", session.peer(rank)));
-        return;
+    // Multi-node peers register in every step instead.
+    if session.multinode.is_none() {
+        if !matches!(messages.recv(), Ok(Message::Register)) {
+            return;
+        }
+        let collective = CollectiveConfig::default().with_num_devices(session.n);
+        if let Err(e) = register::<B::InnerBackend>(PeerId::from(rank), device.clone(), collective)
+        {
+            session.fail(format!("{}: cannot register: {e:?}", session.peer(rank)));
+            return;
+        }
     }
     while let Ok(Message::Step(job)) = messages.recv() {
         let result = catch_unwind(AssertUnwindSafe(|| {
@@ -406,7 +544,7 @@ fn peer_main<B: AutodiffBackend>(
         ));
         return;
     }
-    if !session.aborted.load(Ordering::SeqCst) {
+    if !session.aborted.load(Ordering::SeqCst) && session.multinode.is_none() {
         if let Err(e) = finish_collective::<B::InnerBackend>(PeerId::from(rank)) {
             session.fail(format!(
                 "{}: cannot leave the collective: {e:?}",
@@ -458,16 +596,39 @@ impl<B: AutodiffBackend> DataParallel<B> {
         devices: &[B::Device],
         config: ParallelConfig,
     ) -> Result<Self> {
+        Self::start_on_nodes(model, optimizer, devices, config, None)
+    }
+
+    /// [`DataParallel::start`] for this node of a multi-node session (`multinode`; `None`:
+    /// this machine alone). `devices` are this node's: one is enough when there are several
+    /// nodes. Every node must start one with the same `devices.len()`.
+    pub fn start_on_nodes(
+        model: &mut CausalLm<B>,
+        optimizer: &AdamW<B::InnerBackend>,
+        devices: &[B::Device],
+        config: ParallelConfig,
+        multinode: Option<MultiNode>,
+    ) -> Result<Self> {
         let n = devices.len();
-        if n < 2 {
+        let nodes = multinode.as_ref().map_or(1, |m| m.nodes);
+        if let Some(m) = multinode.as_ref().filter(|m| m.node_rank >= m.nodes) {
+            return Err(TrainError::Parallel {
+                message: format!("node rank {} of {} nodes", m.node_rank, m.nodes),
+            });
+        }
+        if n == 0 || n * nodes < 2 {
             return Err(TrainError::Parallel {
                 message: format!("data-parallel training needs 2 devices or more, found {n}"),
             });
         }
         let exclusive = lock(&SESSION);
         *model = model.clone().fork(&devices[0]);
+        let offset = multinode.as_ref().map_or(0, |m| m.node_rank * n);
         let session = Arc::new(Session {
             n,
+            total: n * nodes,
+            offset,
+            multinode,
             config,
             serial_forward: uses_dropout(model),
             names: devices.iter().map(|d| format!("{d:?}")).collect(),
@@ -511,6 +672,9 @@ impl<B: AutodiffBackend> DataParallel<B> {
                 .spawn(move || watch::<B::InnerBackend>(watched))
                 .map_err(spawn_error)?,
         );
+        if session.multinode.is_some() {
+            return Ok(this);
+        }
         // Every thread exists: only now may any peer register (registration waits for all).
         for tx in &this.senders {
             tx.send(Message::Register)
@@ -588,7 +752,8 @@ impl<B: AutodiffBackend> DataParallel<B> {
             });
         }
         self.in_step = true;
-        let ranges = shares(batches.len(), self.session.n);
+        let (n, nodes) = (self.session.n, self.session.total / self.session.n);
+        let ranges = node_shares(batches.len(), nodes, self.session.offset / n, n);
         let job = |range: &Range<usize>| Job {
             step,
             batches: batches[range.clone()].to_vec(),
@@ -633,7 +798,7 @@ impl<B: AutodiffBackend> DataParallel<B> {
         }
         // Closing the channels ends the peers' loops.
         self.senders.clear();
-        if !abort {
+        if !abort && self.session.multinode.is_none() {
             if let Err(e) = finish_collective::<B::InnerBackend>(PeerId::from(0usize)) {
                 let peer = self.session.peer(0);
                 self.session
@@ -678,6 +843,9 @@ mod tests {
     fn a_peer_waiting_too_long_is_reported_with_the_absent_peers() {
         let session = Session {
             n: 3,
+            total: 3,
+            offset: 0,
+            multinode: None,
             config: ParallelConfig {
                 max_grad_norm: 0.0,
                 timeout: Duration::from_millis(1),
@@ -700,6 +868,40 @@ mod tests {
                 && message.ends_with("for peer 1 (Cpu)"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn node_shares_lay_the_global_peers_out_in_rank_order() {
+        // 2 nodes x 2 peers, a step of 8 micro-batches: node 1 holds global ranks 2 and 3.
+        assert_eq!(node_ranks(2, 1, 2), 2..4);
+        assert_eq!(node_shares(8, 2, 0, 2), [0..2, 2..4]);
+        assert_eq!(node_shares(8, 2, 1, 2), [4..6, 6..8]);
+        // The nodes' shares, in node order, are one device's micro-batches in order.
+        for (len, nodes, local) in [(6, 3, 1), (7, 2, 2), (3, 2, 2), (12, 3, 2)] {
+            let all: Vec<_> = (0..nodes)
+                .flat_map(|k| node_shares(len, nodes, k, local))
+                .collect();
+            assert_eq!(all, shares(len, nodes * local));
+            assert_eq!(all.last().unwrap().end, len);
+        }
+    }
+
+    #[test]
+    fn a_step_alternates_orchestrators_and_data_ports() {
+        let node = MultiNode {
+            nodes: 2,
+            node_rank: 1,
+            orchestrators: ["ws://a:1".into(), "ws://a:2".into()],
+            node_host: "b".into(),
+            data_ports: [7, 8],
+        };
+        let (even, odd) = (
+            node.collective(1, 4).unwrap(),
+            node.collective(1, 5).unwrap(),
+        );
+        let text = |c: &CollectiveConfig| c.to_string();
+        assert!(text(&even).contains("ws://a:1") && text(&even).contains("ws://b:7"));
+        assert!(text(&odd).contains("ws://a:2") && text(&odd).contains("ws://b:8"));
     }
 
     #[test]

@@ -15,6 +15,10 @@
 //! prepares the data, hands every peer its share of each step, and alone evaluates, logs and
 //! writes checkpoints, the adapter and samples (every peer holds the same adapter).
 //!
+//! With `train.nodes > 1` every node runs this with its own run directory and its local peers;
+//! node 0's rank 0 alone evaluates, logs and writes checkpoints, the adapter and samples, the
+//! other nodes train silently.
+//!
 //! Progress is reported through an [`Observer`]; the library prints nothing.
 
 use std::path::{Path, PathBuf};
@@ -268,6 +272,8 @@ pub fn train_on<B: AutodiffBackend>(
     for spec in &config.devices()[1..] {
         devices.push(device_for::<B>(*spec)?);
     }
+    // Global rank 0 (node 0's rank 0) evaluates, logs and writes; other nodes train silently.
+    let lead = t.node_rank == 0;
     let run_dir = prepare_run_dir(config, options)?;
     let load = LoadOptions {
         dtype: config.model.dtype.dtype(),
@@ -287,7 +293,7 @@ pub fn train_on<B: AutodiffBackend>(
         rows: data.train.len(),
         micro_batch_size: t.micro_batch_size,
         // With several devices a step reads every peer's micro-batches.
-        grad_accum: t.grad_accum * devices.len(),
+        grad_accum: t.grad_accum * devices.len() * t.nodes,
         seed: t.seed,
     };
     let total_steps = t.max_steps.unwrap_or(t.epochs * plan.steps_per_epoch());
@@ -354,7 +360,12 @@ pub fn train_on<B: AutodiffBackend>(
     }
     state.total_steps = total_steps;
     let start_step = state.step;
-    let mut metrics = MetricsWriter::open(&run_dir, resumed_from.as_ref().map(|_| start_step))?;
+    let mut metrics = if lead {
+        let resume_step = resumed_from.as_ref().map(|_| start_step);
+        Some(MetricsWriter::open(&run_dir, resume_step)?)
+    } else {
+        None
+    };
     let mut summary = RunSummary {
         run_dir: run_dir.clone(),
         step: start_step,
@@ -401,20 +412,24 @@ pub fn train_on<B: AutodiffBackend>(
         }
         Ok(result)
     };
-    if start_step == 0 && config.eval.at_start {
-        summary.first_eval = run_eval(&model, 0, &mut metrics, observer)?;
+    if let Some(metrics) = metrics
+        .as_mut()
+        .filter(|_| start_step == 0 && config.eval.at_start)
+    {
+        summary.first_eval = run_eval(&model, 0, metrics, observer)?;
     }
 
-    let mut parallel = if devices.len() > 1 && start_step < total_steps {
+    let mut parallel = if (devices.len() > 1 || t.nodes > 1) && start_step < total_steps {
         let parallel_config = ParallelConfig {
             max_grad_norm: t.max_grad_norm,
             timeout: Duration::from_secs(t.collective_timeout_secs),
         };
-        Some(DataParallel::start(
+        Some(DataParallel::start_on_nodes(
             &mut model,
             &optimizer,
             &devices,
             parallel_config,
+            config.multinode(),
         )?)
     } else {
         None
@@ -512,7 +527,10 @@ pub fn train_on<B: AutodiffBackend>(
             outcome: &outcome,
             tokens_per_sec: outcome.tokens as f64 / seconds.max(1e-9),
         });
-        if done % t.log_every == 0 || done == total_steps {
+        if let Some(metrics) = metrics
+            .as_mut()
+            .filter(|_| done % t.log_every == 0 || done == total_steps)
+        {
             let loss = if window.steps > 0 {
                 window.loss / window.steps as f64
             } else {
@@ -537,11 +555,13 @@ pub fn train_on<B: AutodiffBackend>(
             });
             window = LogWindow::default();
         }
-        if t.eval_every > 0 && done % t.eval_every == 0 && done < total_steps {
-            summary.last_eval =
-                run_eval(&model, done, &mut metrics, observer)?.or(summary.last_eval);
+        if let Some(metrics) = metrics
+            .as_mut()
+            .filter(|_| t.eval_every > 0 && done % t.eval_every == 0 && done < total_steps)
+        {
+            summary.last_eval = run_eval(&model, done, metrics, observer)?.or(summary.last_eval);
         }
-        if t.save_every > 0 && done % t.save_every == 0 && state.bad_steps_in_row == 0 {
+        if lead && t.save_every > 0 && done % t.save_every == 0 && state.bad_steps_in_row == 0 {
             let dir = checkpoint::checkpoint_dir(&run_dir, done);
             checkpoint::save_checkpoint(&dir, &model, &settings, &base_model, &optimizer, &state)?;
             checkpoint::prune_checkpoints(&run_dir, t.keep_last)?;
@@ -562,8 +582,12 @@ pub fn train_on<B: AutodiffBackend>(
     if let Some(parallel) = parallel.take() {
         parallel.finish()?;
     }
-    summary.last_eval =
-        run_eval(&model, total_steps, &mut metrics, observer)?.or(summary.last_eval);
+    let Some(metrics) = metrics.as_mut() else {
+        summary.completed = true;
+        summary.seconds = started.elapsed().as_secs_f64();
+        return Ok(summary);
+    };
+    summary.last_eval = run_eval(&model, total_steps, metrics, observer)?.or(summary.last_eval);
     let adapter_dir = run_dir.join(FINAL_ADAPTER);
     model.save_adapter(&adapter_dir, &settings, &base_model)?;
     summary.adapter_dir = Some(adapter_dir.clone());

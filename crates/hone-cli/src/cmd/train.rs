@@ -188,6 +188,16 @@ fn print_summary(summary: &RunSummary) {
     }
 }
 
+/// `hone train-orchestrator`: one global orchestrator of multi-node training, until killed.
+pub fn orchestrator(args: crate::args::TrainOrchestratorArgs) -> Result<()> {
+    eprintln!(
+        "multi-node orchestrator on port {} (every interface)",
+        args.port
+    );
+    hone_train::parallel::run_orchestrator(args.port)
+        .with_context(|| format!("orchestrator on port {}", args.port))
+}
+
 pub fn run(args: TrainArgs) -> Result<()> {
     let config = RunConfig::load(&args.config, &args.set)?;
     let mut progress = Progress::new(std::io::stdout().is_terminal());

@@ -1,0 +1,268 @@
+//! Multi-node training (`train.nodes`): the config keys' validation (runs everywhere), and two
+//! node processes × one CPU peer (then × two) against one device with the doubled (quadrupled)
+//! batch (binds sockets, so `#[ignore]`d; run it in a private network namespace):
+//!
+//! ```text
+//! cargo test -p hone-train --test multinode --no-run
+//! unshare -rn sh -c 'ip link set lo up && cargo test -p hone-train --test multinode -- --ignored --nocapture'
+//! ```
+//!
+//! (without `unshare` it binds random free ports; the orchestrators and data services listen
+//! on every interface while it runs.) The test starts the two orchestrators on threads of its
+//! own process and each node as a child process running this binary's `node_process`, since
+//! burn-collective keeps one collective server per process.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use burn::backend::Autodiff;
+use common::*;
+use hone_model::Cpu;
+use hone_train::{train_on, RunConfig, RunOptions, Silent};
+
+type Ad = Autodiff<Cpu>;
+
+/// The acceptance tolerance of multi-node against one device.
+const TOLERANCE: f32 = 1e-5;
+/// The longest the node processes may take together.
+const DEADLINE: Duration = Duration::from_secs(300);
+/// Steps of both runs; dropout on, so the peers' masks must be those of one device.
+const TRAIN: &str = "max_steps = 4\nlog_every = 1";
+const SETS: [&str; 1] = ["lora.dropout=0.1"];
+
+/// Environment of a node process: `rank,dir,data,orch0,orch1,port0,port1,local peers`.
+const NODE_ENV: &str = "HONE_TEST_MULTINODE_NODE";
+
+fn node_lines(rank: usize, orchestrators: [u16; 2], ports: [u16; 2], local: usize) -> String {
+    let devices = vec!["\"cpu\""; local].join(", ");
+    format!(
+        "{TRAIN}\ndevices = [{devices}]\nnodes = 2\nnode_rank = {rank}\ncollective_timeout_secs = 120\n\
+         orchestrators = [\"ws://127.0.0.1:{}\", \"ws://127.0.0.1:{}\"]\n\
+         node_host = \"127.0.0.1\"\ndata_ports = [{}, {}]",
+        orchestrators[0], orchestrators[1], ports[0], ports[1]
+    )
+}
+
+/// Ports that were free a moment ago (all held at once so that they differ).
+fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<_> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| listeners[i].local_addr().unwrap().port())
+}
+
+/// One node of [`two_nodes_train_as_one_device_with_the_doubled_batch`], in a child process;
+/// does nothing unless that test started it.
+#[test]
+#[ignore = "a node process of two_nodes_train_as_one_device_with_the_doubled_batch"]
+fn node_process() {
+    let Ok(spec) = std::env::var(NODE_ENV) else {
+        return;
+    };
+    let f: Vec<&str> = spec.split(',').collect();
+    let p = |i: usize| f[i].parse::<u16>().unwrap();
+    let rank: usize = f[0].parse().unwrap();
+    let config = config(
+        Path::new(f[2]),
+        &Path::new(f[1]).join(format!("node{rank}")),
+        &node_lines(rank, [p(3), p(4)], [p(5), p(6)], f[7].parse().unwrap()),
+        &SETS,
+    );
+    let summary = train_on::<Ad>(
+        &config,
+        RunOptions::default(),
+        &mut Silent,
+        Default::default(),
+    )
+    .unwrap();
+    assert!(summary.completed && summary.step == 4);
+    // Only global rank 0 writes the adapter.
+    assert_eq!(summary.adapter_dir.is_some(), rank == 0);
+}
+
+fn spawn_node(
+    rank: usize,
+    dir: &Path,
+    data: &Path,
+    orch: [u16; 2],
+    ports: [u16; 2],
+    local: usize,
+) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["node_process", "--exact", "--ignored", "--nocapture"])
+        .env(
+            NODE_ENV,
+            format!(
+                "{rank},{},{},{},{},{},{},{local}",
+                dir.display(),
+                data.display(),
+                orch[0],
+                orch[1],
+                ports[0],
+                ports[1]
+            ),
+        )
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+#[ignore = "binds sockets: run in a network namespace, see the module doc"]
+fn two_nodes_train_as_one_device_with_the_doubled_batch() {
+    let _guard = serial();
+    for local in [1, 2] {
+        two_nodes_match_one_device(local);
+    }
+}
+
+/// Two nodes × `local` CPU peers against one device with `grad_accum = 2 * local`.
+fn two_nodes_match_one_device(local: usize) {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path(), 24);
+    let [o0, o1, a0, a1, b0, b1] = free_ports::<6>();
+    for port in [o0, o1] {
+        std::thread::spawn(move || hone_train::parallel::run_orchestrator(port));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let mut nodes = [
+        spawn_node(0, tmp.path(), &data, [o0, o1], [a0, a1], local),
+        spawn_node(1, tmp.path(), &data, [o0, o1], [b0, b1], local),
+    ];
+
+    let one = train_on::<Ad>(
+        &config(
+            &data,
+            &tmp.path().join("one"),
+            &format!("{TRAIN}\ngrad_accum = {}", 2 * local),
+            &SETS,
+        ),
+        RunOptions::default(),
+        &mut Silent,
+        Default::default(),
+    )
+    .unwrap();
+
+    let started = Instant::now();
+    let mut status = [None, None];
+    while status.iter().any(Option::is_none) && started.elapsed() < DEADLINE {
+        for (s, child) in status.iter_mut().zip(&mut nodes) {
+            if s.is_none() {
+                *s = child.try_wait().unwrap();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for child in &mut nodes {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    for (rank, s) in status.iter().enumerate() {
+        match s {
+            Some(s) => assert!(s.success(), "node {rank} failed: {s}"),
+            None => panic!("node {rank} not done after {} s", DEADLINE.as_secs()),
+        }
+    }
+    let node0: PathBuf = tmp.path().join("node0/adapter");
+    assert!(!tmp.path().join("node1/adapter").exists());
+    assert!(!tmp.path().join("node1/metrics.jsonl").exists());
+    let a = adapter_tensors(one.adapter_dir.as_ref().unwrap());
+    let b = adapter_tensors(&node0);
+    let diff = max_abs_diff(&a, &b);
+    eprintln!(
+        "2 nodes x {local} peer(s) vs 1 device with grad_accum {}: max |adapter diff| {diff:e}",
+        2 * local
+    );
+    assert!(diff <= TOLERANCE, "adapters differ by {diff}");
+}
+
+fn load(lines: &str) -> Result<RunConfig, String> {
+    let tmp = Path::new("/nonexistent");
+    let sets: Vec<String> = lines
+        .lines()
+        .map(|l| {
+            let (k, v) = l.split_once('=').unwrap();
+            format!("train.{}={}", k.trim(), v.trim())
+        })
+        .collect();
+    RunConfig::from_toml_str(&config_text(tmp, tmp), "test.toml", None, &sets)
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn multinode_keys_are_validated_with_the_key_named() {
+    let good = node_lines(1, [1, 2], [3, 4], 1);
+    let config = load(&good).unwrap();
+    let node = config.multinode().unwrap();
+    assert_eq!(
+        (node.nodes, node.node_rank, node.data_ports),
+        (2, 1, [3, 4])
+    );
+    assert_eq!(load(TRAIN).unwrap().multinode(), None);
+    for (change, key) in [
+        ("node_rank = 2", "train.node_rank"),
+        ("nodes = 0", "train.nodes"),
+        ("orchestrators = [\"ws://h:1\"]", "train.orchestrators"),
+        (
+            "orchestrators = [\"ws://h:1\", \"ws://h:1\"]",
+            "train.orchestrators",
+        ),
+        (
+            "orchestrators = [\"h:1\", \"ws://h:2\"]",
+            "train.orchestrators",
+        ),
+        ("data_ports = [5, 5]", "train.data_ports"),
+        ("node_host = \"\"", "train.node_host"),
+    ] {
+        let (k, _) = change.split_once('=').unwrap();
+        let lines: String = good
+            .lines()
+            .filter(|l| !l.starts_with(k.trim()))
+            .chain([change])
+            .collect::<Vec<_>>()
+            .join("\n");
+        let err = load(&lines).unwrap_err();
+        assert!(err.contains(key), "{change}: {err}");
+    }
+    // The node keys without nodes > 1 are a mistake, not ignored.
+    let err = load(&format!("{TRAIN}\nnode_rank = 1")).unwrap_err();
+    assert!(
+        err.contains("train.node_rank") && err.contains("nodes > 1"),
+        "{err}"
+    );
+}
+
+#[test]
+#[ignore = "binds sockets: run in a network namespace, see the module doc"]
+fn a_missing_node_is_an_error_after_the_timeout_not_a_hang() {
+    let _guard = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path(), 24);
+    let [o0, o1, a0, a1] = free_ports::<4>();
+    for port in [o0, o1] {
+        std::thread::spawn(move || hone_train::parallel::run_orchestrator(port));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // Node 0 of 2, node 1 never comes.
+    let lines = node_lines(0, [o0, o1], [a0, a1], 1).replace(
+        "collective_timeout_secs = 120",
+        "collective_timeout_secs = 2",
+    );
+    let started = Instant::now();
+    let err = train_on::<Ad>(
+        &config(&data, &tmp.path().join("alone"), &lines, &SETS),
+        RunOptions::default(),
+        &mut Silent,
+        Default::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    eprintln!("node 0 alone: {err}");
+    assert!(started.elapsed() < Duration::from_secs(60));
+    assert!(
+        err.contains("step 1") && err.contains("collective_timeout_secs"),
+        "{err}"
+    );
+}
