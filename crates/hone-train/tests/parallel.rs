@@ -13,8 +13,8 @@ use common::*;
 use hone_model::{CausalLm, Cpu, LoadOptions, ModelConfig, WeightStore};
 use hone_train::step::{adapter_values, StepGradients};
 use hone_train::{
-    train_on, AdamWConfig, Control, DataParallel, Event, Learner, MicroBatch, Observer,
-    ParallelConfig, RunOptions, Silent, TrainError,
+    train_on, AdamWConfig, DataParallel, Learner, MicroBatch, ParallelConfig, RunOptions, Silent,
+    TrainError,
 };
 
 type Ad = Autodiff<Cpu>;
@@ -239,18 +239,6 @@ fn a_failing_peer_ends_the_step_with_an_error_not_a_hang() {
     let got = dp.gradients(&two.model, 0, &halves, None).unwrap();
     assert_same_gradients(&expected, &got, "after a failed session");
     dp.finish().unwrap();
-}
-
-/// Stops the run after the checkpoint of step `at`.
-struct StopAfter(usize);
-
-impl Observer for StopAfter {
-    fn on_event(&mut self, event: &Event<'_>) -> Control {
-        match event {
-            Event::Checkpoint { step, .. } if *step == self.0 => Control::Stop,
-            _ => Control::Continue,
-        }
-    }
 }
 
 #[test]

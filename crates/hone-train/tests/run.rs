@@ -9,26 +9,12 @@ use burn::backend::Autodiff;
 use common::*;
 use hone_model::Cpu;
 use hone_train::checkpoint::{list_checkpoints, read_state};
-use hone_train::{
-    train_on, Control, Event, Observer, RunConfig, RunOptions, RunSummary, Silent, TrainError,
-};
+use hone_train::{train_on, RunConfig, RunOptions, RunSummary, Silent, TrainError};
 
 type Ad = Autodiff<Cpu>;
 
 fn run(config: &RunConfig, options: RunOptions) -> Result<RunSummary, TrainError> {
     train_on::<Ad>(config, options, &mut Silent, Default::default())
-}
-
-/// Stops the run after the checkpoint of step `at` (as an interruption would).
-struct StopAfter(usize);
-
-impl Observer for StopAfter {
-    fn on_event(&mut self, event: &Event<'_>) -> Control {
-        match event {
-            Event::Checkpoint { step, .. } if *step == self.0 => Control::Stop,
-            _ => Control::Continue,
-        }
-    }
 }
 
 #[test]

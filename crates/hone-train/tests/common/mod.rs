@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use hone_train::RunConfig;
+use hone_train::{Control, Event, Observer, RunConfig};
 
 /// Burn's CPU backend has one global random generator: runs that check determinism must not
 /// overlap with other runs of the same test binary.
@@ -126,4 +126,16 @@ pub fn max_abs_diff(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f32 {
         }
     }
     worst
+}
+
+/// Stops a run after the checkpoint of step `at` (as an interruption would).
+pub struct StopAfter(pub usize);
+
+impl Observer for StopAfter {
+    fn on_event(&mut self, event: &Event<'_>) -> Control {
+        match event {
+            Event::Checkpoint { step, .. } if *step == self.0 => Control::Stop,
+            _ => Control::Continue,
+        }
+    }
 }
