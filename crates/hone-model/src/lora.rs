@@ -74,6 +74,9 @@ pub const PROJECTIONS: [&str; 7] = [
     "down_proj",
 ];
 
+/// A predicate on full module names.
+type ModuleMatcher = Box<dyn Fn(&str) -> bool>;
+
 /// Which linear layers get an adapter, as PEFT's `target_modules`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -95,7 +98,7 @@ impl TargetModules {
     }
 
     /// A matcher for full module names, or an error naming the bad pattern.
-    fn matcher(&self) -> Result<Box<dyn Fn(&str) -> bool>> {
+    fn matcher(&self) -> Result<ModuleMatcher> {
         if self.is_all_linear() {
             return Ok(Box::new(|_| true));
         }
