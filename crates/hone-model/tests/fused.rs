@@ -7,45 +7,15 @@
 //!
 //! One test function: the switch between the two paths is process-wide.
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use burn::backend::Autodiff;
-use burn::prelude::*;
-use burn::tensor::TensorData;
+use common::*;
 use hone_model::kernels;
 use hone_model::loss::{causal_lm_loss_sum, causal_lm_loss_sum_hidden};
-use hone_model::{CausalLm, Cpu, LoadOptions, ModelConfig, WeightStore};
+use hone_model::{CausalLm, Cpu, ModelConfig};
 
 type Ad = Autodiff<Cpu>;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/peft")
-        .join(name)
-}
-
-fn model<B: Backend>(name: &str, edit: &dyn Fn(&mut ModelConfig)) -> CausalLm<B> {
-    let dir = fixture(name);
-    let mut config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
-    edit(&mut config);
-    let store = WeightStore::open_dir(&dir).unwrap();
-    let mut m = CausalLm::from_store(&config, &store, &Default::default(), LoadOptions::default())
-        .unwrap()
-        .0;
-    m.load_adapter(&dir.join("adapter")).unwrap();
-    m
-}
-
-fn ids<B: Backend>(v: &[i64], batch: usize) -> Tensor<B, 2, Int> {
-    Tensor::from_data(
-        TensorData::new(v.to_vec(), [batch, v.len() / batch]),
-        &Default::default(),
-    )
-}
-
-fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
-}
 
 /// Deterministic pseudo-random token ids below `vocab`.
 fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<i64> {
@@ -102,13 +72,13 @@ fn loss_and_grads(
 }
 
 fn run(name: &str, edit: &dyn Fn(&mut ModelConfig), via_hidden: bool) -> Outputs {
-    let flex = model::<Cpu>(name, edit);
+    let flex = model_with_adapter::<Cpu>(name, edit);
     let vocab = flex.config.vocab_size;
     let (batch, seq) = (3, 24);
     let input = tokens(batch * seq, vocab, 7);
     let logits = host(flex.forward(ids(&input, batch), None));
 
-    let ad = model::<Ad>(name, edit);
+    let ad = model_with_adapter::<Ad>(name, edit);
     let mut labels = input.clone();
     for (i, l) in labels.iter_mut().enumerate() {
         if i % seq < 3 || i % 5 == 0 {

@@ -1,41 +1,12 @@
 //! Packed rows: several examples in one row, positions restarting per example and attention
 //! confined to each example, give the same per-token logits and loss as each example alone.
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use burn::backend::Autodiff;
-use burn::prelude::*;
-use burn::tensor::TensorData;
+use common::*;
 use hone_model::loss::causal_lm_loss;
-use hone_model::{CausalLm, Cpu, LoadOptions, ModelConfig, WeightStore};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/peft")
-        .join(name)
-}
-
-fn model<B: Backend>(name: &str) -> CausalLm<B> {
-    let dir = fixture(name);
-    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
-    let store = WeightStore::open_dir(&dir).unwrap();
-    let mut m = CausalLm::from_store(&config, &store, &Default::default(), LoadOptions::default())
-        .unwrap()
-        .0;
-    m.load_adapter(&dir.join("adapter")).unwrap();
-    m
-}
-
-fn ids<B: Backend>(v: &[i64], batch: usize) -> Tensor<B, 2, Int> {
-    Tensor::from_data(
-        TensorData::new(v.to_vec(), [batch, v.len() / batch]),
-        &Default::default(),
-    )
-}
-
-fn vec3<B: Backend>(t: Tensor<B, 3>) -> Vec<f32> {
-    t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
-}
+use hone_model::Cpu;
 
 /// Three examples of lengths 5, 9 and 4 packed into one row of 20 (2 padding tokens, segment 0).
 fn examples() -> Vec<Vec<i64>> {
@@ -66,13 +37,13 @@ fn packed_row() -> (Vec<i64>, Vec<u32>, Vec<u32>) {
 #[test]
 fn packed_rows_do_not_attend_across_examples() {
     for name in ["llama_gqa", "qwen2_tied"] {
-        let m = model::<Cpu>(name);
+        let m = model_with_adapter::<Cpu>(name, |_| {});
         let vocab = m.config.vocab_size;
         let (row, pos, seg) = packed_row();
-        let packed = vec3(m.forward_packed(ids(&row, 1), &pos, &seg));
+        let packed = host(m.forward_packed(ids(&row, 1), &pos, &seg));
         let mut offset = 0;
         for ex in examples() {
-            let alone = vec3(m.forward(ids(&ex, 1), None));
+            let alone = host(m.forward(ids(&ex, 1), None));
             for t in 0..ex.len() {
                 let a = &alone[t * vocab..(t + 1) * vocab];
                 let p = &packed[(offset + t) * vocab..(offset + t + 1) * vocab];
@@ -89,7 +60,7 @@ fn packed_rows_do_not_attend_across_examples() {
             offset += ex.len();
         }
         // Without the segment mask the later examples would see the earlier ones.
-        let unmasked = vec3(m.forward(ids(&row, 1), None));
+        let unmasked = host(m.forward(ids(&row, 1), None));
         let t = 5 + 3;
         let diff = (0..vocab)
             .map(|v| (unmasked[t * vocab + v] - packed[t * vocab + v]).abs())
@@ -105,7 +76,7 @@ fn packed_rows_do_not_attend_across_examples() {
 fn packed_loss_and_gradients_equal_those_of_the_examples_alone() {
     type Ad = Autodiff<Cpu>;
     let name = "llama_gqa";
-    let m = model::<Ad>(name);
+    let m = model_with_adapter::<Ad>(name, |_| {});
     let (row, pos, seg) = packed_row();
     // Labels: every real token after the first of its example (the first label of each example
     // is -100 so that no example predicts the next one's first token); padding ignored.

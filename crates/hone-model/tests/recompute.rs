@@ -2,41 +2,25 @@
 //! LoRA gradient equal those of the plain backward pass (dense and packed rows, GQA, biases,
 //! tied embeddings, a sliding window), and adapters with dropout are refused.
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::TensorData;
+use common::*;
 use hone_model::lora::LoraSettings;
 use hone_model::loss::causal_lm_loss_sum;
-use hone_model::{CausalLm, Cpu, LoadOptions, ModelConfig, WeightStore};
+use hone_model::{CausalLm, Cpu, LoadOptions, ModelConfig};
 
 type Ad = Autodiff<Cpu>;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/peft")
-        .join(name)
-}
-
 fn model(name: &str, window: Option<usize>) -> CausalLm<Ad> {
-    let dir = fixture(name);
-    let mut config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
-    if window.is_some() {
-        config.sliding_window = vec![window; config.num_layers];
-    }
-    let store = WeightStore::open_dir(&dir).unwrap();
-    let mut m = CausalLm::from_store(&config, &store, &Default::default(), LoadOptions::default())
-        .unwrap()
-        .0;
-    m.load_adapter(&dir.join("adapter")).unwrap();
-    m
+    model_with_adapter(name, |c| {
+        if window.is_some() {
+            c.sliding_window = vec![window; c.num_layers];
+        }
+    })
 }
-
-fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
-}
-
 struct Batch {
     ids: Vec<i64>,
     labels: Vec<i64>,
