@@ -17,7 +17,10 @@ use crate::model::{apply_rope, CausalLm, Linear, RopeTables};
 /// Which rows use which adapter slot, grouped by slot.
 #[derive(Debug, Clone)]
 pub struct RowAdapters<B: Backend> {
+    /// `(slot, row indices)`: the indices on the device for `select`, and the same indices on
+    /// the host so that expanding them per position never reads a tensor back.
     groups: Vec<(usize, Tensor<B, 1, Int>)>,
+    host: Vec<Vec<i64>>,
 }
 
 impl<B: Backend> RowAdapters<B> {
@@ -29,14 +32,24 @@ impl<B: Backend> RowAdapters<B> {
                 by_slot.entry(*slot).or_default().push(row as i64);
             }
         }
-        let groups = by_slot
-            .into_iter()
+        Self::from_host(by_slot.into_iter().collect(), device)
+    }
+
+    fn from_host(host: Vec<(usize, Vec<i64>)>, device: &B::Device) -> Self {
+        let groups = host
+            .iter()
             .map(|(slot, rows)| {
                 let n = rows.len();
-                (slot, Tensor::from_data(TensorData::new(rows, [n]), device))
+                (
+                    *slot,
+                    Tensor::from_data(TensorData::new(rows.clone(), [n]), device),
+                )
             })
             .collect();
-        Self { groups }
+        Self {
+            groups,
+            host: host.into_iter().map(|(_, rows)| rows).collect(),
+        }
     }
 }
 
@@ -170,21 +183,17 @@ fn expand_rows<B: Backend>(
     if seq == 1 {
         return rows.clone();
     }
-    let groups = rows
+    let host = rows
         .groups
         .iter()
-        .map(|(slot, idx)| {
-            let idx: Vec<i64> = idx.to_data().convert::<i64>().to_vec().unwrap_or_default();
+        .zip(&rows.host)
+        .map(|((slot, _), idx)| {
             let flat: Vec<i64> = idx
                 .iter()
                 .flat_map(|&r| (0..seq as i64).map(move |s| r * seq as i64 + s))
                 .collect();
-            let len = flat.len();
-            (
-                *slot,
-                Tensor::from_data(TensorData::new(flat, [len]), device),
-            )
+            (*slot, flat)
         })
         .collect();
-    RowAdapters { groups }
+    RowAdapters::from_host(host, device)
 }
