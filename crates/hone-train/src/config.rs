@@ -197,7 +197,9 @@ pub struct TrainSection {
     pub log_every: usize,
     /// Stop after this many consecutive steps with a non-finite loss or gradient. Default 5.
     pub max_bad_steps: usize,
-    /// Recompute activations in the backward pass to save memory (not supported yet).
+    /// Recompute each decoder layer's activations in the backward pass (per-layer gradient
+    /// checkpointing): less memory, about a third more compute. Refused with LoRA dropout.
+    /// Default false.
     pub gradient_checkpointing: bool,
     /// Data-parallel training over these devices (`["cpu", "cpu"]`, `["cuda:0", "cuda:1"]`),
     /// one peer each, all on one backend. Each step then reads `micro_batch_size *
