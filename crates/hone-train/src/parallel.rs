@@ -686,11 +686,6 @@ impl<B: AutodiffBackend> DataParallel<B> {
         Ok(this)
     }
 
-    /// Number of peers.
-    pub fn devices(&self) -> usize {
-        self.session.n
-    }
-
     /// One step over all peers: peer `k` computes micro-batches `shares(batches.len(), n)[k]`
     /// (seeding the backend's generator with `seeds[i]` before micro-batch `i` when given),
     /// then every peer applies the same update at `lr`; `model` and `optimizer` are rank 0's.

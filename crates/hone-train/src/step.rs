@@ -98,18 +98,6 @@ impl MicroBatch {
         };
         causal_lm_loss_sum_hidden(model, hidden, &self.labels)
     }
-
-    /// Logits `[batch, seq, vocab]`.
-    pub fn logits<B: Backend>(&self, model: &CausalLm<B>, device: &B::Device) -> Tensor<B, 3> {
-        let ids = Tensor::<B, 2, Int>::from_data(
-            TensorData::new(self.input_ids.clone(), [self.batch, self.seq]),
-            device,
-        );
-        match &self.packing {
-            Some((positions, segments)) => model.forward_packed(ids, positions, segments),
-            None => model.forward(ids, None),
-        }
-    }
 }
 
 /// PEFT keys of the trainable tensors, in the order every function here uses.
