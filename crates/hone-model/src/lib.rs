@@ -13,6 +13,7 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod generate;
+pub mod gguf;
 pub mod kernels;
 pub mod loader;
 pub mod lora;
