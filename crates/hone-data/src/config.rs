@@ -8,6 +8,7 @@
 //! format = "completion"
 //! fields = { prompt = "question", completion = "answer" }
 //! on_error = "skip"
+//! max_record_bytes = 8388608
 //! [dedupe.near]
 //! threshold = 0.8
 //! [decontaminate]
@@ -24,6 +25,7 @@ use crate::error::DataError;
 use crate::filter::FilterConfig;
 use crate::format::{FieldMap, FormatChoice};
 use crate::minhash::NearDedupConfig;
+use crate::reader::DEFAULT_MAX_RECORD_BYTES;
 use crate::split::SplitConfig;
 
 /// What to do with a bad record.
@@ -57,7 +59,7 @@ impl Default for DedupeConfig {
 }
 
 /// The whole data-stage config.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
     /// Input files or glob patterns (`data/*.jsonl.gz`).
@@ -68,11 +70,32 @@ pub struct DataConfig {
     pub fields: FieldMap,
     /// What to do with bad records.
     pub on_error: OnError,
+    /// Longest record in bytes (a JSONL line, a JSON array element, a CSV row, a `.txt`
+    /// file); a longer one is a bad record (skipped or fatal per `on_error`). Default 8 MiB
+    /// ([`crate::reader::DEFAULT_MAX_RECORD_BYTES`]).
+    pub max_record_bytes: usize,
     pub clean: CleanConfig,
     pub filter: FilterConfig,
     pub dedupe: DedupeConfig,
     pub decontaminate: DecontamConfig,
     pub split: SplitConfig,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            inputs: Vec::new(),
+            format: FormatChoice::default(),
+            fields: FieldMap::default(),
+            on_error: OnError::default(),
+            max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
+            clean: CleanConfig::default(),
+            filter: FilterConfig::default(),
+            dedupe: DedupeConfig::default(),
+            decontaminate: DecontamConfig::default(),
+            split: SplitConfig::default(),
+        }
+    }
 }
 
 impl DataConfig {
@@ -90,6 +113,12 @@ impl DataConfig {
             return Err(DataError::config(
                 "inputs",
                 "at least one input file is required",
+            ));
+        }
+        if self.max_record_bytes == 0 {
+            return Err(DataError::config(
+                "max_record_bytes",
+                "expected a positive number of bytes, found 0",
             ));
         }
         for (key, value) in self.fields.entries() {

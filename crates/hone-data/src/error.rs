@@ -29,12 +29,14 @@ pub struct RecordError {
 /// Errors returned by this crate.
 #[derive(Debug, Error)]
 pub enum DataError {
-    /// Reading or writing a file failed.
-    #[error("{}: {source}", path.display())]
+    /// Reading or writing a file failed. The I/O error is part of the message, not a
+    /// `source`, so that error chains (the binary prints them) do not print it twice.
+    #[error("cannot {action} {}: {cause}", path.display())]
     Io {
+        /// `read` or `write`.
+        action: &'static str,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// An input pattern is not a valid glob.
     #[error("input `{pattern}` is not a valid glob pattern: {message}")]
@@ -65,10 +67,21 @@ pub enum DataError {
 }
 
 impl DataError {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    /// A failed read of `path`.
+    pub(crate) fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
         DataError::Io {
+            action: "read",
             path: path.into(),
-            source,
+            cause,
+        }
+    }
+
+    /// A failed write (or create, rename) of `path`.
+    pub(crate) fn write(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
+        DataError::Io {
+            action: "write",
+            path: path.into(),
+            cause,
         }
     }
 

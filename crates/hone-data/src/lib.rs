@@ -54,4 +54,7 @@ pub use pipeline::{prepare, prepare_with, read_curated, Prepared, TokenCounter};
 pub use report::{summary_table, LengthStats, RemovalReason, Report};
 pub use shingle::ShingleUnit;
 pub use split::SplitConfig;
-pub use write::{write_prepared, REPORT_FILE, TRAIN_FILE, VAL_FILE};
+pub use write::{
+    check_output_dir, write_prepared, write_prepared_with, Overwrite, REPORT_FILE, TRAIN_FILE,
+    VAL_FILE,
+};

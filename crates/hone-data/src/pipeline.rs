@@ -21,7 +21,7 @@ use crate::error::{DataError, RecordError};
 use crate::example::{Example, Source};
 use crate::format::{detect, Format, Layout};
 use crate::minhash::{find_near_duplicates, MinHasher};
-use crate::reader::{expand_inputs, read_records, FileRecords};
+use crate::reader::{expand_inputs, read_records, read_records_limited, FileRecords};
 use crate::report::{
     Cleaned, DecontamReport, FileReport, Kept, LengthStats, RemovalReason, RemovedExample, Report,
     PREVIEW_CHARS, SAMPLES_PER_REASON,
@@ -332,7 +332,7 @@ fn load_file(path: &Path, config: &DataConfig) -> Result<LoadedFile, DataError> 
         path: file,
         records,
         mut errors,
-    } = read_records(path)?;
+    } = read_records_limited(path, config.max_record_bytes)?;
     let total = records.len() + errors.len();
     let (layout, detection) = match config.format.format() {
         Some(format) => (
@@ -407,7 +407,7 @@ fn convert(
 fn load_eval(config: &DataConfig, errors: &mut Vec<RecordError>) -> Result<EvalIndex, DataError> {
     let mut index = EvalIndex::new(config.decontaminate.ngram);
     for path in expand_inputs(&config.decontaminate.eval_files)? {
-        let fr = read_records(&path)?;
+        let fr = read_records_limited(&path, config.max_record_bytes)?;
         index.add(&fr.path, &fr.records);
         errors.extend(fr.errors);
     }

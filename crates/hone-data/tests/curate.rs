@@ -7,8 +7,8 @@ use std::collections::HashSet;
 
 use common::*;
 use hone_data::{
-    prepare, prepare_with, read_curated, summary_table, write_prepared, DataConfig, DataError,
-    Example, FormatChoice, RemovalReason, ShingleUnit,
+    prepare, prepare_with, read_curated, summary_table, write_prepared, write_prepared_with,
+    DataConfig, DataError, Example, FormatChoice, Overwrite, RemovalReason, ShingleUnit,
 };
 use serde_json::json;
 
@@ -263,7 +263,7 @@ fn output_is_written_atomically_and_replaces_the_whole_directory() {
     let out = dir.path().join("out");
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("stale.txt"), "old run").unwrap();
-    write_prepared(&p, &out).unwrap();
+    write_prepared_with(&p, &out, Overwrite::Any).unwrap();
 
     let mut names: Vec<String> = std::fs::read_dir(&out)
         .unwrap()
@@ -434,4 +434,73 @@ fn curation_speed_on_100k_gsm8k_sized_examples() {
     let p = prepare(&c).unwrap();
     eprintln!("{}", summary_table(&p.report));
     eprintln!("prepare: {:.2}s", t.elapsed().as_secs_f64());
+}
+
+/// Regression: `--input DIR/raw.jsonl --out DIR` replaced DIR as a whole and so deleted the
+/// input, leaving only train/val/report.
+#[test]
+fn output_directory_holding_an_input_is_never_replaced_even_with_force() {
+    let dir = tempdir();
+    let rows: Vec<_> = (0..4)
+        .map(|i| json!({"prompt": format!("question {i}"), "completion": format!("answer {i}")}))
+        .collect();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let f = write_jsonl(&data, "raw.jsonl", &rows);
+    let p = prepare(&bare_config(&[f.clone()])).unwrap();
+    // Spelled another way: the comparison is of canonical paths.
+    let out = data.join("..").join("data");
+    for overwrite in [Overwrite::Prepared, Overwrite::Any] {
+        let err = write_prepared_with(&p, &out, overwrite).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(err, DataError::Output { .. })
+                && msg.contains("raw.jsonl")
+                && msg.contains("even with --force"),
+            "{msg}"
+        );
+        assert!(
+            std::path::Path::new(&f).is_file(),
+            "the input is still there"
+        );
+    }
+}
+
+#[test]
+fn foreign_output_directory_needs_force_and_a_previous_output_is_replaced_without() {
+    let dir = tempdir();
+    let rows: Vec<_> = (0..4)
+        .map(|i| json!({"prompt": format!("question {i}"), "completion": format!("answer {i}")}))
+        .collect();
+    let f = write_jsonl(dir.path(), "in.jsonl", &rows);
+    let p = prepare(&bare_config(&[f])).unwrap();
+    let out = dir.path().join("out");
+
+    // A previous output (and an empty directory) is replaced without asking.
+    std::fs::create_dir(&out).unwrap();
+    write_prepared(&p, &out).unwrap();
+    write_prepared(&p, &out).unwrap();
+
+    // Anything else in it: refused, naming the file, and left alone.
+    std::fs::write(out.join("notes.md"), "mine").unwrap();
+    let msg = write_prepared(&p, &out).unwrap_err().to_string();
+    assert!(
+        msg.contains("notes.md") && msg.contains("--force") && msg.contains("not an output"),
+        "{msg}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("notes.md")).unwrap(),
+        "mine"
+    );
+
+    // A report.json that is not hone's does not make a directory an output either.
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("report.json"), "{\"quarter\": 3}").unwrap();
+    assert!(write_prepared(&p, &other).is_err());
+    assert!(other.join("report.json").is_file());
+
+    write_prepared_with(&p, &out, Overwrite::Any).unwrap();
+    assert!(!out.join("notes.md").exists());
+    assert!(out.join("train.jsonl").is_file());
 }

@@ -499,3 +499,122 @@ fn config_rejects_unknown_fields_and_bad_values() {
     let c = DataConfig::default();
     assert!(matches!(c.validate(), Err(DataError::Config { key, .. }) if key == "inputs"));
 }
+
+/// Regression: a 50 MB single-line record took 111 s and 5.2 GB to curate. A record over
+/// `max_record_bytes` is now a bad record naming its file, line and size, and the lines after
+/// it keep their numbers.
+#[test]
+fn records_over_max_record_bytes_are_bad_records_naming_file_and_line() {
+    let dir = tempdir();
+    let long = "x".repeat(5000);
+    let jsonl = write(
+        dir.path(),
+        "big.jsonl",
+        format!(
+            "{{\"text\": \"short one\"}}\n{{\"text\": \"{long}\"}}\n{{\"text\": \"short two\"}}\n{{\"text\": \"{long}\"}}"
+        ),
+    );
+    let array = write(
+        dir.path(),
+        "big.json",
+        format!("[\n{{\"text\": \"a\"}},\n{{\"text\": \"{long}\"}}\n]\n"),
+    );
+    let csv = write(
+        dir.path(),
+        "big.csv",
+        format!("text\nshort\n{long}\nshort too\n"),
+    );
+    let txt = write(dir.path(), "big.txt", &long);
+    let mut c = bare_config(&[jsonl.clone(), array.clone(), csv.clone(), txt.clone()]);
+    c.format = FormatChoice::Text;
+    c.on_error = OnError::Skip;
+    c.max_record_bytes = 1000;
+    let p = prepare(&c).unwrap();
+    let kept: Vec<(String, usize)> = p
+        .train
+        .iter()
+        .chain(&p.val)
+        .map(|e| (e.source.file.to_string(), e.source.line))
+        .collect();
+    assert!(
+        kept.contains(&(jsonl.clone(), 1)) && kept.contains(&(jsonl.clone(), 3)),
+        "{kept:?}"
+    );
+    let bad: Vec<(String, usize)> = p
+        .report
+        .errors
+        .iter()
+        .map(|e| (e.file.clone(), e.line))
+        .collect();
+    assert_eq!(
+        bad,
+        vec![
+            (jsonl.clone(), 2),
+            (jsonl.clone(), 4),
+            (array, 3),
+            (csv, 3),
+            (txt, 1)
+        ]
+    );
+    for e in &p.report.errors {
+        assert!(
+            e.message.contains("max_record_bytes = 1000"),
+            "{}",
+            e.message
+        );
+    }
+    let size = format!("{} bytes", long.len() + r#"{"text": ""}"#.len());
+    assert!(
+        p.report.errors[0].message.contains(&size),
+        "{}",
+        p.report.errors[0]
+    );
+
+    // With on_error = fail, nothing is curated and the error names the file and line.
+    c.on_error = OnError::Fail;
+    c.inputs = vec![jsonl.clone()];
+    let msg = prepare(&c).unwrap_err().to_string();
+    assert!(msg.contains(&format!("{jsonl}:2:")), "{msg}");
+
+    // The default limit keeps these records.
+    let mut c = bare_config(&[jsonl]);
+    c.format = FormatChoice::Text;
+    assert_eq!(prepare(&c).unwrap().train.len(), 4);
+}
+
+#[test]
+fn gzip_lines_over_max_record_bytes_are_skipped_without_losing_the_next_line() {
+    use std::io::Write;
+    let dir = tempdir();
+    let path = dir.path().join("big.jsonl.gz");
+    let mut gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(&path).unwrap(),
+        flate2::Compression::fast(),
+    );
+    let long = "y".repeat(300_000);
+    write!(gz, "{{\"text\": \"{long}\"}}\n{{\"text\": \"after\"}}\n").unwrap();
+    gz.finish().unwrap();
+    let mut c = bare_config(&[path.to_string_lossy().into_owned()]);
+    c.format = FormatChoice::Text;
+    c.on_error = OnError::Skip;
+    c.max_record_bytes = 4096;
+    let p = prepare(&c).unwrap();
+    assert_eq!(p.train.len(), 1);
+    assert_eq!((p.train[0].source.line, text_of(&p.train[0])), (2, "after"));
+    assert_eq!(p.report.errors.len(), 1);
+    assert_eq!(p.report.errors[0].line, 1);
+    let size = format!("{} bytes", long.len() + r#"{"text": ""}"#.len());
+    assert!(
+        p.report.errors[0].message.contains(&size),
+        "{}",
+        p.report.errors[0]
+    );
+}
+
+#[test]
+fn max_record_bytes_of_zero_is_a_config_error() {
+    let mut c = bare_config(&["x.jsonl".to_string()]);
+    c.max_record_bytes = 0;
+    let msg = c.validate().unwrap_err().to_string();
+    assert!(msg.contains("max_record_bytes"), "{msg}");
+}

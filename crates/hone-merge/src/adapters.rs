@@ -1,7 +1,7 @@
 //! PEFT LoRA adapter directories opened for merging: the configuration (read by hone-model), the
 //! memory-mapped `adapter_model.safetensors`, and the module -> shape table derived from its
 //! tensor names. Every tensor must be a `lora_A`/`lora_B` pair of consistent shapes whose rank
-//! agrees with the configuration (`r`, `rank_pattern`); nothing is guessed.
+//! agrees with the configuration (`r`, `rank_pattern`) and finite values; nothing is guessed.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -121,6 +121,9 @@ impl Adapter {
                 in_features,
                 out_features: shape_b[0],
             };
+            // A NaN or infinity would spread to every merged weight: refuse it now, by name.
+            store.load_f32_finite(name, &shape_a)?;
+            store.load_f32_finite(&key_b, &[shape.out_features, rank])?;
             modules.insert(module.to_string(), shape);
         }
         for name in &names {

@@ -66,7 +66,7 @@ pub fn combine_adapters(options: &CombineOptions) -> Result<CombineReport> {
     let inputs: Vec<(&Path, &'static str)> = options
         .adapters
         .iter()
-        .map(|a| (a.as_path(), "an adapter directory"))
+        .map(|a| (a.as_path(), "adapter"))
         .collect();
     check_output_not_input(&options.out, &inputs)?;
     if options.out.exists() && !options.force {

@@ -126,8 +126,17 @@ pub enum MergeError {
     #[error("{path} already exists; pass --force to replace it")]
     OutputExists { path: PathBuf },
 
-    #[error("the output {path} is the {what}; choose another output directory")]
-    OutputIsInput { path: PathBuf, what: &'static str },
+    #[error(
+        "the output {path} is or contains the {what} {input}: replacing it would delete that \
+         input (even with --force); choose another output directory"
+    )]
+    OutputIsInput {
+        path: PathBuf,
+        /// The input inside `path` (or equal to it).
+        input: PathBuf,
+        /// `base model` or `adapter`.
+        what: &'static str,
+    },
 
     #[error("invalid size `{input}`: {message} (examples: 5GB, 500MB, 2GiB, 1000000)")]
     InvalidSize { input: String, message: String },

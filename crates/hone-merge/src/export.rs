@@ -185,7 +185,7 @@ pub fn write_safetensors(
                 .map(|v| (name.as_str(), v))
                 .map_err(|e| MergeError::Serialize {
                     path: path.to_path_buf(),
-                    message: format!("tensor `{name}`: {e:?}"),
+                    message: format!("tensor `{name}`: {e}"),
                 })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -194,7 +194,7 @@ pub fn write_safetensors(
         safetensors::SafeTensorError::IoError(source) => MergeError::io(path, source),
         other => MergeError::Serialize {
             path: path.to_path_buf(),
-            message: format!("{other:?}"),
+            message: other.to_string(),
         },
     })
 }

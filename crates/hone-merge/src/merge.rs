@@ -72,15 +72,19 @@ fn canonical(path: &Path) -> Option<PathBuf> {
     std::fs::canonicalize(path).ok()
 }
 
-/// Refuses an output directory that is one of the inputs.
+/// Refuses an output directory that is one of the inputs or holds one (`--out RUN` with
+/// `--adapter RUN/adapter`, or a parent of the base model): replacing it, even with `force`,
+/// would delete that input. Paths are compared in canonical form, so `..` and symbolic links
+/// are seen through.
 pub(crate) fn check_output_not_input(out: &Path, inputs: &[(&Path, &'static str)]) -> Result<()> {
     let Some(out_c) = canonical(out) else {
         return Ok(());
     };
     for (input, what) in inputs {
-        if canonical(input).as_ref() == Some(&out_c) {
+        if canonical(input).is_some_and(|input_c| input_c.starts_with(&out_c)) {
             return Err(MergeError::OutputIsInput {
                 path: out.to_path_buf(),
+                input: input.to_path_buf(),
                 what,
             });
         }
@@ -90,14 +94,9 @@ pub(crate) fn check_output_not_input(out: &Path, inputs: &[(&Path, &'static str)
 
 /// Merges the adapters of `options` into the base model and writes the Hugging Face directory.
 pub fn merge(options: &MergeOptions) -> Result<MergeReport> {
-    let base = &options.base;
-    let mut inputs: Vec<(&Path, &'static str)> = vec![(base.as_path(), "base model directory")];
-    inputs.extend(
-        options
-            .adapters
-            .iter()
-            .map(|a| (a.as_path(), "an adapter directory")),
-    );
+    let base = &hone_model::loader::resolve_model_dir(&options.base)?;
+    let mut inputs: Vec<(&Path, &'static str)> = vec![(base.as_path(), "base model")];
+    inputs.extend(options.adapters.iter().map(|a| (a.as_path(), "adapter")));
     check_output_not_input(&options.out, &inputs)?;
     if options.out.exists() && !options.force {
         return Err(MergeError::OutputExists {

@@ -255,3 +255,91 @@ fn a_failed_write_leaves_nothing_behind() {
     assert!(err.to_string().contains("file"), "{err}");
     assert_eq!(entries(tmp.path()), ["file"]);
 }
+
+/// Copies the files (not subdirectories) of `from` into a new directory `to`.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+}
+
+/// Regression: `--out RUN --adapter RUN/adapter --force` deleted the training run, and an
+/// `--out` that is a parent of `--model` deleted the base model.
+#[test]
+fn an_output_that_contains_an_input_is_refused_even_with_force() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("models/base");
+    copy_dir(&fixture("llama_gqa"), &base);
+    let run = tmp.path().join("run");
+    let adapter = run.join("adapter");
+    copy_dir(&fixture("llama_gqa").join("adapter"), &adapter);
+
+    for (out, what, input) in [
+        (run.clone(), "adapter", &adapter),
+        (tmp.path().join("models"), "base model", &base),
+        // Spelled with `..`: compared as canonical paths.
+        (run.join("adapter/.."), "adapter", &adapter),
+    ] {
+        let err = merge(&MergeOptions {
+            force: true,
+            ..options(&base, &[&adapter], &out)
+        })
+        .unwrap_err();
+        let message = err.to_string();
+        assert!(
+            matches!(err, MergeError::OutputIsInput { .. })
+                && message.contains(&format!("the {what} {}", input.display()))
+                && message.contains("even with --force")
+                && !message.contains("the an "),
+            "{message}"
+        );
+    }
+    let err = combine_adapters(&CombineOptions {
+        adapters: vec![adapter.clone()],
+        combination: Combination::default(),
+        out: run.clone(),
+        force: true,
+    })
+    .unwrap_err();
+    assert!(matches!(err, MergeError::OutputIsInput { .. }), "{err}");
+    // Everything is still there.
+    assert_eq!(
+        entries(&adapter),
+        entries(&fixture("llama_gqa").join("adapter"))
+    );
+    assert!(base.join("model.safetensors").is_file() && base.join("config.json").is_file());
+
+    // An output beside the inputs is fine.
+    merge(&options(&base, &[&adapter], &run.join("merged"))).unwrap();
+    assert!(run.join("merged/model.safetensors").is_file());
+}
+
+/// A NaN in an adapter would turn the merged weights into NaN: refused, naming the tensor.
+#[test]
+fn an_adapter_holding_nan_is_refused_naming_the_tensor() {
+    let dir = fixture("llama_gqa");
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("nan");
+    let key = format!("{Q0}.lora_B.weight");
+    write_adapter(
+        &bad,
+        &fixture_config(),
+        &fixture_tensors(|n, _, values| {
+            if n == key {
+                values[3] = f32::NAN;
+            }
+        }),
+    );
+    let out = tmp.path().join("out");
+    let err = merge(&options(&dir, &[&bad], &out)).unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains(&key) && message.contains("not finite"),
+        "{message}"
+    );
+    assert!(!out.exists());
+}

@@ -217,8 +217,8 @@ impl<B: Backend> CausalLm<B> {
             let [out, inp] = linear.weight.dims();
             let device = linear.weight.device();
             let (ka, kb) = (peft_key(&name, "lora_A"), peft_key(&name, "lora_B"));
-            let a = store.load_f32(&ka, &[r, inp])?;
-            let b = store.load_f32(&kb, &[out, r])?;
+            let a = store.load_f32_finite(&ka, &[r, inp])?;
+            let b = store.load_f32_finite(&kb, &[out, r])?;
             used.push(ka);
             used.push(kb);
             let dtype = linear.weight.val().dtype();
@@ -295,7 +295,7 @@ impl<B: Backend> CausalLm<B> {
         write_dir_atomic(dir, |tmp| {
             let path = tmp.join(ADAPTER_CONFIG);
             let text = serde_json::to_string_pretty(&config).expect("a JSON value serialises");
-            std::fs::write(&path, text + "\n").map_err(|e| ModelError::io(&path, e))?;
+            std::fs::write(&path, text + "\n").map_err(|e| ModelError::write(&path, e))?;
             let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
                 .iter()
                 .map(|(n, s, b)| {
@@ -307,10 +307,8 @@ impl<B: Backend> CausalLm<B> {
                 .collect();
             let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
             let path = tmp.join(ADAPTER_WEIGHTS);
-            safetensors::serialize_to_file(views, metadata, &path).map_err(|e| ModelError::Io {
-                path: path.clone(),
-                source: std::io::Error::other(format!("{e:?}")),
-            })
+            safetensors::serialize_to_file(views, metadata, &path)
+                .map_err(|e| ModelError::write_safetensors(&path, e))
         })
     }
 }
@@ -365,7 +363,7 @@ pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> R
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| ModelError::io(parent, e))?;
+    std::fs::create_dir_all(parent).map_err(|e| ModelError::write(parent, e))?;
     let name = dir
         .file_name()
         .ok_or_else(|| ModelError::Input(format!("{}: not a directory name", dir.display())))?
@@ -375,21 +373,21 @@ pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> R
     let tmp: PathBuf = parent.join(format!(".{name}.tmp-{pid}"));
     let old: PathBuf = parent.join(format!(".{name}.old-{pid}"));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
+    std::fs::create_dir(&tmp).map_err(|e| ModelError::write(&tmp, e))?;
     if let Err(e) = fill(&tmp) {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
     let had_old = dir.exists();
     if had_old {
-        std::fs::rename(dir, &old).map_err(|e| ModelError::io(dir, e))?;
+        std::fs::rename(dir, &old).map_err(|e| ModelError::write(dir, e))?;
     }
     if let Err(e) = std::fs::rename(&tmp, dir) {
         if had_old {
             let _ = std::fs::rename(&old, dir);
         }
         let _ = std::fs::remove_dir_all(&tmp);
-        return Err(ModelError::io(dir, e));
+        return Err(ModelError::write(dir, e));
     }
     if had_old {
         let _ = std::fs::remove_dir_all(&old);

@@ -281,19 +281,35 @@ impl HfConfig {
             }
         }
         for (key, value) in [
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("vocab_size", self.vocab_size),
+            ("hidden_size", Some(self.hidden_size)),
+            ("intermediate_size", Some(self.intermediate_size)),
+            ("num_hidden_layers", Some(self.num_hidden_layers)),
+            ("num_attention_heads", Some(self.num_attention_heads)),
+            ("vocab_size", Some(self.vocab_size)),
+            ("max_position_embeddings", self.max_position_embeddings),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
         ] {
-            if value == 0 {
-                return Err(invalid(path, key, "must be a positive integer, found 0"));
+            if value == Some(0) {
+                return Err(invalid(
+                    path,
+                    key,
+                    "expected a positive integer (>= 1), found 0",
+                ));
+            }
+        }
+        if let Some(eps) = self.rms_norm_eps {
+            if !(eps > 0.0 && eps.is_finite()) {
+                return Err(invalid(
+                    path,
+                    "rms_norm_eps",
+                    format!("expected a finite number > 0 (e.g. 1e-5), found {eps}"),
+                ));
             }
         }
         let num_heads = self.num_attention_heads;
         let num_kv_heads = self.num_key_value_heads.unwrap_or(num_heads);
-        if num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
+        if !num_heads.is_multiple_of(num_kv_heads) {
             return Err(invalid(
                 path,
                 "num_key_value_heads",
@@ -301,8 +317,7 @@ impl HfConfig {
             ));
         }
         let head_dim = match self.head_dim {
-            Some(d) if d > 0 => d,
-            Some(_) => return Err(invalid(path, "head_dim", "must be positive")),
+            Some(d) => d,
             None => {
                 if !self.hidden_size.is_multiple_of(num_heads) {
                     return Err(invalid(
@@ -335,9 +350,24 @@ impl HfConfig {
         }
 
         let (rope_theta, rope_scaling, partial) = self.resolve_rope(path, architecture)?;
+        if !(rope_theta > 0.0 && rope_theta.is_finite()) {
+            let key = match &self.rope_parameters {
+                Some(p) if p.get("rope_theta").is_some() => "rope_parameters.rope_theta",
+                _ => "rope_theta",
+            };
+            return Err(invalid(
+                path,
+                key,
+                format!("expected a finite number > 0 (e.g. 10000), found {rope_theta}"),
+            ));
+        }
         let partial_rotary_factor = partial.or(self.partial_rotary_factor).unwrap_or(1.0);
         if !(partial_rotary_factor > 0.0 && partial_rotary_factor <= 1.0) {
-            return Err(invalid(path, "partial_rotary_factor", "must be in (0, 1]"));
+            return Err(invalid(
+                path,
+                "partial_rotary_factor",
+                format!("expected a number in (0, 1], found {partial_rotary_factor}"),
+            ));
         }
         let rotary = (head_dim as f64 * partial_rotary_factor) as usize;
         if !rotary.is_multiple_of(2) || rotary == 0 {

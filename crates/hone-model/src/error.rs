@@ -6,15 +6,41 @@ use std::path::PathBuf;
 /// Errors raised while loading or running a model.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("cannot read {path}: {source}")]
+    /// Reading a file failed. The I/O error is part of the message, not a `source`, so that
+    /// error chains (the binary prints them) do not print it twice.
+    #[error("cannot read {path}: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
+    },
+
+    /// Writing a file or directory failed (disk full, permissions, ...).
+    #[error("cannot write {path}: {cause}")]
+    Write {
+        path: PathBuf,
+        cause: std::io::Error,
     },
 
     #[error("{path} is missing: a Hugging Face model directory needs it")]
     MissingFile { path: PathBuf },
+
+    #[error(
+        "expected a model directory (with config.json), got a file: {path}; and {parent}, \
+         which holds it, has no config.json"
+    )]
+    NotADirectory { path: PathBuf, parent: PathBuf },
+
+    #[error(
+        "tensor `{name}` in {path}: value {value} at flat index {index} is not finite \
+         ({count} NaN/inf value(s) in all); the file is corrupt or its training diverged"
+    )]
+    NonFinite {
+        name: String,
+        path: PathBuf,
+        index: usize,
+        value: f32,
+        count: usize,
+    },
 
     #[error("invalid JSON in {path}: {message}")]
     InvalidJson { path: PathBuf, message: String },
@@ -66,12 +92,31 @@ pub enum ModelError {
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 
 impl ModelError {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    /// A failed read of `path` (a missing file becomes [`ModelError::MissingFile`]).
+    pub(crate) fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
         let path = path.into();
-        if source.kind() == std::io::ErrorKind::NotFound {
+        if cause.kind() == std::io::ErrorKind::NotFound {
             ModelError::MissingFile { path }
         } else {
-            ModelError::Io { path, source }
+            ModelError::Io { path, cause }
         }
+    }
+
+    /// A failed write of `path`.
+    pub fn write(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
+        ModelError::Write {
+            path: path.into(),
+            cause,
+        }
+    }
+
+    /// A failed `safetensors::serialize_to_file` of `path`: an I/O failure keeps the I/O
+    /// error's message ("No space left on device"), anything else says what safetensors refused.
+    pub fn write_safetensors(path: impl Into<PathBuf>, e: safetensors::SafeTensorError) -> Self {
+        let cause = match e {
+            safetensors::SafeTensorError::IoError(io) => io,
+            other => std::io::Error::other(other.to_string()),
+        };
+        Self::write(path, cause)
     }
 }

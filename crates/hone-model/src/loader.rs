@@ -1,7 +1,7 @@
 //! Loading a whole Hugging Face model directory: `config.json`, the safetensors weights and the
 //! tokenizer.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
 
@@ -18,17 +18,43 @@ pub struct LoadedModel<B: Backend> {
     pub report: LoadReport,
 }
 
-/// Loads model directory `dir` onto `device`.
+/// The model directory `path` names: `path` itself, or, when `path` is a file of a model
+/// directory (`dir/model.safetensors`, `dir/config.json`), the directory holding it.
+pub fn resolve_model_dir(path: &Path) -> Result<PathBuf> {
+    if path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    if !path.exists() {
+        return Err(ModelError::MissingFile {
+            path: path.to_path_buf(),
+        });
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if parent.join("config.json").is_file() {
+        tracing::info!(
+            "{} is a file: using the model directory {} that holds it",
+            path.display(),
+            parent.display()
+        );
+        return Ok(parent);
+    }
+    Err(ModelError::NotADirectory {
+        path: path.to_path_buf(),
+        parent,
+    })
+}
+
+/// Loads model directory `dir` (or the directory of a file in it, see [`resolve_model_dir`])
+/// onto `device`.
 pub fn load_model_dir<B: Backend>(
     dir: &Path,
     device: &B::Device,
     options: LoadOptions,
 ) -> Result<LoadedModel<B>> {
-    if !dir.is_dir() {
-        return Err(ModelError::MissingFile {
-            path: dir.to_path_buf(),
-        });
-    }
+    let dir = &resolve_model_dir(dir)?;
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
     let tokenizer = Tokenizer::from_dir(dir)?;
     let store = WeightStore::open_dir(dir)?;

@@ -194,6 +194,23 @@ impl WeightStore {
         })
     }
 
+    /// [`WeightStore::load_f32`], refusing a tensor that holds NaN or an infinity (naming the
+    /// tensor, the file and the first bad value). For adapters: a non-finite LoRA factor turns
+    /// every output of the model into NaN.
+    pub fn load_f32_finite(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        let values = self.load_f32(name, expected)?;
+        if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+            return Err(ModelError::NonFinite {
+                name: name.to_string(),
+                path: self.shard(name)?.path.clone(),
+                index,
+                value: values[index],
+                count: values.iter().filter(|v| !v.is_finite()).count(),
+            });
+        }
+        Ok(values)
+    }
+
     /// Reads an integer tensor (I64 or I32) with its shape.
     pub fn load_i64(&self, name: &str) -> Result<(Vec<i64>, Vec<usize>)> {
         let shard = self.shard(name)?;

@@ -159,10 +159,6 @@ pub fn save_checkpoint<B: AutodiffBackend>(
     }
     let state_json =
         serde_json::to_string_pretty(state).expect("the trainer state serialises") + "\n";
-    let model_error = |path: &Path, e: String| ModelError::Io {
-        path: path.to_path_buf(),
-        source: std::io::Error::other(e),
-    };
     hone_model::adapter::write_dir_atomic(dir, |tmp| {
         model.save_adapter(&tmp.join(ADAPTER_DIR), settings, base_model)?;
         let path = tmp.join(OPTIMIZER_FILE);
@@ -177,9 +173,9 @@ pub fn save_checkpoint<B: AutodiffBackend>(
             .collect();
         let metadata = HashMap::from([("optimizer_step".to_string(), optimizer.step.to_string())]);
         safetensors::serialize_to_file(views, Some(metadata), &path)
-            .map_err(|e| model_error(&path, format!("{e:?}")))?;
+            .map_err(|e| ModelError::write_safetensors(&path, e))?;
         let path = tmp.join(STATE_FILE);
-        std::fs::write(&path, &state_json).map_err(|e| ModelError::Io { path, source: e })
+        std::fs::write(&path, &state_json).map_err(|e| ModelError::write(path, e))
     })?;
     Ok(())
 }
