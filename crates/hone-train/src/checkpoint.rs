@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::TensorData;
-use hone_model::lora::{LoraSettings, TargetModules};
+use hone_model::lora::LoraSettings;
 use hone_model::{CausalLm, ModelError, WeightStore};
 use serde::{Deserialize, Serialize};
 
@@ -57,6 +57,24 @@ pub struct TrainerState {
     pub bad_steps_total: usize,
     /// Non-padding tokens trained on so far.
     pub tokens_seen: u64,
+    /// The steps since the last logging point, so that a resumed run logs the same averages
+    /// (absent in checkpoints of earlier versions: an empty window).
+    #[serde(default)]
+    pub log_window: LogWindow,
+}
+
+/// Sums of the steps since the last logging point (what `train/loss` and
+/// `train/tokens_per_sec` average over).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LogWindow {
+    /// Summed loss of the applied steps.
+    pub loss: f64,
+    /// Applied steps.
+    pub steps: usize,
+    pub tokens: usize,
+    pub seconds: f64,
+    /// Gradient norm of the last applied step of the run (`None` before the first).
+    pub last_grad_norm: Option<f64>,
 }
 
 /// Name of the checkpoint directory of step `step`.
@@ -180,14 +198,106 @@ pub fn save_checkpoint<B: AutodiffBackend>(
     Ok(())
 }
 
-/// Settings as PEFT writes them (target names sorted, without duplicates).
-fn normalized(settings: &LoraSettings) -> LoraSettings {
-    let mut s = settings.clone();
-    if let TargetModules::Names(names) = &mut s.target_modules {
-        names.sort();
-        names.dedup();
+/// A map of `rank_pattern` / `alpha_pattern` as TOML writes it (`{ q_proj = 4 }`).
+fn pattern_text<T: std::fmt::Display>(map: &std::collections::BTreeMap<String, T>) -> String {
+    let items: Vec<String> = map.iter().map(|(k, v)| format!("{k:?} = {v}")).collect();
+    format!("{{ {} }}", items.join(", "))
+}
+
+/// Adapted modules in config terms: `q_proj, v_proj in layers 0-4`, or per projection when the
+/// layers differ between them.
+fn describe_modules(modules: &[String]) -> String {
+    use std::collections::BTreeMap;
+    let mut by_kind: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for m in modules {
+        let kind = m.rsplit('.').next().unwrap_or(m);
+        let layer = m
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|n| n.parse::<usize>().ok());
+        let layers = by_kind.entry(kind).or_default();
+        layers.extend(layer);
     }
-    s
+    let layers_text = |layers: &[usize]| -> String {
+        let mut parts: Vec<String> = Vec::new();
+        let mut i = 0;
+        while i < layers.len() {
+            let mut j = i;
+            while j + 1 < layers.len() && layers[j + 1] == layers[j] + 1 {
+                j += 1;
+            }
+            parts.push(if i == j {
+                layers[i].to_string()
+            } else {
+                format!("{}-{}", layers[i], layers[j])
+            });
+            i = j + 1;
+        }
+        parts.join(",")
+    };
+    let first = by_kind.values().next().cloned().unwrap_or_default();
+    if by_kind.values().all(|l| *l == first) {
+        let kinds: Vec<&str> = by_kind.keys().copied().collect();
+        format!("{} in layers {}", kinds.join(", "), layers_text(&first))
+    } else {
+        let parts: Vec<String> = by_kind
+            .iter()
+            .map(|(k, l)| format!("{k} (layers {})", layers_text(l)))
+            .collect();
+        parts.join(", ")
+    }
+}
+
+/// How a checkpoint's adapter settings differ from the config's, in config keys
+/// (`lora.r: checkpoint 8, config 16`). `target_modules` and `layers_to_transform` are compared
+/// resolved against `model` (the modules they select), so `["all-linear"]` equals the list of
+/// projections PEFT writes for it.
+pub fn lora_differences<B: Backend>(
+    model: &CausalLm<B>,
+    checkpoint: &LoraSettings,
+    config: &LoraSettings,
+) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut compare = |key: &str, a: String, b: String| {
+        if a != b {
+            out.push(format!("lora.{key}: checkpoint {a}, config {b}"));
+        }
+    };
+    compare("r", checkpoint.r.to_string(), config.r.to_string());
+    compare(
+        "alpha",
+        checkpoint.alpha.to_string(),
+        config.alpha.to_string(),
+    );
+    compare(
+        "dropout",
+        checkpoint.dropout.to_string(),
+        config.dropout.to_string(),
+    );
+    compare(
+        "use_rslora",
+        checkpoint.use_rslora.to_string(),
+        config.use_rslora.to_string(),
+    );
+    compare(
+        "rank_pattern",
+        pattern_text(&checkpoint.rank_pattern),
+        pattern_text(&config.rank_pattern),
+    );
+    compare(
+        "alpha_pattern",
+        pattern_text(&checkpoint.alpha_pattern),
+        pattern_text(&config.alpha_pattern),
+    );
+    let (a, b) = (model.lora_targets(checkpoint)?, model.lora_targets(config)?);
+    if a != b {
+        compare(
+            "target_modules",
+            format!("adapts {}", describe_modules(&a)),
+            format!("adapts {}", describe_modules(&b)),
+        );
+    }
+    Ok(out)
 }
 
 /// Reads `trainer_state.json` of a checkpoint.
@@ -219,16 +329,16 @@ pub fn load_checkpoint<B: AutodiffBackend>(
     config: AdamWConfig,
 ) -> Result<(AdamW<B::InnerBackend>, TrainerState)> {
     let state = read_state(dir)?;
-    let info = model.load_adapter(&dir.join(ADAPTER_DIR))?;
-    if normalized(&info.settings) != normalized(settings) {
-        return Err(TrainError::Checkpoint {
-            path: dir.join(ADAPTER_DIR),
-            message: format!(
-                "adapter settings {:?} differ from the config's [lora] {:?}",
-                info.settings, settings
-            ),
+    let adapter_dir = dir.join(ADAPTER_DIR);
+    let (saved, _) = hone_model::adapter::read_adapter_config(&adapter_dir)?;
+    let differences = lora_differences(model, &saved, settings)?;
+    if !differences.is_empty() {
+        return Err(TrainError::AdapterMismatch {
+            path: adapter_dir,
+            differences,
         });
     }
+    model.load_adapter(&adapter_dir)?;
     let keys = adapter_keys(model);
     let shapes: Vec<[usize; 2]> = crate::step::adapter_values(model)
         .iter()

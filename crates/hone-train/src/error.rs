@@ -62,6 +62,65 @@ pub enum TrainError {
     #[error("data-parallel training: {message}")]
     Parallel { message: String },
 
+    /// A path of the config (`model.path`, `data.inputs`) that does not exist. Relative paths
+    /// resolve against the working directory, which the message names.
+    #[error(
+        "{key}: {what} {path} (relative paths resolve against the working directory {cwd}) \
+         does not exist"
+    )]
+    MissingPath {
+        key: String,
+        what: String,
+        path: PathBuf,
+        cwd: PathBuf,
+    },
+
+    /// The run directory is locked by another `hone train` (its pid, when the lock file names
+    /// it).
+    #[error(
+        "run directory {path} is in use by another hone train ({holder}; lock file {lock}): \
+         wait for it to finish or choose another output.dir"
+    )]
+    RunLocked {
+        path: PathBuf,
+        lock: PathBuf,
+        /// `pid N`, or `pid unknown`.
+        holder: String,
+    },
+
+    /// A checkpoint whose adapter was trained with other `[lora]` settings than the config's,
+    /// compared after resolving `target_modules` against the model. Each difference reads
+    /// `lora.KEY: checkpoint X, config Y`.
+    #[error("checkpoint {path}: its adapter differs from the config's [lora]: {}", differences.join("; "))]
+    AdapterMismatch {
+        path: PathBuf,
+        differences: Vec<String>,
+    },
+
+    /// `tokenize.max_seq_len` beyond the positions the model was trained on.
+    #[error(
+        "tokenize.max_seq_len = {max_seq_len} exceeds the model's context \
+         (max_position_embeddings = {max_position_embeddings} in {model_config}): the model never \
+         saw positions beyond it; set tokenize.max_seq_len to at most {max_position_embeddings}"
+    )]
+    ContextTooLong {
+        max_seq_len: usize,
+        max_position_embeddings: usize,
+        model_config: PathBuf,
+    },
+
+    /// The run's estimated memory exceeds what the machine has available.
+    #[error(
+        "the run needs an estimated {needed_mb} MB ({detail}), more than the {available_mb} MB \
+         available (MemAvailable in /proc/meminfo): lower train.micro_batch_size or \
+         tokenize.max_seq_len, or set train.gradient_checkpointing = true"
+    )]
+    OutOfMemory {
+        needed_mb: u64,
+        available_mb: u64,
+        detail: String,
+    },
+
     /// A tensor could not be read back to the host.
     #[error("reading {what} from the device: {message}")]
     Tensor { what: String, message: String },

@@ -14,6 +14,8 @@
 //! * [`checkpoint`]: atomic `step-N/` checkpoints (PEFT adapter, optimizer moments, state);
 //! * [`eval`]: validation loss and perplexity, sample generations;
 //! * [`metrics`]: `metrics.jsonl` and TensorBoard events;
+//! * [`lock`]: the run directory's lock (`flock` on `<run>/.lock`, holding the pid);
+//! * [`memory`]: the run's estimated memory, checked against the available memory;
 //! * [`run`]: the whole run ([`train`]), reporting progress to an [`Observer`].
 
 pub mod checkpoint;
@@ -21,6 +23,8 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod lock;
+pub mod memory;
 pub mod metrics;
 pub mod optim;
 pub mod parallel;

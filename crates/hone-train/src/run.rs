@@ -28,14 +28,16 @@ use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use hone_model::{load_model_dir, run_on, BackendTask, CausalLm, LoadOptions};
+use hone_model::{load_model_dir, run_on, BackendTask, CausalLm, LoadOptions, ModelConfig};
 use serde::Serialize;
 
-use crate::checkpoint::{self, TrainerState, CHECKPOINT_FORMAT};
+use crate::checkpoint::{self, LogWindow, TrainerState, CHECKPOINT_FORMAT};
 use crate::config::RunConfig;
 use crate::data::{collate, prepare_datasets, BatchPlan};
 use crate::error::{Result, TrainError};
 use crate::eval::{evaluate, EvalResult, Sample, SampleSetup};
+use crate::lock::RunLock;
+use crate::memory::{self, MemoryEstimate, RunShape};
 use crate::metrics::MetricsWriter;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::parallel::{device_for, DataParallel, ParallelConfig};
@@ -69,6 +71,8 @@ pub enum Event<'a> {
         train_rows: usize,
         val_rows: usize,
         trainable_params: usize,
+        /// The run's estimated memory (and what the machine had available).
+        memory: &'a MemoryEstimate,
     },
     /// A step finished (`outcome.applied` is false for a skipped non-finite step).
     Step {
@@ -207,15 +211,47 @@ fn config_differences(a: &RunConfig, b: &RunConfig) -> Vec<String> {
     out
 }
 
-/// Prepares the run directory: refuses to mix runs, clears it for `overwrite`, checks a
-/// resumed config, and writes `config.toml`.
-fn prepare_run_dir(config: &RunConfig, options: RunOptions) -> Result<PathBuf> {
+/// What a run directory may hold before its `config.toml` is written: the lock, and what a
+/// setup that failed leaves (curated data, the token cache). Such a directory is reused.
+const SETUP_ENTRIES: [&str; 3] = [crate::lock::LOCK_FILE, "data", "tokenized"];
+
+fn is_setup_leftover(name: &str) -> bool {
+    SETUP_ENTRIES.contains(&name)
+        || (name.starts_with('.') && (name.contains(".tmp-") || name.contains(".old-")))
+}
+
+/// Prepares the run directory: refuses a directory that is not a run, takes the run's lock,
+/// refuses to mix runs, clears it for `overwrite` and checks a resumed config. `config.toml`
+/// is written later, once setup succeeded ([`write_run_config`]).
+fn prepare_run_dir(config: &RunConfig, options: RunOptions) -> Result<(PathBuf, RunLock)> {
     let dir = config.run_dir();
     let saved = dir.join(CONFIG_FILE);
     let run_dir_error = |message: String| TrainError::RunDir {
         path: dir.clone(),
         message,
     };
+    let foreign = |dir: &Path| -> Result<bool> {
+        match std::fs::read_dir(dir) {
+            Ok(entries) => Ok(entries
+                .flatten()
+                .any(|e| !is_setup_leftover(&e.file_name().to_string_lossy()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(TrainError::io(dir, e)),
+        }
+    };
+    if !saved.is_file() && foreign(&dir)? {
+        return Err(run_dir_error(format!(
+            "is not empty and holds no {CONFIG_FILE}: it is not a hone run; choose another output.dir"
+        )));
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+    let lock = RunLock::acquire(&dir)?;
+    if let Some(pid) = lock.stale_holder() {
+        tracing::warn!(
+            "{}: the run of pid {pid} ended without releasing its lock (killed?); taking it over",
+            lock.path().display()
+        );
+    }
     if saved.is_file() {
         if options.resume {
             let previous = RunConfig::load(&saved, &[])?;
@@ -227,7 +263,21 @@ fn prepare_run_dir(config: &RunConfig, options: RunOptions) -> Result<PathBuf> {
                 )));
             }
         } else if options.overwrite {
-            std::fs::remove_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+            // Everything but the lock we hold: removing its file would let another run lock
+            // a new one.
+            for entry in std::fs::read_dir(&dir).map_err(|e| TrainError::io(&dir, e))? {
+                let entry = entry.map_err(|e| TrainError::io(&dir, e))?;
+                if entry.file_name() == crate::lock::LOCK_FILE {
+                    continue;
+                }
+                let path = entry.path();
+                let removed = if path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                removed.map_err(|e| TrainError::io(&path, e))?;
+            }
         } else {
             return Err(run_dir_error(
                 "holds a run already: pass --resume to continue it, --overwrite to start again, \
@@ -235,27 +285,83 @@ fn prepare_run_dir(config: &RunConfig, options: RunOptions) -> Result<PathBuf> {
                     .into(),
             ));
         }
-    } else if dir.read_dir().is_ok_and(|mut d| d.next().is_some()) {
-        return Err(run_dir_error(format!(
-            "is not empty and holds no {CONFIG_FILE}: it is not a hone run; choose another output.dir"
-        )));
     }
-    std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
     checkpoint::remove_stale_temporaries(&dir)?;
+    Ok((dir, lock))
+}
+
+/// Writes the resolved config to `<run>/config.toml` (atomically), which marks the directory
+/// as a run: called once setup succeeded, so that a failed setup leaves no run behind.
+fn write_run_config(config: &RunConfig, dir: &Path) -> Result<()> {
+    let saved = dir.join(CONFIG_FILE);
     let text = config.to_toml()?;
     let tmp = dir.join(format!(".{CONFIG_FILE}.tmp-{}", std::process::id()));
     std::fs::write(&tmp, text).map_err(|e| TrainError::io(&tmp, e))?;
-    std::fs::rename(&tmp, &saved).map_err(|e| TrainError::io(&saved, e))?;
-    Ok(dir)
+    std::fs::rename(&tmp, &saved).map_err(|e| TrainError::io(&saved, e))
 }
 
-/// Sums of the steps since the last logging point.
-#[derive(Default)]
-struct LogWindow {
-    loss: f64,
-    steps: usize,
-    tokens: usize,
-    seconds: f64,
+/// The working directory, for messages about relative paths.
+fn working_dir() -> PathBuf {
+    std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))
+}
+
+/// Checks that `model.path` and every `data.inputs` entry exist before anything is created;
+/// the error names the key and the working directory relative paths resolve against.
+fn check_paths(config: &RunConfig) -> Result<()> {
+    let missing = |key: &str, what: &str, path: &Path| TrainError::MissingPath {
+        key: key.into(),
+        what: what.into(),
+        path: path.to_path_buf(),
+        cwd: working_dir(),
+    };
+    if !config.model.path.is_dir() {
+        return Err(missing("model.path", "model directory", &config.model.path));
+    }
+    match hone_data::reader::expand_inputs(&config.data.inputs) {
+        Err(hone_data::error::DataError::NoMatch { pattern }) => {
+            Err(missing("data.inputs", "data path", Path::new(&pattern)))
+        }
+        Err(e) => Err(e.into()),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// Reads the model's `config.json` and refuses a `tokenize.max_seq_len` beyond its context.
+fn check_context(config: &RunConfig) -> Result<ModelConfig> {
+    let path = config.model.path.join("config.json");
+    let model_config = ModelConfig::from_file(&path)?;
+    if config.tokenize.max_seq_len > model_config.max_position_embeddings {
+        return Err(TrainError::ContextTooLong {
+            max_seq_len: config.tokenize.max_seq_len,
+            max_position_embeddings: model_config.max_position_embeddings,
+            model_config: path,
+        });
+    }
+    Ok(model_config)
+}
+
+/// The run's memory estimate; on the CPU it is checked against the available memory.
+fn check_memory<B: Backend>(
+    config: &RunConfig,
+    model_config: &ModelConfig,
+) -> Result<MemoryEstimate> {
+    let devices = config.devices();
+    let on_cpu = matches!(devices[0], hone_model::DeviceSpec::Cpu);
+    let dtype = config.model.dtype.dtype();
+    let shape = RunShape {
+        micro_batch_size: config.train.micro_batch_size,
+        max_seq_len: config.tokenize.max_seq_len,
+        dtype_bytes: dtype.size(),
+        gradient_checkpointing: config.train.gradient_checkpointing,
+        fused_cpu: hone_model::kernels::fused::<B>(dtype),
+        replicas: if on_cpu { devices.len() } else { 1 },
+    };
+    let mut estimate = memory::estimate(model_config, shape);
+    if on_cpu {
+        estimate.available = memory::mem_available();
+        memory::check(&estimate, &shape)?;
+    }
+    Ok(estimate)
 }
 
 /// Runs `config` on backend `B` (an autodiff backend) and `device`. With several
@@ -268,13 +374,19 @@ pub fn train_on<B: AutodiffBackend>(
 ) -> Result<RunSummary> {
     let started = Instant::now();
     let t = &config.train;
+    // Config errors that need the file system or the model's config.json, before anything
+    // is created.
+    check_paths(config)?;
+    let model_config = check_context(config)?;
+    let memory = check_memory::<B>(config, &model_config)?;
     let mut devices = vec![device.clone()];
     for spec in &config.devices()[1..] {
         devices.push(device_for::<B>(*spec)?);
     }
     // Global rank 0 (node 0's rank 0) evaluates, logs and writes; other nodes train silently.
     let lead = t.node_rank == 0;
-    let run_dir = prepare_run_dir(config, options)?;
+    // Held until the run returns.
+    let (run_dir, _lock) = prepare_run_dir(config, options)?;
     let load = LoadOptions {
         dtype: config.model.dtype.dtype(),
     };
@@ -325,6 +437,7 @@ pub fn train_on<B: AutodiffBackend>(
         bad_steps_in_row: 0,
         bad_steps_total: 0,
         tokens_seen: 0,
+        log_window: LogWindow::default(),
     };
     let mut resumed_from: Option<PathBuf> = None;
     if options.resume {
@@ -360,7 +473,11 @@ pub fn train_on<B: AutodiffBackend>(
     }
     state.total_steps = total_steps;
     let start_step = state.step;
+    // Setup succeeded: now the directory holds a run.
+    write_run_config(config, &run_dir)?;
     let mut metrics = if lead {
+        // Resumed: the lines of later steps go (those of the checkpoint's step were all
+        // written before it). Fresh: whatever a run killed before its first checkpoint wrote.
         let resume_step = resumed_from.as_ref().map(|_| start_step);
         Some(MetricsWriter::open(&run_dir, resume_step)?)
     } else {
@@ -388,12 +505,14 @@ pub fn train_on<B: AutodiffBackend>(
         train_rows: data.train.len(),
         val_rows: data.val.len(),
         trainable_params: model.lora_parameter_count(),
+        memory: &memory,
     });
 
     let eval_batch = config.eval.micro_batch_size.unwrap_or(t.micro_batch_size);
+    // `metrics: None` evaluates without logging (an evaluation logged before).
     let run_eval = |model: &CausalLm<B>,
                     step: usize,
-                    metrics: &mut MetricsWriter,
+                    metrics: Option<&mut MetricsWriter>,
                     observer: &mut dyn Observer|
      -> Result<Option<EvalResult>> {
         let valid = model.valid();
@@ -406,7 +525,7 @@ pub fn train_on<B: AutodiffBackend>(
             step,
             &device,
         )?;
-        if let Some(r) = &result {
+        if let (Some(r), Some(metrics)) = (&result, metrics) {
             metrics.log(step, &[("eval/loss", r.loss), ("eval/ppl", r.ppl)])?;
             observer.on_event(&Event::Evaluated(r));
         }
@@ -416,7 +535,7 @@ pub fn train_on<B: AutodiffBackend>(
         .as_mut()
         .filter(|_| start_step == 0 && config.eval.at_start)
     {
-        summary.first_eval = run_eval(&model, 0, metrics, observer)?;
+        summary.first_eval = run_eval(&model, 0, Some(metrics), observer)?;
     }
 
     let mut parallel = if (devices.len() > 1 || t.nodes > 1) && start_step < total_steps {
@@ -434,8 +553,8 @@ pub fn train_on<B: AutodiffBackend>(
     } else {
         None
     };
-    let mut window = LogWindow::default();
-    let mut last_grad_norm = f64::NAN;
+    // A resumed run continues the checkpoint's logging window.
+    let mut window = std::mem::take(&mut state.log_window);
     let mut order: Option<(usize, Vec<usize>)> = None;
     for step in start_step..total_steps {
         let step_started = Instant::now();
@@ -517,7 +636,7 @@ pub fn train_on<B: AutodiffBackend>(
         if outcome.applied {
             window.loss += outcome.loss;
             window.steps += 1;
-            last_grad_norm = outcome.grad_norm;
+            window.last_grad_norm = Some(outcome.grad_norm);
         }
         window.tokens += outcome.tokens;
         window.seconds += seconds;
@@ -537,6 +656,7 @@ pub fn train_on<B: AutodiffBackend>(
                 f64::NAN
             };
             let tokens_per_sec = window.tokens as f64 / window.seconds.max(1e-9);
+            let last_grad_norm = window.last_grad_norm.unwrap_or(f64::NAN);
             metrics.log(
                 done,
                 &[
@@ -553,16 +673,23 @@ pub fn train_on<B: AutodiffBackend>(
                 grad_norm: last_grad_norm,
                 tokens_per_sec,
             });
-            window = LogWindow::default();
+            window = LogWindow {
+                last_grad_norm: window.last_grad_norm,
+                ..LogWindow::default()
+            };
         }
+        // The final evaluation too comes before the step's checkpoint: a run resumed from
+        // the checkpoint of step N finds everything of step N logged.
         if let Some(metrics) = metrics
             .as_mut()
-            .filter(|_| t.eval_every > 0 && done % t.eval_every == 0 && done < total_steps)
+            .filter(|_| done == total_steps || (t.eval_every > 0 && done % t.eval_every == 0))
         {
-            summary.last_eval = run_eval(&model, done, metrics, observer)?.or(summary.last_eval);
+            summary.last_eval =
+                run_eval(&model, done, Some(metrics), observer)?.or(summary.last_eval);
         }
         if lead && t.save_every > 0 && done % t.save_every == 0 && state.bad_steps_in_row == 0 {
             let dir = checkpoint::checkpoint_dir(&run_dir, done);
+            state.log_window = window.clone();
             checkpoint::save_checkpoint(&dir, &model, &settings, &base_model, &optimizer, &state)?;
             checkpoint::prune_checkpoints(&run_dir, t.keep_last)?;
             if observer.on_event(&Event::Checkpoint {
@@ -582,12 +709,15 @@ pub fn train_on<B: AutodiffBackend>(
     if let Some(parallel) = parallel.take() {
         parallel.finish()?;
     }
-    let Some(metrics) = metrics.as_mut() else {
+    if metrics.is_none() {
         summary.completed = true;
         summary.seconds = started.elapsed().as_secs_f64();
         return Ok(summary);
-    };
-    summary.last_eval = run_eval(&model, total_steps, metrics, observer)?.or(summary.last_eval);
+    }
+    if start_step == total_steps {
+        // Resumed from the final checkpoint: its evaluation was logged before it was written.
+        summary.last_eval = run_eval(&model, total_steps, None, observer)?;
+    }
     let adapter_dir = run_dir.join(FINAL_ADAPTER);
     model.save_adapter(&adapter_dir, &settings, &base_model)?;
     summary.adapter_dir = Some(adapter_dir.clone());

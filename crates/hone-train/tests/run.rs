@@ -404,3 +404,276 @@ fn bf16_base_weights_train_f32_adapters_close_to_the_f32_run() {
     let cosine = dot / (na.sqrt() * nb.sqrt());
     assert!(cosine > 0.95, "cosine of the lora_B updates {cosine}");
 }
+
+fn resume() -> RunOptions {
+    RunOptions {
+        resume: true,
+        overwrite: false,
+    }
+}
+
+/// Stops a run after step `at`, before any checkpoint of that step (as a kill would).
+struct StopAtStep(usize);
+
+impl hone_train::Observer for StopAtStep {
+    fn on_event(&mut self, event: &hone_train::Event<'_>) -> hone_train::Control {
+        match event {
+            hone_train::Event::Step { step, .. } if *step == self.0 => hone_train::Control::Stop,
+            _ => hone_train::Control::Continue,
+        }
+    }
+}
+
+/// Steps of the lines of `metrics.jsonl` that hold `key`.
+fn logged_steps(run_dir: &Path, key: &str) -> Vec<u64> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get(key).is_some())
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect()
+}
+
+/// Regression: the checkpoint stores the modules `all-linear` expands to, the config says
+/// `["all-linear"]`, and resuming compared the two literally: every shipped config failed.
+#[test]
+fn an_all_linear_run_resumes_to_the_uninterrupted_adapter() {
+    let _guard = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path(), 24);
+    let extra = "max_steps = 6\nsave_every = 2";
+    let sets = ["lora.target_modules=[\"all-linear\"]"];
+    let whole = run(
+        &config(&data, &tmp.path().join("whole"), extra, &sets),
+        RunOptions::default(),
+    )
+    .unwrap();
+    let split = config(&data, &tmp.path().join("split"), extra, &sets);
+    train_on::<Ad>(
+        &split,
+        RunOptions::default(),
+        &mut StopAfter(4),
+        Default::default(),
+    )
+    .unwrap();
+    let resumed = run(&split, resume()).unwrap();
+    assert_eq!(resumed.resumed_from, Some(4));
+    let file = |s: &RunSummary| {
+        std::fs::read(
+            s.adapter_dir
+                .as_ref()
+                .unwrap()
+                .join("adapter_model.safetensors"),
+        )
+        .unwrap()
+    };
+    assert_eq!(file(&whole), file(&resumed), "bitwise the same adapter");
+}
+
+#[test]
+fn a_checkpoint_with_other_lora_settings_is_reported_in_config_keys() {
+    let _guard = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path(), 12);
+    let extra = "max_steps = 2\nsave_every = 2";
+    let all = config(
+        &data,
+        &tmp.path().join("run"),
+        extra,
+        &["lora.target_modules=[\"all-linear\"]"],
+    );
+    run(&all, RunOptions::default()).unwrap();
+    let step = all.run_dir().join("step-2");
+    let mut model =
+        hone_model::load_model_dir::<Ad>(&stories260k(), &Default::default(), Default::default())
+            .unwrap()
+            .model;
+    let adamw = hone_train::AdamWConfig::default();
+    // The same settings load.
+    hone_train::checkpoint::load_checkpoint(&step, &mut model, &all.lora.settings(), adamw)
+        .unwrap();
+    let mut other = all.lora.settings();
+    other.r = 16;
+    other.target_modules = hone_model::lora::TargetModules::Names(vec!["q_proj".into()]);
+    let err =
+        hone_train::checkpoint::load_checkpoint(&step, &mut model, &other, adamw).unwrap_err();
+    let message = err.to_string();
+    assert!(
+        matches!(err, TrainError::AdapterMismatch { .. }),
+        "{message}"
+    );
+    assert!(
+        message.contains("lora.r: checkpoint 4, config 16"),
+        "{message}"
+    );
+    assert!(
+        message.contains(
+            "lora.target_modules: checkpoint adapts down_proj, gate_proj, k_proj, o_proj, \
+             q_proj, up_proj, v_proj in layers 0-4, config adapts q_proj in layers 0-4"
+        ),
+        "{message}"
+    );
+    assert!(
+        !message.contains("LoraSettings"),
+        "no Debug dump: {message}"
+    );
+}
+
+#[test]
+fn metrics_hold_each_step_once_after_resuming() {
+    let _guard = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path(), 24);
+    let extra = "max_steps = 8\nsave_every = 4\nlog_every = 1\neval_every = 4";
+    let config = config(&data, &tmp.path().join("run"), extra, &[]);
+    let dir = config.run_dir();
+    // Stopped at step 3, before the first checkpoint: the resumed run starts from scratch and
+    // logs steps 0..=3 again.
+    let first = train_on::<Ad>(
+        &config,
+        RunOptions::default(),
+        &mut StopAtStep(3),
+        Default::default(),
+    )
+    .unwrap();
+    assert!(!first.completed);
+    assert_eq!(logged_steps(&dir, "train/loss"), [1, 2, 3]);
+    // Stopped after step 6 (checkpoint at 4), then resumed to the end.
+    train_on::<Ad>(&config, resume(), &mut StopAtStep(6), Default::default()).unwrap();
+    assert_eq!(logged_steps(&dir, "train/loss"), [1, 2, 3, 4, 5, 6]);
+    let done = run(&config, resume()).unwrap();
+    assert_eq!(done.resumed_from, Some(4));
+    assert_eq!(
+        logged_steps(&dir, "train/loss"),
+        (1..=8).collect::<Vec<_>>()
+    );
+    assert_eq!(logged_steps(&dir, "eval/loss"), [0, 4, 8]);
+    // Resumed from the final checkpoint: the final evaluation (logged before that checkpoint)
+    // is not logged again, but still reported.
+    let again = run(&config, resume()).unwrap();
+    assert_eq!(again.resumed_from, Some(8));
+    assert_eq!(logged_steps(&dir, "eval/loss"), [0, 4, 8]);
+    assert_eq!(again.last_eval.unwrap().loss, done.last_eval.unwrap().loss);
+}
+
+#[test]
+fn the_logging_window_survives_a_resume() {
+    let _guard = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path(), 24);
+    // A checkpoint at step 3 in the middle of a logging window of 4 steps.
+    let extra = "max_steps = 8\nsave_every = 3\nlog_every = 4";
+    let whole = run(
+        &config(&data, &tmp.path().join("whole"), extra, &[]),
+        RunOptions::default(),
+    )
+    .unwrap();
+    let split = config(&data, &tmp.path().join("split"), extra, &[]);
+    train_on::<Ad>(
+        &split,
+        RunOptions::default(),
+        &mut StopAfter(3),
+        Default::default(),
+    )
+    .unwrap();
+    run(&split, resume()).unwrap();
+    let loss_at = |dir: &Path, step: u64| -> f64 {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|v| v["step"] == step && v.get("train/loss").is_some())
+            .unwrap()["train/loss"]
+            .as_f64()
+            .unwrap()
+    };
+    // Equal up to the JSON round trip of the checkpoint's loss sum; without the window the
+    // resumed run averaged step 4 alone.
+    let (a, b) = (loss_at(&whole.run_dir, 4), loss_at(&split.run_dir(), 4));
+    assert!(
+        (a - b).abs() <= 1e-12 * a.abs(),
+        "train/loss at step 4: {a} vs {b}"
+    );
+}
+
+/// Regression: a setup failure left `config.toml`, and the corrected command was refused
+/// ("holds a run already") until `--overwrite`.
+#[test]
+fn a_failed_setup_leaves_no_run_behind() {
+    let _guard = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let good = write_data(tmp.path(), 12);
+    // Records without the alpaca fields: curation keeps nothing, after the run directory
+    // was created.
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"text\": \"\"}\n{\"text\": \"\"}\n").unwrap();
+    let out = tmp.path().join("run");
+    let failing = config(&bad, &out, "max_steps = 2", &[]);
+    assert!(run(&failing, RunOptions::default()).is_err());
+    assert!(out.is_dir(), "the failure came after the directory existed");
+    assert!(!out.join("config.toml").exists());
+    // The corrected command runs, with or without --resume.
+    run(&config(&good, &out, "max_steps = 2", &[]), resume()).unwrap();
+    assert!(out.join("config.toml").is_file());
+}
+
+#[test]
+fn config_errors_found_at_start_name_the_key_and_create_nothing() {
+    let _guard = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path(), 12);
+    let out = tmp.path().join("run");
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["tokenize.max_seq_len=2048"],
+            "tokenize.max_seq_len = 2048 exceeds the model's context (max_position_embeddings = 512",
+        ),
+        (
+            &["train.micro_batch_size=100000000"],
+            "train.micro_batch_size = 100000000",
+        ),
+        (
+            &["data.inputs=[\"no/such/data.jsonl\"]"],
+            "data.inputs: data path no/such/data.jsonl (relative paths resolve against the working directory",
+        ),
+        (&["model.path=no/such/model"], "model.path: model directory no/such/model"),
+    ];
+    for (sets, wanted) in cases {
+        let message = run(
+            &config(&data, &out, "max_steps = 1", sets),
+            RunOptions::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(message.contains(wanted), "{sets:?}: {message}");
+        assert!(!out.exists(), "{sets:?} created the run directory");
+    }
+}
+
+#[test]
+fn a_second_run_on_a_locked_directory_is_refused_naming_the_holder() {
+    let _guard = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path(), 12);
+    let out = tmp.path().join("run");
+    std::fs::create_dir_all(&out).unwrap();
+    let held = hone_train::lock::RunLock::acquire(&out).unwrap();
+    let err = run(
+        &config(&data, &out, "max_steps = 1", &[]),
+        RunOptions::default(),
+    )
+    .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        matches!(err, TrainError::RunLocked { .. })
+            && message.contains(&format!("pid {}", std::process::id())),
+        "{message}"
+    );
+    drop(held);
+    run(
+        &config(&data, &out, "max_steps = 1", &[]),
+        RunOptions::default(),
+    )
+    .unwrap();
+}

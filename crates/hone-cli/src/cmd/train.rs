@@ -77,6 +77,7 @@ impl Observer for Progress {
                 train_rows,
                 val_rows,
                 trainable_params,
+                memory,
             } => {
                 self.first_step = *start_step;
                 self.total_steps = *total_steps;
@@ -90,6 +91,17 @@ impl Observer for Progress {
                 self.line(format!(
                     "training {} ({total_steps} steps, {train_rows} training rows, {val_rows} validation rows, {trainable_params} trainable parameters)",
                     run_dir.display()
+                ));
+                let mb = |bytes: u64| bytes.div_ceil(1 << 20);
+                self.line(format!(
+                    "memory: estimated {} MB (weights {} MB + activations {} MB){}",
+                    mb(memory.total()),
+                    mb(memory.weights),
+                    mb(memory.activations),
+                    match memory.available {
+                        Some(a) => format!(", {} MB available", a >> 20),
+                        None => String::new(),
+                    }
                 ));
                 if let Some(bar) = &self.bar {
                     bar.set_length(*total_steps as u64);
