@@ -125,15 +125,93 @@ fn serve_answers_with_adapters_and_a_key_and_stops_on_sigterm() {
     }
 }
 
+/// Starts `hone serve` on stories260k, port 0, with `args` and `env`: the guard and the address.
+fn spawn_serve(args: &[&str], env: &[(&str, &str)]) -> (Guard, String) {
+    let child = hone()
+        .arg("serve")
+        .arg("--model")
+        .arg(stories())
+        .args(["--port", "0"])
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut guard = Guard(child);
+    let mut line = String::new();
+    BufReader::new(guard.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    (guard, addr)
+}
+
+/// Sends SIGTERM and waits (at most `bound`) for a successful exit: how long it took.
+fn terminate(guard: &mut Guard, bound: Duration) -> Duration {
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(guard.0.id() as i32, libc::SIGTERM) };
+    let started = Instant::now();
+    loop {
+        if let Some(status) = guard.0.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status}");
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < bound,
+            "still running {bound:?} after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn sigterm_exits_within_the_shutdown_timeout_while_a_client_stalls() {
+    // Issue 10: a POST declaring 50 body bytes and sending 9 kept the server alive for good.
+    let (mut guard, addr) = spawn_serve(
+        &[
+            "--shutdown-timeout",
+            "1",
+            "--body-timeout",
+            "120",
+            "--header-timeout",
+            "120",
+        ],
+        &[("HONE_API_KEY", "  k \n")],
+    );
+    // HONE_API_KEY with surrounding whitespace matches the client's (trimmed) key.
+    let (status, text) = http(&addr, "GET", "/v1/models", None, Some("k"));
+    assert_eq!(status, 200, "{text}");
+    let mut stalled = TcpStream::connect(&addr).unwrap();
+    stalled
+        .write_all(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n\
+              Content-Length: 50\r\n\r\n{\"prompt\"",
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let took = terminate(&mut guard, Duration::from_secs(15));
+    assert!(took < Duration::from_secs(6), "exited after {took:?}");
+}
+
 #[test]
 fn serve_refuses_bad_settings_before_loading() {
-    for (args, needle) in [
-        (vec!["--adapter", "no-equals-sign"], "NAME=DIR"),
+    for (args, env, needle) in [
+        (vec!["--adapter", "no-equals-sign"], None, "NAME=DIR"),
         (
             vec!["--adapter", "a=/nonexistent/adapter"],
+            None,
             "not a directory",
         ),
-        (vec!["--max-batch", "0"], "max_batch"),
+        (vec!["--max-batch", "0"], None, "max_batch"),
+        (vec!["--adapter", "a\u{200B}=/tmp"], None, "adapter name"),
+        (vec!["--allow-runtime-lora"], None, "--adapters-dir"),
+        (vec![], Some(("HONE_API_KEY", "  ")), "api_key"),
     ] {
         let out = hone()
             .arg("serve")
@@ -141,11 +219,12 @@ fn serve_refuses_bad_settings_before_loading() {
             .arg(stories())
             .args(&args)
             .args(["--port", "0"])
+            .envs(env)
             .output()
             .unwrap();
-        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(!out.status.success(), "{args:?} {env:?} was accepted");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?} {env:?}: {stderr}");
     }
     let out = hone()
         .args(["serve", "--model", "/nonexistent/model", "--port", "0"])

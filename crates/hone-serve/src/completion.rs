@@ -23,7 +23,8 @@ use crate::engine::{Event, GenRequest, Usage};
 use crate::error::ApiError;
 use crate::http::{from_object, parse_object, read_body, resolve_model, AppState, Shared};
 use crate::openai::{
-    ChatRequest, CommonParams, CompletionRequest, Kind, Meta, PromptInput, Resolved,
+    flatten_message_content, ChatRequest, CommonParams, CompletionRequest, Kind, Meta, PromptInput,
+    Resolved,
 };
 
 /// `max_tokens` when a completion request gives none (OpenAI's default).
@@ -111,13 +112,9 @@ async fn chat_inner(
     let received = Instant::now();
     let object = parse_object(&read_body(state, headers, body).await?)?;
     let common: CommonParams = from_object(&object)?;
-    let req: ChatRequest = from_object(&object)?;
-    if req.top_logprobs.as_ref().is_some_and(|v| !v.is_null()) {
-        return Err(ApiError::bad_param(
-            "top_logprobs",
-            "logprobs are not supported",
-        ));
-    }
+    let mut req: ChatRequest = from_object(&object)?;
+    req.check_unsupported()?;
+    flatten_message_content(&mut req.messages)?;
     let limits = state.engine.limits();
     let max_tokens = req.max_completion_tokens.or(common.max_tokens);
     let resolved = common.resolve(max_tokens, limits.max_stop_strings)?;

@@ -1,9 +1,11 @@
 //! The server's settings, validated before any work: where the model comes from, which adapters
-//! to preload and where to find more, the listening address, the API key, and the limits that
-//! bound memory and waiting (batch size, queue, prompt length, body size, adapter count).
+//! to preload and where to find more, whether adapters may be loaded at run time, the listening
+//! address, the API key, the limits that bound memory and waiting (batch size, queue, prompt
+//! length, body size, adapter count) and the timeouts that bound slow clients and shutdown.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use burn::tensor::DType;
 use hone_model::{DeviceSpec, ModelConfig};
@@ -56,6 +58,29 @@ impl Default for Limits {
     }
 }
 
+/// Bounds on how long a client may take and how long shutdown may wait.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Timeouts {
+    /// From the connection (or the end of the previous request) to a complete request head;
+    /// beyond it the connection is closed (slowloris, idle keep-alive connections).
+    pub header_read: Duration,
+    /// From the request head to the whole body; beyond it, 408.
+    pub body_read: Duration,
+    /// After the shutdown signal, how long running requests may go on before the server stops
+    /// anyway.
+    pub shutdown: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            header_read: Duration::from_secs(10),
+            body_read: Duration::from_secs(30),
+            shutdown: Duration::from_secs(30),
+        }
+    }
+}
+
 /// Everything `hone serve` needs.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -66,16 +91,21 @@ pub struct ServeConfig {
     pub adapters: Vec<(String, PathBuf)>,
     /// A directory whose sub-directories are adapters, loaded by name on first use.
     pub adapters_dir: Option<PathBuf>,
+    /// Whether `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` are enabled (vLLM's
+    /// `VLLM_ALLOW_RUNTIME_LORA_UPDATING`). Their `lora_path` must lie inside `adapters_dir`,
+    /// which is then required.
+    pub allow_runtime_lora: bool,
     pub host: IpAddr,
     /// 0 lets the OS choose.
     pub port: u16,
-    /// Bearer key required on `/v1/*` when set.
+    /// Bearer key required on `/v1/*` when set (surrounding whitespace is ignored).
     pub api_key: Option<String>,
     pub device: DeviceSpec,
     pub dtype: DType,
     /// Chat template (`None`: the model's own, if it has one).
     pub chat_template: Option<TemplateSource>,
     pub limits: Limits,
+    pub timeouts: Timeouts,
 }
 
 impl ServeConfig {
@@ -86,6 +116,7 @@ impl ServeConfig {
             served_model_name: None,
             adapters: Vec::new(),
             adapters_dir: None,
+            allow_runtime_lora: false,
             host: IpAddr::from([127, 0, 0, 1]),
             port: 8080,
             api_key: None,
@@ -93,7 +124,13 @@ impl ServeConfig {
             dtype: DType::F32,
             chat_template: None,
             limits: Limits::default(),
+            timeouts: Timeouts::default(),
         }
+    }
+
+    /// The API key as compared with the client's (trimmed, as the client's is).
+    pub fn api_key(&self) -> Option<&str> {
+        self.api_key.as_deref().map(str::trim)
     }
 
     /// The base model's public name.
@@ -137,8 +174,16 @@ impl ServeConfig {
                 );
             }
         }
-        if self.api_key.as_deref() == Some("") {
-            return bad("api_key", "is empty".into());
+        if self.api_key().is_some_and(str::is_empty) {
+            return bad("api_key", "is empty (or only whitespace)".into());
+        }
+        for (key, value) in [
+            ("header_timeout", self.timeouts.header_read),
+            ("body_timeout", self.timeouts.body_read),
+        ] {
+            if value.is_zero() {
+                return bad(key, "must be more than 0 seconds".into());
+            }
         }
         let base = self.base_name();
         validate_name(&base).map_err(|m| ServeError::Config {
@@ -147,7 +192,7 @@ impl ServeConfig {
         })?;
         let mut seen = std::collections::HashSet::new();
         for (name, path) in &self.adapters {
-            validate_name(name).map_err(|m| ServeError::Config {
+            validate_adapter_name(name).map_err(|m| ServeError::Config {
                 key: "adapter",
                 message: m,
             })?;
@@ -184,14 +229,42 @@ impl ServeConfig {
                     format!("{} is not a directory", dir.display()),
                 );
             }
+        } else if self.allow_runtime_lora {
+            return bad(
+                "allow_runtime_lora",
+                "runtime adapter loading needs --adapters-dir: load requests may only name \
+                 adapters inside it"
+                    .into(),
+            );
         }
         Ok(())
     }
 }
 
-/// A model or adapter name: 1 to 128 characters, none of them whitespace or control
-/// characters, and not a path (`/`, `\`, `.` or `..`), since names also select folders of the
-/// adapters directory.
+/// Longest adapter name.
+pub const MAX_ADAPTER_NAME: usize = 64;
+
+/// An adapter name: 1 to 64 ASCII letters, digits, `.`, `_` or `-`, not starting with `.`.
+/// Names are model ids in requests and URLs and select folders of the adapters directory, so
+/// invisible or look-alike characters (zero-width spaces, Cyrillic letters) and paths are
+/// refused.
+pub fn validate_adapter_name(name: &str) -> std::result::Result<(), String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if name.is_empty()
+        || name.len() > MAX_ADAPTER_NAME
+        || name.starts_with('.')
+        || !name.chars().all(allowed)
+    {
+        return Err(format!(
+            "adapter name {name:?} must be 1 to {MAX_ADAPTER_NAME} ASCII letters, digits, `.`, \
+             `_` or `-`, not starting with `.`"
+        ));
+    }
+    Ok(())
+}
+
+/// The base model's name: 1 to 128 characters, none of them whitespace or control
+/// characters, and not a path (`/`, `\`, `.` or `..`).
 pub fn validate_name(name: &str) -> std::result::Result<(), String> {
     if name.is_empty() || name.chars().count() > 128 {
         return Err(format!("name `{name}` must have 1 to 128 characters"));
@@ -217,7 +290,66 @@ mod tests {
     fn names_that_could_escape_the_adapters_dir_are_refused() {
         for bad in ["", "..", ".", "a/b", "a\\b", "a b", "x\n"] {
             assert!(validate_name(bad).is_err(), "{bad:?}");
+            assert!(validate_adapter_name(bad).is_err(), "{bad:?}");
         }
         assert!(validate_name("math-v2.1_final").is_ok());
+        assert!(validate_adapter_name("math-v2.1_final").is_ok());
+    }
+
+    #[test]
+    fn adapter_names_with_invisible_or_look_alike_characters_are_refused() {
+        for bad in [
+            "math\u{200B}", // zero-width space
+            "ma\u{200D}th", // zero-width joiner
+            "\u{FEFF}math", // byte-order mark
+            "m\u{0430}th",  // Cyrillic a
+            "math\u{7}",    // bell
+            "math\u{00A0}", // no-break space
+            ".hidden",
+            "a:b",
+        ] {
+            assert!(validate_adapter_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_adapter_name(&"a".repeat(MAX_ADAPTER_NAME)).is_ok());
+        assert!(validate_adapter_name(&"a".repeat(MAX_ADAPTER_NAME + 1)).is_err());
+        assert!(validate_adapter_name("v1.0").is_ok());
+    }
+
+    fn tiny_config() -> ServeConfig {
+        let dir = std::env::temp_dir();
+        ServeConfig::new(ModelSource::Dir(dir))
+    }
+
+    #[test]
+    fn an_api_key_of_only_whitespace_is_refused_and_others_are_trimmed() {
+        let mut config = tiny_config();
+        config.api_key = Some(" \t\n".into());
+        let err = config.validate().unwrap_err();
+        assert!(
+            matches!(err, ServeError::Config { key: "api_key", .. }),
+            "{err}"
+        );
+        config.api_key = Some("  sekret\n".into());
+        assert_eq!(config.api_key(), Some("sekret"));
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn runtime_adapter_loading_without_an_adapters_dir_is_refused() {
+        let mut config = tiny_config();
+        config.allow_runtime_lora = true;
+        let err = config.validate().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ServeError::Config {
+                    key: "allow_runtime_lora",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        config.adapters_dir = Some(std::env::temp_dir());
+        config.validate().unwrap();
     }
 }

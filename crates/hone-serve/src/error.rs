@@ -135,6 +135,49 @@ impl ApiError {
         )
     }
 
+    /// 403 from the adapter endpoints when runtime loading is off.
+    pub fn runtime_lora_disabled() -> Self {
+        Self {
+            code: Some("runtime_lora_disabled"),
+            ..Self::new(
+                StatusCode::FORBIDDEN,
+                "invalid_request_error",
+                "Loading and unloading adapters at run time is disabled: start the server with \
+                 --allow-runtime-lora and --adapters-dir DIR to load adapters from DIR.",
+            )
+        }
+    }
+
+    /// 404 for a `lora_path` that is not an adapter inside the adapters directory; the same
+    /// answer whatever the reason, so that it reveals nothing about other paths.
+    pub fn adapter_not_in_dir() -> Self {
+        Self {
+            param: Some("lora_path".into()),
+            code: Some("adapter_not_found"),
+            ..Self::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "adapter not found in the adapters directory (lora_path must name an adapter \
+                 folder inside --adapters-dir, relative to it or absolute)",
+            )
+        }
+    }
+
+    /// 408 for a body that did not arrive in time.
+    pub fn body_timeout(limit: std::time::Duration) -> Self {
+        Self {
+            code: Some("request_timeout"),
+            ..Self::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                format!(
+                    "The request body did not arrive within {} s.",
+                    limit.as_secs_f64()
+                ),
+            )
+        }
+    }
+
     /// 401 for a missing or wrong bearer key.
     pub fn unauthorized() -> Self {
         Self {
@@ -204,6 +247,14 @@ impl std::fmt::Display for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(self.body())).into_response()
+        let mut response = (self.status, axum::Json(self.body())).into_response();
+        if self.status == StatusCode::REQUEST_TIMEOUT {
+            // The rest of the body may still come: the connection cannot carry another request.
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
+        response
     }
 }

@@ -5,10 +5,15 @@
 //!
 //! `/v1/*` needs the API key when one is configured; `/health` and `/metrics` do not (as in
 //! vLLM), so that probes and scrapers need no secret.
+//!
+//! The adapter endpoints are off unless the server was started with runtime loading allowed
+//! (403 otherwise, as vLLM without `VLLM_ALLOW_RUNTIME_LORA_UPDATING`), and `lora_path` must name
+//! an adapter inside the adapters directory (see [`crate::adapters_dir`]).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
@@ -22,7 +27,8 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::config::validate_name;
+use crate::adapters_dir::AdaptersDir;
+use crate::config::validate_adapter_name;
 use crate::engine::Engine;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -30,8 +36,13 @@ use crate::metrics::Metrics;
 /// What every handler shares.
 pub(crate) struct AppState {
     pub engine: Engine,
+    /// Trimmed; never empty.
     pub api_key: Option<String>,
-    pub adapters_dir: Option<PathBuf>,
+    pub adapters_dir: Option<AdaptersDir>,
+    /// Whether the load / unload endpoints are enabled.
+    pub allow_runtime_lora: bool,
+    /// Longest wait for a request body.
+    pub body_timeout: Duration,
     /// The chat template, or why there is none.
     pub template: Result<Arc<ChatTemplate>, String>,
     pub metrics: Arc<Metrics>,
@@ -99,7 +110,8 @@ async fn method_not_allowed(uri: Uri) -> ApiError {
     }
 }
 
-/// Reads a body of at most the configured size: 413 beyond it.
+/// Reads a body of at most the configured size within the body timeout: 413 beyond the size,
+/// 408 beyond the time.
 pub(crate) async fn read_body(
     state: &AppState,
     headers: &HeaderMap,
@@ -113,7 +125,11 @@ pub(crate) async fn read_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::too_large(limit));
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+    let read = tokio::time::timeout(state.body_timeout, axum::body::to_bytes(body, limit));
+    let Ok(read) = read.await else {
+        return Err(ApiError::body_timeout(state.body_timeout));
+    };
+    read.map_err(|e| {
         let too_long = std::error::Error::source(&e)
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
             || e.to_string().contains("length limit");
@@ -156,15 +172,6 @@ pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErro
     from_object(&parse_object(bytes)?)
 }
 
-/// The adapter directory `name` of `--adapters-dir`, when it holds an adapter.
-fn adapter_in_dir(dir: &Path, name: &str) -> Option<PathBuf> {
-    validate_name(name).ok()?;
-    let path = dir.join(name);
-    path.join(hone_model::adapter::ADAPTER_CONFIG)
-        .is_file()
-        .then_some(path)
-}
-
 /// Resolves a request's `model` to (public name, adapter name).
 pub(crate) async fn resolve_model(
     state: &AppState,
@@ -179,11 +186,7 @@ pub(crate) async fn resolve_model(
     if state.engine.has_adapter(name) {
         return Ok((name.to_string(), Some(name.to_string())));
     }
-    if let Some(path) = state
-        .adapters_dir
-        .as_deref()
-        .and_then(|d| adapter_in_dir(d, name))
-    {
+    if let Some(path) = state.adapters_dir.as_ref().and_then(|d| d.by_name(name)) {
         state
             .engine
             .load_adapter(name.to_string(), path)
@@ -202,19 +205,27 @@ async fn scan_adapters_dir(state: &AppState) {
     let Some(dir) = &state.adapters_dir else {
         return;
     };
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        tracing::warn!("cannot read adapters directory {}", dir.display());
+    let Ok(entries) = std::fs::read_dir(dir.root()) else {
+        tracing::warn!("cannot read adapters directory {}", dir.root().display());
         return;
     };
     let loaded = state.engine.adapters();
     for entry in entries.flatten() {
-        let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+        let file_name = entry.file_name();
+        let Some(name) = file_name.to_str().map(str::to_string) else {
+            tracing::warn!("adapters directory: skipping {file_name:?}: not a valid adapter name");
             continue;
         };
         if loaded.contains_key(&name) || name == state.engine.info().name {
             continue;
         }
-        if let Some(path) = adapter_in_dir(dir, &name) {
+        if let Err(why) = validate_adapter_name(&name) {
+            if !name.starts_with('.') {
+                tracing::warn!("adapters directory: skipping {name:?}: {why}");
+            }
+            continue;
+        }
+        if let Some(path) = dir.by_name(&name) {
             if let Err(e) = state.engine.load_adapter(name.clone(), path).await {
                 tracing::warn!("adapters directory: `{name}` not loaded: {}", e.message);
             }
@@ -259,18 +270,25 @@ fn finish(state: &AppState, endpoint: &str, result: Result<Response, ApiError>) 
     response
 }
 
+/// The adapters directory when runtime loading is enabled, else 403.
+fn runtime_loading(state: &AppState) -> Result<&AdaptersDir, ApiError> {
+    match (&state.adapters_dir, state.allow_runtime_lora) {
+        (Some(dir), true) => Ok(dir),
+        _ => Err(ApiError::runtime_lora_disabled()),
+    }
+}
+
 async fn load_adapter(State(state): State<Shared>, headers: HeaderMap, body: Body) -> Response {
     let result = async {
+        let dir = runtime_loading(&state)?;
         let req: LoadAdapterBody = parse_json(&read_body(&state, &headers, body).await?)?;
-        if !req.lora_path.is_dir() {
-            return Err(ApiError::bad_param(
-                "lora_path",
-                format!("{} is not a directory", req.lora_path.display()),
-            ));
-        }
+        validate_adapter_name(&req.lora_name).map_err(|m| ApiError::bad_param("lora_name", m))?;
+        let path = dir
+            .resolve(&req.lora_path)
+            .ok_or_else(ApiError::adapter_not_in_dir)?;
         state
             .engine
-            .load_adapter(req.lora_name.clone(), req.lora_path.clone())
+            .load_adapter(req.lora_name.clone(), path)
             .await?;
         Ok(Json(json!({
             "object": "lora_adapter", "lora_name": req.lora_name,
@@ -284,6 +302,7 @@ async fn load_adapter(State(state): State<Shared>, headers: HeaderMap, body: Bod
 
 async fn unload_adapter(State(state): State<Shared>, headers: HeaderMap, body: Body) -> Response {
     let result = async {
+        runtime_loading(&state)?;
         let req: UnloadAdapterBody = parse_json(&read_body(&state, &headers, body).await?)?;
         state.engine.unload_adapter(req.lora_name.clone()).await?;
         Ok(Json(json!({

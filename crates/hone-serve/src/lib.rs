@@ -9,13 +9,14 @@
 //! * [`Engine`]: the handle to the model worker thread (the `worker` module holds the scheduler), which
 //!   owns the model, each request's KV cache and the adapter bank, and decodes all running
 //!   requests together, each row with its own adapter.
-//! * [`ServeConfig`]: validated settings and [`Limits`].
+//! * [`ServeConfig`]: validated settings, [`Limits`] and [`Timeouts`].
 //! * [`client`], [`load`]: a loopback-only HTTP client and the load tool of `hone bench serve`;
 //!   [`random_adapter`]: random PEFT adapters for benchmarks and tests.
 //!
 //! Errors are [`ServeError`] (starting, loading) and [`ApiError`] (what a request gets back, in
 //! OpenAI's error JSON).
 
+mod adapters_dir;
 mod bank;
 pub mod client;
 mod completion;
@@ -31,7 +32,7 @@ mod server;
 pub mod text;
 mod worker;
 
-pub use config::{Limits, ModelSource, ServeConfig};
+pub use config::{Limits, ModelSource, ServeConfig, Timeouts};
 pub use engine::{Engine, Event, GenRequest, ModelInfo, Usage};
 pub use error::{ApiError, Result, ServeError};
 pub use metrics::Metrics;

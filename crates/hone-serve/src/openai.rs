@@ -3,7 +3,12 @@
 //! `repetition_penalty` and `ignore_eos`. Requests are parsed leniently (unknown fields are
 //! ignored, as OpenAI's clients send many) but every value hone uses is validated, and features
 //! hone does not implement (several choices, log-probabilities, penalties on presence or
-//! frequency, logit bias, echo) are refused with a 400 naming the field rather than ignored.
+//! frequency, logit bias, echo, tool and function calling, non-text content parts) are refused
+//! with a 400 naming the field rather than ignored.
+//!
+//! Message `content` may be a string, `null` (empty) or a list of content parts, whose text
+//! parts are joined with `"\n"` as vLLM does for text-only models
+//! ([`flatten_message_content`]); templates then always see a string.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -80,6 +85,10 @@ pub struct ChatRequest {
     /// The newer name of `max_tokens`.
     pub max_completion_tokens: Option<i64>,
     pub top_logprobs: Option<Value>,
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub functions: Option<Value>,
+    pub function_call: Option<Value>,
 }
 
 /// Validated generation settings of a request.
@@ -250,6 +259,91 @@ impl CompletionRequest {
     }
 }
 
+impl ChatRequest {
+    /// Refuses the chat-only features hone lacks: log-probabilities, tool and function calling.
+    pub fn check_unsupported(&self) -> Result<(), ApiError> {
+        if self.top_logprobs.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(ApiError::bad_param(
+                "top_logprobs",
+                "logprobs are not supported",
+            ));
+        }
+        let listed = |v: &Option<Value>| match v {
+            None | Some(Value::Null) => false,
+            Some(Value::Array(a)) => !a.is_empty(),
+            Some(_) => true,
+        };
+        let chosen = |v: &Option<Value>| {
+            !matches!(v, None | Some(Value::Null))
+                && v.as_ref().and_then(Value::as_str) != Some("none")
+        };
+        for (param, set) in [
+            ("tools", listed(&self.tools)),
+            ("tool_choice", chosen(&self.tool_choice)),
+            ("functions", listed(&self.functions)),
+            ("function_call", chosen(&self.function_call)),
+        ] {
+            if set {
+                return Err(ApiError::bad_param(
+                    param,
+                    format!(
+                        "`{param}`: tool and function calling are not supported by this server"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Gives every message a string `content` for the template: `null` becomes empty, a list of
+/// content parts the text of its `text` parts joined with `"\n"` (vLLM's rule for text-only
+/// models). Other parts (`image_url`, `input_audio`, ...) are refused naming the part.
+pub fn flatten_message_content(messages: &mut [Message]) -> Result<(), ApiError> {
+    for (i, message) in messages.iter_mut().enumerate() {
+        let bad = |j: usize, why: String| {
+            ApiError::bad_param("messages", format!("messages[{i}].content[{j}]: {why}"))
+        };
+        match message.extra.shift_remove("content") {
+            None => {}
+            Some(Value::Null) => message.content.clear(),
+            Some(Value::Array(parts)) => {
+                let mut texts = Vec::with_capacity(parts.len());
+                for (j, part) in parts.iter().enumerate() {
+                    match part.get("type").and_then(Value::as_str) {
+                        Some("text") => match part.get("text").and_then(Value::as_str) {
+                            Some(text) => texts.push(text),
+                            None => {
+                                return Err(bad(j, "a `text` part needs a string `text`".into()))
+                            }
+                        },
+                        Some(other) => {
+                            return Err(bad(
+                                j,
+                                format!(
+                                    "content parts of type `{other}` are not supported: this \
+                                     server reads text only"
+                                ),
+                            ))
+                        }
+                        None => return Err(bad(j, "a content part needs a string `type`".into())),
+                    }
+                }
+                message.content = texts.join("\n");
+            }
+            Some(other) => {
+                return Err(ApiError::bad_param(
+                    "messages",
+                    format!(
+                        "messages[{i}].content must be a string, null or a list of parts, found {other}"
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Which endpoint a response belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -368,6 +462,79 @@ mod tests {
         );
         let p: CommonParams = serde_json::from_value(json!({"logprobs": false, "n": 1})).unwrap();
         assert!(p.resolve(None, 4).is_ok());
+    }
+
+    fn messages(v: Value) -> Vec<Message> {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn content_parts_and_null_content_become_text_as_vllm_joins_them() {
+        let mut m = messages(json!([
+            {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            {"role": "assistant", "content": null},
+            {"role": "user", "content": "plain"},
+        ]));
+        flatten_message_content(&mut m).unwrap();
+        let texts: Vec<&str> = m.iter().map(|m| m.content.as_str()).collect();
+        assert_eq!(texts, ["Be brief.", "a\nb", "", "plain"]);
+        for m in &m {
+            assert_eq!(m.template_content(), Value::String(m.content.clone()));
+        }
+    }
+
+    #[test]
+    fn image_parts_and_malformed_parts_are_refused_naming_the_part() {
+        for (parts, needle) in [
+            (
+                json!([{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": "u"}}]),
+                "content[1]: content parts of type `image_url`",
+            ),
+            (json!([{"type": "text"}]), "content[0]: a `text` part"),
+            (json!([{"text": "x"}]), "content[0]: a content part needs"),
+        ] {
+            let mut m = messages(json!([{"role": "user", "content": parts}]));
+            let err = flatten_message_content(&mut m).unwrap_err();
+            assert_eq!(err.param.as_deref(), Some("messages"));
+            assert!(err.message.contains(needle), "{}", err.message);
+        }
+    }
+
+    #[test]
+    fn tools_and_functions_are_refused_but_empty_or_none_values_pass() {
+        let chat = |extra: Value| {
+            let mut body = json!({"messages": []});
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            serde_json::from_value::<ChatRequest>(body)
+                .unwrap()
+                .check_unsupported()
+        };
+        for (extra, param) in [
+            (
+                json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
+                "tools",
+            ),
+            (json!({"tool_choice": "auto"}), "tool_choice"),
+            (
+                json!({"tool_choice": {"type": "function", "function": {"name": "f"}}}),
+                "tool_choice",
+            ),
+            (json!({"functions": [{"name": "f"}]}), "functions"),
+            (json!({"function_call": "auto"}), "function_call"),
+            (json!({"top_logprobs": 2}), "top_logprobs"),
+        ] {
+            let err = chat(extra.clone()).unwrap_err();
+            assert_eq!(err.param.as_deref(), Some(param), "{extra}");
+        }
+        for extra in [
+            json!({"tools": null, "tool_choice": "none"}),
+            json!({"tools": [], "functions": [], "function_call": "none"}),
+        ] {
+            chat(extra.clone()).unwrap_or_else(|e| panic!("{extra}: {e}"));
+        }
     }
 
     #[test]

@@ -324,7 +324,8 @@ impl<B: Backend> Worker<B> {
     }
 
     fn load_adapter(&mut self, name: &str, path: &Path) -> std::result::Result<(), ApiError> {
-        crate::config::validate_name(name).map_err(|m| ApiError::bad_param("lora_name", m))?;
+        crate::config::validate_adapter_name(name)
+            .map_err(|m| ApiError::bad_param("lora_name", m))?;
         if name == self.shared.info.name {
             return Err(ApiError::bad_param(
                 "lora_name",

@@ -11,7 +11,7 @@ use clap::Args;
 use hone_model::{DeviceSpec, ModelConfig, Tokenizer};
 use hone_serve::load::{bench_blocking, LoadConfig, Target};
 use hone_serve::random_adapter::{write_random_adapter, RandomAdapter};
-use hone_serve::{Limits, ModelSource, ServeConfig};
+use hone_serve::{Limits, ModelSource, ServeConfig, Timeouts};
 use hone_tokenize::TemplateSource;
 use serde_json::json;
 
@@ -30,9 +30,14 @@ pub struct ServeArgs {
     #[arg(long = "adapter", value_name = "NAME=DIR")]
     pub adapters: Vec<String>,
     /// Directory whose sub-directories are adapters: a request for `model: NAME` loads
-    /// DIR/NAME on first use, and /v1/models loads new folders (no restart needed).
+    /// DIR/NAME on first use, and /v1/models loads new folders (no restart needed). Names are
+    /// 1-64 ASCII letters, digits, `.`, `_`, `-`; other folders are skipped with a warning.
     #[arg(long, value_name = "DIR")]
     pub adapters_dir: Option<PathBuf>,
+    /// Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (off: they answer 403).
+    /// Needs --adapters-dir: `lora_path` must name an adapter inside it.
+    #[arg(long, requires = "adapters_dir")]
+    pub allow_runtime_lora: bool,
     /// Address to listen on (127.0.0.1: this machine only).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: IpAddr,
@@ -66,6 +71,17 @@ pub struct ServeArgs {
     /// Adapters loaded at once.
     #[arg(long, default_value_t = 32)]
     pub max_adapters: usize,
+    /// Seconds a client may take to send a request's headers (also the idle time of a
+    /// keep-alive connection); then the connection is closed.
+    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    pub header_timeout: u64,
+    /// Seconds a client may take to send a request's body; then 408.
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    pub body_timeout: u64,
+    /// On Ctrl-C / SIGTERM, seconds running requests may take to finish before the server
+    /// exits anyway.
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    pub shutdown_timeout: u64,
 }
 
 /// `NAME=DIR` pairs.
@@ -86,6 +102,7 @@ fn serve_config(args: ServeArgs) -> Result<ServeConfig> {
     config.served_model_name = args.served_model_name;
     config.adapters = parse_adapters(&args.adapters)?;
     config.adapters_dir = args.adapters_dir;
+    config.allow_runtime_lora = args.allow_runtime_lora;
     config.host = args.host;
     config.port = args.port;
     config.api_key = args
@@ -102,11 +119,21 @@ fn serve_config(args: ServeArgs) -> Result<ServeConfig> {
         max_adapters: args.max_adapters,
         ..Limits::default()
     };
+    config.timeouts = Timeouts {
+        header_read: Duration::from_secs(args.header_timeout),
+        body_read: Duration::from_secs(args.body_timeout),
+        shutdown: Duration::from_secs(args.shutdown_timeout),
+    };
     config.validate()?;
     if !config.host.is_loopback() && config.api_key.is_none() {
         tracing::warn!(
-            "listening on {} without --api-key: anyone who can reach it can use and load adapters",
-            config.host
+            "listening on {} without --api-key: anyone who can reach it can use it{}",
+            config.host,
+            if config.allow_runtime_lora {
+                " and load adapters from --adapters-dir"
+            } else {
+                ""
+            }
         );
     }
     Ok(config)

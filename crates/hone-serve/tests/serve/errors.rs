@@ -34,6 +34,26 @@ async fn the_api_key_is_required_on_v1_but_not_on_health_and_metrics() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_api_key_with_surrounding_whitespace_still_matches() {
+    // As from `HONE_API_KEY=" sekret\n"`: the client's key is trimmed, so is the server's.
+    let mut config = stories_config();
+    config.api_key = Some("  sekret \n".into());
+    let server = start(config).await;
+    let client = server.client.clone().with_api_key(Some("sekret".into()));
+    assert_eq!(client.get("/v1/models").await.unwrap().status, 200);
+    let wrong = server.client.clone().with_api_key(Some("sekre".into()));
+    assert_eq!(wrong.get("/v1/models").await.unwrap().status, 401);
+    // A key of only whitespace is refused at start rather than locking every client out.
+    let mut config = stories_config();
+    config.api_key = Some(" \t ".into());
+    let err = hone_serve::Server::bind(config)
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("api_key"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_oversized_and_invalid_requests_get_openai_errors() {
     let mut config = stories_config();
     config.limits.max_body_bytes = 2048;

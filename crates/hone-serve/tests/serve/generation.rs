@@ -210,3 +210,69 @@ async fn token_id_prompts_and_ignore_eos_give_exactly_max_tokens() {
     assert_eq!(v["usage"]["completion_tokens"], 50);
     assert_eq!(v["choices"][0]["finish_reason"], "length");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_part_lists_and_null_content_are_served_as_text() {
+    let mut config = stories_config();
+    config.chat_template = Some("chatml".parse().unwrap());
+    let server = start(config).await;
+    let reply = |messages: Value| {
+        let server = &server;
+        async move {
+            let body = json!({"messages": messages, "max_tokens": 12, "temperature": 0});
+            let r = server.post("/v1/chat/completions", body).await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            r.json().unwrap()["choices"][0]["message"]["content"].clone()
+        }
+    };
+    // Text parts are joined with "\n" (vLLM), `null` is empty: the same prompt as the strings.
+    let parts = json!([
+        {"role": "system", "content": [{"type": "text", "text": "Be kind."}]},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": null},
+        {"role": "user", "content": [{"type": "text", "text": "Tell me"},
+                                     {"type": "text", "text": "a story."}]},
+    ]);
+    let strings = json!([
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": "Tell me\na story."},
+    ]);
+    assert_eq!(reply(parts).await, reply(strings).await);
+    // Images, tools and functions are refused by name, not ignored.
+    for (extra, param) in [
+        (
+            json!({"messages": [{"role": "user", "content": [
+                {"type": "text", "text": "What is this?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}),
+            "messages",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "Hi"}],
+                   "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}),
+            "tools",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "Hi"}], "tool_choice": "required"}),
+            "tool_choice",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "Hi"}],
+                   "functions": [{"name": "f"}]}),
+            "functions",
+        ),
+    ] {
+        let r = server.post("/v1/chat/completions", extra.clone()).await;
+        assert_eq!(r.status, 400, "{extra}: {}", r.text());
+        assert_eq!(error_of(&r).0.as_deref(), Some(param), "{extra}");
+    }
+    let r = server
+        .post(
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": [{"type": "image_url",
+                   "image_url": {"url": "u"}}]}]}),
+        )
+        .await;
+    assert!(r.text().contains("image_url"), "{}", r.text());
+}

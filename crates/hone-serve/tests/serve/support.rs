@@ -56,6 +56,7 @@ pub struct TestServer {
     pub client: Client,
     pub metrics: Arc<Metrics>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    running: Option<tokio::task::JoinHandle<hone_serve::Result<()>>>,
 }
 
 impl Drop for TestServer {
@@ -77,17 +78,35 @@ pub async fn start(config: ServeConfig) -> TestServer {
         .with_api_key(key);
     let metrics = server.metrics();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(server.run(async {
+    let running = tokio::spawn(server.run(async {
         let _ = stopped.await;
     }));
     TestServer {
         client,
         metrics,
         stop: Some(stop),
+        running: Some(running),
     }
 }
 
 impl TestServer {
+    /// Sends the shutdown signal and waits (at most `bound`) for the server to stop: how long
+    /// it took, or `None` if it was still running at `bound`.
+    pub async fn shutdown_within(mut self, bound: Duration) -> Option<Duration> {
+        let started = std::time::Instant::now();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let running = self.running.take().expect("running");
+        match tokio::time::timeout(bound, running).await {
+            Ok(result) => {
+                result.expect("server task").expect("server ends cleanly");
+                Some(started.elapsed())
+            }
+            Err(_) => None,
+        }
+    }
+
     pub async fn post(&self, path: &str, body: Value) -> HttpResponse {
         tokio::time::timeout(TIMEOUT, self.client.post_json(path, &body))
             .await
