@@ -1,0 +1,47 @@
+//! hone-rag: retrieval for retrieval-augmented generation.
+//!
+//! ```text
+//! JSONL records / Markdown / text files, dirs, globs     document
+//!   -> chunks by tokens along paragraphs, with overlap    chunk
+//!      (ids `{doc_id}#{position}`, byte + char offsets)
+//!   -> BM25 index (tantivy) in DIR/lexical                lexical
+//!   -> DIR/manifest.json (version, generation, counts)    manifest
+//! search: Retriever::search -> ranked Hits               retriever, index
+//! change: IndexUpdate::add / remove, in place, atomic    index
+//! fusion of ranked lists (reciprocal rank fusion)        hybrid
+//! ```
+//!
+//! ```no_run
+//! use hone_rag::{build_index, BuildOptions, ChunkConfig, RagIndex, Retriever};
+//! build_index(&BuildOptions {
+//!     inputs: vec!["docs/".into()],
+//!     out: "idx".into(),
+//!     chunking: ChunkConfig::default(),
+//!     tokenizer: None,
+//!     on_error: hone_data::OnError::Fail,
+//!     force: false,
+//! })?;
+//! let index = RagIndex::open(std::path::Path::new("idx"))?;
+//! for hit in index.search("what is a turing machine", 5)? {
+//!     println!("{} {:.3} {}", hit.chunk.id, hit.score, hit.chunk.text);
+//! }
+//! # Ok::<(), hone_rag::RagError>(())
+//! ```
+
+mod atomic;
+pub mod chunk;
+pub mod document;
+pub mod error;
+pub mod hybrid;
+pub mod index;
+pub mod lexical;
+pub mod manifest;
+pub mod retriever;
+
+pub use chunk::{chunk_id, Chunk, ChunkConfig, Chunker, Span, Tokenization};
+pub use document::{read_corpus, Corpus, Document};
+pub use error::{RagError, Result};
+pub use hybrid::{fuse_hits, reciprocal_rank_fusion, FusionConfig, RRF_K};
+pub use index::{build_index, BuildOptions, BuildReport, RagIndex, TOKENIZER_FILE};
+pub use manifest::{Manifest, FORMAT_VERSION, MANIFEST_FILE};
+pub use retriever::{AddReport, Hit, IndexUpdate, RemoveReport, Retriever};

@@ -1,0 +1,123 @@
+//! `manifest.json` of an index directory: format version, generation, embedder, chunking
+//! settings, the lexical engine and counts. Written atomically after every change.
+//!
+//! ```text
+//! DIR/manifest.json     this file
+//! DIR/lexical/          the tantivy index (BM25), chunks stored with their offsets
+//! DIR/tokenizer.json    the chunking tokenizer, when chunking counted its tokens
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::atomic;
+use crate::chunk::{ChunkConfig, Tokenization};
+use crate::error::{RagError, Result};
+
+/// The manifest file name in an index directory.
+pub const MANIFEST_FILE: &str = "manifest.json";
+/// The lexical index's subdirectory.
+pub const LEXICAL_DIR: &str = "lexical";
+/// The version of the directory layout this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+const FORMAT_NAME: &str = "hone-rag-index";
+
+/// How the chunks were made.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkingManifest {
+    #[serde(flatten)]
+    pub config: ChunkConfig,
+    pub tokenization: Tokenization,
+}
+
+/// The lexical (BM25) index.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LexicalManifest {
+    /// `tantivy`.
+    pub engine: String,
+    pub engine_version: String,
+    /// The text analysis applied to chunks and queries.
+    pub analyzer: String,
+    /// Subdirectory of the index directory.
+    pub dir: String,
+}
+
+/// The contents of `manifest.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always `hone-rag-index`.
+    pub format: String,
+    pub version: u32,
+    /// Incremented by every change (index, add, remove).
+    pub generation: u64,
+    /// The sentence embedder of the dense index; `None`: lexical retrieval only.
+    pub embedder: Option<String>,
+    pub chunking: ChunkingManifest,
+    pub lexical: LexicalManifest,
+    pub documents: u64,
+    pub chunks: u64,
+}
+
+impl Manifest {
+    pub(crate) fn new(chunking: ChunkingManifest, lexical: LexicalManifest) -> Self {
+        Manifest {
+            format: FORMAT_NAME.into(),
+            version: FORMAT_VERSION,
+            generation: 0,
+            embedder: None,
+            chunking,
+            lexical,
+            documents: 0,
+            chunks: 0,
+        }
+    }
+
+    /// Reads and checks `DIR/manifest.json`.
+    pub fn read(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(RagError::MissingIndex { path: dir.into() });
+        }
+        let path = dir.join(MANIFEST_FILE);
+        if !path.is_file() {
+            return Err(RagError::NotAnIndex { path: dir.into() });
+        }
+        let bytes = std::fs::read(&path).map_err(|e| RagError::io(&path, e))?;
+        let corrupt = |message: String| RagError::CorruptManifest {
+            path: path.clone(),
+            message,
+        };
+        let value: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        if value.get("format").and_then(|f| f.as_str()) != Some(FORMAT_NAME) {
+            return Err(corrupt(format!("expected \"format\": \"{FORMAT_NAME}\"")));
+        }
+        let found = value
+            .get("version")
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| corrupt("missing \"version\"".into()))?;
+        if found != u64::from(FORMAT_VERSION) {
+            return Err(RagError::VersionMismatch {
+                path,
+                expected: FORMAT_VERSION,
+                found: u32::try_from(found).unwrap_or(u32::MAX),
+            });
+        }
+        serde_json::from_value(value).map_err(|e| corrupt(e.to_string()))
+    }
+
+    /// Writes `DIR/manifest.json` atomically.
+    pub(crate) fn write(&self, dir: &Path) -> Result<()> {
+        let mut json = serde_json::to_vec_pretty(self).expect("a manifest serialises");
+        json.push(b'\n');
+        atomic::write_file(&dir.join(MANIFEST_FILE), &json)
+    }
+
+    /// The tokenizer file chunking uses, if any.
+    pub fn tokenizer_path(&self, dir: &Path) -> Option<PathBuf> {
+        match &self.chunking.tokenization {
+            Tokenization::Words => None,
+            Tokenization::HuggingFace { file } => Some(dir.join(file)),
+        }
+    }
+}
