@@ -10,6 +10,11 @@ quantized by gguf-py from seeded normal values; Q4_K, Q5_K, Q6_K, which gguf-py 
 seeded random blocks with finite f16 scales), plus metadata of every value type.
 types.expected.safetensors: `gguf.quants.dequantize` of each tensor as f32, same names and
 row-major shapes.
+llama_gqa.gguf, qwen2_tied.gguf: fixtures/peft/{llama_gqa,qwen2_tied} (checkpoints written by
+transformers 5.23) converted to F32 GGUF as llama.cpp's convert_hf_to_gguf.py does it: its tensor
+names, llama's q/k rows permuted for interleaved RoPE, the byte-level BPE vocabulary in
+tokenizer.ggml.* with the pre-tokenizer name llama.cpp gives that tokenizer (llama-bpe, qwen2).
+The tests compare hone's logits on them with transformers' (fixtures/peft/*/refs).
 """
 import os
 import sys
@@ -18,7 +23,9 @@ import numpy as np
 import gguf
 from gguf import GGMLQuantizationType as T
 from gguf.constants import GGML_QUANT_SIZES
-from safetensors.numpy import save_file
+import json
+
+from safetensors.numpy import load_file, save_file
 
 out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures", "gguf")
 os.makedirs(out_dir, exist_ok=True)
@@ -87,3 +94,103 @@ w.close()
 save_file(expected, os.path.join(out_dir, "types.expected.safetensors"))
 from importlib.metadata import version
 print("wrote", out_dir, "with gguf", version("gguf"), "numpy", np.__version__, file=sys.stderr)
+
+
+def permute(w, n_head):
+    """llama.cpp's LlamaModel.permute: per head, rows (2, D/2) -> (D/2, 2)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def convert(name, pre):
+    src = os.path.join(out_dir, "..", "peft", name)
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    tok = json.load(open(os.path.join(src, "tokenizer.json")))
+    tok_cfg = json.load(open(os.path.join(src, "tokenizer_config.json")))
+    arch = cfg["model_type"]
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    w = gguf.GGUFWriter(os.path.join(out_dir, f"{name}.gguf"), arch=arch)
+    w.add_name(name)
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_key_length(cfg.get("head_dim", cfg["hidden_size"] // heads))
+    w.add_value_length(cfg.get("head_dim", cfg["hidden_size"] // heads))
+    w.add_rope_dimension_count(cfg.get("head_dim", cfg["hidden_size"] // heads))
+    w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    # Tokenizer: the vocabulary in id order, added tokens as control tokens.
+    vocab = dict(tok["model"]["vocab"])
+    special = {}
+    for a in tok["added_tokens"]:
+        vocab[a["content"]] = a["id"]
+        special[a["id"]] = a["special"]
+    n = cfg["vocab_size"]
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    types = [gguf.TokenType.UNUSED] * n
+    for text, i in vocab.items():
+        tokens[i] = text
+        types[i] = gguf.TokenType.CONTROL if special.get(i) else gguf.TokenType.NORMAL
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    ids = {t: i for t, i in vocab.items()}
+    if tok_cfg.get("bos_token"):
+        w.add_bos_token_id(ids[tok_cfg["bos_token"]])
+    w.add_eos_token_id(ids[tok_cfg["eos_token"]])
+    if tok_cfg.get("pad_token"):
+        w.add_pad_token_id(ids[tok_cfg["pad_token"]])
+    # transformers' fast tokenizer adds BOS when its post-processor has a template (llama_gqa).
+    w.add_add_bos_token(tok["post_processor"] is not None and "TemplateProcessing" in json.dumps(tok["post_processor"]))
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    out = {}
+    for hf, t in tensors.items():
+        if hf == "model.embed_tokens.weight":
+            g = "token_embd.weight"
+        elif hf == "model.norm.weight":
+            g = "output_norm.weight"
+        elif hf == "lm_head.weight":
+            g = "output.weight"
+        else:
+            parts = hf.split(".")
+            assert parts[0] == "model" and parts[1] == "layers", hf
+            g = f"blk.{parts[2]}." + LAYER_NAMES[".".join(parts[3:])]
+        t = t.astype(np.float32)
+        if arch == "llama" and g.endswith(("attn_q.weight", "attn_q.bias")):
+            t = permute(t, heads)
+        if arch == "llama" and g.endswith(("attn_k.weight", "attn_k.bias")):
+            t = permute(t, kv)
+        out[g] = t
+    for g in sorted(out, key=lambda g: (g.startswith("blk."), g)):
+        w.add_tensor(g, np.ascontiguousarray(out[g]))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+convert("llama_gqa", "llama-bpe")
+convert("qwen2_tied", "qwen2")

@@ -86,6 +86,10 @@ pub enum ModelError {
 
     #[error("{0}")]
     Input(String),
+
+    /// A GGUF file could not be read (the message names the file and key or tensor).
+    #[error(transparent)]
+    Gguf(#[from] crate::gguf::GgufError),
 }
 
 /// Result alias of this crate.

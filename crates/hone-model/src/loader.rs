@@ -54,6 +54,9 @@ pub fn load_model_dir<B: Backend>(
     device: &B::Device,
     options: LoadOptions,
 ) -> Result<LoadedModel<B>> {
+    if is_gguf(dir) {
+        return load_gguf(dir, device, options);
+    }
     let dir = &resolve_model_dir(dir)?;
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
     let tokenizer = Tokenizer::from_dir(dir)?;
@@ -63,6 +66,49 @@ pub fn load_model_dir<B: Backend>(
         tracing::warn!(
             "{}: tensor `{name}` is not used by the model",
             dir.display()
+        );
+    }
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        report,
+    })
+}
+
+/// Whether `path` names a GGUF file (by its extension, or its magic bytes).
+pub fn is_gguf(path: &Path) -> bool {
+    if !path.is_file() {
+        return false;
+    }
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
+        return true;
+    }
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .is_ok()
+        && &magic == b"GGUF"
+}
+
+/// Loads a GGUF file onto `device`: configuration and tokenizer from its metadata, the weights
+/// decoded to f32 (then cast to `options.dtype`).
+pub fn load_gguf<B: Backend>(
+    path: &Path,
+    device: &B::Device,
+    options: LoadOptions,
+) -> Result<LoadedModel<B>> {
+    let file = crate::gguf::GgufFile::open(path)?;
+    let config = crate::gguf::model_config(&file)?;
+    let tokenizer = crate::gguf::tokenizer::tokenizer(&file)?;
+    let weights = crate::gguf::GgufWeights::new(&file, &config)?;
+    let (model, report) = CausalLm::from_store(&config, &weights, device, options)?;
+    for name in &report.unused {
+        tracing::warn!(
+            "{}: tensor `{name}` is not used by the model",
+            path.display()
         );
     }
     Ok(LoadedModel {

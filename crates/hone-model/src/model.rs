@@ -424,9 +424,28 @@ pub struct LoadReport {
     pub unused: Vec<String>,
 }
 
+/// Tensors under Hugging Face's names, as f32: a safetensors checkpoint ([`WeightStore`]) or a
+/// GGUF file ([`crate::gguf::GgufWeights`]).
+pub trait WeightSource {
+    /// Tensor `name` as f32 in row-major order, checking that its shape is `expected`.
+    fn load_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>>;
+    /// Every tensor the source holds (to report those a model does not use).
+    fn names(&self) -> Vec<String>;
+}
+
+impl WeightSource for WeightStore {
+    fn load_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        WeightStore::load_f32(self, name, expected)
+    }
+
+    fn names(&self) -> Vec<String> {
+        WeightStore::names(self)
+    }
+}
+
 /// Where the weights of a model come from.
 enum Source<'a> {
-    Checkpoint(&'a WeightStore, std::cell::RefCell<Vec<String>>),
+    Checkpoint(&'a dyn WeightSource, std::cell::RefCell<Vec<String>>),
     Random,
 }
 
@@ -602,7 +621,7 @@ impl<B: Backend> CausalLm<B> {
     /// are errors naming the tensor and file; tensors the model does not use are reported.
     pub fn from_store(
         config: &ModelConfig,
-        store: &WeightStore,
+        store: &dyn WeightSource,
         device: &B::Device,
         options: LoadOptions,
     ) -> Result<(Self, LoadReport)> {

@@ -107,6 +107,24 @@ impl Tokenizer {
         })
     }
 
+    /// A tokenizer built elsewhere (from a GGUF file's metadata, [`crate::gguf::tokenizer`]);
+    /// `path` names its source in messages.
+    pub fn from_parts(
+        inner: tokenizers::Tokenizer,
+        bos_id: Option<u32>,
+        eos_ids: Vec<u32>,
+        add_bos: bool,
+        path: PathBuf,
+    ) -> Self {
+        Self {
+            inner,
+            bos_id,
+            eos_ids,
+            add_bos,
+            path,
+        }
+    }
+
     /// The wrapped `tokenizers` tokenizer.
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner

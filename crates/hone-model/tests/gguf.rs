@@ -4,7 +4,10 @@
 
 use std::path::{Path, PathBuf};
 
+use burn::prelude::*;
+use burn::tensor::TensorData;
 use hone_model::gguf::{GgmlType, GgufError, GgufFile, Value};
+use hone_model::{load_model_dir, Cpu, LoadOptions, WeightStore};
 use safetensors::SafeTensors;
 
 fn fixture(name: &str) -> PathBuf {
@@ -313,11 +316,8 @@ fn smollm2_q4_1_file_opens_and_decodes_when_fetched() {
     assert_eq!(file.get_u64("llama.block_count").unwrap(), 30);
     assert_eq!(file.get_u64("llama.embedding_length").unwrap(), 576);
     assert_eq!(file.get_str("tokenizer.ggml.pre").unwrap(), "smollm");
-    let types: std::collections::BTreeSet<_> = file
-        .tensors()
-        .iter()
-        .map(|t| t.ggml_type.name())
-        .collect();
+    let types: std::collections::BTreeSet<_> =
+        file.tensors().iter().map(|t| t.ggml_type.name()).collect();
     assert_eq!(types, ["F32", "Q4_1", "Q8_0"].into_iter().collect());
     assert_eq!(
         file.tensor_info("token_embd.weight").unwrap().ggml_type,
@@ -328,4 +328,115 @@ fn smollm2_q4_1_file_opens_and_decodes_when_fetched() {
         assert_eq!(v.len(), shape.iter().product::<usize>());
         assert!(v.iter().all(|x| x.is_finite()), "{}", t.name);
     }
+}
+
+fn peft_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/peft")
+        .join(name)
+}
+
+/// The PEFT fixtures converted to F32 GGUF as llama.cpp converts them (tensor names, llama's
+/// permuted q/k rows, the vocabulary in `tokenizer.ggml.*`), loaded through the same entry point
+/// as a model directory: transformers' logits on the fixture's inputs, and transformers' ids on
+/// its tokenization samples.
+#[test]
+fn gguf_conversions_of_the_peft_fixtures_match_transformers() {
+    for name in ["llama_gqa", "qwen2_tied"] {
+        let device = Default::default();
+        let path = fixture(&format!("{name}.gguf"));
+        let loaded = load_model_dir::<Cpu>(&path, &device, LoadOptions::default()).unwrap();
+        assert!(
+            loaded.report.unused.is_empty(),
+            "{name}: unused {:?}",
+            loaded.report.unused
+        );
+        let dir = peft_fixture(name);
+        let store = WeightStore::open_files(&[dir.join("refs/inputs.safetensors")]).unwrap();
+        let (ids, shape) = store.load_i64("input_ids").unwrap();
+        let ids =
+            Tensor::<Cpu, 2, Int>::from_data(TensorData::new(ids, [shape[0], shape[1]]), &device);
+        let logits: Vec<f32> = loaded
+            .model
+            .forward(ids, None)
+            .into_data()
+            .to_vec()
+            .unwrap();
+        let refs = WeightStore::open_files(&[dir.join("refs/logits_base.safetensors")]).unwrap();
+        let expected = refs
+            .load_f32("logits", &refs.shape("logits").unwrap())
+            .unwrap();
+        assert_eq!(logits.len(), expected.len(), "{name}");
+        let diff = logits
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            diff < 1e-4,
+            "{name}: GGUF logits differ from transformers' by {diff}"
+        );
+
+        let text = std::fs::read_to_string(dir.join("refs/tokenization.json")).unwrap();
+        let cases: serde_json::Value = serde_json::from_str(&text).unwrap();
+        for case in cases.as_array().unwrap() {
+            let input = case["text"].as_str().unwrap();
+            let expected: Vec<u32> = case["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            assert_eq!(
+                loaded.tokenizer.encode(input).unwrap(),
+                expected,
+                "{name}: ids of {input:?}"
+            );
+        }
+    }
+}
+
+/// The un-permutation is what makes llama's attention right: the same file read with q/k rows as
+/// stored gives other logits (so the test above can fail).
+#[test]
+fn llama_q_and_k_rows_are_permuted_in_gguf() {
+    let file = GgufFile::open(&fixture("llama_gqa.gguf")).unwrap();
+    let (stored, shape) = file.tensor_f32("blk.0.attn_q.weight").unwrap();
+    let hf =
+        WeightStore::open_files(&[peft_fixture("llama_gqa").join("model.safetensors")]).unwrap();
+    let original = hf
+        .load_f32("model.layers.0.self_attn.q_proj.weight", &shape)
+        .unwrap();
+    assert_ne!(stored, original, "llama.cpp's conversion permutes q rows");
+    let config = hone_model::gguf::model_config(&file).unwrap();
+    let weights = hone_model::gguf::GgufWeights::new(&file, &config).unwrap();
+    let restored = hone_model::model::WeightSource::load_f32(
+        &weights,
+        "model.layers.0.self_attn.q_proj.weight",
+        &shape,
+    )
+    .unwrap();
+    assert_eq!(restored, original);
+}
+
+#[test]
+fn gguf_metadata_gives_the_models_configuration() {
+    let file = GgufFile::open(&fixture("llama_gqa.gguf")).unwrap();
+    let from_gguf = hone_model::gguf::model_config(&file).unwrap();
+    let from_json =
+        hone_model::ModelConfig::from_file(&peft_fixture("llama_gqa").join("config.json")).unwrap();
+    assert_eq!(from_gguf.hidden_size, from_json.hidden_size);
+    assert_eq!(from_gguf.num_kv_heads, from_json.num_kv_heads);
+    assert_eq!(from_gguf.head_dim, from_json.head_dim);
+    // GGUF stores the epsilon as f32 (llama.cpp and transformers' GGUF loader use that value).
+    assert_eq!(from_gguf.rms_norm_eps as f32, from_json.rms_norm_eps as f32);
+    assert_eq!(from_gguf.rope_theta, from_json.rope_theta);
+    assert_eq!(from_gguf.tie_word_embeddings, from_json.tie_word_embeddings);
+    assert_eq!(
+        from_gguf.max_position_embeddings,
+        from_json.max_position_embeddings
+    );
+    let file = GgufFile::open(&fixture("qwen2_tied.gguf")).unwrap();
+    let qwen = hone_model::gguf::model_config(&file).unwrap();
+    assert!(qwen.tie_word_embeddings && qwen.qkv_bias);
 }

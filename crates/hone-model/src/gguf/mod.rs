@@ -11,7 +11,9 @@
 //! Dimensions are kept as GGUF writes them, innermost first: a PyTorch `[out, in]` weight is
 //! `[in, out]` here; [`TensorInfo::shape`] gives the row-major (PyTorch) order.
 
+pub mod model;
 pub mod quant;
+pub mod tokenizer;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -20,17 +22,19 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
+pub use model::{model_config, GgufWeights};
 pub use quant::GgmlType;
 
 /// A problem with a GGUF file; every variant names the file and, where one is involved, the
 /// metadata key or tensor.
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
-    #[error("cannot read {path}: {source}")]
+    /// The I/O error is part of the message, not a `source`, so that error chains (the binary
+    /// prints them) do not print it twice.
+    #[error("cannot read {path}: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path} is not a GGUF file (expected the magic bytes \"GGUF\", found {found:?})")]
     NotGguf { path: PathBuf, found: Vec<u8> },
@@ -353,9 +357,9 @@ impl GgufFile {
     /// Opens and memory-maps `path`, reads the header, metadata and tensor directory, and checks
     /// that every tensor's data lies inside the file at an aligned offset.
     pub fn open(path: &Path) -> Result<Self> {
-        let io = |source| GgufError::Io {
+        let io = |cause| GgufError::Io {
             path: path.to_path_buf(),
-            source,
+            cause,
         };
         let file = File::open(path).map_err(io)?;
         // SAFETY: the map is read-only; hone never writes to a file it has opened for reading,

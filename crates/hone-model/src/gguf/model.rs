@@ -1,0 +1,376 @@
+//! GGUF files as hone models: the hyperparameters from the `{arch}.*` metadata, the tensors
+//! under Hugging Face's names, and llama's q/k rows put back in Hugging Face's order.
+//!
+//! llama.cpp's `convert_hf_to_gguf.py` permutes the rows of llama's `q_proj` and `k_proj`
+//! (weights and biases) for its interleaved RoPE; transformers' GGUF loader undoes it
+//! (`reverse_permute_weights`), and so does [`GgufWeights`]: within each head of `D` rows, GGUF
+//! row `2i + j` is Hugging Face row `j·D/2 + i`. qwen2 files are not permuted (llama.cpp applies
+//! RoPE to them in Hugging Face's half-split layout).
+
+use std::collections::{HashMap, HashSet};
+
+use serde_json::{json, Map, Value as Json};
+
+use super::{GgufFile, Value};
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::model::WeightSource;
+
+/// `(GGUF architecture, Hugging Face architectures name, model_type)`.
+const ARCHITECTURES: &[(&str, &str, &str)] = &[
+    ("llama", "LlamaForCausalLM", "llama"),
+    ("qwen2", "Qwen2ForCausalLM", "qwen2"),
+];
+
+/// `(GGUF key after "{arch}.", config.json key)`: the one table mapping hyperparameters.
+const HYPERPARAMETERS: &[(&str, &str)] = &[
+    ("embedding_length", "hidden_size"),
+    ("feed_forward_length", "intermediate_size"),
+    ("block_count", "num_hidden_layers"),
+    ("attention.head_count", "num_attention_heads"),
+    ("attention.head_count_kv", "num_key_value_heads"),
+    ("attention.key_length", "head_dim"),
+    ("context_length", "max_position_embeddings"),
+    ("attention.layer_norm_rms_epsilon", "rms_norm_eps"),
+    ("rope.freq_base", "rope_theta"),
+    ("vocab_size", "vocab_size"),
+];
+
+/// `(GGUF name, Hugging Face name)` of the tensors outside the decoder layers.
+const GLOBAL_TENSORS: &[(&str, &str)] = &[
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+/// `(GGUF name after "blk.N.", Hugging Face name after "model.layers.N.")`.
+const LAYER_TENSORS: &[(&str, &str)] = &[
+    ("attn_norm.weight", "input_layernorm.weight"),
+    ("attn_q.weight", "self_attn.q_proj.weight"),
+    ("attn_q.bias", "self_attn.q_proj.bias"),
+    ("attn_k.weight", "self_attn.k_proj.weight"),
+    ("attn_k.bias", "self_attn.k_proj.bias"),
+    ("attn_v.weight", "self_attn.v_proj.weight"),
+    ("attn_v.bias", "self_attn.v_proj.bias"),
+    ("attn_output.weight", "self_attn.o_proj.weight"),
+    ("attn_output.bias", "self_attn.o_proj.bias"),
+    ("ffn_norm.weight", "post_attention_layernorm.weight"),
+    ("ffn_gate.weight", "mlp.gate_proj.weight"),
+    ("ffn_gate.bias", "mlp.gate_proj.bias"),
+    ("ffn_up.weight", "mlp.up_proj.weight"),
+    ("ffn_up.bias", "mlp.up_proj.bias"),
+    ("ffn_down.weight", "mlp.down_proj.weight"),
+    ("ffn_down.bias", "mlp.down_proj.bias"),
+];
+
+fn metadata_error(file: &GgufFile, key: &str, message: impl Into<String>) -> ModelError {
+    super::GgufError::Metadata {
+        path: file.path().to_path_buf(),
+        key: key.to_string(),
+        message: message.into(),
+    }
+    .into()
+}
+
+/// The GGUF architecture (`general.architecture`), refused unless hone implements it.
+pub fn architecture(
+    file: &GgufFile,
+) -> Result<&'static (&'static str, &'static str, &'static str)> {
+    let arch = file.get_str("general.architecture")?;
+    ARCHITECTURES
+        .iter()
+        .find(|(a, _, _)| *a == arch)
+        .ok_or_else(|| ModelError::Unsupported {
+            path: file.path().to_path_buf(),
+            what: "GGUF architecture (general.architecture)",
+            found: arch.to_string(),
+            supported: ARCHITECTURES
+                .iter()
+                .map(|(a, _, _)| *a)
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
+/// The model's configuration from the file's metadata, resolved and validated by the same code
+/// as a `config.json` (errors name the GGUF key).
+pub fn model_config(file: &GgufFile) -> Result<ModelConfig> {
+    let &(arch, hf_arch, model_type) = architecture(file)?;
+    let mut config = Map::new();
+    config.insert("architectures".into(), json!([hf_arch]));
+    config.insert("model_type".into(), json!(model_type));
+    for (suffix, hf_key) in HYPERPARAMETERS {
+        let key = format!("{arch}.{suffix}");
+        let Some(value) = file.get(&key) else {
+            continue;
+        };
+        let number = match value {
+            Value::F32(_) | Value::F64(_) => value.as_f64().map(|v| json!(v)),
+            Value::Array(_) => {
+                return Err(metadata_error(
+                    file,
+                    &key,
+                    "per-layer values (an array) are not supported; expected one number",
+                ))
+            }
+            _ => value.as_u64().map(|v| json!(v)),
+        };
+        let number = number.ok_or_else(|| {
+            metadata_error(
+                file,
+                &key,
+                format!("expected a number, found {} {value}", value.type_name()),
+            )
+        })?;
+        config.insert((*hf_key).into(), number);
+    }
+    for required in [
+        "embedding_length",
+        "feed_forward_length",
+        "block_count",
+        "attention.head_count",
+    ] {
+        file.get_u64(&format!("{arch}.{required}"))?;
+    }
+    if !config.contains_key("vocab_size") {
+        let rows = match (
+            file.tensor_info("token_embd.weight"),
+            file.get("tokenizer.ggml.tokens"),
+        ) {
+            (Some(t), _) => t.shape()[0],
+            (None, Some(Value::Array(tokens))) => tokens.len(),
+            _ => {
+                return Err(metadata_error(
+                    file,
+                    &format!("{arch}.vocab_size"),
+                    "is missing, and so are token_embd.weight and tokenizer.ggml.tokens",
+                ))
+            }
+        };
+        config.insert("vocab_size".into(), json!(rows));
+    }
+    if let Some(heads) = file
+        .get(&format!("{arch}.attention.head_count"))
+        .and_then(Value::as_u64)
+    {
+        let hidden = file.get_u64(&format!("{arch}.embedding_length"))?;
+        let head_dim = config
+            .get("head_dim")
+            .and_then(Json::as_u64)
+            .unwrap_or(if heads > 0 { hidden / heads } else { 0 });
+        if let Some(rot) = file
+            .get(&format!("{arch}.rope.dimension_count"))
+            .and_then(Value::as_u64)
+        {
+            if head_dim > 0 && rot != head_dim {
+                config.insert(
+                    "partial_rotary_factor".into(),
+                    json!(rot as f64 / head_dim as f64),
+                );
+            }
+        }
+    }
+    let scaling_key = format!("{arch}.rope.scaling.type");
+    match file.get(&scaling_key).map(|v| v.as_str()) {
+        None | Some(Some("none")) => {}
+        Some(Some(kind)) => {
+            let factor_key = format!("{arch}.rope.scaling.factor");
+            let factor = file.get_f64(&factor_key)?;
+            config.insert(
+                "rope_scaling".into(),
+                json!({"rope_type": kind, "type": kind, "factor": factor}),
+            );
+        }
+        Some(None) => {
+            return Err(metadata_error(file, &scaling_key, "expected a string"));
+        }
+    }
+    if file.tensor_info("rope_freqs.weight").is_some() {
+        return Err(ModelError::Unsupported {
+            path: file.path().to_path_buf(),
+            what: "RoPE frequency factors (tensor rope_freqs.weight, Llama 3.1+ GGUF files)",
+            found: "rope_freqs.weight".into(),
+            supported: "plain and linear RoPE from GGUF metadata; load the Hugging Face \
+                        directory of Llama 3.x models for now"
+                .into(),
+        });
+    }
+    config.insert(
+        "tie_word_embeddings".into(),
+        json!(file.tensor_info("output.weight").is_none()),
+    );
+    if arch == "llama" {
+        config.insert(
+            "attention_bias".into(),
+            json!(file.tensor_info("blk.0.attn_q.bias").is_some()),
+        );
+        config.insert(
+            "mlp_bias".into(),
+            json!(file.tensor_info("blk.0.ffn_up.bias").is_some()),
+        );
+    }
+    for (key, hf_key) in [
+        ("tokenizer.ggml.bos_token_id", "bos_token_id"),
+        ("tokenizer.ggml.eos_token_id", "eos_token_id"),
+        ("tokenizer.ggml.padding_token_id", "pad_token_id"),
+    ] {
+        if let Some(v) = file.get(key) {
+            let id = v.as_u64().ok_or_else(|| {
+                metadata_error(file, key, format!("expected a token id, found {v}"))
+            })?;
+            config.insert(hf_key.into(), json!(id));
+        }
+    }
+    ModelConfig::from_json_str(&Json::Object(config).to_string(), file.path())
+        .map_err(|e| to_gguf_key(e, arch))
+}
+
+/// Renames a `config.json` key in a configuration error to the GGUF key it came from.
+fn to_gguf_key(e: ModelError, arch: &str) -> ModelError {
+    match e {
+        ModelError::InvalidConfig { path, key, message } => {
+            let gguf_key = HYPERPARAMETERS
+                .iter()
+                .find(|(_, hf)| *hf == key)
+                .map(|(suffix, _)| format!("{arch}.{suffix}"))
+                .unwrap_or(key);
+            ModelError::InvalidConfig {
+                path,
+                key: gguf_key,
+                message,
+            }
+        }
+        other => other,
+    }
+}
+
+/// How a tensor's rows are reordered on the way in.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Rows {
+    AsStored,
+    /// llama's q/k: un-permute per head (`heads` heads of equal size).
+    Unpermute {
+        heads: usize,
+    },
+}
+
+/// A GGUF file's tensors under Hugging Face's names, converted to f32.
+pub struct GgufWeights<'a> {
+    file: &'a GgufFile,
+    /// Hugging Face name -> (GGUF name, row order).
+    map: HashMap<String, (String, Rows)>,
+}
+
+impl<'a> GgufWeights<'a> {
+    /// The tensors of `file`, whose configuration is `config`.
+    pub fn new(file: &'a GgufFile, config: &ModelConfig) -> Result<Self> {
+        let &(arch, _, _) = architecture(file)?;
+        let mut map = HashMap::new();
+        for (g, h) in GLOBAL_TENSORS {
+            map.insert(h.to_string(), (g.to_string(), Rows::AsStored));
+        }
+        for layer in 0..config.num_layers {
+            for (g, h) in LAYER_TENSORS {
+                let rows = match (arch, *g) {
+                    ("llama", "attn_q.weight" | "attn_q.bias") => Rows::Unpermute {
+                        heads: config.num_heads,
+                    },
+                    ("llama", "attn_k.weight" | "attn_k.bias") => Rows::Unpermute {
+                        heads: config.num_kv_heads,
+                    },
+                    _ => Rows::AsStored,
+                };
+                map.insert(
+                    format!("model.layers.{layer}.{h}"),
+                    (format!("blk.{layer}.{g}"), rows),
+                );
+            }
+        }
+        Ok(Self { file, map })
+    }
+
+    fn missing(&self, name: &str) -> ModelError {
+        ModelError::MissingTensor {
+            name: name.to_string(),
+            files: self.file.path().display().to_string(),
+        }
+    }
+}
+
+/// Puts llama's permuted q/k rows back in Hugging Face's order: per head of `d` rows, GGUF row
+/// `2i + j` is Hugging Face row `j·d/2 + i`.
+fn unpermute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+    let d = rows / heads;
+    let half = d / 2;
+    let mut out = vec![0f32; values.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let src = h * d + 2 * i + j;
+                let dst = h * d + j * half + i;
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&values[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+impl WeightSource for GgufWeights<'_> {
+    fn load_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        let (gguf_name, rows) = self.map.get(name).ok_or_else(|| self.missing(name))?;
+        let info = self
+            .file
+            .tensor_info(gguf_name)
+            .ok_or_else(|| self.missing(gguf_name))?;
+        let shape = info.shape();
+        if shape != expected {
+            return Err(ModelError::ShapeMismatch {
+                name: gguf_name.clone(),
+                path: self.file.path().to_path_buf(),
+                expected: expected.to_vec(),
+                found: shape,
+            });
+        }
+        let (values, _) = self.file.tensor_f32(gguf_name)?;
+        Ok(match *rows {
+            Rows::AsStored => values,
+            Rows::Unpermute { heads } => {
+                let n_rows = shape[0];
+                let cols = shape.get(1).copied().unwrap_or(1);
+                if heads == 0 || n_rows % heads != 0 || (n_rows / heads) % 2 != 0 {
+                    return Err(ModelError::ShapeMismatch {
+                        name: gguf_name.clone(),
+                        path: self.file.path().to_path_buf(),
+                        expected: expected.to_vec(),
+                        found: info.shape(),
+                    });
+                }
+                unpermute_rows(&values, n_rows, cols, heads)
+            }
+        })
+    }
+
+    fn names(&self) -> Vec<String> {
+        let by_gguf: HashMap<&str, &str> = self
+            .map
+            .iter()
+            .map(|(h, (g, _))| (g.as_str(), h.as_str()))
+            .collect();
+        let mut names: Vec<String> = self
+            .file
+            .tensors()
+            .iter()
+            .map(|t| {
+                by_gguf
+                    .get(t.name.as_str())
+                    .map(|h| h.to_string())
+                    .unwrap_or_else(|| t.name.clone())
+            })
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        names.sort();
+        names
+    }
+}
