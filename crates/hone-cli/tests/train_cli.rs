@@ -1,5 +1,7 @@
 //! `hone train` end to end: the run directory and summary, config errors that name file and
-//! key, and a run killed while it writes checkpoints resuming to the uninterrupted result.
+//! key, a run killed while it writes checkpoints resuming to the uninterrupted result, the
+//! shipped quickstart config killed with SIGKILL ten times ending with the uninterrupted
+//! adapter byte for byte, and the lock that refuses a second run on one directory.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -259,4 +261,225 @@ fn a_killed_run_resumes_to_the_uninterrupted_adapter() {
     let mut steps: Vec<&String> = names.iter().filter(|n| n.starts_with("step-")).collect();
     steps.sort();
     assert_eq!(steps, ["step-38", "step-39", "step-40"]);
+}
+
+/// `hone train --config configs/quickstart.toml` (the shipped config, relative paths resolved
+/// from the repository root) with `sets`, writing to `out`.
+fn quickstart(out: &Path, sets: &[&str]) -> Command {
+    let mut command = hone();
+    command
+        .current_dir(root())
+        .args(["train", "--config", "configs/quickstart.toml", "--set"])
+        .arg(format!("output.dir={:?}", out.display().to_string()));
+    for set in sets {
+        command.args(["--set", set]);
+    }
+    command
+}
+
+/// The newest `step-N` of a run directory (0 when none).
+fn newest_checkpoint(run: &Path) -> usize {
+    std::fs::read_dir(run)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .strip_prefix("step-")
+                        .and_then(|n| n.parse().ok())
+                })
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0)
+}
+
+/// Whether process `pid` is writing a checkpoint (its temporary directory `.step-N.tmp-PID`
+/// exists; those of earlier, killed processes do not count).
+fn saving(run: &Path, pid: u32) -> bool {
+    let suffix = format!(".tmp-{pid}");
+    std::fs::read_dir(run).is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with(".step-") && name.ends_with(&suffix)
+        })
+    })
+}
+
+/// A small seeded generator (xorshift64*), so that the kill times are reproducible.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n
+    }
+}
+
+fn signal(child: &std::process::Child, sig: i32) {
+    // SAFETY: kill(2) on the pid of a child this test spawned and has not reaped.
+    unsafe {
+        libc::kill(child.id() as i32, sig);
+    }
+}
+
+/// Regression (issue 10): `--resume` failed for every shipped config (all-linear compared
+/// literally), and resumption was checked with one kill at a chosen point. Here the shipped
+/// quickstart config is killed with SIGKILL ten times at seeded random moments (during startup
+/// and before the first checkpoint, mid-step after a checkpoint, and while a checkpoint is
+/// being written), resumed each time, and must end with the uninterrupted run's adapter, byte
+/// for byte, and each step logged once.
+#[test]
+fn the_quickstart_run_killed_ten_times_resumes_to_the_bitwise_uninterrupted_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sets = [
+        "train.max_steps=40",
+        "train.save_every=2",
+        "train.log_every=1",
+        "eval.prompts=[]",
+    ];
+    let started = Instant::now();
+    let whole = tmp.path().join("whole");
+    let out = quickstart(&whole, &sets).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let uninterrupted = started.elapsed();
+
+    let run = tmp.path().join("killed");
+    let mut rng = Rng(0x5EED_0010);
+    let (mut during_save, mut after_checkpoint, mut log) = (0, 0, Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(600);
+    for kill in 0..10 {
+        let before = newest_checkpoint(&run);
+        let mut child = quickstart(&run, &sets)
+            .arg("--resume")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let spawned = Instant::now();
+        let pid = child.id();
+        let finished = |child: &mut std::process::Child| child.try_wait().unwrap().is_some();
+        let mode = kill % 3;
+        match mode {
+            // Anywhere in the first second: loading, the first evaluation, early steps.
+            0 => {
+                let delay = Duration::from_millis(rng.below(1000));
+                while spawned.elapsed() < delay && !finished(&mut child) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            // Mid-step, up to 300 ms after a new checkpoint appeared.
+            1 => {
+                while newest_checkpoint(&run) <= before && !finished(&mut child) {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                std::thread::sleep(Duration::from_millis(rng.below(300)));
+            }
+            // While a checkpoint is written: poll for its temporary directory, stop the
+            // process, and check it is still there (else the save had just finished).
+            _ => {
+                while !saving(&run, pid)
+                    && newest_checkpoint(&run) <= before + 4
+                    && !finished(&mut child)
+                {
+                    std::hint::spin_loop();
+                }
+                signal(&child, libc::SIGSTOP);
+            }
+        }
+        let mid_save = saving(&run, pid);
+        assert!(Instant::now() < deadline, "the kills took too long");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "kill {kill}: the run ended before it was killed (log so far {log:?})"
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let at = newest_checkpoint(&run);
+        during_save += usize::from(mid_save && mode == 2);
+        after_checkpoint += usize::from(at > 0 && !mid_save);
+        log.push((mode, at, mid_save));
+        assert!(
+            !run.join("adapter").exists(),
+            "kill {kill} came after the end"
+        );
+    }
+    let resumed = quickstart(&run, &sets).arg("--resume").output().unwrap();
+    assert!(resumed.status.success(), "{}", text(&resumed));
+    eprintln!(
+        "kills (mode, newest checkpoint, mid-save): {log:?}; uninterrupted run {:.1} s, all {:.1} s",
+        uninterrupted.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        text(&resumed).contains("ended without releasing its lock"),
+        "the killed holder's lock is reported as stale: {}",
+        text(&resumed)
+    );
+    assert!(
+        after_checkpoint >= 3,
+        "kills after a checkpoint: {after_checkpoint} ({log:?})"
+    );
+    assert!(
+        during_save >= 1,
+        "no kill landed while a checkpoint was written ({log:?})"
+    );
+    let file = |dir: &Path| std::fs::read(dir.join("adapter/adapter_model.safetensors")).unwrap();
+    assert!(
+        file(&whole) == file(&run),
+        "the adapter after 10 kills and resumes differs from the uninterrupted run's ({log:?})"
+    );
+    // Each step's training metrics once, and the same evaluations as the uninterrupted run.
+    let steps = |dir: &Path, key: &str| -> Vec<u64> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v.get(key).is_some())
+            .map(|v| v["step"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(steps(&run, "train/loss"), (1..=40).collect::<Vec<_>>());
+    assert_eq!(steps(&run, "eval/loss"), steps(&whole, "eval/loss"));
+}
+
+/// Regression (issue 10): two `hone train` on one output directory both ran and left a mixed
+/// directory.
+#[test]
+fn a_second_train_on_a_running_directory_is_refused_naming_the_first_ones_pid() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let sets = ["train.max_steps=200", "eval.prompts=[]"];
+    let mut first = quickstart(&run, &sets)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_to_string(run.join(".lock"))
+        .unwrap_or_default()
+        .trim()
+        != first.id().to_string()
+    {
+        assert!(Instant::now() < deadline, "the first run took no lock");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for extra in [&[][..], &["--resume"][..], &["--overwrite"][..]] {
+        let second = quickstart(&run, &sets).args(extra).output().unwrap();
+        let message = text(&second);
+        assert!(!second.status.success(), "{extra:?}: {message}");
+        assert!(
+            message.contains(&format!("in use by another hone train (pid {}", first.id())),
+            "{extra:?}: {message}"
+        );
+    }
+    assert!(
+        first.try_wait().unwrap().is_none(),
+        "the first run is untouched"
+    );
+    first.kill().unwrap();
+    first.wait().unwrap();
 }
