@@ -46,6 +46,9 @@ pub enum Command {
     Eval(crate::cmd::eval::EvalArgs),
     /// Serve the model over an OpenAI-compatible HTTP API, with LoRA adapters per request.
     Serve(crate::cmd::serve::ServeArgs),
+    /// Retrieval: build, change and search a document index (`index`, `add`, `remove`, `query`).
+    #[command(subcommand)]
+    Rag(crate::cmd::rag::RagCommand),
 }
 
 #[derive(Args, Debug)]

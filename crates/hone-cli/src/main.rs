@@ -47,6 +47,7 @@ fn main() {
         Command::TrainOrchestrator(args) => cmd::train::orchestrator(args),
         Command::Eval(args) => cmd::eval::run(args),
         Command::Serve(args) => cmd::serve::run(args),
+        Command::Rag(command) => cmd::rag::run(command),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

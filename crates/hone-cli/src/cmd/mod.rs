@@ -8,6 +8,7 @@ pub mod eval;
 pub mod generate;
 pub mod logits;
 pub mod merge;
+pub mod rag;
 pub mod serve;
 pub mod template;
 pub mod train;
