@@ -324,9 +324,14 @@ pub struct DataPrepareArgs {
     /// Record format (`format`).
     #[arg(long, value_enum)]
     pub format: Option<FormatArg>,
-    /// Output directory for train.jsonl, val.jsonl and report.json (replaced as a whole).
+    /// Output directory for train.jsonl, val.jsonl and report.json (replaced as a whole). An
+    /// existing directory is only replaced when it is empty or a previous output of this
+    /// command, unless --force.
     #[arg(long, default_value = "prepared")]
     pub out: PathBuf,
+    /// Replace --out even when it holds other files (never when it holds an input file).
+    #[arg(long)]
+    pub force: bool,
     /// What to do with bad records (`on_error`; default fail).
     #[arg(long, value_enum)]
     pub on_error: Option<OnErrorArg>,

@@ -50,7 +50,66 @@ fn main() {
         Command::Rag(command) => cmd::rag::run(command),
     };
     if let Err(err) = result {
-        eprintln!("error: {err:#}");
+        eprintln!("error: {}", error_chain(&err));
         std::process::exit(1);
+    }
+}
+
+/// The error and its causes joined by ": ", leaving out a cause whose message the text before
+/// it already holds (an error that shows its source in its own message, e.g. thiserror's
+/// `#[error("...: {0}")]` on a `#[from]` field, would otherwise print it twice).
+fn error_chain(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let message = cause.to_string();
+        if message.is_empty() || text.contains(&message) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&message);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_chain;
+
+    /// Like thiserror's `#[error("data: {0}")]` on a `#[from]` field: shows its source.
+    #[derive(Debug)]
+    struct Shows(std::io::Error);
+
+    impl std::fmt::Display for Shows {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "data: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Shows {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn a_cause_already_in_the_message_is_printed_once() {
+        let inner = std::io::Error::new(std::io::ErrorKind::NotFound, "x.jsonl:1: malformed JSON");
+        let err = anyhow::Error::from(Shows(inner)).context("loading the run");
+        assert_eq!(
+            error_chain(&err),
+            "loading the run: data: x.jsonl:1: malformed JSON"
+        );
+    }
+
+    #[test]
+    fn causes_not_in_the_message_are_all_printed() {
+        let inner = std::io::Error::other("No space left on device");
+        let err = anyhow::Error::from(inner).context("writing out/train.jsonl");
+        assert_eq!(
+            error_chain(&err),
+            "writing out/train.jsonl: No space left on device"
+        );
     }
 }

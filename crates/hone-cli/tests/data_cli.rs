@@ -469,3 +469,92 @@ fn bench_data_prints_one_json_line_per_stage() {
     let plain = run("false");
     assert_eq!(plain[0]["removed_exact_duplicate"], 1900, "{}", plain[0]);
 }
+
+/// Regression: `--input DIR/raw.jsonl --out DIR` deleted DIR with its input, leaving only
+/// train/val/report.
+#[test]
+fn prepare_never_replaces_an_out_dir_holding_its_input_even_with_force() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("data")).unwrap();
+    std::fs::write(dir.path().join("data/raw.jsonl"), GOOD).unwrap();
+    for force in [false, true] {
+        let mut args = vec![
+            "data",
+            "prepare",
+            "--input",
+            "data/raw.jsonl",
+            "--out",
+            "data",
+        ];
+        if force {
+            args.push("--force");
+        }
+        let stderr = failed(&hone(dir.path(), &args));
+        assert!(
+            stderr.contains("raw.jsonl") && stderr.contains("choose another output directory"),
+            "{stderr}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("data/raw.jsonl")).unwrap(),
+            GOOD
+        );
+        assert!(!dir.path().join("data/train.jsonl").exists());
+    }
+}
+
+#[test]
+fn prepare_replaces_its_own_output_but_a_foreign_directory_only_with_force() {
+    let dir = workdir(GOOD);
+    let prepare = |extra: &[&str]| {
+        let mut args = vec![
+            "data",
+            "prepare",
+            "--input",
+            "in.jsonl",
+            "--out",
+            "out",
+            "--val-fraction",
+            "0",
+        ];
+        args.extend_from_slice(extra);
+        hone(dir.path(), &args)
+    };
+    ok(&prepare(&[]));
+    ok(&prepare(&[])); // a previous output is replaced without asking
+    std::fs::write(dir.path().join("out/notes.md"), "mine").unwrap();
+    let stderr = failed(&prepare(&[]));
+    assert!(
+        stderr.contains("notes.md") && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert!(dir.path().join("out/notes.md").is_file());
+    ok(&prepare(&["--force"]));
+    assert!(!dir.path().join("out/notes.md").exists());
+    assert_eq!(lines(&dir.path().join("out/train.jsonl")).len(), 3);
+}
+
+/// Regression: a 50 MB single-line record took minutes and gigabytes to curate.
+#[test]
+fn prepare_skips_a_record_over_max_record_bytes_naming_file_and_line() {
+    let long = "z".repeat(3000);
+    let input = format!("{GOOD}{{\"question\": \"{long}\", \"answer\": \"a\"}}\n");
+    let dir = workdir(&input);
+    std::fs::write(
+        dir.path().join("c.toml"),
+        "[data]\nmax_record_bytes = 2000\n",
+    )
+    .unwrap();
+    let args = [
+        "data", "prepare", "--config", "c.toml", "--input", "in.jsonl", "--out", "out",
+    ];
+    let stderr = failed(&hone(dir.path(), &args));
+    assert!(
+        stderr.contains("in.jsonl:5:") && stderr.contains("max_record_bytes = 2000"),
+        "{stderr}"
+    );
+    let mut skip = args.to_vec();
+    skip.extend(["--on-error", "skip"]);
+    ok(&hone(dir.path(), &skip));
+    let report = report(&dir.path().join("out"));
+    assert_eq!(report["errors"][0]["line"], 5);
+}

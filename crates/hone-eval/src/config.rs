@@ -360,6 +360,17 @@ fn require_dir(path: &Path, what: &'static str) -> Result<()> {
     }
 }
 
+fn require_exists(path: &Path, what: &'static str) -> Result<()> {
+    if path.exists() {
+        Ok(())
+    } else {
+        Err(EvalError::MissingPath {
+            path: path.to_path_buf(),
+            what,
+        })
+    }
+}
+
 fn require_file(path: &Path, what: &'static str) -> Result<()> {
     if path.is_file() {
         Ok(())
@@ -405,7 +416,9 @@ impl EvalConfig {
                 "required: a Hugging Face model directory",
             ));
         }
-        require_dir(&self.model, "the base model directory")?;
+        require_exists(&self.model, "the base model directory")?;
+        // A file of the model directory (`dir/model.safetensors`) stands for the directory.
+        let model = hone_model::loader::resolve_model_dir(&self.model)?;
         if self.batch_size == 0 {
             return Err(EvalError::config(
                 "batch_size",
@@ -458,7 +471,7 @@ impl EvalConfig {
             tasks.push(self.resolve_task(task)?);
         }
         Ok(EvalPlan {
-            model: self.model.clone(),
+            model,
             adapters: self.adapters.clone(),
             tasks,
             batch_size: self.batch_size,

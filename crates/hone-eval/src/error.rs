@@ -6,11 +6,12 @@ use std::path::PathBuf;
 /// Errors raised while reading evaluation data, running a model or writing a report.
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
-    #[error("cannot read {path}: {source}")]
+    /// The I/O error is part of the message, not a `source`, so that error chains (the binary
+    /// prints them) do not print it twice.
+    #[error("cannot read {path}: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
     #[error("{path} does not exist ({what})")]
@@ -41,8 +42,10 @@ pub enum EvalError {
     #[error("prompt template {template:?}: {message}")]
     Template { template: String, message: String },
 
+    /// The template error is part of the message (a `From` impl, not `#[from]`, which would
+    /// also make it a `source` printed twice in error chains).
     #[error("chat template: {0}")]
-    ChatTemplate(#[from] hone_tokenize::TemplateError),
+    ChatTemplate(hone_tokenize::TemplateError),
 
     #[error("tokenizing {task} example {index}: {message}")]
     Tokenize {
@@ -54,12 +57,13 @@ pub enum EvalError {
     #[error(transparent)]
     Model(#[from] hone_model::ModelError),
 
-    #[error("adapter `{name}` ({path}): {source}")]
+    #[error("adapter `{name}` ({path}): {cause}{hint}")]
     Adapter {
         name: String,
         path: PathBuf,
-        #[source]
-        source: Box<hone_model::ModelError>,
+        cause: Box<hone_model::ModelError>,
+        /// Empty, or a hint starting with a space.
+        hint: String,
     },
 
     #[error("cannot read tensor data back from the device: {0}")]
@@ -72,14 +76,20 @@ pub enum EvalError {
     Plot { path: PathBuf, message: String },
 }
 
+impl From<hone_tokenize::TemplateError> for EvalError {
+    fn from(e: hone_tokenize::TemplateError) -> Self {
+        EvalError::ChatTemplate(e)
+    }
+}
+
 /// Result alias of this crate.
 pub type Result<T, E = EvalError> = std::result::Result<T, E>;
 
 impl EvalError {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
         EvalError::Io {
             path: path.into(),
-            source,
+            cause,
         }
     }
 

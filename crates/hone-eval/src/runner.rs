@@ -11,7 +11,7 @@ use burn::prelude::*;
 use hone_model::{load_model_dir, CausalLm, LoadOptions, Tokenizer};
 use hone_tokenize::ChatTemplate;
 
-use crate::config::EvalPlan;
+use crate::config::{AdapterSpec, EvalPlan};
 use crate::data::display_path;
 use crate::error::{EvalError, Result};
 use crate::generate::{generate_greedy, GreedySettings};
@@ -25,6 +25,7 @@ use crate::report::{
     TaskResult, Timings,
 };
 use crate::score::score_rows;
+use hone_model::adapter::ADAPTER_CONFIG;
 
 /// Where an evaluation is: `done` of `total` units (rows or prompts) of `task` on `column`.
 #[derive(Debug, Clone, Copy)]
@@ -46,6 +47,12 @@ pub fn evaluate<B: Backend>(
 ) -> Result<EvalReport> {
     let started = Instant::now();
     let mut timings = Timings::default();
+    // Cheap checks first: every adapter's configuration, before data and model are loaded.
+    for adapter in &plan.adapters {
+        hone_model::adapter::read_adapter_config(&adapter.path)
+            .map_err(|cause| adapter_error(adapter, cause))?;
+    }
+    let model_dir = hone_model::loader::resolve_model_dir(&plan.model)?;
 
     let t = Instant::now();
     let data = plan
@@ -57,7 +64,7 @@ pub fn evaluate<B: Backend>(
 
     let t = Instant::now();
     let loaded = load_model_dir::<B>(
-        &plan.model,
+        &model_dir,
         device,
         LoadOptions {
             dtype: plan.dtype.dtype(),
@@ -65,12 +72,20 @@ pub fn evaluate<B: Backend>(
     )?;
     let mut model = loaded.model;
     let tokenizer = loaded.tokenizer;
+    // Every adapter must load onto this base (shapes, target modules, finite values) before
+    // any column is evaluated: a bad one found after the base's evaluation wastes it.
+    for adapter in &plan.adapters {
+        model
+            .load_adapter(&adapter.path)
+            .map_err(|cause| adapter_error(adapter, cause))?;
+    }
+    model.detach_lora();
     timings.load_model_seconds = t.elapsed().as_secs_f64();
 
     let t = Instant::now();
     let needs_template =
         plan.tasks.iter().any(|t| t.chat) || data.iter().any(|d| d.has_conversations());
-    let template = match ChatTemplate::load(&plan.template, &plan.model) {
+    let template = match ChatTemplate::load(&plan.template, &model_dir) {
         Ok(t) => Some(t),
         Err(e) if needs_template => return Err(e.into()),
         Err(_) => None,
@@ -110,14 +125,9 @@ pub fn evaluate<B: Backend>(
         match c.checked_sub(1).map(|i| &plan.adapters[i]) {
             None => model.detach_lora(),
             Some(adapter) => {
-                let info =
-                    model
-                        .load_adapter(&adapter.path)
-                        .map_err(|source| EvalError::Adapter {
-                            name: adapter.name.clone(),
-                            path: adapter.path.clone(),
-                            source: Box::new(source),
-                        })?;
+                let info = model
+                    .load_adapter(&adapter.path)
+                    .map_err(|cause| adapter_error(adapter, cause))?;
                 summary.adapter = Some(display_path(&adapter.path));
                 summary.lora_r = Some(info.settings.r);
                 summary.lora_alpha = Some(info.settings.alpha);
@@ -203,6 +213,27 @@ pub fn evaluate<B: Backend>(
         timings,
         plots: Vec::new(),
     })
+}
+
+/// An adapter that cannot be used, with a hint when `path` is a training run directory
+/// rather than the adapter directory inside it.
+fn adapter_error(adapter: &AdapterSpec, cause: hone_model::ModelError) -> EvalError {
+    let nested = adapter.path.join("adapter");
+    let hint =
+        if !adapter.path.join(ADAPTER_CONFIG).is_file() && nested.join(ADAPTER_CONFIG).is_file() {
+            format!(
+                " (this looks like a training run directory: its adapter is {})",
+                nested.display()
+            )
+        } else {
+            String::new()
+        };
+    EvalError::Adapter {
+        name: adapter.name.clone(),
+        path: adapter.path.clone(),
+        cause: Box::new(cause),
+        hint,
+    }
 }
 
 fn finish(

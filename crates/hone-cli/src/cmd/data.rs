@@ -13,8 +13,9 @@ use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
 use hone_data::{
-    summary_table, write_prepared, DataConfig, DataError, FormatChoice, OnError, RecordError,
-    RemovalReason, Report, TokenCounter, REPORT_FILE, TRAIN_FILE, VAL_FILE,
+    check_output_dir, summary_table, write_prepared_with, DataConfig, DataError, FormatChoice,
+    OnError, Overwrite, RecordError, RemovalReason, Report, TokenCounter, REPORT_FILE, TRAIN_FILE,
+    VAL_FILE,
 };
 use hone_model::Tokenizer;
 use hone_tokenize::{
@@ -136,6 +137,19 @@ fn list_errors(errors: &[RecordError]) -> String {
 
 fn prepare(args: DataPrepareArgs) -> Result<()> {
     let config = resolve_config(&args)?;
+    let overwrite = if args.force {
+        Overwrite::Any
+    } else {
+        Overwrite::Prepared
+    };
+    // Before any work: an --out that holds an input, or foreign files, is refused.
+    let mut inputs = hone_data::reader::expand_inputs(&config.inputs)?;
+    if !config.decontaminate.eval_files.is_empty() {
+        inputs.extend(hone_data::reader::expand_inputs(
+            &config.decontaminate.eval_files,
+        )?);
+    }
+    check_output_dir(&args.out, &inputs, overwrite)?;
     let tokenizer = match &args.tokenizer {
         Some(dir) => Some(
             Tokenizer::from_dir(dir)
@@ -174,7 +188,7 @@ fn prepare(args: DataPrepareArgs) -> Result<()> {
     {
         bail!("the tokenizer failed to encode a text (nothing was written): {message}");
     }
-    write_prepared(&prepared, &args.out)?;
+    write_prepared_with(&prepared, &args.out, overwrite)?;
 
     let report = &prepared.report;
     if !report.errors.is_empty() {

@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use hone_model::{
     generate, load_model_dir, run_on, BackendTask, GenerateConfig, LoadOptions, SamplingConfig,
@@ -17,6 +17,15 @@ impl BackendTask for Task {
 
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
         let args = self.0;
+        // Parse, validate, then run: bad sampling options fail before any work or output.
+        let sampling = SamplingConfig {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            repetition_penalty: args.repetition_penalty,
+            seed: args.seed,
+        };
+        sampling.validate()?;
         let mut loaded = load_model_dir::<B>(
             &args.model.model,
             &device,
@@ -32,15 +41,11 @@ impl BackendTask for Task {
                 .with_context(|| format!("loading adapter {}", adapter.display()))?;
         }
         let prompt = loaded.tokenizer.encode_prompt(&args.prompt)?;
+        let context = loaded.model.config.max_position_embeddings;
+        let max_new_tokens = context_budget(prompt.len(), args.max_tokens, context)?;
         let config = GenerateConfig {
-            max_new_tokens: args.max_tokens,
-            sampling: SamplingConfig {
-                temperature: args.temperature,
-                top_k: args.top_k,
-                top_p: args.top_p,
-                repetition_penalty: args.repetition_penalty,
-                seed: args.seed,
-            },
+            max_new_tokens,
+            sampling,
             stop_ids: if args.ignore_eos {
                 vec![]
             } else {
@@ -84,6 +89,43 @@ impl BackendTask for Task {
     }
 }
 
+/// New tokens that fit the model's context (`max_position_embeddings`) after a prompt of
+/// `prompt` tokens: `requested`, or fewer with a warning. A prompt that fills the context is
+/// an error.
+fn context_budget(prompt: usize, requested: usize, context: usize) -> Result<usize> {
+    if prompt >= context {
+        bail!(
+            "the prompt is {prompt} tokens, but the model's context (max_position_embeddings) \
+             is {context}: shorten the prompt"
+        );
+    }
+    let room = context - prompt;
+    if requested > room {
+        tracing::warn!(
+            "--max-tokens {requested} with a {prompt}-token prompt goes past the model's context \
+             of {context} tokens (max_position_embeddings): generating at most {room}"
+        );
+        return Ok(room);
+    }
+    Ok(requested)
+}
+
 pub fn run(args: GenerateArgs) -> Result<()> {
     run_on(args.model.device, Task(args))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::context_budget;
+
+    #[test]
+    fn generation_is_capped_at_the_models_context() {
+        assert_eq!(context_budget(10, 100, 512).unwrap(), 100);
+        assert_eq!(context_budget(500, 100, 512).unwrap(), 12);
+        let msg = context_budget(512, 1, 512).unwrap_err().to_string();
+        assert!(
+            msg.contains("512") && msg.contains("max_position_embeddings"),
+            "{msg}"
+        );
+    }
 }
