@@ -384,7 +384,7 @@ mod tests {
 
     #[test]
     fn long_document_cuts_at_paragraphs_with_overlap() {
-        let para = |w: &str| vec![w; 10].join(" ") + ".";
+        let para = |w: &str| [w; 10].join(" ") + ".";
         let text = format!(
             "# Title\n\n{}\n\n{}\n\n## Next\n\n{}",
             para("alpha"),

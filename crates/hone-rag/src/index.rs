@@ -223,6 +223,13 @@ impl Retriever for RagIndex {
 
 impl IndexUpdate for RagIndex {
     fn add(&mut self, documents: &[Document]) -> Result<AddReport> {
+        let mut seen = std::collections::HashSet::new();
+        if let Some(doc) = documents.iter().find(|d| !seen.insert(d.id.as_str())) {
+            return Err(RagError::config(
+                "documents",
+                format!("document id `{}` appears twice ({})", doc.id, doc.source),
+            ));
+        }
         let mut report = AddReport::default();
         let mut replaced = Vec::new();
         for doc in documents {
@@ -240,6 +247,13 @@ impl IndexUpdate for RagIndex {
     }
 
     fn remove(&mut self, ids: &[String]) -> Result<RemoveReport> {
+        let mut unique: Vec<String> = Vec::with_capacity(ids.len());
+        for id in ids {
+            if !unique.contains(id) {
+                unique.push(id.clone());
+            }
+        }
+        let ids = unique.as_slice();
         let mut chunks = 0;
         for id in ids {
             match self.lexical.chunk_count(id)? {

@@ -278,6 +278,8 @@ impl LexicalIndex {
         let query = BooleanQuery::new(clauses);
         let fail = |e| RagError::lexical(&self.dir, e);
         let searcher = self.reader.searcher();
+        // tantivy sizes its heap by the limit: never ask for more hits than there are chunks.
+        let k = k.min(searcher.num_docs() as usize).max(1);
         let top = searcher
             .search(&query, &TopDocs::with_limit(k).order_by_score())
             .map_err(fail)?;

@@ -179,7 +179,14 @@ fn added_document_is_found_and_removed_document_is_not() {
     assert!(hits.is_empty(), "old text still indexed: {hits:?}");
     assert_eq!(writer.chunks("zoo#1").unwrap().len(), 1);
 
-    let removed = writer.remove(&["zoo#1".to_string()]).unwrap();
+    // A document id given twice in one call is refused (it would index two chunk sets).
+    let twice = writer.add(&[doc("x", "one"), doc("x", "two")]).unwrap_err();
+    assert!(twice.to_string().contains("appears twice"), "{twice}");
+
+    // Removing an id given twice removes it once.
+    let removed = writer
+        .remove(&["zoo#1".to_string(), "zoo#1".to_string()])
+        .unwrap();
     assert_eq!((removed.documents, removed.chunks), (1, 1));
     assert!(writer.search("zebrafish", 5).unwrap().is_empty());
     assert!(RagIndex::open(&out)
@@ -196,6 +203,9 @@ fn added_document_is_found_and_removed_document_is_not() {
     std::thread::sleep(std::time::Duration::from_millis(700));
     assert!(reader.search("zebrafish", 5).unwrap().is_empty());
     assert_eq!(reader.search("complexity", 1).unwrap().len(), 1);
+    // A huge k is bounded by the number of chunks.
+    let all = reader.search("complexity", usize::MAX).unwrap().len();
+    assert!((6..=49).contains(&all), "{all}");
 
     // Removing an unknown id is an error naming the index, and changes nothing.
     let err = writer
