@@ -407,7 +407,8 @@ pub enum TemplateCommand {
         .args(["model", "tokenizer_config", "template"])
 ))]
 pub struct TemplateRenderArgs {
-    /// Model directory: its chat_template.jinja, tokenizer_config.json or chat_template.json.
+    /// Model directory (its chat_template.jinja, tokenizer_config.json or chat_template.json) or
+    /// GGUF model file (its tokenizer.chat_template).
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
     /// A tokenizer_config.json holding `chat_template`.

@@ -54,8 +54,12 @@ fn token_ids(value: Option<&Value>) -> Vec<u32> {
 }
 
 impl Tokenizer {
-    /// Loads the tokenizer of model directory `dir`.
+    /// Loads the tokenizer of model directory `dir`, or of a GGUF model file (its
+    /// `tokenizer.ggml.*` metadata, [`crate::gguf::tokenizer`]).
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        if crate::loader::is_gguf(dir) {
+            return crate::gguf::tokenizer::tokenizer(&crate::gguf::GgufFile::open(dir)?);
+        }
         let path = dir.join("tokenizer.json");
         if !path.is_file() {
             return Err(ModelError::MissingFile { path });

@@ -7,6 +7,11 @@
 //! older `chat_template.json`. Special tokens (`bos_token`, `eos_token`, `unk_token`,
 //! `pad_token`) are read from `tokenizer_config.json`, as strings or `AddedToken` objects
 //! (`{"content": "<s>", ...}`); `additional_special_tokens` likewise.
+//!
+//! A GGUF model file carries the same in its metadata, which transformers' GGUF loading reads
+//! into the tokenizer config: `tokenizer.chat_template` (and llama.cpp's named templates,
+//! `tokenizer.chat_templates` listing names of `tokenizer.chat_template.NAME`), and the special
+//! tokens as the texts of the tokens `tokenizer.ggml.{bos,eos,unknown,padding}_token_id` name.
 
 use std::path::{Path, PathBuf};
 
@@ -285,16 +290,104 @@ pub(crate) fn read_tokenizer_config(path: &Path) -> Result<TokenizerConfig, Temp
     parse_tokenizer_config(&read_text(path)?, &path.display().to_string())
 }
 
-/// Everything a model directory says about chat templates.
+/// GGUF metadata keys of the chat template(s).
+const GGUF_TEMPLATE: &str = "tokenizer.chat_template";
+const GGUF_TEMPLATE_NAMES: &str = "tokenizer.chat_templates";
+
+/// A string-valued GGUF key, if present.
+fn gguf_string(
+    file: &hone_model::gguf::GgufFile,
+    key: &str,
+) -> Result<Option<String>, TemplateError> {
+    match file.get(key) {
+        None => Ok(None),
+        Some(_) => Ok(Some(file.get_str(key)?.to_string())),
+    }
+}
+
+/// The chat templates and special tokens of a GGUF model file, as a tokenizer config.
+fn read_gguf(path: &Path) -> Result<TokenizerConfig, TemplateError> {
+    use hone_model::gguf::{GgufError, GgufFile};
+    let file = GgufFile::open(path)?;
+    let default = gguf_string(&file, GGUF_TEMPLATE)?;
+    let templates = match file.get(GGUF_TEMPLATE_NAMES) {
+        None => default.map_or(TemplateField::Absent, TemplateField::Single),
+        Some(_) => {
+            let mut named: Vec<(String, String)> = default
+                .map(|t| (DEFAULT_NAME.to_string(), t))
+                .into_iter()
+                .collect();
+            for (i, name) in file.get_array(GGUF_TEMPLATE_NAMES)?.iter().enumerate() {
+                let name = name.as_str().ok_or_else(|| GgufError::Metadata {
+                    path: path.to_path_buf(),
+                    key: GGUF_TEMPLATE_NAMES.into(),
+                    message: format!("entry {i} is a {}, expected a string", name.type_name()),
+                })?;
+                let key = format!("{GGUF_TEMPLATE}.{name}");
+                named.push((name.to_string(), file.get_str(&key)?.to_string()));
+            }
+            TemplateField::Named(named)
+        }
+    };
+    let tokens = match file.get("tokenizer.ggml.tokens") {
+        None => &[][..],
+        Some(_) => file.get_array("tokenizer.ggml.tokens")?,
+    };
+    let token = |key: &str| -> Result<Option<String>, TemplateError> {
+        let key = format!("tokenizer.ggml.{key}");
+        let Some(value) = file.get(&key) else {
+            return Ok(None);
+        };
+        let text = value
+            .as_u64()
+            .and_then(|id| tokens.get(id as usize))
+            .and_then(|t| t.as_str());
+        match text {
+            Some(t) => Ok(Some(t.to_string())),
+            None => Err(GgufError::Metadata {
+                path: path.to_path_buf(),
+                key,
+                message: format!(
+                    "expected the id of one of the {} tokens of tokenizer.ggml.tokens, found \
+                     {value}",
+                    tokens.len()
+                ),
+            }
+            .into()),
+        }
+    };
+    Ok(TokenizerConfig {
+        templates,
+        special: SpecialTokens {
+            bos_token: token("bos_token_id")?,
+            eos_token: token("eos_token_id")?,
+            unk_token: token("unknown_token_id")?,
+            pad_token: token("padding_token_id")?,
+            additional_special_tokens: None,
+        },
+    })
+}
+
+/// Everything a model directory (or GGUF model file) says about chat templates.
 #[derive(Debug, Clone)]
 pub(crate) struct ModelDirTemplates {
     pub dir: PathBuf,
     pub config: Option<TokenizerConfig>,
+    /// `dir` is a GGUF file: its metadata is the whole story (no files beside it are read).
+    gguf: bool,
 }
 
 impl ModelDirTemplates {
-    /// Reads what exists of `tokenizer_config.json` in `dir` (a missing file is not an error).
+    /// Reads what exists of `tokenizer_config.json` in `dir` (a missing file is not an error),
+    /// or the metadata of `dir` when it is a GGUF model file.
     pub fn read(dir: &Path) -> Result<Self, TemplateError> {
+        if hone_model::loader::is_gguf(dir) {
+            return Ok(Self {
+                dir: dir.to_path_buf(),
+                config: Some(read_gguf(dir)?),
+                gguf: true,
+            });
+        }
         let config_path = dir.join(TOKENIZER_CONFIG);
         let config = if config_path.is_file() {
             Some(read_tokenizer_config(&config_path)?)
@@ -304,6 +397,7 @@ impl ModelDirTemplates {
         Ok(Self {
             dir: dir.to_path_buf(),
             config,
+            gguf: false,
         })
     }
 
@@ -330,7 +424,11 @@ impl ModelDirTemplates {
     }
 
     fn config_origin(&self) -> String {
-        self.dir.join(TOKENIZER_CONFIG).display().to_string()
+        if self.gguf {
+            format!("{} ({GGUF_TEMPLATE})", self.dir.display())
+        } else {
+            self.dir.join(TOKENIZER_CONFIG).display().to_string()
+        }
     }
 
     /// Finds the template called `wanted` (or the default one).
@@ -342,6 +440,21 @@ impl ModelDirTemplates {
     }
 
     fn find_named(&self, name: &str) -> Result<FoundTemplate, TemplateError> {
+        if self.gguf {
+            let origin = self.config_origin();
+            return match self.field() {
+                TemplateField::Named(_) => select_template(self.field(), Some(name), &origin)?
+                    .ok_or_else(|| TemplateError::MissingTemplate {
+                        origin: origin.clone(),
+                        searched: GGUF_TEMPLATE_NAMES.to_string(),
+                    }),
+                _ => Err(TemplateError::UnknownTemplateName {
+                    origin,
+                    wanted: name.to_string(),
+                    available: self.available_names(),
+                }),
+            };
+        }
         let file = self
             .dir
             .join(ADDITIONAL_TEMPLATES_DIR)
@@ -365,6 +478,14 @@ impl ModelDirTemplates {
     }
 
     fn find_default(&self) -> Result<FoundTemplate, TemplateError> {
+        if self.gguf {
+            return select_template(self.field(), None, &self.config_origin())?.ok_or_else(|| {
+                TemplateError::MissingTemplate {
+                    origin: self.dir.display().to_string(),
+                    searched: format!("the metadata key {GGUF_TEMPLATE}"),
+                }
+            });
+        }
         let jinja = self.dir.join(CHAT_TEMPLATE_JINJA);
         if jinja.is_file() {
             return Self::from_file(jinja);
@@ -401,6 +522,9 @@ impl ModelDirTemplates {
             TemplateField::Absent => {}
             TemplateField::Single(_) => names.push(DEFAULT_NAME.to_string()),
             TemplateField::Named(list) => names.extend(list.iter().map(|(n, _)| n.clone())),
+        }
+        if self.gguf {
+            return names;
         }
         if self.dir.join(CHAT_TEMPLATE_JINJA).is_file() && !names.iter().any(|n| n == DEFAULT_NAME)
         {

@@ -20,6 +20,10 @@ pub enum TemplateError {
     },
 
     /// A JSON file (tokenizer_config.json, chat_template.json) is not valid JSON.
+    /// A GGUF model file's metadata could not be read (the error names the file and key).
+    #[error(transparent)]
+    Gguf(#[from] hone_model::gguf::GgufError),
+
     #[error("{origin}: invalid JSON: {source}")]
     Json {
         /// Where the JSON came from.
