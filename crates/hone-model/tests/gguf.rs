@@ -440,3 +440,80 @@ fn gguf_metadata_gives_the_models_configuration() {
     let qwen = hone_model::gguf::model_config(&file).unwrap();
     assert!(qwen.tie_word_embeddings && qwen.qkv_bias);
 }
+
+/// Random bytes of `blocks` blocks of `ty` whose scale fields are finite f16s (and, for the
+/// float types, finite values), seeded.
+fn random_blocks(ty: GgmlType, elements: usize, seed: u64) -> Vec<u8> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let f16 = |rng: &mut rand::rngs::StdRng| {
+        half::f16::from_f32(rng.random_range(-0.05f32..0.05)).to_le_bytes()
+    };
+    match ty {
+        GgmlType::F32 => (0..elements)
+            .flat_map(|_| rng.random_range(-1f32..1.0).to_le_bytes())
+            .collect(),
+        GgmlType::F16 => (0..elements).flat_map(|_| f16(&mut rng)).collect(),
+        GgmlType::BF16 => (0..elements)
+            .flat_map(|_| half::bf16::from_f32(rng.random_range(-1f32..1.0)).to_le_bytes())
+            .collect(),
+        _ => {
+            let (bs, bb) = (ty.block_size(), ty.block_bytes());
+            let mut bytes: Vec<u8> = (0..elements / bs * bb).map(|_| rng.random()).collect();
+            let scale_offsets: &[usize] = match ty {
+                GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
+                GgmlType::Q6K => &[208],
+                _ => &[0],
+            };
+            for block in bytes.chunks_exact_mut(bb) {
+                for &o in scale_offsets {
+                    block[o..o + 2].copy_from_slice(&f16(&mut rng));
+                }
+            }
+            bytes
+        }
+    }
+}
+
+/// The quantized products equal `x · dequantize(W)ᵀ` (computed in f64 here) on both paths
+/// (few rows: decoded in registers; many rows: tiles through gemm), for every type.
+#[test]
+fn quantized_matmul_equals_the_product_with_dequantized_weights() {
+    use hone_model::gguf::matmul::{matmul_quant, QuantMatrix, SMALL_M, TILE_ROWS};
+    use hone_model::gguf::quant::dequantize;
+    use rand::{Rng, SeedableRng};
+    let (rows, cols) = (2 * TILE_ROWS + 13, 512);
+    for (t, ty) in GgmlType::ALL.into_iter().enumerate() {
+        let bytes = random_blocks(ty, rows * cols, t as u64);
+        let mut w = vec![0f32; rows * cols];
+        dequantize(ty, &bytes, &mut w);
+        let matrix = QuantMatrix {
+            ty,
+            bytes: &bytes,
+            rows,
+            cols,
+        };
+        for m in [1, 3, SMALL_M, SMALL_M + 1, 37] {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(100 + m as u64);
+            let x: Vec<f32> = (0..m * cols)
+                .map(|_| rng.random_range(-1f32..1.0))
+                .collect();
+            let y = matmul_quant(matrix, &x, m);
+            for i in 0..m {
+                for r in 0..rows {
+                    let want: f64 = (0..cols)
+                        .map(|k| x[i * cols + k] as f64 * w[r * cols + k] as f64)
+                        .sum();
+                    let scale: f64 = (0..cols)
+                        .map(|k| (x[i * cols + k] as f64 * w[r * cols + k] as f64).abs())
+                        .sum();
+                    let got = y[i * rows + r] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * scale.max(1e-6),
+                        "{ty} m={m} y[{i},{r}] = {got}, expected {want}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -189,6 +189,7 @@ impl fmt::Display for GgmlType {
     }
 }
 
+#[inline(always)]
 fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
@@ -215,11 +216,19 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
 
 /// Decodes one block `x` into `y` (`ty.block_size()` values).
 pub fn dequantize_block(ty: GgmlType, x: &[u8], y: &mut [f32]) {
+    decode_block(ty, x, y)
+}
+
+/// [`dequantize_block`], inlined into the vectorised kernels that call it.
+#[inline(always)]
+pub(crate) fn decode_block(ty: GgmlType, x: &[u8], y: &mut [f32]) {
     match ty {
         GgmlType::F32 => y[0] = f32::from_le_bytes([x[0], x[1], x[2], x[3]]),
         GgmlType::F16 => y[0] = f16_at(x, 0),
         GgmlType::BF16 => y[0] = f32::from_bits(u32::from(u16::from_le_bytes([x[0], x[1]])) << 16),
         GgmlType::Q4_0 => {
+            let x: &[u8; 18] = x[..18].try_into().expect("one Q4_0 block");
+            let y: &mut [f32; 32] = (&mut y[..32]).try_into().expect("32 values");
             let d = f16_at(x, 0);
             let qs = &x[2..18];
             for j in 0..16 {
@@ -228,6 +237,8 @@ pub fn dequantize_block(ty: GgmlType, x: &[u8], y: &mut [f32]) {
             }
         }
         GgmlType::Q4_1 => {
+            let x: &[u8; 20] = x[..20].try_into().expect("one Q4_1 block");
+            let y: &mut [f32; 32] = (&mut y[..32]).try_into().expect("32 values");
             let (d, m) = (f16_at(x, 0), f16_at(x, 2));
             let qs = &x[4..20];
             for j in 0..16 {
@@ -236,6 +247,8 @@ pub fn dequantize_block(ty: GgmlType, x: &[u8], y: &mut [f32]) {
             }
         }
         GgmlType::Q5_0 => {
+            let x: &[u8; 22] = x[..22].try_into().expect("one Q5_0 block");
+            let y: &mut [f32; 32] = (&mut y[..32]).try_into().expect("32 values");
             let d = f16_at(x, 0);
             let qh = u32::from_le_bytes([x[2], x[3], x[4], x[5]]);
             let qs = &x[6..22];
@@ -247,6 +260,8 @@ pub fn dequantize_block(ty: GgmlType, x: &[u8], y: &mut [f32]) {
             }
         }
         GgmlType::Q5_1 => {
+            let x: &[u8; 24] = x[..24].try_into().expect("one Q5_1 block");
+            let y: &mut [f32; 32] = (&mut y[..32]).try_into().expect("32 values");
             let (d, m) = (f16_at(x, 0), f16_at(x, 2));
             let qh = u32::from_le_bytes([x[4], x[5], x[6], x[7]]);
             let qs = &x[8..24];
@@ -258,12 +273,15 @@ pub fn dequantize_block(ty: GgmlType, x: &[u8], y: &mut [f32]) {
             }
         }
         GgmlType::Q8_0 => {
+            let x: &[u8; 34] = x[..34].try_into().expect("one Q8_0 block");
+            let y: &mut [f32; 32] = (&mut y[..32]).try_into().expect("32 values");
             let d = f16_at(x, 0);
             for j in 0..32 {
                 y[j] = (x[2 + j] as i8) as f32 * d;
             }
         }
         GgmlType::Q4K | GgmlType::Q5K => {
+            let y: &mut [f32; 256] = (&mut y[..256]).try_into().expect("256 values");
             let (d, dmin) = (f16_at(x, 0), f16_at(x, 2));
             let (sc, mn) = k_scales_mins(&x[4..16]);
             let (qh, qs) = if ty == GgmlType::Q5K {
@@ -286,6 +304,8 @@ pub fn dequantize_block(ty: GgmlType, x: &[u8], y: &mut [f32]) {
             }
         }
         GgmlType::Q6K => {
+            let x: &[u8; 210] = x[..210].try_into().expect("one Q6_K block");
+            let y: &mut [f32; 256] = (&mut y[..256]).try_into().expect("256 values");
             let (ql, qh) = (&x[0..128], &x[128..192]);
             let scales = &x[192..208];
             let d = f16_at(x, 208);
@@ -313,4 +333,31 @@ fn k_scales_mins(s: &[u8]) -> ([u8; 8], [u8; 8]) {
         mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 2) & 0x30);
     }
     (sc, mn)
+}
+
+/// Decodes 32 consecutive values of a plain float type (`F32`, `F16`, `BF16`) from `x`.
+#[inline(always)]
+pub(crate) fn decode_plain32(ty: GgmlType, x: &[u8], y: &mut [f32; 32]) {
+    match ty {
+        GgmlType::F32 => {
+            let x: &[u8; 128] = x[..128].try_into().expect("32 f32 values");
+            for j in 0..32 {
+                y[j] = f32::from_le_bytes([x[4 * j], x[4 * j + 1], x[4 * j + 2], x[4 * j + 3]]);
+            }
+        }
+        GgmlType::F16 => {
+            let x: &[u8; 64] = x[..64].try_into().expect("32 f16 values");
+            for j in 0..32 {
+                y[j] = f16::from_le_bytes([x[2 * j], x[2 * j + 1]]).to_f32();
+            }
+        }
+        GgmlType::BF16 => {
+            let x: &[u8; 64] = x[..64].try_into().expect("32 bf16 values");
+            for j in 0..32 {
+                y[j] =
+                    f32::from_bits(u32::from(u16::from_le_bytes([x[2 * j], x[2 * j + 1]])) << 16);
+            }
+        }
+        _ => unreachable!("decode_plain32 is called for plain float types only"),
+    }
 }

@@ -115,7 +115,11 @@ fn flag(file: &GgufFile, key: &str) -> Result<Option<bool>> {
     match file.get(key) {
         None => Ok(None),
         Some(v) => v.as_bool().map(Some).ok_or_else(|| {
-            metadata_error(file, key, format!("expected a bool, found a {}", v.type_name()))
+            metadata_error(
+                file,
+                key,
+                format!("expected a bool, found a {}", v.type_name()),
+            )
         }),
     }
 }
@@ -245,11 +249,7 @@ fn merges_from_scores(tokens: &[&str], scores: &[f32]) -> Vec<(String, String)> 
     }
     // Stable, descending on (score, len(l), len(r)): Python's sorted(..., reverse=True) keeps
     // equal keys in their original order too.
-    merges.sort_by(|a, b| {
-        b.2.total_cmp(&a.2)
-            .then(b.3.cmp(&a.3))
-            .then(b.4.cmp(&a.4))
-    });
+    merges.sort_by(|a, b| b.2.total_cmp(&a.2).then(b.3.cmp(&a.3)).then(b.4.cmp(&a.4)));
     merges
         .into_iter()
         .map(|(l, r, ..)| (l.to_string(), r.to_string()))

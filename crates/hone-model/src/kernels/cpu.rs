@@ -67,6 +67,9 @@ macro_rules! multiversion {
     };
 }
 
+/// For kernels elsewhere in the crate (the quantized matrix products of [`crate::gguf`]).
+pub(crate) use multiversion;
+
 const LANES: usize = 16;
 
 multiversion! {
@@ -143,12 +146,12 @@ multiversion! {
 
 /// A raw pointer that rayon tasks may share; every use writes a region no other task touches.
 #[derive(Clone, Copy)]
-struct Shared(*mut f32);
+pub(crate) struct Shared(pub(crate) *mut f32);
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
 impl Shared {
-    fn at(self, offset: usize) -> *mut f32 {
+    pub(crate) fn at(self, offset: usize) -> *mut f32 {
         // SAFETY (of callers): offsets stay inside the buffer the pointer came from.
         unsafe { self.0.add(offset) }
     }
@@ -159,7 +162,7 @@ impl Shared {
 /// # Safety
 /// Every pointer/stride pair must describe a valid matrix of the given shape.
 #[allow(clippy::too_many_arguments)]
-unsafe fn matmul(
+pub(crate) unsafe fn matmul(
     m: usize,
     n: usize,
     k: usize,

@@ -1,0 +1,115 @@
+//! Speed of the quantized matrix products (`hone_model::gguf::matmul`) against burn's f32
+//! product on the same shapes (the path the model takes today with weights decoded to f32).
+//! One JSON line per measurement:
+//!
+//! ```text
+//! cargo run --release -p hone-model --example quant_matmul
+//! ```
+//! `m = 1` is one decoding step, `m = 128` a prefill chunk; shapes are SmolLM2-135M's
+//! gate/up (`[1536, 576]`) and down (`[576, 1536]`) projections.
+
+use std::time::Instant;
+
+use burn::prelude::*;
+use burn::tensor::TensorData;
+use hone_model::gguf::matmul::{matmul_quant, QuantMatrix};
+use hone_model::gguf::GgmlType;
+use hone_model::Cpu;
+
+fn random_weights(ty: GgmlType, elements: usize) -> Vec<u8> {
+    // Deterministic bytes with small finite f16 scales: speed does not depend on the values.
+    let bb = ty.block_bytes();
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut bytes: Vec<u8> = (0..ty.byte_len(elements))
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect();
+    let scale = half::f16::from_f32(0.01).to_le_bytes();
+    if ty.is_quantized() {
+        let offsets: &[usize] = match ty {
+            GgmlType::Q6K => &[208],
+            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
+            _ => &[0],
+        };
+        for block in bytes.chunks_exact_mut(bb) {
+            for &o in offsets {
+                block[o..o + 2].copy_from_slice(&scale);
+            }
+        }
+    } else {
+        let one: Vec<u8> = match ty {
+            GgmlType::F32 => 0.01f32.to_le_bytes().to_vec(),
+            GgmlType::F16 => scale.to_vec(),
+            _ => half::bf16::from_f32(0.01).to_le_bytes().to_vec(),
+        };
+        for v in bytes.chunks_exact_mut(one.len()) {
+            v.copy_from_slice(&one);
+        }
+    }
+    bytes
+}
+
+fn time<F: FnMut()>(mut f: F) -> f64 {
+    f();
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let start = Instant::now();
+        let reps = 20;
+        for _ in 0..reps {
+            f();
+        }
+        best = best.min(start.elapsed().as_secs_f64() / reps as f64);
+    }
+    best
+}
+
+fn main() {
+    let device = Default::default();
+    for (rows, cols) in [(1536, 576), (576, 1536)] {
+        for m in [1usize, 128] {
+            let x: Vec<f32> = (0..m * cols).map(|i| (i % 7) as f32 * 0.1).collect();
+            let xt = Tensor::<Cpu, 2>::from_data(TensorData::new(x.clone(), [m, cols]), &device);
+            let w = Tensor::<Cpu, 2>::from_data(
+                TensorData::new(vec![0.01f32; rows * cols], [rows, cols]),
+                &device,
+            );
+            let wt = w.transpose();
+            let secs = time(|| {
+                let y = xt.clone().matmul(wt.clone());
+                let _ = y.into_data();
+            });
+            let flops = 2.0 * (m * rows * cols) as f64;
+            println!(
+                "{{\"kernel\":\"burn_f32\",\"type\":\"F32\",\"rows\":{rows},\"cols\":{cols},\"m\":{m},\"us\":{:.1},\"gflops\":{:.2},\"weight_gbps\":{:.2}}}",
+                secs * 1e6,
+                flops / secs / 1e9,
+                (rows * cols * 4) as f64 / secs / 1e9
+            );
+            for ty in GgmlType::ALL {
+                if cols % ty.block_size() != 0 {
+                    continue; // K-quants need rows of whole 256-blocks (576 is not)
+                }
+                let bytes = random_weights(ty, rows * cols);
+                let matrix = QuantMatrix {
+                    ty,
+                    bytes: &bytes,
+                    rows,
+                    cols,
+                };
+                let secs = time(|| {
+                    std::hint::black_box(matmul_quant(matrix, &x, m));
+                });
+                println!(
+                    "{{\"kernel\":\"quant\",\"type\":\"{ty}\",\"rows\":{rows},\"cols\":{cols},\"m\":{m},\"us\":{:.1},\"gflops\":{:.2},\"weight_gbps\":{:.2}}}",
+                    secs * 1e6,
+                    flops / secs / 1e9,
+                    bytes.len() as f64 / secs / 1e9
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! Matrix products with weights kept in ggml's block formats: `y = x · Wᵀ` for `W` `[out, in]`
+//! stored as GGUF stores a linear layer's weight (each of the `out` rows is `in / block` blocks),
+//! without ever holding `W` in f32.
+//!
+//! - Few input rows (decoding, `m ≤` [`SMALL_M`]): each output row's blocks are decoded into
+//!   registers and multiplied into every input row at once; the weights are read once, which is
+//!   what bounds decoding. Rows of `W` are split across threads.
+//! - Many input rows (prefill, training): tiles of [`TILE_ROWS`] rows of `W` are decoded into a
+//!   per-task f32 buffer and multiplied by gemm, so decoding costs `1/m` of the product.
+//!
+//! Both are compiled for AVX-512 or AVX2+FMA when the CPU has them (run-time dispatch, as the
+//! fused kernels). Results equal `x · dequantize(W)ᵀ` up to f32 summation order.
+
+use rayon::prelude::*;
+
+use super::quant::{decode_block, decode_plain32, GgmlType};
+use crate::kernels::cpu::{matmul, multiversion, Shared};
+
+/// Input rows up to which the direct (decode-in-registers) path is used.
+pub const SMALL_M: usize = 8;
+/// Rows of `W` decoded per task on the gemm path.
+pub const TILE_ROWS: usize = 64;
+
+const LANES: usize = 16;
+
+/// A weight matrix `[out, in]` in a block format, rows contiguous.
+#[derive(Clone, Copy, Debug)]
+pub struct QuantMatrix<'a> {
+    pub ty: GgmlType,
+    pub bytes: &'a [u8],
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl QuantMatrix<'_> {
+    fn row_bytes(&self) -> usize {
+        self.ty.byte_len(self.cols)
+    }
+
+    /// Checks the byte length and block alignment against the shape.
+    pub fn validate(&self) -> Result<(), String> {
+        let bs = self.ty.block_size();
+        if self.cols % bs != 0 {
+            return Err(format!(
+                "{} rows of {} values are not whole blocks of {bs}",
+                self.ty, self.cols
+            ));
+        }
+        if self.bytes.len() != self.rows * self.row_bytes() {
+            return Err(format!(
+                "{} bytes for a [{}, {}] {} matrix (expected {})",
+                self.bytes.len(),
+                self.rows,
+                self.cols,
+                self.ty,
+                self.rows * self.row_bytes()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `y [m, out] = x [m, in] · Wᵀ`.
+///
+/// # Panics
+/// When the slices do not match the shapes (a caller bug: shapes come from a validated file).
+pub fn matmul_quant(w: QuantMatrix<'_>, x: &[f32], m: usize) -> Vec<f32> {
+    w.validate().expect("quantized matrix shape");
+    assert_eq!(x.len(), m * w.cols, "matmul_quant: x is not [m, in]");
+    let mut y = vec![0f32; m * w.rows];
+    if m == 0 || w.rows == 0 {
+        return y;
+    }
+    if m <= SMALL_M {
+        small_m(w, x, m, &mut y);
+    } else {
+        tiled(w, x, m, &mut y);
+    }
+    y
+}
+
+/// Output rows per task on the direct path: enough work per task to amortise scheduling.
+fn rows_per_task(w: &QuantMatrix<'_>) -> usize {
+    (65_536 / w.cols.max(1)).clamp(4, 256)
+}
+
+fn small_m(w: QuantMatrix<'_>, x: &[f32], m: usize, y: &mut [f32]) {
+    let per_task = rows_per_task(&w);
+    let rb = w.row_bytes();
+    // yt: [out, m], so that each task writes one contiguous range.
+    let mut yt = vec![0f32; w.rows * m];
+    yt.par_chunks_mut(per_task * m)
+        .zip(w.bytes.par_chunks(per_task * rb))
+        .for_each(|(yt, rows)| rows_dot(w.ty, rows, w.cols, x, m, yt));
+    for r in 0..w.rows {
+        for i in 0..m {
+            y[i * w.rows + r] = yt[r * m + i];
+        }
+    }
+}
+
+multiversion! {
+    /// `yt[r, i] = Σ_k W[r, k] · x[i, k]` for the rows of `rows` (ggml blocks, `cols` wide).
+    fn rows_dot(ty: GgmlType, rows: &[u8], cols: usize, x: &[f32], m: usize, yt: &mut [f32]) {
+        let (bs, bb) = (ty.block_size(), ty.block_bytes());
+        let rb = cols / bs * bb;
+        // Decoded in units of a block, or of 32 values for the plain float types.
+        let unit = bs.max(32);
+        let unit_bytes = unit / bs * bb;
+        let full = cols / unit;
+        let mut buf = [0f32; 256];
+        for (row, out) in rows.chunks_exact(rb).zip(yt.chunks_exact_mut(m)) {
+            let mut acc = [[0f32; LANES]; SMALL_M];
+            for u in 0..full {
+                let bytes = &row[u * unit_bytes..(u + 1) * unit_bytes];
+                if bs == 1 {
+                    let y: &mut [f32; 32] = (&mut buf[..32]).try_into().expect("32 values");
+                    decode_plain32(ty, bytes, y);
+                } else {
+                    decode_block(ty, bytes, &mut buf[..unit]);
+                }
+                for i in 0..m {
+                    let xs = &x[i * cols + u * unit..i * cols + (u + 1) * unit];
+                    for (w16, x16) in buf[..unit].chunks_exact(LANES).zip(xs.chunks_exact(LANES)) {
+                        for l in 0..LANES {
+                            acc[i][l] += w16[l] * x16[l];
+                        }
+                    }
+                }
+            }
+            // Plain float rows whose width is not a multiple of 32.
+            for e in full * unit..cols {
+                decode_block(ty, &row[e * bb..(e + 1) * bb], &mut buf[..1]);
+                for i in 0..m {
+                    acc[i][0] += buf[0] * x[i * cols + e];
+                }
+            }
+            for i in 0..m {
+                out[i] = acc[i].iter().sum();
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Decodes whole rows of blocks into `out` (f32, row-major).
+    fn decode_rows(ty: GgmlType, rows: &[u8], out: &mut [f32]) {
+        let (bs, bb) = (ty.block_size(), ty.block_bytes());
+        for (block, y) in rows.chunks_exact(bb).zip(out.chunks_exact_mut(bs)) {
+            decode_block(ty, block, y);
+        }
+    }
+}
+
+fn tiled(w: QuantMatrix<'_>, x: &[f32], m: usize, y: &mut [f32]) {
+    let (k, n) = (w.cols, w.rows);
+    let rb = w.row_bytes();
+    let tiles = n.div_ceil(TILE_ROWS);
+    let dst = Shared(y.as_mut_ptr());
+    (0..tiles).into_par_iter().for_each_init(
+        || vec![0f32; TILE_ROWS * k],
+        |scratch, t| {
+            let r0 = t * TILE_ROWS;
+            let rows = TILE_ROWS.min(n - r0);
+            decode_rows(
+                w.ty,
+                &w.bytes[r0 * rb..(r0 + rows) * rb],
+                &mut scratch[..rows * k],
+            );
+            // y[:, r0..r0+rows] = x · scratchᵀ: rhs[kk, j] = scratch[j·k + kk].
+            // SAFETY: x is [m, k]; scratch holds rows·k values; the destination columns
+            // r0..r0+rows of the [m, n] output belong to this tile alone.
+            unsafe {
+                matmul(
+                    m,
+                    rows,
+                    k,
+                    dst.at(r0),
+                    n,
+                    1,
+                    false,
+                    x.as_ptr(),
+                    k,
+                    1,
+                    scratch.as_ptr(),
+                    1,
+                    k,
+                    1.0,
+                );
+            }
+        },
+    );
+}
