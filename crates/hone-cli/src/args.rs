@@ -73,6 +73,10 @@ pub struct TrainArgs {
     /// Delete the run in the output directory and start again.
     #[arg(long)]
     pub overwrite: bool,
+    /// Print the run's summary (what <run>/summary.json holds) as one JSON object on the last
+    /// line of stdout; everything else goes to stderr.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Compute dtype of the model weights.

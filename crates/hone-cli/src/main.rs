@@ -51,8 +51,13 @@ fn main() {
     };
     if let Err(err) = result {
         eprintln!("error: {}", error_chain(&err));
-        std::process::exit(1);
+        std::process::exit(exit_code(&err));
     }
+}
+
+/// The exit code of a command that failed with `err`.
+fn exit_code(_err: &anyhow::Error) -> i32 {
+    1
 }
 
 /// The error and its causes joined by ": ", leaving out a cause whose message the text before

@@ -295,14 +295,14 @@ fn newest_checkpoint(run: &Path) -> usize {
         .unwrap_or(0)
 }
 
-/// Whether process `pid` is writing a checkpoint (its temporary directory `.step-N.tmp-PID`
+/// Whether process `pid` is writing a checkpoint (its temporary directory `.step-N.tmp-PID-K`
 /// exists; those of earlier, killed processes do not count).
 fn saving(run: &Path, pid: u32) -> bool {
-    let suffix = format!(".tmp-{pid}");
+    let marker = format!(".tmp-{pid}-");
     std::fs::read_dir(run).is_ok_and(|entries| {
         entries.flatten().any(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            name.starts_with(".step-") && name.ends_with(&suffix)
+            name.starts_with(".step-") && name.contains(&marker)
         })
     })
 }
@@ -482,4 +482,166 @@ fn a_second_train_on_a_running_directory_is_refused_naming_the_first_ones_pid() 
     );
     first.kill().unwrap();
     first.wait().unwrap();
+}
+
+fn sha256(path: &Path) -> String {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    sha2::Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn json_file(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Issue 16: a CI job reads what a run did from `summary.json` (and `--json`'s last stdout
+/// line, the same object) instead of scraping the human output, which goes to stderr.
+#[test]
+fn train_json_prints_the_summary_json_that_matches_the_runs_metrics_and_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let out = quickstart(
+        &run,
+        &[
+            "train.max_steps=4",
+            "train.eval_every=2",
+            "train.log_every=2",
+            "eval.prompts=[]",
+        ],
+    )
+    .arg("--json")
+    .output()
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stdout.lines().count(),
+        1,
+        "stdout holds the summary alone: {stdout}"
+    );
+    assert!(
+        stderr.contains("step 4/4 loss") && stderr.contains("peak mem "),
+        "the human output goes to stderr: {stderr}"
+    );
+    let printed: serde_json::Value = serde_json::from_str(stdout.trim_end()).unwrap();
+    let summary = json_file(&run.join("summary.json"));
+    assert_eq!(printed, summary);
+
+    assert_eq!(summary["status"], "completed");
+    assert_eq!(summary["exit_code"], 0);
+    assert!(summary["error"].is_null());
+    assert_eq!(summary["steps"], 4);
+    assert_eq!(summary["total_steps"], 4);
+    assert!(summary["tokens"].as_u64().unwrap() > 0);
+    assert!(summary["tokens_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(summary["wall_seconds"].as_f64().unwrap() > 0.0);
+    assert!(summary["peak_memory_mb"].as_f64().unwrap() > 0.0);
+    // Validation losses as metrics.jsonl logged them (at the start, steps 2 and 4).
+    let evals: Vec<(u64, f64)> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| Some((v["step"].as_u64()?, v["eval/loss"].as_f64()?)))
+        .collect();
+    assert_eq!(
+        evals.iter().map(|e| e.0).collect::<Vec<_>>(),
+        [0, 2, 4],
+        "{evals:?}"
+    );
+    let best = evals
+        .iter()
+        .copied()
+        .fold((0, f64::INFINITY), |a, b| if b.1 < a.1 { b } else { a });
+    let loss = &summary["val_loss"];
+    assert_eq!(loss["first"].as_f64(), Some(evals[0].1));
+    assert_eq!(loss["final"].as_f64(), Some(evals[2].1));
+    assert_eq!(loss["best"].as_f64(), Some(best.1));
+    assert_eq!(loss["best_step"].as_u64(), Some(best.0));
+    // Digests recomputed here.
+    let adapter = run.join("adapter/adapter_model.safetensors");
+    assert_eq!(summary["adapter"]["sha256"], sha256(&adapter));
+    assert_eq!(
+        Path::new(summary["adapter"]["path"].as_str().unwrap()),
+        adapter
+    );
+    assert_eq!(summary["config"]["sha256"], sha256(&run.join("config.toml")));
+    let inputs = summary["data"]["inputs"].as_array().unwrap();
+    assert_eq!(inputs.len(), 1, "{inputs:?}");
+    assert_eq!(
+        inputs[0]["sha256"],
+        sha256(&root().join("datasets/quickstart/train.jsonl"))
+    );
+    let report = json_file(&run.join("data/report.json"));
+    let curated = &summary["data"]["curated"];
+    assert_eq!(curated["train"], report["kept"]["train"]);
+    assert_eq!(curated["val"], report["kept"]["val"]);
+    assert_eq!(curated["input_records"], report["input_records"]);
+    assert_eq!(summary["hone_version"], env!("CARGO_PKG_VERSION"));
+    let commit = summary["git_commit"].as_str().unwrap();
+    assert!(
+        commit == "unknown" || (commit.len() == 40 && commit.chars().all(|c| c.is_ascii_hexdigit())),
+        "{commit}"
+    );
+    assert_eq!(summary["device"], "cpu");
+    assert!(
+        ["avx512f", "avx2+fma", "baseline"].contains(&summary["cpu"]["isa"].as_str().unwrap()),
+        "{}",
+        summary["cpu"]
+    );
+}
+
+/// Issue 16: a run that fails once it has its directory still leaves `summary.json`, with
+/// status failed and the error the user saw; a second run there is not refused because of it.
+#[test]
+fn a_run_that_fails_writes_summary_json_with_status_failed_and_the_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = setup(tmp.path(), "max_steps = 2");
+    let data = tmp.path().join("data.jsonl");
+    let mut lines = std::fs::read_to_string(&data).unwrap();
+    lines.push_str("{not json\n");
+    std::fs::write(&data, lines).unwrap();
+    let run = tmp.path().join("run");
+    let dir_set = format!("output.dir={:?}", run.display().to_string());
+    let out = hone()
+        .args(["train", "--json", "--config"])
+        .arg(&config)
+        .args(["--set", &dir_set])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    let summary = json_file(&run.join("summary.json"));
+    assert_eq!(summary["status"], "failed");
+    assert_eq!(summary["exit_code"], out.status.code().unwrap());
+    let error = summary["error"].as_str().unwrap();
+    assert!(
+        error.contains("data.jsonl:25") && String::from_utf8_lossy(&out.stderr).contains(error),
+        "{error}\n{}",
+        text(&out)
+    );
+    assert_eq!(summary["steps"], 0);
+    assert!(summary["adapter"].is_null());
+    let printed: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim_end()).unwrap();
+    assert_eq!(printed, summary);
+    // The data fixed, the same directory trains.
+    let good: String = std::fs::read_to_string(&data)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("{not"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&data, good).unwrap();
+    let again = hone()
+        .args(["train", "--config"])
+        .arg(&config)
+        .args(["--set", &dir_set])
+        .output()
+        .unwrap();
+    assert!(again.status.success(), "{}", text(&again));
+    assert_eq!(json_file(&run.join("summary.json"))["status"], "completed");
 }

@@ -9,6 +9,7 @@
 //! <run>/step-N/            checkpoints (adapter/, optimizer.safetensors, trainer_state.json)
 //! <run>/adapter/           the final adapter (PEFT format)
 //! <run>/metrics.jsonl, tb/ scalars; samples.jsonl: generations with and without the adapter
+//! <run>/summary.json       what the run did (written by the caller, e.g. `hone train`)
 //! ```
 //!
 //! With several `train.devices`, this thread is rank 0 of a [`DataParallel`] session: it
@@ -48,6 +49,9 @@ use crate::step::{apply_update, step_gradients, StepOutcome};
 pub const CONFIG_FILE: &str = "config.toml";
 pub const FINAL_ADAPTER: &str = "adapter";
 pub const SAMPLES_FILE: &str = "samples.jsonl";
+/// The run's outcome, written by the caller (`hone train`) when the run returns, also after a
+/// failed setup: a directory holding it and setup leftovers is still reused.
+pub const SUMMARY_FILE: &str = "summary.json";
 
 /// How to treat an existing run directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -61,6 +65,9 @@ pub struct RunOptions {
 /// What the trainer reports while it works.
 #[derive(Debug)]
 pub enum Event<'a> {
+    /// The run directory is prepared and locked by this run: from here on the run writes into
+    /// it (a failure before this event left it untouched).
+    Locked { run_dir: &'a Path },
     /// Data and model are ready.
     Started {
         run_dir: &'a Path,
@@ -81,6 +88,8 @@ pub enum Event<'a> {
         outcome: &'a StepOutcome,
         /// Non-padding tokens per second of this step.
         tokens_per_sec: f64,
+        /// Non-padding tokens trained on by the run so far (before a resume included).
+        tokens_seen: u64,
     },
     /// Averages since the previous logging point, as written to the metrics.
     Logged {
@@ -213,7 +222,7 @@ fn config_differences(a: &RunConfig, b: &RunConfig) -> Vec<String> {
 
 /// What a run directory may hold before its `config.toml` is written: the lock, and what a
 /// setup that failed leaves (curated data, the token cache). Such a directory is reused.
-const SETUP_ENTRIES: [&str; 3] = [crate::lock::LOCK_FILE, "data", "tokenized"];
+const SETUP_ENTRIES: [&str; 4] = [crate::lock::LOCK_FILE, "data", "tokenized", SUMMARY_FILE];
 
 fn is_setup_leftover(name: &str) -> bool {
     SETUP_ENTRIES.contains(&name)
@@ -387,6 +396,7 @@ pub fn train_on<B: AutodiffBackend>(
     let lead = t.node_rank == 0;
     // Held until the run returns.
     let (run_dir, _lock) = prepare_run_dir(config, options)?;
+    observer.on_event(&Event::Locked { run_dir: &run_dir });
     let load = LoadOptions {
         dtype: config.model.dtype.dtype(),
     };
@@ -645,6 +655,7 @@ pub fn train_on<B: AutodiffBackend>(
             total_steps,
             outcome: &outcome,
             tokens_per_sec: outcome.tokens as f64 / seconds.max(1e-9),
+            tokens_seen: state.tokens_seen,
         });
         if let Some(metrics) = metrics
             .as_mut()

@@ -9,6 +9,7 @@ pub mod generate;
 pub mod logits;
 pub mod merge;
 pub mod rag;
+pub mod run_summary;
 pub mod serve;
 pub mod template;
 pub mod train;

@@ -4,7 +4,9 @@
 //! `train` loads and validates the run config, runs [`hone_train::train`] and shows progress:
 //! a progress bar (step, loss, tokens/s, ETA) when stdout is a terminal, plain lines every
 //! `train.log_every` steps otherwise. At the end it prints the validation loss before and after
-//! training and the sample generations with and without the adapter.
+//! training and the sample generations with and without the adapter, and writes
+//! `<run>/summary.json` ([`run_summary`](crate::cmd::run_summary)), also when the run failed;
+//! `--json` prints that object as the last line of stdout and everything else on stderr.
 //!
 //! `bench train` times full training steps (forward, backward, clipping, AdamW) of a model with
 //! random weights and prints one JSON line; `--devices a,b` times data-parallel steps.
@@ -28,29 +30,50 @@ use serde_json::json;
 
 use crate::args::{BenchTrainArgs, TrainArgs};
 use crate::cmd::peak_rss_mb;
+use crate::cmd::run_summary::{Record, Status, Summary};
 
-/// Shows a run's progress on stdout.
+/// Where human-readable output goes: stdout, or stderr when stdout is kept for `--json`.
+#[derive(Debug, Clone, Copy)]
+struct Out {
+    stderr: bool,
+}
+
+impl Out {
+    fn line(self, text: &str) {
+        if self.stderr {
+            eprintln!("{text}");
+        } else {
+            println!("{text}");
+        }
+    }
+}
+
+/// Shows a run's progress and records what the summary needs.
 struct Progress {
     bar: Option<ProgressBar>,
+    out: Out,
     started: Instant,
     first_step: usize,
     total_steps: usize,
+    record: Record,
 }
 
 impl Progress {
-    fn new(interactive: bool) -> Self {
+    fn new(interactive: bool, out: Out) -> Self {
         Self {
             bar: interactive.then(|| ProgressBar::new(0)),
+            out,
             started: Instant::now(),
             first_step: 0,
             total_steps: 0,
+            record: Record::default(),
         }
     }
 
     fn line(&self, text: String) {
         match &self.bar {
             Some(bar) => bar.println(text),
-            None => println!("{text}"),
+            None => self.out.line(&text),
         }
     }
 
@@ -68,6 +91,7 @@ fn duration(d: Duration) -> String {
 
 impl Observer for Progress {
     fn on_event(&mut self, event: &Event<'_>) -> Control {
+        self.record.observe(event);
         match event {
             Event::Started {
                 run_dir,
@@ -167,8 +191,8 @@ impl Observer for Progress {
     }
 }
 
-fn print_summary(summary: &RunSummary) {
-    println!(
+fn print_summary(summary: &RunSummary, out: Out) {
+    out.line(&format!(
         "run        {} ({} steps, {:.1} s{})",
         summary.run_dir.display(),
         summary.step,
@@ -178,25 +202,30 @@ fn print_summary(summary: &RunSummary) {
         } else {
             String::new()
         }
-    );
-    match (&summary.first_eval, &summary.last_eval) {
-        (Some(a), Some(b)) => println!(
+    ));
+    out.line(&match (&summary.first_eval, &summary.last_eval) {
+        (Some(a), Some(b)) => format!(
             "val loss   {:.4} (ppl {:.2}) before training -> {:.4} (ppl {:.2}) after",
             a.loss, a.ppl, b.loss, b.ppl
         ),
-        (None, Some(b)) => println!("val loss   {:.4} (ppl {:.2}) after training", b.loss, b.ppl),
-        _ => println!("val loss   (no validation rows)"),
-    }
+        (None, Some(b)) => format!("val loss   {:.4} (ppl {:.2}) after training", b.loss, b.ppl),
+        _ => "val loss   (no validation rows)".to_string(),
+    });
     if let Some(dir) = &summary.adapter_dir {
-        println!("adapter    {}", dir.display());
+        out.line(&format!("adapter    {}", dir.display()));
     }
     if let Some(mb) = peak_rss_mb() {
-        println!("peak mem   {mb:.0} MB resident (host; the whole process)");
+        out.line(&format!(
+            "peak mem   {mb:.0} MB resident (host; the whole process)"
+        ));
     }
     for sample in &summary.samples {
-        println!("\nprompt: {}", sample.prompt);
-        println!("--- base model ---\n{}", sample.base.trim_end());
-        println!("--- with adapter ---\n{}", sample.adapter.trim_end());
+        out.line(&format!("\nprompt: {}", sample.prompt));
+        out.line(&format!("--- base model ---\n{}", sample.base.trim_end()));
+        out.line(&format!(
+            "--- with adapter ---\n{}",
+            sample.adapter.trim_end()
+        ));
     }
 }
 
@@ -211,16 +240,48 @@ pub fn orchestrator(args: crate::args::TrainOrchestratorArgs) -> Result<()> {
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
+    let started = Instant::now();
     let config = RunConfig::load(&args.config, &args.set)?;
-    let mut progress = Progress::new(std::io::stdout().is_terminal());
+    let out = Out { stderr: args.json };
+    let mut progress = Progress::new(std::io::stdout().is_terminal(), out);
     let options = RunOptions {
         resume: args.resume,
         overwrite: args.overwrite,
     };
-    let summary = hone_train::train(&config, options, &mut progress)
-        .with_context(|| format!("training with {}", args.config.display()))?;
-    print_summary(&summary);
-    Ok(())
+    let result = hone_train::train(&config, options, &mut progress)
+        .with_context(|| format!("training with {}", args.config.display()));
+    if let Ok(summary) = &result {
+        print_summary(summary, out);
+    }
+    // The summary, once the run had its directory (an error before that touched nothing).
+    let Some(run_dir) = progress.record.run_dir.clone() else {
+        return result.map(|_| ());
+    };
+    let (status, error, code) = match &result {
+        Ok(_) => (Status::Completed, None, 0),
+        Err(e) => (Status::Failed, Some(crate::error_chain(e)), crate::exit_code(e)),
+    };
+    let summary = Summary::new(
+        &config,
+        &progress.record,
+        &run_dir,
+        status,
+        error,
+        code,
+        started,
+    );
+    let written = summary.write();
+    if args.json {
+        println!("{}", summary.to_json());
+    }
+    match (result, written) {
+        (Err(e), Err(write)) => {
+            eprintln!("warning: {}", crate::error_chain(&write));
+            Err(e)
+        }
+        (Err(e), Ok(_)) => Err(e),
+        (Ok(_), written) => written.map(|_| ()),
+    }
 }
 
 struct BenchTask(BenchTrainArgs);

@@ -1,0 +1,314 @@
+//! `<run>/summary.json`: what one `hone train` did, for CI jobs and batch scripts. Written
+//! atomically when the run returns, whether it completed, failed or was interrupted (once the
+//! run directory was locked; an error before that, e.g. a bad config, leaves no run directory
+//! to write into). `hone train --json` prints the same object as the last line of stdout.
+//!
+//! Validation losses come from the run's `metrics.jsonl` (so a resumed run reports its first
+//! evaluation too), counts of curated examples from `<run>/data/report.json`, digests are
+//! SHA-256 of the files as they are on disk.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use hone_train::{Event, RunConfig};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::cmd::peak_rss_mb;
+
+/// How the run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Completed,
+    Failed,
+}
+
+/// What a run reported while it worked (an [`hone_train::Observer`] feeds it every event).
+#[derive(Debug, Default)]
+pub struct Record {
+    /// Set once the run locked its directory.
+    pub run_dir: Option<PathBuf>,
+    steps: usize,
+    total_steps: usize,
+    resumed_from: Option<usize>,
+    tokens_seen: u64,
+    /// Tokens and time of this process's steps.
+    tokens_here: u64,
+    training_started: Option<Instant>,
+    training_seconds: f64,
+    adapter_dir: Option<PathBuf>,
+}
+
+impl Record {
+    pub fn observe(&mut self, event: &Event<'_>) {
+        match event {
+            Event::Locked { run_dir } => self.run_dir = Some(run_dir.to_path_buf()),
+            Event::Started {
+                total_steps,
+                start_step,
+                resumed_from,
+                ..
+            } => {
+                self.total_steps = *total_steps;
+                self.steps = *start_step;
+                self.resumed_from = resumed_from.map(|_| *start_step);
+                self.training_started = Some(Instant::now());
+            }
+            Event::Step {
+                step,
+                outcome,
+                tokens_seen,
+                ..
+            } => {
+                self.steps = *step;
+                self.tokens_seen = *tokens_seen;
+                self.tokens_here += outcome.tokens as u64;
+                if let Some(t) = self.training_started {
+                    self.training_seconds = t.elapsed().as_secs_f64();
+                }
+            }
+            Event::Finished { adapter_dir, .. } => {
+                self.adapter_dir = Some(adapter_dir.to_path_buf())
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A file and the SHA-256 of its bytes (hex).
+#[derive(Debug, Clone, Serialize)]
+pub struct FileDigest {
+    pub path: PathBuf,
+    pub sha256: String,
+}
+
+impl FileDigest {
+    /// `None` when the file cannot be read.
+    fn of(path: &Path) -> Option<Self> {
+        Some(Self {
+            path: path.to_path_buf(),
+            sha256: sha256_file(path).ok()?,
+        })
+    }
+}
+
+/// SHA-256 of a file's bytes, lower-case hex.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Validation losses of the run, from `metrics.jsonl` (`eval/loss`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ValLoss {
+    pub first: Option<f64>,
+    #[serde(rename = "final")]
+    pub last: Option<f64>,
+    pub best: Option<f64>,
+    pub best_step: Option<u64>,
+}
+
+impl ValLoss {
+    fn read(metrics: &Path) -> Self {
+        let text = std::fs::read_to_string(metrics).unwrap_or_default();
+        let mut out = ValLoss::default();
+        for value in text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        {
+            let (Some(loss), Some(step)) = (value["eval/loss"].as_f64(), value["step"].as_u64())
+            else {
+                continue;
+            };
+            out.first.get_or_insert(loss);
+            out.last = Some(loss);
+            if out.best.is_none_or(|b| loss < b) {
+                out.best = Some(loss);
+                out.best_step = Some(step);
+            }
+        }
+        out
+    }
+}
+
+/// Counts of `<run>/data/report.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Curated {
+    pub input_records: usize,
+    pub train: usize,
+    pub val: usize,
+    pub removed: usize,
+    /// Bad records skipped (`data.on_error = "skip"`).
+    pub bad_records: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DataSummary {
+    /// The files `data.inputs` named (globs expanded), with their digests.
+    pub inputs: Vec<FileDigest>,
+    /// `None` when curation did not finish.
+    pub curated: Option<Curated>,
+}
+
+/// The host CPU: `/proc/cpuinfo`'s model name and the widest vector ISA the kernels use.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cpu {
+    pub model: Option<String>,
+    /// `avx512f`, `avx2+fma` or `baseline`.
+    pub isa: &'static str,
+}
+
+impl Cpu {
+    fn detect() -> Self {
+        let model = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        });
+        Self { model, isa: isa() }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn isa() -> &'static str {
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        "avx512f"
+    } else if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    {
+        "avx2+fma"
+    } else {
+        "baseline"
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn isa() -> &'static str {
+    "baseline"
+}
+
+/// Everything `summary.json` holds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub status: Status,
+    /// The error chain of a failed or interrupted run.
+    pub error: Option<String>,
+    /// The exit code `hone train` ends with.
+    pub exit_code: i32,
+    pub run_dir: PathBuf,
+    /// Steps done (the run's, resumed ones included) and planned.
+    pub steps: usize,
+    pub total_steps: usize,
+    /// The checkpoint step this process resumed from.
+    pub resumed_from: Option<usize>,
+    /// Non-padding tokens trained on by the run (resumed ones included).
+    pub tokens: u64,
+    /// Seconds this process ran, setup included.
+    pub wall_seconds: f64,
+    /// Tokens per second of this process's steps (evaluations and checkpoints included).
+    pub tokens_per_sec: Option<f64>,
+    /// Peak resident memory of the process (VmHWM).
+    pub peak_memory_mb: Option<f64>,
+    pub val_loss: ValLoss,
+    /// The final adapter's `adapter_model.safetensors`.
+    pub adapter: Option<FileDigest>,
+    /// The resolved `<run>/config.toml`.
+    pub config: Option<FileDigest>,
+    pub data: DataSummary,
+    pub hone_version: &'static str,
+    /// The commit the binary was built from, or "unknown".
+    pub git_commit: &'static str,
+    /// `model.device`, or the `train.devices` joined by commas.
+    pub device: String,
+    pub cpu: Cpu,
+}
+
+impl Summary {
+    /// The summary of a run that ended with `status` (and `error`, the printed chain).
+    pub fn new(
+        config: &RunConfig,
+        record: &Record,
+        run_dir: &Path,
+        status: Status,
+        error: Option<String>,
+        exit_code: i32,
+        started: Instant,
+    ) -> Self {
+        let inputs = hone_data::reader::expand_inputs(&config.data.inputs)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|p| FileDigest::of(p))
+            .collect();
+        let curated = std::fs::read(run_dir.join("data").join(hone_data::REPORT_FILE))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<hone_data::Report>(&bytes).ok())
+            .map(|r| Curated {
+                input_records: r.input_records,
+                train: r.kept.train,
+                val: r.kept.val,
+                removed: r.total_removed(),
+                bad_records: r.errors.len(),
+            });
+        let config_file = run_dir.join(hone_train::run::CONFIG_FILE);
+        Summary {
+            status,
+            error,
+            exit_code,
+            run_dir: run_dir.to_path_buf(),
+            steps: record.steps,
+            total_steps: record.total_steps,
+            resumed_from: record.resumed_from,
+            tokens: record.tokens_seen,
+            wall_seconds: started.elapsed().as_secs_f64(),
+            tokens_per_sec: (record.training_seconds > 0.0)
+                .then(|| record.tokens_here as f64 / record.training_seconds),
+            peak_memory_mb: peak_rss_mb(),
+            val_loss: ValLoss::read(&run_dir.join(hone_train::metrics::METRICS_FILE)),
+            adapter: record
+                .adapter_dir
+                .as_ref()
+                .and_then(|d| FileDigest::of(&d.join("adapter_model.safetensors"))),
+            config: config_file
+                .is_file()
+                .then(|| FileDigest::of(&config_file))
+                .flatten(),
+            data: DataSummary { inputs, curated },
+            hone_version: env!("CARGO_PKG_VERSION"),
+            git_commit: env!("HONE_GIT_COMMIT"),
+            device: config
+                .devices()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+            cpu: Cpu::detect(),
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a summary serialises")
+    }
+
+    /// Writes `<run>/summary.json` atomically.
+    pub fn write(&self) -> anyhow::Result<PathBuf> {
+        let path = self.run_dir.join(hone_train::run::SUMMARY_FILE);
+        let text = serde_json::to_string_pretty(self).expect("a summary serialises") + "\n";
+        hone_eval::report::write_atomic(&path, text.as_bytes())?;
+        Ok(path)
+    }
+}
