@@ -1,10 +1,10 @@
 //! Writing the curated data set: `train.jsonl`, `val.jsonl` and `report.json`, atomically.
 //!
-//! Files are written into a fresh temporary directory beside the target (same file system),
-//! flushed and synced, and the directory is then renamed into place. An existing target
-//! directory is first renamed aside and removed only after the new one is in place. A failure
-//! at any point removes the temporary directory; the target is either the old complete output
-//! or the new complete output, never a mix or a half-written file.
+//! Files are written into a fresh temporary directory beside the target (`hone_io::StagedDir`:
+//! same file system), flushed and synced, and the directory is then renamed into place. An
+//! existing target directory is first renamed aside and removed only after the new one is in
+//! place. A failure at any point removes the temporary directory; the target is either the old
+//! complete output or the new complete output, never a mix or a half-written file.
 //!
 //! An existing output directory is only replaced when it is safe to: when it is empty or
 //! holds nothing but a previous output of this stage (`train.jsonl`, `val.jsonl` and a
@@ -188,56 +188,18 @@ pub fn write_prepared_with(
     overwrite: Overwrite,
 ) -> Result<(), DataError> {
     check_output_dir(out_dir, &input_files(prepared), overwrite)?;
-    let name = out_dir
-        .file_name()
-        .ok_or_else(|| DataError::Output {
+    if out_dir.file_name().is_none() {
+        return Err(DataError::Output {
             path: out_dir.to_path_buf(),
             message: "has no directory name".into(),
-        })?
-        .to_string_lossy()
-        .into_owned();
-    let parent = match out_dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).map_err(|e| DataError::write(&parent, e))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}.tmp-"))
-        .tempdir_in(&parent)
-        .map_err(|e| DataError::write(&parent, e))?;
-    write_jsonl(&tmp.path().join(TRAIN_FILE), &prepared.train)?;
-    write_jsonl(&tmp.path().join(VAL_FILE), &prepared.val)?;
-    write_report(&tmp.path().join(REPORT_FILE), prepared)?;
-
-    // Move any old output aside, then the new one in.
-    let backup = if out_dir.exists() {
-        let aside = tempfile::Builder::new()
-            .prefix(&format!(".{name}.old-"))
-            .tempdir_in(&parent)
-            .map_err(|e| DataError::write(&parent, e))?
-            .keep();
-        // `aside` is an empty directory: rename replaces it.
-        std::fs::rename(out_dir, &aside).map_err(|e| DataError::write(out_dir, e))?;
-        Some(aside)
-    } else {
-        None
-    };
-    let tmp_path = tmp.keep();
-    if let Err(e) = std::fs::rename(&tmp_path, out_dir) {
-        if let Some(aside) = &backup {
-            let _ = std::fs::rename(aside, out_dir);
-        }
-        let _ = std::fs::remove_dir_all(&tmp_path);
-        return Err(DataError::write(out_dir, e));
+        });
     }
-    if let Some(aside) = backup {
-        if let Err(e) = std::fs::remove_dir_all(&aside) {
-            tracing::warn!(path = %aside.display(), error = %e, "could not remove the previous output");
-        }
-    }
-    if let Ok(dir) = File::open(&parent) {
-        let _ = dir.sync_all();
-    }
+    let io = |e: hone_io::Error| DataError::write(e.path, e.source);
+    let staged = hone_io::StagedDir::new(out_dir).map_err(io)?;
+    write_jsonl(&staged.path().join(TRAIN_FILE), &prepared.train)?;
+    write_jsonl(&staged.path().join(VAL_FILE), &prepared.val)?;
+    write_report(&staged.path().join(REPORT_FILE), prepared)?;
+    staged.commit().map_err(io)?;
     tracing::info!(dir = %out_dir.display(), train = prepared.train.len(), val = prepared.val.len(), "wrote curated data");
     Ok(())
 }

@@ -146,16 +146,7 @@ fn draw(path: &Path, title: &str, y_label: &str, curves: &[Curve<'_>]) -> Result
     let pad = ((y1 - y0).abs() * 0.05).max(y1.abs() * 1e-3).max(1e-12);
     let (y0, y1) = (y0 - pad, y1 + pad);
 
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&dir).map_err(|e| fail(e.to_string()))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".plot")
-        .suffix(".png")
-        .tempfile_in(&dir)
-        .map_err(|e| fail(e.to_string()))?;
+    let tmp = hone_io::StagedFile::new(path).map_err(|e| fail(e.source.to_string()))?;
     {
         let root = BitMapBackend::new(tmp.path(), (WIDTH, HEIGHT)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
@@ -200,8 +191,7 @@ fn draw(path: &Path, title: &str, y_label: &str, curves: &[Curve<'_>]) -> Result
             .map_err(|e| fail(e.to_string()))?;
         root.present().map_err(|e| fail(e.to_string()))?;
     }
-    crate::report::make_readable(tmp.as_file()).map_err(|e| fail(e.to_string()))?;
-    tmp.persist(path).map_err(|e| fail(e.error.to_string()))?;
+    tmp.commit().map_err(|e| fail(e.source.to_string()))?;
     Ok(())
 }
 

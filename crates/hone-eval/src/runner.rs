@@ -193,10 +193,7 @@ pub fn evaluate<B: Backend>(
     let c = &model.config;
     Ok(EvalReport {
         hone_version: env!("CARGO_PKG_VERSION").to_string(),
-        created_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        created_unix: hone_io::unix_now(),
         plan: plan.clone(),
         model: ModelSummary {
             path: display_path(&plan.model),

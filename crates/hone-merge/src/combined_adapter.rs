@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use hone_model::adapter::{peft_config_json, peft_key, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 use hone_model::lora::{LoraSettings, TargetModules};
 
-use crate::atomic::StagedDir;
 use crate::combine::{AdapterSet, Combination, Method};
 use crate::error::{MergeError, Result};
 use crate::export;
@@ -106,7 +105,7 @@ pub fn combine_adapters(options: &CombineOptions) -> Result<CombineReport> {
     let base_name = first.base_model_name_or_path.clone().unwrap_or_default();
     let config = peft_config_json(&settings, &base_name);
 
-    let staged = StagedDir::create(&options.out, options.force)?;
+    let staged = hone_io::StagedDir::new(&options.out)?;
     let config_path = staged.path().join(ADAPTER_CONFIG);
     let text = serde_json::to_string_pretty(&config).unwrap_or_default() + "\n";
     std::fs::write(&config_path, text).map_err(|e| MergeError::io(&config_path, e))?;

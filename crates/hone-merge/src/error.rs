@@ -160,3 +160,9 @@ impl MergeError {
         }
     }
 }
+
+impl From<hone_io::Error> for MergeError {
+    fn from(e: hone_io::Error) -> Self {
+        MergeError::io(e.path, e.source)
+    }
+}

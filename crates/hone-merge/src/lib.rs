@@ -7,10 +7,9 @@
 //! `add_weighted_adapter` ones ([`combine`]) built on `merge_utils.py`'s rules ([`methods`]) and,
 //! for the SVD methods, a truncated SVD ([`svd`]).
 //! Merging is host-side f32 arithmetic (f64 for SVDs), tensor by tensor; no burn backend is
-//! involved.
+//! involved. Output directories are written all or nothing (`hone_io::StagedDir`).
 
 pub mod adapters;
-pub mod atomic;
 pub mod combine;
 pub mod combined_adapter;
 pub mod error;

@@ -7,14 +7,13 @@
 //! Work is tensor by tensor on the host in f32, one output shard at a time, so memory stays
 //! about one shard plus the adapters. Everything is checked (adapters against each other and
 //! against the base's tensor shapes) before the first byte is written, and the directory is
-//! written all or nothing ([`crate::atomic`]).
+//! written all or nothing (`hone_io::StagedDir`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use hone_model::{ModelConfig, WeightStore};
 
-use crate::atomic::StagedDir;
 use crate::combine::{AdapterSet, Combination, Method};
 use crate::error::{MergeError, Result};
 use crate::export::{self, OutDtype};
@@ -143,7 +142,7 @@ pub fn merge(options: &MergeOptions) -> Result<MergeReport> {
         .collect();
     let shards = export::plan_shards(&sizes, options.max_shard_size);
 
-    let staged = StagedDir::create(&options.out, options.force)?;
+    let staged = hone_io::StagedDir::new(&options.out)?;
     let copied_files =
         export::write_config_and_copy_files(base, &config_json, dtype, staged.path())?;
     let mut weight_map = BTreeMap::new();

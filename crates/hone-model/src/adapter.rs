@@ -5,7 +5,7 @@
 //! `modules_to_save`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::module::Param;
 use burn::prelude::*;
@@ -292,24 +292,25 @@ impl<B: Backend> CausalLm<B> {
             ));
         }
         let config = peft_config_json(settings, base_model_name_or_path);
-        write_dir_atomic(dir, |tmp| {
-            let path = tmp.join(ADAPTER_CONFIG);
-            let text = serde_json::to_string_pretty(&config).expect("a JSON value serialises");
-            std::fs::write(&path, text + "\n").map_err(|e| ModelError::write(&path, e))?;
-            let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-                .iter()
-                .map(|(n, s, b)| {
-                    let view =
-                        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                            .expect("shape and byte length agree by construction");
-                    (n.clone(), view)
-                })
-                .collect();
-            let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
-            let path = tmp.join(ADAPTER_WEIGHTS);
-            safetensors::serialize_to_file(views, metadata, &path)
-                .map_err(|e| ModelError::write_safetensors(&path, e))
-        })
+        let staged = hone_io::StagedDir::new(dir)?;
+        let tmp = staged.path();
+        let path = tmp.join(ADAPTER_CONFIG);
+        let text = serde_json::to_string_pretty(&config).expect("a JSON value serialises");
+        std::fs::write(&path, text + "\n").map_err(|e| ModelError::write(&path, e))?;
+        let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+            .iter()
+            .map(|(n, s, b)| {
+                let view =
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                        .expect("shape and byte length agree by construction");
+                (n.clone(), view)
+            })
+            .collect();
+        let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+        let path = tmp.join(ADAPTER_WEIGHTS);
+        safetensors::serialize_to_file(views, metadata, &path)
+            .map_err(|e| ModelError::write_safetensors(&path, e))?;
+        Ok(staged.commit()?)
     }
 }
 
@@ -354,43 +355,4 @@ pub fn peft_config_json(settings: &LoraSettings, base_model_name_or_path: &str) 
         "use_dora": false,
         "use_rslora": settings.use_rslora,
     })
-}
-
-/// Fills a temporary sibling of `dir` with `fill`, then renames it to `dir`, replacing an
-/// existing directory only once the new one is complete. On error nothing is left behind.
-pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let parent = dir
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| ModelError::write(parent, e))?;
-    let name = dir
-        .file_name()
-        .ok_or_else(|| ModelError::Input(format!("{}: not a directory name", dir.display())))?
-        .to_string_lossy()
-        .to_string();
-    let pid = std::process::id();
-    let tmp: PathBuf = parent.join(format!(".{name}.tmp-{pid}"));
-    let old: PathBuf = parent.join(format!(".{name}.old-{pid}"));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir(&tmp).map_err(|e| ModelError::write(&tmp, e))?;
-    if let Err(e) = fill(&tmp) {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    let had_old = dir.exists();
-    if had_old {
-        std::fs::rename(dir, &old).map_err(|e| ModelError::write(dir, e))?;
-    }
-    if let Err(e) = std::fs::rename(&tmp, dir) {
-        if had_old {
-            let _ = std::fs::rename(&old, dir);
-        }
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(ModelError::write(dir, e));
-    }
-    if had_old {
-        let _ = std::fs::remove_dir_all(&old);
-    }
-    Ok(())
 }

@@ -124,3 +124,9 @@ impl ModelError {
         Self::write(path, cause)
     }
 }
+
+impl From<hone_io::Error> for ModelError {
+    fn from(e: hone_io::Error) -> Self {
+        ModelError::write(e.path, e.source)
+    }
+}

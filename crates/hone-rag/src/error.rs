@@ -98,3 +98,9 @@ impl RagError {
         }
     }
 }
+
+impl From<hone_io::Error> for RagError {
+    fn from(e: hone_io::Error) -> Self {
+        RagError::io(e.path, e.source)
+    }
+}

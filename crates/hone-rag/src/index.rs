@@ -13,7 +13,6 @@ use std::time::Instant;
 
 use hone_data::{OnError, RecordError};
 
-use crate::atomic;
 use crate::chunk::{Chunk, ChunkConfig, Chunker, Tokenization};
 use crate::document::{read_corpus, Document};
 use crate::error::{RagError, Result};
@@ -65,7 +64,7 @@ pub fn build_index(options: &BuildOptions) -> Result<BuildReport> {
     let read_seconds = started.elapsed().as_secs_f64();
 
     let started = Instant::now();
-    let staged = atomic::staging_dir(&options.out)?;
+    let staged = hone_io::StagedDir::new(&options.out)?;
     let tokenization = match &options.tokenizer {
         Some(path) => {
             let copy = staged.path().join(TOKENIZER_FILE);
@@ -92,7 +91,7 @@ pub fn build_index(options: &BuildOptions) -> Result<BuildReport> {
         manifest.write(staged.path())
     })?;
     drop(index);
-    atomic::replace_dir(staged, &options.out)?;
+    staged.commit()?;
     let report = BuildReport {
         documents: corpus.documents.len(),
         chunks: chunks.len(),

@@ -28,7 +28,6 @@
 //! # Ok::<(), hone_rag::RagError>(())
 //! ```
 
-mod atomic;
 pub mod chunk;
 pub mod document;
 pub mod error;

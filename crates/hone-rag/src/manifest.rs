@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::atomic;
 use crate::chunk::{ChunkConfig, Tokenization};
 use crate::error::{RagError, Result};
 
@@ -110,7 +109,7 @@ impl Manifest {
     pub(crate) fn write(&self, dir: &Path) -> Result<()> {
         let mut json = serde_json::to_vec_pretty(self).expect("a manifest serialises");
         json.push(b'\n');
-        atomic::write_file(&dir.join(MANIFEST_FILE), &json)
+        Ok(hone_io::write_file(&dir.join(MANIFEST_FILE), &json)?)
     }
 
     /// The tokenizer file chunking uses, if any.

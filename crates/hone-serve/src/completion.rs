@@ -7,7 +7,7 @@
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -88,7 +88,7 @@ async fn completion_inner(
     let meta = Meta {
         kind: Kind::Completion,
         id: next_id(state, "cmpl"),
-        created: unix_now(),
+        created: hone_io::unix_now(),
         model,
     };
     run(
@@ -157,7 +157,7 @@ async fn chat_inner(
     let meta = Meta {
         kind: Kind::Chat,
         id: next_id(state, "chatcmpl"),
-        created: unix_now(),
+        created: hone_io::unix_now(),
         model,
     };
     run(
@@ -171,13 +171,6 @@ async fn chat_inner(
         received,
     )
     .await
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 fn next_id(state: &AppState, prefix: &str) -> String {

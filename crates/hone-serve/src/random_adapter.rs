@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use hone_model::adapter::{
-    peft_config_json, peft_key, write_dir_atomic, ADAPTER_CONFIG, ADAPTER_WEIGHTS,
+    peft_config_json, peft_key, ADAPTER_CONFIG, ADAPTER_WEIGHTS,
 };
 use hone_model::lora::LoraSettings;
 use hone_model::{ModelConfig, ModelError};
@@ -84,22 +84,23 @@ pub fn write_random_adapter(dir: &Path, config: &ModelConfig, spec: &RandomAdapt
     let targets: Vec<&str> = spec.targets.iter().map(String::as_str).collect();
     let settings = LoraSettings::new(r, spec.alpha, &targets);
     let config_json = peft_config_json(&settings, "random");
-    write_dir_atomic(dir, |tmp| {
-        let path = tmp.join(ADAPTER_CONFIG);
-        std::fs::write(&path, format!("{config_json:#}\n"))
-            .map_err(|e| ModelError::Input(format!("writing {}: {e}", path.display())))?;
-        let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-            .iter()
-            .map(|(name, shape, bytes)| {
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
-                    .map(|v| (name.clone(), v))
-                    .map_err(|e| ModelError::Input(format!("{name}: {e:?}")))
-            })
-            .collect::<std::result::Result<_, _>>()?;
-        let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
-        let path = tmp.join(ADAPTER_WEIGHTS);
-        safetensors::serialize_to_file(views, metadata, &path)
-            .map_err(|e| ModelError::Input(format!("writing {}: {e:?}", path.display())))
-    })?;
+    let staged = hone_io::StagedDir::new(dir).map_err(ModelError::from)?;
+    let tmp = staged.path();
+    let path = tmp.join(ADAPTER_CONFIG);
+    std::fs::write(&path, format!("{config_json:#}\n"))
+        .map_err(|e| ModelError::Input(format!("writing {}: {e}", path.display())))?;
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(name, shape, bytes)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| ModelError::Input(format!("{name}: {e:?}")))
+        })
+        .collect::<std::result::Result<_, _>>()?;
+    let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+    let path = tmp.join(ADAPTER_WEIGHTS);
+    safetensors::serialize_to_file(views, metadata, &path)
+        .map_err(|e| ModelError::Input(format!("writing {}: {e:?}", path.display())))?;
+    staged.commit().map_err(ModelError::from)?;
     Ok(())
 }

@@ -90,10 +90,7 @@ impl Server {
             context: "reading the bound address".into(),
             source,
         })?;
-        let created = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let created = hone_io::unix_now();
         let state = Arc::new(AppState {
             engine: engine.clone(),
             api_key: config.api_key().map(str::to_string),

@@ -14,7 +14,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use burn::prelude::*;
 use burn::tensor::TensorData;
@@ -152,13 +152,6 @@ struct Worker<B: Backend> {
 /// beyond it; a single longer prompt goes alone).
 const MAX_PREFILL_TOKENS: usize = 4096;
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 fn read_floats<B: Backend>(t: Tensor<B, 2>) -> std::result::Result<Vec<f32>, String> {
     t.into_data()
         .convert::<f32>()
@@ -166,19 +159,11 @@ fn read_floats<B: Backend>(t: Tensor<B, 2>) -> std::result::Result<Vec<f32>, Str
         .map_err(|e| format!("cannot read logits: {e:?}"))
 }
 
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
-}
-
 /// The logits of a step run under `catch_unwind`, or what went wrong.
 fn flatten(
     result: std::thread::Result<std::result::Result<Vec<f32>, String>>,
 ) -> std::result::Result<Vec<f32>, String> {
-    result.unwrap_or_else(|panic| Err(panic_message(&*panic)))
+    result.unwrap_or_else(|panic| Err(hone_io::panic_message(&*panic)))
 }
 
 fn same_dir(a: &Path, b: &Path) -> bool {
@@ -366,7 +351,7 @@ impl<B: Backend> Worker<B> {
                         name.to_string(),
                         AdapterEntry {
                             path: PathBuf::from(path),
-                            created: unix_now(),
+                            created: hone_io::unix_now(),
                         },
                     );
                 self.publish_adapters();
@@ -384,7 +369,7 @@ impl<B: Backend> Worker<B> {
             )),
             Err(panic) => Err(ApiError::internal(format!(
                 "loading adapter `{name}` failed: {}",
-                panic_message(&*panic)
+                hone_io::panic_message(&*panic)
             ))),
         }
     }

@@ -6,8 +6,8 @@
 //!   and the number of steps whose random numbers were consumed, bad-step counters).
 //!
 //! A checkpoint is written into a temporary sibling directory and renamed into place
-//! ([`hone_model::adapter::write_dir_atomic`]), so a `step-N/` directory is always complete: a
-//! process killed while writing leaves only a `.step-N.tmp-PID` directory, which
+//! ([`hone_io::StagedDir`]), so a `step-N/` directory is always complete: a
+//! process killed while writing leaves only a `.step-N.tmp-PID-K` directory, which
 //! [`remove_stale_temporaries`] deletes. `keep_last` pruning removes the oldest checkpoints
 //! only after a newer one is in place.
 
@@ -106,8 +106,8 @@ pub fn list_checkpoints(run_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     Ok(out)
 }
 
-/// Deletes temporary directories left by a process killed while writing (`.NAME.tmp-PID`,
-/// `.NAME.old-PID`).
+/// Deletes temporary directories left by a process killed while writing (`.NAME.tmp-PID-K`,
+/// `.NAME.old-PID-K`).
 pub fn remove_stale_temporaries(run_dir: &Path) -> Result<()> {
     let Ok(entries) = std::fs::read_dir(run_dir) else {
         return Ok(());
@@ -177,24 +177,25 @@ pub fn save_checkpoint<B: AutodiffBackend>(
     }
     let state_json =
         serde_json::to_string_pretty(state).expect("the trainer state serialises") + "\n";
-    hone_model::adapter::write_dir_atomic(dir, |tmp| {
-        model.save_adapter(&tmp.join(ADAPTER_DIR), settings, base_model)?;
-        let path = tmp.join(OPTIMIZER_FILE);
-        let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-            .iter()
-            .map(|(n, s, b)| {
-                let view =
-                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                        .expect("shape and byte length agree by construction");
-                (n.clone(), view)
-            })
-            .collect();
-        let metadata = HashMap::from([("optimizer_step".to_string(), optimizer.step.to_string())]);
-        safetensors::serialize_to_file(views, Some(metadata), &path)
-            .map_err(|e| ModelError::write_safetensors(&path, e))?;
-        let path = tmp.join(STATE_FILE);
-        std::fs::write(&path, &state_json).map_err(|e| ModelError::write(path, e))
-    })?;
+    let staged = hone_io::StagedDir::new(dir)?;
+    let tmp = staged.path();
+    model.save_adapter(&tmp.join(ADAPTER_DIR), settings, base_model)?;
+    let path = tmp.join(OPTIMIZER_FILE);
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, s, b)| {
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .expect("shape and byte length agree by construction");
+            (n.clone(), view)
+        })
+        .collect();
+    let metadata = HashMap::from([("optimizer_step".to_string(), optimizer.step.to_string())]);
+    safetensors::serialize_to_file(views, Some(metadata), &path)
+        .map_err(|e| ModelError::write_safetensors(&path, e))?;
+    let path = tmp.join(STATE_FILE);
+    std::fs::write(&path, &state_json).map_err(|e| ModelError::write(path, e))?;
+    staged.commit()?;
     Ok(())
 }
 

@@ -149,3 +149,9 @@ impl TrainError {
         }
     }
 }
+
+impl From<hone_io::Error> for TrainError {
+    fn from(e: hone_io::Error) -> Self {
+        TrainError::io(e.path, e.source)
+    }
+}

@@ -73,18 +73,6 @@ impl MetricsWriter {
     }
 }
 
-/// Replaces `path` with `bytes` through a temporary sibling and a rename, so that a process
-/// killed meanwhile leaves the old file or the new one.
-fn replace_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| TrainError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
-}
-
 /// Keeps the lines of `path` whose `step` is at most `step` (none without a step).
 fn truncate_after(path: &Path, step: Option<usize>) -> Result<()> {
     let text = match std::fs::read_to_string(path) {
@@ -103,7 +91,7 @@ fn truncate_after(path: &Path, step: Option<usize>) -> Result<()> {
         .map(|l| format!("{l}\n"))
         .collect();
     if kept != text {
-        replace_file(path, kept.as_bytes())?;
+        hone_io::write_file(path, kept.as_bytes())?;
     }
     Ok(())
 }
@@ -184,7 +172,7 @@ fn truncate_events(tb: &Path, step: Option<usize>) -> Result<()> {
             at += 16 + len;
         }
         if kept.len() != bytes.len() {
-            replace_file(&path, &kept)?;
+            hone_io::write_file(&path, &kept)?;
         }
     }
     Ok(())

@@ -324,15 +324,6 @@ impl Session {
     }
 }
 
-/// The text of a panic payload.
-fn panic_text(payload: &(dyn Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".into())
-}
-
 /// Whether any adapter draws dropout masks.
 fn uses_dropout<B: Backend>(model: &CausalLm<B>) -> bool {
     model
@@ -535,7 +526,7 @@ fn peer_main<B: AutodiffBackend>(
         let message = match result {
             Ok(Ok(_)) => continue,
             Ok(Err(e)) => e.to_string(),
-            Err(payload) => format!("panicked: {}", panic_text(payload.as_ref())),
+            Err(payload) => format!("panicked: {}", hone_io::panic_message(payload.as_ref())),
         };
         session.fail(format!(
             "{} at step {}: {message}",
@@ -804,7 +795,7 @@ impl<B: AutodiffBackend> DataParallel<B> {
             if let Err(payload) = handle.join() {
                 self.session.fail(format!(
                     "a peer thread panicked: {}",
-                    panic_text(payload.as_ref())
+                    hone_io::panic_message(payload.as_ref())
                 ));
             }
         }

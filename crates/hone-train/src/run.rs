@@ -304,9 +304,7 @@ fn prepare_run_dir(config: &RunConfig, options: RunOptions) -> Result<(PathBuf, 
 fn write_run_config(config: &RunConfig, dir: &Path) -> Result<()> {
     let saved = dir.join(CONFIG_FILE);
     let text = config.to_toml()?;
-    let tmp = dir.join(format!(".{CONFIG_FILE}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, text).map_err(|e| TrainError::io(&tmp, e))?;
-    std::fs::rename(&tmp, &saved).map_err(|e| TrainError::io(&saved, e))
+    Ok(hone_io::write_file(&saved, text.as_bytes())?)
 }
 
 /// The working directory, for messages about relative paths.

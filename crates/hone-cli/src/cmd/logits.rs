@@ -72,22 +72,13 @@ pub fn write_safetensors_atomic(
             TensorView::new(*dtype, shape.clone(), data).context("building output tensor")?,
         );
     }
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let file_name = path.file_name().context("output path has no file name")?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        file_name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = safetensors::serialize_to_file(views, None, &tmp)
-        .map_err(|e| anyhow::anyhow!("{e:?}"))
-        .and_then(|_| std::fs::rename(&tmp, path).map_err(Into::into));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
+    let result = hone_io::StagedFile::new(path)
+        .map_err(anyhow::Error::from)
+        .and_then(|staged| {
+            safetensors::serialize_to_file(views, None, staged.path())
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            Ok(staged.commit()?)
+        });
     result.with_context(|| format!("writing {}", path.display()))
 }
 
