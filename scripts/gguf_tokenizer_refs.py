@@ -12,6 +12,12 @@ stories260k-tokenizer.gguf: the SentencePiece-style tokenizer of checkpoints/bas
 convert_hf_to_gguf.py writes a llama vocabulary (`_set_vocab_llama_hf`: tokenizer.ggml.model =
 llama, tokens, scores, token types with <0xNN> bytes as BYTE, add_space_prefix from the
 normalizer/pre-tokenizer, special ids).
+stories260k-llamacpp-tokenizer.gguf: the same tokenizer converted by llama.cpp's own
+convert_hf_to_gguf.py (`--vocab-only`; it falls back to `_set_vocab_llama_hf`, so every score is
+-1000 and there is no add_space_prefix key: merges are recovered from ties). Rewritten only when
+LLAMA_CPP names a llama.cpp source tree, e.g. the one the llama-cpp-python sdist vendors:
+  pip download --no-deps --no-binary :all: llama-cpp-python   (the .tar.gz; untar it)
+  LLAMA_CPP=.../llama_cpp_python-0.3.36/vendor/llama.cpp python scripts/gguf_tokenizer_refs.py
 *.refs.json: what transformers' own GGUF loading (AutoTokenizer.from_pretrained(dir,
 gguf_file=...), its integrations/ggml.py converters) gives on CORPUS: ids with and without
 special tokens, token strings, decodes; for SmolLM2 also apply_chat_template of CONVERSATION.
@@ -21,6 +27,7 @@ transformers decides; hone's tests (crates/hone-model/tests/gguf.rs) replay thes
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -190,6 +197,13 @@ def main():
     stories = os.path.join(OUT, "stories260k-tokenizer.gguf")
     stories_gguf(stories)
     write_json("stories260k-tokenizer.refs.json", refs(stories, CORPUS, chat=False))
+    converted = os.path.join(OUT, "stories260k-llamacpp-tokenizer.gguf")
+    llama_cpp = os.environ.get("LLAMA_CPP")
+    if llama_cpp:
+        env = dict(os.environ, PYTHONPATH=os.path.join(llama_cpp, "gguf-py"))
+        subprocess.run([sys.executable, os.path.join(llama_cpp, "convert_hf_to_gguf.py"), STORIES,
+                        "--vocab-only", "--outfile", converted], check=True, env=env)
+    write_json("stories260k-llamacpp-tokenizer.refs.json", refs(converted, CORPUS, chat=False))
 
 
 if __name__ == "__main__":

@@ -112,3 +112,19 @@ fn sentencepiece_tokenizer_gives_transformers_ids() {
     let bad = replay(&tok, &refs);
     assert!(bad.is_empty(), "{} mismatches:\n{}", bad.len(), bad.join("\n"));
 }
+
+/// The same vocabulary as llama.cpp's own `convert_hf_to_gguf.py --vocab-only` writes it from
+/// a tokenizer.json (every score -1000, no `add_space_prefix`): the merges come from ties, so
+/// their order rests on the token lengths and vocabulary order alone, and the ids differ from
+/// the fixture above on two samples. transformers' ids are still the reference.
+#[test]
+fn sentencepiece_tokenizer_from_llama_cpps_converter_gives_transformers_ids() {
+    let file = GgufFile::open(&fixture("stories260k-llamacpp-tokenizer.gguf")).unwrap();
+    let scores = file.get_array("tokenizer.ggml.scores").unwrap();
+    assert!(scores.iter().all(|s| s.as_f64() == Some(-1000.0)));
+    let tok = tokenizer(&file).unwrap();
+    let refs = refs("stories260k-llamacpp-tokenizer.refs.json");
+    special_ids_match(&tok, &refs);
+    let bad = replay(&tok, &refs);
+    assert!(bad.is_empty(), "{} mismatches:\n{}", bad.len(), bad.join("\n"));
+}
