@@ -19,9 +19,10 @@ pub struct LoadedModel<B: Backend> {
 }
 
 /// The model directory `path` names: `path` itself, or, when `path` is a file of a model
-/// directory (`dir/model.safetensors`, `dir/config.json`), the directory holding it.
+/// directory (`dir/model.safetensors`, `dir/config.json`), the directory holding it. A GGUF
+/// model file is a whole model and stands for itself.
 pub fn resolve_model_dir(path: &Path) -> Result<PathBuf> {
-    if path.is_dir() {
+    if path.is_dir() || is_gguf(path) {
         return Ok(path.to_path_buf());
     }
     if !path.exists() {
@@ -45,6 +46,15 @@ pub fn resolve_model_dir(path: &Path) -> Result<PathBuf> {
         path: path.to_path_buf(),
         parent,
     })
+}
+
+/// The configuration of the model `path` names: `config.json` of a model directory (or of the
+/// directory of a file in it, see [`resolve_model_dir`]), or a GGUF file's `{arch}.*` metadata.
+pub fn model_config(path: &Path) -> Result<ModelConfig> {
+    if is_gguf(path) {
+        return crate::gguf::model_config(&crate::gguf::GgufFile::open(path)?);
+    }
+    ModelConfig::from_file(&resolve_model_dir(path)?.join("config.json"))
 }
 
 /// Loads model directory `dir` (or the directory of a file in it, see [`resolve_model_dir`])

@@ -517,3 +517,26 @@ fn quantized_matmul_equals_the_product_with_dequantized_weights() {
         }
     }
 }
+
+/// Commands that take a model directory take a GGUF file through the same two calls: the path
+/// resolves to itself (not to the folder holding it), and its configuration is the
+/// directory's (`config.json`) for a file converted from that directory.
+#[test]
+fn a_gguf_path_is_a_model_for_resolve_and_model_config() {
+    let gguf = fixture("llama_gqa.gguf");
+    assert_eq!(hone_model::loader::resolve_model_dir(&gguf).unwrap(), gguf);
+    let from_gguf = hone_model::loader::model_config(&gguf).unwrap();
+    let dir = peft_fixture("llama_gqa");
+    let from_dir = hone_model::loader::model_config(&dir).unwrap();
+    assert_eq!(from_gguf.vocab_size, from_dir.vocab_size);
+    assert_eq!(from_gguf.hidden_size, from_dir.hidden_size);
+    assert_eq!(from_gguf.num_layers, from_dir.num_layers);
+    assert_eq!(from_gguf.num_heads, from_dir.num_heads);
+    assert_eq!(from_gguf.num_kv_heads, from_dir.num_kv_heads);
+    assert_eq!(from_gguf.intermediate_size, from_dir.intermediate_size);
+    // A file inside a model directory still stands for the directory.
+    assert_eq!(
+        hone_model::loader::resolve_model_dir(&dir.join("config.json")).unwrap(),
+        dir
+    );
+}
