@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use hone_model::DeviceSpec;
+use hone_model::{DeviceSpec, FloatDtype};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -79,24 +79,6 @@ pub struct TrainArgs {
     pub json: bool,
 }
 
-/// Compute dtype of the model weights.
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DTypeArg {
-    F32,
-    Bf16,
-    F16,
-}
-
-impl DTypeArg {
-    pub fn dtype(self) -> burn::tensor::DType {
-        match self {
-            DTypeArg::F32 => burn::tensor::DType::F32,
-            DTypeArg::Bf16 => burn::tensor::DType::BF16,
-            DTypeArg::F16 => burn::tensor::DType::F16,
-        }
-    }
-}
-
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
     /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
@@ -107,7 +89,7 @@ pub struct ModelArgs {
     pub device: DeviceSpec,
     /// Compute dtype of the weights.
     #[arg(long, value_enum, default_value = "f32")]
-    pub dtype: DTypeArg,
+    pub dtype: FloatDtype,
 }
 
 #[derive(Args, Debug)]
@@ -220,7 +202,7 @@ pub struct BenchTrainArgs {
     pub gradient_checkpointing: bool,
     /// Dtype of the base weights (the adapters and optimizer stay f32).
     #[arg(long, value_enum, default_value = "f32")]
-    pub dtype: DTypeArg,
+    pub dtype: FloatDtype,
     /// Peak dense f32 FLOP/s of the device in TFLOP/s, to report model FLOPs utilisation.
     #[arg(long)]
     pub peak_tflops: Option<f64>,
@@ -269,7 +251,7 @@ pub struct BenchGenerateArgs {
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
     #[arg(long, value_enum, default_value = "f32")]
-    pub dtype: DTypeArg,
+    pub dtype: FloatDtype,
     /// Timed repetitions (the best is reported).
     #[arg(long, default_value_t = 3)]
     pub repeat: usize,

@@ -34,8 +34,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use burn::tensor::DType;
-use hone_model::DeviceSpec;
+use hone_model::{DeviceSpec, FloatDtype};
 use hone_tokenize::TemplateSource;
 use serde::{Deserialize, Serialize};
 
@@ -72,37 +71,6 @@ impl TaskKind {
 impl fmt::Display for TaskKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
-    }
-}
-
-/// Compute dtype of the weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Dtype {
-    #[default]
-    F32,
-    Bf16,
-    F16,
-}
-
-impl fmt::Display for Dtype {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Dtype::F32 => "f32",
-            Dtype::Bf16 => "bf16",
-            Dtype::F16 => "f16",
-        })
-    }
-}
-
-impl Dtype {
-    /// The burn dtype.
-    pub fn dtype(self) -> DType {
-        match self {
-            Dtype::F32 => DType::F32,
-            Dtype::Bf16 => DType::BF16,
-            Dtype::F16 => DType::F16,
-        }
     }
 }
 
@@ -202,7 +170,7 @@ pub struct EvalConfig {
     #[serde(default)]
     pub device: DeviceSpec,
     #[serde(default)]
-    pub dtype: Dtype,
+    pub dtype: FloatDtype,
     /// Apply the chat template to multiple-choice and generation prompts. Default false.
     #[serde(default)]
     pub chat: bool,
@@ -240,7 +208,7 @@ impl Default for EvalConfig {
             batch_size: default_batch_size(),
             limit: None,
             device: DeviceSpec::default(),
-            dtype: Dtype::default(),
+            dtype: FloatDtype::default(),
             chat: false,
             template: TemplateSource::default(),
             all_tokens: false,
@@ -333,7 +301,7 @@ pub struct EvalPlan {
     pub batch_size: usize,
     pub limit: Option<usize>,
     pub device: DeviceSpec,
-    pub dtype: Dtype,
+    pub dtype: FloatDtype,
     pub template: TemplateSource,
     pub max_seq_len: usize,
     pub out: Option<PathBuf>,

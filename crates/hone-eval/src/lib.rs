@@ -38,7 +38,7 @@ pub mod runner;
 pub mod score;
 
 pub use config::{
-    preset_names, AdapterSpec, Dtype, EvalConfig, EvalPlan, TaskConfig, TaskKind, TaskSpec,
+    preset_names, AdapterSpec, EvalConfig, EvalPlan, TaskConfig, TaskKind, TaskSpec,
     BASE_COLUMN,
 };
 pub use error::{EvalError, Result};

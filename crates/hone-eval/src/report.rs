@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Dtype, EvalPlan, TaskKind};
+use crate::config::{EvalPlan, TaskKind};
+use hone_model::FloatDtype;
 use crate::error::{EvalError, Result};
 
 /// File names inside the output directory.
@@ -44,7 +45,7 @@ pub struct ModelSummary {
     /// Longest row used: `max_seq_len` capped by the model's `max_position_embeddings`.
     pub max_seq_len: usize,
     pub device: String,
-    pub dtype: Dtype,
+    pub dtype: FloatDtype,
 }
 
 /// One column: the base model or an adapter on it.

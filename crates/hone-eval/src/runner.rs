@@ -67,7 +67,7 @@ pub fn evaluate<B: Backend>(
         &model_dir,
         device,
         LoadOptions {
-            dtype: plan.dtype.dtype(),
+            dtype: plan.dtype.burn(),
         },
     )?;
     let mut model = loaded.model;

@@ -82,12 +82,12 @@ pub fn combine_adapters(options: &CombineOptions) -> Result<CombineReport> {
         tensors.push((
             peft_key(module, "lora_A"),
             vec![rank, shape.in_features],
-            export::OutDtype::F32.encode(&combined.a),
+            hone_model::FloatDtype::F32.encode(&combined.a),
         ));
         tensors.push((
             peft_key(module, "lora_B"),
             vec![shape.out_features, rank],
-            export::OutDtype::F32.encode(&combined.b),
+            hone_model::FloatDtype::F32.encode(&combined.b),
         ));
     }
     let first = &set.adapters[0];

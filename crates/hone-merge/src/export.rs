@@ -11,74 +11,13 @@ use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use serde_json::Value;
 
+use hone_model::FloatDtype;
+
 use crate::error::{MergeError, Result};
 
 /// The single-file weights name and the shard index name.
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
-
-/// The dtype of the written tensors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OutDtype {
-    F32,
-    Bf16,
-    F16,
-}
-
-impl OutDtype {
-    /// The name in `config.json` (`torch_dtype` / `dtype`).
-    pub fn config_name(self) -> &'static str {
-        match self {
-            OutDtype::F32 => "float32",
-            OutDtype::Bf16 => "bfloat16",
-            OutDtype::F16 => "float16",
-        }
-    }
-
-    /// The dtype a `config.json` declares, if it is one of these.
-    pub fn from_config_name(name: &str) -> Option<Self> {
-        [OutDtype::F32, OutDtype::Bf16, OutDtype::F16]
-            .into_iter()
-            .find(|d| d.config_name() == name)
-    }
-
-    pub fn safetensors(self) -> Dtype {
-        match self {
-            OutDtype::F32 => Dtype::F32,
-            OutDtype::Bf16 => Dtype::BF16,
-            OutDtype::F16 => Dtype::F16,
-        }
-    }
-
-    /// Bytes per element.
-    pub fn size(self) -> usize {
-        match self {
-            OutDtype::F32 => 4,
-            OutDtype::Bf16 | OutDtype::F16 => 2,
-        }
-    }
-
-    /// Little-endian bytes of `values` in this dtype (round to nearest even).
-    pub fn encode(self, values: &[f32]) -> Vec<u8> {
-        match self {
-            OutDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            OutDtype::Bf16 => values
-                .iter()
-                .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
-                .collect(),
-            OutDtype::F16 => values
-                .iter()
-                .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
-                .collect(),
-        }
-    }
-}
-
-impl std::fmt::Display for OutDtype {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.config_name())
-    }
-}
 
 /// Parses a size as transformers' `max_shard_size`: a number of bytes, or a number with a unit
 /// (`KB`, `MB`, `GB` are powers of 1000; `KiB`, `MiB`, `GiB` powers of 1024; case-insensitive).
@@ -241,11 +180,11 @@ fn is_weights_file(name: &str) -> bool {
 }
 
 /// The dtype `config.json` declares (`dtype`, transformers 5, or `torch_dtype`), if any.
-pub fn declared_dtype(config: &Value) -> Option<OutDtype> {
+pub fn declared_dtype(config: &Value) -> Option<FloatDtype> {
     ["dtype", "torch_dtype"]
         .iter()
         .find_map(|k| config.get(*k).and_then(Value::as_str))
-        .and_then(OutDtype::from_config_name)
+        .and_then(FloatDtype::from_config_name)
 }
 
 /// Reads `config.json` of `base` as JSON.
@@ -275,7 +214,7 @@ pub fn read_config(base: &Path) -> Result<Value> {
 pub fn write_config_and_copy_files(
     base: &Path,
     config: &Value,
-    dtype: OutDtype,
+    dtype: FloatDtype,
     out: &Path,
 ) -> Result<Vec<String>> {
     let mut config = config.clone();

@@ -24,6 +24,6 @@ pub use combine::{
 };
 pub use combined_adapter::{combine_adapters, CombineOptions, CombineReport};
 pub use error::{MergeError, Result};
-pub use export::{parse_size, OutDtype};
+pub use export::parse_size;
 pub use merge::{merge, MergeOptions, MergeReport, ShardInfo, DEFAULT_MAX_SHARD_SIZE};
 pub use methods::MajoritySign;

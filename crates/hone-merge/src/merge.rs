@@ -12,11 +12,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use hone_model::{ModelConfig, WeightStore};
+use hone_model::{FloatDtype, ModelConfig, WeightStore};
 
 use crate::combine::{AdapterSet, Combination, Method};
 use crate::error::{MergeError, Result};
-use crate::export::{self, OutDtype};
+use crate::export;
 
 /// transformers' default `max_shard_size`.
 pub const DEFAULT_MAX_SHARD_SIZE: u64 = 5_000_000_000;
@@ -30,7 +30,7 @@ pub struct MergeOptions {
     pub adapters: Vec<PathBuf>,
     pub combination: Combination,
     /// Output dtype; `None`: the dtype `config.json` declares, else f32.
-    pub dtype: Option<OutDtype>,
+    pub dtype: Option<FloatDtype>,
     /// Largest shard in bytes of tensor data.
     pub max_shard_size: u64,
     /// Output directory.
@@ -53,7 +53,7 @@ pub struct ShardInfo {
 pub struct MergeReport {
     /// The combination method used (`linear` for a single adapter).
     pub method: Method,
-    pub dtype: OutDtype,
+    pub dtype: FloatDtype,
     /// Modules that received an update.
     pub merged_modules: usize,
     pub tensors: usize,
@@ -107,7 +107,7 @@ pub fn merge(options: &MergeOptions) -> Result<MergeReport> {
     let dtype = options
         .dtype
         .or_else(|| export::declared_dtype(&config_json))
-        .unwrap_or(OutDtype::F32);
+        .unwrap_or(FloatDtype::F32);
     let store = WeightStore::open_dir(base)?;
     let set = AdapterSet::open(&options.adapters, &options.combination)?;
 

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use burn::prelude::*;
 use hone_merge::{
-    combine_adapters, merge, parse_size, Combination, CombineOptions, Method, OutDtype,
+    combine_adapters, merge, parse_size, Combination, CombineOptions, Method,
 };
 use hone_model::{load_model_dir, Cpu, LoadOptions, WeightStore};
 
@@ -58,7 +58,7 @@ fn merged_fixtures_match_peft_and_hone_with_the_adapter() {
             report.merged_modules, 14,
             "{name}: 7 projections x 2 layers"
         );
-        assert_eq!(report.dtype, OutDtype::F32);
+        assert_eq!(report.dtype, hone_model::FloatDtype::F32);
         assert_eq!(
             entries(&out),
             [
@@ -168,8 +168,8 @@ fn half_precision_outputs_load_and_stay_close_to_f32() {
     merge(&options(&dir, &[&dir.join("adapter")], &f32_out)).unwrap();
     let reference = logits(&f32_out, None, &dir);
     for (dtype, st_dtype, name, bound) in [
-        (OutDtype::Bf16, safetensors::Dtype::BF16, "bfloat16", 1e-2),
-        (OutDtype::F16, safetensors::Dtype::F16, "float16", 1e-3),
+        (hone_model::FloatDtype::Bf16, safetensors::Dtype::BF16, "bfloat16", 1e-2),
+        (hone_model::FloatDtype::F16, safetensors::Dtype::F16, "float16", 1e-3),
     ] {
         let out = tmp.path().join(name);
         let mut opts = options(&dir, &[&dir.join("adapter")], &out);

@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 
 use hone_data::DataConfig;
 use hone_model::lora::{LoraSettings, TargetModules};
-use hone_model::DeviceSpec;
+use hone_model::{DeviceSpec, FloatDtype};
 use hone_tokenize::TokenizeConfig;
 use serde::{Deserialize, Serialize};
 
@@ -45,26 +45,6 @@ use crate::schedule::ScheduleKind;
 
 /// Where run directories go when `[output] dir` is not given: `<RUNS_DIR>/<name>/`.
 pub const RUNS_DIR: &str = "checkpoints/runs";
-
-/// Compute dtype of the base weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DTypeChoice {
-    #[default]
-    F32,
-    Bf16,
-    F16,
-}
-
-impl DTypeChoice {
-    pub fn dtype(self) -> burn::tensor::DType {
-        match self {
-            DTypeChoice::F32 => burn::tensor::DType::F32,
-            DTypeChoice::Bf16 => burn::tensor::DType::BF16,
-            DTypeChoice::F16 => burn::tensor::DType::F16,
-        }
-    }
-}
 
 /// `[model]`: the base model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -78,7 +58,7 @@ pub struct ModelSection {
     /// Dtype of the base weights: `f32` (default) or `bf16` (adapters, their gradients and the
     /// optimizer state stay f32; the adapters compute in f32 as in PEFT's mixed precision).
     #[serde(default)]
-    pub dtype: DTypeChoice,
+    pub dtype: FloatDtype,
 }
 
 fn default_r() -> usize {
@@ -653,7 +633,7 @@ impl RunConfig {
                 ),
             );
         }
-        if self.model.dtype == DTypeChoice::F16 {
+        if self.model.dtype == FloatDtype::F16 {
             return err(
                 "model.dtype",
                 "f16 base weights are not supported for training (f16's range overflows in \

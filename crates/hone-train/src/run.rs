@@ -354,7 +354,7 @@ fn check_memory<B: Backend>(
 ) -> Result<MemoryEstimate> {
     let devices = config.devices();
     let on_cpu = matches!(devices[0], hone_model::DeviceSpec::Cpu);
-    let dtype = config.model.dtype.dtype();
+    let dtype = config.model.dtype.burn();
     let shape = RunShape {
         micro_batch_size: config.train.micro_batch_size,
         max_seq_len: config.tokenize.max_seq_len,
@@ -393,10 +393,10 @@ pub fn train_on<B: AutodiffBackend>(
     // Global rank 0 (node 0's rank 0) evaluates, logs and writes; other nodes train silently.
     let lead = t.node_rank == 0;
     // Held until the run returns.
-    let (run_dir, _lock) = prepare_run_dir(config, options)?;
+    let (run_dir, _lock) = prepare_run_dir(config, &options)?;
     observer.on_event(&Event::Locked { run_dir: &run_dir });
     let load = LoadOptions {
-        dtype: config.model.dtype.dtype(),
+        dtype: config.model.dtype.burn(),
     };
     let loaded = load_model_dir::<B>(&config.model.path, &device, load)?;
     let tokenizer = loaded.tokenizer;

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use hone_model::lora::TargetModules;
-use hone_train::config::DTypeChoice;
+use hone_model::FloatDtype;
 use hone_train::{RunConfig, ScheduleKind, TrainError};
 
 const MINIMAL: &str = r#"
@@ -35,7 +35,7 @@ fn missing_tables_and_keys_take_their_defaults() {
         c.lora.target_modules,
         TargetModules::Names(vec!["q_proj".into(), "v_proj".into()])
     );
-    assert_eq!(c.model.dtype, DTypeChoice::F32);
+    assert_eq!(c.model.dtype, FloatDtype::F32);
     assert_eq!(c.output.name.as_deref(), Some("x"));
     assert_eq!(c.run_dir(), Path::new("checkpoints/runs/x"));
     assert!(c.tokenize.packing && c.eval.at_start);

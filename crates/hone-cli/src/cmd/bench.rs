@@ -78,7 +78,7 @@ impl BackendTask for GenerateTask {
     fn run<B: Backend>(self, device: B::Device) -> Result<serde_json::Value> {
         let a = self.0;
         let options = LoadOptions {
-            dtype: a.dtype.dtype(),
+            dtype: a.dtype.burn(),
         };
         let (model, label) = match (&a.model, a.shape) {
             (Some(dir), _) => {
@@ -128,7 +128,7 @@ impl BackendTask for GenerateTask {
             "bench": "generate",
             "model": label,
             "device": format!("{device:?}"),
-            "dtype": format!("{:?}", a.dtype).to_lowercase(),
+            "dtype": a.dtype.to_string(),
             "batch": a.batch,
             "prompt_tokens": a.prompt_tokens,
             "new_tokens": a.new_tokens,

@@ -13,14 +13,13 @@ use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use clap::Args;
 use hone_eval::{
-    evaluate, plot_run, write_report, AdapterSpec, Dtype, EvalConfig, EvalPlan, EvalReport,
+    evaluate, plot_run, write_report, AdapterSpec, EvalConfig, EvalPlan, EvalReport,
     Progress, TaskConfig, TaskKind,
 };
-use hone_model::{run_on, BackendTask, DeviceSpec};
+use hone_model::{run_on, BackendTask, DeviceSpec, FloatDtype};
 use hone_tokenize::TemplateSource;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::args::DTypeArg;
 
 /// Output directory when neither `--out` nor the config names one.
 const DEFAULT_OUT: &str = "runs/eval";
@@ -51,7 +50,7 @@ pub struct EvalArgs {
     pub device: Option<DeviceSpec>,
     /// Compute dtype of the weights [default: f32].
     #[arg(long, value_enum)]
-    pub dtype: Option<DTypeArg>,
+    pub dtype: Option<FloatDtype>,
     /// Wrap multiple-choice and generation prompts in the chat template.
     #[arg(long)]
     pub chat: bool,
@@ -149,11 +148,7 @@ fn build_plan(args: &EvalArgs) -> Result<EvalPlan> {
         config.device = d;
     }
     if let Some(d) = args.dtype {
-        config.dtype = match d {
-            DTypeArg::F32 => Dtype::F32,
-            DTypeArg::Bf16 => Dtype::Bf16,
-            DTypeArg::F16 => Dtype::F16,
-        };
+        config.dtype = d;
     }
     config.chat |= args.chat;
     config.all_tokens |= args.all_tokens;

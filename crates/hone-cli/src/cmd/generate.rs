@@ -30,7 +30,7 @@ impl BackendTask for Task {
             &args.model.model,
             &device,
             LoadOptions {
-                dtype: args.model.dtype.dtype(),
+                dtype: args.model.dtype.burn(),
             },
         )
         .with_context(|| format!("loading model {}", args.model.model.display()))?;

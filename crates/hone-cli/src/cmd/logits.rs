@@ -28,7 +28,7 @@ impl BackendTask for Task {
             &m.model,
             &device,
             LoadOptions {
-                dtype: m.dtype.dtype(),
+                dtype: m.dtype.burn(),
             },
         )
         .with_context(|| format!("loading model {}", m.model.display()))?;

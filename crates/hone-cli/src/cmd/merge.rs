@@ -7,9 +7,9 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, ValueEnum};
-use hone_merge::{Combination, MajoritySign, MergeOptions, Method, OutDtype};
+use hone_merge::{Combination, MajoritySign, MergeOptions, Method};
+use hone_model::FloatDtype;
 
-use crate::args::DTypeArg;
 
 /// How adapters are combined: PEFT's `add_weighted_adapter` combination types.
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,7 +136,7 @@ pub struct MergeArgs {
     pub selection: AdapterSelection,
     /// dtype of the written weights (default: the base's config.json dtype, else f32).
     #[arg(long, value_enum)]
-    pub dtype: Option<DTypeArg>,
+    pub dtype: Option<FloatDtype>,
     /// Largest safetensors shard (bytes of tensor data; KB/MB/GB are powers of 1000, KiB/MiB/GiB
     /// of 1024). Above it the weights are split and listed by model.safetensors.index.json.
     #[arg(long, default_value = "5GB", value_parser = parse_size)]
@@ -154,11 +154,7 @@ pub fn run(args: MergeArgs) -> Result<()> {
         base: args.model.clone(),
         adapters: args.selection.adapters.clone(),
         combination: args.selection.combination(),
-        dtype: args.dtype.map(|d| match d {
-            DTypeArg::F32 => OutDtype::F32,
-            DTypeArg::Bf16 => OutDtype::Bf16,
-            DTypeArg::F16 => OutDtype::F16,
-        }),
+        dtype: args.dtype,
         max_shard_size: args.max_shard_size,
         out: args.out.clone(),
         force: args.force,
@@ -176,7 +172,7 @@ pub fn run(args: MergeArgs) -> Result<()> {
         report.merged_modules,
         report.tensors,
         report.total_size,
-        report.dtype,
+        report.dtype.config_name(),
         args.out.display()
     );
     if !report.dropped.is_empty() {

@@ -8,14 +8,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use hone_model::{DeviceSpec, ModelConfig, Tokenizer};
+use hone_model::{DeviceSpec, FloatDtype, ModelConfig, Tokenizer};
 use hone_serve::load::{bench_blocking, LoadConfig, Target};
 use hone_serve::random_adapter::{write_random_adapter, RandomAdapter};
 use hone_serve::{Limits, ModelSource, ServeConfig, Timeouts};
 use hone_tokenize::TemplateSource;
 use serde_json::json;
 
-use crate::args::{DTypeArg, Shape};
+use crate::args::Shape;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -52,7 +52,7 @@ pub struct ServeArgs {
     pub device: DeviceSpec,
     /// Compute dtype of the weights.
     #[arg(long, value_enum, default_value = "f32")]
-    pub dtype: DTypeArg,
+    pub dtype: FloatDtype,
     /// Chat template: model (the model's own; the default), model:NAME, chatml, llama3, alpaca.
     #[arg(long)]
     pub chat_template: Option<TemplateSource>,
@@ -109,7 +109,7 @@ fn serve_config(args: ServeArgs) -> Result<ServeConfig> {
         .api_key
         .or_else(|| std::env::var("HONE_API_KEY").ok().filter(|k| !k.is_empty()));
     config.device = args.device;
-    config.dtype = args.dtype.dtype();
+    config.dtype = args.dtype.burn();
     config.chat_template = args.chat_template;
     config.limits = Limits {
         max_batch: args.max_batch,
@@ -207,7 +207,7 @@ pub struct BenchServeArgs {
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
     #[arg(long, value_enum, default_value = "f32")]
-    pub dtype: DTypeArg,
+    pub dtype: FloatDtype,
 }
 
 /// A loopback address from `http://HOST:PORT[/...]`.
@@ -275,7 +275,7 @@ pub fn bench(args: BenchServeArgs) -> Result<()> {
                 .unwrap_or_else(|| tokenizer.vocab_size().min(model_config.vocab_size) as u32);
             let mut config = ServeConfig::new(source);
             config.device = args.device;
-            config.dtype = args.dtype.dtype();
+            config.dtype = args.dtype.burn();
             let largest = args.concurrency.iter().copied().max().unwrap_or(1);
             config.limits.max_batch = args.max_batch.unwrap_or(largest);
             config.limits.max_queue = largest.max(256);
@@ -315,7 +315,7 @@ pub fn bench(args: BenchServeArgs) -> Result<()> {
         Some(_) => (None, None),
         None => (
             Some(args.device.to_string()),
-            Some(format!("{:?}", args.dtype).to_lowercase()),
+            Some(args.dtype.to_string()),
         ),
     };
     let mut errors = 0;

@@ -297,7 +297,7 @@ impl BackendTask for BenchTask {
         let config = a.shape.config();
         B::seed(&device, 0);
         let load = LoadOptions {
-            dtype: a.dtype.dtype(),
+            dtype: a.dtype.burn(),
         };
         let mut model = CausalLm::<Autodiff<B>>::random(&config, &device, load);
         let targets: Vec<&str> = a.targets.iter().map(String::as_str).collect();
@@ -385,7 +385,7 @@ impl BackendTask for BenchTask {
             "sec_per_step": seconds / a.steps as f64,
             "peak_rss_mb": peak_rss_mb(),
             "gradient_checkpointing": a.gradient_checkpointing,
-            "dtype": format!("{:?}", a.dtype).to_lowercase(),
+            "dtype": a.dtype.to_string(),
             "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         }))
     }
