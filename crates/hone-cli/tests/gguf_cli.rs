@@ -1,0 +1,123 @@
+//! Commands that take `--model DIR` take a GGUF model file too: `fixtures/gguf/llama_gqa.gguf`
+//! is `fixtures/peft/llama_gqa` converted as llama.cpp converts it, so `hone logits` on it
+//! gives transformers' logits of the directory and `hone generate` the same greedy text as on
+//! the directory; `hone template render` reads a GGUF's `tokenizer.chat_template`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use safetensors::{Dtype, SafeTensors};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn hone() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_hone"))
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn read_f32(path: &Path, name: &str) -> (Vec<f32>, Vec<usize>) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap();
+    assert_eq!(t.dtype(), Dtype::F32);
+    let v = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    (v, t.shape().to_vec())
+}
+
+#[test]
+fn logits_of_a_gguf_model_match_transformers() {
+    let gguf = root().join("fixtures/gguf/llama_gqa.gguf");
+    let refs = root().join("fixtures/peft/llama_gqa/refs");
+    let tmp = tempfile::tempdir().unwrap();
+    let out_path = tmp.path().join("logits.safetensors");
+    ok(hone()
+        .args(["logits", "--model"])
+        .arg(&gguf)
+        .arg("--input-ids")
+        .arg(refs.join("inputs.safetensors"))
+        .arg("--out")
+        .arg(&out_path)
+        .output()
+        .unwrap());
+    let (ours, shape) = read_f32(&out_path, "logits");
+    let (expected, eshape) = read_f32(&refs.join("logits_base.safetensors"), "logits");
+    assert_eq!(shape, eshape);
+    let diff = ours
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff < 1e-4, "GGUF logits differ from transformers' by {diff}");
+}
+
+#[test]
+fn generate_on_a_gguf_model_gives_the_directorys_greedy_text() {
+    let run = |model: &Path| {
+        ok(hone()
+            .args(["generate", "--model"])
+            .arg(model)
+            .args(["--prompt", "hello world", "--max-tokens", "12"])
+            .output()
+            .unwrap())
+    };
+    let from_gguf = run(&root().join("fixtures/gguf/llama_gqa.gguf"));
+    let from_dir = run(&root().join("fixtures/peft/llama_gqa"));
+    assert!(!from_gguf.is_empty());
+    assert_eq!(from_gguf, from_dir);
+}
+
+#[test]
+fn template_render_reads_a_gguf_chat_template() {
+    let tmp = tempfile::tempdir().unwrap();
+    let messages = tmp.path().join("messages.json");
+    std::fs::write(&messages, r#"[{"role": "user", "content": "Hi there!"}]"#).unwrap();
+    let text = ok(hone()
+        .args(["template", "render", "--add-generation-prompt", "--model"])
+        .arg(root().join("fixtures/gguf/smollm2-tokenizer.gguf"))
+        .arg("--messages")
+        .arg(&messages)
+        .output()
+        .unwrap());
+    // transformers' apply_chat_template on the same file (smollm2-tokenizer.refs.json).
+    let refs: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("fixtures/gguf/smollm2-tokenizer.refs.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let want = refs["chat"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["messages"].as_array().unwrap().len() == 1 && c["add_generation_prompt"] == true)
+        .unwrap()["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(text, want);
+
+    // A GGUF without a template says which key it looked for.
+    let out = hone()
+        .args(["template", "render", "--model"])
+        .arg(root().join("fixtures/gguf/llama_gqa.gguf"))
+        .arg("--messages")
+        .arg(&messages)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tokenizer.chat_template"), "{err}");
+}
