@@ -4,6 +4,7 @@
 
 mod args;
 mod cmd;
+mod signals;
 
 use clap::Parser;
 
@@ -55,9 +56,90 @@ fn main() {
     }
 }
 
-/// The exit code of a command that failed with `err`.
-fn exit_code(_err: &anyhow::Error) -> i32 {
-    1
+/// Exit codes, the same for every command (README, "Use in CI"). A run stopped by SIGINT or
+/// SIGTERM exits with 128 + the signal's number (130, 143).
+pub mod exit {
+    /// Any error not classified below.
+    pub const OTHER: i32 = 1;
+    /// A bad flag (clap's own code), config key or value, or a file a flag or config names
+    /// that does not exist.
+    pub const USAGE: i32 = 2;
+    /// A quality gate failed (reserved: no command has gates yet).
+    #[allow(dead_code)]
+    pub const GATE: i32 = 3;
+    /// The data was rejected: more bad records than allowed (`on_error = "fail"`), or
+    /// nothing left to train on after curation.
+    pub const DATA_REJECTED: i32 = 4;
+}
+
+/// An error the user fixes in the command line or a config file: exits [`exit::USAGE`].
+/// Shows the wrapped error's message and causes as its own.
+#[derive(Debug)]
+pub struct UsageError(pub Box<dyn std::error::Error + Send + Sync + 'static>);
+
+impl UsageError {
+    pub fn new(err: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self(Box::new(err))
+    }
+}
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for UsageError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+/// The exit code of a command that failed with `err`: the first typed error of its chain
+/// (outermost first) that says what kind of failure it was.
+fn exit_code(err: &anyhow::Error) -> i32 {
+    use hone_data::DataError;
+    use hone_train::TrainError;
+    fn data(e: &DataError) -> Option<i32> {
+        match e {
+            DataError::InvalidRecords { .. } => Some(exit::DATA_REJECTED),
+            DataError::BadPattern { .. }
+            | DataError::NoMatch { .. }
+            | DataError::UnsupportedFile { .. }
+            | DataError::Detect { .. }
+            | DataError::Config { .. } => Some(exit::USAGE),
+            DataError::Io { .. } | DataError::Output { .. } => None,
+        }
+    }
+    for cause in err.chain() {
+        if cause.downcast_ref::<UsageError>().is_some() {
+            return exit::USAGE;
+        }
+        if let Some(e) = cause.downcast_ref::<DataError>() {
+            if let Some(code) = data(e) {
+                return code;
+            }
+        }
+        if let Some(e) = cause.downcast_ref::<TrainError>() {
+            let code = match e {
+                TrainError::Config { .. }
+                | TrainError::MissingPath { .. }
+                | TrainError::RunDir { .. }
+                | TrainError::AdapterMismatch { .. }
+                | TrainError::ContextTooLong { .. } => Some(exit::USAGE),
+                TrainError::NoTrainingData(_) => Some(exit::DATA_REJECTED),
+                TrainError::Interrupted { .. } => {
+                    Some(128 + signals::received().unwrap_or(libc::SIGINT))
+                }
+                TrainError::Data(e) => data(e),
+                _ => None,
+            };
+            if let Some(code) = code {
+                return code;
+            }
+        }
+    }
+    exit::OTHER
 }
 
 /// The error and its causes joined by ": ", leaving out a cause whose message the text before

@@ -516,7 +516,7 @@ fn train_json_prints_the_summary_json_that_matches_the_runs_metrics_and_files() 
     .arg("--json")
     .output()
     .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
@@ -569,7 +569,10 @@ fn train_json_prints_the_summary_json_that_matches_the_runs_metrics_and_files() 
         Path::new(summary["adapter"]["path"].as_str().unwrap()),
         adapter
     );
-    assert_eq!(summary["config"]["sha256"], sha256(&run.join("config.toml")));
+    assert_eq!(
+        summary["config"]["sha256"],
+        sha256(&run.join("config.toml"))
+    );
     let inputs = summary["data"]["inputs"].as_array().unwrap();
     assert_eq!(inputs.len(), 1, "{inputs:?}");
     assert_eq!(
@@ -584,7 +587,8 @@ fn train_json_prints_the_summary_json_that_matches_the_runs_metrics_and_files() 
     assert_eq!(summary["hone_version"], env!("CARGO_PKG_VERSION"));
     let commit = summary["git_commit"].as_str().unwrap();
     assert!(
-        commit == "unknown" || (commit.len() == 40 && commit.chars().all(|c| c.is_ascii_hexdigit())),
+        commit == "unknown"
+            || (commit.len() == 40 && commit.chars().all(|c| c.is_ascii_hexdigit())),
         "{commit}"
     );
     assert_eq!(summary["device"], "cpu");
@@ -613,7 +617,7 @@ fn a_run_that_fails_writes_summary_json_with_status_failed_and_the_error() {
         .args(["--set", &dir_set])
         .output()
         .unwrap();
-    assert!(!out.status.success(), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(4), "data rejected: {}", text(&out));
     let summary = json_file(&run.join("summary.json"));
     assert_eq!(summary["status"], "failed");
     assert_eq!(summary["exit_code"], out.status.code().unwrap());
@@ -644,4 +648,221 @@ fn a_run_that_fails_writes_summary_json_with_status_failed_and_the_error() {
         .unwrap();
     assert!(again.status.success(), "{}", text(&again));
     assert_eq!(json_file(&run.join("summary.json"))["status"], "completed");
+}
+
+/// The exit code of `command` (which must not have been killed by a signal) and its output.
+fn code(command: &mut Command) -> (i32, String) {
+    let out = command.output().unwrap();
+    let code = out
+        .status
+        .code()
+        .unwrap_or_else(|| panic!("killed: {}", text(&out)));
+    (code, text(&out))
+}
+
+/// Issue 16: exit code 2 for what the user fixes in the command line or config, the same in
+/// `hone train` and `hone data prepare`.
+#[test]
+fn bad_flags_config_keys_values_and_missing_files_exit_with_code_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = setup(tmp.path(), "max_steps = 1");
+    let train = |sets: &[&str]| {
+        let mut command = hone();
+        command.args(["train", "--config"]).arg(&config);
+        for set in sets {
+            command.args(["--set", set]);
+        }
+        command
+    };
+    let missing = tmp.path().join("missing.jsonl").display().to_string();
+    let cases: Vec<(&str, Command)> = vec![
+        ("unknown flag", {
+            let mut c = hone();
+            c.args(["train", "--nope"]);
+            c
+        }),
+        ("unknown config key", train(&["train.nope=1"])),
+        ("invalid value", train(&["train.lr=fast"])),
+        ("missing config file", {
+            let mut c = hone();
+            c.args(["train", "--config"])
+                .arg(tmp.path().join("none.toml"));
+            c
+        }),
+        (
+            "missing data file named by the config",
+            train(&[&format!("data.inputs=[{missing:?}]")]),
+        ),
+        ("data prepare: missing input", {
+            let mut c = hone();
+            c.args(["data", "prepare", "--input", &missing, "--out"])
+                .arg(tmp.path().join("prepared"));
+            c
+        }),
+    ];
+    for (case, mut command) in cases {
+        let (code, out) = code(&mut command);
+        assert_eq!(code, 2, "{case}: {out}");
+    }
+}
+
+/// Issue 16: exit code 4 when the data is rejected: a bad record with `on_error = "fail"` (in
+/// `hone train` and `hone data prepare`), or nothing left to train on after curation.
+#[test]
+fn rejected_data_exits_with_code_4() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = setup(tmp.path(), "max_steps = 1");
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"instruction\": \"hi\", \"output\": \"ok\"}\n{not json\n",
+    )
+    .unwrap();
+    let only_bad = tmp.path().join("only-bad.jsonl");
+    std::fs::write(&only_bad, "{not json\n[1, 2\n").unwrap();
+    let run = |data: &Path, extra: &[&str], name: &str| {
+        let mut command = hone();
+        command
+            .args(["train", "--config"])
+            .arg(&config)
+            .args([
+                "--set",
+                &format!("data.inputs=[{:?}]", data.display().to_string()),
+            ])
+            .args([
+                "--set",
+                &format!(
+                    "output.dir={:?}",
+                    tmp.path().join(name).display().to_string()
+                ),
+            ]);
+        for set in extra {
+            command.args(["--set", set]);
+        }
+        command
+    };
+    let (c, out) = code(&mut run(&bad, &["data.on_error=\"fail\""], "a"));
+    assert_eq!(c, 4, "a bad record with on_error fail: {out}");
+    let (c, out) = code(&mut run(&only_bad, &["data.on_error=\"skip\""], "b"));
+    assert_eq!(c, 4, "nothing left after curation: {out}");
+    assert!(out.contains("left no training example"), "{out}");
+    let (c, out) = code(
+        hone()
+            .args(["data", "prepare", "--on-error", "fail", "--input"])
+            .arg(&bad)
+            .arg("--out")
+            .arg(tmp.path().join("prepared")),
+    );
+    assert_eq!(
+        c, 4,
+        "data prepare, a bad record with --on-error fail: {out}"
+    );
+}
+
+/// Issue 16: any other failure exits with code 1 (here a model directory whose config.json is
+/// not JSON).
+#[test]
+fn other_failures_exit_with_code_1() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = setup(tmp.path(), "max_steps = 1");
+    let model = tmp.path().join("broken-model");
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::write(model.join("config.json"), "{").unwrap();
+    let (c, out) = code(hone().args(["train", "--config"]).arg(&config).args([
+        "--set",
+        &format!("model.path={:?}", model.display().to_string()),
+    ]));
+    assert_eq!(c, 1, "{out}");
+    assert!(out.contains("config.json"), "{out}");
+}
+
+/// The last step `metrics.jsonl` logged a training loss for (0 when none).
+fn last_logged_step(run: &Path) -> u64 {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("train/loss").is_some())
+        .filter_map(|v| v["step"].as_u64())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Issue 16: SIGTERM (143) and SIGINT (130) stop `hone train` at the next step boundary with a
+/// checkpoint of that step (not one save_every would write), summary.json status
+/// interrupted and the lock released; `--resume` ends with the uninterrupted adapter, byte for
+/// byte, each step logged once.
+#[test]
+fn sigterm_and_sigint_checkpoint_at_the_next_step_and_resume_to_the_bitwise_uninterrupted_adapter()
+{
+    let tmp = tempfile::tempdir().unwrap();
+    let sets = [
+        "train.max_steps=30",
+        "train.save_every=100",
+        "train.log_every=1",
+        "eval.prompts=[]",
+    ];
+    let whole = tmp.path().join("whole");
+    let out = quickstart(&whole, &sets).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+
+    let run = tmp.path().join("interrupted");
+    let mut stopped_at = Vec::new();
+    for (sig, expected, after) in [(libc::SIGTERM, 143, 3), (libc::SIGINT, 130, 12)] {
+        let mut child = quickstart(&run, &sets)
+            .arg("--resume")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while last_logged_step(&run) < after {
+            assert!(Instant::now() < deadline, "no step {after} logged");
+            assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        signal(&child, sig);
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(expected), "{stderr}");
+        let summary = json_file(&run.join("summary.json"));
+        assert_eq!(summary["status"], "interrupted", "{summary}");
+        assert_eq!(summary["exit_code"], expected);
+        let step = summary["steps"].as_u64().unwrap();
+        assert!(step >= after && step < 30, "stopped at step {step}");
+        assert_eq!(
+            newest_checkpoint(&run) as u64,
+            step,
+            "a checkpoint of the step it stopped at"
+        );
+        assert!(
+            summary["error"].as_str().unwrap().contains("--resume"),
+            "{summary}"
+        );
+        assert!(!run.join("adapter").exists());
+        stopped_at.push(step);
+    }
+    let resumed = quickstart(&run, &sets).arg("--resume").output().unwrap();
+    assert!(resumed.status.success(), "{}", text(&resumed));
+    assert!(
+        !text(&resumed).contains("ended without releasing its lock"),
+        "the interrupted runs released their lock: {}",
+        text(&resumed)
+    );
+    assert_eq!(json_file(&run.join("summary.json"))["status"], "completed");
+    let file = |dir: &Path| std::fs::read(dir.join("adapter/adapter_model.safetensors")).unwrap();
+    assert!(
+        file(&whole) == file(&run),
+        "interrupted at steps {stopped_at:?} and resumed, the adapter differs from the uninterrupted run's"
+    );
+    let steps = |dir: &Path| -> Vec<u64> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v.get("train/loss").is_some())
+            .map(|v| v["step"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(steps(&run), (1..=30).collect::<Vec<_>>());
 }

@@ -65,7 +65,7 @@ pub fn prepare_datasets(
     let train: Vec<Example> = prepared.train.iter().map(to_tokenize_example).collect();
     let val: Vec<Example> = prepared.val.iter().map(to_tokenize_example).collect();
     if train.is_empty() {
-        return Err(TrainError::Dataset(format!(
+        return Err(TrainError::NoTrainingData(format!(
             "curation of {} left no training example (see {})",
             config.data.inputs.join(", "),
             run_dir.join("data").join(hone_data::REPORT_FILE).display()
@@ -98,7 +98,7 @@ pub fn prepare_datasets(
         Some(tokenize_cached(&cache, &val, spec, template.as_ref(), &config.tokenize)?.0)
     };
     if train_set.rows.is_empty() {
-        return Err(TrainError::Dataset(
+        return Err(TrainError::NoTrainingData(
             "tokenization left no training row (every example was too long or had no token in the loss)".into(),
         ));
     }

@@ -34,9 +34,27 @@ pub enum TrainError {
     #[error("chat template: {0}")]
     Template(#[from] hone_tokenize::TemplateError),
 
-    /// The data left nothing to train on (or a token id the model cannot embed).
+    /// A token id the model cannot embed, a prompt or step without tokens.
     #[error("{0}")]
     Dataset(String),
+
+    /// Curation or tokenization left nothing to train on: the data was rejected.
+    #[error("{0}")]
+    NoTrainingData(String),
+
+    /// The run was asked to stop (`RunOptions::stop`, e.g. on SIGINT/SIGTERM) and did at a step
+    /// boundary; `checkpoint` names the checkpoint it can resume from, if any.
+    #[error(
+        "training interrupted at step {step}{}",
+        match checkpoint {
+            Some(dir) => format!("; resume from {} with --resume", dir.display()),
+            None => String::from(" (no checkpoint written)"),
+        }
+    )]
+    Interrupted {
+        step: usize,
+        checkpoint: Option<PathBuf>,
+    },
 
     /// A checkpoint directory that cannot be read back.
     #[error("checkpoint {path}: {message}")]

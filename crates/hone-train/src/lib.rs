@@ -37,6 +37,8 @@ pub use error::{Result, TrainError};
 pub use eval::{EvalResult, Sample};
 pub use optim::{AdamW, AdamWConfig};
 pub use parallel::{DataParallel, MultiNode, ParallelConfig};
-pub use run::{train, train_on, Control, Event, Observer, RunOptions, RunSummary, Silent};
+pub use run::{
+    train, train_on, Control, Event, Observer, RunOptions, RunSummary, Silent, StopToken,
+};
 pub use schedule::{Schedule, ScheduleKind};
 pub use step::{Learner, MicroBatch, StepOutcome};

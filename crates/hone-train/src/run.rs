@@ -23,6 +23,8 @@
 //! Progress is reported through an [`Observer`]; the library prints nothing.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use burn::backend::Autodiff;
@@ -53,13 +55,32 @@ pub const SAMPLES_FILE: &str = "samples.jsonl";
 /// failed setup: a directory holding it and setup leftovers is still reused.
 pub const SUMMARY_FILE: &str = "summary.json";
 
-/// How to treat an existing run directory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How to treat an existing run directory, and how to ask the run to stop.
+#[derive(Debug, Clone, Default)]
 pub struct RunOptions {
     /// Continue from the newest complete checkpoint (from scratch when there is none).
     pub resume: bool,
     /// Delete an existing run directory (one holding a `config.toml`) and start again.
     pub overwrite: bool,
+    /// Once stopped, the run ends at the next step boundary: it writes a checkpoint of that
+    /// step (`--resume` continues from it bit for bit) and returns
+    /// [`TrainError::Interrupted`].
+    pub stop: StopToken,
+}
+
+/// A request to stop a run, shared by the run and whoever may ask it to stop (a signal
+/// handler: [`StopToken::stop`] is one atomic store).
+#[derive(Debug, Clone, Default)]
+pub struct StopToken(Arc<AtomicBool>);
+
+impl StopToken {
+    pub fn stop(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
 }
 
 /// What the trainer reports while it works.
@@ -67,7 +88,9 @@ pub struct RunOptions {
 pub enum Event<'a> {
     /// The run directory is prepared and locked by this run: from here on the run writes into
     /// it (a failure before this event left it untouched).
-    Locked { run_dir: &'a Path },
+    Locked {
+        run_dir: &'a Path,
+    },
     /// Data and model are ready.
     Started {
         run_dir: &'a Path,
@@ -232,7 +255,7 @@ fn is_setup_leftover(name: &str) -> bool {
 /// Prepares the run directory: refuses a directory that is not a run, takes the run's lock,
 /// refuses to mix runs, clears it for `overwrite` and checks a resumed config. `config.toml`
 /// is written later, once setup succeeded ([`write_run_config`]).
-fn prepare_run_dir(config: &RunConfig, options: RunOptions) -> Result<(PathBuf, RunLock)> {
+fn prepare_run_dir(config: &RunConfig, options: &RunOptions) -> Result<(PathBuf, RunLock)> {
     let dir = config.run_dir();
     let saved = dir.join(CONFIG_FILE);
     let run_dir_error = |message: String| TrainError::RunDir {
@@ -561,6 +584,12 @@ pub fn train_on<B: AutodiffBackend>(
     } else {
         None
     };
+    if options.stop.is_stopped() && start_step < total_steps {
+        return Err(TrainError::Interrupted {
+            step: start_step,
+            checkpoint: resumed_from,
+        });
+    }
     // A resumed run continues the checkpoint's logging window.
     let mut window = std::mem::take(&mut state.log_window);
     let mut order: Option<(usize, Vec<usize>)> = None;
@@ -696,7 +725,11 @@ pub fn train_on<B: AutodiffBackend>(
             summary.last_eval =
                 run_eval(&model, done, Some(metrics), observer)?.or(summary.last_eval);
         }
-        if lead && t.save_every > 0 && done % t.save_every == 0 && state.bad_steps_in_row == 0 {
+        // Asked to stop: a checkpoint of this step, whatever save_every says.
+        let stopping = options.stop.is_stopped() && done < total_steps;
+        let due = t.save_every > 0 && done % t.save_every == 0;
+        let mut saved = None;
+        if lead && (due || stopping) && state.bad_steps_in_row == 0 {
             let dir = checkpoint::checkpoint_dir(&run_dir, done);
             state.log_window = window.clone();
             checkpoint::save_checkpoint(&dir, &model, &settings, &base_model, &optimizer, &state)?;
@@ -708,6 +741,19 @@ pub fn train_on<B: AutodiffBackend>(
             {
                 control = Control::Stop;
             }
+            saved = Some(dir);
+        }
+        if stopping {
+            let checkpoint = match saved {
+                Some(dir) => Some(dir),
+                None => checkpoint::list_checkpoints(&run_dir)?
+                    .pop()
+                    .map(|(_, dir)| dir),
+            };
+            return Err(TrainError::Interrupted {
+                step: done,
+                checkpoint,
+            });
         }
         if control == Control::Stop && done < total_steps {
             summary.seconds = started.elapsed().as_secs_f64();

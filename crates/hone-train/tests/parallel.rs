@@ -301,6 +301,7 @@ fn two_devices_train_as_one_device_accumulating_their_micro_batches_and_resume_e
         RunOptions {
             resume: true,
             overwrite: false,
+            ..RunOptions::default()
         },
         &mut Silent,
         Default::default(),

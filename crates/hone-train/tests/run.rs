@@ -99,6 +99,7 @@ fn resume_matches_uninterrupted_run() {
         RunOptions {
             resume: true,
             overwrite: false,
+            ..RunOptions::default()
         },
     )
     .unwrap();
@@ -277,6 +278,7 @@ fn existing_runs_are_not_mixed_up() {
         RunOptions {
             resume: true,
             overwrite: false,
+            ..RunOptions::default()
         },
     )
     .unwrap_err()
@@ -287,6 +289,7 @@ fn existing_runs_are_not_mixed_up() {
         RunOptions {
             resume: false,
             overwrite: true,
+            ..RunOptions::default()
         },
     )
     .unwrap();
@@ -299,6 +302,7 @@ fn existing_runs_are_not_mixed_up() {
         RunOptions {
             resume: false,
             overwrite: true,
+            ..RunOptions::default()
         },
     )
     .unwrap_err()
@@ -409,6 +413,7 @@ fn resume() -> RunOptions {
     RunOptions {
         resume: true,
         overwrite: false,
+        ..RunOptions::default()
     }
 }
 

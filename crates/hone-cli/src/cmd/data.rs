@@ -136,7 +136,7 @@ fn list_errors(errors: &[RecordError]) -> String {
 }
 
 fn prepare(args: DataPrepareArgs) -> Result<()> {
-    let config = resolve_config(&args)?;
+    let config = resolve_config(&args).map_err(|e| crate::UsageError(e.into()))?;
     let overwrite = if args.force {
         Overwrite::Any
     } else {
@@ -173,13 +173,18 @@ fn prepare(args: DataPrepareArgs) -> Result<()> {
 
     let prepared = match hone_data::prepare_with(&config, counter) {
         Ok(prepared) => prepared,
-        Err(DataError::InvalidRecords { errors }) => bail!(
-            "{} bad record{} (nothing was written; --on-error skip skips them and lists them \
-             in {REPORT_FILE}):\n{}",
-            errors.len(),
-            if errors.len() == 1 { "" } else { "s" },
-            list_errors(&errors)
-        ),
+        // The typed error stays in the chain (exit code 4, data rejected); the message lists
+        // every bad record.
+        Err(DataError::InvalidRecords { errors }) => {
+            let message = format!(
+                "{} bad record{} (nothing was written; --on-error skip skips them and lists \
+                 them in {REPORT_FILE}):\n{}",
+                errors.len(),
+                if errors.len() == 1 { "" } else { "s" },
+                list_errors(&errors)
+            );
+            return Err(anyhow::Error::new(DataError::InvalidRecords { errors }).context(message));
+        }
         Err(e) => return Err(e.into()),
     };
     if let Some(message) = encode_failure

@@ -23,6 +23,8 @@ use crate::cmd::peak_rss_mb;
 pub enum Status {
     Completed,
     Failed,
+    /// Stopped by SIGINT/SIGTERM at a step boundary, with a checkpoint to resume from.
+    Interrupted,
 }
 
 /// What a run reported while it worked (an [`hone_train::Observer`] feeds it every event).
@@ -175,12 +177,14 @@ pub struct Cpu {
 
 impl Cpu {
     fn detect() -> Self {
-        let model = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|text| {
-            text.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        });
+        let model = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split_once(':'))
+                    .map(|(_, v)| v.trim().to_string())
+            });
         Self { model, isa: isa() }
     }
 }
@@ -189,7 +193,8 @@ impl Cpu {
 fn isa() -> &'static str {
     if std::arch::is_x86_feature_detected!("avx512f") {
         "avx512f"
-    } else if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    } else if std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
     {
         "avx2+fma"
     } else {
@@ -308,7 +313,7 @@ impl Summary {
     pub fn write(&self) -> anyhow::Result<PathBuf> {
         let path = self.run_dir.join(hone_train::run::SUMMARY_FILE);
         let text = serde_json::to_string_pretty(self).expect("a summary serialises") + "\n";
-        hone_eval::report::write_atomic(&path, text.as_bytes())?;
+        hone_io::write_file(&path, text.as_bytes())?;
         Ok(path)
     }
 }

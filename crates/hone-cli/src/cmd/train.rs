@@ -22,7 +22,7 @@ use hone_model::{run_on, BackendTask, CausalLm, LoadOptions, ModelConfig};
 use hone_train::parallel::device_for;
 use hone_train::{
     AdamWConfig, Control, DataParallel, Event, Learner, MicroBatch, Observer, ParallelConfig,
-    RunConfig, RunOptions, RunSummary,
+    RunConfig, RunOptions, RunSummary, TrainError,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
@@ -241,12 +241,13 @@ pub fn orchestrator(args: crate::args::TrainOrchestratorArgs) -> Result<()> {
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let started = Instant::now();
-    let config = RunConfig::load(&args.config, &args.set)?;
+    let config = RunConfig::load(&args.config, &args.set).map_err(crate::UsageError::new)?;
     let out = Out { stderr: args.json };
     let mut progress = Progress::new(std::io::stdout().is_terminal(), out);
     let options = RunOptions {
         resume: args.resume,
         overwrite: args.overwrite,
+        stop: crate::signals::stop_on_signals(),
     };
     let result = hone_train::train(&config, options, &mut progress)
         .with_context(|| format!("training with {}", args.config.display()));
@@ -259,7 +260,17 @@ pub fn run(args: TrainArgs) -> Result<()> {
     };
     let (status, error, code) = match &result {
         Ok(_) => (Status::Completed, None, 0),
-        Err(e) => (Status::Failed, Some(crate::error_chain(e)), crate::exit_code(e)),
+        Err(e) => {
+            let interrupted = e
+                .chain()
+                .any(|c| matches!(c.downcast_ref(), Some(TrainError::Interrupted { .. })));
+            let status = if interrupted {
+                Status::Interrupted
+            } else {
+                Status::Failed
+            };
+            (status, Some(crate::error_chain(e)), crate::exit_code(e))
+        }
     };
     let summary = Summary::new(
         &config,
