@@ -15,8 +15,19 @@ pub struct Cli {
     /// Log debug messages (or set HONE_LOG, e.g. HONE_LOG=info).
     #[arg(long, short, global = true)]
     pub verbose: bool,
+    /// Log format on stderr: text, or json (one JSON object per line: `hone train`'s progress
+    /// events, its summary and the final error).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How stderr's log lines are written.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]

@@ -4,6 +4,7 @@
 
 mod args;
 mod cmd;
+mod logging;
 mod signals;
 
 use clap::Parser;
@@ -32,10 +33,13 @@ fn main() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HONE_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(if cli.verbose { "debug" } else { "warn" })
     });
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        args::LogFormat::Text => logs.init(),
+        args::LogFormat::Json => logs.event_format(logging::JsonLines).init(),
+    }
     let result = match cli.command {
         Command::Generate(args) => cmd::generate::run(args),
         Command::Logits(args) => cmd::logits::run(args),
@@ -44,15 +48,22 @@ fn main() {
         Command::Template(command) => cmd::template::run(command),
         Command::Merge(args) => cmd::merge::run(args),
         Command::Adapter(command) => cmd::adapter::run(command),
-        Command::Train(args) => cmd::train::run(args),
+        Command::Train(args) => cmd::train::run(args, cli.log_format),
         Command::TrainOrchestrator(args) => cmd::train::orchestrator(args),
         Command::Eval(args) => cmd::eval::run(args),
         Command::Serve(args) => cmd::serve::run(args),
         Command::Rag(command) => cmd::rag::run(command),
     };
     if let Err(err) = result {
-        eprintln!("error: {}", error_chain(&err));
-        std::process::exit(exit_code(&err));
+        let code = exit_code(&err);
+        match cli.log_format {
+            args::LogFormat::Text => eprintln!("error: {}", error_chain(&err)),
+            args::LogFormat::Json => eprintln!(
+                "{}",
+                serde_json::json!({"event": "error", "error": error_chain(&err), "exit_code": code})
+            ),
+        }
+        std::process::exit(code);
     }
 }
 

@@ -866,3 +866,62 @@ fn sigterm_and_sigint_checkpoint_at_the_next_step_and_resume_to_the_bitwise_unin
     };
     assert_eq!(steps(&run), (1..=30).collect::<Vec<_>>());
 }
+
+/// Issue 16: `--log-format json` turns stderr into one JSON object per line (each training
+/// event, the summary, the final error) for log collectors; stdout stays empty.
+#[test]
+fn log_format_json_writes_each_train_event_as_one_json_object_per_stderr_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let out = quickstart(
+        &run,
+        &["train.max_steps=4", "train.log_every=2", "eval.prompts=[]"],
+    )
+    .args(["--log-format", "json"])
+    .output()
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let names: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    let count = |name: &str| names.iter().filter(|n| **n == name).count();
+    assert_eq!(count("step"), 4, "{names:?}");
+    assert_eq!(count("logged"), 2, "{names:?}");
+    for name in ["locked", "started", "eval", "finished"] {
+        assert!(count(name) >= 1, "no {name} event: {names:?}");
+    }
+    assert_eq!(names.last(), Some(&"summary"), "{names:?}");
+    let summary = events.last().unwrap();
+    assert_eq!(summary["status"], "completed");
+    assert_eq!(
+        summary["adapter"],
+        json_file(&run.join("summary.json"))["adapter"]
+    );
+    let step = events.iter().find(|e| e["event"] == "step").unwrap();
+    assert!(
+        step["loss"].as_f64().is_some() && step["ts"].as_f64().is_some(),
+        "{step}"
+    );
+
+    // The final error too.
+    let failed = hone()
+        .args(["--log-format", "json", "train", "--config"])
+        .arg(tmp.path().join("none.toml"))
+        .output()
+        .unwrap();
+    let line = String::from_utf8_lossy(&failed.stderr);
+    let error: serde_json::Value = serde_json::from_str(line.trim_end()).unwrap();
+    assert_eq!(error["event"], "error");
+    assert_eq!(error["exit_code"], 2);
+    assert_eq!(failed.status.code(), Some(2));
+}

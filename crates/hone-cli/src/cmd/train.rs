@@ -2,8 +2,8 @@
 //! `hone bench train`.
 //!
 //! `train` loads and validates the run config, runs [`hone_train::train`] and shows progress:
-//! a progress bar (step, loss, tokens/s, ETA) when stdout is a terminal, plain lines every
-//! `train.log_every` steps otherwise. At the end it prints the validation loss before and after
+//! a progress bar (step, loss, tokens/s, ETA) on stderr when it is a terminal, plain lines
+//! every `train.log_every` steps otherwise. At the end it prints the validation loss before and after
 //! training and the sample generations with and without the adapter, and writes
 //! `<run>/summary.json` ([`run_summary`](crate::cmd::run_summary)), also when the run failed;
 //! `--json` prints that object as the last line of stdout and everything else on stderr.
@@ -28,14 +28,107 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-use crate::args::{BenchTrainArgs, TrainArgs};
+use crate::args::{BenchTrainArgs, LogFormat, TrainArgs};
 use crate::cmd::peak_rss_mb;
 use crate::cmd::run_summary::{Record, Status, Summary};
 
-/// Where human-readable output goes: stdout, or stderr when stdout is kept for `--json`.
+/// Where human-readable output goes: stdout, or stderr when stdout is kept for `--json`;
+/// with `--log-format json`, one JSON object per event on stderr instead.
 #[derive(Debug, Clone, Copy)]
 struct Out {
     stderr: bool,
+    json_events: bool,
+}
+
+/// Writes one event as a JSON object line on stderr: `{"ts": UNIX_SECONDS, "event": NAME, ...}`
+/// (non-finite numbers are null).
+fn json_event(name: &str, fields: serde_json::Value) {
+    let mut object = serde_json::Map::new();
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    object.insert("ts".into(), json!(ts));
+    object.insert("event".into(), json!(name));
+    if let serde_json::Value::Object(fields) = fields {
+        object.extend(fields);
+    }
+    eprintln!("{}", serde_json::Value::Object(object));
+}
+
+/// The JSON event of a trainer event.
+fn event_json(event: &Event<'_>) -> (&'static str, serde_json::Value) {
+    match event {
+        Event::Locked { run_dir } => ("locked", json!({ "run_dir": run_dir })),
+        Event::Started {
+            run_dir,
+            total_steps,
+            start_step,
+            resumed_from,
+            train_rows,
+            val_rows,
+            trainable_params,
+            memory,
+        } => (
+            "started",
+            json!({
+                "run_dir": run_dir,
+                "total_steps": total_steps,
+                "start_step": start_step,
+                "resumed_from": resumed_from,
+                "train_rows": train_rows,
+                "val_rows": val_rows,
+                "trainable_params": trainable_params,
+                "estimated_memory_bytes": memory.total(),
+                "available_memory_bytes": memory.available,
+            }),
+        ),
+        Event::Step {
+            step,
+            total_steps,
+            outcome,
+            tokens_per_sec,
+            tokens_seen,
+        } => (
+            "step",
+            json!({
+                "step": step,
+                "total_steps": total_steps,
+                "loss": outcome.loss,
+                "grad_norm": outcome.grad_norm,
+                "lr": outcome.lr,
+                "applied": outcome.applied,
+                "tokens": outcome.tokens,
+                "tokens_per_sec": tokens_per_sec,
+                "tokens_seen": tokens_seen,
+            }),
+        ),
+        Event::Logged {
+            step,
+            loss,
+            lr,
+            grad_norm,
+            tokens_per_sec,
+        } => (
+            "logged",
+            json!({
+                "step": step,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_sec": tokens_per_sec,
+            }),
+        ),
+        Event::Evaluated(r) => (
+            "eval",
+            json!({ "step": r.step, "loss": r.loss, "ppl": r.ppl, "targets": r.targets }),
+        ),
+        Event::Checkpoint { step, dir } => ("checkpoint", json!({ "step": step, "dir": dir })),
+        Event::Finished { step, adapter_dir } => (
+            "finished",
+            json!({ "step": step, "adapter_dir": adapter_dir }),
+        ),
+    }
 }
 
 impl Out {
@@ -92,6 +185,11 @@ fn duration(d: Duration) -> String {
 impl Observer for Progress {
     fn on_event(&mut self, event: &Event<'_>) -> Control {
         self.record.observe(event);
+        if self.out.json_events {
+            let (name, fields) = event_json(event);
+            json_event(name, fields);
+            return Control::Continue;
+        }
         match event {
             Event::Started {
                 run_dir,
@@ -239,11 +337,15 @@ pub fn orchestrator(args: crate::args::TrainOrchestratorArgs) -> Result<()> {
         .with_context(|| format!("orchestrator on port {}", args.port))
 }
 
-pub fn run(args: TrainArgs) -> Result<()> {
+pub fn run(args: TrainArgs, log_format: LogFormat) -> Result<()> {
     let started = Instant::now();
     let config = RunConfig::load(&args.config, &args.set).map_err(crate::UsageError::new)?;
-    let out = Out { stderr: args.json };
-    let mut progress = Progress::new(std::io::stdout().is_terminal(), out);
+    let out = Out {
+        stderr: args.json,
+        json_events: log_format == LogFormat::Json,
+    };
+    // The bar draws on stderr: without a terminal there (CI logs, `2> file`), plain lines.
+    let mut progress = Progress::new(std::io::stderr().is_terminal() && !out.json_events, out);
     let options = RunOptions {
         resume: args.resume,
         overwrite: args.overwrite,
@@ -251,7 +353,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     };
     let result = hone_train::train(&config, options, &mut progress)
         .with_context(|| format!("training with {}", args.config.display()));
-    if let Ok(summary) = &result {
+    if let (Ok(summary), false) = (&result, out.json_events) {
         print_summary(summary, out);
     }
     // The summary, once the run had its directory (an error before that touched nothing).
@@ -282,6 +384,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
         started,
     );
     let written = summary.write();
+    if out.json_events {
+        json_event(
+            "summary",
+            serde_json::to_value(&summary).expect("a summary serialises"),
+        );
+    }
     if args.json {
         println!("{}", summary.to_json());
     }
