@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hone_model::ModelConfig;
-use hone_serve::random_adapter::{write_random_adapter, RandomAdapter};
+use hone_bench::random_adapter::{write_random_adapter, RandomAdapter};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")

@@ -53,14 +53,6 @@ pub enum ServeError {
     #[error("the model worker stopped: {0}")]
     WorkerGone(String),
 
-    #[error("HTTP client: {0}")]
-    Client(String),
-
-    #[error(
-        "refusing to send traffic to {0}: the load tool and client only talk to loopback addresses"
-    )]
-    NotLoopback(String),
-
     #[error("API error {status}: {message}")]
     Api { status: u16, message: String },
 }

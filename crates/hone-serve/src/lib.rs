@@ -10,24 +10,21 @@
 //!   owns the model, each request's KV cache and the adapter bank, and decodes all running
 //!   requests together, each row with its own adapter.
 //! * [`ServeConfig`]: validated settings, [`Limits`] and [`Timeouts`].
-//! * [`client`], [`load`]: a loopback-only HTTP client and the load tool of `hone bench serve`;
-//!   [`random_adapter`]: random PEFT adapters for benchmarks and tests.
+//!
+//! The load tool of `hone bench serve`, its HTTP client and random adapters live in `hone-bench`.
 //!
 //! Errors are [`ServeError`] (starting, loading) and [`ApiError`] (what a request gets back, in
 //! OpenAI's error JSON).
 
 mod adapters_dir;
 mod bank;
-pub mod client;
 mod completion;
 pub mod config;
 pub mod engine;
 pub mod error;
 mod http;
-pub mod load;
 pub mod metrics;
 pub mod openai;
-pub mod random_adapter;
 mod server;
 pub mod text;
 mod worker;

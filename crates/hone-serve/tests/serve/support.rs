@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hone_model::ModelConfig;
-use hone_serve::client::{Client, HttpResponse};
-use hone_serve::random_adapter::{write_random_adapter, RandomAdapter};
+use hone_bench::client::{Client, HttpResponse};
+use hone_bench::random_adapter::{write_random_adapter, RandomAdapter};
 use hone_serve::{Metrics, ModelSource, ServeConfig, Server};
 use serde_json::{json, Value};
 

@@ -11,7 +11,7 @@ use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
-use crate::error::{Result, ServeError};
+use crate::error::{BenchError, Result};
 
 /// A client of one server.
 #[derive(Debug, Clone)]
@@ -32,7 +32,7 @@ impl HttpResponse {
     /// The body as JSON.
     pub fn json(&self) -> Result<Value> {
         serde_json::from_slice(&self.body).map_err(|e| {
-            ServeError::Client(format!(
+            BenchError::Client(format!(
                 "response is not JSON ({e}): {}",
                 String::from_utf8_lossy(&self.body)
             ))
@@ -44,15 +44,15 @@ impl HttpResponse {
     }
 }
 
-fn client_err(what: &str, e: impl std::fmt::Display) -> ServeError {
-    ServeError::Client(format!("{what}: {e}"))
+fn client_err(what: &str, e: impl std::fmt::Display) -> BenchError {
+    BenchError::Client(format!("{what}: {e}"))
 }
 
 impl Client {
     /// A client of the server at `addr`, which must be a loopback address.
     pub fn new(addr: SocketAddr) -> Result<Self> {
         if !addr.ip().is_loopback() {
-            return Err(ServeError::NotLoopback(addr.to_string()));
+            return Err(BenchError::NotLoopback(addr.to_string()));
         }
         Ok(Self {
             addr,
@@ -225,7 +225,7 @@ impl SseStream {
             }
             out.push(data);
         }
-        Err(ServeError::Client(
+        Err(BenchError::Client(
             "the event stream ended without data: [DONE]".into(),
         ))
     }
@@ -253,7 +253,7 @@ mod tests {
         let remote: SocketAddr = "10.0.0.1:80".parse().unwrap();
         assert!(matches!(
             Client::new(remote),
-            Err(ServeError::NotLoopback(_))
+            Err(BenchError::NotLoopback(_))
         ));
         assert!(Client::new("127.0.0.1:80".parse().unwrap()).is_ok());
         assert!(Client::new("[::1]:80".parse().unwrap()).is_ok());

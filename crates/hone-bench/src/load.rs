@@ -19,10 +19,10 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use hone_serve::{Metrics, ServeConfig, Server};
+
 use crate::client::Client;
-use crate::config::ServeConfig;
-use crate::error::{Result, ServeError};
-use crate::server::Server;
+use crate::error::{BenchError, Result};
 
 /// One load run.
 #[derive(Debug, Clone)]
@@ -96,7 +96,7 @@ async fn one_request(
     });
     let mut stream = client.post_sse("/v1/completions", &body).await?;
     if stream.status != 200 {
-        return Err(ServeError::Client(format!(
+        return Err(BenchError::Client(format!(
             "status {}: {}",
             stream.status,
             stream.error_body.unwrap_or_default()
@@ -110,19 +110,19 @@ async fn one_request(
             break;
         }
         let chunk: Value = serde_json::from_str(&data)
-            .map_err(|e| ServeError::Client(format!("bad chunk ({e}): {data}")))?;
+            .map_err(|e| BenchError::Client(format!("bad chunk ({e}): {data}")))?;
         if let Some(error) = chunk.get("error") {
-            return Err(ServeError::Client(format!("error event: {error}")));
+            return Err(BenchError::Client(format!("error event: {error}")));
         }
         if let Some(u) = chunk.get("usage").filter(|u| !u.is_null()) {
             usage = Some(u.clone());
         }
     }
-    let usage = usage.ok_or_else(|| ServeError::Client("no usage chunk".into()))?;
+    let usage = usage.ok_or_else(|| BenchError::Client("no usage chunk".into()))?;
     let count = |k: &str| usage.get(k).and_then(Value::as_u64).unwrap_or(0) as usize;
     let completion_tokens = count("completion_tokens");
     if completion_tokens != cfg.max_tokens {
-        return Err(ServeError::Client(format!(
+        return Err(BenchError::Client(format!(
             "expected {} completion tokens (ignore_eos), got {completion_tokens}",
             cfg.max_tokens
         )));
@@ -139,7 +139,7 @@ async fn one_request(
 /// Runs `cfg` against the server of `client`.
 pub async fn run_load(client: &Client, cfg: &LoadConfig) -> Result<LoadReport> {
     if cfg.concurrency == 0 || cfg.requests == 0 || cfg.models.is_empty() || cfg.prompt_vocab == 0 {
-        return Err(ServeError::Config {
+        return Err(BenchError::Config {
             key: "load",
             message: "concurrency, requests, models and prompt_vocab must be non-empty".into(),
         });
@@ -190,7 +190,7 @@ pub async fn run_load(client: &Client, cfg: &LoadConfig) -> Result<LoadReport> {
     }
     for task in tasks {
         task.await
-            .map_err(|e| ServeError::Client(format!("a load task failed: {e}")))?;
+            .map_err(|e| BenchError::Client(format!("a load task failed: {e}")))?;
     }
     let wall = started.elapsed().as_secs_f64();
     let samples = std::mem::take(&mut *samples.lock().unwrap_or_else(|p| p.into_inner()));
@@ -246,7 +246,7 @@ struct WorkerTotals {
 }
 
 impl WorkerTotals {
-    fn read(m: &crate::metrics::Metrics) -> Self {
+    fn read(m: &Metrics) -> Self {
         Self {
             decode_tokens: m.decode_tokens.load(Ordering::Relaxed) as f64,
             decode_seconds: m.decode_seconds.get(),
@@ -288,7 +288,7 @@ pub fn bench_blocking(
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|source| ServeError::Io {
+        .map_err(|source| BenchError::Io {
             context: "starting the async runtime".into(),
             source,
         })?;
