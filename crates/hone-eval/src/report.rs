@@ -376,7 +376,7 @@ impl EvalReport {
 }
 
 /// Writes `bytes` to `path` atomically (`hone_io::write_file`), as [`EvalError::Write`].
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     hone_io::write_file(path, bytes).map_err(|e| EvalError::Write {
         path: path.to_path_buf(),
         message: e.source.to_string(),
