@@ -167,10 +167,10 @@ impl ServeConfig {
             return bad("max_prompt_tokens", "must be at least 1".into());
         }
         if let ModelSource::Dir(dir) = &self.model {
-            if !dir.is_dir() {
+            if !dir.is_dir() && !hone_model::loader::is_gguf(dir) {
                 return bad(
                     "model",
-                    format!("{} is not a model directory", dir.display()),
+                    format!("{} is not a model directory or GGUF file", dir.display()),
                 );
             }
         }

@@ -19,8 +19,7 @@ use std::time::Instant;
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use hone_model::{
-    BackendTask, CausalLm, FinishReason, KvCache, LoadOptions, ModelConfig, Sampler, Tokenizer,
-    WeightStore,
+    load_model_dir, BackendTask, CausalLm, FinishReason, KvCache, LoadOptions, Sampler, Tokenizer,
 };
 
 use crate::bank::Bank;
@@ -188,14 +187,9 @@ impl<B: Backend> Worker<B> {
                     path: dir.clone(),
                     source,
                 };
-                let mc = ModelConfig::from_file(&dir.join("config.json")).map_err(wrap)?;
-                let store = WeightStore::open_dir(dir).map_err(wrap)?;
-                let (model, report) =
-                    CausalLm::from_store(&mc, &store, &device, options).map_err(wrap)?;
-                for name in &report.unused {
-                    tracing::warn!("{}: tensor `{name}` is not used", dir.display());
-                }
-                (model, dir.display().to_string())
+                // A Hugging Face directory or a GGUF file; unused tensors are logged there.
+                let loaded = load_model_dir::<B>(dir, &device, options).map_err(wrap)?;
+                (loaded.model, dir.display().to_string())
             }
             ModelSource::Random {
                 config: mc, seed, ..

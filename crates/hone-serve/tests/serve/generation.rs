@@ -276,3 +276,38 @@ async fn content_part_lists_and_null_content_are_served_as_text() {
         .await;
     assert!(r.text().contains("image_url"), "{}", r.text());
 }
+
+/// A GGUF model file serves where a model directory does: `fixtures/gguf/llama_gqa.gguf`
+/// (`fixtures/peft/llama_gqa` converted as llama.cpp converts it) completes greedily as
+/// `hone_model::generate` does on the same file, and a chat completion renders a built-in
+/// template (the file has none) with the file's special tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gguf_model_file_serves_completions_and_chat() {
+    let path = repo_path("fixtures/gguf/llama_gqa.gguf");
+    let mut config = hone_serve::ServeConfig::new(hone_serve::ModelSource::Dir(path.clone()));
+    config.port = 0;
+    config.chat_template = Some("chatml".parse().unwrap());
+    let server = start(config).await;
+    let models = server.get("/v1/models").await.json().unwrap();
+    let name = models["data"][0]["id"].as_str().unwrap().to_string();
+    let prompt = "hello world";
+    let (text, _) = server.complete(&name, prompt, 8).await;
+    let loaded = load_model_dir::<Flex>(&path, &Default::default(), LoadOptions::default()).unwrap();
+    let ids = loaded.tokenizer.encode_prompt(prompt).unwrap();
+    let config = GenerateConfig {
+        max_new_tokens: 8,
+        sampling: SamplingConfig::default(),
+        stop_ids: loaded.tokenizer.eos_ids.clone(),
+        stop_strings: vec![],
+    };
+    let expected = generate(&loaded.model, &loaded.tokenizer, &ids, &config, |_| {}).unwrap();
+    assert_eq!(text.trim_start(), expected.text.trim_start());
+    let r = server
+        .post(
+            "/v1/chat/completions",
+            json!({"model": name, "messages": [{"role": "user", "content": "hi"}],
+                   "max_tokens": 4, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
