@@ -6,9 +6,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use hone_model::adapter::{
-    peft_config_json, peft_key, ADAPTER_CONFIG, ADAPTER_WEIGHTS,
-};
+use hone_model::adapter::{peft_config_json, peft_key, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 use hone_model::lora::LoraSettings;
 use hone_model::{ModelConfig, ModelError};
 use rand::{Rng, SeedableRng};

@@ -61,7 +61,10 @@ fn logits_of_a_gguf_model_match_transformers() {
         .zip(&expected)
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
-    assert!(diff < 1e-4, "GGUF logits differ from transformers' by {diff}");
+    assert!(
+        diff < 1e-4,
+        "GGUF logits differ from transformers' by {diff}"
+    );
 }
 
 #[test]
@@ -94,15 +97,16 @@ fn template_render_reads_a_gguf_chat_template() {
         .unwrap());
     // transformers' apply_chat_template on the same file (smollm2-tokenizer.refs.json).
     let refs: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join("fixtures/gguf/smollm2-tokenizer.refs.json"))
-            .unwrap(),
+        &std::fs::read_to_string(root().join("fixtures/gguf/smollm2-tokenizer.refs.json")).unwrap(),
     )
     .unwrap();
     let want = refs["chat"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|c| c["messages"].as_array().unwrap().len() == 1 && c["add_generation_prompt"] == true)
+        .find(|c| {
+            c["messages"].as_array().unwrap().len() == 1 && c["add_generation_prompt"] == true
+        })
         .unwrap()["text"]
         .as_str()
         .unwrap()

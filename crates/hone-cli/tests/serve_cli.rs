@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hone_model::ModelConfig;
 use hone_bench::random_adapter::{write_random_adapter, RandomAdapter};
+use hone_model::ModelConfig;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")

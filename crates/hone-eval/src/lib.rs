@@ -38,8 +38,7 @@ pub mod runner;
 pub mod score;
 
 pub use config::{
-    preset_names, AdapterSpec, EvalConfig, EvalPlan, TaskConfig, TaskKind, TaskSpec,
-    BASE_COLUMN,
+    preset_names, AdapterSpec, EvalConfig, EvalPlan, TaskConfig, TaskKind, TaskSpec, BASE_COLUMN,
 };
 pub use error::{EvalError, Result};
 pub use generate::{generate_greedy, GenOutput, GreedySettings};

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{EvalPlan, TaskKind};
-use hone_model::FloatDtype;
 use crate::error::{EvalError, Result};
+use hone_model::FloatDtype;
 
 /// File names inside the output directory.
 pub const JSON_FILE: &str = "eval.json";

@@ -46,7 +46,9 @@ impl StagedFile {
         let (parent, name) = split(target)?;
         std::fs::create_dir_all(&parent).map_err(|e| Error::new(&parent, e))?;
         // The extension is kept, for libraries that choose a format by it (plotters).
-        let ext = target.extension().map(|e| format!(".{}", e.to_string_lossy()));
+        let ext = target
+            .extension()
+            .map(|e| format!(".{}", e.to_string_lossy()));
         let (tmp, file) = create_unique(&parent, &name, ext.as_deref().unwrap_or(""), |p| {
             OpenOptions::new().write(true).create_new(true).open(p)
         })?;
@@ -290,7 +292,10 @@ mod tests {
             .starts_with(".out.tmp-"));
         staged.commit().unwrap();
         assert_eq!(names(&target), ["nested"]);
-        assert_eq!(std::fs::read(target.join("nested/new.txt")).unwrap(), b"new");
+        assert_eq!(
+            std::fs::read(target.join("nested/new.txt")).unwrap(),
+            b"new"
+        );
         assert_eq!(names(&dir), ["out"]);
     }
 

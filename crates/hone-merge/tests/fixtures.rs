@@ -5,9 +5,7 @@
 use std::path::Path;
 
 use burn::prelude::*;
-use hone_merge::{
-    combine_adapters, merge, parse_size, Combination, CombineOptions, Method,
-};
+use hone_merge::{combine_adapters, merge, parse_size, Combination, CombineOptions, Method};
 use hone_model::{load_model_dir, Cpu, LoadOptions, WeightStore};
 
 mod common;
@@ -168,8 +166,18 @@ fn half_precision_outputs_load_and_stay_close_to_f32() {
     merge(&options(&dir, &[&dir.join("adapter")], &f32_out)).unwrap();
     let reference = logits(&f32_out, None, &dir);
     for (dtype, st_dtype, name, bound) in [
-        (hone_model::FloatDtype::Bf16, safetensors::Dtype::BF16, "bfloat16", 1e-2),
-        (hone_model::FloatDtype::F16, safetensors::Dtype::F16, "float16", 1e-3),
+        (
+            hone_model::FloatDtype::Bf16,
+            safetensors::Dtype::BF16,
+            "bfloat16",
+            1e-2,
+        ),
+        (
+            hone_model::FloatDtype::F16,
+            safetensors::Dtype::F16,
+            "float16",
+            1e-3,
+        ),
     ] {
         let out = tmp.path().join(name);
         let mut opts = options(&dir, &[&dir.join("adapter")], &out);

@@ -7,9 +7,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 /// A float dtype for weights: what they are computed in after loading, or written in by a merge.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum FloatDtype {
     #[default]
@@ -105,7 +103,10 @@ mod tests {
             assert_eq!(flag.get_name(), dtype.name());
             let toml = serde_json::to_value(dtype).unwrap();
             assert_eq!(toml, dtype.name());
-            assert_eq!(FloatDtype::from_config_name(dtype.config_name()), Some(dtype));
+            assert_eq!(
+                FloatDtype::from_config_name(dtype.config_name()),
+                Some(dtype)
+            );
             assert_eq!(dtype.encode(&[1.0]).len(), dtype.size());
         }
     }

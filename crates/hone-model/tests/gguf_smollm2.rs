@@ -40,8 +40,8 @@ fn smollm2_gguf_answers_five_chat_prompts_as_transformers() {
         );
         return;
     }
-    let text = std::fs::read_to_string(root().join("fixtures/gguf/smollm2-greedy.refs.json"))
-        .unwrap();
+    let text =
+        std::fs::read_to_string(root().join("fixtures/gguf/smollm2-greedy.refs.json")).unwrap();
     let refs: Value = serde_json::from_str(&text).unwrap();
     let device = Default::default();
     let loaded = load_model_dir::<Cpu>(&path, &device, LoadOptions::default()).unwrap();
@@ -100,8 +100,20 @@ fn smollm2_gguf_answers_five_chat_prompts_as_transformers() {
             );
         }
 
-        let out = generate(&loaded.model, &loaded.tokenizer, &prompt_ids, &config, |_| {}).unwrap();
-        assert_eq!(out.ids, ids(&p["new_ids"]), "{}: generated ids", p["prompt"]);
+        let out = generate(
+            &loaded.model,
+            &loaded.tokenizer,
+            &prompt_ids,
+            &config,
+            |_| {},
+        )
+        .unwrap();
+        assert_eq!(
+            out.ids,
+            ids(&p["new_ids"]),
+            "{}: generated ids",
+            p["prompt"]
+        );
         let want = p["text"].as_str().unwrap();
         assert_eq!(out.text, want, "{}: generated text", p["prompt"]);
         let _ = writeln!(std::io::stderr(), "{:?} -> {:?}", p["prompt"], out.text);

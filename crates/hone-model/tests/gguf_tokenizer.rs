@@ -82,7 +82,11 @@ fn replay(tok: &Tokenizer, refs: &Value) -> Vec<String> {
 }
 
 fn special_ids_match(tok: &Tokenizer, refs: &Value) {
-    let id = |key: &str| refs[key].as_str().map(|t| tok.inner().token_to_id(t).unwrap());
+    let id = |key: &str| {
+        refs[key]
+            .as_str()
+            .map(|t| tok.inner().token_to_id(t).unwrap())
+    };
     assert_eq!(tok.bos_id, id("bos_token"), "BOS");
     assert_eq!(tok.eos_ids.first().copied(), id("eos_token"), "EOS");
 }
@@ -95,7 +99,12 @@ fn smollm2_byte_level_tokenizer_gives_transformers_ids() {
     let refs = refs("smollm2-tokenizer.refs.json");
     special_ids_match(&tok, &refs);
     let bad = replay(&tok, &refs);
-    assert!(bad.is_empty(), "{} mismatches:\n{}", bad.len(), bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "{} mismatches:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
 }
 
 #[test]
@@ -110,7 +119,12 @@ fn sentencepiece_tokenizer_gives_transformers_ids() {
     let refs = refs("stories260k-tokenizer.refs.json");
     special_ids_match(&tok, &refs);
     let bad = replay(&tok, &refs);
-    assert!(bad.is_empty(), "{} mismatches:\n{}", bad.len(), bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "{} mismatches:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
 }
 
 /// The same vocabulary as llama.cpp's own `convert_hf_to_gguf.py --vocab-only` writes it from
@@ -126,5 +140,10 @@ fn sentencepiece_tokenizer_from_llama_cpps_converter_gives_transformers_ids() {
     let refs = refs("stories260k-llamacpp-tokenizer.refs.json");
     special_ids_match(&tok, &refs);
     let bad = replay(&tok, &refs);
-    assert!(bad.is_empty(), "{} mismatches:\n{}", bad.len(), bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "{} mismatches:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
 }

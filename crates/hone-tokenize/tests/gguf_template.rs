@@ -19,9 +19,10 @@ fn fixture(name: &str) -> PathBuf {
 fn gguf_chat_template_renders_as_transformers() {
     let path = fixture("smollm2-tokenizer.gguf");
     let template = ChatTemplate::from_model_dir(&path, None).unwrap();
-    let refs: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("smollm2-tokenizer.refs.json")).unwrap())
-            .unwrap();
+    let refs: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("smollm2-tokenizer.refs.json")).unwrap(),
+    )
+    .unwrap();
     let tokens = template.special_tokens();
     assert_eq!(tokens.bos_token.as_deref(), refs["bos_token"].as_str());
     assert_eq!(tokens.eos_token.as_deref(), refs["eos_token"].as_str());
@@ -40,7 +41,11 @@ fn gguf_chat_template_renders_as_transformers() {
         let got = template
             .render(&messages, gen, &ExtraContext::new())
             .unwrap();
-        assert_eq!(got, case["text"].as_str().unwrap(), "generation prompt {gen}");
+        assert_eq!(
+            got,
+            case["text"].as_str().unwrap(),
+            "generation prompt {gen}"
+        );
     }
     // A TemplateSource resolves against the file as against a directory.
     let loaded = ChatTemplate::load(&TemplateSource::Model, &path).unwrap();
@@ -52,14 +57,20 @@ fn gguf_without_a_chat_template_is_an_error_naming_the_key() {
     // llama_gqa.gguf (a converted test checkpoint) carries no tokenizer.chat_template.
     let path = fixture("llama_gqa.gguf");
     let err = ChatTemplate::from_model_dir(&path, None).unwrap_err();
-    assert!(matches!(err, TemplateError::MissingTemplate { .. }), "{err}");
+    assert!(
+        matches!(err, TemplateError::MissingTemplate { .. }),
+        "{err}"
+    );
     let text = err.to_string();
     assert!(
         text.contains("llama_gqa.gguf") && text.contains("tokenizer.chat_template"),
         "{text}"
     );
     let err = ChatTemplate::from_model_dir(&path, Some("tool_use")).unwrap_err();
-    assert!(matches!(err, TemplateError::UnknownTemplateName { .. }), "{err}");
+    assert!(
+        matches!(err, TemplateError::UnknownTemplateName { .. }),
+        "{err}"
+    );
 }
 
 #[test]

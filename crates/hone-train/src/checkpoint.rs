@@ -184,9 +184,8 @@ pub fn save_checkpoint<B: AutodiffBackend>(
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
         .map(|(n, s, b)| {
-            let view =
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                    .expect("shape and byte length agree by construction");
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                .expect("shape and byte length agree by construction");
             (n.clone(), view)
         })
         .collect();

@@ -13,13 +13,12 @@ use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use clap::Args;
 use hone_eval::{
-    evaluate, plot_run, write_report, AdapterSpec, EvalConfig, EvalPlan, EvalReport,
-    Progress, TaskConfig, TaskKind,
+    evaluate, plot_run, write_report, AdapterSpec, EvalConfig, EvalPlan, EvalReport, Progress,
+    TaskConfig, TaskKind,
 };
 use hone_model::{run_on, BackendTask, DeviceSpec, FloatDtype};
 use hone_tokenize::TemplateSource;
 use indicatif::{ProgressBar, ProgressStyle};
-
 
 /// Output directory when neither `--out` nor the config names one.
 const DEFAULT_OUT: &str = "runs/eval";

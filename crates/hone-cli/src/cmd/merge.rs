@@ -10,7 +10,6 @@ use clap::{Args, ValueEnum};
 use hone_merge::{Combination, MajoritySign, MergeOptions, Method};
 use hone_model::FloatDtype;
 
-
 /// How adapters are combined: PEFT's `add_weighted_adapter` combination types.
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MethodArg {

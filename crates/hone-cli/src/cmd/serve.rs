@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use hone_model::{DeviceSpec, FloatDtype, ModelConfig, Tokenizer};
 use hone_bench::load::{bench_blocking, LoadConfig, Target};
 use hone_bench::random_adapter::{write_random_adapter, RandomAdapter};
+use hone_model::{DeviceSpec, FloatDtype, ModelConfig, Tokenizer};
 use hone_serve::{Limits, ModelSource, ServeConfig, Timeouts};
 use hone_tokenize::TemplateSource;
 use serde_json::json;
@@ -313,10 +313,7 @@ pub fn bench(args: BenchServeArgs) -> Result<()> {
     // Device and dtype describe the in-process server; a running server's are not known here.
     let (device, dtype) = match args.url {
         Some(_) => (None, None),
-        None => (
-            Some(args.device.to_string()),
-            Some(args.dtype.to_string()),
-        ),
+        None => (Some(args.device.to_string()), Some(args.dtype.to_string())),
     };
     let mut errors = 0;
     bench_blocking(target, &runs, |result| {

@@ -292,7 +292,8 @@ async fn a_gguf_model_file_serves_completions_and_chat() {
     let name = models["data"][0]["id"].as_str().unwrap().to_string();
     let prompt = "hello world";
     let (text, _) = server.complete(&name, prompt, 8).await;
-    let loaded = load_model_dir::<Flex>(&path, &Default::default(), LoadOptions::default()).unwrap();
+    let loaded =
+        load_model_dir::<Flex>(&path, &Default::default(), LoadOptions::default()).unwrap();
     let ids = loaded.tokenizer.encode_prompt(prompt).unwrap();
     let config = GenerateConfig {
         max_new_tokens: 8,

@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hone_model::ModelConfig;
 use hone_bench::client::{Client, HttpResponse};
 use hone_bench::random_adapter::{write_random_adapter, RandomAdapter};
+use hone_model::ModelConfig;
 use hone_serve::{Metrics, ModelSource, ServeConfig, Server};
 use serde_json::{json, Value};
 
