@@ -75,8 +75,7 @@ pub mod exit {
     /// A bad flag (clap's own code), config key or value, or a file a flag or config names
     /// that does not exist.
     pub const USAGE: i32 = 2;
-    /// A quality gate failed (reserved: no command has gates yet).
-    #[allow(dead_code)]
+    /// A quality gate failed (`hone eval --max-drop` against a `--baseline`).
     pub const GATE: i32 = 3;
     /// The data was rejected: more bad records than allowed (`on_error = "fail"`), or
     /// nothing left to train on after curation.
@@ -110,6 +109,7 @@ impl std::error::Error for UsageError {
 /// (outermost first) that says what kind of failure it was.
 fn exit_code(err: &anyhow::Error) -> i32 {
     use hone_data::DataError;
+    use hone_eval::EvalError;
     use hone_train::TrainError;
     fn data(e: &DataError) -> Option<i32> {
         match e {
@@ -128,6 +128,24 @@ fn exit_code(err: &anyhow::Error) -> i32 {
         }
         if let Some(e) = cause.downcast_ref::<DataError>() {
             if let Some(code) = data(e) {
+                return code;
+            }
+        }
+        if let Some(e) = cause.downcast_ref::<EvalError>() {
+            let code = match e {
+                EvalError::Config { .. }
+                | EvalError::MissingPath { .. }
+                | EvalError::Template { .. }
+                | EvalError::Resume { .. }
+                | EvalError::Baseline { .. }
+                | EvalError::UnknownMetric { .. } => Some(exit::USAGE),
+                EvalError::Regression { .. } => Some(exit::GATE),
+                EvalError::Interrupted { .. } => {
+                    Some(128 + signals::received().unwrap_or(libc::SIGINT))
+                }
+                _ => None,
+            };
+            if let Some(code) = code {
                 return code;
             }
         }

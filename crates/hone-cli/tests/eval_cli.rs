@@ -165,3 +165,419 @@ fn eval_errors_name_the_bad_input() {
         "{stderr}"
     );
 }
+
+const STORIES: &str = "checkpoints/base/stories260k";
+
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Exit code and stderr of a command expected to fail.
+fn run_code(cmd: &mut Command) -> (i32, String) {
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code().unwrap_or(-1), stderr)
+}
+
+/// A small perplexity file (raw text records).
+fn ppl_file(dir: &Path) -> PathBuf {
+    let path = dir.join("stories.jsonl");
+    let text: String = [
+        "Once upon a time there was a little girl named Lily.",
+        "She liked to play in the park with her dog.",
+        "One day the sun was hot and the sky was blue.",
+        "Tom saw a big red ball and he was happy.",
+        "The cat sat on the mat and looked at the bird.",
+    ]
+    .iter()
+    .map(|t| format!("{}\n", serde_json::json!({ "text": t })))
+    .collect();
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// `hone eval` on stories260k: openbookqa (3 records) and a perplexity file, into `out`.
+fn eval_mc_and_ppl(ppl: &Path, out: &Path) -> Command {
+    let mut cmd = hone();
+    cmd.args([
+        "eval",
+        "--model",
+        STORIES,
+        "--task",
+        "openbookqa",
+        "--limit",
+        "6",
+    ])
+    .arg("--task")
+    .arg(format!("ppl={}", ppl.display()))
+    .args(["--batch-size", "3", "--out"])
+    .arg(out);
+    cmd
+}
+
+/// Rewrites the last column's results of `task` in a report with `edit`.
+fn edit_result(report: &mut serde_json::Value, task: &str, edit: impl Fn(&mut serde_json::Value)) {
+    let tasks = report["tasks"].as_array_mut().unwrap();
+    let task = tasks.iter_mut().find(|t| t["name"] == task).unwrap();
+    let result = task["results"].as_array_mut().unwrap().last_mut().unwrap();
+    edit(result);
+}
+
+#[test]
+fn baseline_gates_pass_on_an_equal_run_and_exit_3_on_a_regression_either_direction() {
+    let dir = tempfile::tempdir().unwrap();
+    let ppl = ppl_file(dir.path());
+    let first = dir.path().join("first");
+    run_ok(&mut eval_mc_and_ppl(&ppl, &first));
+    let baseline = first.join("eval.json");
+
+    // The same evaluation again: no difference, every gate passes, the report shows both.
+    let again = dir.path().join("again");
+    let (stdout, _) = run_ok(
+        eval_mc_and_ppl(&ppl, &again)
+            .arg("--baseline")
+            .arg(&baseline)
+            .args([
+                "--max-drop",
+                "openbookqa/acc=0.01",
+                "--max-drop",
+                "loss=0.01",
+            ]),
+    );
+    assert!(stdout.contains("## Compared with baseline"), "{stdout}");
+    let report = read_json(&again.join("eval.json"));
+    let rows = report["comparison"]["rows"].as_array().unwrap();
+    let row = |task: &str, metric: &str| {
+        rows.iter()
+            .find(|r| r["task"] == task && r["metric"] == metric)
+            .unwrap_or_else(|| panic!("no {task}/{metric} row: {rows:?}"))
+            .clone()
+    };
+    let acc = row("openbookqa", "acc");
+    assert_eq!(acc["difference"], 0.0);
+    assert_eq!(acc["paired"], 6);
+    assert_eq!(acc["regressed"], false);
+    let loss = row("stories", "loss");
+    assert_eq!(loss["direction"], "lower_is_better");
+    assert_eq!(loss["paired"], 5);
+    assert_eq!(loss["regressed"], false);
+    assert_eq!(
+        row("openbookqa", "acc_norm")["regressed"],
+        serde_json::Value::Null
+    );
+    assert_eq!(report["comparison"]["passed"], true);
+
+    // A baseline that got every question right: accuracy fell, beyond any noise -> exit 3.
+    let mut better = read_json(&baseline);
+    edit_result(&mut better, "openbookqa", |r| {
+        for s in r["samples"].as_array_mut().unwrap() {
+            s["predicted"] = s["answer"].clone();
+        }
+        r["metrics"]["acc"] = 1.0.into();
+        r["metrics"]["acc_stderr"] = 0.0.into();
+    });
+    let better_path = dir.path().join("better.json");
+    std::fs::write(&better_path, better.to_string()).unwrap();
+    let gated = dir.path().join("gated");
+    let (code, stderr) = run_code(
+        eval_mc_and_ppl(&ppl, &gated)
+            .arg("--baseline")
+            .arg(&better_path)
+            .args(["--max-drop", "acc=0.01"]),
+    );
+    assert_eq!(code, 3, "{stderr}");
+    assert!(
+        stderr.contains("regression") && stderr.contains("openbookqa/acc 1.0000 ->"),
+        "{stderr}"
+    );
+    // The report is written all the same, with the failed gate.
+    let report = read_json(&gated.join("eval.json"));
+    assert_eq!(report["comparison"]["passed"], false);
+    let md = std::fs::read_to_string(gated.join("eval.md")).unwrap();
+    assert!(md.contains("**FAIL**"), "{md}");
+
+    // Lower is better for the loss: a baseline with half the loss is a regression now...
+    let halve = |factor: f64| {
+        let mut report = read_json(&baseline);
+        edit_result(&mut report, "stories", |r| {
+            for s in r["samples"].as_array_mut().unwrap() {
+                s["nll"] = (s["nll"].as_f64().unwrap() * factor).into();
+            }
+            let loss = r["metrics"]["loss"].as_f64().unwrap() * factor;
+            r["metrics"]["loss"] = loss.into();
+            r["metrics"]["ppl"] = loss.exp().into();
+        });
+        let path = dir.path().join(format!("loss-x{factor}.json"));
+        std::fs::write(&path, report.to_string()).unwrap();
+        path
+    };
+    let (code, stderr) = run_code(
+        eval_mc_and_ppl(&ppl, &dir.path().join("lower"))
+            .arg("--baseline")
+            .arg(halve(0.5))
+            .args(["--max-drop", "stories/loss=0.01", "--max-drop", "ppl=0.01"]),
+    );
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("stories/loss"), "{stderr}");
+    // ...and one with a higher loss is not, even without noise allowance.
+    run_ok(
+        eval_mc_and_ppl(&ppl, &dir.path().join("higher"))
+            .arg("--baseline")
+            .arg(halve(1.5))
+            .args([
+                "--max-drop",
+                "stories/loss=0",
+                "--max-drop",
+                "ppl=0",
+                "--noise",
+                "0",
+            ]),
+    );
+}
+
+#[test]
+fn a_gated_metric_missing_from_either_report_is_a_usage_error_listing_the_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let ppl = ppl_file(dir.path());
+    let first = dir.path().join("first");
+    run_ok(&mut eval_mc_and_ppl(&ppl, &first));
+    for gate in ["gsm8k/exact_match=0.1", "tokens=1", "openbookqa/loss=0.1"] {
+        let (code, stderr) = run_code(
+            eval_mc_and_ppl(&ppl, &dir.path().join("second"))
+                .arg("--baseline")
+                .arg(first.join("eval.json"))
+                .args(["--max-drop", gate]),
+        );
+        let name = gate.split('=').next().unwrap();
+        assert_eq!(code, 2, "{gate}: {stderr}");
+        assert!(
+            stderr.contains(&format!("--max-drop {name}"))
+                && stderr
+                    .contains("openbookqa/acc, openbookqa/acc_norm, stories/loss, stories/ppl"),
+            "{gate}: {stderr}"
+        );
+        // Checked before anything is evaluated.
+        assert!(!stderr.contains("[1/2]"), "{stderr}");
+    }
+    let (code, stderr) = run_code(
+        eval_mc_and_ppl(&ppl, &dir.path().join("third"))
+            .arg("--baseline")
+            .arg(dir.path().join("nosuch.json"))
+            .args(["--max-drop", "acc=0.1"]),
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("nosuch.json"), "{stderr}");
+    let (code, stderr) =
+        run_code(eval_mc_and_ppl(&ppl, &dir.path().join("fourth")).args(["--max-drop", "acc=0.1"]));
+    assert_eq!(code, 2, "--max-drop needs --baseline: {stderr}");
+}
+
+/// The report without what differs from run to run (times, the output directory).
+fn comparable(mut report: serde_json::Value) -> serde_json::Value {
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                for key in [
+                    "created_unix",
+                    "timings",
+                    "seconds",
+                    "tokens_per_second",
+                    "load_seconds",
+                ] {
+                    map.remove(key);
+                }
+                map.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    strip(&mut report);
+    report["plan"]["out"] = serde_json::Value::Null;
+    report
+}
+
+fn record_lines(dir: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(dir.join("records.jsonl")).unwrap();
+    let mut lines: Vec<String> = text.lines().skip(1).map(str::to_string).collect();
+    lines.sort();
+    lines
+}
+
+#[test]
+fn resume_after_an_interruption_reports_what_an_uninterrupted_run_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let ppl = ppl_file(dir.path());
+    let eval = |out: &Path| {
+        let mut cmd = eval_mc_and_ppl(&ppl, out);
+        cmd.args(["--task", "gsm8k", "--max-tokens", "8"]);
+        cmd
+    };
+    let whole = dir.path().join("whole");
+    run_ok(&mut eval(&whole));
+    // 6 questions + 6 problems + 5 texts (gsm8k takes --limit 6 too).
+    assert_eq!(record_lines(&whole).len(), 17);
+
+    let parts = dir.path().join("parts");
+    let (code, stderr) = run_code(eval(&parts).args(["--stop-after", "4"]));
+    assert_eq!(code, 130, "{stderr}");
+    assert!(stderr.contains("--resume continues"), "{stderr}");
+    let logged = record_lines(&parts).len();
+    assert!((4..17).contains(&logged), "{logged} records logged");
+    assert!(!parts.join("eval.json").exists());
+    // A process killed in the middle of a write leaves a partial line.
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(parts.join("records.jsonl"))
+        .unwrap();
+    std::io::Write::write_all(&mut log, b"{\"task\":\"openbookqa\",\"col").unwrap();
+    drop(log);
+
+    // Resume twice more with a stop, then to the end.
+    let (code, stderr) = run_code(eval(&parts).args(["--resume", "--stop-after", "3"]));
+    assert_eq!(code, 130, "{stderr}");
+    assert!(
+        stderr.contains(&format!("resuming: {logged} record(s)"))
+            && stderr.contains("partial last line was dropped"),
+        "{stderr}"
+    );
+    let (_, stderr) = run_ok(eval(&parts).arg("--resume"));
+    assert!(stderr.contains("resuming:"), "{stderr}");
+
+    assert_eq!(record_lines(&parts), record_lines(&whole));
+    assert_eq!(
+        comparable(read_json(&parts.join("eval.json"))),
+        comparable(read_json(&whole.join("eval.json")))
+    );
+
+    // Other settings than the log's: refused (exit 2), not mixed.
+    let (code, stderr) = run_code(eval(&parts).args(["--resume", "--max-seq-len", "100"]));
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("records.jsonl") && stderr.contains("other settings"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_config_with_several_models_and_adapters_runs_every_column_on_every_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let ppl = ppl_file(dir.path());
+    let gqa = root().join("fixtures/peft/llama_gqa");
+    let config = dir.path().join("eval.toml");
+    let write_config = |extra: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "[eval]\nmodel = {STORIES:?}\nbatch_size = 3\nlimit = 4\nmodels = [\n  \
+                 {{ name = \"gqa\", path = {gqa:?}, adapters = [{{ name = \"sft\", path = {:?} }}]{extra} }},\n]\n\n\
+                 [[eval.tasks]]\nname = \"openbookqa\"\n\n\
+                 [[eval.tasks]]\nname = \"stories\"\nkind = \"perplexity\"\npath = {ppl:?}\n",
+                gqa.join("adapter"),
+            ),
+        )
+        .unwrap();
+    };
+    write_config("");
+    let out = dir.path().join("all");
+    let (stdout, _) = run_ok(
+        hone()
+            .arg("eval")
+            .arg("--config")
+            .arg(&config)
+            .arg("--out")
+            .arg(&out),
+    );
+    assert!(
+        stdout.contains("| task | metric | n | base | gqa | sft |"),
+        "{stdout}"
+    );
+    let report = read_json(&out.join("eval.json"));
+    let names = |key: &str| -> Vec<String> {
+        report[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(names("columns"), ["base", "gqa", "sft"]);
+    assert_eq!(names("models"), ["base", "gqa"]);
+    assert_eq!(report["columns"][2]["model"], "gqa");
+    for task in report["tasks"].as_array().unwrap() {
+        let columns: Vec<&str> = task["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["column"].as_str().unwrap())
+            .collect();
+        assert_eq!(columns, ["base", "gqa", "sft"], "{}", task["name"]);
+    }
+    // Every record of every column is in the log, with its model and adapter.
+    let records: Vec<serde_json::Value> = record_lines(&out)
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 3 * (4 + 4));
+    let sft = records
+        .iter()
+        .find(|r| r["column"] == "sft" && r["task"] == "openbookqa")
+        .unwrap();
+    assert!(
+        sft["model"].as_str().unwrap().ends_with("llama_gqa"),
+        "{sft}"
+    );
+    assert!(
+        sft["adapter"].as_str().unwrap().ends_with("adapter"),
+        "{sft}"
+    );
+    assert!(
+        sft["prompt"].as_str().unwrap().starts_with("Question: "),
+        "{sft}"
+    );
+    assert!(sft["prediction"].is_string(), "{sft}");
+
+    // Each model's columns measure what that model measures alone.
+    let alone = dir.path().join("alone");
+    run_ok(
+        hone()
+            .args([
+                "eval",
+                "--limit",
+                "4",
+                "--batch-size",
+                "3",
+                "--task",
+                "openbookqa",
+            ])
+            .arg("--model")
+            .arg(&gqa)
+            .arg("--adapter")
+            .arg(format!("sft={}", gqa.join("adapter").display()))
+            .arg("--task")
+            .arg(format!("ppl={}", ppl.display()))
+            .arg("--out")
+            .arg(&alone),
+    );
+    let single = read_json(&alone.join("eval.json"));
+    for (task, metric) in [(0, "acc"), (0, "acc_norm")] {
+        for (c, c_alone) in [(1, 0), (2, 1)] {
+            assert_eq!(
+                report["tasks"][task]["results"][c]["metrics"][metric],
+                single["tasks"][task]["results"][c_alone]["metrics"][metric]
+            );
+        }
+    }
+    for (c, c_alone) in [(1, 0), (2, 1)] {
+        assert_eq!(
+            report["tasks"][1]["results"][c]["metrics"]["loss"],
+            single["tasks"][1]["results"][c_alone]["metrics"]["loss"]
+        );
+    }
+
+    // Unknown keys in a models entry are errors (exit 2) that name the key.
+    write_config(", revision = \"main\"");
+    let (code, stderr) = run_code(hone().arg("eval").arg("--config").arg(&config));
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("revision"), "{stderr}");
+}

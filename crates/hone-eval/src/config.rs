@@ -2,10 +2,16 @@
 //! [`EvalPlan`]: the same settings validated and resolved, with every task's defaults filled in
 //! (the plan is what a report records).
 //!
+//! Columns of the report: `model` (column `base`) and its `adapters`, then each of `models`
+//! (column named `name`) and its own adapters. Every model × adapter column runs every task.
+//!
 //! ```toml
 //! [eval]
 //! model = "checkpoints/base/stories260k"
 //! adapters = [{ name = "sft", path = "runs/sft/adapter" }]
+//! models = [              # more base models, each with its own adapters (optional)
+//!   { name = "gqa", path = "fixtures/peft/llama_gqa", adapters = [{ name = "gqa-sft", path = "fixtures/peft/llama_gqa/adapter" }] },
+//! ]
 //! batch_size = 8          # rows per forward pass (log-likelihood) / prompts per decode batch
 //! limit = 100             # first N records of every task (all when absent)
 //! device = "cpu"          # cpu | cuda | cuda:N
@@ -105,6 +111,18 @@ impl FromStr for AdapterSpec {
     }
 }
 
+/// A further base model with its adapters: its own column (`name`) and one per adapter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// Column name of the model without adapter.
+    pub name: String,
+    /// Hugging Face model directory (or GGUF file).
+    pub path: PathBuf,
+    #[serde(default)]
+    pub adapters: Vec<AdapterSpec>,
+}
+
 /// One task as written: a preset name alone, or a name with `kind` and `path`; any field
 /// overrides the preset's or the kind's default.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -159,6 +177,9 @@ pub struct EvalConfig {
     /// Adapters, each a column beside the base model.
     #[serde(default)]
     pub adapters: Vec<AdapterSpec>,
+    /// More base models, each with its adapters (columns after `model`'s).
+    #[serde(default)]
+    pub models: Vec<ModelSpec>,
     #[serde(default)]
     pub tasks: Vec<TaskConfig>,
     /// Rows per forward pass / prompts per generation batch. Default 8.
@@ -204,6 +225,7 @@ impl Default for EvalConfig {
         Self {
             model: PathBuf::new(),
             adapters: Vec::new(),
+            models: Vec::new(),
             tasks: Vec::new(),
             batch_size: default_batch_size(),
             limit: None,
@@ -295,8 +317,8 @@ const DEFAULT_STOP: [&str; 1] = ["\n\n"];
 /// The settings of one evaluation, validated, with resolved tasks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalPlan {
-    pub model: PathBuf,
-    pub adapters: Vec<AdapterSpec>,
+    /// Base models in column order (`model` as `base` first), each with its adapters.
+    pub models: Vec<ModelSpec>,
     pub tasks: Vec<TaskSpec>,
     pub batch_size: usize,
     pub limit: Option<usize>,
@@ -309,10 +331,13 @@ pub struct EvalPlan {
 }
 
 impl EvalPlan {
-    /// Column names: the base model, then each adapter.
+    /// Column names: each base model, then each of its adapters.
     pub fn columns(&self) -> Vec<String> {
-        std::iter::once(BASE_COLUMN.to_string())
-            .chain(self.adapters.iter().map(|a| a.name.clone()))
+        self.models
+            .iter()
+            .flat_map(|m| {
+                std::iter::once(m.name.clone()).chain(m.adapters.iter().map(|a| a.name.clone()))
+            })
             .collect()
     }
 }
@@ -378,15 +403,64 @@ impl EvalConfig {
 
     /// Validates every setting, checks that files exist, and fills in task defaults.
     pub fn resolve(&self) -> Result<EvalPlan> {
-        if self.model.as_os_str().is_empty() {
+        let mut models = Vec::with_capacity(1 + self.models.len());
+        if !self.model.as_os_str().is_empty() {
+            models.push(ModelSpec {
+                name: BASE_COLUMN.to_string(),
+                path: self.model.clone(),
+                adapters: self.adapters.clone(),
+            });
+        } else if !self.adapters.is_empty() {
             return Err(EvalError::config(
-                "model",
-                "required: a Hugging Face model directory",
+                "adapters",
+                "given without `model`: the adapters of a model in `models` go in its own \
+                 `adapters` list",
             ));
         }
-        require_exists(&self.model, "the base model directory")?;
-        // A file of the model directory (`dir/model.safetensors`) stands for the directory.
-        let model = hone_model::loader::resolve_model_dir(&self.model)?;
+        models.extend(self.models.iter().cloned());
+        if models.is_empty() {
+            return Err(EvalError::config(
+                "model",
+                "required: a Hugging Face model directory (or a `models` list)",
+            ));
+        }
+        let from_model = !self.model.as_os_str().is_empty();
+        let mut names = HashSet::new();
+        for (i, spec) in models.iter_mut().enumerate() {
+            let key = if i == 0 && from_model {
+                "model".to_string()
+            } else {
+                format!("models.{}", spec.name)
+            };
+            if spec.name.trim().is_empty() {
+                return Err(EvalError::config("models.name", "must not be empty"));
+            }
+            if !names.insert(spec.name.clone()) {
+                return Err(EvalError::config(
+                    key,
+                    format!(
+                        "the column name `{}` is used twice (`{BASE_COLUMN}` is `model`'s column)",
+                        spec.name
+                    ),
+                ));
+            }
+            require_exists(&spec.path, "a base model directory")?;
+            // A file of the model directory (`dir/model.safetensors`) stands for the directory.
+            spec.path = hone_model::loader::resolve_model_dir(&spec.path)?;
+            for adapter in &spec.adapters {
+                if !names.insert(adapter.name.clone()) {
+                    return Err(EvalError::config(
+                        format!("{key}.adapters"),
+                        format!(
+                            "the column name `{}` is used twice (`{BASE_COLUMN}` is `model`'s \
+                             column)",
+                            adapter.name
+                        ),
+                    ));
+                }
+                require_dir(&adapter.path, "an adapter directory")?;
+            }
+        }
         if self.batch_size == 0 {
             return Err(EvalError::config(
                 "batch_size",
@@ -404,19 +478,6 @@ impl EvalConfig {
                 "max_seq_len",
                 format!("must be at least 2, found {}", self.max_seq_len),
             ));
-        }
-        let mut names = HashSet::from([BASE_COLUMN.to_string()]);
-        for adapter in &self.adapters {
-            if !names.insert(adapter.name.clone()) {
-                return Err(EvalError::config(
-                    "adapters",
-                    format!(
-                        "the name `{}` is used twice (`{BASE_COLUMN}` is the base model's column)",
-                        adapter.name
-                    ),
-                ));
-            }
-            require_dir(&adapter.path, "an adapter directory")?;
         }
         if self.tasks.is_empty() {
             return Err(EvalError::config(
@@ -439,8 +500,7 @@ impl EvalConfig {
             tasks.push(self.resolve_task(task)?);
         }
         Ok(EvalPlan {
-            model,
-            adapters: self.adapters.clone(),
+            models,
             tasks,
             batch_size: self.batch_size,
             limit: self.limit,

@@ -74,6 +74,32 @@ pub enum EvalError {
 
     #[error("plotting {path}: {message}")]
     Plot { path: PathBuf, message: String },
+
+    #[error("cannot resume from {path}: {message}")]
+    Resume { path: PathBuf, message: String },
+
+    /// The evaluation was asked to stop (a signal); the records logged so far stay.
+    #[error("evaluation stopped after {records} new record(s){log}")]
+    Interrupted {
+        records: usize,
+        /// Empty, or where the records are and how to continue, starting with a space.
+        log: String,
+    },
+
+    #[error("baseline {path}: {message}")]
+    Baseline { path: PathBuf, message: String },
+
+    /// A `--max-drop` metric that one of the reports does not have.
+    #[error("--max-drop {metric}: {message}; metrics in both reports: {available}")]
+    UnknownMetric {
+        metric: String,
+        message: String,
+        available: String,
+    },
+
+    /// A quality gate failed: a metric dropped by more than allowed plus noise.
+    #[error("regression against {baseline}: {failures}")]
+    Regression { baseline: PathBuf, failures: String },
 }
 
 impl From<hone_tokenize::TemplateError> for EvalError {

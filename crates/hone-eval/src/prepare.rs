@@ -22,6 +22,7 @@ use crate::report::{GenerationReport, PromptReport};
 use crate::score::ScoreRow;
 
 /// A task's records, read before the model is loaded.
+#[derive(Clone)]
 pub(crate) enum TaskData {
     Lm(Loaded<(usize, Example)>),
     Mc(Loaded<McItem>),
@@ -73,20 +74,28 @@ pub(crate) fn load_task_data(spec: &TaskSpec) -> Result<TaskData> {
 }
 
 /// What a task asks of the model.
+/// One record is one row (perplexity), one row per choice (multiple choice, consecutive) or
+/// one prompt (generation).
 pub(crate) enum Work {
     Perplexity {
         rows: Vec<ScoreRow>,
+        /// Line in the data file of each row's example.
+        lines: Vec<usize>,
     },
     MultipleChoice {
         rows: Vec<ScoreRow>,
         items: Vec<McItem>,
         /// Characters of each choice's continuation text (for `acc_norm`).
         choice_chars: Vec<Vec<usize>>,
+        /// Each question's context text, as the model saw it.
+        contexts: Vec<String>,
     },
     Generation {
         prompts: Vec<Vec<u32>>,
         items: Vec<GenItem>,
         stop_ids: Vec<u32>,
+        /// Each prompt's text, as the model saw it (before any left truncation).
+        texts: Vec<String>,
     },
 }
 
@@ -106,7 +115,7 @@ impl PreparedTask {
     /// Units of progress per column (rows or prompts).
     pub(crate) fn total(&self) -> usize {
         match &self.work {
-            Work::Perplexity { rows } | Work::MultipleChoice { rows, .. } => rows.len(),
+            Work::Perplexity { rows, .. } | Work::MultipleChoice { rows, .. } => rows.len(),
             Work::Generation { prompts, .. } => prompts.len(),
         }
     }
@@ -210,8 +219,8 @@ pub(crate) fn prepare_task(
                 prompt.chat_template = ctx.template.map(|t| t.name().to_string());
             }
             let lm_encoder = Encoder::new(tok_spec, ctx.template, &config);
-            let (mut rows, mut truncated, mut skipped) = (Vec::new(), 0, 0);
-            for (index, (_, example)) in loaded.items.iter().enumerate() {
+            let (mut rows, mut lines, mut truncated, mut skipped) = (Vec::new(), Vec::new(), 0, 0);
+            for (index, (line, example)) in loaded.items.iter().enumerate() {
                 let fitted = lm_encoder
                     .encode_fitted(example)
                     .map_err(|e| tokenize_err(index, e.to_string()))?;
@@ -234,6 +243,7 @@ pub(crate) fn prepare_task(
                 }
                 truncated += usize::from(cut);
                 rows.push(row);
+                lines.push(*line);
             }
             if rows.is_empty() {
                 return Err(EvalError::EmptyData {
@@ -249,7 +259,7 @@ pub(crate) fn prepare_task(
                 generation: None,
                 truncated,
                 skipped,
-                work: Work::Perplexity { rows },
+                work: Work::Perplexity { rows, lines },
             })
         }
         TaskData::Mc(loaded) => {
@@ -257,6 +267,7 @@ pub(crate) fn prepare_task(
             let choice_template =
                 PromptTemplate::parse(&spec.choice_format, &[Field::Choice, Field::Label])?;
             let (mut rows, mut choice_chars, mut truncated) = (Vec::new(), Vec::new(), 0);
+            let mut contexts = Vec::with_capacity(loaded.items.len());
             for (index, item) in loaded.items.iter().enumerate() {
                 let choices = choices_block(&item.labels, &item.choices);
                 let user = template.render(&Values {
@@ -299,6 +310,7 @@ pub(crate) fn prepare_task(
                     chars.push(continuation.chars().count());
                 }
                 choice_chars.push(chars);
+                contexts.push(context);
             }
             Ok(PreparedTask {
                 spec: spec.clone(),
@@ -312,6 +324,7 @@ pub(crate) fn prepare_task(
                     rows,
                     items: loaded.items,
                     choice_chars,
+                    contexts,
                 },
             })
         }
@@ -329,7 +342,7 @@ pub(crate) fn prepare_task(
                 .collect();
             prompt.fewshot_lines = shots.iter().map(|s| s.line).collect();
             let budget = ctx.max_len.saturating_sub(spec.max_new_tokens).max(1);
-            let (mut prompts, mut truncated) = (Vec::new(), 0);
+            let (mut prompts, mut texts, mut truncated) = (Vec::new(), Vec::new(), 0);
             for (index, item) in data.items.iter().enumerate() {
                 let text = encoder.context_text(&Prompt {
                     shots: shot_pairs.clone(),
@@ -346,6 +359,7 @@ pub(crate) fn prepare_task(
                     truncated += 1;
                 }
                 prompts.push(ids);
+                texts.push(text);
             }
             let mut stop_ids = ctx.tokenizer.eos_ids.clone();
             if let Some(eos) = chat_template
@@ -375,6 +389,7 @@ pub(crate) fn prepare_task(
                     prompts,
                     items: data.items,
                     stop_ids,
+                    texts,
                 },
             })
         }

@@ -1,8 +1,9 @@
 //! The evaluation report: [`EvalReport`] holds every number and every setting (model,
 //! adapters, data files, limits, prompts, generation settings, timings, per-example outputs);
 //! [`write_report`] writes it as `eval.json` and as `eval.md` (a Markdown table whose rows are
-//! task metrics and whose columns are the base model and each adapter), each atomically
-//! (a temporary file in the same directory, renamed into place).
+//! task metrics and whose columns are each base model and each adapter), each atomically
+//! (a temporary file in the same directory, renamed into place). With a baseline, both also
+//! show the [`Comparison`].
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -10,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::compare::{Comparison, Direction};
 use crate::config::{EvalPlan, TaskKind};
 use crate::error::{EvalError, Result};
 use hone_model::FloatDtype;
@@ -26,17 +28,23 @@ pub struct EvalReport {
     pub created_unix: u64,
     /// The resolved settings.
     pub plan: EvalPlan,
-    pub model: ModelSummary,
+    /// The base models, in column order.
+    pub models: Vec<ModelSummary>,
     pub columns: Vec<ColumnSummary>,
     pub tasks: Vec<TaskReport>,
     pub timings: Timings,
     /// Plot files written beside the report (file names).
     pub plots: Vec<PathBuf>,
+    /// The comparison with a baseline report, when one was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comparison: Option<Comparison>,
 }
 
-/// The base model.
+/// A base model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelSummary {
+    /// Its column name.
+    pub name: String,
     pub path: PathBuf,
     pub architecture: String,
     pub vocab_size: usize,
@@ -52,6 +60,8 @@ pub struct ModelSummary {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ColumnSummary {
     pub name: String,
+    /// Name of the base model of the column.
+    pub model: String,
     pub adapter: Option<PathBuf>,
     pub lora_r: Option<usize>,
     pub lora_alpha: Option<f64>,
@@ -86,7 +96,8 @@ pub struct GenerationReport {
     pub batch_size: usize,
 }
 
-/// One task, all columns.
+/// One task, all columns. The counts (`evaluated`, `rows`, `truncated`, `skipped`) and the
+/// prompt are the first model's; another tokenizer can count differently.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskReport {
     pub name: String,
@@ -126,6 +137,26 @@ pub struct TaskResult {
 pub enum Sample {
     Choice(ChoiceSample),
     Generated(GeneratedSample),
+    Perplexity(PerplexitySample),
+}
+
+impl Sample {
+    /// The example's 1-based line in its file.
+    pub fn line(&self) -> usize {
+        match self {
+            Sample::Choice(s) => s.line,
+            Sample::Generated(s) => s.line,
+            Sample::Perplexity(s) => s.line,
+        }
+    }
+}
+
+/// An example's summed negative log-likelihood over its target tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PerplexitySample {
+    pub line: usize,
+    pub nll: f64,
+    pub tokens: usize,
 }
 
 /// A multiple-choice question's scores.
@@ -168,7 +199,11 @@ pub struct Timings {
 /// Metric rows shown in the Markdown table, per kind (`(metric, its stderr)`).
 fn shown_metrics(kind: TaskKind) -> &'static [(&'static str, Option<&'static str>)] {
     match kind {
-        TaskKind::Perplexity => &[("loss", None), ("ppl", None), ("tokens", None)],
+        TaskKind::Perplexity => &[
+            ("loss", Some("loss_stderr")),
+            ("ppl", Some("ppl_stderr")),
+            ("tokens", None),
+        ],
         TaskKind::MultipleChoice => &[
             ("acc", Some("acc_stderr")),
             ("acc_norm", Some("acc_norm_stderr")),
@@ -177,7 +212,7 @@ fn shown_metrics(kind: TaskKind) -> &'static [(&'static str, Option<&'static str
             ("exact_match", Some("exact_match_stderr")),
             ("numeric_match", Some("numeric_match_stderr")),
             ("contains", Some("contains_stderr")),
-            ("rouge_l", None),
+            ("rouge_l", Some("rouge_l_stderr")),
             ("mean_new_tokens", None),
         ],
     }
@@ -214,22 +249,26 @@ impl EvalReport {
     /// The report as Markdown.
     pub fn to_markdown(&self) -> String {
         let mut md = String::new();
-        let m = &self.model;
         let _ = writeln!(md, "# Evaluation\n");
-        let _ = writeln!(
-            md,
-            "- model: `{}` ({}, {} layers, hidden {}, vocab {})",
-            m.path.display(),
-            m.architecture,
-            m.num_layers,
-            m.hidden_size,
-            m.vocab_size
-        );
+        for m in &self.models {
+            let _ = writeln!(
+                md,
+                "- model `{}`: `{}` ({}, {} layers, hidden {}, vocab {}, max_seq_len {})",
+                m.name,
+                m.path.display(),
+                m.architecture,
+                m.num_layers,
+                m.hidden_size,
+                m.vocab_size,
+                m.max_seq_len
+            );
+        }
         for c in self.columns.iter().filter(|c| c.adapter.is_some()) {
             let _ = writeln!(
                 md,
-                "- adapter `{}`: `{}` (r={}, alpha={}, {} projections)",
+                "- adapter `{}` on `{}`: `{}` (r={}, alpha={}, {} projections)",
                 c.name,
+                c.model,
                 c.adapter.as_deref().unwrap_or(Path::new("")).display(),
                 c.lora_r.map_or("?".into(), |r| r.to_string()),
                 c.lora_alpha.map_or("?".into(), |a| a.to_string()),
@@ -238,8 +277,8 @@ impl EvalReport {
         }
         let _ = writeln!(
             md,
-            "- device {}, dtype {}, batch size {}, max_seq_len {}, total {:.1} s\n",
-            m.device, m.dtype, self.plan.batch_size, m.max_seq_len, self.timings.total_seconds
+            "- device {}, dtype {}, batch size {}, total {:.1} s\n",
+            self.plan.device, self.plan.dtype, self.plan.batch_size, self.timings.total_seconds
         );
 
         let names: Vec<&str> = self.columns.iter().map(|c| c.name.as_str()).collect();
@@ -313,6 +352,10 @@ impl EvalReport {
             t.load_data_seconds, t.load_model_seconds, t.prepare_seconds, t.evaluate_seconds
         );
 
+        if let Some(c) = &self.comparison {
+            c.write_markdown(&mut md);
+        }
+
         let _ = writeln!(md, "\n## Tasks");
         for task in &self.tasks {
             let _ = writeln!(md, "\n### {}\n", task.name);
@@ -372,6 +415,55 @@ impl EvalReport {
             }
         }
         md
+    }
+}
+
+impl Comparison {
+    /// The comparison as a Markdown section.
+    fn write_markdown(&self, md: &mut String) {
+        let _ = writeln!(
+            md,
+            "\n## Compared with baseline\n\nBaseline `{}` column `{}`, this evaluation column \
+             `{}`; a gate fails when the metric got worse by more than its allowed drop plus {} \
+             standard errors of the difference. **{}**\n",
+            self.baseline.display(),
+            cell(&self.baseline_column),
+            cell(&self.column),
+            self.noise,
+            if self.passed {
+                "All gates passed."
+            } else {
+                "A gate FAILED."
+            }
+        );
+        let _ = writeln!(
+            md,
+            "| task | metric | better | baseline | current | difference ± SE | paired | allowed drop | gate |"
+        );
+        let _ = writeln!(md, "|---|---|---|---:|---:|---:|---:|---:|---|");
+        for r in &self.rows {
+            let se = r.stderr.map_or("?".to_string(), |s| format!("{s:.4}"));
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {:.4} | {:.4} | {:+.4} ± {se} | {} | {} | {} |",
+                cell(&r.task),
+                r.metric,
+                match r.direction {
+                    Direction::HigherIsBetter => "higher",
+                    Direction::LowerIsBetter => "lower",
+                },
+                r.baseline,
+                r.current,
+                r.difference,
+                r.paired,
+                r.max_drop.map_or("–".to_string(), |d| d.to_string()),
+                match r.regressed {
+                    None => "–",
+                    Some(false) => "pass",
+                    Some(true) => "**FAIL**",
+                }
+            );
+        }
     }
 }
 

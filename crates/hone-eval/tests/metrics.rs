@@ -264,3 +264,71 @@ max_new_tokens = 16
     let err = config.resolve().unwrap_err();
     assert!(err.to_string().contains("/nonexistent/adapter"), "{err}");
 }
+
+fn ppl_sample(line: usize, nll: f64, tokens: usize) -> hone_eval::report::Sample {
+    hone_eval::report::Sample::Perplexity(hone_eval::report::PerplexitySample { line, nll, tokens })
+}
+
+#[test]
+fn loss_stderr_is_the_per_example_spread_of_the_token_weighted_mean() {
+    use hone_eval::aggregate::task_metrics;
+    // Hand computed: L = 9 / 6 = 1.5, mean tokens 2, u = (0.25, 0.75, -1.0),
+    // SE = sqrt(1.625 / (3 * 2)).
+    let samples = [
+        ppl_sample(1, 2.0, 1),
+        ppl_sample(2, 6.0, 3),
+        ppl_sample(3, 1.0, 2),
+    ];
+    let m = task_metrics(hone_eval::TaskKind::Perplexity, &samples);
+    assert!(close(m["loss"], 1.5), "{m:?}");
+    assert!(close(m["loss_stderr"], (1.625f64 / 6.0).sqrt()), "{m:?}");
+    assert!(close(m["ppl"], 1.5f64.exp()), "{m:?}");
+    assert!(
+        close(m["ppl_stderr"], 1.5f64.exp() * (1.625f64 / 6.0).sqrt()),
+        "{m:?}"
+    );
+    assert_eq!(m["tokens"], 6.0);
+
+    // Accuracy: 3 of 4, lm-evaluation-harness' sqrt(p (1 - p) / (n - 1)).
+    let choice = |line: usize, predicted: usize| {
+        hone_eval::report::Sample::Choice(hone_eval::report::ChoiceSample {
+            line,
+            answer: 1,
+            predicted,
+            predicted_norm: 0,
+            log_likelihoods: vec![-1.0, -2.0],
+        })
+    };
+    let samples = [choice(1, 1), choice(2, 1), choice(3, 0), choice(4, 1)];
+    let m = task_metrics(hone_eval::TaskKind::MultipleChoice, &samples);
+    assert!(
+        close(m["acc"], 0.75) && close(m["acc_stderr"], 0.25),
+        "{m:?}"
+    );
+    assert!(
+        close(m["acc_norm"], 0.0) && close(m["acc_norm_stderr"], 0.0),
+        "{m:?}"
+    );
+}
+
+#[test]
+fn max_drop_gates_parse_task_metric_and_drop_and_reject_bad_drops() {
+    use hone_eval::MaxDrop;
+    let gate: MaxDrop = "openbookqa/acc=0.01".parse().unwrap();
+    assert_eq!(gate.task.as_deref(), Some("openbookqa"));
+    assert_eq!((gate.metric.as_str(), gate.max_drop), ("acc", 0.01));
+    let gate: MaxDrop = "loss=0".parse().unwrap();
+    assert_eq!(
+        (gate.task, gate.metric.as_str(), gate.max_drop),
+        (None, "loss", 0.0)
+    );
+    for bad in ["acc", "acc=-0.1", "acc=nan", "acc=x", "/acc=0.1", "=0.1"] {
+        assert!(bad.parse::<MaxDrop>().is_err(), "{bad}");
+    }
+    use hone_eval::Direction;
+    assert_eq!(Direction::of("ppl"), Some(Direction::LowerIsBetter));
+    assert_eq!(Direction::of("rouge_l"), Some(Direction::HigherIsBetter));
+    assert_eq!(Direction::of("tokens"), None);
+    assert!(Direction::LowerIsBetter.drop(1.0, 1.2) > 0.0);
+    assert!(Direction::HigherIsBetter.drop(0.5, 0.6) < 0.0);
+}

@@ -214,7 +214,7 @@ fn choice_lls(report: &EvalReport, task: usize, column: usize) -> Vec<Vec<f64>> 
         .iter()
         .map(|s| match s {
             Sample::Choice(c) => c.log_likelihoods.clone(),
-            Sample::Generated(_) => panic!("expected a choice sample"),
+            _ => panic!("expected a choice sample"),
         })
         .collect()
 }

@@ -4,17 +4,24 @@
 //! tasks). Writes `eval.json` and `eval.md` (and, with `--run`, loss and learning-rate plots)
 //! into `--out`, prints the results table, and shows progress as a bar on a terminal or as
 //! plain lines otherwise.
+//!
+//! Each batch's per-record results are appended to `records.jsonl` in `--out` as they are
+//! computed; `--resume` continues an interrupted evaluation from it (SIGINT/SIGTERM stop at
+//! the next batch and exit 130/143). `--baseline OLD/eval.json` adds a comparison to the
+//! report, and `--max-drop [TASK/]METRIC=DROP` gates on it: exit code 3 when a metric got
+//! worse by more than allowed plus noise.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use burn::prelude::*;
 use clap::Args;
 use hone_eval::{
-    evaluate, plot_run, write_report, AdapterSpec, EvalConfig, EvalPlan, EvalReport, Progress,
-    TaskConfig, TaskKind,
+    compare, evaluate_with, plot_run, write_report, AdapterSpec, EvalConfig, EvalError,
+    EvalOptions, EvalPlan, EvalReport, GateSettings, MaxDrop, Progress, RecordLog, TaskConfig,
+    TaskKind, DEFAULT_NOISE,
 };
 use hone_model::{run_on, BackendTask, DeviceSpec, FloatDtype};
 use hone_tokenize::TemplateSource;
@@ -86,6 +93,35 @@ pub struct EvalArgs {
     /// Training run directory whose metrics.jsonl is plotted (loss.png, lr.png).
     #[arg(long)]
     pub run: Option<PathBuf>,
+    /// Continue an interrupted evaluation from --out's records.jsonl: records already scored
+    /// are not computed again (starts afresh when there is none).
+    #[arg(long)]
+    pub resume: bool,
+    /// An earlier eval.json to compare with (baseline, current, difference and its standard
+    /// error in eval.md and eval.json).
+    #[arg(long, value_name = "EVAL_JSON")]
+    pub baseline: Option<PathBuf>,
+    /// Gate (repeatable): exit with code 3 when [TASK/]METRIC got worse than the baseline by
+    /// more than DROP plus --noise standard errors; e.g. openbookqa/acc=0.01, loss=0.05.
+    #[arg(
+        long = "max-drop",
+        value_name = "[TASK/]METRIC=DROP",
+        requires = "baseline"
+    )]
+    pub max_drops: Vec<MaxDrop>,
+    /// Column of the baseline report to compare with [default: its last].
+    #[arg(long, value_name = "NAME", requires = "baseline")]
+    pub baseline_column: Option<String>,
+    /// Column of this evaluation to compare [default: the last].
+    #[arg(long, value_name = "NAME", requires = "baseline")]
+    pub column: Option<String>,
+    /// Standard errors of the difference tolerated as noise on top of each --max-drop
+    /// (0: the allowed drop alone) [default: 2].
+    #[arg(long, value_name = "Z", requires = "baseline")]
+    pub noise: Option<f64>,
+    /// Testing aid: stop as if interrupted once this many records are logged.
+    #[arg(long, hide = true)]
+    pub stop_after: Option<usize>,
 }
 
 /// `--task` text -> a task config.
@@ -187,8 +223,11 @@ fn build_plan(args: &EvalArgs) -> Result<EvalPlan> {
             }
         }
     }
-    if config.model.as_os_str().is_empty() {
-        bail!("give --model DIR (or `model` in the [eval] section of --config)");
+    if config.model.as_os_str().is_empty() && config.models.is_empty() {
+        return Err(crate::UsageError(
+            "give --model DIR (or `model` or `models` in the [eval] section of --config)".into(),
+        )
+        .into());
     }
     Ok(config.resolve()?)
 }
@@ -255,6 +294,8 @@ impl Display {
 struct EvalTask<'a> {
     plan: &'a EvalPlan,
     display: &'a mut Display,
+    log: &'a mut RecordLog,
+    stop: &'a dyn Fn(usize) -> bool,
 }
 
 impl BackendTask for EvalTask<'_> {
@@ -262,21 +303,82 @@ impl BackendTask for EvalTask<'_> {
 
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         let display = self.display;
-        evaluate::<B>(self.plan, &device, &mut |p| display.update(p))
+        let options = EvalOptions {
+            log: Some(self.log),
+            stop: Some(self.stop),
+        };
+        evaluate_with::<B>(self.plan, &device, options, &mut |p| display.update(p))
     }
+}
+
+/// The gate settings of the flags, checked against the baseline before anything runs.
+fn gate_settings(args: &EvalArgs, plan: &EvalPlan) -> Result<Option<GateSettings>> {
+    let Some(baseline) = &args.baseline else {
+        return Ok(None);
+    };
+    if !baseline.is_file() {
+        return Err(EvalError::MissingPath {
+            path: baseline.clone(),
+            what: "the --baseline report",
+        }
+        .into());
+    }
+    let noise = args.noise.unwrap_or(DEFAULT_NOISE);
+    if !noise.is_finite() || noise < 0.0 {
+        return Err(crate::UsageError(
+            format!("--noise must be a finite number >= 0, found {noise}").into(),
+        )
+        .into());
+    }
+    let settings = GateSettings {
+        baseline: baseline.clone(),
+        baseline_column: args.baseline_column.clone(),
+        column: args.column.clone(),
+        max_drops: args.max_drops.clone(),
+        noise,
+    };
+    hone_eval::compare::precheck(&settings, plan)?;
+    Ok(Some(settings))
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
     let started = Instant::now();
     let plan = build_plan(&args)?;
+    let gates = gate_settings(&args, &plan)?;
     let out = plan
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_OUT));
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let mut log = if args.resume {
+        let (log, resumed) = RecordLog::resume(&out, &plan)?;
+        if resumed.started_fresh {
+            eprintln!("no records to resume in {}: starting afresh", out.display());
+        } else {
+            eprintln!(
+                "resuming: {} record(s) already in {}{}",
+                resumed.records,
+                log.path().display(),
+                if resumed.dropped_partial_line {
+                    " (a partial last line was dropped)"
+                } else {
+                    ""
+                }
+            );
+        }
+        log
+    } else {
+        RecordLog::create(&out, &plan)?
+    };
+    let token = crate::signals::stop_on_signals();
+    let stop_after = args.stop_after;
+    let stop = move |logged: usize| token.is_stopped() || stop_after.is_some_and(|n| logged >= n);
     let mut display = Display::new(std::io::stderr().is_terminal());
     let task = EvalTask {
         plan: &plan,
         display: &mut display,
+        log: &mut log,
+        stop: &stop,
     };
     let result = run_on(plan.device, task);
     display.finish();
@@ -293,6 +395,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
             })
             .collect();
     }
+    if let Some(gates) = &gates {
+        report.comparison = Some(compare(&report, gates)?);
+    }
     let (json, md) = write_report(&report, &out)?;
     let markdown = report.to_markdown();
     let summary = markdown.split("\n## Tasks").next().unwrap_or(&markdown);
@@ -305,6 +410,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
     );
     for plot in &report.plots {
         eprintln!("wrote {}", out.join(plot).display());
+    }
+    if let Some(comparison) = &report.comparison {
+        comparison.check()?;
     }
     Ok(())
 }
