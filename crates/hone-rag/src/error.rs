@@ -68,6 +68,40 @@ pub enum RagError {
         #[source]
         source: tantivy::TantivyError,
     },
+    /// A file of a sentence embedder directory is missing, unreadable or not valid JSON.
+    #[error("embedder {}: {message}", path.display())]
+    EmbedderFile { path: PathBuf, message: String },
+    /// A key of an embedder configuration file is missing or has a value hone does not support.
+    #[error("embedder {}: `{key}`: {message}", path.display())]
+    EmbedderConfig {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+    /// A tensor of the embedder's weights is missing, mis-shaped or of an unsupported dtype.
+    #[error("embedder {}: tensor `{tensor}`: {message}", path.display())]
+    EmbedderTensor {
+        path: PathBuf,
+        tensor: String,
+        message: String,
+    },
+    /// The index was built with one embedder and is searched or changed with another.
+    #[error("{}: the index was built with embedder {built_with}, not {given} (rebuild the index or pass --embedder with the one that built it)", index.display())]
+    EmbedderMismatch {
+        index: PathBuf,
+        built_with: String,
+        given: String,
+    },
+    /// The index has a dense part and its embedder directory is not where the manifest says.
+    #[error("{}: the index was built with embedder {name} from {}, which is not there (pass --embedder DIR)", index.display(), path.display())]
+    MissingEmbedder {
+        index: PathBuf,
+        name: String,
+        path: PathBuf,
+    },
+    /// The dense vector index in `path` is unreadable or inconsistent.
+    #[error("dense index {}: {message}", path.display())]
+    CorruptVectors { path: PathBuf, message: String },
     /// `remove` named a document the index does not hold.
     #[error("{}: no document with id `{id}` in the index", path.display())]
     UnknownDocument { path: PathBuf, id: String },

@@ -9,6 +9,7 @@
 //! search: Retriever::search -> ranked Hits               retriever, index
 //! change: IndexUpdate::add / remove, in place, atomic    index
 //! fusion of ranked lists (reciprocal rank fusion)        hybrid
+//! sentence embeddings (BERT in burn, mean pooling)       embed
 //! ```
 //!
 //! ```no_run
@@ -30,6 +31,7 @@
 
 pub mod chunk;
 pub mod document;
+pub mod embed;
 pub mod error;
 pub mod hybrid;
 pub mod index;
@@ -39,6 +41,7 @@ pub mod retriever;
 
 pub use chunk::{chunk_id, Chunk, ChunkConfig, Chunker, Span, Tokenization};
 pub use document::{read_corpus, Corpus, Document};
+pub use embed::{EmbedderId, Embeddings, SentenceEmbedder};
 pub use error::{RagError, Result};
 pub use hybrid::{fuse_hits, reciprocal_rank_fusion, FusionConfig, RRF_K};
 pub use index::{build_index, BuildOptions, BuildReport, RagIndex, TOKENIZER_FILE};
