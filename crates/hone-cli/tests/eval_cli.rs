@@ -581,3 +581,64 @@ fn a_config_with_several_models_and_adapters_runs_every_column_on_every_task() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("revision"), "{stderr}");
 }
+
+#[test]
+fn sigterm_stops_after_the_current_batch_with_143_and_resume_finishes_the_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let eval = || {
+        let mut cmd = hone();
+        cmd.args([
+            "eval", "--model", STORIES, "--task", "gsm8k", "--limit", "48",
+        ])
+        .args([
+            "--max-tokens",
+            "64",
+            "--stop",
+            "@@@",
+            "--batch-size",
+            "1",
+            "--out",
+        ])
+        .arg(&out);
+        cmd
+    };
+    let child = eval().stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let log = out.join("records.jsonl");
+    let started = std::time::Instant::now();
+    // Header and two records, then SIGTERM.
+    while std::fs::read_to_string(&log).map_or(0, |t| t.lines().count()) < 3 {
+        assert!(started.elapsed().as_secs() < 120, "no records logged");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // SAFETY: kill(2) on the pid of a child this test spawned and has not reaped.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(143), "{stderr}");
+    let logged = record_lines(&out).len();
+    assert!(
+        (2..48).contains(&logged),
+        "{logged} records before the signal"
+    );
+
+    let (_, stderr) = run_ok(eval().arg("--resume"));
+    assert!(
+        stderr.contains(&format!("resuming: {logged} record(s)")),
+        "{stderr}"
+    );
+    let lines = record_lines(&out);
+    let mut unique = lines.clone();
+    unique.dedup();
+    assert_eq!((lines.len(), unique.len()), (48, 48));
+    let report = read_json(&out.join("eval.json"));
+    assert_eq!(
+        report["tasks"][0]["results"][0]["samples"]
+            .as_array()
+            .unwrap()
+            .len(),
+        48
+    );
+}

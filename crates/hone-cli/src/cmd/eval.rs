@@ -159,7 +159,7 @@ fn parse_task(text: &str) -> Result<TaskConfig> {
 /// Config file + flags -> the validated plan.
 fn build_plan(args: &EvalArgs) -> Result<EvalPlan> {
     let mut config = match &args.config {
-        Some(path) => EvalConfig::from_toml_file(path)?,
+        Some(path) => EvalConfig::from_toml_file(path).map_err(crate::UsageError::new)?,
         None => EvalConfig::default(),
     };
     if let Some(model) = &args.model {
