@@ -1,6 +1,6 @@
 //! The run config: one TOML file with the tables `[model]`, `[data]` (hone-data's
 //! [`DataConfig`]), `[tokenize]` (hone-tokenize's [`TokenizeConfig`]), `[lora]`, `[train]`,
-//! `[eval]` and `[output]`, plus `--set table.key=value` overrides from the command line.
+//! `[distributed]` (multi-node only), `[eval]` and `[output]`, plus `--set table.key=value` overrides from the command line.
 //!
 //! ```toml
 //! [model]
@@ -191,24 +191,6 @@ pub struct TrainSection {
     /// With several devices: the longest a peer waits for the others at a step's all-reduce
     /// before the run stops with an error naming the missing peers. Default 600.
     pub collective_timeout_secs: u64,
-    /// Multi-node training: the number of machines (processes), each running its
-    /// `train.devices` peers. Global peer rank = `node_rank * len(devices) + local rank`; a
-    /// step reads `micro_batch_size * grad_accum * len(devices) * nodes` rows. Default 1.
-    pub nodes: usize,
-    /// With `nodes > 1`: this node's rank, `0..nodes`. Node 0 alone evaluates, logs and
-    /// writes checkpoints, the adapter and samples. Default 0.
-    pub node_rank: usize,
-    /// With `nodes > 1`: the two global orchestrators (`ws://host:port`, `hone
-    /// train-orchestrator --port P`), the same list on every node; steps alternate between
-    /// them (the per-step sessions that avoid burn 0.21's hang of a second global all-reduce).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub orchestrators: Vec<String>,
-    /// With `nodes > 1`: this node's host as the other nodes reach it (`10.0.0.2`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub node_host: Option<String>,
-    /// With `nodes > 1`: this node's two tensor-data ports (steps alternate between them).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub data_ports: Vec<u16>,
 }
 
 impl Default for TrainSection {
@@ -235,85 +217,151 @@ impl Default for TrainSection {
             gradient_checkpointing: false,
             devices: Vec::new(),
             collective_timeout_secs: 600,
-            nodes: 1,
-            node_rank: 0,
-            orchestrators: Vec::new(),
-            node_host: None,
-            data_ports: Vec::new(),
         }
     }
 }
 
-impl TrainSection {
-    /// The multi-node keys; the error is `(dotted key, message)`.
-    fn validate_nodes(&self) -> std::result::Result<(), (&'static str, String)> {
+/// `[distributed]`: multi-node training, several machines (processes) each running its
+/// `train.devices` peers, gradients all-reduced through burn's global orchestrator.
+///
+/// burn 0.21 hangs in the second global all-reduce of one registration, so hone registers once
+/// per step, alternating between two orchestrators and two tensor-data ports: it uses
+/// `orchestrator`'s port and the next one, `data_port` and the next one
+/// (`hone train-orchestrator --port P` serves both P and P + 1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistributedSection {
+    /// The number of nodes (machines, processes), each with the same number of
+    /// `train.devices`. Global peer rank = `node_rank * len(devices) + local rank`; a step
+    /// reads `micro_batch_size * grad_accum * len(devices) * nodes` rows. Default 1.
+    pub nodes: usize,
+    /// With `nodes > 1`: this node's rank, `0..nodes`. Node 0 alone evaluates, logs and
+    /// writes checkpoints, the adapter and samples. Default 0.
+    pub node_rank: usize,
+    /// With `nodes > 1`: the global orchestrator, `ws://host:port` (`hone train-orchestrator
+    /// --port P`), the same on every node. Its next port is used too (see above).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub orchestrator: Option<String>,
+    /// With `nodes > 1`: this node's host as the other nodes reach it (`10.0.0.2`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_host: Option<String>,
+    /// With `nodes > 1`: this node's tensor-data port; the next port is used too.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_port: Option<u16>,
+}
+
+impl Default for DistributedSection {
+    fn default() -> Self {
+        Self {
+            nodes: 1,
+            node_rank: 0,
+            orchestrator: None,
+            node_host: None,
+            data_port: None,
+        }
+    }
+}
+
+/// The `[train]` keys that moved to `[distributed]`, and what to write instead.
+const MOVED_KEYS: [(&str, &str); 5] = [
+    (
+        "nodes",
+        "moved to the [distributed] table: set distributed.nodes",
+    ),
+    (
+        "node_rank",
+        "moved to the [distributed] table: set distributed.node_rank",
+    ),
+    (
+        "node_host",
+        "moved to the [distributed] table: set distributed.node_host",
+    ),
+    (
+        "orchestrators",
+        "replaced by distributed.orchestrator: one address ws://host:port (hone uses its port \
+         and the next; `hone train-orchestrator --port P` serves both)",
+    ),
+    (
+        "data_ports",
+        "replaced by distributed.data_port: one port P (hone uses P and P + 1)",
+    ),
+];
+
+impl DistributedSection {
+    /// One node alone (no `[distributed]` table needed).
+    fn is_single(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// The orchestrator's `(host, port)` when it is of the form `ws://host:port`.
+    fn orchestrator_address(&self) -> Option<(&str, u16)> {
+        let (host, port) = self
+            .orchestrator
+            .as_deref()?
+            .strip_prefix("ws://")?
+            .rsplit_once(':')?;
+        let port = port.parse::<u16>().ok()?;
+        (!host.is_empty() && !host.contains('/')).then_some((host, port))
+    }
+
+    /// The error is `(dotted key, message)`.
+    fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
         if self.nodes == 0 {
-            return Err(("train.nodes", "must be at least 1".into()));
+            return Err(("distributed.nodes", "must be at least 1".into()));
         }
         if self.nodes == 1 {
             let set = [
-                ("train.node_rank", self.node_rank != 0),
-                ("train.orchestrators", !self.orchestrators.is_empty()),
-                ("train.node_host", self.node_host.is_some()),
-                ("train.data_ports", !self.data_ports.is_empty()),
+                ("distributed.node_rank", self.node_rank != 0),
+                ("distributed.orchestrator", self.orchestrator.is_some()),
+                ("distributed.node_host", self.node_host.is_some()),
+                ("distributed.data_port", self.data_port.is_some()),
             ];
             return match set.iter().find(|(_, on)| *on) {
-                Some((key, _)) => {
-                    Err((key, "is only for multi-node runs (train.nodes > 1)".into()))
-                }
+                Some((key, _)) => Err((
+                    key,
+                    "is only for multi-node runs (distributed.nodes > 1)".into(),
+                )),
                 None => Ok(()),
             };
         }
         if self.node_rank >= self.nodes {
             return Err((
-                "train.node_rank",
+                "distributed.node_rank",
                 format!("must be in 0..{}, found {}", self.nodes, self.node_rank),
             ));
         }
-        if self.orchestrators.len() != 2 || self.orchestrators[0] == self.orchestrators[1] {
-            return Err((
-                "train.orchestrators",
-                format!(
-                    "needs two different addresses (steps alternate between them), found {:?}",
-                    self.orchestrators
-                ),
-            ));
-        }
-        for address in &self.orchestrators {
-            let port = address
-                .strip_prefix("ws://")
-                .and_then(|rest| rest.rsplit_once(':'))
-                .filter(|(host, _)| !host.is_empty())
-                .and_then(|(_, port)| port.parse::<u16>().ok());
-            if port.is_none_or(|p| p == 0) {
+        match self.orchestrator_address() {
+            Some((_, port)) if port != 0 && port != u16::MAX => {}
+            _ => {
                 return Err((
-                    "train.orchestrators",
-                    format!("`{address}` is not of the form ws://host:port"),
-                ));
+                    "distributed.orchestrator",
+                    format!(
+                        "needs the orchestrator's address ws://host:port (a port below 65535: \
+                         the next one is used too), found {:?}",
+                        self.orchestrator
+                    ),
+                ))
             }
         }
         match &self.node_host {
             Some(host) if !host.is_empty() && !host.contains(['/', ' ']) => {}
             other => {
                 return Err((
-                    "train.node_host",
+                    "distributed.node_host",
                     format!("needs this node's host name or IP address, found {other:?}"),
                 ))
             }
         }
-        if self.data_ports.len() != 2
-            || self.data_ports[0] == self.data_ports[1]
-            || self.data_ports.contains(&0)
-        {
-            return Err((
-                "train.data_ports",
+        match self.data_port {
+            Some(port) if port != 0 && port != u16::MAX => Ok(()),
+            other => Err((
+                "distributed.data_port",
                 format!(
-                    "needs two different non-zero ports (steps alternate between them), found {:?}",
-                    self.data_ports
+                    "needs this node's tensor-data port, from 1 to 65534 (the next one is used \
+                     too), found {other:?}"
                 ),
-            ));
+            )),
         }
-        Ok(())
     }
 }
 
@@ -375,6 +423,8 @@ pub struct RunConfig {
     pub lora: LoraSection,
     #[serde(default)]
     pub train: TrainSection,
+    #[serde(default, skip_serializing_if = "DistributedSection::is_single")]
+    pub distributed: DistributedSection,
     #[serde(default)]
     pub eval: EvalSection,
     #[serde(default)]
@@ -448,6 +498,33 @@ fn source_of(key: &str, file: &str, sets: &[String]) -> String {
         .unwrap_or_else(|| file.to_string())
 }
 
+/// Refuses the multi-node keys of `[train]` that moved to `[distributed]`, naming the new key
+/// (a config must not silently change meaning). `saved`: the single-node defaults that a run
+/// directory's `config.toml` of an earlier hone holds are dropped instead.
+fn moved_keys(table: &mut toml::Table, file: &str, sets: &[String], saved: bool) -> Result<()> {
+    let Some(toml::Value::Table(train)) = table.get_mut("train") else {
+        return Ok(());
+    };
+    if saved {
+        for (key, default) in [("nodes", 1), ("node_rank", 0)] {
+            if train.get(key) == Some(&toml::Value::Integer(default)) {
+                train.remove(key);
+            }
+        }
+    }
+    match MOVED_KEYS.iter().find(|(key, _)| train.contains_key(*key)) {
+        Some((key, message)) => {
+            let key = format!("train.{key}");
+            Err(TrainError::config(
+                source_of(&key, file, sets),
+                key,
+                *message,
+            ))
+        }
+        None => Ok(()),
+    }
+}
+
 impl RunConfig {
     /// Reads `path`, applies `sets` (`table.key=value`), and validates. The run name defaults
     /// to the file stem and the output directory to `checkpoints/runs/<name>/`.
@@ -457,12 +534,32 @@ impl RunConfig {
         Self::from_toml_str(&text, &path.display().to_string(), name, sets)
     }
 
+    /// The `config.toml` of a run directory. Runs written before `[distributed]` existed
+    /// hold `train.nodes = 1` and `train.node_rank = 0`: those defaults are dropped (any other
+    /// moved key is an error as in [`RunConfig::load`]).
+    pub fn load_saved(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+        Self::parse(&text, &path.display().to_string(), name, &[], true)
+    }
+
     /// As [`RunConfig::load`] for config text; `file` names it in errors.
     pub fn from_toml_str(
         text: &str,
         file: &str,
         default_name: Option<String>,
         sets: &[String],
+    ) -> Result<Self> {
+        Self::parse(text, file, default_name, sets, false)
+    }
+
+    /// `saved`: a run directory's `config.toml` (see [`RunConfig::load_saved`]).
+    fn parse(
+        text: &str,
+        file: &str,
+        default_name: Option<String>,
+        sets: &[String],
+        saved: bool,
     ) -> Result<Self> {
         let mut table: toml::Table = toml::from_str(text).map_err(|e| {
             let message = e.message().trim_end().to_string();
@@ -478,6 +575,7 @@ impl RunConfig {
         for assignment in sets {
             apply_set(&mut table, assignment)?;
         }
+        moved_keys(&mut table, file, sets, saved)?;
         let mut config: RunConfig = serde_path_to_error::deserialize(toml::Value::Table(table))
             .map_err(|e| {
                 let key = e.path().to_string();
@@ -506,21 +604,25 @@ impl RunConfig {
         }
     }
 
-    /// This node's place in a multi-node run (`train.nodes > 1`), else `None`.
+    /// This node's place in a multi-node run (`distributed.nodes > 1`), else `None`: the two
+    /// orchestrators and data ports the steps alternate between are the configured ones and
+    /// the ports after them.
     pub fn multinode(&self) -> Option<crate::parallel::MultiNode> {
-        let t = &self.train;
-        match (
-            t.orchestrators.as_slice(),
-            t.data_ports.as_slice(),
-            &t.node_host,
-        ) {
-            ([a, b], [p, q], Some(host)) if t.nodes > 1 => Some(crate::parallel::MultiNode {
-                nodes: t.nodes,
-                node_rank: t.node_rank,
-                orchestrators: [a.clone(), b.clone()],
-                node_host: host.clone(),
-                data_ports: [*p, *q],
-            }),
+        let d = &self.distributed;
+        match (d.orchestrator_address(), d.data_port, &d.node_host) {
+            (Some((host, port)), Some(data), Some(node_host)) if d.nodes > 1 => {
+                let next = |p: u16| p.checked_add(1);
+                Some(crate::parallel::MultiNode {
+                    nodes: d.nodes,
+                    node_rank: d.node_rank,
+                    orchestrators: [
+                        format!("ws://{host}:{port}"),
+                        format!("ws://{host}:{}", next(port)?),
+                    ],
+                    node_host: node_host.clone(),
+                    data_ports: [data, next(data)?],
+                })
+            }
             _ => None,
         }
     }
@@ -597,7 +699,7 @@ impl RunConfig {
         if t.collective_timeout_secs == 0 {
             return err("train.collective_timeout_secs", "must be at least 1".into());
         }
-        if let Err((key, message)) = t.validate_nodes() {
+        if let Err((key, message)) = self.distributed.validate() {
             return err(key, message);
         }
         if !(t.max_grad_norm.is_finite() && t.max_grad_norm >= 0.0) {

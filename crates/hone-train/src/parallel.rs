@@ -36,7 +36,7 @@
 //! session starts, cannot be interrupted through burn-collective's API; the peers register
 //! first thing in their threads, and only once every thread exists.)
 //!
-//! Multi-node ([`MultiNode`], `train.nodes > 1`): every node (a process) runs its local peers
+//! Multi-node ([`MultiNode`], `distributed.nodes > 1`): every node (a process) runs its local peers
 //! as above, and global peer rank = `node_rank · local peers + local rank`. The rows are laid
 //! out by global rank, so the sums stay rank-ordered and every peer of every node computes what
 //! one device computes with accumulation `g · total peers`. Every node reads the same data
@@ -44,7 +44,9 @@
 //! global all-reduce of one registration (`SyncService::sync` clears a copy of its list of
 //! syncing nodes), so each step is a session of its own: register (with the global params of
 //! the step's orchestrator and data port), all-reduce, finish, alternating between two
-//! orchestrators and two data ports (see `examples/multinode.rs`). The local server awaits the
+//! orchestrators and two data ports (see `examples/multinode.rs`). The user names one
+//! orchestrator and one data port (`[distributed]`); the second of each is the next port, and
+//! [`run_orchestrator`] serves both. The local server awaits the
 //! global operations in its message loop, where a reset cannot reach them; so in multi-node the
 //! session runs on a helper thread that the peer waits for at most the timeout.
 
@@ -53,7 +55,7 @@ use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Barrier, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -70,8 +72,8 @@ use hone_model::{run_on, BackendTask, CausalLm, DeviceSpec};
 use crate::error::{Result, TrainError};
 use crate::optim::AdamW;
 use crate::step::{
-    apply_update, gradient_sums, no_targets, read_f64s, GradientSums, MicroBatch, StepGradients,
-    StepOutcome,
+    apply_update, gradient_sums, no_targets, read_f64s, GradientSums, Learner, MicroBatch,
+    StepEngine, StepGradients, StepOutcome,
 };
 
 /// One collective session per process: burn-collective keeps one local server per backend.
@@ -101,8 +103,8 @@ pub fn node_shares(len: usize, nodes: usize, node_rank: usize, local: usize) -> 
     shares(len, nodes * local)[node_ranks(nodes, node_rank, local)].to_vec()
 }
 
-/// Where this process sits in a multi-node session (`train.nodes > 1`), as validated by the
-/// run config.
+/// Where this process sits in a multi-node session (`distributed.nodes > 1`), as resolved by
+/// the run config ([`RunConfig::multinode`](crate::RunConfig::multinode)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MultiNode {
     /// Number of nodes (processes), each with the same number of local peers.
@@ -135,24 +137,62 @@ impl MultiNode {
     }
 }
 
-/// Runs a global orchestrator of multi-node training on `port` (every interface) until the
-/// process is interrupted; a multi-node run needs two (`train.orchestrators`).
+/// Runs the global orchestrators of multi-node training on `port` and `port + 1` (every
+/// interface) until the process is interrupted: `distributed.orchestrator = "ws://HOST:port"`
+/// on every node. (The steps alternate between the two, see the module doc.)
 pub fn run_orchestrator(port: u16) -> Result<()> {
-    let runtime = tokio::runtime::Runtime::new().map_err(|e| TrainError::Parallel {
-        message: format!("cannot start the orchestrator's runtime: {e}"),
-    })?;
-    runtime.block_on(burn_collective::start_global_orchestrator(port));
-    Ok(())
+    let ports = orchestrator_ports(port)?;
+    // Both ports are free now, or the error names the one that is not (the orchestrators
+    // themselves only log a failure to listen).
+    for p in ports {
+        std::net::TcpListener::bind(("0.0.0.0", p)).map_err(|e| TrainError::Parallel {
+            message: format!(
+                "cannot listen on port {p} (the orchestrators use {port} and {}): {e}",
+                ports[1]
+            ),
+        })?;
+    }
+    // Each on a thread with its own runtime, as two processes would run them.
+    let serve = |port: u16| -> Result<()> {
+        let runtime = tokio::runtime::Runtime::new().map_err(|e| TrainError::Parallel {
+            message: format!("cannot start the orchestrator's runtime: {e}"),
+        })?;
+        runtime.block_on(burn_collective::start_global_orchestrator(port));
+        Ok(())
+    };
+    let second = ports[1];
+    std::thread::Builder::new()
+        .name(format!("hone-orchestrator-{second}"))
+        .spawn(move || serve(second))
+        .map_err(|e| TrainError::Parallel {
+            message: format!("cannot start the second orchestrator's thread: {e}"),
+        })?;
+    serve(ports[0])
+}
+
+/// The ports of the two orchestrators started by [`run_orchestrator`].
+fn orchestrator_ports(port: u16) -> Result<[u16; 2]> {
+    match port.checked_add(1) {
+        Some(next) if port != 0 => Ok([port, next]),
+        _ => Err(TrainError::Parallel {
+            message: format!("the orchestrators need ports {port} and the next, from 1 to 65534"),
+        }),
+    }
 }
 
 /// One step's global session of one peer: register, all-reduce (Sum), finish, on a helper
-/// thread that the caller waits for at most `timeout` (see the module doc).
+/// thread that the caller waits for at most `timeout` (see the module doc). A peer that
+/// finished waits at `finished` for the node's other peers: burn's local server refuses a
+/// registration for the next step (another orchestrator and data port) while a peer of this
+/// step has not left (`RegisterParamsMismatch`), which a peer without micro-batches in the next
+/// step would otherwise race into.
 fn node_all_reduce<B: Backend>(
     id: PeerId,
     device: B::Device,
     collective: CollectiveConfig,
     tensor: B::FloatTensorPrimitive,
     timeout: Duration,
+    finished: Arc<Barrier>,
 ) -> std::result::Result<B::FloatTensorPrimitive, String> {
     let (tx, rx) = sync_channel(1);
     std::thread::Builder::new()
@@ -169,6 +209,9 @@ fn node_all_reduce<B: Backend>(
                         .map(|()| out)
                         .map_err(|e| format!("cannot leave the collective: {e:?}"))
                 });
+            if result.is_ok() {
+                finished.wait();
+            }
             let _ = tx.send(result);
         })
         .map_err(|e| format!("cannot start a collective thread: {e}"))?;
@@ -262,6 +305,9 @@ struct Session {
     aborted: AtomicBool,
     /// The session is over: the watchdog exits.
     closed: AtomicBool,
+    /// Multi-node: every local peer has left a step's global session (see
+    /// [`node_all_reduce`]).
+    finished: Arc<Barrier>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -394,6 +440,7 @@ fn reduce<B: Backend>(
             collective,
             stacked,
             session.config.timeout,
+            session.finished.clone(),
         ),
     };
     session.set_waiting(rank, None);
@@ -627,6 +674,7 @@ impl<B: AutodiffBackend> DataParallel<B> {
             waiting: Mutex::new(vec![None; n]),
             aborted: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            finished: Arc::new(Barrier::new(n)),
         });
         let mut this = Self {
             session: session.clone(),
@@ -806,6 +854,33 @@ impl<B: AutodiffBackend> DataParallel<B> {
     }
 }
 
+/// The trainer's engine over several devices and nodes: [`DataParallel::step`] on the
+/// learner's model and optimizer (rank 0's).
+impl<B: AutodiffBackend> StepEngine<B> for DataParallel<B> {
+    fn step(
+        &mut self,
+        learner: &mut Learner<B>,
+        step: usize,
+        batches: &[MicroBatch],
+        seeds: Option<&[u64]>,
+        lr: f64,
+    ) -> Result<StepOutcome> {
+        DataParallel::step(
+            self,
+            &mut learner.model,
+            &mut learner.optimizer,
+            step,
+            batches,
+            seeds,
+            lr,
+        )
+    }
+
+    fn finish(self: Box<Self>) -> Result<()> {
+        DataParallel::finish(*self)
+    }
+}
+
 impl<B: AutodiffBackend> Drop for DataParallel<B> {
     fn drop(&mut self) {
         let abort = self.in_step;
@@ -842,6 +917,7 @@ mod tests {
             waiting: Mutex::new(vec![None; 3]),
             aborted: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            finished: Arc::new(Barrier::new(3)),
         };
         assert_eq!(session.overdue(), None);
         session.set_waiting(0, Some(4));

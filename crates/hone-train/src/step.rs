@@ -7,9 +7,15 @@
 //! one row computes exactly what one batch of four rows would. Each micro-batch contributes
 //! the gradient of its NLL *sum*; the accumulated sum is divided by the step's target count.
 //!
+//! A step runs through a [`StepEngine`]: [`SingleDevice`] here, or
+//! [`DataParallel`](crate::parallel::DataParallel) over several devices and nodes; both
+//! update a [`Learner`] (the model and its optimizer).
+//!
 //! Trainable parameters are found by walking the model's projections ([`adapter_keys`]): the
 //! adapters' `lora_A`/`lora_B` in checkpoint order, named by their PEFT keys. Base weights are
 //! never touched, so no gradient or optimizer memory is spent on them.
+
+use std::time::Duration;
 
 use burn::module::Param;
 use burn::prelude::*;
@@ -22,6 +28,7 @@ use hone_tokenize::{Batch, PAD_SEGMENT};
 
 use crate::error::{Result, TrainError};
 use crate::optim::{clip_by_global_norm, global_norm, AdamW, AdamWConfig};
+use crate::parallel::{DataParallel, MultiNode, ParallelConfig};
 
 /// The rows of one forward pass, on the host.
 #[derive(Debug, Clone, PartialEq)]
@@ -347,12 +354,30 @@ pub fn apply_update<B: AutodiffBackend>(
     Ok(outcome)
 }
 
-/// A model with adapters and its optimizer: the unit the trainer, the benchmark and the
-/// reference tests drive.
+/// A seed for the random numbers of micro-batch `micro` of step `step` (splitmix64 mixing).
+fn step_seed(seed: u64, step: usize, micro: usize) -> u64 {
+    let mut z = seed ^ ((step as u64) << 20 | micro as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D1_049B_133A_D1EB);
+    z ^ (z >> 31)
+}
+
+/// The seeds of the backend's generator before each of the `micro_batches` of step `step`: the
+/// dropout masks depend only on `(seed, step, micro-batch)`, whichever engine runs the step.
+pub fn step_seeds(seed: u64, step: usize, micro_batches: usize) -> Vec<u64> {
+    (0..micro_batches)
+        .map(|micro| step_seed(seed, step, micro))
+        .collect()
+}
+
+/// A model with adapters and its optimizer: what a [`StepEngine`] updates. The trainer, the
+/// benchmark (`hone bench train`) and the reference tests hold one.
 pub struct Learner<B: AutodiffBackend> {
     pub model: CausalLm<B>,
     pub optimizer: AdamW<B::InnerBackend>,
+    /// Clip the global gradient norm to this (0: off).
     pub max_grad_norm: f64,
+    /// Rank 0's device: where the model lives, and where evaluation runs.
     pub device: B::Device,
 }
 
@@ -363,28 +388,117 @@ impl<B: AutodiffBackend> Learner<B> {
         max_grad_norm: f64,
         device: B::Device,
     ) -> Self {
+        Self::with_optimizer(model, AdamW::new(config), max_grad_norm, device)
+    }
+
+    /// With an optimizer that has state already (a resumed run).
+    pub fn with_optimizer(
+        model: CausalLm<B>,
+        optimizer: AdamW<B::InnerBackend>,
+        max_grad_norm: f64,
+        device: B::Device,
+    ) -> Self {
         Self {
             model,
-            optimizer: AdamW::new(config),
+            optimizer,
             max_grad_norm,
             device,
         }
     }
 
-    /// Loss and gradients of one step (no update).
+    /// Loss and gradients of one step on this device (no update).
     pub fn gradients(&self, batches: &[MicroBatch]) -> Result<StepGradients<B::InnerBackend>> {
         step_gradients(&self.model, batches, &self.device, |_| {})
     }
 
-    /// A whole step: gradients, clipping, AdamW at `lr`.
+    /// A whole step on this device: gradients, clipping, AdamW at `lr` ([`SingleDevice`]
+    /// without seeding the generator).
     pub fn step(&mut self, batches: &[MicroBatch], lr: f64) -> Result<StepOutcome> {
-        let grads = self.gradients(batches)?;
-        apply_update(
+        SingleDevice.step(self, 0, batches, None, lr)
+    }
+
+    /// The engine that runs this learner's steps on `devices` (rank 0's first, the learner's
+    /// own) and, with `multinode`, with the other nodes: [`SingleDevice`] for one device of one
+    /// node, else a [`DataParallel`] session whose peers start with copies of the learner.
+    /// `timeout` bounds a peer's wait in an all-reduce.
+    pub fn start_engine(
+        &mut self,
+        devices: &[B::Device],
+        timeout: Duration,
+        multinode: Option<MultiNode>,
+    ) -> Result<Box<dyn StepEngine<B>>> {
+        if devices.len() <= 1 && multinode.is_none() {
+            return Ok(Box::new(SingleDevice));
+        }
+        let config = ParallelConfig {
+            max_grad_norm: self.max_grad_norm,
+            timeout,
+        };
+        Ok(Box::new(DataParallel::start_on_nodes(
             &mut self.model,
-            &mut self.optimizer,
+            &self.optimizer,
+            devices,
+            config,
+            multinode,
+        )?))
+    }
+}
+
+/// How a training step's micro-batches become one update of a [`Learner`]: on one device
+/// ([`SingleDevice`]) or over data-parallel peers ([`DataParallel`]). The trainer's step and
+/// `hone bench train` go through this one call.
+pub trait StepEngine<B: AutodiffBackend> {
+    /// Step `step` over `batches` (every peer's micro-batches of the step, in order), seeding
+    /// the backend's generator with `seeds[i]` before micro-batch `i` when given; every copy of
+    /// the learner gets the same update at `lr`.
+    fn step(
+        &mut self,
+        learner: &mut Learner<B>,
+        step: usize,
+        batches: &[MicroBatch],
+        seeds: Option<&[u64]>,
+        lr: f64,
+    ) -> Result<StepOutcome>;
+
+    /// Ends the engine (peers leave the collective, their threads are joined); an error when
+    /// a peer failed.
+    fn finish(self: Box<Self>) -> Result<()>;
+}
+
+/// Every micro-batch on the learner's device, one after the other (gradient accumulation).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SingleDevice;
+
+impl<B: AutodiffBackend> StepEngine<B> for SingleDevice {
+    fn step(
+        &mut self,
+        learner: &mut Learner<B>,
+        _step: usize,
+        batches: &[MicroBatch],
+        seeds: Option<&[u64]>,
+        lr: f64,
+    ) -> Result<StepOutcome> {
+        if seeds.is_some_and(|s| s.len() != batches.len()) {
+            return Err(TrainError::Dataset(
+                "one seed per micro-batch is needed".into(),
+            ));
+        }
+        let device = learner.device.clone();
+        let grads = step_gradients(&learner.model, batches, &device, |micro| {
+            if let Some(seeds) = seeds {
+                B::seed(&device, seeds[micro]);
+            }
+        })?;
+        apply_update(
+            &mut learner.model,
+            &mut learner.optimizer,
             grads,
             lr,
-            self.max_grad_norm,
+            learner.max_grad_norm,
         )
+    }
+
+    fn finish(self: Box<Self>) -> Result<()> {
+        Ok(())
     }
 }

@@ -1,4 +1,4 @@
-//! Multi-node training (`train.nodes`): the config keys' validation (runs everywhere), and two
+//! Multi-node training (`[distributed]`): the config keys' validation (runs everywhere), and two
 //! node processes × one CPU peer (then × two) against one device with the doubled (quadrupled)
 //! batch (binds sockets, so `#[ignore]`d; `socket_tests_pass_in_a_private_network_namespace` runs them
 //! inside `unshare -rn` during a plain `cargo test`, or by hand):
@@ -9,8 +9,8 @@
 //! ```
 //!
 //! (without `unshare` it binds random free ports; the orchestrators and data services listen
-//! on every interface while it runs.) The test starts the two orchestrators on threads of its
-//! own process and each node as a child process running this binary's `node_process`, since
+//! on every interface while it runs.) The test starts the orchestrators (on a port and the next)
+//! on a thread of its own process and each node as a child process running this binary's `node_process`, since
 //! burn-collective keeps one collective server per process.
 
 mod common;
@@ -34,25 +34,39 @@ const DEADLINE: Duration = Duration::from_secs(300);
 const TRAIN: &str = "max_steps = 4\nlog_every = 1";
 const SETS: [&str; 1] = ["lora.dropout=0.1"];
 
-/// Environment of a node process: `rank,dir,data,orch0,orch1,port0,port1,local peers`.
+/// Environment of a node process: `rank,dir,data,orchestrator,data port,local peers`.
 const NODE_ENV: &str = "HONE_TEST_MULTINODE_NODE";
 
-fn node_lines(rank: usize, orchestrators: [u16; 2], ports: [u16; 2], local: usize) -> String {
+/// The `[train]` and `[distributed]` lines of node `rank` (the orchestrators on `orchestrator`
+/// and the next port, the node's data ports `port` and the next).
+fn node_lines(rank: usize, orchestrator: u16, port: u16, local: usize) -> String {
     let devices = vec!["\"cpu\""; local].join(", ");
     format!(
-        "{TRAIN}\ndevices = [{devices}]\nnodes = 2\nnode_rank = {rank}\ncollective_timeout_secs = 120\n\
-         orchestrators = [\"ws://127.0.0.1:{}\", \"ws://127.0.0.1:{}\"]\n\
-         node_host = \"127.0.0.1\"\ndata_ports = [{}, {}]",
-        orchestrators[0], orchestrators[1], ports[0], ports[1]
+        "{TRAIN}\ndevices = [{devices}]\ncollective_timeout_secs = 120\n\
+         distributed.nodes = 2\ndistributed.node_rank = {rank}\n\
+         distributed.orchestrator = \"ws://127.0.0.1:{orchestrator}\"\n\
+         distributed.node_host = \"127.0.0.1\"\ndistributed.data_port = {port}"
     )
 }
 
-/// Ports that were free a moment ago (all held at once so that they differ).
-fn free_ports<const N: usize>() -> [u16; N] {
-    let listeners: Vec<_> = (0..N)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    std::array::from_fn(|i| listeners[i].local_addr().unwrap().port())
+/// Ports `p` such that `p` and `p + 1` were free a moment ago (all held at once so that they
+/// differ).
+fn free_port_pairs<const N: usize>() -> [u16; N] {
+    let mut held = Vec::new();
+    let mut ports = Vec::new();
+    while ports.len() < N {
+        let first = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = first.local_addr().unwrap().port();
+        held.push(first);
+        if let Some(second) = port
+            .checked_add(1)
+            .and_then(|next| std::net::TcpListener::bind(("127.0.0.1", next)).ok())
+        {
+            held.push(second);
+            ports.push(port);
+        }
+    }
+    std::array::from_fn(|i| ports[i])
 }
 
 /// One node of [`two_nodes_train_as_one_device_with_the_doubled_batch`], in a child process;
@@ -69,7 +83,7 @@ fn node_process() {
     let config = config(
         Path::new(f[2]),
         &Path::new(f[1]).join(format!("node{rank}")),
-        &node_lines(rank, [p(3), p(4)], [p(5), p(6)], f[7].parse().unwrap()),
+        &node_lines(rank, p(3), p(4), f[5].parse().unwrap()),
         &SETS,
     );
     let summary = train_on::<Ad>(
@@ -84,26 +98,15 @@ fn node_process() {
     assert_eq!(summary.adapter_dir.is_some(), rank == 0);
 }
 
-fn spawn_node(
-    rank: usize,
-    dir: &Path,
-    data: &Path,
-    orch: [u16; 2],
-    ports: [u16; 2],
-    local: usize,
-) -> Child {
+fn spawn_node(rank: usize, dir: &Path, data: &Path, orch: u16, port: u16, local: usize) -> Child {
     Command::new(std::env::current_exe().unwrap())
         .args(["node_process", "--exact", "--ignored", "--nocapture"])
         .env(
             NODE_ENV,
             format!(
-                "{rank},{},{},{},{},{},{},{local}",
+                "{rank},{},{},{orch},{port},{local}",
                 dir.display(),
                 data.display(),
-                orch[0],
-                orch[1],
-                ports[0],
-                ports[1]
             ),
         )
         .spawn()
@@ -123,14 +126,12 @@ fn two_nodes_train_as_one_device_with_the_doubled_batch() {
 fn two_nodes_match_one_device(local: usize) {
     let tmp = tempfile::tempdir().unwrap();
     let data = write_data(tmp.path(), 24);
-    let [o0, o1, a0, a1, b0, b1] = free_ports::<6>();
-    for port in [o0, o1] {
-        std::thread::spawn(move || hone_train::parallel::run_orchestrator(port));
-    }
+    let [o, a, b] = free_port_pairs::<3>();
+    std::thread::spawn(move || hone_train::parallel::run_orchestrator(o));
     std::thread::sleep(Duration::from_millis(300));
     let mut nodes = [
-        spawn_node(0, tmp.path(), &data, [o0, o1], [a0, a1], local),
-        spawn_node(1, tmp.path(), &data, [o0, o1], [b0, b1], local),
+        spawn_node(0, tmp.path(), &data, o, a, local),
+        spawn_node(1, tmp.path(), &data, o, b, local),
     ];
 
     let one = train_on::<Ad>(
@@ -181,41 +182,35 @@ fn two_nodes_match_one_device(local: usize) {
 
 fn load(lines: &str) -> Result<RunConfig, String> {
     let tmp = Path::new("/nonexistent");
-    let sets: Vec<String> = lines
-        .lines()
-        .map(|l| {
-            let (k, v) = l.split_once('=').unwrap();
-            format!("train.{}={}", k.trim(), v.trim())
-        })
-        .collect();
-    RunConfig::from_toml_str(&config_text(tmp, tmp), "test.toml", None, &sets)
+    RunConfig::from_toml_str(&config_text(tmp, tmp), "test.toml", None, &overrides(lines))
         .map_err(|e| e.to_string())
 }
 
 #[test]
 fn multinode_keys_are_validated_with_the_key_named() {
-    let good = node_lines(1, [1, 2], [3, 4], 1);
+    let good = node_lines(1, 1, 3, 1);
     let config = load(&good).unwrap();
     let node = config.multinode().unwrap();
     assert_eq!(
         (node.nodes, node.node_rank, node.data_ports),
         (2, 1, [3, 4])
     );
+    assert_eq!(node.orchestrators, ["ws://127.0.0.1:1", "ws://127.0.0.1:2"]);
     assert_eq!(load(TRAIN).unwrap().multinode(), None);
     for (change, key) in [
-        ("node_rank = 2", "train.node_rank"),
-        ("nodes = 0", "train.nodes"),
-        ("orchestrators = [\"ws://h:1\"]", "train.orchestrators"),
+        ("distributed.node_rank = 2", "distributed.node_rank"),
+        ("distributed.nodes = 0", "distributed.nodes"),
         (
-            "orchestrators = [\"ws://h:1\", \"ws://h:1\"]",
-            "train.orchestrators",
+            "distributed.orchestrator = \"h:1\"",
+            "distributed.orchestrator",
         ),
         (
-            "orchestrators = [\"h:1\", \"ws://h:2\"]",
-            "train.orchestrators",
+            "distributed.orchestrator = \"ws://h:65535\"",
+            "distributed.orchestrator",
         ),
-        ("data_ports = [5, 5]", "train.data_ports"),
-        ("node_host = \"\"", "train.node_host"),
+        ("distributed.data_port = 0", "distributed.data_port"),
+        ("distributed.data_port = 65535", "distributed.data_port"),
+        ("distributed.node_host = \"\"", "distributed.node_host"),
     ] {
         let (k, _) = change.split_once('=').unwrap();
         let lines: String = good
@@ -228,11 +223,34 @@ fn multinode_keys_are_validated_with_the_key_named() {
         assert!(err.contains(key), "{change}: {err}");
     }
     // The node keys without nodes > 1 are a mistake, not ignored.
-    let err = load(&format!("{TRAIN}\nnode_rank = 1")).unwrap_err();
+    let err = load(&format!("{TRAIN}\ndistributed.node_rank = 1")).unwrap_err();
     assert!(
-        err.contains("train.node_rank") && err.contains("nodes > 1"),
+        err.contains("distributed.node_rank") && err.contains("nodes > 1"),
         "{err}"
     );
+}
+
+/// The multi-node keys of `[train]` before `[distributed]` existed: an error naming the new key,
+/// never a config that silently means something else.
+#[test]
+fn multinode_keys_left_in_train_name_their_distributed_key() {
+    for (old, new) in [
+        ("nodes = 2", "distributed.nodes"),
+        ("node_rank = 1", "distributed.node_rank"),
+        ("node_host = \"10.0.0.2\"", "distributed.node_host"),
+        (
+            "orchestrators = [\"ws://h:1\", \"ws://h:2\"]",
+            "distributed.orchestrator",
+        ),
+        ("data_ports = [5, 6]", "distributed.data_port"),
+    ] {
+        let err = load(&format!("{TRAIN}\n{old}")).unwrap_err();
+        let (key, _) = old.split_once(' ').unwrap();
+        assert!(
+            err.contains(&format!("train.{key}")) && err.contains(new),
+            "{old}: {err}"
+        );
+    }
 }
 
 #[test]
@@ -241,13 +259,11 @@ fn a_missing_node_is_an_error_after_the_timeout_not_a_hang() {
     let _guard = serial();
     let tmp = tempfile::tempdir().unwrap();
     let data = write_data(tmp.path(), 24);
-    let [o0, o1, a0, a1] = free_ports::<4>();
-    for port in [o0, o1] {
-        std::thread::spawn(move || hone_train::parallel::run_orchestrator(port));
-    }
+    let [o, a] = free_port_pairs::<2>();
+    std::thread::spawn(move || hone_train::parallel::run_orchestrator(o));
     std::thread::sleep(Duration::from_millis(300));
     // Node 0 of 2, node 1 never comes.
-    let lines = node_lines(0, [o0, o1], [a0, a1], 1).replace(
+    let lines = node_lines(0, o, a, 1).replace(
         "collective_timeout_secs = 120",
         "collective_timeout_secs = 2",
     );

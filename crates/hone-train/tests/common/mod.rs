@@ -80,17 +80,28 @@ dir = {out:?}
     )
 }
 
-/// The config of [`config_text`] with `train_extra` lines (`key = value`) as `train.` overrides,
-/// then `sets`.
-pub fn config(data: &Path, out: &Path, train_extra: &str, sets: &[&str]) -> RunConfig {
-    let mut all: Vec<String> = train_extra
+/// `key = value` lines as `--set` overrides: `train.key`, or `table.key` as written when the key
+/// is dotted (`distributed.nodes = 2`).
+pub fn overrides(lines: &str) -> Vec<String> {
+    lines
         .lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| {
             let (k, v) = l.split_once('=').unwrap();
-            format!("train.{}={}", k.trim(), v.trim())
+            let k = k.trim();
+            if k.contains('.') {
+                format!("{k}={}", v.trim())
+            } else {
+                format!("train.{k}={}", v.trim())
+            }
         })
-        .collect();
+        .collect()
+}
+
+/// The config of [`config_text`] with `train_extra` lines (`key = value`) as `train.` overrides
+/// (see [`overrides`]), then `sets`.
+pub fn config(data: &Path, out: &Path, train_extra: &str, sets: &[&str]) -> RunConfig {
+    let mut all = overrides(train_extra);
     all.extend(sets.iter().map(|s| s.to_string()));
     RunConfig::from_toml_str(
         &config_text(data, out),
