@@ -3,10 +3,9 @@
 //! model's output). `lora_B` is random too (PEFT initialises it to zero, which would make the
 //! adapter a no-op).
 
-use std::collections::HashMap;
 use std::path::Path;
 
-use hone_model::adapter::{peft_config_json, peft_key, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+use hone_model::adapter::{write_peft, LoraTensors};
 use hone_model::lora::LoraSettings;
 use hone_model::{ModelConfig, ModelError};
 use rand::{Rng, SeedableRng};
@@ -60,7 +59,7 @@ fn projection_shape(config: &ModelConfig, target: &str) -> Option<(String, [usiz
 pub fn write_random_adapter(dir: &Path, config: &ModelConfig, spec: &RandomAdapter) -> Result<()> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed);
     let r = spec.rank;
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut modules = Vec::new();
     for layer in 0..config.num_layers {
         for target in &spec.targets {
             let (block, [out, inp]) = projection_shape(config, target).ok_or_else(|| {
@@ -68,37 +67,24 @@ pub fn write_random_adapter(dir: &Path, config: &ModelConfig, spec: &RandomAdapt
             })?;
             let module = format!("model.layers.{layer}.{block}.{target}");
             let a_bound = 1.0 / (inp as f32).sqrt();
-            let mut values = |n: usize, bound: f32| -> Vec<u8> {
-                (0..n)
-                    .flat_map(|_| rng.random_range(-bound..=bound).to_le_bytes())
-                    .collect()
+            let mut values = |n: usize, bound: f32| -> Vec<f32> {
+                (0..n).map(|_| rng.random_range(-bound..=bound)).collect()
             };
             let a = values(r * inp, a_bound);
             let b = values(out * r, spec.b_range);
-            tensors.push((peft_key(&module, "lora_A"), vec![r, inp], a));
-            tensors.push((peft_key(&module, "lora_B"), vec![out, r], b));
+            modules.push((
+                module,
+                LoraTensors {
+                    a,
+                    a_shape: [r, inp],
+                    b,
+                    b_shape: [out, r],
+                },
+            ));
         }
     }
     let targets: Vec<&str> = spec.targets.iter().map(String::as_str).collect();
     let settings = LoraSettings::new(r, spec.alpha, &targets);
-    let config_json = peft_config_json(&settings, "random");
-    let staged = hone_io::StagedDir::new(dir).map_err(ModelError::from)?;
-    let tmp = staged.path();
-    let path = tmp.join(ADAPTER_CONFIG);
-    std::fs::write(&path, format!("{config_json:#}\n"))
-        .map_err(|e| ModelError::Input(format!("writing {}: {e}", path.display())))?;
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(name, shape, bytes)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| ModelError::Input(format!("{name}: {e:?}")))
-        })
-        .collect::<std::result::Result<_, _>>()?;
-    let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
-    let path = tmp.join(ADAPTER_WEIGHTS);
-    safetensors::serialize_to_file(views, metadata, &path)
-        .map_err(|e| ModelError::Input(format!("writing {}: {e:?}", path.display())))?;
-    staged.commit().map_err(ModelError::from)?;
+    write_peft(dir, &settings, "random", &modules)?;
     Ok(())
 }

@@ -63,7 +63,7 @@ pub fn score_rows<B: Backend>(
     batch_size: usize,
     mut on_rows: impl FnMut(usize),
 ) -> Result<Vec<Vec<f32>>> {
-    let vocab = model.config.vocab_size;
+    let vocab = model.config().vocab_size;
     for (i, row) in rows.iter().enumerate() {
         if row.ids.len() != row.labels.len() || row.ids.is_empty() {
             return Err(EvalError::TensorData(format!(
@@ -109,7 +109,7 @@ pub fn score_rows<B: Backend>(
             continue;
         }
         let input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, seq]), &device);
-        let hidden = model.forward_hidden(input, None);
+        let hidden = model.forward(hone_model::Input::new(input).hidden());
         let hidden_size = hidden.dims()[2];
         let hidden = hidden.reshape([batch * seq, hidden_size]);
         let step = (LOGITS_BUDGET / vocab).max(1);

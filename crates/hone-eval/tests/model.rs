@@ -1,6 +1,7 @@
 //! hone-eval against independent computations on real checkpoints: stories260k (a real tiny
 //! Llama) and the PEFT fixture llama_gqa with its adapter.
 
+use hone_model::Input;
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
@@ -37,8 +38,12 @@ fn reference_log_probs(model: &CausalLm<Cpu>, ids: &[u32]) -> Vec<f64> {
         ),
         &device,
     );
-    let logits: Vec<f32> = model.forward(input, None).into_data().to_vec().unwrap();
-    let vocab = model.config.vocab_size;
+    let logits: Vec<f32> = model
+        .forward(Input::new(input))
+        .into_data()
+        .to_vec()
+        .unwrap();
+    let vocab = model.config().vocab_size;
     (1..ids.len())
         .map(|t| {
             let row = &logits[(t - 1) * vocab..t * vocab];

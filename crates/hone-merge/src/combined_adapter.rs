@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use hone_model::adapter::{peft_config_json, peft_key, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+use hone_model::adapter::{write_peft, LoraTensors};
 use hone_model::lora::{LoraSettings, TargetModules};
 
 use crate::combine::{AdapterSet, Combination, Method};
@@ -75,19 +75,18 @@ pub fn combine_adapters(options: &CombineOptions) -> Result<CombineReport> {
     }
     let set = AdapterSet::open(&options.adapters, &options.combination)?;
     let rank = set.output_rank();
-    let mut tensors = Vec::new();
+    let mut modules = Vec::new();
     for module in set.modules().keys() {
         let combined = set.combined(module)?.padded(rank);
         let shape = combined.shape;
-        tensors.push((
-            peft_key(module, "lora_A"),
-            vec![rank, shape.in_features],
-            hone_model::FloatDtype::F32.encode(&combined.a),
-        ));
-        tensors.push((
-            peft_key(module, "lora_B"),
-            vec![shape.out_features, rank],
-            hone_model::FloatDtype::F32.encode(&combined.b),
+        modules.push((
+            module.clone(),
+            LoraTensors {
+                a: combined.a,
+                a_shape: [rank, shape.in_features],
+                b: combined.b,
+                b_shape: [shape.out_features, rank],
+            },
         ));
     }
     let first = &set.adapters[0];
@@ -103,18 +102,7 @@ pub fn combine_adapters(options: &CombineOptions) -> Result<CombineReport> {
         layers_to_transform,
     };
     let base_name = first.base_model_name_or_path.clone().unwrap_or_default();
-    let config = peft_config_json(&settings, &base_name);
-
-    let staged = hone_io::StagedDir::new(&options.out)?;
-    let config_path = staged.path().join(ADAPTER_CONFIG);
-    let text = serde_json::to_string_pretty(&config).unwrap_or_default() + "\n";
-    std::fs::write(&config_path, text).map_err(|e| MergeError::io(&config_path, e))?;
-    export::write_safetensors(
-        &staged.path().join(ADAPTER_WEIGHTS),
-        safetensors::Dtype::F32,
-        &tensors,
-    )?;
-    staged.commit()?;
+    write_peft(&options.out, &settings, &base_name, &modules)?;
     Ok(CombineReport {
         method: set.method,
         rank,

@@ -2,6 +2,7 @@
 //! PEFT's `merge_and_unload` and against hone's own base + adapter, sharded and half-precision
 //! output, combined adapters that load back (errors are in `errors.rs`).
 
+use hone_model::Input;
 use std::path::Path;
 
 use burn::prelude::*;
@@ -30,7 +31,7 @@ fn logits(model: &Path, adapter: Option<&Path>, inputs_of: &Path) -> Vec<f32> {
     let ids = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(ids, [shape[0], shape[1]]), &device);
     loaded
         .model
-        .forward(ids, None)
+        .forward(Input::new(ids))
         .into_data()
         .to_vec::<f32>()
         .unwrap()

@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use crate::error::{ModelError, Result};
 use crate::lora::{Lora, LoraSettings, TargetModules};
-use crate::model::CausalLm;
+use crate::model::{CausalLm, OWN_SLOT};
 use crate::weights::WeightStore;
 
 /// File names inside an adapter directory.
@@ -188,9 +188,16 @@ pub fn read_adapter_config(dir: &Path) -> Result<(LoraSettings, Option<String>)>
 }
 
 impl<B: Backend> CausalLm<B> {
-    /// Loads the PEFT adapter in `dir` onto this model (replacing any adapter). Every expected
-    /// tensor must be present with its shape, and every tensor in the file must be used.
+    /// Loads the PEFT adapter in `dir` as the model's own adapter (slot [`OWN_SLOT`]),
+    /// replacing any. Every expected tensor must be present with its shape, and every tensor in
+    /// the file must be used.
     pub fn load_adapter(&mut self, dir: &Path) -> Result<AdapterInfo> {
+        self.load_adapter_slot(dir, OWN_SLOT)
+    }
+
+    /// Loads the PEFT adapter in `dir` into adapter slot `slot` (replacing what was there),
+    /// leaving the other slots untouched; nothing changes when loading fails.
+    pub fn load_adapter_slot(&mut self, dir: &Path, slot: usize) -> Result<AdapterInfo> {
         let (settings, base) = read_adapter_config(dir)?;
         let weights_path = dir.join(ADAPTER_WEIGHTS);
         if !weights_path.is_file() {
@@ -254,7 +261,7 @@ impl<B: Backend> CausalLm<B> {
             )));
         }
         for (name, linear) in self.projections_mut() {
-            linear.lora = adapters.remove(&name);
+            linear.set_slot(slot, adapters.remove(&name));
         }
         Ok(AdapterInfo {
             settings,
@@ -263,55 +270,112 @@ impl<B: Backend> CausalLm<B> {
         })
     }
 
-    /// Writes the model's adapters to `dir` in PEFT's format, atomically (a temporary directory
-    /// renamed into place). `settings` are the ones the adapters were made with.
+    /// Empties adapter slot `slot`.
+    pub fn unload_adapter_slot(&mut self, slot: usize) {
+        for (_, linear) in self.projections_mut() {
+            linear.set_slot(slot, None);
+        }
+    }
+
+    /// The factors of the adapter in `slot`, as f32, by module name in checkpoint order.
+    pub fn adapter_tensors(&self, slot: usize) -> Result<Vec<(String, LoraTensors)>> {
+        let read = |t: Tensor<B, 2>, what: &str| -> Result<(Vec<f32>, [usize; 2])> {
+            let shape = t.dims();
+            let values = t
+                .cast(burn::tensor::DType::F32)
+                .into_data()
+                .to_vec::<f32>()
+                .map_err(|e| ModelError::Input(format!("reading {what}: {e:?}")))?;
+            Ok((values, shape))
+        };
+        let mut out = Vec::new();
+        for (name, linear) in self.projections() {
+            if let Some(lora) = linear.slot(slot) {
+                let (a, a_shape) = read(lora.lora_a.val(), &format!("{name}.lora_A"))?;
+                let (b, b_shape) = read(lora.lora_b.val(), &format!("{name}.lora_B"))?;
+                out.push((
+                    name,
+                    LoraTensors {
+                        a,
+                        a_shape,
+                        b,
+                        b_shape,
+                    },
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes the model's own adapter to `dir` in PEFT's format, atomically ([`write_peft`]).
+    /// `settings` are the ones the adapter was made with.
     pub fn save_adapter(
         &self,
         dir: &Path,
         settings: &LoraSettings,
         base_model_name_or_path: &str,
     ) -> Result<()> {
-        let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-        for (name, linear) in self.projections() {
-            if let Some(lora) = &linear.lora {
-                for (which, t) in [("lora_A", lora.lora_a.val()), ("lora_B", lora.lora_b.val())] {
-                    let shape = t.dims().to_vec();
-                    let values = t
-                        .cast(burn::tensor::DType::F32)
-                        .into_data()
-                        .to_vec::<f32>()
-                        .map_err(|e| ModelError::Input(format!("reading {name}.{which}: {e:?}")))?;
-                    let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-                    tensors.push((peft_key(&name, which), shape, bytes));
-                }
-            }
-        }
-        if tensors.is_empty() {
+        let modules = self.adapter_tensors(OWN_SLOT)?;
+        if modules.is_empty() {
             return Err(ModelError::Input(
                 "the model has no LoRA adapter to save".into(),
             ));
         }
-        let config = peft_config_json(settings, base_model_name_or_path);
-        let staged = hone_io::StagedDir::new(dir)?;
-        let tmp = staged.path();
-        let path = tmp.join(ADAPTER_CONFIG);
-        let text = serde_json::to_string_pretty(&config).expect("a JSON value serialises");
-        std::fs::write(&path, text + "\n").map_err(|e| ModelError::write(&path, e))?;
-        let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-            .iter()
-            .map(|(n, s, b)| {
-                let view =
-                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                        .expect("shape and byte length agree by construction");
-                (n.clone(), view)
-            })
-            .collect();
-        let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
-        let path = tmp.join(ADAPTER_WEIGHTS);
-        safetensors::serialize_to_file(views, metadata, &path)
-            .map_err(|e| ModelError::write_safetensors(&path, e))?;
-        Ok(staged.commit()?)
+        write_peft(dir, settings, base_model_name_or_path, &modules)
     }
+}
+
+/// One module's LoRA factors as f32, row-major: `A` `[r, in]`, `B` `[out, r]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraTensors {
+    pub a: Vec<f32>,
+    pub a_shape: [usize; 2],
+    pub b: Vec<f32>,
+    pub b_shape: [usize; 2],
+}
+
+/// Writes a PEFT adapter directory (`adapter_config.json` from `settings`,
+/// `adapter_model.safetensors` with PEFT's keys, f32), replacing `dir` atomically (a temporary
+/// directory renamed into place). The one writer of adapter files: training, checkpoints,
+/// `hone adapter combine` and the benchmark tools all write through it.
+pub fn write_peft(
+    dir: &Path,
+    settings: &LoraSettings,
+    base_model_name_or_path: &str,
+    modules: &[(String, LoraTensors)],
+) -> Result<()> {
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(2 * modules.len());
+    for (name, t) in modules {
+        for (which, values, shape) in [("lora_A", &t.a, t.a_shape), ("lora_B", &t.b, t.b_shape)] {
+            if values.len() != shape[0] * shape[1] {
+                return Err(ModelError::Input(format!(
+                    "{name}.{which}: {} values for shape {shape:?}",
+                    values.len()
+                )));
+            }
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            tensors.push((peft_key(name, which), shape.to_vec(), bytes));
+        }
+    }
+    let config = peft_config_json(settings, base_model_name_or_path);
+    let staged = hone_io::StagedDir::new(dir)?;
+    let tmp = staged.path();
+    let path = tmp.join(ADAPTER_CONFIG);
+    let text = serde_json::to_string_pretty(&config).expect("a JSON value serialises");
+    std::fs::write(&path, text + "\n").map_err(|e| ModelError::write(&path, e))?;
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, s, b)| {
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                .expect("shape and byte length agree (checked above)");
+            (n.clone(), view)
+        })
+        .collect();
+    let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+    let path = tmp.join(ADAPTER_WEIGHTS);
+    safetensors::serialize_to_file(views, metadata, &path)
+        .map_err(|e| ModelError::write_safetensors(&path, e))?;
+    Ok(staged.commit()?)
 }
 
 /// The `adapter_config.json` hone writes: PEFT's keys for a plain (rs)LoRA, `target_modules`

@@ -250,7 +250,7 @@ pub fn generate<B: Backend>(
             ),
             &device,
         );
-        let logits = model.forward_last(ids, Some(&mut cache));
+        let logits = model.forward(crate::Input::new(ids).cache(&mut cache).last_logits());
         let mut logits: Vec<f32> = logits
             .into_data()
             .convert::<f32>()

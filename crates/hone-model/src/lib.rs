@@ -3,16 +3,17 @@
 //! Llama-family decoder-only transformers (Llama, Mistral, Qwen2) over any burn backend, loaded
 //! from Hugging Face model directories and checked against transformers' outputs: configuration
 //! ([`config`]), RoPE variants ([`rope`]), safetensors loading ([`weights`]), the model
-//! ([`model`]), the KV cache ([`cache`]), the tokenizer ([`tokenizer`]) and generation
+//! ([`model`]) entered through one function, [`CausalLm::forward`] with an [`Input`]
+//! ([`forward`]), the KV cache ([`cache`]), the tokenizer ([`tokenizer`]) and generation
 //! ([`generate`]).
 
 pub mod adapter;
-pub mod batch;
 pub mod cache;
 pub mod config;
 pub mod device;
 pub mod dtype;
 pub mod error;
+pub mod forward;
 pub mod generate;
 pub mod gguf;
 pub mod kernels;
@@ -30,9 +31,10 @@ pub use config::{Architecture, ModelConfig};
 pub use device::{run_on, BackendTask, DeviceSpec};
 pub use dtype::FloatDtype;
 pub use error::{ModelError, Result};
+pub use forward::{Adapters, Cache, Input, Output, Positions, Visibility};
 pub use generate::{generate, FinishReason, GenerateConfig, Generation, Sampler, SamplingConfig};
 pub use loader::{load_model_dir, LoadedModel};
-pub use model::{CausalLm, LoadOptions, LoadReport};
+pub use model::{CausalLm, LoadOptions, LoadReport, OWN_SLOT};
 pub use tokenizer::Tokenizer;
 pub use weights::WeightStore;
 

@@ -13,7 +13,7 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
-use crate::model::{CausalLm, Linear};
+use crate::model::{CausalLm, Linear, OWN_SLOT};
 
 /// The low-rank adapter of one linear layer.
 #[derive(Module, Debug)]
@@ -224,17 +224,7 @@ impl<B: Backend> CausalLm<B> {
     pub fn projections(&self) -> Vec<(String, &Linear<B>)> {
         let mut out = Vec::new();
         for (i, layer) in self.model.layers.iter().enumerate() {
-            let a = &layer.self_attn;
-            let m = &layer.mlp;
-            for (name, linear) in [
-                ("self_attn.q_proj", &a.q_proj),
-                ("self_attn.k_proj", &a.k_proj),
-                ("self_attn.v_proj", &a.v_proj),
-                ("self_attn.o_proj", &a.o_proj),
-                ("mlp.gate_proj", &m.gate_proj),
-                ("mlp.up_proj", &m.up_proj),
-                ("mlp.down_proj", &m.down_proj),
-            ] {
+            for (name, linear) in layer.projections() {
                 out.push((format!("model.layers.{i}.{name}"), linear));
             }
         }
@@ -242,24 +232,37 @@ impl<B: Backend> CausalLm<B> {
     }
 
     /// Mutable access to every projection, as [`CausalLm::projections`].
-    pub fn projections_mut(&mut self) -> Vec<(String, &mut Linear<B>)> {
+    pub(crate) fn projections_mut(&mut self) -> Vec<(String, &mut Linear<B>)> {
         let mut out = Vec::new();
         for (i, layer) in self.model.layers.iter_mut().enumerate() {
-            let a = &mut layer.self_attn;
-            let m = &mut layer.mlp;
-            for (name, linear) in [
-                ("self_attn.q_proj", &mut a.q_proj),
-                ("self_attn.k_proj", &mut a.k_proj),
-                ("self_attn.v_proj", &mut a.v_proj),
-                ("self_attn.o_proj", &mut a.o_proj),
-                ("mlp.gate_proj", &mut m.gate_proj),
-                ("mlp.up_proj", &mut m.up_proj),
-                ("mlp.down_proj", &mut m.down_proj),
-            ] {
+            for (name, linear) in layer.projections_mut() {
                 out.push((format!("model.layers.{i}.{name}"), linear));
             }
         }
         out
+    }
+
+    /// The model's own adapters (slot [`OWN_SLOT`]) with their module names, in checkpoint
+    /// order: the trainable parameters, as training, checkpoints and the optimizer walk them.
+    pub fn adapters(&self) -> Vec<(String, &Lora<B>)> {
+        self.projections()
+            .into_iter()
+            .filter_map(|(name, linear)| linear.lora().map(|l| (name, l)))
+            .collect()
+    }
+
+    /// Mutable access to the model's own adapters, as [`CausalLm::adapters`].
+    pub fn adapters_mut(&mut self) -> Vec<(String, &mut Lora<B>)> {
+        self.projections_mut()
+            .into_iter()
+            .filter_map(|(name, linear)| {
+                linear
+                    .adapters
+                    .get_mut(OWN_SLOT)
+                    .and_then(Option::as_mut)
+                    .map(|l| (name, l))
+            })
+            .collect()
     }
 
     /// Names of the projections `settings` selects, or an error when it selects none.
@@ -303,12 +306,15 @@ impl<B: Backend> CausalLm<B> {
             let bound = 1.0 / (inp as f64).sqrt();
             let a = Tensor::<B, 2>::random([r, inp], Distribution::Uniform(-bound, bound), &device);
             let b = Tensor::<B, 2>::zeros([out, r], &device);
-            linear.lora = Some(Lora {
-                lora_a: Param::from_tensor(a),
-                lora_b: Param::from_tensor(b),
-                scale,
-                dropout: settings.dropout,
-            });
+            linear.set_slot(
+                OWN_SLOT,
+                Some(Lora {
+                    lora_a: Param::from_tensor(a),
+                    lora_b: Param::from_tensor(b),
+                    scale,
+                    dropout: settings.dropout,
+                }),
+            );
         }
         Ok(targets)
     }
@@ -316,14 +322,14 @@ impl<B: Backend> CausalLm<B> {
     /// Removes every adapter.
     pub fn detach_lora(&mut self) {
         for (_, linear) in self.projections_mut() {
-            linear.lora = None;
+            linear.set_slot(OWN_SLOT, None);
         }
     }
 
     /// Folds every adapter into its base weight (`W += s · B A`) and removes the adapters.
     pub fn merge_lora(&mut self) {
         for (_, linear) in self.projections_mut() {
-            if let Some(lora) = linear.lora.take() {
+            if let Some(lora) = linear.set_slot(OWN_SLOT, None) {
                 let merged = linear.weight.val() + lora.delta_weight();
                 linear.weight = Param::initialized(linear.weight.id, merged.detach());
             }
@@ -332,9 +338,9 @@ impl<B: Backend> CausalLm<B> {
 
     /// Number of trainable adapter parameters.
     pub fn lora_parameter_count(&self) -> usize {
-        self.projections()
+        self.adapters()
             .iter()
-            .filter_map(|(_, l)| l.lora.as_ref())
+            .map(|(_, l)| l)
             .map(|l| l.lora_a.val().shape().num_elements() + l.lora_b.val().shape().num_elements())
             .sum()
     }

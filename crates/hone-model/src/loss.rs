@@ -92,7 +92,7 @@ pub fn causal_lm_loss_sum_hidden<B: Backend>(
 ) -> (Tensor<B, 1>, usize) {
     let [batch, seq, h] = hidden.dims();
     let weight = match &model.lm_head {
-        Some(head) if head.lora.is_none() && head.bias.is_none() => Some(head.weight.val()),
+        Some(head) if head.adapters.is_empty() && head.bias.is_none() => Some(head.weight.val()),
         Some(_) => None,
         None => Some(model.model.embed_tokens.val()),
     };

@@ -2,6 +2,10 @@
 //! transformers' `modeling_llama.py`: RMSNorm, grouped-query attention with RoPE in the
 //! `rotate_half` layout, SwiGLU MLP, optional q/k/v biases, tied or untied `lm_head`.
 //! Field names are the checkpoint keys (`model.layers.N.self_attn.q_proj.weight`, ...).
+//!
+//! Every forward pass enters through [`CausalLm::forward`] with an [`Input`](crate::forward::Input)
+//! describing it (see [`crate::forward`]); the layers here are its body, shared by training,
+//! packed rows, evaluation, generation, batched serving and per-layer recomputation.
 
 use std::sync::Arc;
 
@@ -10,60 +14,112 @@ use burn::prelude::*;
 use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{DType, Distribution, TensorData};
+use burn::tensor::{DType, Distribution, IndexingUpdateOp, TensorData};
 
-use crate::cache::{KvCache, LayerCache};
+use crate::cache::LayerCache;
 use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::forward::Selection;
 use crate::kernels::{self, RopeHost};
 use crate::lora::Lora;
-use crate::rope;
+use crate::rope::RopeCache;
 use crate::weights::WeightStore;
 
-/// Row counts up to which [`Linear::forward`] multiplies as `(W xᵀ)ᵀ`.
+/// Row counts up to which [`Linear`] multiplies as `(W xᵀ)ᵀ`.
 const SMALL_M: usize = 16;
 
-/// A linear projection with the weight in Hugging Face layout `[out, in]` and an optional LoRA
-/// adapter: `y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ`. The base weight and bias are frozen (they
-/// never require gradients); only the adapter trains.
+/// The adapter slot of the model's own adapter: the one training trains, `save_adapter` writes
+/// and `merge_lora` folds. Serving loads further adapters into other slots.
+pub const OWN_SLOT: usize = 0;
+
+/// A linear projection with the weight in Hugging Face layout `[out, in]` and LoRA adapter
+/// slots: `y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ` with the adapter a row selects
+/// ([`crate::forward::Adapters`]). The base weight and bias are frozen (they never require
+/// gradients); only adapters train.
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
     /// `[out_features, in_features]`.
-    pub weight: Param<Tensor<B, 2>>,
+    pub(crate) weight: Param<Tensor<B, 2>>,
     /// `[out_features]`.
-    pub bias: Option<Param<Tensor<B, 1>>>,
-    pub lora: Option<Lora<B>>,
-    /// Adapters selected per row when serving several at once (slot -> adapter); see
-    /// [`crate::batch`].
-    pub bank: Vec<Option<Lora<B>>>,
+    pub(crate) bias: Option<Param<Tensor<B, 1>>>,
+    /// Adapter slots; slot [`OWN_SLOT`] is the model's own adapter.
+    pub(crate) adapters: Vec<Option<Lora<B>>>,
 }
 
 impl<B: Backend> Linear<B> {
-    /// `x`: `[..., in]` -> `[..., out]`.
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+    /// The frozen weight `[out, in]`.
+    pub fn weight(&self) -> Tensor<B, 2> {
+        self.weight.val()
+    }
+
+    /// The model's own adapter on this projection.
+    pub fn lora(&self) -> Option<&Lora<B>> {
+        self.slot(OWN_SLOT)
+    }
+
+    /// The adapter in `slot`.
+    pub fn slot(&self, slot: usize) -> Option<&Lora<B>> {
+        self.adapters.get(slot).and_then(Option::as_ref)
+    }
+
+    /// Puts `lora` into `slot`, returning what was there.
+    pub(crate) fn set_slot(&mut self, slot: usize, lora: Option<Lora<B>>) -> Option<Lora<B>> {
+        if self.adapters.len() <= slot {
+            if lora.is_none() {
+                return None;
+            }
+            self.adapters.resize_with(slot + 1, || None);
+        }
+        let old = std::mem::replace(&mut self.adapters[slot], lora);
+        while self.adapters.last().is_some_and(Option::is_none) {
+            self.adapters.pop();
+        }
+        old
+    }
+
+    /// `x Wᵀ + b` for `x` `[rows, in]`.
+    fn base(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let rows = x.dims()[0];
+        // gemm's small-M path is compute-bound on x·Wᵀ; with few rows (decoding) W·xᵀ streams
+        // the weight once at memory speed (1–3.5× faster for 1–16 rows on AVX-512).
+        let y = if rows <= SMALL_M {
+            self.weight.val().matmul(x.transpose()).transpose()
+        } else {
+            x.matmul(self.weight.val().transpose())
+        };
+        match &self.bias {
+            Some(b) => y + b.val().unsqueeze_dim(0),
+            None => y,
+        }
+    }
+
+    /// `x`: `[..., in]` -> `[..., out]`, with the adapters `select` picks.
+    pub(crate) fn forward<const D: usize>(
+        &self,
+        x: Tensor<B, D>,
+        select: &Selection<B>,
+    ) -> Tensor<B, D> {
         let dims = x.dims();
         let in_features = dims[D - 1];
         let rows = dims[..D - 1].iter().product::<usize>();
         let out_features = self.weight.dims()[0];
         let x2d = x.reshape([rows, in_features]);
-        // gemm's small-M path is compute-bound on x·Wᵀ; with few rows (decoding) W·xᵀ streams
-        // the weight once at memory speed (1–3.5× faster for 1–16 rows on AVX-512).
-        let y = if rows <= SMALL_M {
-            self.weight
-                .val()
-                .matmul(x2d.clone().transpose())
-                .transpose()
-        } else {
-            x2d.clone().matmul(self.weight.val().transpose())
-        };
-        let y = match &self.bias {
-            Some(b) => y + b.val().unsqueeze_dim(0),
-            None => y,
-        };
-        let y = match &self.lora {
-            Some(lora) => y + lora.delta(x2d),
-            None => y,
-        };
+        let mut y = self.base(x2d.clone());
+        match select {
+            Selection::Slot(slot) => {
+                if let Some(lora) = self.slot(*slot) {
+                    y = y + lora.delta(x2d);
+                }
+            }
+            Selection::Rows(groups) => {
+                for (slot, idx) in groups {
+                    if let Some(lora) = self.slot(*slot) {
+                        let delta = lora.delta(x2d.clone().select(0, idx.clone()));
+                        y = y.select_assign(0, idx.clone(), delta, IndexingUpdateOp::Add);
+                    }
+                }
+            }
+        }
         let mut out = dims;
         out[D - 1] = out_features;
         y.reshape(out)
@@ -74,13 +130,13 @@ impl<B: Backend> Linear<B> {
 #[derive(Module, Debug)]
 pub struct RmsNorm<B: Backend> {
     /// `[hidden]`.
-    pub weight: Param<Tensor<B, 1>>,
-    pub eps: f64,
+    pub(crate) weight: Param<Tensor<B, 1>>,
+    pub(crate) eps: f64,
 }
 
 impl<B: Backend> RmsNorm<B> {
     /// `x`: `[batch, seq, hidden]`.
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    pub(crate) fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let dtype = x.dtype();
         if kernels::fused::<B>(dtype) {
             return kernels::rms_norm(x, self.weight.val(), self.eps);
@@ -104,24 +160,24 @@ impl<B: Backend> RmsNorm<B> {
 /// Multi-head attention with grouped key/value heads.
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
-    pub q_proj: Linear<B>,
-    pub k_proj: Linear<B>,
-    pub v_proj: Linear<B>,
-    pub o_proj: Linear<B>,
-    pub num_heads: usize,
-    pub num_kv_heads: usize,
-    pub head_dim: usize,
+    pub(crate) q_proj: Linear<B>,
+    pub(crate) k_proj: Linear<B>,
+    pub(crate) v_proj: Linear<B>,
+    pub(crate) o_proj: Linear<B>,
+    pub(crate) num_heads: usize,
+    pub(crate) num_kv_heads: usize,
+    pub(crate) head_dim: usize,
     /// Sliding window of this layer (0 = full attention).
-    pub sliding_window: usize,
+    pub(crate) sliding_window: usize,
 }
 
-/// Cos/sin tables for the positions of one forward pass, shaped `[1, seq, 1, rotary_dim]`.
+/// Cos/sin tables for the tokens of one forward pass, shaped `[batch, seq, 1, rotary_dim]`.
 #[derive(Clone, Debug)]
-pub struct RopeTables<B: Backend> {
-    pub cos: Tensor<B, 4>,
-    pub sin: Tensor<B, 4>,
+pub(crate) struct RopeTables<B: Backend> {
+    pub(crate) cos: Tensor<B, 4>,
+    pub(crate) sin: Tensor<B, 4>,
     /// The same tables on the host, `[rows, rotary_dim]`, for the fused CPU kernels.
-    pub host: Option<Arc<RopeHost>>,
+    pub(crate) host: Option<Arc<RopeHost>>,
 }
 
 fn rotate_half<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
@@ -133,7 +189,7 @@ fn rotate_half<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
 
 /// Applies RoPE to `x` `[batch, seq, heads, head_dim]`; only the first `rotary_dim` features
 /// rotate (partial rotary), the rest pass through.
-pub(crate) fn apply_rope<B: Backend>(x: Tensor<B, 4>, rope: &RopeTables<B>) -> Tensor<B, 4> {
+fn apply_rope<B: Backend>(x: Tensor<B, 4>, rope: &RopeTables<B>) -> Tensor<B, 4> {
     let head_dim = x.dims()[3];
     let rotary = rope.cos.dims()[3];
     if rotary == head_dim {
@@ -145,32 +201,75 @@ pub(crate) fn apply_rope<B: Backend>(x: Tensor<B, 4>, rope: &RopeTables<B>) -> T
     Tensor::cat(vec![rot, pass], 3)
 }
 
+/// What every layer of one forward pass shares: RoPE tables of the tokens and the adapter
+/// selection of the rows.
+pub(crate) struct LayerContext<'a, B: Backend> {
+    pub(crate) rope: &'a RopeTables<B>,
+    pub(crate) select: &'a Selection<B>,
+}
+
+/// A layer's view of the KV cache of a forward pass.
+pub(crate) enum LayerCacheMut<'a, B: Backend> {
+    None,
+    /// One cache for the whole batch, holding `len` positions.
+    Batch(&'a mut LayerCache<B>, usize),
+    /// One cache per row, each with its own length.
+    Rows(Vec<(&'a mut LayerCache<B>, usize)>),
+}
+
 impl<B: Backend> Attention<B> {
-    /// `x`: `[batch, seq, hidden]`; `cache` holds this layer's past keys and values; `mask`
-    /// (`[batch, 1, seq, keys]`, true = masked) replaces the causal/sliding-window mask.
-    pub fn forward(
+    /// `x`: `[batch, seq, hidden]`; `mask` (`[batch, 1, seq, keys]`, true = masked) replaces the
+    /// causal/sliding-window mask.
+    fn forward(
         &self,
         x: Tensor<B, 3>,
-        rope: &RopeTables<B>,
-        cache: Option<&mut LayerCache<B>>,
+        ctx: &LayerContext<'_, B>,
         mask: Option<&Tensor<B, 4, Bool>>,
+        cache: LayerCacheMut<'_, B>,
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        if let (None, Some(host)) = (&cache, &rope.host) {
+        let select = ctx.select;
+        if let (LayerCacheMut::None, Some(host)) = (&cache, &ctx.rope.host) {
             let full_mask = mask.is_none_or(|m| m.dims() == [batch, 1, seq, seq]);
             if full_mask && kernels::fused::<B>(x.dtype()) {
-                return self.forward_fused(x, host, mask);
+                return self.forward_fused(x, host, mask, select);
             }
         }
-        let q = self.q_proj.forward(x.clone()).reshape([batch, seq, h, d]);
-        let k = self.k_proj.forward(x.clone()).reshape([batch, seq, kvh, d]);
-        let v = self.v_proj.forward(x).reshape([batch, seq, kvh, d]);
-        let q = apply_rope(q, rope).swap_dims(1, 2);
-        let k = apply_rope(k, rope).swap_dims(1, 2);
+        let q = self
+            .q_proj
+            .forward(x.clone(), select)
+            .reshape([batch, seq, h, d]);
+        let k = self
+            .k_proj
+            .forward(x.clone(), select)
+            .reshape([batch, seq, kvh, d]);
+        let v = self.v_proj.forward(x, select).reshape([batch, seq, kvh, d]);
+        let q = apply_rope(q, ctx.rope).swap_dims(1, 2);
+        let k = apply_rope(k, ctx.rope).swap_dims(1, 2);
         let v = v.swap_dims(1, 2);
-        let out = self.attend(q, k, v, cache, mask);
-        self.o_proj.forward(out)
+        let out = match cache {
+            LayerCacheMut::None => self.attend(q, k, v, 0, mask),
+            LayerCacheMut::Batch(slot, len) => {
+                let (k, v) = slot.append(len, k, v);
+                self.attend(q, k, v, len, mask)
+            }
+            LayerCacheMut::Rows(rows) => {
+                // Rows continue caches of different lengths: attention runs per row.
+                let outs = rows
+                    .into_iter()
+                    .enumerate()
+                    .map(|(r, (slot, len))| {
+                        let row = |t: &Tensor<B, 4>| t.clone().narrow(0, r, 1);
+                        let (k, v) = slot.append(len, row(&k), row(&v));
+                        let mask = mask.map(|m| m.clone().narrow(0, r, 1));
+                        self.attend(row(&q), k, v, len, mask.as_ref())
+                    })
+                    .collect();
+                Tensor::cat(outs, 0)
+            }
+        };
+        self.o_proj.forward(out, select)
     }
 
     /// [`Self::forward`] without a cache through the fused CPU kernels: RoPE and attention on
@@ -181,12 +280,13 @@ impl<B: Backend> Attention<B> {
         x: Tensor<B, 3>,
         rope: &Arc<RopeHost>,
         mask: Option<&Tensor<B, 4, Bool>>,
+        select: &Selection<B>,
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = kernels::rope(self.q_proj.forward(x.clone()), h, d, rope);
-        let k = kernels::rope(self.k_proj.forward(x.clone()), kvh, d, rope);
-        let v = self.v_proj.forward(x);
+        let q = kernels::rope(self.q_proj.forward(x.clone(), select), h, d, rope);
+        let k = kernels::rope(self.k_proj.forward(x.clone(), select), kvh, d, rope);
+        let v = self.v_proj.forward(x, select);
         let mask = match mask {
             Some(m) => {
                 let m = m.clone().reshape([batch * seq * seq]).into_data();
@@ -208,41 +308,25 @@ impl<B: Backend> Attention<B> {
             scale: 1.0 / (d as f32).sqrt(),
         };
         self.o_proj
-            .forward(kernels::attention(q, k, v, shape, mask))
+            .forward(kernels::attention(q, k, v, shape, mask), select)
     }
 
-    /// Attention of new queries `[batch, heads, seq, d]` (RoPE applied) against the cached keys
-    /// and values extended by the new ones `[batch, kv_heads, seq, d]`; `mask` (`[batch, 1, seq,
-    /// keys]`, true = masked) replaces the causal/sliding-window mask. Returns
-    /// `[batch, seq, heads * d]`, before the output projection.
-    pub(crate) fn attend(
+    /// Attention of new queries `[batch, heads, seq, d]` (RoPE applied) at positions
+    /// `past..past + seq` against keys and values `[batch, kv_heads, past + seq, d]`; `mask`
+    /// (`[batch, 1, seq, keys]`, true = masked) replaces the causal/sliding-window mask.
+    /// Returns `[batch, seq, heads * d]`, before the output projection.
+    fn attend(
         &self,
         q: Tensor<B, 4>,
         k: Tensor<B, 4>,
         v: Tensor<B, 4>,
-        cache: Option<&mut LayerCache<B>>,
+        past: usize,
         mask: Option<&Tensor<B, 4, Bool>>,
     ) -> Tensor<B, 3> {
         let [batch, _, seq, _] = q.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        // [batch, kv_heads, total, head_dim]
-        let (k, v) = match cache {
-            Some(slot) => {
-                let k = match slot.0.take() {
-                    Some(past) => Tensor::cat(vec![past, k], 2),
-                    None => k,
-                };
-                let v = match slot.1.take() {
-                    Some(past) => Tensor::cat(vec![past, v], 2),
-                    None => v,
-                };
-                slot.0 = Some(k.clone());
-                slot.1 = Some(v.clone());
-                (k, v)
-            }
-            None => (k, v),
-        };
         let total = k.dims()[2];
+        debug_assert_eq!(total, past + seq);
         let groups = h / kvh;
         let window = self.sliding_window;
         let mask = match mask {
@@ -293,7 +377,7 @@ impl<B: Backend> Attention<B> {
 
 /// Boolean mask `[1, 1, seq, total]`, true where attention is forbidden: the future, and keys at
 /// least `window` positions behind the query (transformers: `kv_idx > q_idx - sliding_window`).
-pub(crate) fn sliding_window_mask<B: Backend>(
+fn sliding_window_mask<B: Backend>(
     seq: usize,
     total: usize,
     window: usize,
@@ -310,72 +394,86 @@ pub(crate) fn sliding_window_mask<B: Backend>(
     Tensor::<B, 2, Bool>::from_data(TensorData::new(data, [seq, total]), device).unsqueeze()
 }
 
-/// Block-diagonal causal mask `[batch, 1, seq, seq]` (true = masked): query `q` sees key `k`
-/// only when `k <= q`, both have the same segment id and (with a window) `q - k < window`.
-pub(crate) fn segment_mask<B: Backend>(
-    segments: &[u32],
-    batch: usize,
-    seq: usize,
-    window: usize,
-    device: &B::Device,
-) -> Tensor<B, 4, Bool> {
-    let mut data = vec![true; batch * seq * seq];
-    for b in 0..batch {
-        let row = &segments[b * seq..(b + 1) * seq];
-        for q in 0..seq {
-            for k in 0..=q {
-                let visible = row[k] == row[q] && (window == 0 || q - k < window);
-                data[(b * seq + q) * seq + k] = !visible;
-            }
-        }
-    }
-    Tensor::<B, 3, Bool>::from_data(TensorData::new(data, [batch, seq, seq]), device)
-        .unsqueeze_dim(1)
-}
-
 /// SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`.
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
-    pub gate_proj: Linear<B>,
-    pub up_proj: Linear<B>,
-    pub down_proj: Linear<B>,
+    pub(crate) gate_proj: Linear<B>,
+    pub(crate) up_proj: Linear<B>,
+    pub(crate) down_proj: Linear<B>,
 }
 
 impl<B: Backend> Mlp<B> {
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        if kernels::fused::<B>(x.dtype()) {
-            let gate = self.gate_proj.forward(x.clone());
-            return self
-                .down_proj
-                .forward(kernels::swiglu(gate, self.up_proj.forward(x)));
-        }
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+    fn forward(&self, x: Tensor<B, 3>, select: &Selection<B>) -> Tensor<B, 3> {
+        let gate = self.gate_proj.forward(x.clone(), select);
+        let up = self.up_proj.forward(x, select);
+        let act = if kernels::fused::<B>(gate.dtype()) {
+            kernels::swiglu(gate, up)
+        } else {
+            silu(gate) * up
+        };
+        self.down_proj.forward(act, select)
     }
 }
 
 /// One pre-norm transformer block.
 #[derive(Module, Debug)]
 pub struct DecoderLayer<B: Backend> {
-    pub self_attn: Attention<B>,
-    pub mlp: Mlp<B>,
-    pub input_layernorm: RmsNorm<B>,
-    pub post_attention_layernorm: RmsNorm<B>,
+    pub(crate) self_attn: Attention<B>,
+    pub(crate) mlp: Mlp<B>,
+    pub(crate) input_layernorm: RmsNorm<B>,
+    pub(crate) post_attention_layernorm: RmsNorm<B>,
 }
 
 impl<B: Backend> DecoderLayer<B> {
-    pub fn forward(
+    /// The layer body every forward pass runs: `x` `[batch, seq, hidden]` -> same shape.
+    pub(crate) fn forward(
         &self,
         x: Tensor<B, 3>,
-        rope: &RopeTables<B>,
-        cache: Option<&mut LayerCache<B>>,
+        ctx: &LayerContext<'_, B>,
         mask: Option<&Tensor<B, 4, Bool>>,
+        cache: LayerCacheMut<'_, B>,
     ) -> Tensor<B, 3> {
         let attn =
             self.self_attn
-                .forward(self.input_layernorm.forward(x.clone()), rope, cache, mask);
+                .forward(self.input_layernorm.forward(x.clone()), ctx, mask, cache);
         let h = x + attn;
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+        h.clone()
+            + self
+                .mlp
+                .forward(self.post_attention_layernorm.forward(h), ctx.select)
+    }
+
+    /// The layer's projections, named as under `model.layers.N.`, in checkpoint order.
+    pub(crate) fn projections(&self) -> [(&'static str, &Linear<B>); 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            ("self_attn.q_proj", &a.q_proj),
+            ("self_attn.k_proj", &a.k_proj),
+            ("self_attn.v_proj", &a.v_proj),
+            ("self_attn.o_proj", &a.o_proj),
+            ("mlp.gate_proj", &m.gate_proj),
+            ("mlp.up_proj", &m.up_proj),
+            ("mlp.down_proj", &m.down_proj),
+        ]
+    }
+
+    /// Mutable access to the projections, as [`DecoderLayer::projections`].
+    pub(crate) fn projections_mut(&mut self) -> [(&'static str, &mut Linear<B>); 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [
+            ("self_attn.q_proj", &mut a.q_proj),
+            ("self_attn.k_proj", &mut a.k_proj),
+            ("self_attn.v_proj", &mut a.v_proj),
+            ("self_attn.o_proj", &mut a.o_proj),
+            ("mlp.gate_proj", &mut m.gate_proj),
+            ("mlp.up_proj", &mut m.up_proj),
+            ("mlp.down_proj", &mut m.down_proj),
+        ]
+    }
+
+    /// This layer's sliding window (0 = full attention).
+    pub(crate) fn window(&self) -> usize {
+        self.self_attn.sliding_window
     }
 }
 
@@ -383,25 +481,26 @@ impl<B: Backend> DecoderLayer<B> {
 #[derive(Module, Debug)]
 pub struct Decoder<B: Backend> {
     /// `[vocab, hidden]`.
-    pub embed_tokens: Param<Tensor<B, 2>>,
-    pub layers: Vec<DecoderLayer<B>>,
-    pub norm: RmsNorm<B>,
+    pub(crate) embed_tokens: Param<Tensor<B, 2>>,
+    pub(crate) layers: Vec<DecoderLayer<B>>,
+    pub(crate) norm: RmsNorm<B>,
 }
 
 /// A causal language model: decoder + `lm_head` (absent when tied to `embed_tokens`).
 #[derive(Module, Debug)]
 pub struct CausalLm<B: Backend> {
-    pub model: Decoder<B>,
-    pub lm_head: Option<Linear<B>>,
-    /// Inverse RoPE frequencies `[rotary_dim / 2]` (host copy; tables are built per call).
+    pub(crate) model: Decoder<B>,
+    pub(crate) lm_head: Option<Linear<B>>,
+    /// RoPE frequencies and the cos/sin tables of every position used so far (built once,
+    /// grown on demand, shared by clones of the model).
     #[module(skip)]
-    pub inv_freq: Vec<f32>,
+    pub(crate) rope: Arc<RopeCache>,
     #[module(skip)]
-    pub config: ModelConfig,
+    pub(crate) config: ModelConfig,
     /// Recompute each decoder layer in the backward pass of training steps
     /// ([`CausalLm::enable_gradient_checkpointing`], [`crate::recompute`]).
     #[module(skip)]
-    pub gradient_checkpointing: bool,
+    pub(crate) gradient_checkpointing: bool,
 }
 
 /// Options for building a model.
@@ -504,8 +603,7 @@ impl<B: Backend> Builder<'_, B> {
             } else {
                 None
             },
-            lora: None,
-            bank: Vec::new(),
+            adapters: Vec::new(),
         })
     }
 
@@ -602,7 +700,11 @@ impl<B: Backend> Builder<'_, B> {
         Ok(CausalLm {
             model,
             lm_head,
-            inv_freq: rope::inverse_frequencies(c.rotary_dim(), c.rope_theta, &c.rope_scaling),
+            rope: Arc::new(RopeCache::new(crate::rope::inverse_frequencies(
+                c.rotary_dim(),
+                c.rope_theta,
+                &c.rope_scaling,
+            ))),
             config: c.clone(),
             gradient_checkpointing: false,
         })
@@ -656,177 +758,23 @@ impl<B: Backend> CausalLm<B> {
             .expect("building a model from random weights reads no file and cannot fail")
     }
 
-    /// Cos/sin tables `[1, seq, 1, rotary_dim]` for positions `start..start + seq`.
-    pub fn rope_tables(&self, start: usize, seq: usize, device: &B::Device) -> RopeTables<B> {
-        let positions: Vec<u32> = (start as u32..(start + seq) as u32).collect();
-        self.rope_tables_at(&positions, 1, seq, device)
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
     }
 
-    fn config_dtype(&self) -> DType {
+    /// Inverse RoPE frequencies `[rotary_dim / 2]`.
+    pub fn inv_freq(&self) -> &[f32] {
+        self.rope.inv_freq()
+    }
+
+    /// Whether training steps recompute each layer in the backward pass.
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.gradient_checkpointing
+    }
+
+    /// The compute dtype of the weights.
+    pub fn dtype(&self) -> DType {
         self.model.embed_tokens.val().dtype()
-    }
-
-    /// Token embeddings: `[batch, seq]` ids -> `[batch, seq, hidden]`.
-    pub fn embed(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let [batch, seq] = input_ids.dims();
-        self.model
-            .embed_tokens
-            .val()
-            .select(0, input_ids.reshape([batch * seq]))
-            .reshape([batch, seq, self.config.hidden_size])
-    }
-
-    /// Hidden states after the final norm: `input_ids` `[batch, seq]` -> `[batch, seq, hidden]`.
-    /// With a cache, positions continue after the cached ones and the cache is extended.
-    pub fn forward_hidden(
-        &self,
-        input_ids: Tensor<B, 2, Int>,
-        mut cache: Option<&mut KvCache<B>>,
-    ) -> Tensor<B, 3> {
-        let seq = input_ids.dims()[1];
-        let device = input_ids.device();
-        let start = cache.as_ref().map(|c| c.len()).unwrap_or(0);
-        let rope = self.rope_tables(start, seq, &device);
-        let mut x = self.embed(input_ids);
-        for (i, layer) in self.model.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| c.layer_mut(i));
-            x = layer.forward(x, &rope, slot, None);
-        }
-        if let Some(c) = cache {
-            c.advance(seq);
-        }
-        self.model.norm.forward(x)
-    }
-
-    /// Hidden states of packed rows: several examples share a row, positions restart at each
-    /// example (`position_ids`) and attention never crosses examples (`segment_ids`: a token
-    /// attends to earlier tokens of its own segment only). Both are `[batch * seq]` row-major.
-    pub fn forward_packed_hidden(
-        &self,
-        input_ids: Tensor<B, 2, Int>,
-        position_ids: &[u32],
-        segment_ids: &[u32],
-    ) -> Tensor<B, 3> {
-        let [batch, seq] = input_ids.dims();
-        assert_eq!(
-            position_ids.len(),
-            batch * seq,
-            "position_ids must have batch * seq entries"
-        );
-        assert_eq!(
-            segment_ids.len(),
-            batch * seq,
-            "segment_ids must have batch * seq entries"
-        );
-        let device = input_ids.device();
-        let rope = self.rope_tables_at(position_ids, batch, seq, &device);
-        let mut masks: Vec<(usize, Tensor<B, 4, Bool>)> = Vec::new();
-        let mut x = self.embed(input_ids);
-        for layer in &self.model.layers {
-            let window = layer.self_attn.sliding_window;
-            let mask = match masks.iter().find(|(w, _)| *w == window) {
-                Some((_, m)) => m.clone(),
-                None => {
-                    let m = segment_mask::<B>(segment_ids, batch, seq, window, &device);
-                    masks.push((window, m.clone()));
-                    m
-                }
-            };
-            x = layer.forward(x, &rope, None, Some(&mask));
-        }
-        self.model.norm.forward(x)
-    }
-
-    /// Logits of packed rows (see [`CausalLm::forward_packed_hidden`]).
-    pub fn forward_packed(
-        &self,
-        input_ids: Tensor<B, 2, Int>,
-        position_ids: &[u32],
-        segment_ids: &[u32],
-    ) -> Tensor<B, 3> {
-        self.logits(self.forward_packed_hidden(input_ids, position_ids, segment_ids))
-    }
-
-    /// Cos/sin tables `[batch, seq, 1, rotary_dim]` for per-token positions.
-    pub(crate) fn rope_tables_at(
-        &self,
-        positions: &[u32],
-        batch: usize,
-        seq: usize,
-        device: &B::Device,
-    ) -> RopeTables<B> {
-        let max = positions.iter().copied().max().unwrap_or(0) as usize;
-        let (cos, sin) = rope::cos_sin_tables(&self.inv_freq, max + 1);
-        let dim = 2 * self.inv_freq.len();
-        let gather = |table: &[f32]| {
-            let mut out = Vec::with_capacity(positions.len() * dim);
-            for &p in positions {
-                let p = p as usize;
-                out.extend_from_slice(&table[p * dim..(p + 1) * dim]);
-            }
-            let t = Tensor::<B, 2>::from_data(TensorData::new(out, [batch * seq, dim]), device);
-            let t = if self.config_dtype() != DType::F32 {
-                t.cast(self.config_dtype())
-            } else {
-                t
-            };
-            t.reshape([batch, seq, 1, dim])
-        };
-        let host = kernels::fused::<B>(self.config_dtype()).then(|| {
-            let host = |table: &[f32]| -> Vec<f32> {
-                positions
-                    .iter()
-                    .flat_map(|&p| &table[p as usize * dim..(p as usize + 1) * dim])
-                    .copied()
-                    .collect()
-            };
-            Arc::new(RopeHost {
-                cos: host(&cos),
-                sin: host(&sin),
-                rot: dim,
-            })
-        });
-        RopeTables {
-            cos: gather(&cos),
-            sin: gather(&sin),
-            host,
-        }
-    }
-
-    /// Projects hidden states to vocabulary logits: `[batch, seq, hidden]` -> `[batch, seq, vocab]`.
-    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
-        match &self.lm_head {
-            Some(head) => head.forward(hidden),
-            None => {
-                let [b, s, h] = hidden.dims();
-                hidden
-                    .reshape([b * s, h])
-                    .matmul(self.model.embed_tokens.val().transpose())
-                    .reshape([b, s, self.config.vocab_size])
-            }
-        }
-    }
-
-    /// Full forward pass: `[batch, seq]` ids -> `[batch, seq, vocab]` logits.
-    pub fn forward(
-        &self,
-        input_ids: Tensor<B, 2, Int>,
-        cache: Option<&mut KvCache<B>>,
-    ) -> Tensor<B, 3> {
-        let hidden = self.forward_hidden(input_ids, cache);
-        self.logits(hidden)
-    }
-
-    /// Logits of the last position only (what generation needs): `[batch, vocab]`.
-    pub fn forward_last(
-        &self,
-        input_ids: Tensor<B, 2, Int>,
-        cache: Option<&mut KvCache<B>>,
-    ) -> Tensor<B, 2> {
-        let hidden = self.forward_hidden(input_ids, cache);
-        let [b, s, h] = hidden.dims();
-        let last = hidden.narrow(1, s - 1, 1);
-        debug_assert_eq!(h, self.config.hidden_size);
-        self.logits(last).reshape([b, self.config.vocab_size])
     }
 }

@@ -16,8 +16,9 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
 use crate::error::{ModelError, Result};
+use crate::forward::{Adapters, Positions, Prepared, Selection, Visibility};
 use crate::loss::causal_lm_loss_sum_hidden;
-use crate::model::{segment_mask, CausalLm, RopeTables};
+use crate::model::{CausalLm, LayerCacheMut, LayerContext, RopeTables};
 
 /// What one checkpointed forward and backward pass produced.
 #[derive(Debug, Clone)]
@@ -27,7 +28,7 @@ pub struct CheckpointedGradients<B: Backend> {
     /// Number of targets.
     pub count: usize,
     /// Gradients of `lora_A`, `lora_B` of every adapted projection, in
-    /// [`CausalLm::projections`] order (zeros where a tensor got none).
+    /// [`CausalLm::adapters`] order (zeros where a tensor got none).
     pub grads: Vec<Tensor<B, 2>>,
 }
 
@@ -50,11 +51,7 @@ impl<B: Backend> CausalLm<B> {
 }
 
 fn refuse_dropout<B: Backend>(model: &CausalLm<B>) -> Result<()> {
-    match model
-        .projections()
-        .into_iter()
-        .find(|(_, l)| l.lora.as_ref().is_some_and(|a| a.dropout > 0.0))
-    {
+    match model.adapters().into_iter().find(|(_, a)| a.dropout > 0.0) {
         Some((name, _)) => Err(ModelError::Input(format!(
             "gradient checkpointing needs LoRA dropout 0 (the recomputed forward pass would \
              draw another dropout mask); `{name}` has dropout > 0"
@@ -66,7 +63,7 @@ fn refuse_dropout<B: Backend>(model: &CausalLm<B>) -> Result<()> {
 impl<B: AutodiffBackend> CausalLm<B> {
     /// Loss and adapter gradients of one batch with each decoder layer recomputed in the
     /// backward pass. `packing` is `(position_ids, segment_ids)` as for
-    /// [`CausalLm::forward_packed`]; `labels` as for [`crate::loss::causal_lm_loss_sum`].
+    /// [`crate::Input::packed`]; `labels` as for [`crate::loss::causal_lm_loss_sum`].
     pub fn checkpointed_gradients(
         &self,
         input_ids: Tensor<B, 2, Int>,
@@ -75,37 +72,50 @@ impl<B: AutodiffBackend> CausalLm<B> {
     ) -> Result<CheckpointedGradients<B::InnerBackend>> {
         refuse_dropout(self)?;
         let [batch, seq] = input_ids.dims();
-        let device = input_ids.device();
-        let rope = match packing {
-            Some((positions, _)) => self.rope_tables_at(positions, batch, seq, &device),
-            None => self.rope_tables(0, seq, &device),
+        let (positions, visibility) = match packing {
+            Some((positions, segments)) => (
+                Positions::PerToken(positions.to_vec()),
+                Visibility::Segments(segments.to_vec()),
+            ),
+            None => (Positions::Continue, Visibility::Causal),
         };
-        let masks: Vec<Option<Tensor<B, 4, Bool>>> = self
-            .model
-            .layers
-            .iter()
-            .map(|layer| {
-                packing.map(|(_, segments)| {
-                    segment_mask::<B>(
-                        segments,
-                        batch,
-                        seq,
-                        layer.self_attn.sliding_window,
-                        &device,
-                    )
-                })
-            })
-            .collect();
+        let Prepared {
+            x,
+            rope,
+            masks,
+            select,
+        } = self.prepare(
+            input_ids,
+            positions,
+            &visibility,
+            &Adapters::default(),
+            &vec![0; batch],
+            0,
+        );
+        let slot = match select {
+            Selection::Slot(slot) => slot,
+            Selection::Rows(_) => unreachable!("one slot for every row"),
+        };
+        let ctx = LayerContext {
+            rope: &rope,
+            select: &select,
+        };
+        debug_assert_eq!(x.dims()[1], seq);
 
         // Forward without autodiff, keeping each layer's input.
         let inner = self.valid();
         let inner_rope = inner_tables(&rope);
+        let inner_select = Selection::Slot(slot);
+        let inner_ctx = LayerContext {
+            rope: &inner_rope,
+            select: &inner_select,
+        };
         let mut inputs = Vec::with_capacity(inner.model.layers.len());
-        let mut x = inner.embed(input_ids.inner());
+        let mut x = x.inner();
         for (layer, mask) in inner.model.layers.iter().zip(&masks) {
             inputs.push(x.clone());
             let mask = mask.clone().map(|m| m.inner());
-            x = layer.forward(x, &inner_rope, None, mask.as_ref());
+            x = layer.forward(x, &inner_ctx, mask.as_ref(), LayerCacheMut::None);
         }
 
         // The head: final norm, output projection, loss.
@@ -120,19 +130,11 @@ impl<B: AutodiffBackend> CausalLm<B> {
         let mut per_layer = Vec::with_capacity(inputs.len());
         for ((layer, mask), x) in self.model.layers.iter().zip(&masks).zip(inputs).rev() {
             let x = Tensor::<B, 3>::from_inner(x).require_grad();
-            let y = layer.forward(x.clone(), &rope, None, mask.as_ref());
+            let y = layer.forward(x.clone(), &ctx, mask.as_ref(), LayerCacheMut::None);
             let grads = (y * Tensor::from_inner(upstream)).sum().backward();
             let mut adapters = Vec::new();
-            for linear in [
-                &layer.self_attn.q_proj,
-                &layer.self_attn.k_proj,
-                &layer.self_attn.v_proj,
-                &layer.self_attn.o_proj,
-                &layer.mlp.gate_proj,
-                &layer.mlp.up_proj,
-                &layer.mlp.down_proj,
-            ] {
-                if let Some(lora) = &linear.lora {
+            for (_, linear) in layer.projections() {
+                if let Some(lora) = linear.slot(slot) {
                     for p in [&lora.lora_a, &lora.lora_b] {
                         adapters.push(
                             p.grad(&grads)

@@ -3,6 +3,7 @@
 //! `rotate_half` layout (the two halves of each head are rotated against each other).
 
 use std::path::Path;
+use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
 
@@ -159,6 +160,69 @@ pub fn cos_sin_tables(inv_freq: &[f32], positions: usize) -> (Vec<f32>, Vec<f32>
         }
     }
     (cos, sin)
+}
+
+/// RoPE frequencies with the cos/sin tables of positions `0..rows`, built once per model and
+/// grown (doubling) when a forward pass reaches further; every row is computed as
+/// [`cos_sin_tables`] computes it, so growing never changes a value.
+pub struct RopeCache {
+    inv_freq: Vec<f32>,
+    tables: RwLock<Arc<RopeRows>>,
+}
+
+/// Cos/sin tables `[rows, 2 * inv_freq.len()]` in the `rotate_half` layout.
+#[derive(Debug, Default)]
+pub(crate) struct RopeRows {
+    pub(crate) rows: usize,
+    pub(crate) cos: Vec<f32>,
+    pub(crate) sin: Vec<f32>,
+}
+
+/// Positions a model's tables hold at first.
+const MIN_ROWS: usize = 256;
+
+impl RopeCache {
+    pub fn new(inv_freq: Vec<f32>) -> Self {
+        Self {
+            inv_freq,
+            tables: RwLock::new(Arc::new(RopeRows::default())),
+        }
+    }
+
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
+    /// Rotary dimension (`2 * inv_freq.len()`).
+    pub fn dim(&self) -> usize {
+        2 * self.inv_freq.len()
+    }
+
+    /// Tables holding at least positions `0..positions`.
+    pub(crate) fn rows(&self, positions: usize) -> Arc<RopeRows> {
+        {
+            let tables = self.tables.read().unwrap_or_else(|e| e.into_inner());
+            if tables.rows >= positions {
+                return tables.clone();
+            }
+        }
+        let mut tables = self.tables.write().unwrap_or_else(|e| e.into_inner());
+        if tables.rows < positions {
+            let rows = positions.next_power_of_two().max(MIN_ROWS);
+            let (cos, sin) = cos_sin_tables(&self.inv_freq, rows);
+            *tables = Arc::new(RopeRows { rows, cos, sin });
+        }
+        tables.clone()
+    }
+}
+
+impl std::fmt::Debug for RopeCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RopeCache")
+            .field("dim", &self.dim())
+            .field("rows", &self.tables.read().map(|t| t.rows).unwrap_or(0))
+            .finish()
+    }
 }
 
 #[cfg(test)]

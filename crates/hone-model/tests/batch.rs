@@ -1,6 +1,7 @@
 //! Serving several sequences together: per-row caches and per-row adapters give each row exactly
 //! what it computes alone.
 
+use hone_model::Input;
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
@@ -76,7 +77,7 @@ fn alone(model: &CausalLm<Cpu>, prompt: &[i64], steps: usize) -> (Vec<i64>, Vec<
     let mut all_logits = Vec::new();
     for _ in 0..steps {
         let logits = model
-            .forward_last(ids(&seq), None)
+            .forward(Input::new(ids(&seq)).last_logits())
             .into_data()
             .to_vec::<f32>()
             .unwrap();
@@ -120,10 +121,15 @@ fn rows_with_different_adapters_and_lengths_decode_as_if_alone() {
 
     // Prefill each row on its own, then decode all rows together.
     let mut caches: Vec<KvCache<Cpu>> = (0..3).map(|_| KvCache::new(2)).collect();
-    let vocab = server.config.vocab_size;
+    let vocab = server.config().vocab_size;
     let mut next = Vec::new();
     for (r, p) in prompts.iter().enumerate() {
-        let logits = server.forward_step(ids(p), &mut [&mut caches[r]], &[slots[r]]);
+        let logits = server.forward(
+            Input::new(ids(p))
+                .row_caches(&mut [&mut caches[r]])
+                .adapters_per_row([slots[r]].to_vec())
+                .last_logits(),
+        );
         let logits = logits.into_data().to_vec::<f32>().unwrap();
         let diff = logits
             .iter()
@@ -141,7 +147,12 @@ fn rows_with_different_adapters_and_lengths_decode_as_if_alone() {
         );
         let mut refs: Vec<&mut KvCache<Cpu>> = caches.iter_mut().collect();
         let logits = server
-            .forward_step(tokens, &mut refs, &slots)
+            .forward(
+                Input::new(tokens)
+                    .row_caches(&mut refs)
+                    .adapters_per_row(slots.to_vec())
+                    .last_logits(),
+            )
             .into_data()
             .to_vec::<f32>()
             .unwrap();
@@ -171,7 +182,12 @@ fn rows_with_different_adapters_and_lengths_decode_as_if_alone() {
     server.unload_adapter_slot(1);
     let mut cache = KvCache::new(2);
     let logits = server
-        .forward_step(ids(&prompts[2]), &mut [&mut cache], &[Some(1)])
+        .forward(
+            Input::new(ids(&prompts[2]))
+                .row_caches(&mut [&mut cache])
+                .adapters_per_row([Some(1)].to_vec())
+                .last_logits(),
+        )
         .into_data()
         .to_vec::<f32>()
         .unwrap();

@@ -13,6 +13,7 @@ use burn::backend::Autodiff;
 use common::*;
 use hone_model::kernels;
 use hone_model::loss::{causal_lm_loss_sum, causal_lm_loss_sum_hidden};
+use hone_model::Input;
 use hone_model::{CausalLm, Cpu, ModelConfig};
 
 type Ad = Autodiff<Cpu>;
@@ -49,8 +50,8 @@ fn loss_and_grads(
     via_hidden: bool,
 ) -> (f32, Vec<Vec<f32>>) {
     let hidden = match packing {
-        Some((pos, seg)) => m.forward_packed_hidden(ids(input, batch), pos, seg),
-        None => m.forward_hidden(ids(input, batch), None),
+        Some((pos, seg)) => m.forward(Input::new(ids(input, batch)).packed(pos, seg).hidden()),
+        None => m.forward(Input::new(ids(input, batch)).hidden()),
     };
     let (sum, count) = if via_hidden {
         causal_lm_loss_sum_hidden(m, hidden, labels)
@@ -62,7 +63,7 @@ fn loss_and_grads(
     let grads = sum.backward();
     let mut out = Vec::new();
     for (_, linear) in m.projections() {
-        if let Some(lora) = &linear.lora {
+        if let Some(lora) = linear.lora() {
             for p in [&lora.lora_a, &lora.lora_b] {
                 out.push(host(p.grad(&grads).expect("every adapter gets a gradient")));
             }
@@ -73,10 +74,10 @@ fn loss_and_grads(
 
 fn run(name: &str, edit: &dyn Fn(&mut ModelConfig), via_hidden: bool) -> Outputs {
     let flex = model_with_adapter::<Cpu>(name, edit);
-    let vocab = flex.config.vocab_size;
+    let vocab = flex.config().vocab_size;
     let (batch, seq) = (3, 24);
     let input = tokens(batch * seq, vocab, 7);
-    let logits = host(flex.forward(ids(&input, batch), None));
+    let logits = host(flex.forward(Input::new(ids(&input, batch))));
 
     let ad = model_with_adapter::<Ad>(name, edit);
     let mut labels = input.clone();

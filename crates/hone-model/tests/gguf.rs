@@ -2,6 +2,7 @@
 //! `gguf.quants.dequantize` decodes from it (`types.expected.safetensors`), both written by
 //! `scripts/gguf_fixtures.py`; and the reader's errors on files built here byte by byte.
 
+use hone_model::Input;
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
@@ -358,7 +359,7 @@ fn gguf_conversions_of_the_peft_fixtures_match_transformers() {
             Tensor::<Cpu, 2, Int>::from_data(TensorData::new(ids, [shape[0], shape[1]]), &device);
         let logits: Vec<f32> = loaded
             .model
-            .forward(ids, None)
+            .forward(Input::new(ids))
             .into_data()
             .to_vec()
             .unwrap();

@@ -4,6 +4,7 @@
 //! transformers' (`fixtures/gguf/smollm2-greedy.refs.json`, from `scripts/gguf_greedy_refs.py`).
 //! Reported as SKIPPED (past the harness's capture) when the file has not been fetched.
 
+use hone_model::Input;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -72,7 +73,7 @@ fn smollm2_gguf_answers_five_chat_prompts_as_transformers() {
         );
         let logits: Vec<f32> = loaded
             .model
-            .forward(input, None)
+            .forward(Input::new(input))
             .into_data()
             .to_vec()
             .unwrap();

@@ -1,5 +1,6 @@
 //! Checkpoint variants (sharded, f16, bf16), RoPE scaling formulas and Mistral's sliding window.
 
+use hone_model::Input;
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
@@ -94,7 +95,7 @@ fn logits_of(dir: &Path) -> Vec<f32> {
     let ids = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(ids, [shape[0], shape[1]]), &device);
     loaded
         .model
-        .forward(ids, None)
+        .forward(Input::new(ids))
         .into_data()
         .to_vec::<f32>()
         .unwrap()
@@ -292,20 +293,23 @@ fn mistral_sliding_window_sees_exactly_the_last_window_tokens() {
     let device = Default::default();
     let ids: Vec<i64> = (0..24).map(|i| (i * 37 + 11) % 509).collect();
     let full = model
-        .forward(
-            Tensor::from_data(TensorData::new(ids.clone(), [1, ids.len()]), &device),
-            None,
-        )
+        .forward(Input::new(Tensor::from_data(
+            TensorData::new(ids.clone(), [1, ids.len()]),
+            &device,
+        )))
         .into_data()
         .to_vec::<f32>()
         .unwrap();
-    let vocab = model.config.vocab_size;
+    let vocab = model.config().vocab_size;
     for t in window..ids.len() {
         let alone: Vec<i64> = ids[t + 1 - window..=t].to_vec();
         let logits = model
-            .forward_last(
-                Tensor::from_data(TensorData::new(alone, [1, window]), &device),
-                None,
+            .forward(
+                Input::new(Tensor::from_data(
+                    TensorData::new(alone, [1, window]),
+                    &device,
+                ))
+                .last_logits(),
             )
             .into_data()
             .to_vec::<f32>()
@@ -318,10 +322,10 @@ fn mistral_sliding_window_sees_exactly_the_last_window_tokens() {
     }
     // And the window matters: without it, position 23 sees more context.
     let wide = one_layer_mistral(64)
-        .forward(
-            Tensor::from_data(TensorData::new(ids.clone(), [1, ids.len()]), &device),
-            None,
-        )
+        .forward(Input::new(Tensor::from_data(
+            TensorData::new(ids.clone(), [1, ids.len()]),
+            &device,
+        )))
         .into_data()
         .to_vec::<f32>()
         .unwrap();
@@ -331,9 +335,13 @@ fn mistral_sliding_window_sees_exactly_the_last_window_tokens() {
     let mut cache = KvCache::new(1);
     for (t, &id) in ids.iter().enumerate() {
         let logits = model
-            .forward_last(
-                Tensor::from_data(TensorData::new(vec![id], [1, 1]), &device),
-                Some(&mut cache),
+            .forward(
+                Input::new(Tensor::from_data(
+                    TensorData::new(vec![id], [1, 1]),
+                    &device,
+                ))
+                .cache(&mut cache)
+                .last_logits(),
             )
             .into_data()
             .to_vec::<f32>()

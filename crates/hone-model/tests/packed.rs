@@ -7,6 +7,7 @@ use burn::backend::Autodiff;
 use common::*;
 use hone_model::loss::causal_lm_loss;
 use hone_model::Cpu;
+use hone_model::Input;
 
 /// Three examples of lengths 5, 9 and 4 packed into one row of 20 (2 padding tokens, segment 0).
 fn examples() -> Vec<Vec<i64>> {
@@ -38,12 +39,12 @@ fn packed_row() -> (Vec<i64>, Vec<u32>, Vec<u32>) {
 fn packed_rows_do_not_attend_across_examples() {
     for name in ["llama_gqa", "qwen2_tied"] {
         let m = model_with_adapter::<Cpu>(name, |_| {});
-        let vocab = m.config.vocab_size;
+        let vocab = m.config().vocab_size;
         let (row, pos, seg) = packed_row();
-        let packed = host(m.forward_packed(ids(&row, 1), &pos, &seg));
+        let packed = host(m.forward(Input::new(ids(&row, 1)).packed(&pos, &seg)));
         let mut offset = 0;
         for ex in examples() {
-            let alone = host(m.forward(ids(&ex, 1), None));
+            let alone = host(m.forward(Input::new(ids(&ex, 1))));
             for t in 0..ex.len() {
                 let a = &alone[t * vocab..(t + 1) * vocab];
                 let p = &packed[(offset + t) * vocab..(offset + t + 1) * vocab];
@@ -60,7 +61,7 @@ fn packed_rows_do_not_attend_across_examples() {
             offset += ex.len();
         }
         // Without the segment mask the later examples would see the earlier ones.
-        let unmasked = host(m.forward(ids(&row, 1), None));
+        let unmasked = host(m.forward(Input::new(ids(&row, 1))));
         let t = 5 + 3;
         let diff = (0..vocab)
             .map(|v| (unmasked[t * vocab + v] - packed[t * vocab + v]).abs())
@@ -86,13 +87,18 @@ fn packed_loss_and_gradients_equal_those_of_the_examples_alone() {
         labels.extend_from_slice(&ex[1..]);
     }
     labels.resize(20, -100);
-    let packed_loss = causal_lm_loss(m.forward_packed(ids(&row, 1), &pos, &seg), &labels).unwrap();
+    let packed_loss = causal_lm_loss(
+        m.forward(Input::new(ids(&row, 1)).packed(&pos, &seg)),
+        &labels,
+    )
+    .unwrap();
 
     // The same tokens as separate sequences: total NLL over total targets.
     let mut total = None;
     let mut count = 0;
     for ex in examples() {
-        let (sum, n) = hone_model::loss::causal_lm_loss_sum(m.forward(ids(&ex, 1), None), &ex);
+        let (sum, n) =
+            hone_model::loss::causal_lm_loss_sum(m.forward(Input::new(ids(&ex, 1))), &ex);
         count += n;
         total = Some(match total {
             None => sum,
@@ -107,7 +113,7 @@ fn packed_loss_and_gradients_equal_those_of_the_examples_alone() {
     let ga = packed_loss.backward();
     let gb = separate_loss.backward();
     for (module, linear) in m.projections() {
-        let lora = linear.lora.as_ref().unwrap();
+        let lora = linear.lora().unwrap();
         let x = lora
             .lora_b
             .grad(&ga)

@@ -10,6 +10,7 @@ use burn::tensor::TensorData;
 use common::*;
 use hone_model::lora::LoraSettings;
 use hone_model::loss::causal_lm_loss_sum;
+use hone_model::Input;
 use hone_model::{CausalLm, Cpu, LoadOptions, ModelConfig};
 
 type Ad = Autodiff<Cpu>;
@@ -56,16 +57,16 @@ fn ids(b: &Batch) -> Tensor<Ad, 2, Int> {
 
 fn plain(m: &CausalLm<Ad>, b: &Batch, packed: bool) -> (f32, Vec<Vec<f32>>) {
     let logits = if packed {
-        m.forward_packed(ids(b), &b.positions, &b.segments)
+        m.forward(Input::new(ids(b)).packed(&b.positions, &b.segments))
     } else {
-        m.forward(ids(b), None)
+        m.forward(Input::new(ids(b)))
     };
     let (sum, _) = causal_lm_loss_sum(logits, &b.labels);
     let loss = host(sum.clone())[0];
     let grads = sum.backward();
     let mut out = Vec::new();
     for (_, linear) in m.projections() {
-        if let Some(lora) = &linear.lora {
+        if let Some(lora) = linear.lora() {
             out.push(host(lora.lora_a.grad(&grads).unwrap()));
             out.push(host(lora.lora_b.grad(&grads).unwrap()));
         }
@@ -92,7 +93,7 @@ fn checkpointed_layers_give_the_same_loss_and_gradients() {
         ("llama_gqa", Some(5)),
     ] {
         let m = model(name, window);
-        let b = batch(m.config.vocab_size as i64);
+        let b = batch(m.config().vocab_size as i64);
         for packed in [false, true] {
             let reference = plain(&m, &b, packed);
             let recomputed = checkpointed(&m, &b, packed);

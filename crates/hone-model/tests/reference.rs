@@ -1,6 +1,7 @@
 //! hone-model against reference values produced by other implementations: Karpathy's
 //! stories260K (numpy / llama2.c golden values) and the transformers 5.23 + PEFT fixtures.
 
+use hone_model::Input;
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
@@ -112,7 +113,7 @@ fn stories260k_prompt_logits_match_golden() {
     let ids: Vec<i64> = prompt_ids.iter().map(|&i| i as i64).collect();
     let logits = loaded
         .model
-        .forward_last(ids_tensor(&ids, 1, &device), None);
+        .forward(Input::new(ids_tensor(&ids, 1, &device)).last_logits());
     let logits = logits.into_data().to_vec::<f32>().unwrap();
     let first8: Vec<f32> = golden["last_position_logits_first8"]
         .as_array()
@@ -142,8 +143,12 @@ fn stories260k_mean_nll_of_reference_sentence_matches_golden() {
         .encode_prompt(golden["nll_reference_sentence"].as_str().unwrap())
         .unwrap();
     let ids64: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-    let logits = to_vec(loaded.model.forward(ids_tensor(&ids64, 1, &device), None));
-    let vocab = loaded.model.config.vocab_size;
+    let logits = to_vec(
+        loaded
+            .model
+            .forward(Input::new(ids_tensor(&ids64, 1, &device))),
+    );
+    let vocab = loaded.model.config().vocab_size;
     let mut total = 0.0f64;
     for t in 0..ids.len() - 1 {
         let row = &logits[t * vocab..(t + 1) * vocab];
@@ -177,7 +182,7 @@ fn check_base_logits(name: &str, config_file: &str) {
         report.unused
     );
     let (ids, shape) = reference_ids(&dir, "inputs.safetensors", "input_ids");
-    let logits = to_vec(model.forward(ids_tensor(&ids, shape[0], &device), None));
+    let logits = to_vec(model.forward(Input::new(ids_tensor(&ids, shape[0], &device))));
     let (expected, eshape) = reference(&dir, "logits_base.safetensors", "logits");
     assert_eq!(eshape, vec![shape[0], shape[1], config.vocab_size]);
     let diff = max_abs_diff(&logits, &expected);
@@ -252,16 +257,20 @@ fn kv_cache_decoding_matches_full_forward_position_by_position() {
         let loaded = load_model_dir::<Cpu>(&dir, &device, LoadOptions::default()).unwrap();
         let (ids, shape) = reference_ids(&dir, "inputs.safetensors", "input_ids");
         let (batch, seq) = (shape[0], shape[1]);
-        let vocab = loaded.model.config.vocab_size;
-        let full = to_vec(loaded.model.forward(ids_tensor(&ids, batch, &device), None));
+        let vocab = loaded.model.config().vocab_size;
+        let full = to_vec(
+            loaded
+                .model
+                .forward(Input::new(ids_tensor(&ids, batch, &device))),
+        );
         // Prefill 5 positions, then one position at a time.
-        let mut cache = KvCache::new(loaded.model.config.num_layers);
+        let mut cache = KvCache::new(loaded.model.config().num_layers);
         let all = ids_tensor(&ids, batch, &device);
         let mut pos = 0;
         while pos < seq {
             let step = if pos == 0 { 5 } else { 1 };
             let chunk = all.clone().narrow(1, pos, step);
-            let logits = to_vec(loaded.model.forward(chunk, Some(&mut cache)));
+            let logits = to_vec(loaded.model.forward(Input::new(chunk).cache(&mut cache)));
             for b in 0..batch {
                 for s in 0..step {
                     let ours = &logits[(b * step + s) * vocab..(b * step + s + 1) * vocab];

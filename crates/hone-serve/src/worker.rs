@@ -4,7 +4,7 @@
 //! Each iteration: take new commands; drop requests whose client went away; admit waiting
 //! requests while the batch has room, prefilling each alone (one row, its whole prompt) and
 //! sampling its first token; then one decode step for the whole batch, one token per row, each
-//! row with its own cache and adapter slot ([`CausalLm::forward_step`]). A request joins or
+//! row with its own cache and adapter slot ([`hone_model::Cache::PerRow`], [`hone_model::Adapters::PerRow`]). A request joins or
 //! leaves the batch between steps. Rows never interact, so greedy output does not depend on
 //! what else is in the batch. A panic inside the model fails the requests of that step, not
 //! the server.
@@ -19,7 +19,8 @@ use std::time::Instant;
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use hone_model::{
-    load_model_dir, BackendTask, CausalLm, FinishReason, KvCache, LoadOptions, Sampler, Tokenizer,
+    load_model_dir, BackendTask, CausalLm, FinishReason, Input, KvCache, LoadOptions, Sampler,
+    Tokenizer,
 };
 
 use crate::bank::Bank;
@@ -201,17 +202,17 @@ impl<B: Backend> Worker<B> {
                 )
             }
         };
-        if tokenizer.vocab_size() > model.config.vocab_size {
+        if tokenizer.vocab_size() > model.config().vocab_size {
             tracing::warn!(
                 "the tokenizer knows {} tokens, the model {}: prompts with larger ids are refused",
                 tokenizer.vocab_size(),
-                model.config.vocab_size
+                model.config().vocab_size
             );
         }
         let info = ModelInfo {
             name: config.base_name(),
-            vocab_size: model.config.vocab_size,
-            max_positions: model.config.max_position_embeddings,
+            vocab_size: model.config().vocab_size,
+            max_positions: model.config().max_position_embeddings,
             source,
         };
         let shared = Arc::new(Shared::new(tokenizer, info, config.limits.clone(), metrics));
@@ -466,7 +467,7 @@ impl<B: Backend> Worker<B> {
                 }
             },
         };
-        let vocab = self.model.config.vocab_size;
+        let vocab = self.model.config().vocab_size;
         if req.prompt.is_empty() || req.prompt.iter().any(|&id| id as usize >= vocab) {
             let _ = req.events.send(Event::Error(ApiError::bad_param(
                 "prompt",
@@ -484,7 +485,7 @@ impl<B: Backend> Worker<B> {
         let (n, len) = (group.len(), group[0].0.prompt.len());
         let started = Instant::now();
         let mut caches: Vec<KvCache<B>> = (0..n)
-            .map(|_| KvCache::new(self.model.config.num_layers))
+            .map(|_| KvCache::new(self.model.config().num_layers))
             .collect();
         let slots: Vec<Option<usize>> = group.iter().map(|(_, slot)| *slot).collect();
         let ids: Vec<i64> = group
@@ -495,7 +496,13 @@ impl<B: Backend> Worker<B> {
         let result = catch_unwind(AssertUnwindSafe(|| {
             let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [n, len]), device);
             let mut refs: Vec<&mut KvCache<B>> = caches.iter_mut().collect();
-            read_floats(model.forward_step(tokens, &mut refs, &slots))
+            let out = model.forward(
+                Input::new(tokens)
+                    .row_caches(&mut refs)
+                    .adapters_per_row(slots)
+                    .last_logits(),
+            );
+            read_floats(out.reshape([n, model.config().vocab_size]))
         }));
         let mut logits = match flatten(result) {
             Ok(logits) => logits,
@@ -517,7 +524,7 @@ impl<B: Backend> Worker<B> {
             .fetch_add(tokens, std::sync::atomic::Ordering::Relaxed);
         m.prefill_tokens
             .fetch_add(tokens, std::sync::atomic::Ordering::Relaxed);
-        let vocab = self.model.config.vocab_size;
+        let vocab = self.model.config().vocab_size;
         for (i, ((req, slot), cache)) in group.into_iter().zip(caches).enumerate() {
             let mut seq = Sequence {
                 text: TextStream::new(&self.shared.tokenizer, &req.prompt, &req.stop_strings),
@@ -565,7 +572,13 @@ impl<B: Backend> Worker<B> {
             let mut caches: Vec<&mut KvCache<B>> =
                 active.iter_mut().map(|s| &mut s.cache).collect();
             let input = Tensor::<B, 2, Int>::from_data(TensorData::new(tokens, [n, 1]), device);
-            read_floats(model.forward_step(input, &mut caches, &adapters))
+            let out = model.forward(
+                Input::new(input)
+                    .row_caches(&mut caches)
+                    .adapters_per_row(adapters)
+                    .last_logits(),
+            );
+            read_floats(out.reshape([n, model.config().vocab_size]))
         }));
         let mut logits = match flatten(result) {
             Ok(logits) => logits,
@@ -577,7 +590,7 @@ impl<B: Backend> Worker<B> {
         m.decode_seconds.add(seconds);
         m.decode_tokens
             .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-        let vocab = self.model.config.vocab_size;
+        let vocab = self.model.config().vocab_size;
         for (i, mut seq) in std::mem::take(&mut self.active).into_iter().enumerate() {
             let row = &mut logits[i * vocab..(i + 1) * vocab];
             match seq.accept(row, &self.shared.tokenizer, &m) {

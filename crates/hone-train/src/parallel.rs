@@ -372,10 +372,7 @@ impl Session {
 
 /// Whether any adapter draws dropout masks.
 fn uses_dropout<B: Backend>(model: &CausalLm<B>) -> bool {
-    model
-        .projections()
-        .into_iter()
-        .any(|(_, linear)| linear.lora.as_ref().is_some_and(|l| l.dropout > 0.0))
+    model.adapters().into_iter().any(|(_, l)| l.dropout > 0.0)
 }
 
 /// Packs `count` as two exact f32 halves.

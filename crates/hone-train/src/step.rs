@@ -23,7 +23,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::TensorData;
 use hone_model::adapter::peft_key;
 use hone_model::loss::causal_lm_loss_sum_hidden;
-use hone_model::CausalLm;
+use hone_model::{CausalLm, Input};
 use hone_tokenize::{Batch, PAD_SEGMENT};
 
 use crate::error::{Result, TrainError};
@@ -99,10 +99,11 @@ impl MicroBatch {
         device: &B::Device,
     ) -> (Tensor<B, 1>, usize) {
         let ids = self.ids(device);
-        let hidden = match &self.packing {
-            Some((positions, segments)) => model.forward_packed_hidden(ids, positions, segments),
-            None => model.forward_hidden(ids, None),
+        let input = match &self.packing {
+            Some((positions, segments)) => Input::new(ids).packed(positions, segments),
+            None => Input::new(ids),
         };
+        let hidden = model.forward(input.hidden());
         causal_lm_loss_sum_hidden(model, hidden, &self.labels)
     }
 }
@@ -110,11 +111,9 @@ impl MicroBatch {
 /// PEFT keys of the trainable tensors, in the order every function here uses.
 pub fn adapter_keys<B: Backend>(model: &CausalLm<B>) -> Vec<String> {
     let mut keys = Vec::new();
-    for (name, linear) in model.projections() {
-        if linear.lora.is_some() {
-            keys.push(peft_key(&name, "lora_A"));
-            keys.push(peft_key(&name, "lora_B"));
-        }
+    for (name, _) in model.adapters() {
+        keys.push(peft_key(&name, "lora_A"));
+        keys.push(peft_key(&name, "lora_B"));
     }
     keys
 }
@@ -122,11 +121,9 @@ pub fn adapter_keys<B: Backend>(model: &CausalLm<B>) -> Vec<String> {
 /// The adapter tensors, in [`adapter_keys`] order.
 pub fn adapter_values<B: Backend>(model: &CausalLm<B>) -> Vec<Tensor<B, 2>> {
     let mut out = Vec::new();
-    for (_, linear) in model.projections() {
-        if let Some(lora) = &linear.lora {
-            out.push(lora.lora_a.val());
-            out.push(lora.lora_b.val());
-        }
+    for (_, lora) in model.adapters() {
+        out.push(lora.lora_a.val());
+        out.push(lora.lora_b.val());
     }
     out
 }
@@ -137,14 +134,12 @@ fn adapter_grads<B: AutodiffBackend>(
     grads: &B::Gradients,
 ) -> Vec<Tensor<B::InnerBackend, 2>> {
     let mut out = Vec::new();
-    for (_, linear) in model.projections() {
-        if let Some(lora) = &linear.lora {
-            for p in [&lora.lora_a, &lora.lora_b] {
-                out.push(
-                    p.grad(grads)
-                        .unwrap_or_else(|| p.val().inner().zeros_like()),
-                );
-            }
+    for (_, lora) in model.adapters() {
+        for p in [&lora.lora_a, &lora.lora_b] {
+            out.push(
+                p.grad(grads)
+                    .unwrap_or_else(|| p.val().inner().zeros_like()),
+            );
         }
     }
     out
@@ -157,12 +152,10 @@ pub fn set_adapter_values<B: AutodiffBackend>(
     values: Vec<Tensor<B::InnerBackend, 2>>,
 ) {
     let mut values = values.into_iter();
-    for (_, linear) in model.projections_mut() {
-        if let Some(lora) = &mut linear.lora {
-            for p in [&mut lora.lora_a, &mut lora.lora_b] {
-                let value = values.next().expect("one value per adapter tensor");
-                *p = Param::initialized(p.id, Tensor::from_inner(value).require_grad());
-            }
+    for (_, lora) in model.adapters_mut() {
+        for p in [&mut lora.lora_a, &mut lora.lora_b] {
+            let value = values.next().expect("one value per adapter tensor");
+            *p = Param::initialized(p.id, Tensor::from_inner(value).require_grad());
         }
     }
 }
@@ -213,7 +206,7 @@ pub fn gradient_sums<B: AutodiffBackend, G>(
         let guard = before_micro_batch(i);
         // `enable_gradient_checkpointing` refuses what `checkpointed_gradients` refuses, so an
         // error here means adapters changed since; the plain backward pass is still correct.
-        let checkpointed = model.gradient_checkpointing.then(|| {
+        let checkpointed = model.gradient_checkpointing().then(|| {
             model.checkpointed_gradients(
                 batch.ids(device),
                 batch.packing.as_ref().map(|(p, s)| (&p[..], &s[..])),

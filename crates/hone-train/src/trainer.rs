@@ -122,7 +122,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         if t.gradient_checkpointing {
             model.enable_gradient_checkpointing()?;
         }
-        let data = prepare_datasets(config, &tokenizer, model.config.vocab_size, &run_dir)?;
+        let data = prepare_datasets(config, &tokenizer, model.config().vocab_size, &run_dir)?;
 
         let plan = BatchPlan {
             rows: data.train.len(),

@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use hone_model::generate::argmax;
-use hone_model::{load_model_dir, run_on, BackendTask, CausalLm, KvCache, LoadOptions};
+use hone_model::{load_model_dir, run_on, BackendTask, CausalLm, Input, KvCache, LoadOptions};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
@@ -44,10 +44,14 @@ fn run_once<B: Backend>(
     new_tokens: usize,
     device: &B::Device,
 ) -> Result<Timing> {
-    let vocab = model.config.vocab_size;
-    let mut cache = KvCache::new(model.config.num_layers);
+    let vocab = model.config().vocab_size;
+    let mut cache = KvCache::new(model.config().num_layers);
     let started = Instant::now();
-    let logits = model.forward_last(ids_tensor::<B>(prompt, batch, device), Some(&mut cache));
+    let logits = model.forward(
+        Input::new(ids_tensor::<B>(prompt, batch, device))
+            .cache(&mut cache)
+            .last_logits(),
+    );
     let mut logits: Vec<f32> = logits
         .into_data()
         .convert::<f32>()
@@ -59,7 +63,11 @@ fn run_once<B: Backend>(
         let next: Vec<i64> = (0..batch)
             .map(|b| argmax(&logits[b * vocab..(b + 1) * vocab]) as i64)
             .collect();
-        let out = model.forward_last(ids_tensor::<B>(&next, batch, device), Some(&mut cache));
+        let out = model.forward(
+            Input::new(ids_tensor::<B>(&next, batch, device))
+                .cache(&mut cache)
+                .last_logits(),
+        );
         logits = out
             .into_data()
             .convert::<f32>()
@@ -99,7 +107,7 @@ impl BackendTask for GenerateTask {
         if a.prompt_tokens == 0 || a.batch == 0 || a.repeat == 0 {
             bail!("--prompt-tokens, --batch and --repeat must be positive");
         }
-        let vocab = model.config.vocab_size;
+        let vocab = model.config().vocab_size;
         let mut rng = rand::rngs::StdRng::seed_from_u64(42);
         let prompt: Vec<i64> = (0..a.batch * a.prompt_tokens)
             .map(|_| rng.random_range(0..vocab as i64))

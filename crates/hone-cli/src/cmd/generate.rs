@@ -41,7 +41,7 @@ impl BackendTask for Task {
                 .with_context(|| format!("loading adapter {}", adapter.display()))?;
         }
         let prompt = loaded.tokenizer.encode_prompt(&args.prompt)?;
-        let context = loaded.model.config.max_position_embeddings;
+        let context = loaded.model.config().max_position_embeddings;
         let max_new_tokens = context_budget(prompt.len(), args.max_tokens, context)?;
         let config = GenerateConfig {
             max_new_tokens,

@@ -38,7 +38,7 @@ impl BackendTask for Task {
                 .load_adapter(adapter)
                 .with_context(|| format!("loading adapter {}", adapter.display()))?;
         }
-        let vocab = loaded.model.config.vocab_size as i64;
+        let vocab = loaded.model.config().vocab_size as i64;
         if let Some(bad) = self.ids.iter().find(|&&i| i < 0 || i >= vocab) {
             bail!(
                 "{}: `input_ids` holds {bad}, outside the vocabulary [0, {vocab})",
@@ -51,7 +51,7 @@ impl BackendTask for Task {
         );
         let logits = loaded
             .model
-            .forward(ids, None)
+            .forward(hone_model::Input::new(ids))
             .cast(burn::tensor::DType::F32);
         logits
             .into_data()
