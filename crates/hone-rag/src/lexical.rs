@@ -229,6 +229,26 @@ impl LexicalIndex {
         Ok(chunks)
     }
 
+    /// The chunk with id `id`, if the index holds it.
+    pub fn chunk_by_id(&self, id: &str) -> Result<Option<Chunk>> {
+        let query = TermQuery::new(
+            Term::from_field_text(self.fields.id, id),
+            IndexRecordOption::Basic,
+        );
+        let fail = |e| RagError::lexical(&self.dir, e);
+        let searcher = self.reader.searcher();
+        let top = searcher
+            .search(&query, &TopDocs::with_limit(1).order_by_score())
+            .map_err(fail)?;
+        match top.first() {
+            Some((_, address)) => {
+                let doc: TantivyDocument = searcher.doc(*address).map_err(fail)?;
+                Ok(Some(self.chunk_of(&doc)))
+            }
+            None => Ok(None),
+        }
+    }
+
     /// (documents, chunks) in the index: documents are counted by their chunk 0.
     pub fn counts(&self) -> Result<(u64, u64)> {
         let searcher = self.reader.searcher();

@@ -10,6 +10,7 @@
 //! change: IndexUpdate::add / remove, in place, atomic    index
 //! fusion of ranked lists (reciprocal rank fusion)        hybrid
 //! sentence embeddings (BERT in burn, mean pooling)       embed
+//! dense vectors in DIR/dense-NNNNNN (exact cosine)       dense
 //! ```
 //!
 //! ```no_run
@@ -19,6 +20,7 @@
 //!     out: "idx".into(),
 //!     chunking: ChunkConfig::default(),
 //!     tokenizer: None,
+//!     embedder: None,
 //!     on_error: hone_data::OnError::Fail,
 //!     force: false,
 //! })?;
@@ -30,6 +32,7 @@
 //! ```
 
 pub mod chunk;
+pub mod dense;
 pub mod document;
 pub mod embed;
 pub mod error;
@@ -44,6 +47,9 @@ pub use document::{read_corpus, Corpus, Document};
 pub use embed::{EmbedderId, Embeddings, SentenceEmbedder};
 pub use error::{RagError, Result};
 pub use hybrid::{fuse_hits, reciprocal_rank_fusion, FusionConfig, RRF_K};
-pub use index::{build_index, BuildOptions, BuildReport, RagIndex, TOKENIZER_FILE};
-pub use manifest::{Manifest, FORMAT_VERSION, MANIFEST_FILE};
+pub use index::{
+    build_index, BuildOptions, BuildReport, OpenOptions, RagIndex, SearchMode, SearchOptions,
+    TOKENIZER_FILE,
+};
+pub use manifest::{DenseManifest, Manifest, VectorSearch, FORMAT_VERSION, MANIFEST_FILE};
 pub use retriever::{AddReport, Hit, IndexUpdate, RemoveReport, Retriever};

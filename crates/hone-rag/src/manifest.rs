@@ -5,6 +5,8 @@
 //! DIR/manifest.json     this file
 //! DIR/lexical/          the tantivy index (BM25), chunks stored with their offsets
 //! DIR/tokenizer.json    the chunking tokenizer, when chunking counted its tokens
+//! DIR/dense-NNNNNN/     the dense vectors of the generation named by `dense.dir`, when the
+//!                       index has an embedder (the previous generation's may remain)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -12,6 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::chunk::{ChunkConfig, Tokenization};
+use crate::embed::EmbedderId;
 use crate::error::{RagError, Result};
 
 /// The manifest file name in an index directory.
@@ -42,6 +45,27 @@ pub struct LexicalManifest {
     pub dir: String,
 }
 
+/// How the dense vectors are searched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VectorSearch {
+    /// Every vector is scored (dot product of unit vectors).
+    Exact,
+}
+
+/// The dense (embedding) index.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DenseManifest {
+    /// The embedder that embedded the chunks; queries must be embedded by the same one.
+    pub embedder: EmbedderId,
+    /// Where the embedder was when the index was built (absolute): the default for queries.
+    pub embedder_dir: PathBuf,
+    pub dim: usize,
+    pub search: VectorSearch,
+    /// The current dense directory (`dense-NNNNNN`) in the index directory.
+    pub dir: String,
+}
+
 /// The contents of `manifest.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -50,10 +74,13 @@ pub struct Manifest {
     pub version: u32,
     /// Incremented by every change (index, add, remove).
     pub generation: u64,
-    /// The sentence embedder of the dense index; `None`: lexical retrieval only.
+    /// The name of the sentence embedder of the dense index; `None`: lexical retrieval only.
     pub embedder: Option<String>,
     pub chunking: ChunkingManifest,
     pub lexical: LexicalManifest,
+    /// The dense index; `None`: lexical retrieval only.
+    #[serde(default)]
+    pub dense: Option<DenseManifest>,
     pub documents: u64,
     pub chunks: u64,
 }
@@ -67,6 +94,7 @@ impl Manifest {
             embedder: None,
             chunking,
             lexical,
+            dense: None,
             documents: 0,
             chunks: 0,
         }

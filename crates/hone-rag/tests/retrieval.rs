@@ -30,6 +30,7 @@ fn options(inputs: Vec<String>, out: &Path) -> BuildOptions {
         out: out.to_path_buf(),
         chunking: ChunkConfig::default(),
         tokenizer: None,
+        embedder: None,
         on_error: OnError::Fail,
         force: false,
     }

@@ -24,6 +24,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Int, Tensor, TensorData};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 pub use bert::{BertConfig, BertInput, BertModel};
@@ -235,10 +236,17 @@ impl SentenceEmbedder {
         // Longest first, as sentence-transformers orders them: batches pad little.
         let mut order: Vec<usize> = (0..ids.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
+        // Batches run in parallel: burn's element-wise and attention kernels use one thread
+        // per call, so one batch at a time leaves cores idle between matrix products.
+        let outputs: Vec<(&[usize], Vec<f32>)> = order
+            .par_chunks(self.batch_size)
+            .map(|batch| {
+                let rows: Vec<&[u32]> = batch.iter().map(|&i| ids[i].as_slice()).collect();
+                (batch, self.embed_batch(&rows))
+            })
+            .collect();
         let mut values = vec![0.0f32; texts.len() * dim];
-        for batch in order.chunks(self.batch_size) {
-            let rows: Vec<&[u32]> = batch.iter().map(|&i| ids[i].as_slice()).collect();
-            let out = self.embed_batch(&rows);
+        for (batch, out) in outputs {
             for (&i, row) in batch.iter().zip(out.chunks_exact(dim)) {
                 values[i * dim..(i + 1) * dim].copy_from_slice(row);
             }

@@ -1,0 +1,294 @@
+//! The dense vector index: one L2-normalised embedding per chunk, searched exactly (dot product =
+//! cosine similarity over every row).
+//!
+//! ```text
+//! DIR/dense-NNNNNN/vectors.f32   rows x dim little-endian f32, row i = rows.json's chunk i
+//! DIR/dense-NNNNNN/rows.json     {"dim": D, "rows": [{"id": chunk id, "doc_id": ...}, ...]}
+//! ```
+//!
+//! A change never edits a directory that readers may have open: `add`/`remove` write the next
+//! generation's directory completely (staged, then renamed), and the manifest names the current
+//! one; the previous generation is kept for readers that read the old manifest, older ones are
+//! removed. Exact search is one pass over `rows x dim` floats (about 8 ms per query for 100k
+//! chunks of 384 dimensions on one core); an approximate graph index (HNSW) above a size
+//! threshold is not built yet.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{RagError, Result};
+
+/// The vectors file of a dense directory.
+pub const VECTORS_FILE: &str = "vectors.f32";
+/// The row list of a dense directory.
+pub const ROWS_FILE: &str = "rows.json";
+
+/// The name of the dense directory of generation `generation`.
+pub fn dense_dir_name(generation: u64) -> String {
+    format!("dense-{generation:06}")
+}
+
+/// Which chunk a row holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Row {
+    pub id: String,
+    pub doc_id: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RowsFile {
+    dim: usize,
+    rows: Vec<Row>,
+}
+
+/// Vectors of chunks, in memory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DenseIndex {
+    dim: usize,
+    rows: Vec<Row>,
+    /// `[rows, dim]`, row-major, each row of unit length (or zero).
+    vectors: Vec<f32>,
+}
+
+/// Scales `v` to unit length (a zero vector stays zero).
+pub fn normalize(v: &mut [f32]) {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+}
+
+impl DenseIndex {
+    pub fn empty(dim: usize) -> Self {
+        DenseIndex {
+            dim,
+            rows: Vec::new(),
+            vectors: Vec::new(),
+        }
+    }
+
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    pub fn rows(&self) -> &[Row] {
+        &self.rows
+    }
+
+    /// Reads the dense directory `dir`, expecting vectors of `dim` dimensions.
+    pub fn open(dir: &Path, dim: usize) -> Result<Self> {
+        let corrupt = |message: String| RagError::CorruptVectors {
+            path: dir.into(),
+            message,
+        };
+        let rows_path = dir.join(ROWS_FILE);
+        let bytes = std::fs::read(&rows_path).map_err(|e| RagError::io(&rows_path, e))?;
+        let file: RowsFile =
+            serde_json::from_slice(&bytes).map_err(|e| corrupt(format!("{ROWS_FILE}: {e}")))?;
+        if file.dim != dim {
+            return Err(corrupt(format!(
+                "{ROWS_FILE}: expected dimension {dim} (the manifest's), found {}",
+                file.dim
+            )));
+        }
+        let vectors_path = dir.join(VECTORS_FILE);
+        let raw = std::fs::read(&vectors_path).map_err(|e| RagError::io(&vectors_path, e))?;
+        let expected = file.rows.len() * dim * 4;
+        if raw.len() != expected {
+            return Err(corrupt(format!(
+                "{VECTORS_FILE}: expected {expected} bytes ({} rows x {dim} f32), found {}",
+                file.rows.len(),
+                raw.len()
+            )));
+        }
+        let vectors = raw
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        Ok(DenseIndex {
+            dim,
+            rows: file.rows,
+            vectors,
+        })
+    }
+
+    /// Writes this index as the directory `dir`, all or nothing.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let staged = hone_io::StagedDir::new(dir)?;
+        self.write_into(staged.path())?;
+        staged.commit()?;
+        Ok(())
+    }
+
+    /// Writes the files into the existing directory `dir` (a staged build's subdirectory).
+    pub(crate) fn write_into(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| RagError::io(dir, e))?;
+        let mut raw = Vec::with_capacity(self.vectors.len() * 4);
+        for x in &self.vectors {
+            raw.extend_from_slice(&x.to_le_bytes());
+        }
+        hone_io::write_file(&dir.join(VECTORS_FILE), &raw)?;
+        let rows = RowsFile {
+            dim: self.dim,
+            rows: self.rows.clone(),
+        };
+        let json = serde_json::to_vec(&rows).expect("rows serialise");
+        hone_io::write_file(&dir.join(ROWS_FILE), &json)?;
+        Ok(())
+    }
+
+    /// A copy without the rows of documents `remove`, then with `rows` (one vector each, of
+    /// `dim` values, normalised here) appended.
+    pub fn changed(&self, remove: &[String], rows: Vec<Row>, vectors: &[f32]) -> Result<Self> {
+        if vectors.len() != rows.len() * self.dim {
+            return Err(RagError::config(
+                "vectors",
+                format!(
+                    "expected {} values ({} rows x {}), found {}",
+                    rows.len() * self.dim,
+                    rows.len(),
+                    self.dim,
+                    vectors.len()
+                ),
+            ));
+        }
+        let removed: std::collections::HashSet<&str> = remove.iter().map(String::as_str).collect();
+        let mut out = DenseIndex::empty(self.dim);
+        for (i, row) in self.rows.iter().enumerate() {
+            if !removed.contains(row.doc_id.as_str()) {
+                out.rows.push(row.clone());
+                out.vectors.extend_from_slice(self.row(i));
+            }
+        }
+        for (row, v) in rows.into_iter().zip(vectors.chunks_exact(self.dim)) {
+            let start = out.vectors.len();
+            out.vectors.extend_from_slice(v);
+            normalize(&mut out.vectors[start..]);
+            out.rows.push(row);
+        }
+        Ok(out)
+    }
+
+    fn row(&self, i: usize) -> &[f32] {
+        &self.vectors[i * self.dim..(i + 1) * self.dim]
+    }
+
+    /// The `k` rows most similar to `query` (normalised here): `(row index, cosine)`, best
+    /// first; ties by row order.
+    pub fn search(&self, query: &[f32], k: usize) -> Result<Vec<(usize, f32)>> {
+        if query.len() != self.dim {
+            return Err(RagError::config(
+                "query",
+                format!(
+                    "expected a vector of {} values, found {}",
+                    self.dim,
+                    query.len()
+                ),
+            ));
+        }
+        let mut q = query.to_vec();
+        normalize(&mut q);
+        let mut scores: Vec<(usize, f32)> = self
+            .vectors
+            .chunks_exact(self.dim.max(1))
+            .map(|v| dot(v, &q))
+            .enumerate()
+            .collect();
+        let order = |a: &(usize, f32), b: &(usize, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let k = k.min(scores.len());
+        if k == 0 {
+            return Ok(Vec::new());
+        }
+        if k < scores.len() {
+            scores.select_nth_unstable_by(k - 1, order);
+            scores.truncate(k);
+        }
+        scores.sort_by(order);
+        Ok(scores)
+    }
+}
+
+/// Dot product in eight independent lanes (vectorises without `-ffast-math`).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Removes `dir/dense-*` directories other than `keep`.
+pub(crate) fn remove_stale(dir: &Path, keep: &[String]) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("dense-") && !keep.contains(&name) {
+            let path: PathBuf = entry.path();
+            if let Err(e) = std::fs::remove_dir_all(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove an old dense directory");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str, doc: &str) -> Row {
+        Row {
+            id: id.into(),
+            doc_id: doc.into(),
+        }
+    }
+
+    #[test]
+    fn exact_search_ranks_by_cosine_and_changes_drop_whole_documents() {
+        let index = DenseIndex::empty(3)
+            .changed(
+                &[],
+                vec![row("a#0", "a"), row("a#1", "a"), row("b#0", "b")],
+                &[1.0, 0.0, 0.0, 0.0, 2.0, 0.0, 1.0, 1.0, 0.0],
+            )
+            .unwrap();
+        let hits = index.search(&[3.0, 1.0, 0.0], 3).unwrap();
+        let ids: Vec<usize> = hits.iter().map(|h| h.0).collect();
+        // cosines: (1,0,0) 3/sqrt(10) = 0.949, (1,1,0) 4/sqrt(20) = 0.894, (0,2,0) 1/sqrt(10).
+        assert_eq!(ids, [0, 2, 1]);
+        let want = [3.0 / 10.0f32.sqrt(), 4.0 / 20.0f32.sqrt(), 1.0 / 10.0f32.sqrt()];
+        for (hit, want) in hits.iter().zip(want) {
+            assert!((hit.1 - want).abs() < 1e-6, "{} vs {want}", hit.1);
+        }
+        let without_a = index.changed(&["a".into()], Vec::new(), &[]).unwrap();
+        assert_eq!(without_a.rows(), &[row("b#0", "b")]);
+        assert!(index.search(&[1.0, 0.0], 1).is_err());
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join(dense_dir_name(1));
+        index.write(&dir).unwrap();
+        assert_eq!(DenseIndex::open(&dir, 3).unwrap(), index);
+        assert!(matches!(
+            DenseIndex::open(&dir, 4),
+            Err(RagError::CorruptVectors { .. })
+        ));
+    }
+}
