@@ -51,7 +51,7 @@ pub enum Command {
     Adapter(crate::cmd::adapter::AdapterCommand),
     /// Fine-tune LoRA adapters as a run config (TOML) says; writes a run directory.
     Train(TrainArgs),
-    /// Run a global orchestrator of multi-node training (train.orchestrators) until killed.
+    /// Run the global orchestrator of multi-node training (distributed.orchestrator) until killed.
     TrainOrchestrator(TrainOrchestratorArgs),
     /// Evaluate a base model and adapters side by side; writes eval.json and eval.md.
     Eval(crate::cmd::eval::EvalArgs),
@@ -64,7 +64,8 @@ pub enum Command {
 
 #[derive(Args, Debug)]
 pub struct TrainOrchestratorArgs {
-    /// Port to listen on (every interface); a multi-node run needs two orchestrators.
+    /// Port to listen on (every interface); the next port is used too (burn 0.21 needs two
+    /// orchestrators, which this command runs both).
     #[arg(long)]
     pub port: u16,
 }

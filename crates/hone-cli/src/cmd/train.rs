@@ -9,7 +9,9 @@
 //! `--json` prints that object as the last line of stdout and everything else on stderr.
 //!
 //! `bench train` times full training steps (forward, backward, clipping, AdamW) of a model with
-//! random weights and prints one JSON line; `--devices a,b` times data-parallel steps.
+//! random weights through the trainer's own step engine
+//! ([`hone_train::StepEngine`], from [`Learner::start_engine`]) and prints one JSON line;
+//! `--devices a,b` times data-parallel steps.
 
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
@@ -20,9 +22,10 @@ use burn::prelude::*;
 use hone_model::lora::{LoraSettings, TargetModules};
 use hone_model::{run_on, BackendTask, CausalLm, LoadOptions, ModelConfig};
 use hone_train::parallel::device_for;
+use hone_train::step::step_seeds;
 use hone_train::{
-    AdamWConfig, Control, DataParallel, Event, Learner, MicroBatch, Observer, ParallelConfig,
-    RunConfig, RunOptions, RunSummary, TrainError,
+    AdamWConfig, Control, Event, Learner, MicroBatch, Observer, RunConfig, RunOptions, RunSummary,
+    TrainError,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
@@ -327,10 +330,13 @@ fn print_summary(summary: &RunSummary, out: Out) {
     }
 }
 
-/// `hone train-orchestrator`: one global orchestrator of multi-node training, until killed.
+/// `hone train-orchestrator`: the global orchestrator of multi-node training (on `--port` and
+/// the next port), until killed.
 pub fn orchestrator(args: crate::args::TrainOrchestratorArgs) -> Result<()> {
     eprintln!(
-        "multi-node orchestrator on port {} (every interface)",
+        "multi-node orchestrator on ports {} and {} (every interface): distributed.orchestrator = \"ws://THIS_HOST:{}\"",
+        args.port,
+        args.port.saturating_add(1),
         args.port
     );
     hone_train::parallel::run_orchestrator(args.port)
@@ -438,18 +444,8 @@ impl BackendTask for BenchTask {
         for spec in a.devices.iter().skip(1) {
             devices.push(device_for::<Autodiff<B>>(*spec)?);
         }
-        let mut parallel = match devices.len() {
-            1 => None,
-            _ => Some(DataParallel::start(
-                &mut learner.model,
-                &learner.optimizer,
-                &devices,
-                ParallelConfig {
-                    max_grad_norm: learner.max_grad_norm,
-                    timeout: Duration::from_secs(600),
-                },
-            )?),
-        };
+        // The trainer's engine: one device, or data-parallel peers over `devices`.
+        let mut engine = learner.start_engine(&devices, Duration::from_secs(600), None)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(42);
         let mut batch = || {
             let ids: Vec<i64> = (0..a.batch * a.seq)
@@ -457,20 +453,11 @@ impl BackendTask for BenchTask {
                 .collect();
             MicroBatch::dense(ids.clone(), ids, a.batch)
         };
-        // One micro-batch per device and step.
+        // One micro-batch per device and step, seeded as the trainer seeds them.
         let mut step = |i: usize| -> Result<()> {
             let batches: Vec<MicroBatch> = devices.iter().map(|_| batch()).collect();
-            match &mut parallel {
-                None => learner.step(&batches, 1e-4)?,
-                Some(p) => p.step(
-                    &mut learner.model,
-                    &mut learner.optimizer,
-                    i,
-                    &batches,
-                    None,
-                    1e-4,
-                )?,
-            };
+            let seeds = step_seeds(0, i, batches.len());
+            engine.step(&mut learner, i, &batches, Some(&seeds), 1e-4)?;
             Ok(())
         };
         // Warm-up (allocator, thread pools, kernels), then timed steps; each step reads its
@@ -481,9 +468,7 @@ impl BackendTask for BenchTask {
             step(i + 1)?;
         }
         let seconds = started.elapsed().as_secs_f64();
-        if let Some(p) = parallel {
-            p.finish()?;
-        }
+        engine.finish()?;
         let rows = a.batch * devices.len();
         let tokens_per_sec = (rows * a.seq * a.steps) as f64 / seconds;
         let tflops = train_flops_per_token(&config, a.seq) * tokens_per_sec / 1e12;
