@@ -4,10 +4,12 @@
 //! first real token) and the model hides the padding slots from every query
 //! ([`hone_model::Visibility::LeftPadding`]). Decoding appends one token per row to one batch
 //! cache, so rows that finish are dropped from the batch (their cache rows removed). The
-//! tokens equal those of one-by-one greedy decoding (see the tests).
+//! tokens equal those of one-by-one greedy decoding (see the tests); the text comes from
+//! [`TextStream`], as in `hone generate` and `hone serve`.
 
 use burn::prelude::*;
 use burn::tensor::TensorData;
+use hone_model::detok::TextStream;
 use hone_model::{CausalLm, FinishReason, Input, KvCache, Tokenizer};
 
 use crate::error::{EvalError, Result};
@@ -99,6 +101,10 @@ pub fn generate_greedy<B: Backend>(
     let mut pads: Vec<usize> = prompts.iter().map(|p| width - p.len()).collect();
     let mut lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
     let mut cache = KvCache::new(model.config().num_layers);
+    let mut streams: Vec<TextStream> = prompts
+        .iter()
+        .map(|p| TextStream::new(p, &settings.stop_strings))
+        .collect();
 
     let mut ids = Vec::with_capacity(prompts.len() * width);
     let mut positions = Vec::with_capacity(prompts.len() * width);
@@ -116,24 +122,22 @@ pub fn generate_greedy<B: Backend>(
             let token = next[slot];
             let out = &mut outputs[row];
             out.ids.push(token);
+            let stream = &mut streams[row];
             if settings.stop_ids.contains(&token) {
                 out.finish_reason = FinishReason::Stop;
-                out.text = tokenizer.decode(&out.ids[..out.ids.len() - 1])?;
+                stream.finish(tokenizer);
+                out.text = stream.text().to_string();
                 continue;
             }
-            let text = tokenizer.decode(&out.ids)?;
-            let cut = settings
-                .stop_strings
-                .iter()
-                .filter(|s| !s.is_empty())
-                .filter_map(|s| text.find(s.as_str()))
-                .min();
-            if let Some(cut) = cut {
+            if stream.push(tokenizer, token).stopped {
                 out.finish_reason = FinishReason::Stop;
-                out.text = text[..cut].to_string();
+                out.text = stream.text().to_string();
                 continue;
             }
-            out.text = text;
+            if generated == settings.max_new_tokens {
+                stream.finish(tokenizer);
+            }
+            out.text = stream.text().to_string();
             if generated < settings.max_new_tokens {
                 keep.push(slot);
             }

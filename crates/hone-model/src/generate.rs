@@ -9,6 +9,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::cache::KvCache;
+use crate::detok::TextStream;
 use crate::error::{ModelError, Result};
 use crate::model::CausalLm;
 use crate::tokenizer::Tokenizer;
@@ -190,25 +191,6 @@ pub struct Generation {
     pub decode_seconds: f64,
 }
 
-/// Largest `n` such that the last `n` bytes of `text` start some stop string (text that must be
-/// held back because a stop string may be forming).
-fn held_back(text: &str, stops: &[String]) -> usize {
-    let mut hold = 0;
-    for stop in stops {
-        for n in (1..stop.len().min(text.len() + 1)).rev() {
-            if text.is_char_boundary(text.len() - n)
-                && stop
-                    .as_bytes()
-                    .starts_with(&text.as_bytes()[text.len() - n..])
-            {
-                hold = hold.max(n);
-                break;
-            }
-        }
-    }
-    hold
-}
-
 /// Generates a continuation of `prompt_ids`, calling `on_text` with each new piece of text as
 /// soon as it is final.
 pub fn generate<B: Backend>(
@@ -235,8 +217,7 @@ pub fn generate<B: Backend>(
     let mut cache = KvCache::new(model.config.num_layers);
     let mut history = prompt_ids.to_vec();
     let mut generated: Vec<u32> = Vec::new();
-    let mut emitted = 0usize;
-    let mut text = String::new();
+    let mut stream = TextStream::new(prompt_ids, &config.stop_strings);
     let mut finish = FinishReason::Length;
 
     let started = Instant::now();
@@ -267,43 +248,20 @@ pub fn generate<B: Backend>(
             finish = FinishReason::Stop;
             break;
         }
-        let full = tokenizer.decode(&generated)?;
-        if full.ends_with('\u{FFFD}') {
-            continue; // an incomplete UTF-8 sequence: wait for its next byte
+        let delta = stream.push(tokenizer, next);
+        if !delta.text.is_empty() {
+            on_text(&delta.text);
         }
-        if let Some(cut) = config
-            .stop_strings
-            .iter()
-            .filter(|s| !s.is_empty())
-            .filter_map(|s| full.find(s.as_str()))
-            .min()
-        {
-            text = full[..cut].to_string();
-            if cut > emitted && full.is_char_boundary(emitted) {
-                on_text(&full[emitted..cut]);
-            }
-            emitted = cut;
+        if delta.stopped {
             finish = FinishReason::Stop;
             break;
         }
-        let ready = full.len() - held_back(&full, &config.stop_strings);
-        if ready > emitted && full.is_char_boundary(emitted) && full.is_char_boundary(ready) {
-            on_text(&full[emitted..ready]);
-            emitted = ready;
-        }
-        text = full;
     }
-    if finish != FinishReason::Stop || config.stop_strings.is_empty() {
-        let final_text = tokenizer.decode(&generated)?;
-        let final_text = match finish {
-            FinishReason::Stop if !text.is_empty() && final_text.len() < text.len() => text.clone(),
-            _ => final_text,
-        };
-        if final_text.len() > emitted && final_text.is_char_boundary(emitted) {
-            on_text(&final_text[emitted..]);
-        }
-        text = final_text;
+    let rest = stream.finish(tokenizer);
+    if !rest.is_empty() {
+        on_text(&rest);
     }
+    let text = stream.text().to_string();
     let total = started.elapsed().as_secs_f64();
     Ok(Generation {
         ids: generated,
@@ -318,13 +276,6 @@ pub fn generate<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn held_back_keeps_a_forming_stop_string() {
-        let stops = vec!["\n\nUser:".to_string()];
-        assert_eq!(held_back("Hello\n\nUs", &stops), 4);
-        assert_eq!(held_back("Hello", &stops), 0);
-    }
 
     #[test]
     fn top_k_one_is_greedy_at_any_temperature() {

@@ -10,6 +10,7 @@
 pub mod adapter;
 pub mod cache;
 pub mod config;
+pub mod detok;
 pub mod device;
 pub mod dtype;
 pub mod error;

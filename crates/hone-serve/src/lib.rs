@@ -26,7 +26,6 @@ mod http;
 pub mod metrics;
 pub mod openai;
 mod server;
-pub mod text;
 mod worker;
 
 pub use config::{Limits, ModelSource, ServeConfig, Timeouts};

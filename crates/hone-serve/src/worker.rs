@@ -28,7 +28,7 @@ use crate::config::{ModelSource, ServeConfig};
 use crate::engine::{AdapterEntry, Command, Event, GenRequest, ModelInfo, Shared, Usage};
 use crate::error::{ApiError, Result, ServeError};
 use crate::metrics::Metrics;
-use crate::text::TextStream;
+use hone_model::detok::TextStream;
 
 /// What the worker thread starts from.
 pub(crate) struct Setup {
@@ -527,7 +527,7 @@ impl<B: Backend> Worker<B> {
         let vocab = self.model.config().vocab_size;
         for (i, ((req, slot), cache)) in group.into_iter().zip(caches).enumerate() {
             let mut seq = Sequence {
-                text: TextStream::new(&self.shared.tokenizer, &req.prompt, &req.stop_strings),
+                text: TextStream::new(&req.prompt, &req.stop_strings),
                 sampler: Sampler::new(req.sampling.clone()),
                 history: req.prompt.clone(),
                 cache,
