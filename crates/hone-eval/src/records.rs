@@ -144,18 +144,17 @@ impl RecordLog {
         // Everything after the last newline is a line cut short by a crash.
         let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
         let dropped_partial_line = complete < bytes.len();
-        let text = std::str::from_utf8(&bytes[..complete]).map_err(|e| EvalError::Json {
+        // A damaged log is refused (not data to reject): the user removes it or starts over.
+        let damaged = |line: usize, message: String| EvalError::Resume {
             path: path.clone(),
-            line: 0,
-            message: format!("not UTF-8: {e}"),
-        })?;
+            message: format!("line {line}: {message}; run without --resume to start over"),
+        };
+        let text = std::str::from_utf8(&bytes[..complete])
+            .map_err(|e| damaged(0, format!("not UTF-8: {e}")))?;
         let mut lines = text.lines().enumerate();
         let header: Header = match lines.next() {
-            Some((_, line)) => serde_json::from_str(line).map_err(|e| EvalError::Json {
-                path: path.clone(),
-                line: 1,
-                message: format!("not a records.jsonl header: {e}"),
-            })?,
+            Some((_, line)) => serde_json::from_str(line)
+                .map_err(|e| damaged(1, format!("not a records.jsonl header: {e}")))?,
             None => {
                 // Not even the header was written completely: nothing to keep.
                 let log = Self::create(dir, plan)?;
@@ -190,11 +189,8 @@ impl RecordLog {
             if line.trim().is_empty() {
                 continue;
             }
-            let record: Record = serde_json::from_str(line).map_err(|e| EvalError::Json {
-                path: path.clone(),
-                line: i + 1,
-                message: e.to_string(),
-            })?;
+            let record: Record = serde_json::from_str(line)
+                .map_err(|e| damaged(i + 1, format!("not a record: {e}")))?;
             done.insert(
                 (record.task.clone(), record.column.clone(), record.index),
                 record,
