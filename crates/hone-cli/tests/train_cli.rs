@@ -599,6 +599,43 @@ fn train_json_prints_the_summary_json_that_matches_the_runs_metrics_and_files() 
     );
 }
 
+/// Issue 16 item 7: a completed run's adapter carries a model card (`adapter/README.md`, PEFT's
+/// layout) naming the base model, the library, the data with its digest, the hyperparameters
+/// and the validation results, as the run's summary has them.
+#[test]
+fn the_adapter_carries_a_model_card_with_base_model_data_digest_hyperparameters_and_eval() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let out = quickstart(
+        &run,
+        &["train.max_steps=2", "train.log_every=1", "eval.prompts=[]"],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let card = std::fs::read_to_string(run.join("adapter/README.md")).unwrap();
+    let summary = json_file(&run.join("summary.json"));
+    assert!(
+        card.starts_with("---\nbase_model: \"checkpoints/base/stories260k\"\nlibrary_name: peft\n"),
+        "{card}"
+    );
+    let data = root().join("datasets/quickstart/train.jsonl");
+    for expected in [
+        sha256(&data),
+        sha256(&run.join("adapter/adapter_model.safetensors")),
+        sha256(&run.join("config.toml")),
+        "| `lora.r` | `8` |".to_string(),
+        "| `steps` | `2 of 2` |".to_string(),
+        format!(
+            "| final | {:.4} |",
+            summary["val_loss"]["final"].as_f64().unwrap()
+        ),
+        format!("hone {}", env!("CARGO_PKG_VERSION")),
+    ] {
+        assert!(card.contains(&expected), "{expected} not in\n{card}");
+    }
+}
+
 /// Issue 16: a run that fails once it has its directory still leaves `summary.json`, with
 /// status failed and the error the user saw; a second run there is not refused because of it.
 #[test]

@@ -6,6 +6,11 @@
 //! Validation losses come from the run's `metrics.jsonl` (so a resumed run reports its first
 //! evaluation too), counts of curated examples from `<run>/data/report.json`, digests are
 //! SHA-256 of the files as they are on disk.
+//!
+//! A completed run's adapter also gets a model card, `<run>/adapter/README.md`, in the layout
+//! PEFT's `save_pretrained` writes (YAML front matter with `base_model` and `library_name`,
+//! then model details, training data with digests, hyperparameters and evaluation results), so
+//! an adapter copied elsewhere says how it was made ([`Summary::write_model_card`]).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -16,6 +21,11 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::cmd::peak_rss_mb;
+
+/// A value written into the model card as JSON (strings quoted, options `null`).
+fn json(value: &impl Serialize) -> String {
+    serde_json::to_string(value).unwrap_or_default()
+}
 
 /// How the run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -307,6 +317,140 @@ impl Summary {
 
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("a summary serialises")
+    }
+
+    /// The model card of the run's adapter (Markdown, PEFT's model-card layout).
+    pub fn model_card(&self, config: &RunConfig) -> String {
+        use std::fmt::Write as _;
+        let name = config.output.name.as_deref().unwrap_or("adapter");
+        let base = config.model.path.display().to_string();
+        let (l, t) = (&config.lora, &config.train);
+        let mut card = String::new();
+        let _ = writeln!(
+            card,
+            "---\nbase_model: {}\nlibrary_name: peft\ntags:\n- lora\n- hone\n---\n",
+            json(&base)
+        );
+        let _ = writeln!(card, "# Model Card for {name}\n");
+        let _ = writeln!(
+            card,
+            "A LoRA adapter for `{base}`, trained with hone {} (commit {}) and saved in PEFT's \
+             format (`adapter_config.json`, `adapter_model.safetensors`): it loads with \
+             `peft.PeftModel.from_pretrained`.\n",
+            self.hone_version, self.git_commit
+        );
+        let _ = writeln!(card, "## Model Details\n");
+        let _ = writeln!(
+            card,
+            "- **Base model:** `{base}` (`{}`)",
+            config.model.dtype
+        );
+        let _ = writeln!(
+            card,
+            "- **Adapter:** LoRA, `adapter_model.safetensors` sha256 `{}`",
+            self.adapter
+                .as_ref()
+                .map_or("(not written)", |d| d.sha256.as_str())
+        );
+        let _ = writeln!(
+            card,
+            "- **Library:** hone {} (PEFT format)\n",
+            self.hone_version
+        );
+        let _ = writeln!(card, "## Training Details\n\n### Training Data\n");
+        let _ = writeln!(card, "| file | sha256 |\n|---|---|");
+        for input in &self.data.inputs {
+            let _ = writeln!(card, "| `{}` | `{}` |", input.path.display(), input.sha256);
+        }
+        if let Some(c) = &self.data.curated {
+            let _ = writeln!(
+                card,
+                "\nCurated: {} records in, {} training and {} validation examples, {} removed, {} bad records skipped.",
+                c.input_records, c.train, c.val, c.removed, c.bad_records
+            );
+        }
+        let _ = writeln!(card, "\n### Training Hyperparameters\n");
+        let rows: Vec<(&str, String)> = vec![
+            ("lora.r", l.r.to_string()),
+            ("lora.alpha", l.alpha.to_string()),
+            ("lora.dropout", l.dropout.to_string()),
+            ("lora.use_rslora", l.use_rslora.to_string()),
+            ("lora.target_modules", json(&l.target_modules)),
+            (
+                "tokenize.max_seq_len",
+                config.tokenize.max_seq_len.to_string(),
+            ),
+            ("train.lr", t.lr.to_string()),
+            ("train.schedule", json(&t.schedule)),
+            ("train.warmup_steps", json(&t.warmup_steps)),
+            ("train.warmup_ratio", json(&t.warmup_ratio)),
+            ("train.epochs", t.epochs.to_string()),
+            ("train.max_steps", json(&t.max_steps)),
+            ("train.micro_batch_size", t.micro_batch_size.to_string()),
+            ("train.grad_accum", t.grad_accum.to_string()),
+            ("train.max_grad_norm", t.max_grad_norm.to_string()),
+            ("train.weight_decay", t.weight_decay.to_string()),
+            ("train.betas", json(&t.betas)),
+            ("train.eps", t.eps.to_string()),
+            ("train.seed", t.seed.to_string()),
+            ("devices", self.device.clone()),
+            ("steps", format!("{} of {}", self.steps, self.total_steps)),
+            ("tokens", self.tokens.to_string()),
+        ];
+        let _ = writeln!(card, "| key | value |\n|---|---|");
+        for (key, value) in rows {
+            let _ = writeln!(card, "| `{key}` | `{value}` |");
+        }
+        if let Some(c) = &self.config {
+            let _ = writeln!(
+                card,
+                "\nThe whole resolved config is the run's `{}` (sha256 `{}`).",
+                hone_train::run::CONFIG_FILE,
+                c.sha256
+            );
+        }
+        let _ = writeln!(card, "\n## Evaluation\n");
+        let v = &self.val_loss;
+        match (v.first, v.last) {
+            (Some(first), Some(last)) => {
+                let _ = writeln!(card, "| validation | loss | perplexity |\n|---|---|---|");
+                let _ = writeln!(
+                    card,
+                    "| first (before training, when evaluated at the start) | {first:.4} | {:.3} |",
+                    first.exp()
+                );
+                let _ = writeln!(card, "| final | {last:.4} | {:.3} |", last.exp());
+                if let (Some(best), Some(step)) = (v.best, v.best_step) {
+                    let _ = writeln!(
+                        card,
+                        "| best (step {step}) | {best:.4} | {:.3} |",
+                        best.exp()
+                    );
+                }
+            }
+            _ => {
+                let _ = writeln!(card, "No validation rows: no evaluation.");
+            }
+        }
+        card
+    }
+
+    /// Writes the model card into the completed run's adapter directory (`README.md`, as PEFT
+    /// names it); nothing when the run wrote no adapter.
+    pub fn write_model_card(&self, config: &RunConfig) -> anyhow::Result<Option<PathBuf>> {
+        let Some(adapter) = self
+            .adapter
+            .as_ref()
+            .filter(|_| self.status == Status::Completed)
+        else {
+            return Ok(None);
+        };
+        let Some(dir) = adapter.path.parent() else {
+            return Ok(None);
+        };
+        let path = dir.join("README.md");
+        hone_io::write_file(&path, self.model_card(config).as_bytes())?;
+        Ok(Some(path))
     }
 
     /// Writes `<run>/summary.json` atomically.

@@ -5,7 +5,8 @@
 //! a progress bar (step, loss, tokens/s, ETA) on stderr when it is a terminal, plain lines
 //! every `train.log_every` steps otherwise. At the end it prints the validation loss before and after
 //! training and the sample generations with and without the adapter, and writes
-//! `<run>/summary.json` ([`run_summary`](crate::cmd::run_summary)), also when the run failed;
+//! `<run>/summary.json` ([`run_summary`](crate::cmd::run_summary)), also when the run failed,
+//! and the adapter's model card `<run>/adapter/README.md` when it completed;
 //! `--json` prints that object as the last line of stdout and everything else on stderr.
 //!
 //! `bench train` times full training steps (forward, backward, clipping, AdamW) of a model with
@@ -389,7 +390,9 @@ pub fn run(args: TrainArgs, log_format: LogFormat) -> Result<()> {
         code,
         started,
     );
-    let written = summary.write();
+    let written = summary
+        .write()
+        .and_then(|path| summary.write_model_card(&config).map(|_| path));
     if out.json_events {
         json_event(
             "summary",
