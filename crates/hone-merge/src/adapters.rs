@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use hone_model::adapter::{peft_key, read_adapter_config, ADAPTER_WEIGHTS};
+use hone_model::adapter::{peft_key, PeftFiles};
 use hone_model::lora::LoraSettings;
 use hone_model::{ModelError, WeightStore};
 
@@ -59,12 +59,12 @@ impl Adapter {
     /// Opens `dir`: reads `adapter_config.json`, maps `adapter_model.safetensors` and checks
     /// every tensor (pairs, 2-D shapes, rank against the configuration).
     pub fn open(dir: &Path) -> Result<Self> {
-        let (settings, base_model_name_or_path) = read_adapter_config(dir)?;
-        let weights = dir.join(ADAPTER_WEIGHTS);
-        if !weights.is_file() {
-            return Err(ModelError::MissingFile { path: weights }.into());
-        }
-        let store = WeightStore::open_files(std::slice::from_ref(&weights))?;
+        let PeftFiles {
+            settings,
+            base_model_name_or_path,
+            store,
+            weights_path: weights,
+        } = PeftFiles::open(dir)?;
         let names = store.names();
         let mut modules = BTreeMap::new();
         for name in &names {

@@ -187,18 +187,22 @@ pub fn read_adapter_config(dir: &Path) -> Result<(LoraSettings, Option<String>)>
     Ok((settings, raw.base_model_name_or_path))
 }
 
-impl<B: Backend> CausalLm<B> {
-    /// Loads the PEFT adapter in `dir` as the model's own adapter (slot [`OWN_SLOT`]),
-    /// replacing any. Every expected tensor must be present with its shape, and every tensor in
-    /// the file must be used.
-    pub fn load_adapter(&mut self, dir: &Path) -> Result<AdapterInfo> {
-        self.load_adapter_slot(dir, OWN_SLOT)
-    }
+/// A PEFT adapter directory opened for reading: its validated `adapter_config.json` and its
+/// memory-mapped `adapter_model.safetensors` (tensors are read on demand, by PEFT key). The one
+/// reader of adapter directories: loading onto a model, merging and combining all open
+/// adapters through it.
+pub struct PeftFiles {
+    pub settings: LoraSettings,
+    pub base_model_name_or_path: Option<String>,
+    pub weights_path: std::path::PathBuf,
+    pub store: WeightStore,
+}
 
-    /// Loads the PEFT adapter in `dir` into adapter slot `slot` (replacing what was there),
-    /// leaving the other slots untouched; nothing changes when loading fails.
-    pub fn load_adapter_slot(&mut self, dir: &Path, slot: usize) -> Result<AdapterInfo> {
-        let (settings, base) = read_adapter_config(dir)?;
+impl PeftFiles {
+    /// Reads the configuration of `dir` ([`read_adapter_config`]) and maps its weights; a
+    /// pickled `adapter_model.bin` is refused with how to convert it.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let (settings, base_model_name_or_path) = read_adapter_config(dir)?;
         let weights_path = dir.join(ADAPTER_WEIGHTS);
         if !weights_path.is_file() {
             let bin = dir.join("adapter_model.bin");
@@ -213,6 +217,32 @@ impl<B: Backend> CausalLm<B> {
             return Err(ModelError::MissingFile { path: weights_path });
         }
         let store = WeightStore::open_files(std::slice::from_ref(&weights_path))?;
+        Ok(Self {
+            settings,
+            base_model_name_or_path,
+            weights_path,
+            store,
+        })
+    }
+}
+
+impl<B: Backend> CausalLm<B> {
+    /// Loads the PEFT adapter in `dir` as the model's own adapter (slot [`OWN_SLOT`]),
+    /// replacing any. Every expected tensor must be present with its shape, and every tensor in
+    /// the file must be used.
+    pub fn load_adapter(&mut self, dir: &Path) -> Result<AdapterInfo> {
+        self.load_adapter_slot(dir, OWN_SLOT)
+    }
+
+    /// Loads the PEFT adapter in `dir` into adapter slot `slot` (replacing what was there),
+    /// leaving the other slots untouched; nothing changes when loading fails.
+    pub fn load_adapter_slot(&mut self, dir: &Path, slot: usize) -> Result<AdapterInfo> {
+        let PeftFiles {
+            settings,
+            base_model_name_or_path: base,
+            weights_path,
+            store,
+        } = PeftFiles::open(dir)?;
         let targets = self.lora_targets(&settings)?;
         let mut used = Vec::new();
         let mut adapters = HashMap::new();
