@@ -193,3 +193,129 @@ fn rag_errors_name_the_path_and_write_nothing() {
         .args(["x", "-k", "0"])));
     assert!(err.contains("-k"), "{err}");
 }
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+fn query_mode(index: &Path, question: &str, k: &str, mode: &str) -> Vec<serde_json::Value> {
+    let out = ok(&run(hone()
+        .args(["rag", "query"])
+        .arg(index)
+        .args([question, "-k", k, "--json", "--mode", mode])));
+    out.lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect()
+}
+
+/// With `--embedder` (the tiny BERT fixture): the manifest names it, chunks are counted in its
+/// tokens, a chunk's own text is its best dense match, hybrid fuses both rankings with the
+/// given weights, add/remove update the dense part, and another embedder is refused.
+#[test]
+fn rag_with_an_embedder_searches_dense_and_hybrid_and_refuses_another_embedder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/bert/tiny");
+    let model = tmp.path().join("tiny");
+    copy_dir(&fixture, &model);
+    let index = tmp.path().join("idx");
+    let out = ok(&run(hone()
+        .args(["rag", "index", "--docs"])
+        .arg(squad_corpus())
+        .arg("--out")
+        .arg(&index)
+        .arg("--embedder")
+        .arg(&model)));
+    assert!(out.starts_with("indexed 48 documents as "), "{out}");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(index.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["embedder"], "tiny");
+    assert_eq!(manifest["dense"]["embedder"]["name"], "tiny");
+    assert_eq!(manifest["dense"]["dim"], 32);
+    // The tiny model reads 64 tokens, two of them special.
+    assert_eq!(manifest["chunking"]["max_tokens"], 62);
+    assert_eq!(manifest["chunking"]["tokenization"]["kind"], "hugging_face");
+
+    // A chunk's text is its own best dense match (cosine 1).
+    let lexical = query_mode(&index, "Turing machine", "3", "lexical");
+    let chunk_text = lexical[0]["text"].as_str().unwrap().to_string();
+    let dense = query_mode(&index, &chunk_text, "3", "dense");
+    assert_eq!(dense[0]["id"], lexical[0]["id"]);
+    assert!((dense[0]["score"].as_f64().unwrap() - 1.0).abs() < 1e-5);
+    // Hybrid (the default with an embedder): first in both rankings, so 2 / (60 + 1).
+    let hybrid = query_json(&index, &chunk_text, "3");
+    assert_eq!(hybrid[0]["id"], lexical[0]["id"]);
+    assert!((hybrid[0]["score"].as_f64().unwrap() - 2.0 / 61.0).abs() < 1e-6);
+    // Weight 0 on BM25: the dense order.
+    let out = ok(&run(hone().args(["rag", "query"]).arg(&index).args([
+        "complexity classes",
+        "-k",
+        "5",
+        "--json",
+        "--lexical-weight",
+        "0",
+    ])));
+    let weighted: Vec<String> = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].to_string())
+        .collect();
+    let dense: Vec<String> = query_mode(&index, "complexity classes", "5", "dense")
+        .iter()
+        .map(|h| h["id"].to_string())
+        .collect();
+    assert_eq!(weighted, dense);
+
+    // Add and remove reach the dense ranking.
+    let new = tmp.path().join("notes.md");
+    let text = "Zebrafish regrow their fins within weeks.";
+    std::fs::write(&new, format!("# Zebrafish\n\n{text}\n")).unwrap();
+    ok(&run(hone()
+        .args(["rag", "add"])
+        .arg(&index)
+        .arg("--docs")
+        .arg(&new)));
+    let hits = query_mode(
+        &index,
+        "# Zebrafish\n\nZebrafish regrow their fins within weeks.",
+        "1",
+        "dense",
+    );
+    assert_eq!(hits[0]["doc_id"], new.to_string_lossy().as_ref());
+    ok(&run(hone()
+        .args(["rag", "remove"])
+        .arg(&index)
+        .args(["--id", &new.to_string_lossy()])));
+    let hits = query_mode(&index, text, "60", "dense");
+    assert!(hits
+        .iter()
+        .all(|h| h["doc_id"] != new.to_string_lossy().as_ref()));
+
+    // Another embedder: an error naming both, nothing printed on stdout.
+    let other = tmp.path().join("other");
+    copy_dir(&fixture, &other);
+    let weights = other.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x10;
+    std::fs::write(&weights, bytes).unwrap();
+    let out = run(hone()
+        .args(["rag", "query"])
+        .arg(&index)
+        .arg("complexity")
+        .arg("--embedder")
+        .arg(&other));
+    let message = failed(&out);
+    assert!(
+        message.contains("`tiny`") && message.contains("`other`"),
+        "{message}"
+    );
+    assert!(out.stdout.is_empty());
+}

@@ -1,11 +1,16 @@
 //! `hone rag index|add|remove|query`: build a retrieval index from documents, change it in
-//! place, and search it (hone-rag; BM25 for now).
+//! place, and search it (hone-rag): BM25, plus dense embeddings and hybrid ranking when the index
+//! is built with `--embedder`.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::{Args, Subcommand};
-use hone_rag::{build_index, BuildOptions, ChunkConfig, IndexUpdate, RagIndex, Retriever};
+use clap::{Args, Subcommand, ValueEnum};
+use hone_rag::embed::EmbedderSettings;
+use hone_rag::{
+    build_index, BuildOptions, ChunkConfig, FusionConfig, IndexUpdate, OpenOptions, RagIndex,
+    SearchMode, SearchOptions,
+};
 
 use crate::args::OnErrorArg;
 
@@ -30,16 +35,24 @@ pub struct RagIndexArgs {
     /// The index directory (created; an existing index there is replaced).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+    /// A sentence-transformers model directory (BERT family, mean pooling, e.g.
+    /// all-MiniLM-L6-v2): chunks are also embedded for dense and hybrid search, and counted in
+    /// its tokenizer's tokens. Without it the index is lexical (BM25) only.
+    #[arg(long, value_name = "DIR")]
+    pub embedder: Option<PathBuf>,
     /// A Hugging Face tokenizer.json whose tokens chunk sizes count (copied into the index);
-    /// without it, words and punctuation marks are counted (an approximation).
+    /// default: the embedder's; without either, words and punctuation marks are counted (an
+    /// approximation).
     #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
-    /// Most tokens in one chunk.
-    #[arg(long, default_value_t = ChunkConfig::default().max_tokens)]
-    pub max_tokens: usize,
+    /// Most tokens in one chunk [default: 256, at most what the embedder reads less its 2
+    /// special tokens].
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
     /// Tokens a chunk repeats from the end of the previous one (below max-tokens / 2).
-    #[arg(long, default_value_t = ChunkConfig::default().overlap_tokens)]
-    pub overlap: usize,
+    /// [default: an eighth of max-tokens, 32 for 256]
+    #[arg(long)]
+    pub overlap: Option<usize>,
     /// What to do with a malformed document (default fail).
     #[arg(long, value_enum, default_value = "fail")]
     pub on_error: OnErrorArg,
@@ -55,6 +68,10 @@ pub struct RagAddArgs {
     /// Documents to add (as for `hone rag index`).
     #[arg(long, value_name = "PATH", num_args = 1.., required = true)]
     pub docs: Vec<String>,
+    /// The embedder that built the index, where it is now [default: the directory recorded in
+    /// the index].
+    #[arg(long, value_name = "DIR")]
+    pub embedder: Option<PathBuf>,
     /// What to do with a malformed document (default fail).
     #[arg(long, value_enum, default_value = "fail")]
     pub on_error: OnErrorArg,
@@ -67,6 +84,23 @@ pub struct RagRemoveArgs {
     /// Document id to remove with all its chunks; repeatable. An unknown id changes nothing.
     #[arg(long = "id", value_name = "ID", required = true)]
     pub ids: Vec<String>,
+    /// The embedder that built the index, where it is now [default: the directory recorded in
+    /// the index].
+    #[arg(long, value_name = "DIR")]
+    pub embedder: Option<PathBuf>,
+}
+
+/// Which rankings `hone rag query` uses.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum SearchModeArg {
+    /// hybrid when the index has an embedder, else lexical
+    Auto,
+    /// BM25 only
+    Lexical,
+    /// embedding similarity only
+    Dense,
+    /// reciprocal rank fusion of BM25 and dense rankings
+    Hybrid,
 }
 
 #[derive(Args, Debug)]
@@ -82,6 +116,25 @@ pub struct RagQueryArgs {
     /// offsets, score, rank.
     #[arg(long)]
     pub json: bool,
+    /// Rankings to use.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub mode: SearchModeArg,
+    /// Weight of the BM25 ranking in hybrid fusion.
+    #[arg(long, default_value_t = 1.0)]
+    pub lexical_weight: f64,
+    /// Weight of the dense ranking in hybrid fusion.
+    #[arg(long, default_value_t = 1.0)]
+    pub dense_weight: f64,
+    /// The reciprocal rank fusion constant: score = sum of weight / (rrf_k + rank).
+    #[arg(long, default_value_t = hone_rag::RRF_K)]
+    pub rrf_k: f64,
+    /// Candidates taken from each ranking before fusion (at least k).
+    #[arg(long, default_value_t = SearchOptions::default().candidates)]
+    pub candidates: usize,
+    /// The embedder that built the index, where it is now [default: the directory recorded in
+    /// the index].
+    #[arg(long, value_name = "DIR")]
+    pub embedder: Option<PathBuf>,
 }
 
 pub fn run(command: RagCommand) -> Result<()> {
@@ -107,14 +160,28 @@ fn print_skipped(skipped: &[hone_data::RecordError]) {
 }
 
 fn index(args: RagIndexArgs) -> Result<()> {
+    let max_tokens = match (args.max_tokens, &args.embedder) {
+        (Some(n), _) => n,
+        (None, Some(dir)) => {
+            let settings = EmbedderSettings::read(dir)?;
+            ChunkConfig::default()
+                .max_tokens
+                .min(settings.max_seq_len.saturating_sub(2))
+        }
+        (None, None) => ChunkConfig::default().max_tokens,
+    };
     let options = BuildOptions {
         inputs: args.docs,
         out: args.out.clone(),
         chunking: ChunkConfig {
-            max_tokens: args.max_tokens,
-            overlap_tokens: args.overlap,
+            max_tokens,
+            overlap_tokens: args.overlap.unwrap_or_else(|| {
+                let d = ChunkConfig::default();
+                d.overlap_tokens * max_tokens / d.max_tokens
+            }),
         },
         tokenizer: args.tokenizer,
+        embedder: args.embedder,
         on_error: policy(args.on_error),
         force: args.force,
     };
@@ -122,13 +189,14 @@ fn index(args: RagIndexArgs) -> Result<()> {
     print_skipped(&report.skipped);
     println!(
         "indexed {} documents as {} chunks ({} skipped) into {} in {:.2} s \
-         (read + chunk {:.2} s, index {:.2} s)",
+         (read + chunk {:.2} s, embed {:.2} s, index {:.2} s)",
         report.documents,
         report.chunks,
         report.skipped.len(),
         args.out.display(),
-        report.read_seconds + report.index_seconds,
+        report.read_seconds + report.embed_seconds + report.index_seconds,
         report.read_seconds,
+        report.embed_seconds,
         report.index_seconds
     );
     Ok(())
@@ -145,8 +213,12 @@ fn summary(index: &RagIndex) -> String {
     )
 }
 
+fn open(dir: &std::path::Path, embedder: Option<PathBuf>) -> Result<RagIndex> {
+    Ok(RagIndex::open_with(dir, &OpenOptions { embedder })?)
+}
+
 fn add(args: RagAddArgs) -> Result<()> {
-    let mut index = RagIndex::open(&args.dir)?;
+    let mut index = open(&args.dir, args.embedder)?;
     let (report, skipped) = index.add_inputs(&args.docs, policy(args.on_error))?;
     print_skipped(&skipped);
     println!(
@@ -161,7 +233,7 @@ fn add(args: RagAddArgs) -> Result<()> {
 }
 
 fn remove(args: RagRemoveArgs) -> Result<()> {
-    let mut index = RagIndex::open(&args.dir)?;
+    let mut index = open(&args.dir, args.embedder)?;
     let report = index.remove(&args.ids)?;
     println!(
         "removed {} documents ({} chunks); {}",
@@ -173,8 +245,21 @@ fn remove(args: RagRemoveArgs) -> Result<()> {
 }
 
 fn query(args: RagQueryArgs) -> Result<()> {
-    let index = RagIndex::open(&args.dir)?;
-    let hits = index.search(&args.query, args.k as usize)?;
+    let index = open(&args.dir, args.embedder)?;
+    let options = SearchOptions {
+        mode: match args.mode {
+            SearchModeArg::Auto => SearchMode::Auto,
+            SearchModeArg::Lexical => SearchMode::Lexical,
+            SearchModeArg::Dense => SearchMode::Dense,
+            SearchModeArg::Hybrid => SearchMode::Hybrid,
+        },
+        fusion: FusionConfig {
+            k: args.rrf_k,
+            weights: vec![args.lexical_weight, args.dense_weight],
+        },
+        candidates: args.candidates,
+    };
+    let hits = index.search_with(&args.query, args.k as usize, &options)?;
     if hits.is_empty() {
         eprintln!("no chunk matches the query");
     }
