@@ -176,7 +176,7 @@ fn read_bert(path: &Path) -> Result<BertConfig> {
             return Err(bad(path, key, "expected a positive value, found 0"));
         }
     }
-    if raw.hidden_size % raw.num_attention_heads != 0 {
+    if !raw.hidden_size.is_multiple_of(raw.num_attention_heads) {
         return Err(bad(
             path,
             "num_attention_heads",
@@ -292,7 +292,7 @@ fn read_max_seq_len(dir: &Path, positions: usize) -> Result<usize> {
         read_json::<TokenizerConfig>(&tok)?
             .model_max_length
             // transformers writes 1e30 for "no limit"
-            .filter(|&n| n >= 1.0 && n < 1e9)
+            .filter(|n| (1.0..1e9).contains(n))
             .map(|n| n as usize)
     } else {
         None
