@@ -77,8 +77,8 @@ pub mod exit {
     pub const USAGE: i32 = 2;
     /// A quality gate failed (`hone eval --max-drop` against a `--baseline`).
     pub const GATE: i32 = 3;
-    /// The data was rejected: more bad records than allowed (`on_error = "fail"`), or
-    /// nothing left to train on after curation.
+    /// The data was rejected: more bad records than allowed (`on_error = "fail"`), nothing
+    /// left to train on after curation, or a malformed record in an evaluation data file.
     pub const DATA_REJECTED: i32 = 4;
 }
 
@@ -140,6 +140,9 @@ fn exit_code(err: &anyhow::Error) -> i32 {
                 | EvalError::Baseline { .. }
                 | EvalError::UnknownMetric { .. } => Some(exit::USAGE),
                 EvalError::Regression { .. } => Some(exit::GATE),
+                EvalError::Json { .. } | EvalError::Record { .. } | EvalError::EmptyData { .. } => {
+                    Some(exit::DATA_REJECTED)
+                }
                 EvalError::Interrupted { .. } => {
                     Some(128 + signals::received().unwrap_or(libc::SIGINT))
                 }

@@ -141,8 +141,8 @@ fn eval_errors_name_the_bad_input() {
         .arg(dir.path())
         .output()
         .unwrap();
-    assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "data rejected: {stderr}");
     assert!(
         stderr.contains("bad.jsonl:1") && stderr.contains("`answer`"),
         "{stderr}"
@@ -158,8 +158,8 @@ fn eval_errors_name_the_bad_input() {
         ])
         .output()
         .unwrap();
-    assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "usage: {stderr}");
     assert!(
         stderr.contains("tasks.nosuch.kind") && stderr.contains("openbookqa"),
         "{stderr}"
@@ -449,6 +449,17 @@ fn resume_after_an_interruption_reports_what_an_uninterrupted_run_reports() {
         comparable(read_json(&parts.join("eval.json"))),
         comparable(read_json(&whole.join("eval.json")))
     );
+
+    // A damaged line before the last one is refused (exit 2), not skipped.
+    let log = parts.join("records.jsonl");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines[3] = "{\"task\": 7}";
+    std::fs::write(&log, lines.join("\n") + "\n").unwrap();
+    let (code, stderr) = run_code(eval(&parts).arg("--resume"));
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("line 4: not a record"), "{stderr}");
+    std::fs::write(&log, &text).unwrap();
 
     // Other settings than the log's: refused (exit 2), not mixed.
     let (code, stderr) = run_code(eval(&parts).args(["--resume", "--max-seq-len", "100"]));
