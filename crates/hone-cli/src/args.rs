@@ -54,7 +54,7 @@ pub enum Command {
     /// Run the global orchestrator of multi-node training (distributed.orchestrator) until killed.
     TrainOrchestrator(TrainOrchestratorArgs),
     /// Evaluate a base model and adapters side by side; writes eval.json and eval.md.
-    Eval(crate::cmd::eval::EvalArgs),
+    Eval(Box<crate::cmd::eval::EvalArgs>),
     /// Serve the model over an OpenAI-compatible HTTP API, with LoRA adapters per request.
     Serve(crate::cmd::serve::ServeArgs),
     /// Retrieval: build, change and search a document index (`index`, `add`, `remove`, `query`).

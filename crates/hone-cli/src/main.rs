@@ -50,7 +50,7 @@ fn main() {
         Command::Adapter(command) => cmd::adapter::run(command),
         Command::Train(args) => cmd::train::run(args, cli.log_format),
         Command::TrainOrchestrator(args) => cmd::train::orchestrator(args),
-        Command::Eval(args) => cmd::eval::run(args),
+        Command::Eval(args) => cmd::eval::run(*args),
         Command::Serve(args) => cmd::serve::run(args),
         Command::Rag(command) => cmd::rag::run(command),
     };
