@@ -8,8 +8,9 @@
 //!
 //! Building writes everything into a temporary directory next to the target and renames it into
 //! place, so a failed build leaves nothing half-written and an existing index stays readable
-//! until the new one replaces it. `add` and `remove` write the next dense directory first (when
-//! there is one), then make one tantivy commit each (atomic for readers), followed by an atomic rewrite of `manifest.json` (new generation and counts) while
+//! until the new one replaces it. `add` and `remove` embed new chunks, take tantivy's writer lock,
+//! write the next dense directory (when there is one), then make one tantivy commit each (atomic
+//! for readers), followed by an atomic rewrite of `manifest.json` (new generation and counts) while
 //! tantivy's writer lock is still held, so concurrent writers are refused rather than
 //! interleaved.
 
@@ -411,30 +412,36 @@ impl RagIndex {
     /// manifest; a failed commit removes it.
     fn commit(&mut self, remove: &[String], chunks: &[Chunk]) -> Result<()> {
         let dir = self.dir.clone();
-        let next_dense = match &self.dense {
-            Some(dense) => {
-                let index = embed_chunks(&dense.embedder, &dense.index, remove, chunks)?;
-                let generation = Manifest::read(&dir)?.generation + 1;
-                let name = dense_dir_name(generation);
-                index.write(&dir.join(&name))?;
-                Some((index, name))
-            }
+        // Embedding (the slow part) happens before the writer lock is taken; the directory is
+        // written under it, named by the generation the manifest has then.
+        let next_index = match &self.dense {
+            Some(dense) => Some(embed_chunks(&dense.embedder, &dense.index, remove, chunks)?),
             None => None,
         };
+        let next_dense: std::cell::RefCell<Option<(DenseIndex, String)>> = Default::default();
+        let prepare = || -> Result<()> {
+            if let Some(index) = next_index {
+                let name = dense_dir_name(Manifest::read(&dir)?.generation + 1);
+                index.write(&dir.join(&name))?;
+                *next_dense.borrow_mut() = Some((index, name));
+            }
+            Ok(())
+        };
         let mut updated = None;
-        let result = self.lexical.apply(remove, chunks, |index| {
+        let result = self.lexical.apply_locked(prepare, remove, chunks, |index| {
             let mut manifest = Manifest::read(&dir)?;
             let (documents, chunks) = index.counts()?;
             manifest.generation += 1;
             manifest.documents = documents;
             manifest.chunks = chunks;
-            if let (Some(m), Some((_, name))) = (manifest.dense.as_mut(), &next_dense) {
+            if let (Some(m), Some((_, name))) = (manifest.dense.as_mut(), &*next_dense.borrow()) {
                 m.dir = name.clone();
             }
             manifest.write(&dir)?;
             updated = Some(manifest);
             Ok(())
         });
+        let next_dense = next_dense.into_inner();
         if let Err(e) = result {
             if let (Some((_, name)), None) = (&next_dense, &updated) {
                 let _ = std::fs::remove_dir_all(dir.join(name));

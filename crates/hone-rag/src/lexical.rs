@@ -155,11 +155,24 @@ impl LexicalIndex {
         chunks: &[Chunk],
         then: impl FnOnce(&Self) -> Result<()>,
     ) -> Result<()> {
+        self.apply_locked(|| Ok(()), remove, chunks, then)
+    }
+
+    /// [`Self::apply`], running `prepare` first once the writer lock is held (the next dense
+    /// directory is written there, so two writers never write the same one).
+    pub fn apply_locked(
+        &self,
+        prepare: impl FnOnce() -> Result<()>,
+        remove: &[String],
+        chunks: &[Chunk],
+        then: impl FnOnce(&Self) -> Result<()>,
+    ) -> Result<()> {
         let fail = |e| RagError::lexical(&self.dir, e);
         let mut writer = self
             .index
             .writer_with_num_threads::<TantivyDocument>(WRITER_THREADS, WRITER_BUDGET)
             .map_err(fail)?;
+        prepare()?;
         for doc_id in remove {
             writer.delete_term(Term::from_field_text(self.fields.doc_id, doc_id));
         }
