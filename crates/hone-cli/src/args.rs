@@ -89,6 +89,10 @@ pub struct TrainArgs {
     /// line of stdout; everything else goes to stderr.
     #[arg(long)]
     pub json: bool,
+    /// A quality gate: fail the run (exit 3) when 'METRIC OP NUMBER' holds on its final values,
+    /// e.g. --fail-if 'eval/loss > 1.2'; added to the config's [gates] fail_if; repeatable.
+    #[arg(long = "fail-if", value_name = "METRIC OP NUMBER")]
+    pub fail_if: Vec<String>,
 }
 
 #[derive(Args, Debug, Clone)]

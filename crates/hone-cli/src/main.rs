@@ -75,7 +75,8 @@ pub mod exit {
     /// A bad flag (clap's own code), config key or value, or a file a flag or config names
     /// that does not exist.
     pub const USAGE: i32 = 2;
-    /// A quality gate failed (`hone eval --max-drop` against a `--baseline`).
+    /// A quality gate failed (`hone train`'s `[gates]`/`--fail-if`, `hone eval --max-drop`
+    /// against a `--baseline`).
     pub const GATE: i32 = 3;
     /// The data was rejected: more bad records than allowed (`on_error = "fail"`), nothing
     /// left to train on after curation, or a malformed record in an evaluation data file.
@@ -160,6 +161,7 @@ fn exit_code(err: &anyhow::Error) -> i32 {
                 | TrainError::AdapterMismatch { .. }
                 | TrainError::ContextTooLong { .. } => Some(exit::USAGE),
                 TrainError::NoTrainingData(_) => Some(exit::DATA_REJECTED),
+                TrainError::GateFailed { .. } => Some(exit::GATE),
                 TrainError::Interrupted { .. } => {
                     Some(128 + signals::received().unwrap_or(libc::SIGINT))
                 }

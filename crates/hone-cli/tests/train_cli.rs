@@ -962,3 +962,71 @@ fn log_format_json_writes_each_train_event_as_one_json_object_per_stderr_line() 
     assert_eq!(error["exit_code"], 2);
     assert_eq!(failed.status.code(), Some(2));
 }
+
+/// Issue 16: quality gates. `[gates] fail_if` and `--fail-if` are checked on the run's final
+/// values; a gate that holds (or names a metric the run never measured) ends the run with exit
+/// code 3 and `summary.json` says which gate and the value it saw; a malformed gate is a usage
+/// error (2) before anything runs.
+#[test]
+fn quality_gates_pass_fail_with_exit_code_3_and_are_recorded_in_summary_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = [
+        "train.max_steps=4",
+        "train.eval_every=2",
+        "train.log_every=2",
+        "eval.prompts=[]",
+    ];
+    // Passing: the final validation loss is far below 1000 and a loss is never negative.
+    let pass = tmp.path().join("pass");
+    let mut sets = base.to_vec();
+    sets.push(r#"gates.fail_if=["train/loss < 0"]"#);
+    let (c, log) = code(quickstart(&pass, &sets).args(["--fail-if", "eval/loss > 1000"]));
+    assert_eq!(c, 0, "{log}");
+    let summary = json_file(&pass.join("summary.json"));
+    assert_eq!(summary["status"], "completed");
+    let gates = summary["gates"].as_array().unwrap();
+    assert_eq!(gates.len(), 2);
+    assert_eq!(gates[0]["gate"], "train/loss < 0");
+    assert_eq!(gates[1]["gate"], "eval/loss > 1000");
+    assert!(gates.iter().all(|g| g["passed"] == true), "{gates:?}");
+    assert_eq!(gates[1]["value"], summary["val_loss"]["final"]);
+
+    // Failing: a loss is always above 0; `eval/accuracy` is never measured by a training run.
+    let fail = tmp.path().join("fail");
+    let (c, log) = code(quickstart(&fail, &base).args([
+        "--fail-if",
+        "eval/loss > 0",
+        "--fail-if",
+        "eval/accuracy < 0.5",
+    ]));
+    assert_eq!(c, 3, "{log}");
+    assert!(
+        log.contains("quality gates failed: eval/loss > 0 (final value"),
+        "{log}"
+    );
+    assert!(
+        log.contains("eval/accuracy < 0.5 (this run did not measure it"),
+        "{log}"
+    );
+    let summary = json_file(&fail.join("summary.json"));
+    assert_eq!(summary["status"], "gate_failed");
+    assert_eq!(summary["exit_code"], 3);
+    let gates = summary["gates"].as_array().unwrap();
+    assert_eq!(gates[0]["passed"], false);
+    assert_eq!(gates[0]["value"], summary["val_loss"]["final"]);
+    assert!(gates[1]["value"].is_null());
+    // The adapter was still written: the gate judges it, it does not delete it.
+    assert!(fail.join("adapter/adapter_model.safetensors").is_file());
+
+    // Malformed: exit 2, naming the flag or the config key, and no run directory.
+    let bad = tmp.path().join("bad");
+    let (c, log) = code(quickstart(&bad, &base).args(["--fail-if", "eval/loss >"]));
+    assert_eq!(c, 2, "{log}");
+    assert!(log.contains("--fail-if: `eval/loss >`"), "{log}");
+    let mut sets = base.to_vec();
+    sets.push(r#"gates.fail_if=["loss is low"]"#);
+    let (c, log) = code(&mut quickstart(&bad, &sets));
+    assert_eq!(c, 2, "{log}");
+    assert!(log.contains("gates.fail_if[0]"), "{log}");
+    assert!(!bad.exists());
+}

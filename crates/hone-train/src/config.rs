@@ -429,6 +429,9 @@ pub struct RunConfig {
     pub eval: EvalSection,
     #[serde(default)]
     pub output: OutputSection,
+    /// `[gates]`: conditions on the final metrics that fail the run ([`crate::gates`]).
+    #[serde(default, skip_serializing_if = "crate::gates::GatesSection::is_empty")]
+    pub gates: crate::gates::GatesSection,
 }
 
 /// Parses the value of `--set key=value` as TOML, or as a plain string when it is not TOML
@@ -643,6 +646,9 @@ impl RunConfig {
     /// Range checks; the error is `(dotted key, message)`.
     fn validate(&self) -> std::result::Result<(), (String, String)> {
         let err = |key: &str, message: String| Err((key.to_string(), message));
+        if let Err((i, message)) = crate::gates::parse_all(&self.gates.fail_if) {
+            return err(&format!("gates.fail_if[{i}]"), message);
+        }
         let t = &self.train;
         if !(t.lr.is_finite() && t.lr >= 0.0) {
             return err(

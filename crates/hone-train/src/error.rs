@@ -15,6 +15,11 @@ pub enum TrainError {
         message: String,
     },
 
+    /// Quality gates that failed (`[gates] fail_if`, `hone train --fail-if`), each with the
+    /// value it saw.
+    #[error("quality gates failed: {}", failed.join("; "))]
+    GateFailed { failed: Vec<String> },
+
     #[error("cannot access {path}: {source}")]
     Io {
         path: PathBuf,

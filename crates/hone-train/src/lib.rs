@@ -27,6 +27,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod gates;
 pub mod lock;
 pub mod memory;
 pub mod metrics;

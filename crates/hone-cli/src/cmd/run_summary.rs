@@ -32,6 +32,9 @@ fn json(value: &impl Serialize) -> String {
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Completed,
+    /// Training completed but a quality gate failed (exit code 3).
+    #[serde(rename = "gate_failed")]
+    GateFailed,
     Failed,
     /// Stopped by SIGINT/SIGTERM at a step boundary, with a checkpoint to resume from.
     Interrupted,
@@ -251,6 +254,8 @@ pub struct Summary {
     /// `model.device`, or the `train.devices` joined by commas.
     pub device: String,
     pub cpu: Cpu,
+    /// The quality gates checked on the final values (`[gates]`, `--fail-if`).
+    pub gates: Vec<hone_train::gates::GateOutcome>,
 }
 
 impl Summary {
@@ -312,7 +317,30 @@ impl Summary {
                 .collect::<Vec<_>>()
                 .join(","),
             cpu: Cpu::detect(),
+            gates: Vec::new(),
         }
+    }
+
+    /// The values gates can name: the last value of each `metrics.jsonl` key, and the
+    /// summary's `eval/loss_first`, `eval/loss_best`, `tokens_per_sec`, `peak_memory_mb`,
+    /// `wall_seconds`.
+    pub fn gate_metrics(&self) -> std::collections::BTreeMap<String, f64> {
+        let text = std::fs::read_to_string(self.run_dir.join(hone_train::metrics::METRICS_FILE))
+            .unwrap_or_default();
+        let mut metrics = hone_train::gates::final_metrics(&text);
+        let extra = [
+            ("eval/loss_first", self.val_loss.first),
+            ("eval/loss_best", self.val_loss.best),
+            ("tokens_per_sec", self.tokens_per_sec),
+            ("peak_memory_mb", self.peak_memory_mb),
+            ("wall_seconds", Some(self.wall_seconds)),
+        ];
+        for (key, value) in extra {
+            if let Some(v) = value {
+                metrics.insert(key.to_string(), v);
+            }
+        }
+        metrics
     }
 
     pub fn to_json(&self) -> String {

@@ -347,6 +347,15 @@ pub fn orchestrator(args: crate::args::TrainOrchestratorArgs) -> Result<()> {
 pub fn run(args: TrainArgs, log_format: LogFormat) -> Result<()> {
     let started = Instant::now();
     let config = RunConfig::load(&args.config, &args.set).map_err(crate::UsageError::new)?;
+    let mut gate_texts = config.gates.fail_if.clone();
+    gate_texts.extend(args.fail_if.iter().cloned());
+    let gates = hone_train::gates::parse_all(&gate_texts).map_err(|(i, message)| {
+        let at = i.checked_sub(config.gates.fail_if.len());
+        crate::UsageError(match at {
+            Some(_) => format!("--fail-if: {message}").into(),
+            None => format!("{}: gates.fail_if[{i}]: {message}", args.config.display()).into(),
+        })
+    })?;
     let out = Out {
         stderr: args.json,
         json_events: log_format == LogFormat::Json,
@@ -381,7 +390,7 @@ pub fn run(args: TrainArgs, log_format: LogFormat) -> Result<()> {
             (status, Some(crate::error_chain(e)), crate::exit_code(e))
         }
     };
-    let summary = Summary::new(
+    let mut summary = Summary::new(
         &config,
         &progress.record,
         &run_dir,
@@ -390,6 +399,31 @@ pub fn run(args: TrainArgs, log_format: LogFormat) -> Result<()> {
         code,
         started,
     );
+    let mut result = result.map(|_| ());
+    if result.is_ok() && !gates.is_empty() {
+        let metrics = summary.gate_metrics();
+        summary.gates = hone_train::gates::check(&gates, &metrics);
+        let failed: Vec<String> = summary
+            .gates
+            .iter()
+            .filter(|g| !g.passed)
+            .map(|g| match g.value {
+                Some(v) => format!("{} (final value {v})", g.gate),
+                None => format!(
+                    "{} (this run did not measure it; it has: {})",
+                    g.gate,
+                    metrics.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            })
+            .collect();
+        if !failed.is_empty() {
+            let err = anyhow::Error::new(TrainError::GateFailed { failed });
+            summary.status = Status::GateFailed;
+            summary.error = Some(crate::error_chain(&err));
+            summary.exit_code = crate::exit_code(&err);
+            result = Err(err);
+        }
+    }
     let written = summary
         .write()
         .and_then(|path| summary.write_model_card(&config).map(|_| path));
