@@ -71,6 +71,13 @@ pub struct TrainOrchestratorArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(
+    after_help = "--dry-run checks a run without training or writing anything (no run directory): \
+                  it validates the config, reads the model's config.json and tokenizer (not its \
+                  weights), curates and tokenizes the data and prints the steps, tokens and \
+                  estimated peak memory of the run; --dry-run=measure also loads the weights and \
+                  times a few training steps. Exit codes as for a run: 2 config, 4 data rejected."
+)]
 pub struct TrainArgs {
     /// Run config (TOML): [model], [data], [tokenize], [lora], [train], [eval], [output].
     #[arg(long)]
@@ -93,6 +100,19 @@ pub struct TrainArgs {
     /// e.g. --fail-if 'eval/loss > 1.2'; added to the config's [gates] fail_if; repeatable.
     #[arg(long = "fail-if", value_name = "METRIC OP NUMBER")]
     pub fail_if: Vec<String>,
+    /// Plan the run without training or writing anything: validate the config, open the
+    /// model's config.json and tokenizer (not the weights), curate and tokenize the data, print
+    /// steps, tokens and estimated peak memory (with --json, one JSON object on stdout's last
+    /// line). --dry-run=measure also loads the weights and times a few training steps.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "MODE",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "plan"
+    )]
+    pub dry_run: Option<crate::cmd::train::DryRunMode>,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -43,23 +43,23 @@ pub struct CleanOutcome {
     pub whitespace_changed: bool,
 }
 
-/// Cleans every message of an example in place.
+/// Cleans every piece of text of an example (message contents, raw text) in place.
 pub fn clean_example(example: &mut Example, config: &CleanConfig) -> CleanOutcome {
     let mut outcome = CleanOutcome::default();
-    for message in &mut example.messages {
+    for content in example.contents_mut() {
         if config.nfc {
-            if let Cow::Owned(s) = nfc(&message.content) {
-                if s != message.content {
+            if let Cow::Owned(s) = nfc(content.as_str()) {
+                if s != *content {
                     outcome.nfc_changed = true;
-                    message.content = s;
+                    *content = s;
                 }
             }
         }
         if config.whitespace {
-            if let Cow::Owned(s) = clean_whitespace(&message.content) {
-                if s != message.content {
+            if let Cow::Owned(s) = clean_whitespace(content.as_str()) {
+                if s != *content {
                     outcome.whitespace_changed = true;
-                    message.content = s;
+                    *content = s;
                 }
             }
         }

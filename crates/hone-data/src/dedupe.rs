@@ -1,7 +1,9 @@
 //! Exact duplicate removal on the normalised text.
 //!
 //! The key is a 128-bit xxh3 hash of every message's role and content (after cleaning), so two
-//! examples are duplicates when their conversations are identical. The first occurrence in
+//! examples are duplicates when their conversations are identical; raw text hashes as one piece
+//! labelled `text` (see [`Example::parts`]), as it did when it was stored as a `text` message,
+//! so the split of a data set does not move. The first occurrence in
 //! input order is kept. The same hash, folded to 64 bits, keys the train/validation split.
 
 use std::collections::HashMap;
@@ -15,11 +17,11 @@ use crate::example::Example;
 /// order ambiguously (lengths are hashed too).
 pub fn content_hash(example: &Example) -> u128 {
     let mut h = Xxh3::new();
-    for m in &example.messages {
-        h.update(m.role.as_str().as_bytes());
+    for (label, content) in example.parts() {
+        h.update(label.as_bytes());
         h.update(&[0]);
-        h.update(&(m.content.len() as u64).to_le_bytes());
-        h.update(m.content.as_bytes());
+        h.update(&(content.len() as u64).to_le_bytes());
+        h.update(content.as_bytes());
     }
     h.digest128()
 }

@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::DataError;
-use crate::example::{Example, Role};
+use crate::example::Example;
 use crate::report::RemovalReason;
 
 /// Which filters run; the bounds are inclusive and off when `None`.
@@ -15,7 +15,8 @@ use crate::report::RemovalReason;
 pub struct FilterConfig {
     /// Drop examples with no message or with an empty (after cleanup) message.
     pub drop_empty: bool,
-    /// Drop chat examples without any assistant message (raw-text examples are exempt).
+    /// Drop chat examples without any assistant message (raw text and completions are
+    /// exempt).
     pub require_assistant: bool,
     /// Minimum total characters.
     pub min_chars: Option<usize>,
@@ -69,21 +70,18 @@ impl FilterConfig {
     /// The structural and character-length checks; `None` keeps the example.
     pub fn check_chars(&self, example: &Example, chars: usize) -> Option<(RemovalReason, String)> {
         if self.drop_empty {
-            if example.messages.is_empty() {
+            if matches!(example, Example::Chat(messages) if messages.is_empty()) {
                 return Some((RemovalReason::Empty, "no messages".to_string()));
             }
-            if let Some(m) = example
-                .messages
-                .iter()
-                .find(|m| m.content.trim().is_empty())
-            {
-                return Some((RemovalReason::Empty, format!("empty {} message", m.role)));
+            if let Some((label, _)) = example.parts().find(|(_, c)| c.trim().is_empty()) {
+                return Some((RemovalReason::Empty, format!("empty {label} message")));
             }
         }
-        if self.require_assistant
-            && !example.is_text()
-            && !example.messages.iter().any(|m| m.role == Role::Assistant)
-        {
+        let no_assistant = match example {
+            Example::Chat(messages) => !messages.iter().any(|m| m.is_assistant()),
+            Example::Completion { .. } | Example::Text(_) => false,
+        };
+        if self.require_assistant && no_assistant {
             return Some((
                 RemovalReason::NoAssistant,
                 "no assistant message".to_string(),

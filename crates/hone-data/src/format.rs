@@ -1,13 +1,13 @@
-//! Input formats, field remapping, `auto` detection, and conversion of a raw record into
-//! normalised [`Message`]s.
+//! Input formats, field remapping, `auto` detection, and conversion of a raw record into a
+//! normalised [`Example`]: a chat of [`Message`]s, or raw text.
 //!
-//! | format       | record                                              | messages                          |
+//! | format       | record                                              | example                           |
 //! |--------------|-----------------------------------------------------|-----------------------------------|
 //! | `alpaca`     | `instruction`, optional `input`, `output`, optional `system` | system (if any), user = instruction + "\n\n" + input, assistant = output |
 //! | `sharegpt`   | `conversations: [{from, value}]`                    | human/user -> user, gpt/assistant/model -> assistant, system -> system, tool/function/observation -> tool |
-//! | `messages`   | `messages: [{role, content}]` (OpenAI)              | as given (`developer` -> system, `function` -> tool); content may be a list of `{type: "text", text}` parts |
+//! | `messages`   | `messages: [{role, content}]` (OpenAI)              | as given (`developer` -> system, `function` -> tool); content may be a list of `{type: "text", text}` parts; one message with the role `text` (hone's old curated raw text) -> raw text |
 //! | `completion` | `prompt`, `completion`                              | user = prompt, assistant = completion |
-//! | `text`       | `text`                                              | one message with role `text`       |
+//! | `text`       | `text`                                              | raw text                          |
 //!
 //! Every field name can be replaced through [`FieldMap`]; a name may be a dotted path into
 //! nested objects and arrays (`instances.0.output`). `auto` tries each format's default names
@@ -24,7 +24,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::example::{Message, Role};
+use crate::example::{Example, LEGACY_TEXT_ROLE};
+use crate::message::{Message, Role};
 
 /// The format a user asks for: one of the formats, or `auto` to detect it per file.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -342,8 +343,8 @@ impl Layout {
         }
     }
 
-    /// Converts one record into messages.
-    pub fn convert(&self, record: &Value) -> Result<Vec<Message>, FieldError> {
+    /// Converts one record into an example.
+    pub fn convert(&self, record: &Value) -> Result<Example, FieldError> {
         if !record.is_object() {
             return Err(FieldError::new(
                 None,
@@ -400,17 +401,17 @@ impl Layout {
                 ));
             }
             Layout::Text { text } => {
-                messages.push(Message::new(Role::Text, required_str(record, text)?));
+                return Ok(Example::text(required_str(record, text)?));
             }
         }
-        messages.retain(|m| !(m.role == Role::System && m.content.trim().is_empty()));
-        if messages.len() > 1 && messages.iter().any(|m| m.role == Role::Text) {
+        messages.retain(|m| !(m.has_role(Role::System) && m.content.trim().is_empty()));
+        if messages.len() > 1 && messages.iter().any(|m| m.role == LEGACY_TEXT_ROLE) {
             return Err(FieldError::new(
                 None,
                 "role `text` must be the only message of its example".to_string(),
             ));
         }
-        Ok(messages)
+        Ok(Example::from_messages(messages))
     }
 }
 
@@ -493,25 +494,27 @@ fn optional_str<'v>(record: &'v Value, path: &FieldPath) -> Result<Option<&'v st
     }
 }
 
-/// Role names accepted in sharegpt `from` fields.
-fn sharegpt_role(name: &str) -> Option<Role> {
-    match name.to_ascii_lowercase().as_str() {
-        "human" | "user" => Some(Role::User),
-        "gpt" | "assistant" | "model" | "chatgpt" | "bot" => Some(Role::Assistant),
-        "system" => Some(Role::System),
-        "tool" | "function" | "observation" => Some(Role::Tool),
-        _ => None,
-    }
+/// Role names accepted in sharegpt `from` fields, and the name they get.
+fn sharegpt_role(name: &str) -> Option<&'static str> {
+    let role = match name.to_ascii_lowercase().as_str() {
+        "human" | "user" => Role::User,
+        "gpt" | "assistant" | "model" | "chatgpt" | "bot" => Role::Assistant,
+        "system" => Role::System,
+        "tool" | "function" | "observation" => Role::Tool,
+        _ => return None,
+    };
+    Some(role.as_str())
 }
 
-/// Role names accepted in OpenAI-style `role` fields (`text` is hone's raw-text role).
-fn openai_role(name: &str) -> Option<Role> {
+/// Role names accepted in OpenAI-style `role` fields, and the name they get (`text`: the role
+/// of raw text in hone's old curated files, which [`Example::from_messages`] reads as text).
+fn openai_role(name: &str) -> Option<&'static str> {
     match name {
-        "system" | "developer" => Some(Role::System),
-        "user" => Some(Role::User),
-        "assistant" => Some(Role::Assistant),
-        "tool" | "function" => Some(Role::Tool),
-        "text" => Some(Role::Text),
+        "system" | "developer" => Some(Role::System.as_str()),
+        "user" => Some(Role::User.as_str()),
+        "assistant" => Some(Role::Assistant.as_str()),
+        "tool" | "function" => Some(Role::Tool.as_str()),
+        LEGACY_TEXT_ROLE => Some(LEGACY_TEXT_ROLE),
         _ => None,
     }
 }
@@ -521,7 +524,7 @@ fn convert_turns(
     list: &FieldPath,
     role_key: &FieldPath,
     content_key: &FieldPath,
-    map_role: fn(&str) -> Option<Role>,
+    map_role: fn(&str) -> Option<&'static str>,
     out: &mut Vec<Message>,
 ) -> Result<(), FieldError> {
     let items = match list.get(record) {

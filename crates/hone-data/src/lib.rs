@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! inputs (JSONL / JSON / CSV / TSV / TXT, .gz, globs)      reader
-//!   -> records -> messages (alpaca, sharegpt, messages,    format
+//!   -> records -> examples (alpaca, sharegpt, messages,    format
 //!      completion, text; auto-detected per file)
 //!   -> NFC + whitespace cleanup                           clean
 //!   -> empty / no-assistant / length filters               filter
@@ -34,6 +34,7 @@ pub mod error;
 pub mod example;
 pub mod filter;
 pub mod format;
+pub mod message;
 pub mod minhash;
 pub mod pipeline;
 pub mod reader;
@@ -46,9 +47,10 @@ pub use clean::CleanConfig;
 pub use config::{DataConfig, DedupeConfig, OnError};
 pub use decontam::DecontamConfig;
 pub use error::{DataError, RecordError};
-pub use example::{Example, Message, Role, Source};
+pub use example::{Example, Source, SourcedExample};
 pub use filter::FilterConfig;
 pub use format::{FieldMap, Format, FormatChoice, Layout};
+pub use message::{Message, Role};
 pub use minhash::NearDedupConfig;
 pub use pipeline::{prepare, prepare_with, read_curated, Prepared, TokenCounter};
 pub use report::{summary_table, LengthStats, RemovalReason, Report};

@@ -18,7 +18,7 @@ use crate::config::{DataConfig, OnError};
 use crate::decontam::EvalIndex;
 use crate::dedupe::{content_hash, find_exact_duplicates};
 use crate::error::{DataError, RecordError};
-use crate::example::{Example, Source};
+use crate::example::{Example, Source, SourcedExample};
 use crate::format::{detect, Format, Layout};
 use crate::minhash::{find_near_duplicates, MinHasher};
 use crate::reader::{expand_inputs, read_records, read_records_limited, FileRecords};
@@ -36,9 +36,17 @@ pub type TokenCounter<'a> = dyn Fn(&str) -> usize + Sync + 'a;
 /// The curated data set: training and validation examples in input order, and the report.
 #[derive(Clone, Debug)]
 pub struct Prepared {
-    pub train: Vec<Example>,
-    pub val: Vec<Example>,
+    pub train: Vec<SourcedExample>,
+    pub val: Vec<SourcedExample>,
     pub report: Report,
+}
+
+impl Prepared {
+    /// The training and validation examples without their sources: what tokenization reads.
+    pub fn examples(&self) -> (Vec<Example>, Vec<Example>) {
+        let strip = |v: &[SourcedExample]| v.iter().map(|e| e.example.clone()).collect();
+        (strip(&self.train), strip(&self.val))
+    }
 }
 
 /// Runs the data stage without token counting.
@@ -66,7 +74,7 @@ pub fn prepare_with(
     }
 
     // Read and convert every input, and the evaluation files.
-    let mut examples: Vec<Example> = Vec::new();
+    let mut examples: Vec<SourcedExample> = Vec::new();
     let mut errors: Vec<RecordError> = Vec::new();
     let mut files = Vec::new();
     let mut formats: Vec<Format> = Vec::new();
@@ -93,7 +101,7 @@ pub fn prepare_with(
     // Clean.
     let outcomes: Vec<_> = examples
         .par_iter_mut()
-        .map(|ex| clean_example(ex, &config.clean))
+        .map(|ex| clean_example(&mut ex.example, &config.clean))
         .collect();
     let cleaned = Cleaned {
         nfc: outcomes.iter().filter(|o| o.nfc_changed).count(),
@@ -104,16 +112,19 @@ pub fn prepare_with(
     let mut removed: Vec<Option<(RemovalReason, String)>> = vec![None; n];
 
     // Structure and character bounds.
-    let chars: Vec<usize> = examples.par_iter().map(Example::char_len).collect();
+    let chars: Vec<usize> = examples.par_iter().map(|e| e.example.char_len()).collect();
     let verdicts: Vec<_> = examples
         .par_iter()
         .zip(chars.par_iter())
-        .map(|(ex, &c)| config.filter.check_chars(ex, c))
+        .map(|(ex, &c)| config.filter.check_chars(&ex.example, c))
         .collect();
     apply(&mut removed, (0..n).zip(verdicts));
 
     // Exact duplicates.
-    let hashes: Vec<u128> = examples.par_iter().map(content_hash).collect();
+    let hashes: Vec<u128> = examples
+        .par_iter()
+        .map(|e| content_hash(&e.example))
+        .collect();
     if config.dedupe.exact {
         let alive = alive(&removed);
         let alive_hashes: Vec<u128> = alive.iter().map(|&i| hashes[i]).collect();
@@ -135,7 +146,7 @@ pub fn prepare_with(
         let alive = alive(&removed);
         let counted: Vec<usize> = alive
             .par_iter()
-            .map(|&i| examples[i].messages.iter().map(|m| count(&m.content)).sum())
+            .map(|&i| examples[i].example.parts().map(|(_, c)| count(c)).sum())
             .collect();
         let verdicts: Vec<_> = alive
             .iter()
@@ -155,12 +166,14 @@ pub fn prepare_with(
         let verdicts: Vec<_> = alive
             .par_iter()
             .map_init(Scratch::default, |scratch, &i| {
-                let hit = index.find(&examples[i].text(), scratch).map(|src| {
-                    (
-                        RemovalReason::Contaminated,
-                        format!("shares a {ngram}-word span with eval record {src}"),
-                    )
-                });
+                let hit = index
+                    .find(&examples[i].example.joined(), scratch)
+                    .map(|src| {
+                        (
+                            RemovalReason::Contaminated,
+                            format!("shares a {ngram}-word span with eval record {src}"),
+                        )
+                    });
                 (i, hit)
             })
             .collect();
@@ -172,7 +185,10 @@ pub fn prepare_with(
     if near.enabled {
         let t = Instant::now();
         let alive = alive(&removed);
-        let texts: Vec<Cow<'_, str>> = alive.par_iter().map(|&i| examples[i].text()).collect();
+        let texts: Vec<Cow<'_, str>> = alive
+            .par_iter()
+            .map(|&i| examples[i].example.joined())
+            .collect();
         let sigs = MinHasher::new(near).signatures(&texts);
         drop(texts);
         let t_sig = t.elapsed().as_secs_f64();
@@ -237,7 +253,7 @@ pub fn prepare_with(
                     file: ex.source.file.to_string(),
                     line: ex.source.line,
                     detail: detail.clone(),
-                    text: preview(&ex.text()),
+                    text: preview(&ex.example.joined()),
                 });
             }
         }
@@ -323,7 +339,7 @@ fn preview(text: &str) -> String {
 struct LoadedFile {
     report: FileReport,
     format: Option<Format>,
-    examples: Vec<Example>,
+    examples: Vec<SourcedExample>,
     errors: Vec<RecordError>,
 }
 
@@ -352,7 +368,7 @@ fn load_file(path: &Path, config: &DataConfig) -> Result<LoadedFile, DataError> 
     };
     let mut examples = Vec::with_capacity(records.len());
     if let Some(layout) = &layout {
-        let converted: Vec<Result<Example, RecordError>> = records
+        let converted: Vec<Result<SourcedExample, RecordError>> = records
             .into_par_iter()
             .map(|r| convert(layout, &file, r.line, &r.value))
             .collect();
@@ -386,10 +402,10 @@ fn convert(
     file: &Arc<str>,
     line: usize,
     value: &serde_json::Value,
-) -> Result<Example, RecordError> {
+) -> Result<SourcedExample, RecordError> {
     match layout.convert(value) {
-        Ok(messages) => Ok(Example {
-            messages,
+        Ok(example) => Ok(SourcedExample {
+            example,
             source: Source {
                 file: file.clone(),
                 line,
@@ -419,19 +435,31 @@ fn load_eval(config: &DataConfig, errors: &mut Vec<RecordError>) -> Result<EvalI
     Ok(index)
 }
 
-/// Reads a curated JSONL file (`train.jsonl`, `val.jsonl`) back into examples.
-pub fn read_curated(path: &Path) -> Result<Vec<Example>, DataError> {
+/// Reads a curated JSONL file (`train.jsonl`, `val.jsonl`) back into examples: each line is an
+/// [`Example`] in its JSON form (`{"messages"}`, `{"text"}` or `{"prompt", "completion"}`;
+/// the old `text`-role form of raw text reads as text, see [`crate::example`]).
+pub fn read_curated(path: &Path) -> Result<Vec<SourcedExample>, DataError> {
     let fr = read_records(path)?;
     if !fr.errors.is_empty() {
         return Err(DataError::InvalidRecords { errors: fr.errors });
     }
-    let layout = Layout::resolve(Format::Messages, &Default::default());
     let mut out = Vec::with_capacity(fr.records.len());
     let mut errors = Vec::new();
-    for r in &fr.records {
-        match convert(&layout, &fr.path, r.line, &r.value) {
-            Ok(ex) => out.push(ex),
-            Err(e) => errors.push(e),
+    for r in fr.records {
+        match serde_json::from_value::<Example>(r.value) {
+            Ok(example) => out.push(SourcedExample {
+                example,
+                source: Source {
+                    file: fr.path.clone(),
+                    line: r.line,
+                },
+            }),
+            Err(e) => errors.push(RecordError {
+                file: fr.path.to_string(),
+                line: r.line,
+                key: None,
+                message: e.to_string(),
+            }),
         }
     }
     if errors.is_empty() {

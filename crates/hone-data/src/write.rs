@@ -12,40 +12,28 @@
 //! holds, except that a directory holding one of the inputs (or evaluation files) is never
 //! replaced: that would delete the data being curated. See [`check_output_dir`].
 //!
-//! Each JSONL line is `{"messages":[{"role":"user","content":"..."},...]}`.
+//! Each JSONL line is an [`Example`] in its JSON form: `{"messages":[{"role":"user",
+//! "content":"..."},...]}` for a chat, `{"text":"..."}` for raw text.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
-
 use crate::error::DataError;
-use crate::example::{Example, Message};
+use crate::example::SourcedExample;
 use crate::pipeline::Prepared;
 
 pub const TRAIN_FILE: &str = "train.jsonl";
 pub const VAL_FILE: &str = "val.jsonl";
 pub const REPORT_FILE: &str = "report.json";
 
-#[derive(Serialize)]
-struct Line<'a> {
-    messages: &'a [Message],
-}
-
-/// Writes examples as JSONL in the normalised messages form.
-pub fn write_jsonl(path: &Path, examples: &[Example]) -> Result<(), DataError> {
+/// Writes examples as JSONL, one [`Example`](crate::Example) per line in its JSON form.
+pub fn write_jsonl(path: &Path, examples: &[SourcedExample]) -> Result<(), DataError> {
     let io = |e| DataError::write(path, e);
     let file = File::create(path).map_err(io)?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
     for ex in examples {
-        serde_json::to_writer(
-            &mut w,
-            &Line {
-                messages: &ex.messages,
-            },
-        )
-        .map_err(|e| DataError::write(path, e.into()))?;
+        serde_json::to_writer(&mut w, &ex.example).map_err(|e| DataError::write(path, e.into()))?;
         w.write_all(b"\n").map_err(io)?;
     }
     let file = w

@@ -9,6 +9,7 @@ use common::*;
 use hone_data::{
     prepare, prepare_with, read_curated, summary_table, write_prepared, write_prepared_with,
     DataConfig, DataError, Example, FormatChoice, Overwrite, RemovalReason, ShingleUnit,
+    SourcedExample,
 };
 use serde_json::json;
 
@@ -16,7 +17,7 @@ fn text_rows(texts: &[String]) -> Vec<serde_json::Value> {
     texts.iter().map(|t| json!({ "text": t })).collect()
 }
 
-fn texts(examples: &[Example]) -> Vec<String> {
+fn texts(examples: &[SourcedExample]) -> Vec<String> {
     examples.iter().map(|e| text_of(e).to_string()).collect()
 }
 
@@ -284,8 +285,8 @@ fn output_is_written_atomically_and_replaces_the_whole_directory() {
     );
     let back = read_curated(&out.join("val.jsonl")).unwrap();
     assert_eq!(
-        back.iter().map(|e| e.messages.clone()).collect::<Vec<_>>(),
-        p.val.iter().map(|e| e.messages.clone()).collect::<Vec<_>>()
+        back.iter().map(|e| e.example.clone()).collect::<Vec<_>>(),
+        p.val.iter().map(|e| e.example.clone()).collect::<Vec<_>>()
     );
 
     let report: serde_json::Value =
@@ -503,4 +504,37 @@ fn foreign_output_directory_needs_force_and_a_previous_output_is_replaced_withou
     write_prepared_with(&p, &out, Overwrite::Any).unwrap();
     assert!(!out.join("notes.md").exists());
     assert!(out.join("train.jsonl").is_file());
+}
+
+#[test]
+fn raw_text_is_curated_as_a_text_line_and_read_back_as_text() {
+    let dir = tempdir();
+    let f = write_jsonl(
+        dir.path(),
+        "in.jsonl",
+        &text_rows(&["Once upon a time.".into()]),
+    );
+    let p = prepare(&bare_config(&[f])).unwrap();
+    let out = dir.path().join("out");
+    write_prepared(&p, &out).unwrap();
+    let line = std::fs::read_to_string(out.join("train.jsonl")).unwrap();
+    assert_eq!(line, "{\"text\":\"Once upon a time.\"}\n");
+    let back = read_curated(&out.join("train.jsonl")).unwrap();
+    assert_eq!(back[0].example, Example::text("Once upon a time."));
+}
+
+/// Curated files written before `{"text": ...}` held raw text as one message with the role
+/// `text`; they still read as raw text, through `read_curated` and as `hone data` input.
+#[test]
+fn an_old_curated_text_role_line_still_reads_as_text() {
+    let dir = tempdir();
+    let old = write(
+        dir.path(),
+        "train.jsonl",
+        "{\"messages\":[{\"role\":\"text\",\"content\":\"Once upon a time.\"}]}\n",
+    );
+    let back = read_curated(std::path::Path::new(&old)).unwrap();
+    assert_eq!(back[0].example, Example::text("Once upon a time."));
+    let p = prepare(&bare_config(&[old])).unwrap();
+    assert_eq!(p.train[0].example, Example::text("Once upon a time."));
 }

@@ -4,17 +4,18 @@ mod common;
 
 use common::*;
 use hone_data::{
-    prepare, write_prepared, DataConfig, DataError, FieldMap, FormatChoice, Message, OnError, Role,
+    prepare, write_prepared, DataConfig, DataError, Example, FieldMap, FormatChoice, Message,
+    OnError, Role,
 };
 use serde_json::json;
 
-fn msgs(pairs: &[(Role, &str)]) -> Vec<Message> {
-    pairs.iter().map(|(r, c)| Message::new(*r, *c)).collect()
+fn msgs(pairs: &[(Role, &str)]) -> Example {
+    Example::Chat(pairs.iter().map(|(r, c)| Message::new(*r, *c)).collect())
 }
 
-fn all_messages(config: &DataConfig) -> Vec<Vec<Message>> {
+fn all_messages(config: &DataConfig) -> Vec<Example> {
     let p = prepare(config).expect("prepare");
-    p.train.into_iter().map(|e| e.messages).collect()
+    p.train.into_iter().map(|e| e.example).collect()
 }
 
 #[test]
@@ -132,10 +133,7 @@ fn completion_and_text_formats() {
     );
     let mut c = bare_config(&[text]);
     c.format = FormatChoice::Text;
-    assert_eq!(
-        all_messages(&c),
-        vec![msgs(&[(Role::Text, "Once upon a time.")])]
-    );
+    assert_eq!(all_messages(&c), vec![Example::text("Once upon a time.")]);
 }
 
 #[test]
@@ -202,7 +200,7 @@ fn auto_detects_gsm8k_and_self_instruct_shapes() {
         Some("completion (prompt=question, completion=answer)")
     );
     assert_eq!(
-        p.train[0].messages,
+        p.train[0].example,
         msgs(&[(Role::User, "How many?"), (Role::Assistant, "Two.\n#### 2")])
     );
     let p = prepare(&bare_config(&[seed])).expect("seed");
@@ -211,7 +209,7 @@ fn auto_detects_gsm8k_and_self_instruct_shapes() {
         Some("alpaca (input=instances.0.input, output=instances.0.output)")
     );
     assert_eq!(
-        p.train[0].messages,
+        p.train[0].example,
         msgs(&[(Role::User, "Do it.\n\nx"), (Role::Assistant, "y")])
     );
 }
@@ -371,7 +369,7 @@ fn gzip_input_reads_like_plain_jsonl() {
     let content = |p: &hone_data::Prepared| {
         p.train
             .iter()
-            .map(|e| e.messages.clone())
+            .map(|e| e.example.clone())
             .collect::<Vec<_>>()
     };
     assert_eq!(content(&a), content(&b));
@@ -430,12 +428,9 @@ fn csv_rows_become_records_with_their_line() {
     let got: Vec<(usize, String, String)> = p
         .train
         .iter()
-        .map(|e| {
-            (
-                e.source.line,
-                e.messages[0].content.clone(),
-                e.messages[1].content.clone(),
-            )
+        .map(|e| match &e.example {
+            Example::Chat(m) => (e.source.line, m[0].content.clone(), m[1].content.clone()),
+            other => panic!("expected a chat, found {other:?}"),
         })
         .collect();
     assert_eq!(

@@ -4,7 +4,10 @@
 //! this crate's version; every example (its JSON form); the tokenizer (its `tokenizer.json`
 //! serialisation, so ids added in code count too) and the BOS/EOS/pad ids; the template text
 //! and the special tokens it sees; and the [`TokenizeConfig`]. Changing any of them changes the
-//! key; nothing else (paths, times) enters it. XXH3-128 is not cryptographic; it guards
+//! key; nothing else (paths, times) enters it. An example enters as the JSON form
+//! [`Example`] serialises to, which states its kind (`{"text": ...}` for raw text), so raw
+//! text read from an old curated file (`{"messages": [{"role": "text", ...}]}`) has the same
+//! key as from a new one, and the cache entries made from either stay valid. XXH3-128 is not cryptographic; it guards
 //! against accidental staleness, not against an adversary.
 //!
 //! **Layout**: `<cache dir>/<key hex>/manifest.json` plus `shard-00000.safetensors`, ... Each
@@ -33,9 +36,9 @@ use crate::config::TokenizeConfig;
 use crate::dataset::TokenizedDataset;
 use crate::encode::TokenizerSpec;
 use crate::error::TokenizeError;
-use crate::example::Example;
 use crate::pack::TokenizeReport;
 use crate::row::Row;
+use hone_data::Example;
 
 /// Bumped whenever the rows produced for the same inputs change (masking, packing, format).
 pub const ROW_FORMAT_VERSION: u32 = 1;

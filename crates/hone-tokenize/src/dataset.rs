@@ -14,10 +14,10 @@ use crate::chat::ChatTemplate;
 use crate::config::TokenizeConfig;
 use crate::encode::{Encoder, Fitted, TokenizedExample, TokenizerSpec};
 use crate::error::TokenizeError;
-use crate::example::Example;
 use crate::pack::{one_per_row, pack, TokenizeReport};
 use crate::row::Row;
 use crate::special::special_token_warnings;
+use hone_data::Example;
 
 /// Rows ready for training and the report of how they were made.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -29,8 +29,8 @@ use serde::{Deserialize, Serialize};
 use crate::chat::{token_mask_from_offsets, AssistantSpan, ChatTemplate, Message, SpecialTokens};
 use crate::config::{TokenizeConfig, TruncationPolicy};
 use crate::error::ExampleError;
-use crate::example::Example;
 use crate::row::{Row, IGNORE_INDEX};
+use hone_data::Example;
 
 /// A tokenizer with the ids this stage needs; the ids are explicit so that the caller decides
 /// (usually from the model's `tokenizer_config.json`).

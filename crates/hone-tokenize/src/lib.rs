@@ -7,6 +7,9 @@
 //!   ship none, and byte spans of assistant turns for loss masks.
 //! * [`Encoder`]: one [`Example`] (conversation, prompt/completion, raw text) -> token ids and
 //!   unshifted labels (-100 outside the loss), with the truncation policy ([`fit_to_length`]).
+//!   [`Example`] and [`Message`] are hone-data's types (re-exported here): curated files are
+//!   read as they are, with the kind (`messages`, `prompt`/`completion`, `text`) stated by
+//!   their keys.
 //! * [`pack`] / [`one_per_row`]: examples -> [`Row`]s with position ids restarting per example
 //!   and segment ids for a block-diagonal causal mask; [`Batch::collate`] pads rows.
 //! * [`tokenize_examples`] / [`tokenize_cached`]: the whole stage with its [`TokenizeReport`],
@@ -22,7 +25,6 @@ mod config;
 mod dataset;
 mod encode;
 mod error;
-mod example;
 mod inspect;
 mod pack;
 mod row;
@@ -37,7 +39,7 @@ pub use config::{TokenizeConfig, TruncationPolicy, DEFAULT_MAX_SEQ_LEN};
 pub use dataset::{tokenize_cached, tokenize_examples, TokenizedDataset};
 pub use encode::{fit_to_length, Encoder, Fitted, TokenizedExample, TokenizerSpec};
 pub use error::{ExampleError, TokenizeError};
-pub use example::Example;
+pub use hone_data::Example;
 pub use inspect::{format_masked_text, format_tokens};
 pub use pack::{one_per_row, pack, TokenizeReport};
 pub use row::{Batch, PadTo, Row, IGNORE_INDEX, PAD_SEGMENT};

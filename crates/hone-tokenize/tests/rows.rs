@@ -337,3 +337,46 @@ fn a_damaged_cache_entry_is_rebuilt() {
     assert_eq!(status, CacheStatus::Built(entry));
     assert_eq!(rebuilt, built);
 }
+
+/// hone-data curates raw text as `{"text": ...}`, and this stage reads that file's examples
+/// as they are: raw text, every token in the loss (but the first, as always) and EOS appended,
+/// with no role involved.
+/// A curated line of the old form (one message with the role `text`) is the same example,
+/// with the same cache key.
+#[test]
+fn curated_raw_text_is_encoded_as_text_with_every_token_in_the_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("raw.jsonl");
+    let text = "Plain text for pretraining.";
+    std::fs::write(&input, format!("{{\"text\":\"{text}\"}}\n")).unwrap();
+    let mut data_config = hone_data::DataConfig::new([input.to_string_lossy().into_owned()]);
+    data_config.split.val_fraction = 0.0;
+    let prepared = hone_data::prepare(&data_config).unwrap();
+    hone_data::write_prepared(&prepared, &dir.path().join("data")).unwrap();
+    let curated = hone_data::read_curated(&dir.path().join("data").join("train.jsonl")).unwrap();
+    let (train, _) = prepared.examples();
+    assert_eq!(train, [Example::text(text)]);
+    assert_eq!(curated[0].example, train[0]);
+
+    let (tokenizer, template) = qwen();
+    let spec = spec(&tokenizer);
+    let config = config(64);
+    let encoded = Encoder::new(spec, None, &config).encode(&train[0]).unwrap();
+    let mut ids = tokenizer.encode(text, false).unwrap().get_ids().to_vec();
+    ids.push(spec.eos_id.unwrap());
+    assert_eq!(encoded.input_ids, ids);
+    // Every token is a target, the first excepted (nothing in the example precedes it).
+    let mut labels: Vec<i32> = ids.iter().map(|&id| id as i32).collect();
+    labels[0] = IGNORE_INDEX;
+    assert_eq!(encoded.labels, labels);
+
+    let old: Example = serde_json::from_str(&format!(
+        r#"{{"messages":[{{"role":"text","content":"{text}"}}]}}"#
+    ))
+    .unwrap();
+    assert_eq!(old, train[0]);
+    let key = |examples: &[Example]| {
+        CacheKey::compute(examples, &spec, Some(&template), &config).unwrap()
+    };
+    assert_eq!(key(&[old]), key(&train));
+}

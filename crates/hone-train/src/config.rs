@@ -193,6 +193,18 @@ pub struct TrainSection {
     pub collective_timeout_secs: u64,
 }
 
+impl TrainSection {
+    /// The optimizer's settings: `betas`, `eps`, `weight_decay`.
+    pub fn adamw(&self) -> crate::optim::AdamWConfig {
+        crate::optim::AdamWConfig {
+            beta1: self.betas[0],
+            beta2: self.betas[1],
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+        }
+    }
+}
+
 impl Default for TrainSection {
     fn default() -> Self {
         Self {

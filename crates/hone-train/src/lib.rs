@@ -17,6 +17,8 @@
 //! * [`metrics`]: `metrics.jsonl` and TensorBoard events;
 //! * [`lock`]: the run directory's lock (`flock` on `<run>/.lock`, holding the pid);
 //! * [`memory`]: the run's estimated memory, checked against the available memory;
+//! * [`dry_run`]: a run's steps, tokens and estimated memory (and, measured, its time per
+//!   step) without the run (`hone train --dry-run`);
 //! * [`trainer`]: the [`Trainer`] of one run: `prepare` (run directory, lock, resume), `step`,
 //!   `after_step` (log, evaluate, checkpoint), `finish` (adapter, samples);
 //! * [`run`]: the whole run ([`train`]), its options, checks and summary, reporting progress
@@ -25,6 +27,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dry_run;
 pub mod error;
 pub mod eval;
 pub mod gates;
@@ -39,6 +42,7 @@ pub mod step;
 pub mod trainer;
 
 pub use config::RunConfig;
+pub use dry_run::{dry_run, DryRun, DryRunReport};
 pub use error::{Result, TrainError};
 pub use eval::{EvalResult, Sample};
 pub use optim::{AdamW, AdamWConfig};
@@ -48,4 +52,4 @@ pub use run::{
 };
 pub use schedule::{Schedule, ScheduleKind};
 pub use step::{Learner, MicroBatch, SingleDevice, StepEngine, StepOutcome};
-pub use trainer::{Role, StepDone, Trainer};
+pub use trainer::{Feed, Role, StepDone, Trainer};

@@ -240,6 +240,78 @@ fn is_setup_leftover(name: &str) -> bool {
         || (name.starts_with('.') && (name.contains(".tmp-") || name.contains(".old-")))
 }
 
+/// Refuses a run directory that is not empty and not a hone run (reads only).
+fn refuse_foreign_dir(dir: &Path) -> Result<()> {
+    if dir.join(CONFIG_FILE).is_file() {
+        return Ok(());
+    }
+    let foreign = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .flatten()
+            .any(|e| !is_setup_leftover(&e.file_name().to_string_lossy())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(TrainError::io(dir, e)),
+    };
+    if foreign {
+        return Err(TrainError::RunDir {
+            path: dir.to_path_buf(),
+            message: format!(
+                "is not empty and holds no {CONFIG_FILE}: it is not a hone run; choose another output.dir"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// What a run with some [`RunOptions`] does with the run already in its directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ExistingRun {
+    /// None there, or one to resume (its config matches).
+    Keep,
+    /// One to delete first (`overwrite`).
+    Clear,
+}
+
+/// Refuses to mix runs: a directory holding a run needs `resume` (with the same config) or
+/// `overwrite` (reads only).
+fn check_existing_run(config: &RunConfig, options: &RunOptions, dir: &Path) -> Result<ExistingRun> {
+    let saved = dir.join(CONFIG_FILE);
+    if !saved.is_file() {
+        return Ok(ExistingRun::Keep);
+    }
+    let run_dir_error = |message: String| TrainError::RunDir {
+        path: dir.to_path_buf(),
+        message,
+    };
+    if options.resume {
+        let previous = RunConfig::load_saved(&saved)?;
+        let differences = config_differences(&previous, config);
+        if !differences.is_empty() {
+            return Err(run_dir_error(format!(
+                "cannot resume: the config differs from the run's {CONFIG_FILE} in {}",
+                differences.join(", ")
+            )));
+        }
+        Ok(ExistingRun::Keep)
+    } else if options.overwrite {
+        Ok(ExistingRun::Clear)
+    } else {
+        Err(run_dir_error(
+            "holds a run already: pass --resume to continue it, --overwrite to start again, \
+             or choose another output.name"
+                .into(),
+        ))
+    }
+}
+
+/// What [`prepare_run_dir`] would refuse, without creating, locking or clearing anything (a
+/// dry run's check; a run directory locked by a running `hone train` is not detected).
+pub(crate) fn check_run_dir(config: &RunConfig, options: &RunOptions) -> Result<()> {
+    let dir = config.run_dir();
+    refuse_foreign_dir(&dir)?;
+    check_existing_run(config, options, &dir).map(|_| ())
+}
+
 /// Prepares the run directory: refuses a directory that is not a run, takes the run's lock,
 /// refuses to mix runs, clears it for `overwrite` and checks a resumed config. `config.toml`
 /// is written later, once setup succeeded ([`write_run_config`]).
@@ -248,25 +320,7 @@ pub(crate) fn prepare_run_dir(
     options: &RunOptions,
 ) -> Result<(PathBuf, RunLock)> {
     let dir = config.run_dir();
-    let saved = dir.join(CONFIG_FILE);
-    let run_dir_error = |message: String| TrainError::RunDir {
-        path: dir.clone(),
-        message,
-    };
-    let foreign = |dir: &Path| -> Result<bool> {
-        match std::fs::read_dir(dir) {
-            Ok(entries) => Ok(entries
-                .flatten()
-                .any(|e| !is_setup_leftover(&e.file_name().to_string_lossy()))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(TrainError::io(dir, e)),
-        }
-    };
-    if !saved.is_file() && foreign(&dir)? {
-        return Err(run_dir_error(format!(
-            "is not empty and holds no {CONFIG_FILE}: it is not a hone run; choose another output.dir"
-        )));
-    }
+    refuse_foreign_dir(&dir)?;
     std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
     let lock = RunLock::acquire(&dir)?;
     if let Some(pid) = lock.stale_holder() {
@@ -275,38 +329,22 @@ pub(crate) fn prepare_run_dir(
             lock.path().display()
         );
     }
-    if saved.is_file() {
-        if options.resume {
-            let previous = RunConfig::load_saved(&saved)?;
-            let differences = config_differences(&previous, config);
-            if !differences.is_empty() {
-                return Err(run_dir_error(format!(
-                    "cannot resume: the config differs from the run's {CONFIG_FILE} in {}",
-                    differences.join(", ")
-                )));
+    // Under the lock: the run found here is not being written by another process.
+    if check_existing_run(config, options, &dir)? == ExistingRun::Clear {
+        // Everything but the lock we hold: removing its file would let another run lock a new
+        // one.
+        for entry in std::fs::read_dir(&dir).map_err(|e| TrainError::io(&dir, e))? {
+            let entry = entry.map_err(|e| TrainError::io(&dir, e))?;
+            if entry.file_name() == crate::lock::LOCK_FILE {
+                continue;
             }
-        } else if options.overwrite {
-            // Everything but the lock we hold: removing its file would let another run lock
-            // a new one.
-            for entry in std::fs::read_dir(&dir).map_err(|e| TrainError::io(&dir, e))? {
-                let entry = entry.map_err(|e| TrainError::io(&dir, e))?;
-                if entry.file_name() == crate::lock::LOCK_FILE {
-                    continue;
-                }
-                let path = entry.path();
-                let removed = if path.is_dir() {
-                    std::fs::remove_dir_all(&path)
-                } else {
-                    std::fs::remove_file(&path)
-                };
-                removed.map_err(|e| TrainError::io(&path, e))?;
-            }
-        } else {
-            return Err(run_dir_error(
-                "holds a run already: pass --resume to continue it, --overwrite to start again, \
-                 or choose another output.name"
-                    .into(),
-            ));
+            let path = entry.path();
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            removed.map_err(|e| TrainError::io(&path, e))?;
         }
     }
     checkpoint::remove_stale_temporaries(&dir)?;
@@ -335,6 +373,17 @@ pub(crate) fn check_paths(config: &RunConfig) -> Result<()> {
         path: path.to_path_buf(),
         cwd: working_dir(),
     };
+    if hone_model::loader::is_gguf(&config.model.path) {
+        return Err(TrainError::config(
+            "config",
+            "model.path",
+            format!(
+                "{} is a GGUF file: hone train fine-tunes a Hugging Face model directory \
+                 (config.json, *.safetensors, tokenizer.json); GGUF bases are not trainable yet",
+                config.model.path.display()
+            ),
+        ));
+    }
     if !config.model.path.is_dir() {
         return Err(missing("model.path", "model directory", &config.model.path));
     }

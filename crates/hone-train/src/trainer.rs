@@ -20,16 +20,16 @@ use std::time::Instant;
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use hone_model::lora::LoraSettings;
-use hone_model::{load_model_dir, LoadOptions, Tokenizer};
+use hone_model::{load_model_dir, CausalLm, LoadOptions, Tokenizer};
 
 use crate::checkpoint::{self, LogWindow, TrainerState, CHECKPOINT_FORMAT};
 use crate::config::RunConfig;
-use crate::data::{collate, prepare_datasets, BatchPlan, Datasets};
+use crate::data::{prepare_datasets, BatchPlan, DataFiles, Datasets};
 use crate::error::{Result, TrainError};
 use crate::eval::{evaluate, EvalResult, Sample, SampleSetup};
 use crate::lock::RunLock;
 use crate::metrics::MetricsWriter;
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::AdamW;
 use crate::parallel::device_for;
 use crate::run::{
     check_context, check_memory, check_paths, prepare_run_dir, write_run_config, Control, Event,
@@ -57,6 +57,112 @@ pub struct StepDone {
     pub seconds: f64,
 }
 
+/// What each step trains on: the rows, the plan that visits them (with the current epoch's
+/// order) and the learning-rate schedule. The trainer's and `hone train --dry-run`'s
+/// ([`crate::dry_run`]) steps go through [`Feed::step`].
+pub struct Feed {
+    pub data: Datasets,
+    pub plan: BatchPlan,
+    pub schedule: Schedule,
+    seed: u64,
+    /// The epoch whose visiting order is cached, and that order.
+    order: Option<(usize, Vec<usize>)>,
+}
+
+impl Feed {
+    /// The feed of `config`'s run over `data`: [`BatchPlan::for_run`], its
+    /// [`BatchPlan::total_steps`] and the `[train]` schedule over them.
+    pub fn new(config: &RunConfig, data: Datasets) -> Self {
+        let t = &config.train;
+        let plan = BatchPlan::for_run(config, data.train.len());
+        let total_steps = plan.total_steps(t);
+        let schedule = Schedule {
+            kind: t.schedule,
+            peak_lr: t.lr,
+            warmup_steps: Schedule::warmup_from(total_steps, t.warmup_steps, t.warmup_ratio),
+            total_steps,
+        };
+        Self {
+            data,
+            plan,
+            schedule,
+            seed: t.seed,
+            order: None,
+        }
+    }
+
+    /// Optimizer steps of the run.
+    pub fn total_steps(&self) -> usize {
+        self.schedule.total_steps
+    }
+
+    /// Non-padding tokens the whole run trains on.
+    pub fn total_tokens(&self) -> u64 {
+        self.plan.tokens(self.total_steps(), &self.data.train)
+    }
+
+    /// Step `step` (0-based) through `engine`: its micro-batches (the data order is a
+    /// function of the seed and the step), their dropout seeds and the schedule's learning
+    /// rate.
+    pub fn step<B: AutodiffBackend>(
+        &mut self,
+        engine: &mut dyn StepEngine<B>,
+        learner: &mut Learner<B>,
+        step: usize,
+    ) -> Result<StepOutcome> {
+        let epoch = self.plan.position(step).epoch;
+        if self.order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            self.order = Some((epoch, self.plan.epoch_order(epoch)));
+        }
+        let order = &self.order.as_ref().expect("set above").1;
+        let batches = self
+            .plan
+            .step_batches(step, order, &self.data.train, self.data.pad_id)?;
+        let seeds = step_seeds(self.seed, step, batches.len());
+        engine.step(
+            learner,
+            step,
+            &batches,
+            Some(&seeds),
+            self.schedule.lr(step),
+        )
+    }
+}
+
+/// The devices of `config`'s peers: `device` (rank 0's), then the other `train.devices`
+/// resolved on `B`.
+pub(crate) fn peer_devices<B: AutodiffBackend>(
+    config: &RunConfig,
+    device: B::Device,
+) -> Result<Vec<B::Device>> {
+    let mut devices = vec![device];
+    for spec in &config.devices()[1..] {
+        devices.push(device_for::<B>(*spec)?);
+    }
+    Ok(devices)
+}
+
+/// The model of `config` (`model.path`, in `model.dtype`) on `device` with fresh adapters
+/// (`[lora]`, initialised from `train.seed`) and, with `train.gradient_checkpointing`,
+/// recomputed layers; its tokenizer and the adapter settings.
+pub(crate) fn load_trainable<B: AutodiffBackend>(
+    config: &RunConfig,
+    device: &B::Device,
+) -> Result<(CausalLm<B>, Tokenizer, LoraSettings)> {
+    let load = LoadOptions {
+        dtype: config.model.dtype.burn(),
+    };
+    let loaded = load_model_dir::<B>(&config.model.path, device, load)?;
+    let mut model = loaded.model;
+    let settings = config.lora.settings();
+    B::seed(device, config.train.seed);
+    model.attach_lora(&settings)?;
+    if config.train.gradient_checkpointing {
+        model.enable_gradient_checkpointing()?;
+    }
+    Ok((model, loaded.tokenizer, settings))
+}
+
 /// A run in progress; see the module doc.
 pub struct Trainer<'a, B: AutodiffBackend> {
     // Dropped first: the peers leave before the rest goes, the lock is released last.
@@ -67,17 +173,13 @@ pub struct Trainer<'a, B: AutodiffBackend> {
     role: Role,
     learner: Learner<B>,
     tokenizer: Tokenizer,
-    data: Datasets,
-    plan: BatchPlan,
-    schedule: Schedule,
+    feed: Feed,
     settings: LoraSettings,
     base_model: String,
     /// What a checkpoint records; `state.step` is the number of steps done.
     state: TrainerState,
     /// Averages since the last logging point (a resumed run continues its checkpoint's).
     window: LogWindow,
-    /// The epoch whose visiting order is cached, and that order.
-    order: Option<(usize, Vec<usize>)>,
     start_step: usize,
     summary: RunSummary,
     started: Instant,
@@ -102,48 +204,18 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         check_paths(config)?;
         let model_config = check_context(config)?;
         let memory = check_memory::<B>(config, &model_config)?;
-        let mut devices = vec![device.clone()];
-        for spec in &config.devices()[1..] {
-            devices.push(device_for::<B>(*spec)?);
-        }
+        let devices = peer_devices::<B>(config, device.clone())?;
         let multinode = config.multinode();
         let lead = multinode.as_ref().is_none_or(|m| m.node_rank == 0);
         let (run_dir, lock) = prepare_run_dir(config, &options)?;
         observer.on_event(&Event::Locked { run_dir: &run_dir });
-        let load = LoadOptions {
-            dtype: config.model.dtype.burn(),
-        };
-        let loaded = load_model_dir::<B>(&config.model.path, &device, load)?;
-        let tokenizer = loaded.tokenizer;
-        let mut model = loaded.model;
-        let settings = config.lora.settings();
-        B::seed(&device, t.seed);
-        model.attach_lora(&settings)?;
-        if t.gradient_checkpointing {
-            model.enable_gradient_checkpointing()?;
-        }
-        let data = prepare_datasets(config, &tokenizer, model.config().vocab_size, &run_dir)?;
-
-        let plan = BatchPlan {
-            rows: data.train.len(),
-            micro_batch_size: t.micro_batch_size,
-            // A step reads the micro-batches of every peer of every node.
-            grad_accum: t.grad_accum * devices.len() * config.distributed.nodes,
-            seed: t.seed,
-        };
-        let total_steps = t.max_steps.unwrap_or(t.epochs * plan.steps_per_epoch());
-        let schedule = Schedule {
-            kind: t.schedule,
-            peak_lr: t.lr,
-            warmup_steps: Schedule::warmup_from(total_steps, t.warmup_steps, t.warmup_ratio),
-            total_steps,
-        };
-        let adamw = AdamWConfig {
-            beta1: t.betas[0],
-            beta2: t.betas[1],
-            eps: t.eps,
-            weight_decay: t.weight_decay,
-        };
+        let (mut model, tokenizer, settings) = load_trainable::<B>(config, &device)?;
+        let vocab_size = model.config().vocab_size;
+        let data = prepare_datasets(config, &tokenizer, vocab_size, DataFiles::Run(&run_dir))?;
+        let feed = Feed::new(config, data);
+        let plan = &feed.plan;
+        let total_steps = feed.total_steps();
+        let adamw = t.adamw();
 
         let mut optimizer = AdamW::<B::InnerBackend>::new(adamw);
         let mut state = TrainerState {
@@ -224,8 +296,8 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             total_steps,
             start_step,
             resumed_from: resumed_from.as_deref(),
-            train_rows: data.train.len(),
-            val_rows: data.val.len(),
+            train_rows: feed.data.train.len(),
+            val_rows: feed.data.val.len(),
             trainable_params: model.lora_parameter_count(),
             memory: &memory,
         });
@@ -238,14 +310,11 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             role,
             learner: Learner::with_optimizer(model, optimizer, t.max_grad_norm, device),
             tokenizer,
-            data,
-            plan,
-            schedule,
+            feed,
             settings,
             base_model: config.model.path.display().to_string(),
             state,
             window,
-            order: None,
             start_step,
             summary,
             started,
@@ -286,35 +355,16 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         let config = self.config;
         let t = &config.train;
         let step = self.state.step;
-        let epoch = self.plan.position(step).epoch;
-        if self.order.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            self.order = Some((epoch, self.plan.epoch_order(epoch)));
-        }
-        let order = &self.order.as_ref().expect("set above").1;
-        let train = &self.data.train;
-        let batches = self
-            .plan
-            .step_rows(step, order)
-            .iter()
-            .map(|indices| {
-                collate(
-                    &indices.iter().map(|&i| &train[i]).collect::<Vec<_>>(),
-                    self.data.pad_id,
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let seeds = step_seeds(t.seed, step, batches.len());
-        let lr = self.schedule.lr(step);
         let outcome = self
-            .engine
-            .step(&mut self.learner, step, &batches, Some(&seeds), lr)?;
+            .feed
+            .step(self.engine.as_mut(), &mut self.learner, step)?;
 
         let done = step + 1;
         let state = &mut self.state;
         state.step = done;
         state.scheduler_step = done;
         state.rng_consumed = done;
-        state.data = self.plan.position(done);
+        state.data = self.feed.plan.position(done);
         state.optimizer_step = self.learner.optimizer.step;
         state.tokens_seen += outcome.tokens as u64;
         if outcome.applied {
@@ -519,11 +569,11 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         let eval = &self.config.eval;
         let result = evaluate(
             &self.learner.model.valid(),
-            &self.data.val,
+            &self.feed.data.val,
             eval.micro_batch_size
                 .unwrap_or(self.config.train.micro_batch_size),
             eval.max_batches,
-            self.data.pad_id,
+            self.feed.data.pad_id,
             step,
             &self.learner.device,
         )?;
@@ -542,7 +592,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         }
         let setup = SampleSetup {
             tokenizer: &self.tokenizer,
-            template: self.data.template.as_ref(),
+            template: self.feed.data.template.as_ref(),
             template_vars: &config.tokenize.template_vars,
             max_new_tokens: config.eval.max_new_tokens,
             temperature: config.eval.temperature,

@@ -7,6 +7,9 @@
 //! evaluation too), counts of curated examples from `<run>/data/report.json`, digests are
 //! SHA-256 of the files as they are on disk.
 //!
+//! `hone train --dry-run --json` prints a [`DryRunSummary`] instead: the plan of the run (steps,
+//! tokens, estimated memory and, measured, time per step) and no file is written.
+//!
 //! A completed run's adapter also gets a model card, `<run>/adapter/README.md`, in the layout
 //! PEFT's `save_pretrained` writes (YAML front matter with `base_model` and `library_name`,
 //! then model details, training data with digests, hyperparameters and evaluation results), so
@@ -161,7 +164,7 @@ impl ValLoss {
     }
 }
 
-/// Counts of `<run>/data/report.json`.
+/// Counts of curation's report (`<run>/data/report.json`).
 #[derive(Debug, Clone, Serialize)]
 pub struct Curated {
     pub input_records: usize,
@@ -170,6 +173,18 @@ pub struct Curated {
     pub removed: usize,
     /// Bad records skipped (`data.on_error = "skip"`).
     pub bad_records: usize,
+}
+
+impl Curated {
+    pub fn of(r: &hone_data::Report) -> Self {
+        Curated {
+            input_records: r.input_records,
+            train: r.kept.train,
+            val: r.kept.val,
+            removed: r.total_removed(),
+            bad_records: r.errors.len(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -218,6 +233,16 @@ fn isa() -> &'static str {
 #[cfg(not(target_arch = "x86_64"))]
 fn isa() -> &'static str {
     "baseline"
+}
+
+/// `model.device`, or the `train.devices` joined by commas.
+pub fn device_names(config: &RunConfig) -> String {
+    config
+        .devices()
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Everything `summary.json` holds.
@@ -277,13 +302,7 @@ impl Summary {
         let curated = std::fs::read(run_dir.join("data").join(hone_data::REPORT_FILE))
             .ok()
             .and_then(|bytes| serde_json::from_slice::<hone_data::Report>(&bytes).ok())
-            .map(|r| Curated {
-                input_records: r.input_records,
-                train: r.kept.train,
-                val: r.kept.val,
-                removed: r.total_removed(),
-                bad_records: r.errors.len(),
-            });
+            .map(|r| Curated::of(&r));
         let config_file = run_dir.join(hone_train::run::CONFIG_FILE);
         Summary {
             status,
@@ -310,12 +329,7 @@ impl Summary {
             data: DataSummary { inputs, curated },
             hone_version: env!("CARGO_PKG_VERSION"),
             git_commit: env!("HONE_GIT_COMMIT"),
-            device: config
-                .devices()
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(","),
+            device: device_names(config),
             cpu: Cpu::detect(),
             gates: Vec::new(),
         }
@@ -487,5 +501,153 @@ impl Summary {
         let text = serde_json::to_string_pretty(self).expect("a summary serialises") + "\n";
         hone_io::write_file(&path, text.as_bytes())?;
         Ok(path)
+    }
+}
+
+/// The estimated memory of a run, in bytes.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryBytes {
+    pub weights: u64,
+    pub activations: u64,
+    /// The host's available memory (on the CPU).
+    pub available: Option<u64>,
+}
+
+/// What `hone train --dry-run --json` prints: the run's plan, and with `--dry-run=measure`
+/// its timed steps. Steps and tokens are what a run of the same config does (its
+/// `summary.json` `total_steps` and `tokens`).
+#[derive(Debug, Clone, Serialize)]
+pub struct DryRunSummary {
+    /// `plan` or `measure`.
+    pub dry_run: &'static str,
+    /// The run directory a run would write (the dry run wrote nothing there).
+    pub run_dir: PathBuf,
+    pub model: hone_train::dry_run::ModelInfo,
+    /// `model.device`, or the `train.devices` joined by commas.
+    pub device: String,
+    /// Curation's counts: examples kept for training and validation, removed, bad.
+    pub examples: Curated,
+    /// Tokenized rows for training and validation.
+    pub train_rows: usize,
+    pub val_rows: usize,
+    /// Optimizer steps of the run, per epoch, and the passes over the data they make.
+    pub steps: usize,
+    pub steps_per_epoch: usize,
+    pub epochs: f64,
+    /// Non-padding tokens: per step on average, and of the whole run.
+    pub tokens_per_step: f64,
+    pub total_tokens: u64,
+    /// The run's memory estimate (weights + activations), the one a run checks.
+    pub est_peak_memory_bytes: u64,
+    pub est_memory: MemoryBytes,
+    /// Mean seconds of a measured step (`measure`; `null` for `plan`).
+    pub est_step_seconds: Option<f64>,
+    /// `est_step_seconds` times the steps: training steps only, without evaluations,
+    /// checkpoints and samples (`null` for `plan`).
+    pub est_total_seconds: Option<f64>,
+    /// The measurement (`measure`): timed steps, warm-up, tokens/s, trainable parameters.
+    pub measured: Option<hone_train::dry_run::Measurement>,
+    /// Peak resident memory of the process (VmHWM), in bytes: with `measure`, what loading
+    /// and the timed steps used.
+    pub peak_rss_bytes: Option<u64>,
+    pub wall_seconds: f64,
+    pub hone_version: &'static str,
+}
+
+impl DryRunSummary {
+    pub fn new(
+        config: &RunConfig,
+        report: &hone_train::DryRunReport,
+        dry_run: &'static str,
+        started: Instant,
+    ) -> Self {
+        let m = &report.memory;
+        DryRunSummary {
+            dry_run,
+            run_dir: config.run_dir(),
+            model: report.model.clone(),
+            device: device_names(config),
+            examples: Curated::of(&report.curation),
+            train_rows: report.train_rows,
+            val_rows: report.val_rows,
+            steps: report.total_steps,
+            steps_per_epoch: report.steps_per_epoch,
+            epochs: report.epochs(),
+            tokens_per_step: report.tokens_per_step(),
+            total_tokens: report.total_tokens,
+            est_peak_memory_bytes: m.total(),
+            est_memory: MemoryBytes {
+                weights: m.weights,
+                activations: m.activations,
+                available: m.available,
+            },
+            est_step_seconds: report.measured.as_ref().map(|x| x.step_seconds),
+            est_total_seconds: report.total_seconds(),
+            measured: report.measured.clone(),
+            peak_rss_bytes: peak_rss_mb().map(|mb| (mb * 1024.0 * 1024.0) as u64),
+            wall_seconds: started.elapsed().as_secs_f64(),
+            hone_version: env!("CARGO_PKG_VERSION"),
+        }
+    }
+
+    /// The human lines `hone train --dry-run` prints.
+    pub fn lines(&self) -> Vec<String> {
+        let mb = |bytes: u64| bytes.div_ceil(1 << 20);
+        let e = &self.examples;
+        let mut lines = vec![
+            format!(
+                "dry run    {} (nothing written; a run would write {})",
+                self.dry_run,
+                self.run_dir.display()
+            ),
+            format!(
+                "model      {} ({}, {} parameters, {} layers, vocabulary {}) on {}",
+                self.model.name,
+                self.model.architecture,
+                self.model.parameters,
+                self.model.layers,
+                self.model.vocab_size,
+                self.device
+            ),
+            format!(
+                "data       {} records -> {} training + {} validation examples ({} removed, {} bad records skipped) -> {} + {} rows",
+                e.input_records, e.train, e.val, e.removed, e.bad_records, self.train_rows, self.val_rows
+            ),
+            format!(
+                "steps      {} ({} per epoch, {:.2} epochs)",
+                self.steps, self.steps_per_epoch, self.epochs
+            ),
+            format!(
+                "tokens     {} ({:.0} per step)",
+                self.total_tokens, self.tokens_per_step
+            ),
+            format!(
+                "memory     estimated {} MB (weights {} MB + activations {} MB){}",
+                mb(self.est_peak_memory_bytes),
+                mb(self.est_memory.weights),
+                mb(self.est_memory.activations),
+                match self.est_memory.available {
+                    Some(a) => format!(", {} MB available", a >> 20),
+                    None => String::new(),
+                }
+            ),
+        ];
+        match (&self.measured, self.est_total_seconds) {
+            (Some(m), Some(total)) => {
+                lines.push(format!(
+                    "time       {:.3} s per step ({} timed steps after a {:.3} s warm-up, {:.0} tokens/s, {} trainable parameters) -> about {:.0} s of training steps",
+                    m.step_seconds, m.steps, m.warmup_seconds, m.tokens_per_sec, m.trainable_params, total
+                ));
+                if let Some(bytes) = self.peak_rss_bytes {
+                    lines.push(format!(
+                        "peak mem   {} MB resident while measuring (host; the whole process)",
+                        mb(bytes)
+                    ));
+                }
+            }
+            _ => lines
+                .push("time       not measured (--dry-run=measure times a few steps)".to_string()),
+        }
+        lines
     }
 }

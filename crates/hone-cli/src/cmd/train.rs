@@ -9,6 +9,11 @@
 //! and the adapter's model card `<run>/adapter/README.md` when it completed;
 //! `--json` prints that object as the last line of stdout and everything else on stderr.
 //!
+//! `train --dry-run[=plan|measure]` runs [`hone_train::dry_run`] instead: the config, model
+//! metadata, tokenizer and data are checked and the run's steps, tokens and estimated memory
+//! printed (`measure`: and its time per step, from a few timed steps), with the same exit codes
+//! as a run; nothing is written ([`DryRunSummary`]).
+//!
 //! `bench train` times full training steps (forward, backward, clipping, AdamW) of a model with
 //! random weights through the trainer's own step engine
 //! ([`hone_train::StepEngine`], from [`Learner::start_engine`]) and prints one JSON line;
@@ -34,7 +39,19 @@ use serde_json::json;
 
 use crate::args::{BenchTrainArgs, LogFormat, TrainArgs};
 use crate::cmd::peak_rss_mb;
-use crate::cmd::run_summary::{Record, Status, Summary};
+use crate::cmd::run_summary::{DryRunSummary, Record, Status, Summary};
+
+/// `hone train --dry-run[=MODE]`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DryRunMode {
+    /// Config, model config.json and tokenizer, data: steps, tokens, estimated memory.
+    Plan,
+    /// The plan, then the weights and a few timed training steps (the first a warm-up).
+    Measure,
+}
+
+/// Steps `--dry-run=measure` times after its warm-up step.
+const MEASURED_STEPS: usize = 3;
 
 /// Where human-readable output goes: stdout, or stderr when stdout is kept for `--json`;
 /// with `--log-format json`, one JSON object per event on stderr instead.
@@ -360,13 +377,21 @@ pub fn run(args: TrainArgs, log_format: LogFormat) -> Result<()> {
         stderr: args.json,
         json_events: log_format == LogFormat::Json,
     };
-    // The bar draws on stderr: without a terminal there (CI logs, `2> file`), plain lines.
-    let mut progress = Progress::new(std::io::stderr().is_terminal() && !out.json_events, out);
     let options = RunOptions {
         resume: args.resume,
         overwrite: args.overwrite,
-        stop: crate::signals::stop_on_signals(),
+        // A plan has no step boundary to stop at: a signal ends it as it ends any process.
+        stop: match args.dry_run {
+            Some(DryRunMode::Plan) => hone_train::StopToken::default(),
+            _ => crate::signals::stop_on_signals(),
+        },
     };
+    if let Some(mode) = args.dry_run {
+        return dry_run(&config, &options, mode, args.json, out, started)
+            .with_context(|| format!("dry run of {}", args.config.display()));
+    }
+    // The bar draws on stderr: without a terminal there (CI logs, `2> file`), plain lines.
+    let mut progress = Progress::new(std::io::stderr().is_terminal() && !out.json_events, out);
     let result = hone_train::train(&config, options, &mut progress)
         .with_context(|| format!("training with {}", args.config.display()));
     if let (Ok(summary), false) = (&result, out.json_events) {
@@ -444,6 +469,45 @@ pub fn run(args: TrainArgs, log_format: LogFormat) -> Result<()> {
         (Err(e), Ok(_)) => Err(e),
         (Ok(_), written) => written.map(|_| ()),
     }
+}
+
+/// `hone train --dry-run`: the plan (and measurement) of the run, printed; nothing written.
+fn dry_run(
+    config: &RunConfig,
+    options: &RunOptions,
+    mode: DryRunMode,
+    json: bool,
+    out: Out,
+    started: Instant,
+) -> Result<()> {
+    let (name, library_mode) = match mode {
+        DryRunMode::Plan => ("plan", hone_train::DryRun::Plan),
+        DryRunMode::Measure => (
+            "measure",
+            hone_train::DryRun::Measure {
+                timed_steps: MEASURED_STEPS,
+            },
+        ),
+    };
+    let report = hone_train::dry_run(config, options, library_mode)?;
+    let summary = DryRunSummary::new(config, &report, name, started);
+    if out.json_events {
+        json_event(
+            "dry_run",
+            serde_json::to_value(&summary).expect("a dry-run summary serialises"),
+        );
+    } else {
+        for line in summary.lines() {
+            out.line(&line);
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&summary).expect("a dry-run summary serialises")
+        );
+    }
+    Ok(())
 }
 
 struct BenchTask(BenchTrainArgs);

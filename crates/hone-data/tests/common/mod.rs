@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use hone_data::{DataConfig, Example, OnError, Role};
+use hone_data::{DataConfig, Example, OnError, SourcedExample};
 
 /// Writes `content` to `dir/name` and returns the path as a string.
 pub fn write(dir: &Path, name: &str, content: impl AsRef<[u8]>) -> String {
@@ -71,11 +71,12 @@ pub fn word(i: usize) -> String {
     s
 }
 
-/// The text of a one-message text example.
-pub fn text_of(e: &Example) -> &str {
-    assert_eq!(e.messages.len(), 1);
-    assert_eq!(e.messages[0].role, Role::Text);
-    &e.messages[0].content
+/// The text of a raw-text example.
+pub fn text_of(e: &SourcedExample) -> &str {
+    match &e.example {
+        Example::Text(text) => text,
+        other => panic!("expected a text example, found {other:?}"),
+    }
 }
 
 /// Lowercased word 3-gram set, computed independently of the crate.

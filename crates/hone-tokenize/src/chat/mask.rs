@@ -19,8 +19,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::error::TemplateError;
-use super::message::Message;
 use super::template::{ChatTemplate, ExtraContext};
+use hone_data::Message;
 
 /// The byte range `start..end` of one assistant turn (content and end-of-turn marker) in a
 /// rendered conversation.

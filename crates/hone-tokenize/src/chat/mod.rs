@@ -11,13 +11,14 @@
 //!   built-in) and renders it with [`ChatTemplate::render`].
 //! * [`BuiltinTemplate`] and [`TemplateSource`] are the config-level choice of template.
 //! * [`ChatTemplate::render_with_assistant_spans`] and [`token_mask_from_offsets`] give loss masks.
+//!
+//! The conversation's [`Message`] type is hone-data's (the data contract between the stages).
 
 mod builtin;
 mod config;
 mod env;
 mod error;
 mod mask;
-mod message;
 mod pyjson;
 mod template;
 mod value;
@@ -25,6 +26,6 @@ mod value;
 pub use builtin::{BuiltinTemplate, TemplateSource};
 pub use config::SpecialTokens;
 pub use error::TemplateError;
+pub use hone_data::Message;
 pub use mask::{token_mask_from_offsets, AssistantSpan, RenderedConversation};
-pub use message::Message;
 pub use template::{ChatTemplate, ExtraContext};

@@ -16,8 +16,8 @@ use super::config::SpecialTokens;
 use super::config::{parse_tokenizer_config, read_text, select_template, ModelDirTemplates};
 use super::env::{new_environment, rewrite_generation_tags, set_clock, Clock, RaisedException};
 use super::error::TemplateError;
-use super::message::Message;
 use super::value::{json_to_value, messages_to_value};
+use hone_data::Message;
 
 /// Extra template variables (`tools`, `documents`, `date_string`, `enable_thinking`, ...), as
 /// the keyword arguments of `apply_chat_template`.

@@ -6,7 +6,7 @@
 use minijinja::Value;
 use serde_json::Value as Json;
 
-use super::message::Message;
+use hone_data::Message;
 
 /// A JSON value as a template value.
 pub(crate) fn json_to_value(json: &Json) -> Value {

@@ -1,4 +1,5 @@
-//! The message type handed to chat templates.
+//! [`Message`]: one turn of a conversation, the unit of chat data from curation to the chat
+//! template; [`Role`]: the roles curation normalises speakers to.
 //!
 //! Mirrors the dicts `transformers` passes as `messages`: `role` and `content`, plus any other
 //! keys (`tool_calls`, `tool_call_id`, `name`, ...) which are handed to the template unchanged.
@@ -9,10 +10,48 @@
 //! the original JSON value is kept in `extra["content"]` and is what the template sees, while
 //! `content` holds its text (empty for `null`, the text parts joined for a list).
 
+use std::fmt;
+
 use serde::de::Error as _;
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
+
+/// The roles curation gives speakers (`developer` becomes `system`, sharegpt's `gpt` becomes
+/// `assistant`, ...). A [`Message`]'s role is a string, because chat templates may accept
+/// others (`ipython`, ...); these are the ones hone-data writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+    Tool,
+}
+
+impl Role {
+    /// The lowercase name used on disk and by chat templates.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<Role> for String {
+    fn from(role: Role) -> String {
+        role.as_str().to_string()
+    }
+}
 
 /// One turn of a conversation.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,17 +77,17 @@ impl Message {
 
     /// A `system` message.
     pub fn system(content: impl Into<String>) -> Self {
-        Self::new("system", content)
+        Self::new(Role::System, content)
     }
 
     /// A `user` message.
     pub fn user(content: impl Into<String>) -> Self {
-        Self::new("user", content)
+        Self::new(Role::User, content)
     }
 
     /// An `assistant` message.
     pub fn assistant(content: impl Into<String>) -> Self {
-        Self::new("assistant", content)
+        Self::new(Role::Assistant, content)
     }
 
     /// Adds an extra field (e.g. `tool_calls`) visible to the template.
@@ -57,9 +96,14 @@ impl Message {
         self
     }
 
+    /// Whether the message has this role.
+    pub fn has_role(&self, role: Role) -> bool {
+        self.role == role.as_str()
+    }
+
     /// Whether this turn is one the model produces (and is trained on).
     pub fn is_assistant(&self) -> bool {
-        self.role == "assistant"
+        self.has_role(Role::Assistant)
     }
 
     /// The `content` value the template sees: `extra["content"]` if set, else the text.
@@ -87,7 +131,7 @@ impl<'de> Deserialize<'de> for Message {
             Some(other) => {
                 return Err(D::Error::custom(format!(
                     "message `role` must be a string, found {other}"
-                )))
+                )));
             }
             None => return Err(D::Error::missing_field("role")),
         };
@@ -105,7 +149,7 @@ impl<'de> Deserialize<'de> for Message {
             Some(other) => {
                 return Err(D::Error::custom(format!(
                     "message `content` must be a string, null or a list of parts, found {other}"
-                )))
+                )));
             }
             None => return Err(D::Error::missing_field("content")),
         };
@@ -132,7 +176,6 @@ impl Serialize for Message {
         map.end()
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
