@@ -15,8 +15,8 @@ use std::path::Path;
 
 use hone_model::Tokenizer;
 use hone_tokenize::{
-    tokenize_cached, tokenize_examples, Batch, CacheKey, ChatTemplate, Example, Message, PadTo,
-    Row, ShardCache, TokenizeReport, TokenizedDataset, TokenizerSpec,
+    tokenize_cached, tokenize_examples, Batch, CacheKey, ChatTemplate, Example, PadTo, Row,
+    ShardCache, TokenizeReport, TokenizedDataset, TokenizerSpec,
 };
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -53,16 +53,6 @@ pub struct Datasets {
     pub val_report: Option<TokenizeReport>,
     /// The chat template, when the data has conversations (also used for sample prompts).
     pub template: Option<ChatTemplate>,
-}
-
-fn to_tokenize_example(example: &hone_data::Example) -> Example {
-    Example::from_messages(
-        example
-            .messages
-            .iter()
-            .map(|m| Message::new(m.role.as_str(), m.content.clone()))
-            .collect(),
-    )
 }
 
 /// The rows of `examples` through the token cache of `files`' run directory.
@@ -113,8 +103,7 @@ pub fn prepare_datasets(
     if let DataFiles::Run(run_dir) = files {
         hone_data::write_prepared(&prepared, &run_dir.join("data"))?;
     }
-    let train: Vec<Example> = prepared.train.iter().map(to_tokenize_example).collect();
-    let val: Vec<Example> = prepared.val.iter().map(to_tokenize_example).collect();
+    let (train, val) = prepared.examples();
     if train.is_empty() {
         let r = &prepared.report;
         let see = match files {

@@ -25,9 +25,7 @@ use hone_data::format::detect;
 use hone_data::reader::read_records;
 use hone_data::{prepare, DataConfig, FieldMap, RemovalReason};
 use hone_model::Tokenizer;
-use hone_tokenize::{
-    tokenize_examples, ChatTemplate, Example, Message, TokenizeConfig, TokenizerSpec,
-};
+use hone_tokenize::{tokenize_examples, ChatTemplate, Example, TokenizeConfig, TokenizerSpec};
 use serde_json::{json, Value};
 
 use crate::args::BenchDataArgs;
@@ -145,15 +143,9 @@ fn bench_tokenize(args: &BenchDataArgs, records: &[Value], threads: usize) -> Re
         .layout;
     let examples: Vec<Example> = (0..args.examples)
         .map(|i| {
-            let messages = layout
+            layout
                 .convert(&repeated(records, i, args.perturb))
-                .map_err(|e| anyhow::anyhow!("record {}: {}", i % records.len(), e.message))?;
-            Ok(Example::from_messages(
-                messages
-                    .into_iter()
-                    .map(|m| Message::new(m.role.as_str(), m.content))
-                    .collect(),
-            ))
+                .map_err(|e| anyhow::anyhow!("record {}: {}", i % records.len(), e.message))
         })
         .collect::<Result<_>>()?;
     let config = TokenizeConfig {
