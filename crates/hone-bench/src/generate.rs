@@ -9,7 +9,7 @@ use burn::prelude::*;
 use burn::tensor::TensorData;
 use hone_model::generate::argmax;
 use hone_model::{
-    load_model_dir, run_on, BackendTask, CausalLm, DeviceSpec, FloatDtype, Input, KvCache,
+    load_model_dir, run_on, BackendTask, CausalLm, DeviceSpec, FloatDtype, Input, Kernels, KvCache,
     LoadOptions,
 };
 use rand::{Rng, SeedableRng};
@@ -42,6 +42,8 @@ pub struct GenerateBench {
     pub dtype: FloatDtype,
     /// Timed repetitions (the best is reported).
     pub repeat: usize,
+    /// The model's kernels (`Composed`: burn's composed operations, for comparisons).
+    pub kernels: Kernels,
 }
 
 /// Runs the generation benchmark; the JSON object `hone bench generate` prints.
@@ -79,7 +81,7 @@ fn host_logits<B: Backend, const D: usize>(logits: Tensor<B, D>) -> Result<Vec<f
 }
 
 /// One prefill of `prompt` then `new_tokens` greedy decode steps for every row.
-fn run_once<B: Backend>(
+fn run_once<B: hone_model::KernelBackend>(
     model: &CausalLm<B>,
     prompt: &[i64],
     batch: usize,
@@ -117,12 +119,12 @@ fn run_once<B: Backend>(
 impl BackendTask for GenerateTask {
     type Output = Result<Value>;
 
-    fn run<B: Backend>(self, device: B::Device) -> Result<Value> {
+    fn run<B: hone_model::KernelBackend>(self, device: B::Device) -> Result<Value> {
         let a = self.0;
         let options = LoadOptions {
             dtype: a.dtype.burn(),
         };
-        let (model, label) = match &a.model {
+        let (mut model, label) = match &a.model {
             ModelSource::Dir(dir) => {
                 let loaded = load_model_dir::<B>(dir, &device, options).map_err(|source| {
                     BenchError::Load {
@@ -139,6 +141,7 @@ impl BackendTask for GenerateTask {
                 (CausalLm::random(&config, &device, options), shape.label())
             }
         };
+        model.set_kernels(a.kernels);
         let vocab = model.config().vocab_size;
         let mut rng = rand::rngs::StdRng::seed_from_u64(42);
         let prompt: Vec<i64> = (0..a.batch * a.prompt_tokens)
@@ -165,6 +168,7 @@ impl BackendTask for GenerateTask {
             "model": label,
             "device": format!("{device:?}"),
             "dtype": a.dtype.to_string(),
+            "kernels": a.kernels.to_string(),
             "batch": a.batch,
             "prompt_tokens": a.prompt_tokens,
             "new_tokens": a.new_tokens,

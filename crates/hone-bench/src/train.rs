@@ -6,9 +6,10 @@
 use std::time::{Duration, Instant};
 
 use burn::backend::Autodiff;
-use burn::prelude::*;
 use hone_model::lora::{LoraSettings, TargetModules};
-use hone_model::{run_on, BackendTask, CausalLm, DeviceSpec, FloatDtype, LoadOptions, ModelConfig};
+use hone_model::{
+    run_on, BackendTask, CausalLm, DeviceSpec, FloatDtype, Kernels, LoadOptions, ModelConfig,
+};
 use hone_train::parallel::device_for;
 use hone_train::step::step_seeds;
 use hone_train::{AdamWConfig, Learner, MicroBatch};
@@ -46,6 +47,8 @@ pub struct TrainBench {
     pub dtype: FloatDtype,
     /// Peak dense f32 TFLOP/s of the device, to report model FLOPs utilisation.
     pub peak_tflops: Option<f64>,
+    /// The model's kernels (`Composed`: burn's composed operations, for comparisons).
+    pub kernels: Kernels,
 }
 
 /// Runs the training benchmark; the JSON object `hone bench train` prints.
@@ -65,7 +68,7 @@ struct TrainTask(TrainBench);
 impl BackendTask for TrainTask {
     type Output = Result<Value>;
 
-    fn run<B: Backend>(self, device: B::Device) -> Result<Value> {
+    fn run<B: hone_model::KernelBackend>(self, device: B::Device) -> Result<Value> {
         let a = self.0;
         let config = a.shape.config();
         B::seed(&device, 0);
@@ -73,6 +76,7 @@ impl BackendTask for TrainTask {
             dtype: a.dtype.burn(),
         };
         let mut model = CausalLm::<Autodiff<B>>::random(&config, &device, load);
+        model.set_kernels(a.kernels);
         let targets: Vec<&str> = a.targets.iter().map(String::as_str).collect();
         let mut settings = LoraSettings::new(
             a.lora_r,
@@ -138,6 +142,7 @@ impl BackendTask for TrainTask {
             "peak_rss_mb": peak_rss_mb(),
             "gradient_checkpointing": a.gradient_checkpointing,
             "dtype": a.dtype.to_string(),
+            "kernels": a.kernels.to_string(),
             "threads": available_threads(),
         }))
     }

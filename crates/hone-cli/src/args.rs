@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use hone_model::{DeviceSpec, FloatDtype};
+use hone_model::{DeviceSpec, FloatDtype, Kernels};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -242,6 +242,10 @@ pub struct BenchTrainArgs {
     /// Peak dense f32 FLOP/s of the device in TFLOP/s, to report model FLOPs utilisation.
     #[arg(long)]
     pub peak_tflops: Option<f64>,
+    /// `fused` (the backend's fused kernels; the CPU's) or `composed` (burn's composed
+    /// operations, as CUDA runs them), to compare the two.
+    #[arg(long, default_value = "fused")]
+    pub kernels: Kernels,
 }
 
 /// Model shapes with random weights (hone-bench's).
@@ -268,6 +272,10 @@ pub struct BenchGenerateArgs {
     /// Timed repetitions (the best is reported).
     #[arg(long, default_value_t = 3)]
     pub repeat: usize,
+    /// `fused` (the backend's fused kernels; the CPU's) or `composed` (burn's composed
+    /// operations, as CUDA runs them), to compare the two.
+    #[arg(long, default_value = "fused")]
+    pub kernels: Kernels,
 }
 
 #[derive(Subcommand, Debug)]

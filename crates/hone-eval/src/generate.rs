@@ -35,7 +35,7 @@ pub struct GenOutput {
 
 /// One forward step over `ids` `[batch, seq]` at `positions`, extending `cache`; returns the
 /// greedy next token of every row.
-fn step<B: Backend>(
+fn step<B: hone_model::KernelBackend>(
     model: &CausalLm<B>,
     cache: &mut KvCache<B>,
     ids: Vec<i64>,
@@ -66,7 +66,7 @@ fn step<B: Backend>(
 }
 
 /// Greedy continuations of `prompts` (each non-empty), generated together.
-pub fn generate_greedy<B: Backend>(
+pub fn generate_greedy<B: hone_model::KernelBackend>(
     model: &CausalLm<B>,
     tokenizer: &Tokenizer,
     prompts: &[Vec<u32>],

@@ -58,7 +58,7 @@ pub struct EvalOptions<'a> {
 }
 
 /// Runs `plan` on `device`, calling `progress` after every batch; keeps no record log.
-pub fn evaluate<B: Backend>(
+pub fn evaluate<B: hone_model::KernelBackend>(
     plan: &EvalPlan,
     device: &B::Device,
     progress: &mut dyn FnMut(&Progress<'_>),
@@ -78,7 +78,7 @@ struct TaskInfo {
 }
 
 /// Runs `plan` on `device` with `options`, calling `progress` after every batch.
-pub fn evaluate_with<B: Backend>(
+pub fn evaluate_with<B: hone_model::KernelBackend>(
     plan: &EvalPlan,
     device: &B::Device,
     mut options: EvalOptions<'_>,
@@ -251,7 +251,7 @@ pub fn evaluate_with<B: Backend>(
 }
 
 /// Tokenizes every task for one model; returns them and the longest row used.
-fn prepare_for<B: Backend>(
+fn prepare_for<B: hone_model::KernelBackend>(
     plan: &EvalPlan,
     spec: &ModelSpec,
     model: &CausalLm<B>,
@@ -378,7 +378,7 @@ struct TaskRun<'a, B: Backend> {
     logged: &'a mut usize,
 }
 
-impl<B: Backend> TaskRun<'_, B> {
+impl<B: hone_model::KernelBackend> TaskRun<'_, B> {
     /// Runs every batch (taking logged records instead of computing them), then aggregates.
     fn run(&mut self, report: &mut dyn FnMut(usize)) -> Result<TaskResult> {
         let started = Instant::now();

@@ -57,7 +57,7 @@ pub(crate) fn to_host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec
 /// Log-probabilities of the targets of every row, in row order, each row's targets in order.
 /// Rows are sorted by length (longest first) and scored `batch_size` at a time;
 /// `on_rows(n)` is called after each batch with the number of rows it held.
-pub fn score_rows<B: Backend>(
+pub fn score_rows<B: hone_model::KernelBackend>(
     model: &CausalLm<B>,
     rows: &[ScoreRow],
     batch_size: usize,

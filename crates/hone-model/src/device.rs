@@ -5,10 +5,12 @@
 use std::fmt;
 use std::str::FromStr;
 
-use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{ModelError, Result};
+#[cfg(not(feature = "cuda"))]
+use crate::error::ModelError;
+use crate::error::Result;
+use crate::kernels::KernelBackend;
 
 /// A device named on the command line or in a config: `cpu`, `cuda` or `cuda:N`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,7 +69,7 @@ impl fmt::Display for DeviceSpec {
 pub trait BackendTask {
     type Output;
     /// Runs the work on backend `B`, device `device`.
-    fn run<B: Backend>(self, device: B::Device) -> Self::Output;
+    fn run<B: KernelBackend>(self, device: B::Device) -> Self::Output;
 }
 
 /// Whether this build can run on CUDA devices.

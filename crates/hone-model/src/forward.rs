@@ -26,8 +26,8 @@ use burn::prelude::*;
 use burn::tensor::{DType, TensorData};
 
 use crate::cache::KvCache;
-use crate::kernels::{self, RopeHost};
-use crate::model::{CausalLm, LayerCacheMut, LayerContext, RopeTables, OWN_SLOT};
+use crate::kernels::{KernelBackend, RopeHost, RopeTables};
+use crate::model::{CausalLm, LayerCacheMut, LayerContext, OWN_SLOT};
 
 /// Where each token sits, for RoPE.
 #[derive(Debug, Clone, Default)]
@@ -234,7 +234,7 @@ pub(crate) struct Prepared<B: Backend> {
     pub(crate) select: Selection<B>,
 }
 
-impl<B: Backend> CausalLm<B> {
+impl<B: KernelBackend> CausalLm<B> {
     /// Runs the model on `input` (see [`crate::forward`]): the single entry point of every
     /// forward pass. With a cache, the cache is extended by the pass's tokens.
     ///
@@ -277,6 +277,7 @@ impl<B: Backend> CausalLm<B> {
         let ctx = LayerContext {
             rope: &rope,
             select: &select,
+            kernels: self.kernels,
         };
         let layers = self.model.layers.iter().zip(&masks).enumerate();
         match cache {
@@ -309,10 +310,10 @@ impl<B: Backend> CausalLm<B> {
             }
         }
         match output {
-            Output::Hidden => self.model.norm.forward(x),
-            Output::Logits => self.logits(self.model.norm.forward(x)),
-            Output::LastHidden => self.model.norm.forward(x.narrow(1, seq - 1, 1)),
-            Output::LastLogits => self.logits(self.model.norm.forward(x.narrow(1, seq - 1, 1))),
+            Output::Hidden => self.norm(x),
+            Output::Logits => self.logits(self.norm(x)),
+            Output::LastHidden => self.norm(x.narrow(1, seq - 1, 1)),
+            Output::LastLogits => self.logits(self.norm(x.narrow(1, seq - 1, 1))),
         }
     }
 
@@ -413,6 +414,11 @@ impl<B: Backend> CausalLm<B> {
 
     /// Projects hidden states to vocabulary logits: `[batch, seq, hidden]` -> `[batch, seq, vocab]`.
     /// (The output projection alone, for callers that pick positions of hidden states first.)
+    /// The final norm of hidden states `[batch, seq, hidden]`.
+    pub(crate) fn norm(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.model.norm.forward(x, self.kernels)
+    }
+
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
             Some(head) => head.forward(hidden, &Selection::Slot(OWN_SLOT)),
@@ -457,7 +463,7 @@ impl<B: Backend> CausalLm<B> {
             t.reshape([batch, seq, 1, dim])
         };
         let (cos, sin) = (rows(&tables.cos), rows(&tables.sin));
-        let host = kernels::fused::<B>(dtype).then(|| {
+        let host = self.kernels.fused::<B>(dtype).then(|| {
             Arc::new(RopeHost {
                 cos: cos.clone(),
                 sin: sin.clone(),

@@ -11,6 +11,7 @@ use rand::{Rng, SeedableRng};
 use crate::cache::KvCache;
 use crate::detok::TextStream;
 use crate::error::{ModelError, Result};
+use crate::kernels::KernelBackend;
 use crate::model::CausalLm;
 use crate::tokenizer::Tokenizer;
 
@@ -193,7 +194,7 @@ pub struct Generation {
 
 /// Generates a continuation of `prompt_ids`, calling `on_text` with each new piece of text as
 /// soon as it is final.
-pub fn generate<B: Backend>(
+pub fn generate<B: KernelBackend>(
     model: &CausalLm<B>,
     tokenizer: &Tokenizer,
     prompt_ids: &[u32],

@@ -34,6 +34,7 @@ pub use dtype::FloatDtype;
 pub use error::{ModelError, Result};
 pub use forward::{Adapters, Cache, Input, Output, Positions, Visibility};
 pub use generate::{generate, FinishReason, GenerateConfig, Generation, Sampler, SamplingConfig};
+pub use kernels::{AutodiffKernelBackend, KernelBackend, Kernels};
 pub use loader::{load_model_dir, LoadedModel};
 pub use model::{CausalLm, LoadOptions, LoadReport, OWN_SLOT};
 pub use tokenizer::Tokenizer;

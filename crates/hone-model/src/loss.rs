@@ -7,6 +7,8 @@ use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::TensorData;
 
+use crate::kernels::{KernelBackend, Kernels};
+
 /// Label value that takes no part in the loss.
 pub const IGNORE_INDEX: i64 = -100;
 
@@ -14,7 +16,16 @@ pub const IGNORE_INDEX: i64 = -100;
 ///
 /// `logits`: `[batch, seq, vocab]`; `labels`: `[batch * seq]` row-major host values (unshifted,
 /// -100 = ignored). Returns a one-element tensor (differentiable) and the target count.
-pub fn causal_lm_loss_sum<B: Backend>(
+pub fn causal_lm_loss_sum<B: KernelBackend>(
+    logits: Tensor<B, 3>,
+    labels: &[i64],
+) -> (Tensor<B, 1>, usize) {
+    causal_lm_loss_sum_with(Kernels::Fused, logits, labels)
+}
+
+/// [`causal_lm_loss_sum`] with an explicit choice of kernels.
+pub fn causal_lm_loss_sum_with<B: KernelBackend>(
+    kernels: Kernels,
     logits: Tensor<B, 3>,
     labels: &[i64],
 ) -> (Tensor<B, 1>, usize) {
@@ -38,10 +49,10 @@ pub fn causal_lm_loss_sum<B: Backend>(
         }
     }
     let count = weights.iter().filter(|w| **w > 0.0).count();
-    if crate::kernels::fused::<B>(logits.dtype()) {
+    if kernels.fused::<B>(logits.dtype()) {
         let logits = logits.reshape([batch * seq, vocab]);
         return (
-            crate::kernels::nll_sum(logits, position_targets(labels, batch, seq, vocab)),
+            B::nll_sum(logits, position_targets(labels, batch, seq, vocab)),
             count,
         );
     }
@@ -60,7 +71,10 @@ pub fn causal_lm_loss_sum<B: Backend>(
 
 /// Mean loss over the targets of one batch (transformers' `ForCausalLMLoss` without
 /// `num_items_in_batch`). `None` when no label counts.
-pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: &[i64]) -> Option<Tensor<B, 1>> {
+pub fn causal_lm_loss<B: KernelBackend>(
+    logits: Tensor<B, 3>,
+    labels: &[i64],
+) -> Option<Tensor<B, 1>> {
     let (sum, count) = causal_lm_loss_sum(logits, labels);
     (count > 0).then(|| sum / count as f64)
 }
@@ -85,7 +99,7 @@ fn position_targets(labels: &[i64], batch: usize, seq: usize, vocab: usize) -> V
 /// never materialised (they are formed block by block and reduced on the spot, together with the
 /// gradient with respect to the hidden states), which saves two `[tokens, vocab]` buffers and
 /// their passes.
-pub fn causal_lm_loss_sum_hidden<B: Backend>(
+pub fn causal_lm_loss_sum_hidden<B: KernelBackend>(
     model: &crate::CausalLm<B>,
     hidden: Tensor<B, 3>,
     labels: &[i64],
@@ -100,14 +114,14 @@ pub fn causal_lm_loss_sum_hidden<B: Backend>(
         Some(w)
             if !w.is_require_grad()
                 && labels.len() == batch * seq
-                && crate::kernels::fused::<B>(hidden.dtype()) =>
+                && model.kernels().fused::<B>(hidden.dtype()) =>
         {
             let vocab = w.dims()[0];
             let targets = position_targets(labels, batch, seq, vocab);
             let count = targets.iter().filter(|&&t| t >= 0).count();
             let hidden = hidden.reshape([batch * seq, h]);
-            (crate::kernels::linear_nll_sum(hidden, w, targets), count)
+            (B::linear_nll_sum(hidden, w, targets), count)
         }
-        _ => causal_lm_loss_sum(model.logits(hidden), labels),
+        _ => causal_lm_loss_sum_with(model.kernels(), model.logits(hidden), labels),
     }
 }

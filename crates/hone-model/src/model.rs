@@ -11,16 +11,13 @@ use std::sync::Arc;
 
 use burn::module::{Module, Param, ParamId};
 use burn::prelude::*;
-use burn::tensor::activation::silu;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Distribution, IndexingUpdateOp, TensorData};
 
 use crate::cache::LayerCache;
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::forward::Selection;
-use crate::kernels::{self, RopeHost};
+use crate::kernels::{self, composed, KernelBackend, Kernels, RopeTables};
 use crate::lora::Lora;
 use crate::rope::RopeCache;
 use crate::weights::WeightStore;
@@ -134,26 +131,14 @@ pub struct RmsNorm<B: Backend> {
     pub(crate) eps: f64,
 }
 
-impl<B: Backend> RmsNorm<B> {
+impl<B: KernelBackend> RmsNorm<B> {
     /// `x`: `[batch, seq, hidden]`.
-    pub(crate) fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let dtype = x.dtype();
-        if kernels::fused::<B>(dtype) {
-            return kernels::rms_norm(x, self.weight.val(), self.eps);
+    pub(crate) fn forward(&self, x: Tensor<B, 3>, kernels: Kernels) -> Tensor<B, 3> {
+        if kernels.fused::<B>(x.dtype()) {
+            B::rms_norm(x, self.weight.val(), self.eps)
+        } else {
+            composed::rms_norm(x, self.weight.val(), self.eps)
         }
-        let x = if dtype != DType::F32 {
-            x.cast(DType::F32)
-        } else {
-            x
-        };
-        let variance = x.clone().powi_scalar(2).mean_dim(2);
-        let x = x * (variance + self.eps).sqrt().recip();
-        let x = if dtype != DType::F32 {
-            x.cast(dtype)
-        } else {
-            x
-        };
-        x * self.weight.val().unsqueeze::<3>()
     }
 }
 
@@ -171,41 +156,13 @@ pub struct Attention<B: Backend> {
     pub(crate) sliding_window: usize,
 }
 
-/// Cos/sin tables for the tokens of one forward pass, shaped `[batch, seq, 1, rotary_dim]`.
-#[derive(Clone, Debug)]
-pub(crate) struct RopeTables<B: Backend> {
-    pub(crate) cos: Tensor<B, 4>,
-    pub(crate) sin: Tensor<B, 4>,
-    /// The same tables on the host, `[rows, rotary_dim]`, for the fused CPU kernels.
-    pub(crate) host: Option<Arc<RopeHost>>,
-}
-
-fn rotate_half<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
-    let d = x.dims()[3];
-    let x1 = x.clone().narrow(3, 0, d / 2);
-    let x2 = x.narrow(3, d / 2, d / 2);
-    Tensor::cat(vec![x2.neg(), x1], 3)
-}
-
-/// Applies RoPE to `x` `[batch, seq, heads, head_dim]`; only the first `rotary_dim` features
-/// rotate (partial rotary), the rest pass through.
-fn apply_rope<B: Backend>(x: Tensor<B, 4>, rope: &RopeTables<B>) -> Tensor<B, 4> {
-    let head_dim = x.dims()[3];
-    let rotary = rope.cos.dims()[3];
-    if rotary == head_dim {
-        return x.clone() * rope.cos.clone() + rotate_half(x) * rope.sin.clone();
-    }
-    let rot = x.clone().narrow(3, 0, rotary);
-    let pass = x.narrow(3, rotary, head_dim - rotary);
-    let rot = rot.clone() * rope.cos.clone() + rotate_half(rot) * rope.sin.clone();
-    Tensor::cat(vec![rot, pass], 3)
-}
-
 /// What every layer of one forward pass shares: RoPE tables of the tokens and the adapter
 /// selection of the rows.
 pub(crate) struct LayerContext<'a, B: Backend> {
     pub(crate) rope: &'a RopeTables<B>,
     pub(crate) select: &'a Selection<B>,
+    /// Which implementation of the fusable operations runs.
+    pub(crate) kernels: Kernels,
 }
 
 /// A layer's view of the KV cache of a forward pass.
@@ -217,7 +174,7 @@ pub(crate) enum LayerCacheMut<'a, B: Backend> {
     Rows(Vec<(&'a mut LayerCache<B>, usize)>),
 }
 
-impl<B: Backend> Attention<B> {
+impl<B: KernelBackend> Attention<B> {
     /// `x`: `[batch, seq, hidden]`; `mask` (`[batch, 1, seq, keys]`, true = masked) replaces the
     /// causal/sliding-window mask.
     fn forward(
@@ -230,10 +187,10 @@ impl<B: Backend> Attention<B> {
         let [batch, seq, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let select = ctx.select;
-        if let (LayerCacheMut::None, Some(host)) = (&cache, &ctx.rope.host) {
+        if let (LayerCacheMut::None, Some(_)) = (&cache, &ctx.rope.host) {
             let full_mask = mask.is_none_or(|m| m.dims() == [batch, 1, seq, seq]);
-            if full_mask && kernels::fused::<B>(x.dtype()) {
-                return self.forward_fused(x, host, mask, select);
+            if full_mask && ctx.kernels.fused::<B>(x.dtype()) {
+                return self.forward_fused(x, ctx.rope, mask, select);
             }
         }
         let q = self
@@ -245,8 +202,8 @@ impl<B: Backend> Attention<B> {
             .forward(x.clone(), select)
             .reshape([batch, seq, kvh, d]);
         let v = self.v_proj.forward(x, select).reshape([batch, seq, kvh, d]);
-        let q = apply_rope(q, ctx.rope).swap_dims(1, 2);
-        let k = apply_rope(k, ctx.rope).swap_dims(1, 2);
+        let q = composed::apply_rope(q, ctx.rope).swap_dims(1, 2);
+        let k = composed::apply_rope(k, ctx.rope).swap_dims(1, 2);
         let v = v.swap_dims(1, 2);
         let out = match cache {
             LayerCacheMut::None => self.attend(q, k, v, 0, mask),
@@ -272,20 +229,20 @@ impl<B: Backend> Attention<B> {
         self.o_proj.forward(out, select)
     }
 
-    /// [`Self::forward`] without a cache through the fused CPU kernels: RoPE and attention on
-    /// the projections' own `[batch, seq, heads, head_dim]` layout, no transposes or copies of
+    /// [`Self::forward`] without a cache through the backend's fused kernels: RoPE and attention
+    /// on the projections' own `[batch, seq, heads, head_dim]` layout, no transposes or copies of
     /// grouped keys and values.
     fn forward_fused(
         &self,
         x: Tensor<B, 3>,
-        rope: &Arc<RopeHost>,
+        rope: &RopeTables<B>,
         mask: Option<&Tensor<B, 4, Bool>>,
         select: &Selection<B>,
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = kernels::rope(self.q_proj.forward(x.clone(), select), h, d, rope);
-        let k = kernels::rope(self.k_proj.forward(x.clone(), select), kvh, d, rope);
+        let q = B::rope(self.q_proj.forward(x.clone(), select), h, d, rope);
+        let k = B::rope(self.k_proj.forward(x.clone(), select), kvh, d, rope);
         let v = self.v_proj.forward(x, select);
         let mask = match mask {
             Some(m) => {
@@ -307,14 +264,13 @@ impl<B: Backend> Attention<B> {
             dim: d,
             scale: 1.0 / (d as f32).sqrt(),
         };
-        self.o_proj
-            .forward(kernels::attention(q, k, v, shape, mask), select)
+        self.o_proj.forward(
+            <B as KernelBackend>::attention(q, k, v, shape, mask),
+            select,
+        )
     }
 
-    /// Attention of new queries `[batch, heads, seq, d]` (RoPE applied) at positions
-    /// `past..past + seq` against keys and values `[batch, kv_heads, past + seq, d]`; `mask`
-    /// (`[batch, 1, seq, keys]`, true = masked) replaces the causal/sliding-window mask.
-    /// Returns `[batch, seq, heads * d]`, before the output projection.
+    /// [`composed::attend`] with this layer's sliding window.
     fn attend(
         &self,
         q: Tensor<B, 4>,
@@ -323,75 +279,8 @@ impl<B: Backend> Attention<B> {
         past: usize,
         mask: Option<&Tensor<B, 4, Bool>>,
     ) -> Tensor<B, 3> {
-        let [batch, _, seq, _] = q.dims();
-        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let total = k.dims()[2];
-        debug_assert_eq!(total, past + seq);
-        let groups = h / kvh;
-        let window = self.sliding_window;
-        let mask = match mask {
-            Some(m) => Some(m.clone()),
-            None if window > 0 && total > window => {
-                Some(sliding_window_mask::<B>(seq, total, window, &q.device()))
-            }
-            None => None,
-        };
-        let options = AttentionModuleOptions {
-            scale: Some(1.0 / (d as f64).sqrt()),
-            softcap: None,
-            is_causal: mask.is_none(),
-        };
-        let out = if groups > 1 && (seq == 1 || mask.is_some()) {
-            // Fold the query heads of each group into the query axis instead of copying keys
-            // and values `groups` times; an explicit mask is repeated along the folded axis.
-            // (Without a mask only a single query can fold: the implicit causal mask would
-            // not know the folded rows.)
-            let q = q.reshape([batch, kvh, groups * seq, d]);
-            let mask = mask.map(|m| {
-                let [mb, _, _, keys] = m.dims();
-                m.unsqueeze_dim::<5>(2)
-                    .expand([mb, 1, groups, seq, keys])
-                    .reshape([mb, 1, groups * seq, keys])
-            });
-            let options = AttentionModuleOptions {
-                is_causal: false,
-                ..options
-            };
-            attention(q, k, v, mask, None, options).reshape([batch, h, seq, d])
-        } else {
-            let (k, v) = if groups > 1 {
-                let expand = |t: Tensor<B, 4>| {
-                    t.unsqueeze_dim::<5>(2)
-                        .expand([batch, kvh, groups, total, d])
-                        .reshape([batch, h, total, d])
-                };
-                (expand(k), expand(v))
-            } else {
-                (k, v)
-            };
-            attention(q, k, v, mask, None, options)
-        };
-        out.swap_dims(1, 2).reshape([batch, seq, h * d])
+        composed::attend(q, k, v, past, mask, self.sliding_window)
     }
-}
-
-/// Boolean mask `[1, 1, seq, total]`, true where attention is forbidden: the future, and keys at
-/// least `window` positions behind the query (transformers: `kv_idx > q_idx - sliding_window`).
-fn sliding_window_mask<B: Backend>(
-    seq: usize,
-    total: usize,
-    window: usize,
-    device: &B::Device,
-) -> Tensor<B, 4, Bool> {
-    let offset = total - seq;
-    let mut data = vec![false; seq * total];
-    for i in 0..seq {
-        let q = i + offset;
-        for j in 0..total {
-            data[i * total + j] = j > q || q - j >= window;
-        }
-    }
-    Tensor::<B, 2, Bool>::from_data(TensorData::new(data, [seq, total]), device).unsqueeze()
 }
 
 /// SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`.
@@ -402,14 +291,14 @@ pub struct Mlp<B: Backend> {
     pub(crate) down_proj: Linear<B>,
 }
 
-impl<B: Backend> Mlp<B> {
-    fn forward(&self, x: Tensor<B, 3>, select: &Selection<B>) -> Tensor<B, 3> {
+impl<B: KernelBackend> Mlp<B> {
+    fn forward(&self, x: Tensor<B, 3>, select: &Selection<B>, kernels: Kernels) -> Tensor<B, 3> {
         let gate = self.gate_proj.forward(x.clone(), select);
         let up = self.up_proj.forward(x, select);
-        let act = if kernels::fused::<B>(gate.dtype()) {
-            kernels::swiglu(gate, up)
+        let act = if kernels.fused::<B>(gate.dtype()) {
+            B::swiglu(gate, up)
         } else {
-            silu(gate) * up
+            composed::swiglu(gate, up)
         };
         self.down_proj.forward(act, select)
     }
@@ -424,7 +313,7 @@ pub struct DecoderLayer<B: Backend> {
     pub(crate) post_attention_layernorm: RmsNorm<B>,
 }
 
-impl<B: Backend> DecoderLayer<B> {
+impl<B: KernelBackend> DecoderLayer<B> {
     /// The layer body every forward pass runs: `x` `[batch, seq, hidden]` -> same shape.
     pub(crate) fn forward(
         &self,
@@ -433,16 +322,16 @@ impl<B: Backend> DecoderLayer<B> {
         mask: Option<&Tensor<B, 4, Bool>>,
         cache: LayerCacheMut<'_, B>,
     ) -> Tensor<B, 3> {
-        let attn =
-            self.self_attn
-                .forward(self.input_layernorm.forward(x.clone()), ctx, mask, cache);
-        let h = x + attn;
-        h.clone()
-            + self
-                .mlp
-                .forward(self.post_attention_layernorm.forward(h), ctx.select)
+        let normed = self.input_layernorm.forward(x.clone(), ctx.kernels);
+        let h = x + self.self_attn.forward(normed, ctx, mask, cache);
+        let normed = self
+            .post_attention_layernorm
+            .forward(h.clone(), ctx.kernels);
+        h + self.mlp.forward(normed, ctx.select, ctx.kernels)
     }
+}
 
+impl<B: Backend> DecoderLayer<B> {
     /// The layer's projections, named as under `model.layers.N.`, in checkpoint order.
     pub(crate) fn projections(&self) -> [(&'static str, &Linear<B>); 7] {
         let (a, m) = (&self.self_attn, &self.mlp);
@@ -501,6 +390,9 @@ pub struct CausalLm<B: Backend> {
     /// ([`CausalLm::enable_gradient_checkpointing`], [`crate::recompute`]).
     #[module(skip)]
     pub(crate) gradient_checkpointing: bool,
+    /// Which implementation of the fusable operations runs ([`CausalLm::set_kernels`]).
+    #[module(skip)]
+    pub(crate) kernels: Kernels,
 }
 
 /// Options for building a model.
@@ -707,6 +599,7 @@ impl<B: Backend> Builder<'_, B> {
             ))),
             config: c.clone(),
             gradient_checkpointing: false,
+            kernels: Kernels::default(),
         })
     }
 }
@@ -776,5 +669,16 @@ impl<B: Backend> CausalLm<B> {
     /// The compute dtype of the weights.
     pub fn dtype(&self) -> DType {
         self.model.embed_tokens.val().dtype()
+    }
+
+    /// Which implementation of the fusable operations the forward passes run.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+
+    /// Runs the backend's fused kernels ([`Kernels::Fused`], the default) or composed burn
+    /// operations ([`Kernels::Composed`], for comparisons).
+    pub fn set_kernels(&mut self, kernels: Kernels) {
+        self.kernels = kernels;
     }
 }

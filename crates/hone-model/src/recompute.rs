@@ -17,8 +17,9 @@ use burn::tensor::backend::AutodiffBackend;
 
 use crate::error::{ModelError, Result};
 use crate::forward::{Adapters, Positions, Prepared, Selection, Visibility};
+use crate::kernels::{AutodiffKernelBackend, RopeTables};
 use crate::loss::causal_lm_loss_sum_hidden;
-use crate::model::{CausalLm, LayerCacheMut, LayerContext, RopeTables};
+use crate::model::{CausalLm, LayerCacheMut, LayerContext};
 
 /// What one checkpointed forward and backward pass produced.
 #[derive(Debug, Clone)]
@@ -60,7 +61,7 @@ fn refuse_dropout<B: Backend>(model: &CausalLm<B>) -> Result<()> {
     }
 }
 
-impl<B: AutodiffBackend> CausalLm<B> {
+impl<B: AutodiffKernelBackend> CausalLm<B> {
     /// Loss and adapter gradients of one batch with each decoder layer recomputed in the
     /// backward pass. `packing` is `(position_ids, segment_ids)` as for
     /// [`crate::Input::packed`]; `labels` as for [`crate::loss::causal_lm_loss_sum`].
@@ -99,6 +100,7 @@ impl<B: AutodiffBackend> CausalLm<B> {
         let ctx = LayerContext {
             rope: &rope,
             select: &select,
+            kernels: self.kernels,
         };
         debug_assert_eq!(x.dims()[1], seq);
 
@@ -109,6 +111,7 @@ impl<B: AutodiffBackend> CausalLm<B> {
         let inner_ctx = LayerContext {
             rope: &inner_rope,
             select: &inner_select,
+            kernels: self.kernels,
         };
         let mut inputs = Vec::with_capacity(inner.model.layers.len());
         let mut x = x.inner();
@@ -120,8 +123,7 @@ impl<B: AutodiffBackend> CausalLm<B> {
 
         // The head: final norm, output projection, loss.
         let top = Tensor::<B, 3>::from_inner(x).require_grad();
-        let (sum, count) =
-            causal_lm_loss_sum_hidden(self, self.model.norm.forward(top.clone()), labels);
+        let (sum, count) = causal_lm_loss_sum_hidden(self, self.norm(top.clone()), labels);
         let loss_sum = sum.clone().inner();
         let grads = sum.backward();
         let mut upstream = top.grad(&grads).unwrap_or_else(|| top.inner().zeros_like());

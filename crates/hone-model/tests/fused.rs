@@ -5,16 +5,15 @@
 //! itself checked against transformers and PEFT (tests/reference.rs, hone-train's reference
 //! tests), so this ties the fused path to the same references on cases the fixtures lack.
 //!
-//! One test function: the switch between the two paths is process-wide.
+//! The two paths are chosen per model ([`CausalLm::set_kernels`]), so both run side by side.
 
 mod common;
 
 use burn::backend::Autodiff;
 use common::*;
-use hone_model::kernels;
-use hone_model::loss::{causal_lm_loss_sum, causal_lm_loss_sum_hidden};
+use hone_model::loss::{causal_lm_loss_sum_hidden, causal_lm_loss_sum_with};
 use hone_model::Input;
-use hone_model::{CausalLm, Cpu, ModelConfig};
+use hone_model::{CausalLm, Cpu, Kernels, ModelConfig};
 
 type Ad = Autodiff<Cpu>;
 
@@ -56,7 +55,7 @@ fn loss_and_grads(
     let (sum, count) = if via_hidden {
         causal_lm_loss_sum_hidden(m, hidden, labels)
     } else {
-        causal_lm_loss_sum(m.logits(hidden), labels)
+        causal_lm_loss_sum_with(m.kernels(), m.logits(hidden), labels)
     };
     assert!(count > 0);
     let loss = host(sum.clone())[0];
@@ -72,14 +71,16 @@ fn loss_and_grads(
     (loss, out)
 }
 
-fn run(name: &str, edit: &dyn Fn(&mut ModelConfig), via_hidden: bool) -> Outputs {
-    let flex = model_with_adapter::<Cpu>(name, edit);
+fn run(name: &str, edit: &dyn Fn(&mut ModelConfig), kernels: Kernels, via_hidden: bool) -> Outputs {
+    let mut flex = model_with_adapter::<Cpu>(name, edit);
+    flex.set_kernels(kernels);
     let vocab = flex.config().vocab_size;
     let (batch, seq) = (3, 24);
     let input = tokens(batch * seq, vocab, 7);
     let logits = host(flex.forward(Input::new(ids(&input, batch))));
 
-    let ad = model_with_adapter::<Ad>(name, edit);
+    let mut ad = model_with_adapter::<Ad>(name, edit);
+    ad.set_kernels(kernels);
     let mut labels = input.clone();
     for (i, l) in labels.iter_mut().enumerate() {
         if i % seq < 3 || i % 5 == 0 {
@@ -137,6 +138,11 @@ type Edit = Box<dyn Fn(&mut ModelConfig)>;
 
 #[test]
 fn fused_kernels_compute_what_composed_burn_ops_compute() {
+    // The comparison means something only if Flex and Autodiff<Flex> do fuse f32 (and only f32).
+    use burn::tensor::DType;
+    assert!(Kernels::Fused.fused::<Cpu>(DType::F32) && Kernels::Fused.fused::<Ad>(DType::F32));
+    assert!(!Kernels::Composed.fused::<Cpu>(DType::F32));
+    assert!(!Kernels::Fused.fused::<Ad>(DType::BF16));
     let cases: Vec<(&str, &str, Edit)> = vec![
         ("llama_gqa", "plain", Box::new(|_| {})),
         ("qwen2_tied", "biases, tied", Box::new(|_| {})),
@@ -150,13 +156,11 @@ fn fused_kernels_compute_what_composed_burn_ops_compute() {
         ),
     ];
     for (name, label, edit) in &cases {
-        kernels::set_enabled(false);
-        let composed = run(name, edit.as_ref(), false);
-        kernels::set_enabled(true);
+        let composed = run(name, edit.as_ref(), Kernels::Composed, false);
         // The loss from logits (fused cross-entropy) and from hidden states (the output
         // projection fused with it).
         for via_hidden in [false, true] {
-            let fused = run(name, edit.as_ref(), via_hidden);
+            let fused = run(name, edit.as_ref(), Kernels::Fused, via_hidden);
             let what = |s: &str| format!("{name} ({label}, via hidden {via_hidden}) {s}");
             assert_close(&what("logits"), &fused.logits, &composed.logits, 1e-5);
             for (kind, f, c) in [

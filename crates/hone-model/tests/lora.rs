@@ -40,7 +40,7 @@ fn f32s(store: &WeightStore, key: &str) -> Vec<f32> {
     store.load_f32(key, &shape).unwrap()
 }
 
-fn logits<B: Backend>(model: &CausalLm<B>, name: &str) -> Vec<f32> {
+fn logits<B: hone_model::KernelBackend>(model: &CausalLm<B>, name: &str) -> Vec<f32> {
     let (ids, shape) = refs(name, "inputs.safetensors")
         .load_i64("input_ids")
         .unwrap();

@@ -45,7 +45,7 @@ pub(crate) struct WorkerTask(pub Setup);
 impl BackendTask for WorkerTask {
     type Output = ();
 
-    fn run<B: Backend>(self, device: B::Device) {
+    fn run<B: hone_model::KernelBackend>(self, device: B::Device) {
         let Setup {
             config,
             tokenizer,
@@ -171,7 +171,7 @@ fn same_dir(a: &Path, b: &Path) -> bool {
     canon(a) == canon(b)
 }
 
-impl<B: Backend> Worker<B> {
+impl<B: hone_model::KernelBackend> Worker<B> {
     fn load(
         config: &ServeConfig,
         tokenizer: Tokenizer,

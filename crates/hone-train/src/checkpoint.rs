@@ -15,9 +15,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
-use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::TensorData;
 use hone_model::lora::LoraSettings;
+use hone_model::AutodiffKernelBackend;
 use hone_model::{CausalLm, ModelError, WeightStore};
 use serde::{Deserialize, Serialize};
 
@@ -150,7 +150,7 @@ fn f32_bytes<B: Backend>(t: Tensor<B, 2>, what: &str) -> Result<Vec<u8>> {
 }
 
 /// Writes `step-N/` for the model's adapters, the optimizer and `state`, atomically.
-pub fn save_checkpoint<B: AutodiffBackend>(
+pub fn save_checkpoint<B: AutodiffKernelBackend>(
     dir: &Path,
     model: &CausalLm<B>,
     settings: &LoraSettings,
@@ -322,7 +322,7 @@ pub fn read_state(dir: &Path) -> Result<TrainerState> {
 
 /// Loads a checkpoint into `model` (its adapters are replaced) and returns the optimizer and
 /// the trainer state. The adapter must match `settings`.
-pub fn load_checkpoint<B: AutodiffBackend>(
+pub fn load_checkpoint<B: AutodiffKernelBackend>(
     dir: &Path,
     model: &mut CausalLm<B>,
     settings: &LoraSettings,

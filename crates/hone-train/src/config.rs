@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 
 use hone_data::DataConfig;
 use hone_model::lora::{LoraSettings, TargetModules};
-use hone_model::{DeviceSpec, FloatDtype};
+use hone_model::{DeviceSpec, FloatDtype, Kernels};
 use hone_tokenize::TokenizeConfig;
 use serde::{Deserialize, Serialize};
 
@@ -59,6 +59,15 @@ pub struct ModelSection {
     /// optimizer state stay f32; the adapters compute in f32 as in PEFT's mixed precision).
     #[serde(default)]
     pub dtype: FloatDtype,
+    /// `fused` (default: the backend's fused kernels where it has them, the CPU's) or
+    /// `composed` (burn's composed operations everywhere, as CUDA runs them; slower on the CPU,
+    /// for comparisons). Left out of the resolved config when it is the default.
+    #[serde(default, skip_serializing_if = "is_fused")]
+    pub kernels: Kernels,
+}
+
+fn is_fused(kernels: &Kernels) -> bool {
+    *kernels == Kernels::Fused
 }
 
 fn default_r() -> usize {

@@ -21,8 +21,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use burn::backend::Autodiff;
-use burn::prelude::*;
-use burn::tensor::backend::AutodiffBackend;
+use hone_model::AutodiffKernelBackend;
 use hone_model::{run_on, BackendTask, DeviceSpec, Tokenizer};
 use serde::Serialize;
 
@@ -134,7 +133,7 @@ pub fn dry_run(config: &RunConfig, options: &RunOptions, mode: DryRun) -> Result
     }
     impl BackendTask for Task<'_> {
         type Output = Result<DryRunReport>;
-        fn run<B: Backend>(self, device: B::Device) -> Result<DryRunReport> {
+        fn run<B: hone_model::KernelBackend>(self, device: B::Device) -> Result<DryRunReport> {
             dry_run_on::<Autodiff<B>>(self.config, self.options, self.mode, device)
         }
     }
@@ -149,7 +148,7 @@ pub fn dry_run(config: &RunConfig, options: &RunOptions, mode: DryRun) -> Result
 }
 
 /// [`dry_run`] on backend `B` and rank 0's `device`.
-pub fn dry_run_on<B: AutodiffBackend>(
+pub fn dry_run_on<B: AutodiffKernelBackend>(
     config: &RunConfig,
     options: &RunOptions,
     mode: DryRun,
@@ -219,7 +218,7 @@ pub fn dry_run_on<B: AutodiffBackend>(
 /// Loads the model with fresh adapters and times `timed_steps` (at least 1) steps after a
 /// warm-up step, through the run's step engine (data-parallel over `devices` when there are
 /// several).
-fn measure<B: AutodiffBackend>(
+fn measure<B: AutodiffKernelBackend>(
     config: &RunConfig,
     options: &RunOptions,
     mut feed: Feed,

@@ -25,7 +25,7 @@ pub struct EvalResult {
 
 /// Mean loss over all target tokens of `rows`, in batches of `batch_size` (at most
 /// `max_batches` of them). `None` when the rows hold no target.
-pub fn evaluate<B: Backend>(
+pub fn evaluate<B: hone_model::KernelBackend>(
     model: &CausalLm<B>,
     rows: &[Row],
     batch_size: usize,
@@ -111,7 +111,11 @@ impl SampleSetup<'_> {
     }
 
     /// Generates the answer of `model` to `ids`.
-    pub fn generate<B: Backend>(&self, model: &CausalLm<B>, ids: &[u32]) -> Result<String> {
+    pub fn generate<B: hone_model::KernelBackend>(
+        &self,
+        model: &CausalLm<B>,
+        ids: &[u32],
+    ) -> Result<String> {
         let mut stop_ids = self.tokenizer.eos_ids.clone();
         if let Some(eos) = self
             .template

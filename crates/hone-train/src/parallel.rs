@@ -61,12 +61,12 @@ use std::time::{Duration, Instant};
 
 use burn::module::Module;
 use burn::prelude::*;
-use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{TensorData, TensorPrimitive};
 use burn_collective::{
     all_reduce, finish_collective, register, reset_collective, CollectiveConfig, PeerId,
     ReduceOperation,
 };
+use hone_model::AutodiffKernelBackend;
 use hone_model::{run_on, BackendTask, CausalLm, DeviceSpec};
 
 use crate::error::{Result, TrainError};
@@ -497,7 +497,7 @@ fn reduce<B: Backend>(
 }
 
 /// The step's gradients as one peer sees them: those of its share, all-reduced.
-fn peer_gradients<B: AutodiffBackend>(
+fn peer_gradients<B: AutodiffKernelBackend>(
     rank: usize,
     model: &CausalLm<B>,
     device: &B::Device,
@@ -516,7 +516,7 @@ fn peer_gradients<B: AutodiffBackend>(
 
 /// One step of one peer: the all-reduced gradients and, unless the job asks for gradients
 /// only, the update of the peer's copy of the model.
-fn peer_step<B: AutodiffBackend>(
+fn peer_step<B: AutodiffKernelBackend>(
     rank: usize,
     model: &mut CausalLm<B>,
     optimizer: &mut AdamW<B::InnerBackend>,
@@ -543,7 +543,7 @@ fn optimizer_on<B: Backend>(optimizer: &AdamW<B>, device: &B::Device) -> AdamW<B
 
 /// A peer thread (ranks 1..): registers when told, then runs the steps it receives until rank
 /// 0 closes the channel; a failure is recorded for the watchdog and ends the thread.
-fn peer_main<B: AutodiffBackend>(
+fn peer_main<B: AutodiffKernelBackend>(
     rank: usize,
     mut model: CausalLm<B>,
     mut optimizer: AdamW<B::InnerBackend>,
@@ -609,7 +609,7 @@ fn watch<B: Backend>(session: Arc<Session>) {
 /// Peers 1.. of a data-parallel session, driven by rank 0: the caller, who keeps its own model
 /// and optimizer and passes them to [`DataParallel::step`]. Dropping a session in the middle of
 /// a step (an error, a panic) aborts it without waiting for the collective.
-pub struct DataParallel<B: AutodiffBackend> {
+pub struct DataParallel<B: AutodiffKernelBackend> {
     session: Arc<Session>,
     senders: Vec<SyncSender<Message>>,
     workers: Vec<JoinHandle<()>>,
@@ -621,7 +621,7 @@ pub struct DataParallel<B: AutodiffBackend> {
     _exclusive: MutexGuard<'static, ()>,
 }
 
-impl<B: AutodiffBackend> DataParallel<B> {
+impl<B: AutodiffKernelBackend> DataParallel<B> {
     /// Starts peers on `devices[1..]` with copies of `model` and `optimizer` (rank 0, on
     /// `devices[0]`, is the caller's) and registers all of them with the collective. The model
     /// is materialised first: a lazily initialised parameter would be drawn anew by each copy.
@@ -853,7 +853,7 @@ impl<B: AutodiffBackend> DataParallel<B> {
 
 /// The trainer's engine over several devices and nodes: [`DataParallel::step`] on the
 /// learner's model and optimizer (rank 0's).
-impl<B: AutodiffBackend> StepEngine<B> for DataParallel<B> {
+impl<B: AutodiffKernelBackend> StepEngine<B> for DataParallel<B> {
     fn step(
         &mut self,
         learner: &mut Learner<B>,
@@ -878,7 +878,7 @@ impl<B: AutodiffBackend> StepEngine<B> for DataParallel<B> {
     }
 }
 
-impl<B: AutodiffBackend> Drop for DataParallel<B> {
+impl<B: AutodiffKernelBackend> Drop for DataParallel<B> {
     fn drop(&mut self) {
         let abort = self.in_step;
         self.close(abort);

@@ -29,9 +29,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use burn::backend::Autodiff;
-use burn::prelude::*;
-use burn::tensor::backend::AutodiffBackend;
 use hone_model::{run_on, BackendTask, ModelConfig};
+use hone_model::{AutodiffKernelBackend, KernelBackend};
 use serde::Serialize;
 
 use crate::checkpoint;
@@ -187,7 +186,7 @@ pub fn train(
     }
     impl BackendTask for Task<'_> {
         type Output = Result<RunSummary>;
-        fn run<B: Backend>(self, device: B::Device) -> Result<RunSummary> {
+        fn run<B: KernelBackend>(self, device: B::Device) -> Result<RunSummary> {
             train_on::<Autodiff<B>>(self.config, self.options, self.observer, device)
         }
     }
@@ -411,7 +410,7 @@ pub(crate) fn check_context(config: &RunConfig) -> Result<ModelConfig> {
 }
 
 /// The run's memory estimate; on the CPU it is checked against the available memory.
-pub(crate) fn check_memory<B: Backend>(
+pub(crate) fn check_memory<B: KernelBackend>(
     config: &RunConfig,
     model_config: &ModelConfig,
 ) -> Result<MemoryEstimate> {
@@ -423,7 +422,7 @@ pub(crate) fn check_memory<B: Backend>(
         max_seq_len: config.tokenize.max_seq_len,
         dtype_bytes: dtype.size(),
         gradient_checkpointing: config.train.gradient_checkpointing,
-        fused_cpu: hone_model::kernels::fused::<B>(dtype),
+        fused_cpu: config.model.kernels.fused::<B>(dtype),
         replicas: if on_cpu { devices.len() } else { 1 },
     };
     let mut estimate = memory::estimate(model_config, shape);
@@ -437,7 +436,7 @@ pub(crate) fn check_memory<B: Backend>(
 /// Runs `config` on backend `B` (an autodiff backend) and `device`: [`Trainer::prepare`], then
 /// [`Trainer::run`]. With several `train.devices`, `device` is rank 0's (the first) and the
 /// others are resolved on `B`.
-pub fn train_on<B: AutodiffBackend>(
+pub fn train_on<B: AutodiffKernelBackend>(
     config: &RunConfig,
     options: RunOptions,
     observer: &mut dyn Observer,

@@ -19,10 +19,10 @@ use std::time::Duration;
 
 use burn::module::Param;
 use burn::prelude::*;
-use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::TensorData;
 use hone_model::adapter::peft_key;
 use hone_model::loss::causal_lm_loss_sum_hidden;
+use hone_model::AutodiffKernelBackend;
 use hone_model::{CausalLm, Input};
 use hone_tokenize::{Batch, PAD_SEGMENT};
 
@@ -93,7 +93,7 @@ impl MicroBatch {
 
     /// Summed negative log-likelihood of the targets (differentiable) and their number; on the
     /// CPU the logits are never materialised (`causal_lm_loss_sum_hidden`).
-    pub fn loss_sum<B: Backend>(
+    pub fn loss_sum<B: hone_model::KernelBackend>(
         &self,
         model: &CausalLm<B>,
         device: &B::Device,
@@ -129,7 +129,7 @@ pub fn adapter_values<B: Backend>(model: &CausalLm<B>) -> Vec<Tensor<B, 2>> {
 }
 
 /// The gradients of the adapter tensors (zeros where a tensor got none), detached.
-fn adapter_grads<B: AutodiffBackend>(
+fn adapter_grads<B: AutodiffKernelBackend>(
     model: &CausalLm<B>,
     grads: &B::Gradients,
 ) -> Vec<Tensor<B::InnerBackend, 2>> {
@@ -147,7 +147,7 @@ fn adapter_grads<B: AutodiffBackend>(
 
 /// Replaces the adapter tensors (same order and shapes), keeping each parameter's id and
 /// making it trainable again.
-pub fn set_adapter_values<B: AutodiffBackend>(
+pub fn set_adapter_values<B: AutodiffKernelBackend>(
     model: &mut CausalLm<B>,
     values: Vec<Tensor<B::InnerBackend, 2>>,
 ) {
@@ -192,7 +192,7 @@ pub struct StepGradients<B: Backend> {
 /// last step). `before_micro_batch(i)` runs before the forward pass of micro-batch `i` (the
 /// trainer seeds the dropout generator there); what it returns is held until that forward
 /// pass is done, before its backward pass.
-pub fn gradient_sums<B: AutodiffBackend, G>(
+pub fn gradient_sums<B: AutodiffKernelBackend, G>(
     model: &CausalLm<B>,
     batches: &[MicroBatch],
     device: &B::Device,
@@ -260,7 +260,7 @@ pub fn gradient_sums<B: AutodiffBackend, G>(
 
 /// Forward and backward of every micro-batch of one step. `before_micro_batch(i)` runs before
 /// micro-batch `i` (the trainer seeds the dropout generator there).
-pub fn step_gradients<B: AutodiffBackend, G>(
+pub fn step_gradients<B: AutodiffKernelBackend, G>(
     model: &CausalLm<B>,
     batches: &[MicroBatch],
     device: &B::Device,
@@ -313,7 +313,7 @@ pub struct StepOutcome {
 
 /// Clips `grads` (when `max_grad_norm > 0`) and applies AdamW to the model's adapters, unless
 /// the loss or gradient norm is not finite (then nothing changes and `applied` is false).
-pub fn apply_update<B: AutodiffBackend>(
+pub fn apply_update<B: AutodiffKernelBackend>(
     model: &mut CausalLm<B>,
     optimizer: &mut AdamW<B::InnerBackend>,
     step: StepGradients<B::InnerBackend>,
@@ -365,7 +365,7 @@ pub fn step_seeds(seed: u64, step: usize, micro_batches: usize) -> Vec<u64> {
 
 /// A model with adapters and its optimizer: what a [`StepEngine`] updates. The trainer, the
 /// benchmark (`hone bench train`) and the reference tests hold one.
-pub struct Learner<B: AutodiffBackend> {
+pub struct Learner<B: AutodiffKernelBackend> {
     pub model: CausalLm<B>,
     pub optimizer: AdamW<B::InnerBackend>,
     /// Clip the global gradient norm to this (0: off).
@@ -374,7 +374,7 @@ pub struct Learner<B: AutodiffBackend> {
     pub device: B::Device,
 }
 
-impl<B: AutodiffBackend> Learner<B> {
+impl<B: AutodiffKernelBackend> Learner<B> {
     pub fn new(
         model: CausalLm<B>,
         config: AdamWConfig,
@@ -440,7 +440,7 @@ impl<B: AutodiffBackend> Learner<B> {
 /// How a training step's micro-batches become one update of a [`Learner`]: on one device
 /// ([`SingleDevice`]) or over data-parallel peers ([`DataParallel`]). The trainer's step and
 /// `hone bench train` go through this one call.
-pub trait StepEngine<B: AutodiffBackend> {
+pub trait StepEngine<B: AutodiffKernelBackend> {
     /// Step `step` over `batches` (every peer's micro-batches of the step, in order), seeding
     /// the backend's generator with `seeds[i]` before micro-batch `i` when given; every copy of
     /// the learner gets the same update at `lr`.
@@ -462,7 +462,7 @@ pub trait StepEngine<B: AutodiffBackend> {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SingleDevice;
 
-impl<B: AutodiffBackend> StepEngine<B> for SingleDevice {
+impl<B: AutodiffKernelBackend> StepEngine<B> for SingleDevice {
     fn step(
         &mut self,
         learner: &mut Learner<B>,

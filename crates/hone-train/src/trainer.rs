@@ -18,8 +18,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
-use burn::tensor::backend::AutodiffBackend;
 use hone_model::lora::LoraSettings;
+use hone_model::AutodiffKernelBackend;
 use hone_model::{load_model_dir, CausalLm, LoadOptions, Tokenizer};
 
 use crate::checkpoint::{self, LogWindow, TrainerState, CHECKPOINT_FORMAT};
@@ -104,7 +104,7 @@ impl Feed {
     /// Step `step` (0-based) through `engine`: its micro-batches (the data order is a
     /// function of the seed and the step), their dropout seeds and the schedule's learning
     /// rate.
-    pub fn step<B: AutodiffBackend>(
+    pub fn step<B: AutodiffKernelBackend>(
         &mut self,
         engine: &mut dyn StepEngine<B>,
         learner: &mut Learner<B>,
@@ -131,7 +131,7 @@ impl Feed {
 
 /// The devices of `config`'s peers: `device` (rank 0's), then the other `train.devices`
 /// resolved on `B`.
-pub(crate) fn peer_devices<B: AutodiffBackend>(
+pub(crate) fn peer_devices<B: AutodiffKernelBackend>(
     config: &RunConfig,
     device: B::Device,
 ) -> Result<Vec<B::Device>> {
@@ -145,7 +145,7 @@ pub(crate) fn peer_devices<B: AutodiffBackend>(
 /// The model of `config` (`model.path`, in `model.dtype`) on `device` with fresh adapters
 /// (`[lora]`, initialised from `train.seed`) and, with `train.gradient_checkpointing`,
 /// recomputed layers; its tokenizer and the adapter settings.
-pub(crate) fn load_trainable<B: AutodiffBackend>(
+pub(crate) fn load_trainable<B: AutodiffKernelBackend>(
     config: &RunConfig,
     device: &B::Device,
 ) -> Result<(CausalLm<B>, Tokenizer, LoraSettings)> {
@@ -154,6 +154,7 @@ pub(crate) fn load_trainable<B: AutodiffBackend>(
     };
     let loaded = load_model_dir::<B>(&config.model.path, device, load)?;
     let mut model = loaded.model;
+    model.set_kernels(config.model.kernels);
     let settings = config.lora.settings();
     B::seed(device, config.train.seed);
     model.attach_lora(&settings)?;
@@ -164,7 +165,7 @@ pub(crate) fn load_trainable<B: AutodiffBackend>(
 }
 
 /// A run in progress; see the module doc.
-pub struct Trainer<'a, B: AutodiffBackend> {
+pub struct Trainer<'a, B: AutodiffKernelBackend> {
     // Dropped first: the peers leave before the rest goes, the lock is released last.
     engine: Box<dyn StepEngine<B>>,
     config: &'a RunConfig,
@@ -186,7 +187,7 @@ pub struct Trainer<'a, B: AutodiffBackend> {
     _lock: RunLock,
 }
 
-impl<'a, B: AutodiffBackend> Trainer<'a, B> {
+impl<'a, B: AutodiffKernelBackend> Trainer<'a, B> {
     /// Everything before the first step: checks, run directory (locked until the trainer is
     /// dropped), model and adapters, data, resume (`options.resume`: the newest checkpoint
     /// that loads), `config.toml`, the first evaluation and the step engine. With several

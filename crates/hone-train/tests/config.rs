@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use hone_model::lora::TargetModules;
-use hone_model::FloatDtype;
+use hone_model::{FloatDtype, Kernels};
 use hone_train::{RunConfig, ScheduleKind, TrainError};
 
 const MINIMAL: &str = r#"
@@ -186,4 +186,23 @@ fn train_devices_default_to_the_model_device_and_must_share_a_backend() {
     assert!(e.contains("train.devices") && e.contains("tpu"), "{e}");
     let e = error(MINIMAL, &["train.collective_timeout_secs=0"]);
     assert!(e.contains("train.collective_timeout_secs"), "{e}");
+}
+
+#[test]
+fn model_kernels_default_to_fused_and_are_left_out_of_the_resolved_config() {
+    let c = parse(MINIMAL, &[]).unwrap();
+    assert_eq!(c.model.kernels, Kernels::Fused);
+    // Left out when default, so configs resolved before the key existed hash the same.
+    assert!(!c.to_toml().unwrap().contains("kernels"));
+    let c = parse(MINIMAL, &["model.kernels=composed"]).unwrap();
+    assert_eq!(c.model.kernels, Kernels::Composed);
+    let text = c.to_toml().unwrap();
+    assert!(text.contains("kernels = \"composed\""), "{text}");
+    let again = RunConfig::from_toml_str(&text, "config.toml", None, &[]).unwrap();
+    assert_eq!(again, c);
+    let e = error(MINIMAL, &["model.kernels=fast"]);
+    assert!(
+        e.contains("model.kernels") && e.contains("fused") && e.contains("composed"),
+        "{e}"
+    );
 }

@@ -32,6 +32,7 @@ fn generate_settings(a: BenchGenerateArgs) -> Result<GenerateBench> {
         device: a.device,
         dtype: a.dtype,
         repeat: a.repeat,
+        kernels: a.kernels,
     })
 }
 
@@ -49,6 +50,7 @@ fn train_settings(a: BenchTrainArgs) -> TrainBench {
         gradient_checkpointing: a.gradient_checkpointing,
         dtype: a.dtype,
         peak_tflops: a.peak_tflops,
+        kernels: a.kernels,
     }
 }
 

@@ -16,7 +16,6 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use burn::prelude::*;
 use clap::Args;
 use hone_eval::{
     compare, evaluate_with, plot_run, write_report, AdapterSpec, EvalConfig, EvalError,
@@ -301,7 +300,7 @@ struct EvalTask<'a> {
 impl BackendTask for EvalTask<'_> {
     type Output = hone_eval::Result<EvalReport>;
 
-    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+    fn run<B: hone_model::KernelBackend>(self, device: B::Device) -> Self::Output {
         let display = self.display;
         let options = EvalOptions {
             log: Some(self.log),

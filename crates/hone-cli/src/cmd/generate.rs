@@ -3,7 +3,6 @@
 use std::io::Write;
 
 use anyhow::{bail, Context, Result};
-use burn::prelude::*;
 use hone_model::{
     generate, load_model_dir, run_on, BackendTask, GenerateConfig, LoadOptions, SamplingConfig,
 };
@@ -15,7 +14,7 @@ struct Task(GenerateArgs);
 impl BackendTask for Task {
     type Output = Result<()>;
 
-    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+    fn run<B: hone_model::KernelBackend>(self, device: B::Device) -> Result<()> {
         let args = self.0;
         // Parse, validate, then run: bad sampling options fail before any work or output.
         let sampling = SamplingConfig {

@@ -22,7 +22,7 @@ struct Task {
 impl BackendTask for Task {
     type Output = Result<Vec<f32>>;
 
-    fn run<B: Backend>(self, device: B::Device) -> Result<Vec<f32>> {
+    fn run<B: hone_model::KernelBackend>(self, device: B::Device) -> Result<Vec<f32>> {
         let m = &self.args.model;
         let mut loaded = load_model_dir::<B>(
             &m.model,

@@ -12,7 +12,8 @@ use burn::backend::Flex;
 use burn_flex::FlexTensor;
 
 use super::cpu::{self, AttnShape};
-use super::{contiguous, dims, flex, rotate, values, AdTensor, Mask, RopeHost};
+use super::flex::{contiguous, dims, flex, rotate, values, AdTensor};
+use super::{Mask, RopeHost};
 
 // ---------------------------------------------------------------------------------------------
 

@@ -1,141 +1,80 @@
-//! Fused operations for the CPU backend.
+//! The model's fusable operations as a backend extension trait, [`KernelBackend`].
 //!
 //! burn's tensor operations on Flex run one elementwise pass per operation, single-threaded,
 //! and its autodiff records every intermediate of a decomposed softmax or norm; in a training
-//! step that costs more than the matrix products. The operations here (RMSNorm, RoPE, attention,
-//! SwiGLU, cross-entropy, and the output projection fused with the cross-entropy) run as single
-//! multi-threaded passes over host slices ([`cpu`]), and under `Autodiff<Flex>` as single autodiff
-//! nodes with analytic backward passes ([`ad`]). Measured on the small training benchmark:
-//! 390 -> ~1,080 tokens/s and 1,253 -> 519 MB peak (`HONE_FUSED_KERNELS=0` for the first).
+//! step that costs more than the matrix products. The operations of this trait (RMSNorm, RoPE,
+//! attention, SwiGLU, cross-entropy, and the output projection fused with the cross-entropy)
+//! have composed defaults ([`composed`]: burn operations, what CUDA and wgpu run); Flex and
+//! `Autodiff<Flex, _>` override them ([`flex`]) with single multi-threaded passes over host slices
+//! ([`cpu`]) and, under autodiff, single nodes with analytic backward passes ([`ad`]). Measured on
+//! the small training benchmark: 390 -> ~1,080 tokens/s and 1,253 -> 519 MB peak (composed first).
 //!
-//! The model calls them when [`fused`] says the backend is Flex or `Autodiff<Flex>` (checked at
-//! run time by type id, so the model stays generic over any backend); on every other backend
-//! (CUDA) it keeps its composition of burn operations. [`set_enabled`] switches the fused path
-//! off, which is how the tests compare the two.
+//! Autodiff backends implement the trait through their inner backend's `ad_*` methods
+//! (`impl KernelBackend for Autodiff<B, C>` calls `B::ad_rms_norm::<C>` ...), so a backend
+//! states in one place what it fuses with and without autodiff, and no type is inspected at run
+//! time. Which implementation runs is the model's explicit choice, [`Kernels`]
+//! ([`crate::CausalLm::set_kernels`]; `model.kernels` in a run config, `--kernels` on the bench
+//! commands): [`Kernels::Composed`] runs the composed operations on every backend, which is how
+//! the tests and benchmarks compare the two.
 
 pub mod ad;
+pub mod composed;
 pub mod cpu;
+pub mod flex;
 
-use std::any::{Any, TypeId};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::fmt;
+use std::str::FromStr;
 use std::sync::Arc;
 
-use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
-use burn::backend::{Autodiff, Flex};
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::Autodiff;
 use burn::prelude::*;
-use burn::tensor::{DType, TensorData, TensorPrimitive};
-use burn_flex::FlexTensor;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::DType;
+use serde::{Deserialize, Serialize};
 
 pub use cpu::{AttnShape, Visibility};
 
-/// 0 = not decided yet (read `HONE_FUSED_KERNELS`), 1 = on, 2 = off.
-static ENABLED: AtomicU8 = AtomicU8::new(0);
-
-/// Turns the fused CPU kernels on or off for the whole process. By default they are on unless
-/// the environment sets `HONE_FUSED_KERNELS=0` (for side-by-side measurements).
-pub fn set_enabled(on: bool) {
-    ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+/// Which implementation of the fusable operations a model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kernels {
+    /// The backend's own implementations where it has them ([`KernelBackend::fuses`]),
+    /// composed burn operations elsewhere.
+    #[default]
+    Fused,
+    /// Composed burn operations on every backend (for comparisons).
+    Composed,
 }
 
-fn enabled() -> bool {
-    match ENABLED.load(Ordering::Relaxed) {
-        0 => {
-            let on = std::env::var("HONE_FUSED_KERNELS").map_or(true, |v| v != "0");
-            set_enabled(on);
-            on
-        }
-        v => v == 1,
+impl Kernels {
+    /// Whether backend `B` runs its fused implementations for tensors of `dtype`.
+    pub fn fused<B: KernelBackend>(self, dtype: DType) -> bool {
+        self == Kernels::Fused && B::fuses(dtype)
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Kind {
-    Flex,
-    AdPlain,
-    AdBalanced,
-}
+impl FromStr for Kernels {
+    type Err = String;
 
-fn kind<B: Backend>() -> Option<Kind> {
-    let id = TypeId::of::<B>();
-    if id == TypeId::of::<Flex>() {
-        Some(Kind::Flex)
-    } else if id == TypeId::of::<Autodiff<Flex, NoCheckpointing>>() {
-        Some(Kind::AdPlain)
-    } else if id == TypeId::of::<Autodiff<Flex, BalancedCheckpointing>>() {
-        Some(Kind::AdBalanced)
-    } else {
-        None
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "fused" => Ok(Kernels::Fused),
+            "composed" => Ok(Kernels::Composed),
+            other => Err(format!(
+                "invalid kernels `{other}`: expected fused or composed"
+            )),
+        }
     }
 }
 
-/// Whether the fused kernels run for backend `B` on tensors of `dtype`.
-pub fn fused<B: Backend>(dtype: DType) -> bool {
-    dtype == DType::F32 && kind::<B>().is_some() && enabled()
-}
-
-/// The autodiff tensor of `Autodiff<Flex, _>` (the type is not exported by name).
-pub(crate) type AdTensor =
-    <Autodiff<Flex> as burn::tensor::backend::BackendTypes>::FloatTensorPrimitive;
-
-fn cast<S: 'static, T: 'static>(value: S) -> T {
-    *(Box::new(value) as Box<dyn Any>)
-        .downcast::<T>()
-        .unwrap_or_else(|_| unreachable!("backend type checked by `fused`"))
-}
-
-fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> B::FloatTensorPrimitive {
-    t.into_primitive().tensor()
-}
-
-fn tensor<B: Backend, const D: usize>(p: B::FloatTensorPrimitive) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(p))
-}
-
-/// A host `f32` buffer as a Flex tensor.
-pub(crate) fn flex(values: Vec<f32>, shape: &[usize]) -> FlexTensor {
-    FlexTensor::from_data(TensorData::new(values, shape.to_vec()))
-}
-
-/// The contiguous `f32` values of a Flex tensor (copied only when it is a strided view).
-pub(crate) fn contiguous(t: &FlexTensor) -> FlexTensor {
-    t.to_contiguous()
-}
-
-pub(crate) fn values(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>()
-        .expect("fused kernels run on contiguous f32 tensors")
-}
-
-pub(crate) fn dims(t: &FlexTensor) -> Vec<usize> {
-    t.layout().shape().as_slice().to_vec()
-}
-
-/// Applies `flex_op` on Flex, `ad_op` on `Autodiff<Flex, C>` (with C picked at run time).
-macro_rules! dispatch {
-    ($B:ty, $flex:expr, $ad:ident, ($($arg:expr),*)) => {
-        match kind::<$B>().expect("checked by `fused`") {
-            Kind::Flex => $flex,
-            Kind::AdPlain => cast(ad::$ad::<NoCheckpointing>($($arg),*)),
-            Kind::AdBalanced => cast(ad::$ad::<BalancedCheckpointing>($($arg),*)),
-        }
-    };
-}
-
-/// RMSNorm of `x` `[batch, seq, hidden]` with weight `w` `[hidden]`.
-pub fn rms_norm<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 1>, eps: f64) -> Tensor<B, 3> {
-    let (x, w) = (prim(x), prim(w));
-    let out: B::FloatTensorPrimitive = dispatch!(
-        B,
-        {
-            let (x, w): (FlexTensor, FlexTensor) = (cast(x), cast(w));
-            let (x, w) = (contiguous(&x), contiguous(&w));
-            let (y, _) = cpu::rms_norm(values(&x), values(&w), eps as f32);
-            cast(flex(y, &dims(&x)))
-        },
-        rms_norm,
-        (cast(x), cast(w), eps as f32)
-    );
-    tensor::<B, 3>(out)
+impl fmt::Display for Kernels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kernels::Fused => "fused",
+            Kernels::Composed => "composed",
+        })
+    }
 }
 
 /// Host cos/sin tables of one forward pass: `[rows, rot]` in the `rotate_half` layout, row `r`
@@ -147,34 +86,14 @@ pub struct RopeHost {
     pub rot: usize,
 }
 
-/// RoPE on `x` `[batch, seq, heads * head_dim]` (a projection's output), same layout out.
-pub fn rope<B: Backend>(
-    x: Tensor<B, 3>,
-    heads: usize,
-    head_dim: usize,
-    tables: &Arc<RopeHost>,
-) -> Tensor<B, 3> {
-    let x = prim(x);
-    let out: B::FloatTensorPrimitive = dispatch!(
-        B,
-        cast(rotate(&cast(x), heads, head_dim, tables, false)),
-        rope,
-        (cast(x), heads, head_dim, tables.clone())
-    );
-    tensor::<B, 3>(out)
-}
-
-/// RoPE (or its inverse, the gradient) of a Flex tensor `[.., heads * head_dim]`, as a new tensor.
-pub(crate) fn rotate(
-    x: &FlexTensor,
-    heads: usize,
-    head_dim: usize,
-    t: &RopeHost,
-    inverse: bool,
-) -> FlexTensor {
-    let mut v = values(&contiguous(x)).to_vec();
-    cpu::rope(&mut v, heads, head_dim, &t.cos, &t.sin, t.rot, inverse);
-    flex(v, &dims(x))
+/// Cos/sin tables for the tokens of one forward pass, shaped `[batch, seq, 1, rotary_dim]`, and
+/// the same tables on the host when the pass runs fused kernels.
+#[derive(Clone, Debug)]
+pub struct RopeTables<B: Backend> {
+    pub(crate) cos: Tensor<B, 4>,
+    pub(crate) sin: Tensor<B, 4>,
+    /// `[rows, rotary_dim]`, for the fused CPU kernels.
+    pub(crate) host: Option<Arc<RopeHost>>,
 }
 
 /// Which keys each query sees, owned (kept for the backward pass).
@@ -196,85 +115,189 @@ impl Mask {
     }
 }
 
-/// Attention of `q` `[batch, seq, heads * dim]` over `k`, `v` `[batch, seq, kv_heads * dim]`
-/// (RoPE applied), returning `[batch, seq, heads * dim]`.
-pub fn attention<B: Backend>(
-    q: Tensor<B, 3>,
-    k: Tensor<B, 3>,
-    v: Tensor<B, 3>,
-    shape: AttnShape,
-    mask: Mask,
-) -> Tensor<B, 3> {
-    let (q, k, v) = (prim(q), prim(k), prim(v));
-    let out: B::FloatTensorPrimitive = dispatch!(
-        B,
-        {
-            let (q, k, v): (FlexTensor, FlexTensor, FlexTensor) = (cast(q), cast(k), cast(v));
-            let (q, k, v) = (contiguous(&q), contiguous(&k), contiguous(&v));
-            let (o, _) = cpu::attention(values(&q), values(&k), values(&v), shape, mask.view());
-            cast(flex(o, &dims(&q)))
-        },
-        attention,
-        (cast(q), cast(k), cast(v), shape, mask)
-    );
-    tensor::<B, 3>(out)
+/// An autodiff backend whose inner backend has the kernels too: what training needs (the
+/// forward pass runs on `Self`, gradient checkpointing recomputes layers on the inner backend).
+pub trait AutodiffKernelBackend:
+    AutodiffBackend<InnerBackend: KernelBackend> + KernelBackend
+{
 }
 
-/// `silu(gate) * up`.
-pub fn swiglu<B: Backend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B, 3> {
-    let (gate, up) = (prim(gate), prim(up));
-    let out: B::FloatTensorPrimitive = dispatch!(
-        B,
-        {
-            let (g, u): (FlexTensor, FlexTensor) = (cast(gate), cast(up));
-            let (g, u) = (contiguous(&g), contiguous(&u));
-            cast(flex(cpu::swiglu(values(&g), values(&u)), &dims(&g)))
-        },
-        swiglu,
-        (cast(gate), cast(up))
-    );
-    tensor::<B, 3>(out)
+impl<B: AutodiffBackend<InnerBackend: KernelBackend> + KernelBackend> AutodiffKernelBackend for B {}
+
+/// A tensor of an autodiff backend over `B`.
+pub type AdTensorOf<B, C, const D: usize> = Tensor<Autodiff<B, C>, D>;
+
+/// The model's fusable operations. Every method has a composed default ([`composed`]); a
+/// backend overrides those it fuses and says for which dtypes in [`KernelBackend::fuses`]. The
+/// `ad_*` methods are the same operations on `Autodiff<Self, C>`, which implements this trait
+/// through them.
+///
+/// Shapes: `x`, `gate`, `up` `[batch, seq, features]`; `q` `[batch, seq, heads * dim]`, `k`, `v`
+/// `[batch, seq, kv_heads * dim]` with RoPE applied; `logits` `[rows, vocab]`, `hidden`
+/// `[rows, h]`, `weight` `[vocab, h]` (a constant); `targets` one per row, `< 0` = ignored.
+pub trait KernelBackend: Backend {
+    /// Whether the overridden methods run for tensors of `dtype` (false: the model composes).
+    fn fuses(dtype: DType) -> bool {
+        let _ = dtype;
+        false
+    }
+
+    /// RMSNorm of `x` with weight `w` `[hidden]`.
+    fn rms_norm(x: Tensor<Self, 3>, w: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
+        composed::rms_norm(x, w, eps)
+    }
+
+    /// RoPE on a projection's output `[batch, seq, heads * head_dim]`, same layout out.
+    fn rope(
+        x: Tensor<Self, 3>,
+        heads: usize,
+        head_dim: usize,
+        tables: &RopeTables<Self>,
+    ) -> Tensor<Self, 3> {
+        composed::rope(x, heads, head_dim, tables)
+    }
+
+    /// Attention without a cache, returning `[batch, seq, heads * dim]`.
+    fn attention(
+        q: Tensor<Self, 3>,
+        k: Tensor<Self, 3>,
+        v: Tensor<Self, 3>,
+        shape: AttnShape,
+        mask: Mask,
+    ) -> Tensor<Self, 3> {
+        composed::attention(q, k, v, shape, mask)
+    }
+
+    /// `silu(gate) * up`.
+    fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        composed::swiglu(gate, up)
+    }
+
+    /// Summed negative log-likelihood `[1]` of `targets` under `logits`.
+    fn nll_sum(logits: Tensor<Self, 2>, targets: Vec<i64>) -> Tensor<Self, 1> {
+        composed::nll_sum(logits, targets)
+    }
+
+    /// Summed negative log-likelihood `[1]` of `targets` under `hidden · weightᵀ`.
+    fn linear_nll_sum(
+        hidden: Tensor<Self, 2>,
+        weight: Tensor<Self, 2>,
+        targets: Vec<i64>,
+    ) -> Tensor<Self, 1> {
+        composed::linear_nll_sum(hidden, weight, targets)
+    }
+
+    /// [`KernelBackend::fuses`] of `Autodiff<Self, _>`.
+    fn ad_fuses(dtype: DType) -> bool {
+        let _ = dtype;
+        false
+    }
+
+    /// [`KernelBackend::rms_norm`] on `Autodiff<Self, C>`.
+    fn ad_rms_norm<C: CheckpointStrategy>(
+        x: AdTensorOf<Self, C, 3>,
+        w: AdTensorOf<Self, C, 1>,
+        eps: f64,
+    ) -> AdTensorOf<Self, C, 3> {
+        composed::rms_norm(x, w, eps)
+    }
+
+    /// [`KernelBackend::rope`] on `Autodiff<Self, C>`.
+    fn ad_rope<C: CheckpointStrategy>(
+        x: AdTensorOf<Self, C, 3>,
+        heads: usize,
+        head_dim: usize,
+        tables: &RopeTables<Autodiff<Self, C>>,
+    ) -> AdTensorOf<Self, C, 3> {
+        composed::rope(x, heads, head_dim, tables)
+    }
+
+    /// [`KernelBackend::attention`] on `Autodiff<Self, C>`.
+    fn ad_attention<C: CheckpointStrategy>(
+        q: AdTensorOf<Self, C, 3>,
+        k: AdTensorOf<Self, C, 3>,
+        v: AdTensorOf<Self, C, 3>,
+        shape: AttnShape,
+        mask: Mask,
+    ) -> AdTensorOf<Self, C, 3> {
+        composed::attention(q, k, v, shape, mask)
+    }
+
+    /// [`KernelBackend::swiglu`] on `Autodiff<Self, C>`.
+    fn ad_swiglu<C: CheckpointStrategy>(
+        gate: AdTensorOf<Self, C, 3>,
+        up: AdTensorOf<Self, C, 3>,
+    ) -> AdTensorOf<Self, C, 3> {
+        composed::swiglu(gate, up)
+    }
+
+    /// [`KernelBackend::nll_sum`] on `Autodiff<Self, C>`.
+    fn ad_nll_sum<C: CheckpointStrategy>(
+        logits: AdTensorOf<Self, C, 2>,
+        targets: Vec<i64>,
+    ) -> AdTensorOf<Self, C, 1> {
+        composed::nll_sum(logits, targets)
+    }
+
+    /// [`KernelBackend::linear_nll_sum`] on `Autodiff<Self, C>` (`weight` a constant).
+    fn ad_linear_nll_sum<C: CheckpointStrategy>(
+        hidden: AdTensorOf<Self, C, 2>,
+        weight: AdTensorOf<Self, C, 2>,
+        targets: Vec<i64>,
+    ) -> AdTensorOf<Self, C, 1> {
+        composed::linear_nll_sum(hidden, weight, targets)
+    }
 }
 
-/// Summed negative log-likelihood `[1]` of `targets` (`< 0` = ignored) under `logits`
-/// `[rows, vocab]`.
-pub fn nll_sum<B: Backend>(logits: Tensor<B, 2>, targets: Vec<i64>) -> Tensor<B, 1> {
-    let logits = prim(logits);
-    let out: B::FloatTensorPrimitive = dispatch!(
-        B,
-        {
-            let x: FlexTensor = cast(logits);
-            let x = contiguous(&x);
-            let vocab = dims(&x)[1];
-            let (sum, _) = cpu::nll_sum(values(&x), vocab, &targets);
-            cast(flex(vec![sum as f32], &[1]))
-        },
-        nll_sum,
-        (cast(logits), Arc::new(targets))
-    );
-    tensor::<B, 1>(out)
+impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
+    fn fuses(dtype: DType) -> bool {
+        B::ad_fuses(dtype)
+    }
+
+    fn rms_norm(x: Tensor<Self, 3>, w: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
+        B::ad_rms_norm::<C>(x, w, eps)
+    }
+
+    fn rope(
+        x: Tensor<Self, 3>,
+        heads: usize,
+        head_dim: usize,
+        tables: &RopeTables<Self>,
+    ) -> Tensor<Self, 3> {
+        B::ad_rope::<C>(x, heads, head_dim, tables)
+    }
+
+    fn attention(
+        q: Tensor<Self, 3>,
+        k: Tensor<Self, 3>,
+        v: Tensor<Self, 3>,
+        shape: AttnShape,
+        mask: Mask,
+    ) -> Tensor<Self, 3> {
+        B::ad_attention::<C>(q, k, v, shape, mask)
+    }
+
+    fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        B::ad_swiglu::<C>(gate, up)
+    }
+
+    fn nll_sum(logits: Tensor<Self, 2>, targets: Vec<i64>) -> Tensor<Self, 1> {
+        B::ad_nll_sum::<C>(logits, targets)
+    }
+
+    fn linear_nll_sum(
+        hidden: Tensor<Self, 2>,
+        weight: Tensor<Self, 2>,
+        targets: Vec<i64>,
+    ) -> Tensor<Self, 1> {
+        B::ad_linear_nll_sum::<C>(hidden, weight, targets)
+    }
 }
 
-/// Summed negative log-likelihood `[1]` of `targets` (`< 0` = ignored) under the logits
-/// `hidden · weightᵀ` (`hidden` `[rows, h]`, `weight` `[vocab, h]`, a constant), without
-/// materialising the logits.
-pub fn linear_nll_sum<B: Backend>(
-    hidden: Tensor<B, 2>,
-    weight: Tensor<B, 2>,
-    targets: Vec<i64>,
-) -> Tensor<B, 1> {
-    let (hidden, weight) = (prim(hidden), prim(weight));
-    let out: B::FloatTensorPrimitive = dispatch!(
-        B,
-        {
-            let (h, w): (FlexTensor, FlexTensor) = (cast(hidden), cast(weight));
-            let (h, w) = (contiguous(&h), contiguous(&w));
-            let (sum, _) =
-                cpu::linear_nll_sum(values(&h), values(&w), dims(&h)[1], &targets, false);
-            cast(flex(vec![sum as f32], &[1]))
-        },
-        linear_nll_sum,
-        (cast(hidden), cast(weight), Arc::new(targets))
-    );
-    tensor::<B, 1>(out)
-}
+/// CUDA composes every operation (cubecl fuses elementwise chains itself).
+#[cfg(feature = "cuda")]
+impl KernelBackend for burn::backend::Cuda {}
+
+/// wgpu composes every operation, as CUDA does (CI runs it on lavapipe to exercise that path).
+#[cfg(feature = "wgpu")]
+impl KernelBackend for burn::backend::Wgpu {}

@@ -1,0 +1,215 @@
+//! [`KernelBackend`] for burn's Flex CPU backend: the fused host kernels of [`super::cpu`] on
+//! f32 tensors, and under `Autodiff<Flex, C>` the autodiff nodes of [`super::ad`]. Other dtypes
+//! take the composed operations.
+
+use std::sync::Arc;
+
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::{Autodiff, Flex};
+use burn::prelude::*;
+use burn::tensor::{DType, TensorData, TensorPrimitive};
+use burn_flex::FlexTensor;
+
+use super::{ad, composed, cpu, AdTensorOf, AttnShape, KernelBackend, Mask, RopeHost, RopeTables};
+
+/// The autodiff tensor of `Autodiff<Flex, _>` (the type is not exported by name).
+pub(crate) type AdTensor =
+    <Autodiff<Flex> as burn::tensor::backend::BackendTypes>::FloatTensorPrimitive;
+
+fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> B::FloatTensorPrimitive {
+    t.into_primitive().tensor()
+}
+
+fn tensor<B: Backend, const D: usize>(p: B::FloatTensorPrimitive) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(p))
+}
+
+/// A host `f32` buffer as a Flex tensor.
+pub(crate) fn flex(values: Vec<f32>, shape: &[usize]) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape.to_vec()))
+}
+
+/// The contiguous `f32` values of a Flex tensor (copied only when it is a strided view).
+pub(crate) fn contiguous(t: &FlexTensor) -> FlexTensor {
+    t.to_contiguous()
+}
+
+pub(crate) fn values(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>()
+        .expect("fused kernels run on contiguous f32 tensors")
+}
+
+pub(crate) fn dims(t: &FlexTensor) -> Vec<usize> {
+    t.layout().shape().as_slice().to_vec()
+}
+
+/// RoPE (or its inverse, the gradient) of a Flex tensor `[.., heads * head_dim]`, as a new tensor.
+pub(crate) fn rotate(
+    x: &FlexTensor,
+    heads: usize,
+    head_dim: usize,
+    t: &RopeHost,
+    inverse: bool,
+) -> FlexTensor {
+    let mut v = values(&contiguous(x)).to_vec();
+    cpu::rope(&mut v, heads, head_dim, &t.cos, &t.sin, t.rot, inverse);
+    flex(v, &dims(x))
+}
+
+fn f32s(dtype: DType) -> bool {
+    dtype == DType::F32
+}
+
+impl KernelBackend for Flex {
+    fn fuses(dtype: DType) -> bool {
+        f32s(dtype)
+    }
+
+    fn rms_norm(x: Tensor<Self, 3>, w: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
+        if !f32s(x.dtype()) {
+            return composed::rms_norm(x, w, eps);
+        }
+        let (x, w) = (contiguous(&prim(x)), contiguous(&prim(w)));
+        let (y, _) = cpu::rms_norm(values(&x), values(&w), eps as f32);
+        tensor(flex(y, &dims(&x)))
+    }
+
+    fn rope(
+        x: Tensor<Self, 3>,
+        heads: usize,
+        head_dim: usize,
+        tables: &RopeTables<Self>,
+    ) -> Tensor<Self, 3> {
+        match &tables.host {
+            Some(host) if f32s(x.dtype()) => tensor(rotate(&prim(x), heads, head_dim, host, false)),
+            _ => composed::rope(x, heads, head_dim, tables),
+        }
+    }
+
+    fn attention(
+        q: Tensor<Self, 3>,
+        k: Tensor<Self, 3>,
+        v: Tensor<Self, 3>,
+        shape: AttnShape,
+        mask: Mask,
+    ) -> Tensor<Self, 3> {
+        if !f32s(q.dtype()) {
+            return composed::attention(q, k, v, shape, mask);
+        }
+        let (q, k, v) = (
+            contiguous(&prim(q)),
+            contiguous(&prim(k)),
+            contiguous(&prim(v)),
+        );
+        let (o, _) = cpu::attention(values(&q), values(&k), values(&v), shape, mask.view());
+        tensor(flex(o, &dims(&q)))
+    }
+
+    fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        if !f32s(gate.dtype()) {
+            return composed::swiglu(gate, up);
+        }
+        let (g, u) = (contiguous(&prim(gate)), contiguous(&prim(up)));
+        tensor(flex(cpu::swiglu(values(&g), values(&u)), &dims(&g)))
+    }
+
+    fn nll_sum(logits: Tensor<Self, 2>, targets: Vec<i64>) -> Tensor<Self, 1> {
+        if !f32s(logits.dtype()) {
+            return composed::nll_sum(logits, targets);
+        }
+        let x = contiguous(&prim(logits));
+        let vocab = dims(&x)[1];
+        let (sum, _) = cpu::nll_sum(values(&x), vocab, &targets);
+        tensor(flex(vec![sum as f32], &[1]))
+    }
+
+    fn linear_nll_sum(
+        hidden: Tensor<Self, 2>,
+        weight: Tensor<Self, 2>,
+        targets: Vec<i64>,
+    ) -> Tensor<Self, 1> {
+        if !f32s(hidden.dtype()) {
+            return composed::linear_nll_sum(hidden, weight, targets);
+        }
+        let (h, w) = (contiguous(&prim(hidden)), contiguous(&prim(weight)));
+        let (sum, _) = cpu::linear_nll_sum(values(&h), values(&w), dims(&h)[1], &targets, false);
+        tensor(flex(vec![sum as f32], &[1]))
+    }
+
+    fn ad_fuses(dtype: DType) -> bool {
+        f32s(dtype)
+    }
+
+    fn ad_rms_norm<C: CheckpointStrategy>(
+        x: AdTensorOf<Self, C, 3>,
+        w: AdTensorOf<Self, C, 1>,
+        eps: f64,
+    ) -> AdTensorOf<Self, C, 3> {
+        if !f32s(x.dtype()) {
+            return composed::rms_norm(x, w, eps);
+        }
+        tensor(ad::rms_norm::<C>(prim(x), prim(w), eps as f32))
+    }
+
+    fn ad_rope<C: CheckpointStrategy>(
+        x: AdTensorOf<Self, C, 3>,
+        heads: usize,
+        head_dim: usize,
+        tables: &RopeTables<Autodiff<Self, C>>,
+    ) -> AdTensorOf<Self, C, 3> {
+        match &tables.host {
+            Some(host) if f32s(x.dtype()) => {
+                tensor(ad::rope::<C>(prim(x), heads, head_dim, Arc::clone(host)))
+            }
+            _ => composed::rope(x, heads, head_dim, tables),
+        }
+    }
+
+    fn ad_attention<C: CheckpointStrategy>(
+        q: AdTensorOf<Self, C, 3>,
+        k: AdTensorOf<Self, C, 3>,
+        v: AdTensorOf<Self, C, 3>,
+        shape: AttnShape,
+        mask: Mask,
+    ) -> AdTensorOf<Self, C, 3> {
+        if !f32s(q.dtype()) {
+            return composed::attention(q, k, v, shape, mask);
+        }
+        tensor(ad::attention::<C>(prim(q), prim(k), prim(v), shape, mask))
+    }
+
+    fn ad_swiglu<C: CheckpointStrategy>(
+        gate: AdTensorOf<Self, C, 3>,
+        up: AdTensorOf<Self, C, 3>,
+    ) -> AdTensorOf<Self, C, 3> {
+        if !f32s(gate.dtype()) {
+            return composed::swiglu(gate, up);
+        }
+        tensor(ad::swiglu::<C>(prim(gate), prim(up)))
+    }
+
+    fn ad_nll_sum<C: CheckpointStrategy>(
+        logits: AdTensorOf<Self, C, 2>,
+        targets: Vec<i64>,
+    ) -> AdTensorOf<Self, C, 1> {
+        if !f32s(logits.dtype()) {
+            return composed::nll_sum(logits, targets);
+        }
+        tensor(ad::nll_sum::<C>(prim(logits), Arc::new(targets)))
+    }
+
+    fn ad_linear_nll_sum<C: CheckpointStrategy>(
+        hidden: AdTensorOf<Self, C, 2>,
+        weight: AdTensorOf<Self, C, 2>,
+        targets: Vec<i64>,
+    ) -> AdTensorOf<Self, C, 1> {
+        if !f32s(hidden.dtype()) {
+            return composed::linear_nll_sum(hidden, weight, targets);
+        }
+        tensor(ad::linear_nll_sum::<C>(
+            prim(hidden),
+            prim(weight),
+            Arc::new(targets),
+        ))
+    }
+}
