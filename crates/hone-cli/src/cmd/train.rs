@@ -21,18 +21,9 @@ use hone_train::{Control, Event, Observer, RunConfig, RunOptions, RunSummary, Tr
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use crate::args::{LogFormat, TrainArgs};
+use crate::args::{DryRunMode, LogFormat, TrainArgs};
 use crate::cmd::peak_rss_mb;
 use crate::cmd::run_summary::{DryRunSummary, Record, Status, Summary};
-
-/// `hone train --dry-run[=MODE]`.
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DryRunMode {
-    /// Config, model config.json and tokenizer, data: steps, tokens, estimated memory.
-    Plan,
-    /// The plan, then the weights and a few timed training steps (the first a warm-up).
-    Measure,
-}
 
 /// Steps `--dry-run=measure` times after its warm-up step.
 const MEASURED_STEPS: usize = 3;

@@ -1,9 +1,23 @@
-//! Command-line arguments (raw input; each command validates and resolves them before work).
+//! Command-line arguments, all of them: every clap struct and enum of the binary is in this module
+//! (the larger commands' in its submodules), and `cmd` holds only what runs them. Raw input: each
+//! command validates and resolves them before work.
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use hone_model::{DeviceSpec, FloatDtype, Kernels};
+
+mod adapter;
+mod eval;
+mod merge;
+mod rag;
+mod serve;
+
+pub use adapter::{AdapterCombineArgs, AdapterCommand};
+pub use eval::EvalArgs;
+pub use merge::MergeArgs;
+pub use rag::{RagAddArgs, RagCommand, RagIndexArgs, RagQueryArgs, RagRemoveArgs, SearchModeArg};
+pub use serve::{BenchServeArgs, ServeArgs};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -45,21 +59,21 @@ pub enum Command {
     #[command(subcommand)]
     Template(TemplateCommand),
     /// Merge LoRA adapters into a base model and write a Hugging Face model directory.
-    Merge(crate::cmd::merge::MergeArgs),
+    Merge(MergeArgs),
     /// Adapter arithmetic: combine PEFT adapters into a new adapter.
     #[command(subcommand)]
-    Adapter(crate::cmd::adapter::AdapterCommand),
+    Adapter(AdapterCommand),
     /// Fine-tune LoRA adapters as a run config (TOML) says; writes a run directory.
     Train(TrainArgs),
     /// Run the global orchestrator of multi-node training (distributed.orchestrator) until killed.
     TrainOrchestrator(TrainOrchestratorArgs),
     /// Evaluate a base model and adapters side by side; writes eval.json and eval.md.
-    Eval(Box<crate::cmd::eval::EvalArgs>),
+    Eval(Box<EvalArgs>),
     /// Serve the model over an OpenAI-compatible HTTP API, with LoRA adapters per request.
-    Serve(crate::cmd::serve::ServeArgs),
+    Serve(ServeArgs),
     /// Retrieval: build, change and search a document index (`index`, `add`, `remove`, `query`).
     #[command(subcommand)]
-    Rag(crate::cmd::rag::RagCommand),
+    Rag(RagCommand),
 }
 
 #[derive(Args, Debug)]
@@ -112,7 +126,7 @@ pub struct TrainArgs {
         require_equals = true,
         default_missing_value = "plan"
     )]
-    pub dry_run: Option<crate::cmd::train::DryRunMode>,
+    pub dry_run: Option<DryRunMode>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -201,7 +215,7 @@ pub enum BenchCommand {
     /// LoRA training-step throughput (forward, backward, clipping, AdamW) on random weights.
     Train(BenchTrainArgs),
     /// Serving throughput and latency: concurrent streamed requests across adapters.
-    Serve(crate::cmd::serve::BenchServeArgs),
+    Serve(BenchServeArgs),
 }
 
 #[derive(Args, Debug)]
@@ -466,4 +480,13 @@ pub struct BenchDataArgs {
     /// Tokens per packed row.
     #[arg(long, default_value_t = 2048)]
     pub max_seq_len: usize,
+}
+
+/// `hone train --dry-run[=MODE]`.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DryRunMode {
+    /// Config, model config.json and tokenizer, data: steps, tokens, estimated memory.
+    Plan,
+    /// The plan, then the weights and a few timed training steps (the first a warm-up).
+    Measure,
 }
