@@ -153,6 +153,33 @@ impl StagedDir {
     }
 }
 
+impl StagedDir {
+    /// As [`StagedDir::commit`], but never replaces: when `target` already exists (another
+    /// writer finished the same directory first), the staged copy is removed and `false` is
+    /// returned; `true` when this one is now in place.
+    pub fn commit_if_absent(mut self) -> Result<bool> {
+        sync_tree(&self.tmp)?;
+        // A directory is renamed onto an existing one only if that one is empty: a complete
+        // directory written by another process makes the rename fail, and theirs is kept.
+        if self.target.exists() && !is_empty_dir(&self.target) {
+            return Ok(false);
+        }
+        match std::fs::rename(&self.tmp, &self.target) {
+            Ok(()) => {
+                self.committed = true;
+                sync_parent(&self.target);
+                Ok(true)
+            }
+            Err(_) if self.target.exists() && !is_empty_dir(&self.target) => Ok(false),
+            Err(e) => Err(Error::new(&self.target, e)),
+        }
+    }
+}
+
+fn is_empty_dir(path: &Path) -> bool {
+    std::fs::read_dir(path).is_ok_and(|mut entries| entries.next().is_none())
+}
+
 impl Drop for StagedDir {
     fn drop(&mut self) {
         if !self.committed {
@@ -248,6 +275,26 @@ mod tests {
             .collect();
         names.sort();
         names
+    }
+
+    #[test]
+    fn commit_if_absent_keeps_the_first_complete_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("entry");
+        let first = StagedDir::new(&target).unwrap();
+        let second = StagedDir::new(&target).unwrap();
+        std::fs::write(first.path().join("f"), b"first").unwrap();
+        std::fs::write(second.path().join("f"), b"second").unwrap();
+        assert!(first.commit_if_absent().unwrap());
+        assert!(!second.commit_if_absent().unwrap());
+        assert_eq!(std::fs::read(target.join("f")).unwrap(), b"first");
+        // An empty directory in the way (made by hand) is replaced.
+        let empty = tmp.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        let third = StagedDir::new(&empty).unwrap();
+        std::fs::write(third.path().join("f"), b"third").unwrap();
+        assert!(third.commit_if_absent().unwrap());
+        assert_eq!(names(tmp.path()), ["empty", "entry"]);
     }
 
     #[test]

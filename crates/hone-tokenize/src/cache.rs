@@ -17,14 +17,14 @@
 //! `safetensors.numpy.load_file`. The manifest holds the format version, the key, the config,
 //! the report and the shard list.
 //!
-//! **Atomicity**: an entry is written into a fresh temporary directory beside the others,
-//! flushed, and renamed into place, so a reader sees a complete entry or none. When two
-//! processes build the same key, the first rename wins and the second discards its copy.
+//! **Atomicity**: an entry is written into a fresh temporary directory beside the others
+//! (hone-io's [`StagedDir`]), flushed, and renamed into place, so a reader sees a complete entry
+//! or none. When two processes build the same key, the first rename wins and the second discards
+//! its copy ([`StagedDir::commit_if_absent`]).
 
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
@@ -39,6 +39,7 @@ use crate::error::TokenizeError;
 use crate::pack::TokenizeReport;
 use crate::row::Row;
 use hone_data::Example;
+use hone_io::StagedDir;
 
 /// Bumped whenever the rows produced for the same inputs change (masking, packing, format).
 pub const ROW_FORMAT_VERSION: u32 = 1;
@@ -164,8 +165,6 @@ pub struct ShardCache {
     rows_per_shard: usize,
 }
 
-static TEMP_COUNTER: AtomicUsize = AtomicUsize::new(0);
-
 impl ShardCache {
     /// A cache rooted at `dir` (created on first write).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
@@ -259,26 +258,11 @@ impl ShardCache {
             // Left incomplete by hand or by a tool other than `store`: it can only be in the way.
             fs::remove_dir_all(&target).map_err(|e| TokenizeError::io("remove", &target, e))?;
         }
-        let temp = self.dir.join(format!(
-            ".tmp-{key}-{}-{}",
-            std::process::id(),
-            TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let result = self.write_entry(&temp, key, config, data).and_then(|()| {
-            match fs::rename(&temp, &target) {
-                Ok(()) => Ok(()),
-                // Another writer finished the same entry first: keep theirs.
-                Err(_) if target.join(MANIFEST).is_file() => {
-                    let _ = fs::remove_dir_all(&temp);
-                    Ok(())
-                }
-                Err(e) => Err(TokenizeError::io("rename", &temp, e)),
-            }
-        });
-        if result.is_err() {
-            let _ = fs::remove_dir_all(&temp);
-        }
-        result.map(|()| target)
+        let staged = StagedDir::new(&target).map_err(io_error("create"))?;
+        self.write_entry(staged.path(), key, config, data)?;
+        // Another writer that finished the same entry first keeps theirs.
+        staged.commit_if_absent().map_err(io_error("rename"))?;
+        Ok(target)
     }
 
     fn write_entry(
@@ -288,7 +272,6 @@ impl ShardCache {
         config: &TokenizeConfig,
         data: &TokenizedDataset,
     ) -> Result<(), TokenizeError> {
-        fs::create_dir(temp).map_err(|e| TokenizeError::io("create", temp, e))?;
         let mut shards = Vec::new();
         for (i, chunk) in data.rows.chunks(self.rows_per_shard).enumerate() {
             let file = format!("shard-{i:05}.safetensors");
@@ -464,4 +447,9 @@ fn read_shard(path: &Path) -> Result<Vec<Row>, TokenizeError> {
             segment_ids: segments[w[0]..w[1]].to_vec(),
         })
         .collect())
+}
+
+/// Maps hone-io's error (which names its path) to this crate's, naming the `action`.
+fn io_error(action: &'static str) -> impl Fn(hone_io::Error) -> TokenizeError {
+    move |e| TokenizeError::io(action, e.path, e.source)
 }
