@@ -5,7 +5,8 @@
 //! ([`config`]), RoPE variants ([`rope`]), safetensors loading ([`weights`]), the model
 //! ([`model`]) entered through one function, [`CausalLm::forward`] with an [`Input`]
 //! ([`forward`]), the KV cache ([`cache`]), the tokenizer ([`tokenizer`]) and generation
-//! ([`generate`]).
+//! ([`generate`]). The model runs on any backend implementing [`KernelBackend`] ([`kernels`]:
+//! burn's `Backend` plus the fusable operations, composed by default and fused on the CPU).
 
 pub mod adapter;
 pub mod cache;
