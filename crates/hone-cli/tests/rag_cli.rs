@@ -319,3 +319,77 @@ fn rag_with_an_embedder_searches_dense_and_hybrid_and_refuses_another_embedder()
     );
     assert!(out.stdout.is_empty());
 }
+
+#[test]
+fn data_raft_writes_chat_examples_held_out_questions_and_a_report() {
+    let dir = tempfile::tempdir().unwrap();
+    // Copies, so that the "holds an input" case can never touch datasets/.
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let set = data.join("corpus.jsonl");
+    let questions = data.join("questions.jsonl");
+    std::fs::copy(squad_corpus(), &set).unwrap();
+    std::fs::copy(squad_corpus().with_file_name("questions.jsonl"), &questions).unwrap();
+    let out = dir.path().join("raft");
+    let args = |out: &Path| {
+        let mut c = hone();
+        c.args(["data", "raft", "--corpus"])
+            .arg(&set)
+            .arg("--questions")
+            .arg(&questions)
+            .arg("--out")
+            .arg(out)
+            .args(["-k", "3", "--seed", "7"]);
+        c
+    };
+    let stdout = ok(&run(&mut args(&out)));
+    assert!(stdout.contains("418 questions"), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let r = &report["raft"];
+    let train = std::fs::read_to_string(out.join("train.jsonl")).unwrap();
+    let heldout = std::fs::read_to_string(out.join("heldout.jsonl")).unwrap();
+    assert_eq!(
+        train.lines().count() as u64,
+        r["train_questions"].as_u64().unwrap()
+    );
+    assert_eq!(
+        heldout.lines().count() as u64,
+        r["heldout_questions"].as_u64().unwrap()
+    );
+    assert_eq!(
+        r["train_questions"].as_u64().unwrap() + r["heldout_questions"].as_u64().unwrap(),
+        418
+    );
+    for line in train.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let m = v["messages"].as_array().unwrap();
+        assert_eq!(m.len(), 3);
+        assert_eq!(m[2]["role"], "assistant");
+        // k = 3 passages shown.
+        let user = m[1]["content"].as_str().unwrap();
+        assert!(
+            user.contains("\n[3] ") && !user.contains("\n[4] "),
+            "{user}"
+        );
+    }
+    for line in heldout.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(v["question"].is_string() && v["gold_passage_ids"].is_array());
+    }
+    // The same command again replaces its own output; a directory of other files needs --force,
+    // and one holding an input is never replaced.
+    ok(&run(&mut args(&out)));
+    let foreign = dir.path().join("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    std::fs::write(foreign.join("notes.txt"), "mine").unwrap();
+    let e = failed(&run(&mut args(&foreign)));
+    assert!(e.contains("--force"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(foreign.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    let e = failed(&run(args(&data).arg("--force")));
+    assert!(e.contains("holds the input"), "{e}");
+    assert!(set.is_file() && questions.is_file());
+}

@@ -23,10 +23,10 @@ use common::{fixture, host, ids, model_with_adapter};
 use hone_model::adapter::peft_key;
 use hone_model::loss::causal_lm_loss;
 use hone_model::{
-    CausalLm, Cpu, GenerateConfig, Input, LoadOptions, ModelConfig, SamplingConfig, WeightStore,
-    generate, load_model_dir,
+    generate, load_model_dir, CausalLm, Cpu, GenerateConfig, Input, LoadOptions, ModelConfig,
+    SamplingConfig, WeightStore,
 };
-use wgpu_common::{Wgpu, device, max_abs_diff};
+use wgpu_common::{device, max_abs_diff, Wgpu};
 
 const FIXTURES: [&str; 2] = ["llama_gqa", "qwen2_tied"];
 

@@ -275,7 +275,11 @@ mod tests {
         let ids: Vec<usize> = hits.iter().map(|h| h.0).collect();
         // cosines: (1,0,0) 3/sqrt(10) = 0.949, (1,1,0) 4/sqrt(20) = 0.894, (0,2,0) 1/sqrt(10).
         assert_eq!(ids, [0, 2, 1]);
-        let want = [3.0 / 10.0f32.sqrt(), 4.0 / 20.0f32.sqrt(), 1.0 / 10.0f32.sqrt()];
+        let want = [
+            3.0 / 10.0f32.sqrt(),
+            4.0 / 20.0f32.sqrt(),
+            1.0 / 10.0f32.sqrt(),
+        ];
         for (hit, want) in hits.iter().zip(want) {
             assert!((hit.1 - want).abs() < 1e-6, "{} vs {want}", hit.1);
         }

@@ -11,6 +11,8 @@
 //! fusion of ranked lists (reciprocal rank fusion)        hybrid
 //! sentence embeddings (BERT in burn, mean pooling)       embed
 //! dense vectors in DIR/dense-NNNNNN (exact cosine)       dense
+//! the prompt with numbered passages and citations        prompt
+//! retrieval-aware training examples (RAFT)               raft
 //! ```
 //!
 //! ```no_run
@@ -40,6 +42,8 @@ pub mod hybrid;
 pub mod index;
 pub mod lexical;
 pub mod manifest;
+pub mod prompt;
+pub mod raft;
 pub mod retriever;
 
 pub use chunk::{chunk_id, Chunk, ChunkConfig, Chunker, Span, Tokenization};
@@ -52,4 +56,6 @@ pub use index::{
     TOKENIZER_FILE,
 };
 pub use manifest::{DenseManifest, Manifest, VectorSearch, FORMAT_VERSION, MANIFEST_FILE};
+pub use prompt::Passage;
+pub use raft::{build_raft, read_questions, Question, Raft, RaftOptions, RaftReport, WithoutGold};
 pub use retriever::{AddReport, Hit, IndexUpdate, RemoveReport, Retriever};

@@ -20,11 +20,11 @@ mod wgpu_common;
 use std::path::{Path, PathBuf};
 
 use burn::backend::Autodiff;
-use common::{StopAfter, adapter_tensors, config, serial, write_data};
+use common::{adapter_tensors, config, serial, write_data, StopAfter};
 use hone_model::{CausalLm, Cpu, LoadOptions, ModelConfig, WeightStore};
 use hone_train::step::{adapter_keys, adapter_values};
-use hone_train::{AdamWConfig, Learner, MicroBatch, RunOptions, Silent, train_on};
-use wgpu_common::{Wgpu, device};
+use hone_train::{train_on, AdamWConfig, Learner, MicroBatch, RunOptions, Silent};
+use wgpu_common::{device, Wgpu};
 
 type Ad = Autodiff<Wgpu>;
 

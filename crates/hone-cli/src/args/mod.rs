@@ -299,6 +299,59 @@ pub enum DataCommand {
     /// Show the examples curation removed, or one curated example token by token with its
     /// loss mask (--tokens).
     Inspect(DataInspectArgs),
+    /// Retrieval-aware training examples (RAFT) from a QA file and a passage corpus: each
+    /// question with k numbered passages (its gold ones among hard distractors), the target a
+    /// short answer citing them; or --closed-book. Writes train.jsonl, heldout.jsonl (the
+    /// held-out questions) and report.json.
+    Raft(DataRaftArgs),
+}
+
+/// The target when the gold passages are left out of an example.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WithoutGoldArg {
+    /// The answer, without a citation (RAFT: the model also learns the domain).
+    Answer,
+    /// "I cannot answer from the given passages."
+    Abstain,
+}
+
+#[derive(Args, Debug)]
+pub struct DataRaftArgs {
+    /// The passages: JSONL records ({id, title, text}), Markdown or text files, directories,
+    /// globs (as `hone rag index --docs`); gold_passage_ids name their ids.
+    #[arg(long, required = true, num_args = 1..)]
+    pub corpus: Vec<String>,
+    /// Questions, JSONL: {id, question, answers: [...], gold_passage_ids: [...]} (an empty
+    /// answers list, or "answerable": false, marks a question without an answer).
+    #[arg(long, value_name = "FILE")]
+    pub questions: PathBuf,
+    /// A `hone rag index` of the same corpus to draw the distractors from [default: BM25 over
+    /// the corpus, built in a temporary directory].
+    #[arg(long, value_name = "DIR")]
+    pub index: Option<PathBuf>,
+    /// Output directory (written completely or not at all).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Passages shown with each question, gold included.
+    #[arg(short, long, default_value_t = 4)]
+    pub k: usize,
+    /// Share of answerable questions whose example shows the gold passages (RAFT's P).
+    #[arg(long, default_value_t = 0.8)]
+    pub gold_share: f64,
+    /// Target of an answerable question shown without its gold passages.
+    #[arg(long, value_enum, default_value = "answer")]
+    pub without_gold: WithoutGoldArg,
+    /// Share of questions held out of training (by a hash of the id and the seed).
+    #[arg(long, default_value_t = 0.2)]
+    pub heldout_fraction: f64,
+    /// The question alone and its answer, no passages (the fine-tune-only arm).
+    #[arg(long)]
+    pub closed_book: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Replace --out even when it holds other files (never when it holds an input).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Record format of the inputs (`[data] format`).

@@ -1,10 +1,12 @@
-//! `hone data prepare` and `hone data inspect`: the data stage from the command line.
+//! `hone data prepare`, `hone data inspect` and `hone data raft`: the data stage from the command
+//! line.
 //!
 //! `prepare` resolves a [`DataConfig`] (the config file's `[data]` table, then flags), runs
 //! [`hone_data::prepare_with`] (with a token counter over the model's tokenizer when
 //! `--tokenizer` is given) and writes the curated files atomically. `inspect` reads them back:
 //! the removed examples listed in `report.json`, or one example token by token with its loss
-//! mask, tokenized by the same [`Encoder`] training uses.
+//! mask, tokenized by the same [`Encoder`] training uses. `raft` makes retrieval-aware training
+//! examples with [`hone_rag::build_raft`].
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -25,7 +27,8 @@ use hone_tokenize::{
 use serde::Deserialize;
 
 use crate::args::{
-    DataCommand, DataInspectArgs, DataPrepareArgs, DedupeArg, FormatArg, OnErrorArg, SplitArg,
+    DataCommand, DataInspectArgs, DataPrepareArgs, DataRaftArgs, DedupeArg, FormatArg, OnErrorArg,
+    SplitArg, WithoutGoldArg,
 };
 
 /// Bad records listed in an error message before "and N more".
@@ -35,7 +38,125 @@ pub fn run(command: DataCommand) -> Result<()> {
     match command {
         DataCommand::Prepare(args) => prepare(args),
         DataCommand::Inspect(args) => inspect(args),
+        DataCommand::Raft(args) => raft(args),
     }
+}
+
+/// Files `hone data raft` writes.
+const RAFT_FILES: [&str; 3] = [TRAIN_FILE, "heldout.jsonl", REPORT_FILE];
+
+fn raft(args: DataRaftArgs) -> Result<()> {
+    let options = hone_rag::RaftOptions {
+        k: args.k,
+        gold_share: args.gold_share,
+        without_gold: match args.without_gold {
+            WithoutGoldArg::Answer => hone_rag::WithoutGold::Answer,
+            WithoutGoldArg::Abstain => hone_rag::WithoutGold::Abstain,
+        },
+        heldout_fraction: args.heldout_fraction,
+        closed_book: args.closed_book,
+        seed: args.seed,
+    };
+    // Before any work: an --out that holds an input is refused, and one holding other files
+    // than a previous output of this command unless --force.
+    let mut inputs = hone_data::reader::expand_inputs(&args.corpus)?;
+    inputs.push(args.questions.clone());
+    check_output_dir(&args.out, &inputs, Overwrite::Any)?;
+    if !args.force && !is_previous_raft_output(&args.out) {
+        bail!(
+            "--out {}: exists and holds other files than a previous `hone data raft` output \
+             (pass --force to replace it)",
+            args.out.display()
+        );
+    }
+    let questions = hone_rag::read_questions(&args.questions)?;
+    let corpus = hone_rag::read_corpus(&args.corpus, OnError::Fail)?.documents;
+    let scratch = tempfile::tempdir().context("creating a directory for the BM25 index")?;
+    let index_dir = match &args.index {
+        Some(dir) => dir.clone(),
+        None => {
+            let dir = scratch.path().join("index");
+            hone_rag::build_index(&hone_rag::BuildOptions {
+                inputs: args.corpus.clone(),
+                out: dir.clone(),
+                chunking: hone_rag::ChunkConfig::default(),
+                tokenizer: None,
+                embedder: None,
+                on_error: OnError::Fail,
+                force: false,
+            })?;
+            dir
+        }
+    };
+    let index = hone_rag::RagIndex::open(&index_dir)?;
+    let raft = hone_rag::build_raft(&questions, &corpus, &index, &options)?;
+
+    let staged = hone_io::StagedDir::new(&args.out)?;
+    let write = |name: &str, text: String| {
+        let path = staged.path().join(name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+    };
+    let mut train = String::new();
+    for example in &raft.train {
+        train.push_str(&serde_json::to_string(example)?);
+        train.push('\n');
+    }
+    write(TRAIN_FILE, train)?;
+    let mut heldout = String::new();
+    for q in &raft.heldout {
+        heldout.push_str(&serde_json::to_string(q)?);
+        heldout.push('\n');
+    }
+    write(RAFT_FILES[1], heldout)?;
+    let report = serde_json::json!({
+        "raft": raft.report,
+        "options": options,
+        "corpus": args.corpus,
+        "questions": args.questions,
+        "index": args.index,
+    });
+    write(REPORT_FILE, serde_json::to_string_pretty(&report)? + "\n")?;
+    staged.commit()?;
+    let r = &raft.report;
+    println!(
+        "{} questions: {} training examples ({} with gold passages, {} without, {} unanswerable), \
+         {} held out; distractors {} from the index, {} random; wrote {}",
+        r.questions,
+        raft.train.len(),
+        r.with_gold,
+        r.without_gold,
+        r.unanswerable,
+        r.heldout_questions,
+        r.hard_distractors,
+        r.random_distractors,
+        args.out.display()
+    );
+    if r.missing_gold > 0 {
+        eprintln!(
+            "warning: {} gold passage ids are not in the corpus (those questions were shown \
+             without them)",
+            r.missing_gold
+        );
+    }
+    Ok(())
+}
+
+/// Whether `dir` is absent, empty, or holds only what `hone data raft` writes (its report
+/// says `raft`).
+fn is_previous_raft_output(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return true;
+    };
+    let names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.is_empty()
+        || (names.iter().all(|n| RAFT_FILES.contains(&n.as_str()))
+            && std::fs::read_to_string(dir.join(REPORT_FILE))
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .is_some_and(|v| v.get("raft").is_some()))
 }
 
 /// A config file as far as this command is concerned: its `[data]` table. Other top-level

@@ -8,7 +8,7 @@
 use std::sync::OnceLock;
 
 use burn::backend::wgpu::graphics::Vulkan;
-use burn::backend::wgpu::{RuntimeOptions, WgpuDevice, init_setup};
+use burn::backend::wgpu::{init_setup, RuntimeOptions, WgpuDevice};
 
 /// burn's wgpu backend: f32 floats, i32 ints, u32 bools, kernels compiled to WGSL.
 pub type Wgpu = burn::backend::Wgpu;
