@@ -44,8 +44,23 @@ fn smollm2_gguf_answers_five_chat_prompts_as_transformers() {
     let text =
         std::fs::read_to_string(root().join("fixtures/gguf/smollm2-greedy.refs.json")).unwrap();
     let refs: Value = serde_json::from_str(&text).unwrap();
+    for dequantize in [false, true] {
+        check(&path, &refs, dequantize);
+    }
+}
+
+/// One load mode: projection weights kept quantized, or dequantized at load.
+fn check(path: &Path, refs: &Value, dequantize: bool) {
     let device = Default::default();
-    let loaded = load_model_dir::<Cpu>(&path, &device, LoadOptions::default()).unwrap();
+    let options = LoadOptions {
+        dequantize,
+        ..LoadOptions::default()
+    };
+    let loaded = load_model_dir::<Cpu>(path, &device, options).unwrap();
+    // Kept quantized (all 30 layers' 7 projections; the tied lm_head is the f32 embedding) or
+    // decoded at load.
+    let expected = if dequantize { 0 } else { 30 * 7 };
+    assert_eq!(loaded.model.quantized_projections(), expected);
     let eos = refs["eos_token_id"].as_u64().unwrap() as u32;
     assert!(loaded.tokenizer.eos_ids.contains(&eos));
     let config = GenerateConfig {
@@ -121,10 +136,11 @@ fn smollm2_gguf_answers_five_chat_prompts_as_transformers() {
     }
     let _ = writeln!(
         std::io::stderr(),
-        "prompt logits: max |hone - transformers| = {worst:e} (tolerance {LOGIT_TOLERANCE:e})"
+        "dequantize = {dequantize}: prompt logits: max |hone - transformers| = {worst:e} (tolerance \
+         {LOGIT_TOLERANCE:e})"
     );
     assert!(
         worst <= LOGIT_TOLERANCE,
-        "prompt logits differ from transformers' by {worst}"
+        "dequantize = {dequantize}: prompt logits differ from transformers' by {worst}"
     );
 }
