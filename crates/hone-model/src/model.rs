@@ -83,7 +83,8 @@ impl<B: Backend> Linear<B> {
         match &self.weight {
             BaseWeight::Dense(w) => w.val(),
             BaseWeight::Quantized(q) => {
-                let t = Tensor::<B, 2>::from_data(TensorData::new(q.dequantize(), q.shape()), device);
+                let t =
+                    Tensor::<B, 2>::from_data(TensorData::new(q.dequantize(), q.shape()), device);
                 if dtype != DType::F32 {
                     t.cast(dtype)
                 } else {
@@ -125,7 +126,6 @@ impl<B: Backend> Linear<B> {
         }
         old
     }
-
 }
 
 impl<B: KernelBackend> Linear<B> {
@@ -729,7 +729,6 @@ impl<B: KernelBackend> CausalLm<B> {
 }
 
 impl<B: Backend> CausalLm<B> {
-
     /// A model of `config` with random weights (normal, std 0.02; norms at one), for benchmarks.
     pub fn random(config: &ModelConfig, device: &B::Device, options: LoadOptions) -> Self {
         let builder = Builder::<B> {
@@ -752,7 +751,12 @@ impl<B: Backend> CausalLm<B> {
             .flat_map(|l| l.projections())
             .filter(|(_, l)| l.quantized().is_some())
             .count();
-        layers + usize::from(self.lm_head.as_ref().is_some_and(|h| h.quantized().is_some()))
+        layers
+            + usize::from(
+                self.lm_head
+                    .as_ref()
+                    .is_some_and(|h| h.quantized().is_some()),
+            )
     }
 
     /// The model's configuration.

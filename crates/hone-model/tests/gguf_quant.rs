@@ -58,8 +58,8 @@ fn quant_linear_matches_the_dense_product_and_gradient_for_every_block_type() {
         let name = format!("t.{}", ty.name().to_ascii_lowercase());
         let info = file.tensor_info(&name).unwrap();
         let [rows, cols] = <[usize; 2]>::try_from(info.shape()).unwrap();
-        let w = QuantWeight::new(ty, file.tensor_bytes(&name).unwrap().to_vec(), rows, cols)
-            .unwrap();
+        let w =
+            QuantWeight::new(ty, file.tensor_bytes(&name).unwrap().to_vec(), rows, cols).unwrap();
         for m in [1, 3, 9, 40] {
             let x = Tensor::<Cpu, 2>::random([m, cols], Distribution::Normal(0.0, 1.0), &device);
             let fused = to_vec(<Cpu as KernelBackend>::quant_linear(x.clone(), &w));
@@ -81,7 +81,10 @@ fn quant_linear_matches_the_dense_product_and_gradient_for_every_block_type() {
             };
             let (gf, gc) = (grad(true), grad(false));
             let diff = max_abs_diff(&gf, &gc);
-            assert!(diff < 1e-3, "{ty}, m = {m}: input gradient differs by {diff}");
+            assert!(
+                diff < 1e-3,
+                "{ty}, m = {m}: input gradient differs by {diff}"
+            );
         }
         seen += 1;
     }
@@ -112,8 +115,8 @@ fn expected_quantized(name: &str) -> usize {
 }
 
 fn input_ids<B: Backend>(name: &str) -> Tensor<B, 2, Int> {
-    let store = WeightStore::open_files(&[peft_fixture(name).join("refs/inputs.safetensors")])
-        .unwrap();
+    let store =
+        WeightStore::open_files(&[peft_fixture(name).join("refs/inputs.safetensors")]).unwrap();
     let (ids, shape) = store.load_i64("input_ids").unwrap();
     Tensor::from_data(
         TensorData::new(ids, [shape[0], shape[1]]),
@@ -152,7 +155,10 @@ fn quantized_gguf_models_give_the_logits_of_dequantizing_at_load() {
         )
         .unwrap();
         let c = to_vec(f32_model.model.forward(Input::new(input_ids(name))));
-        assert!(max_abs_diff(&a, &c) > 1e-3, "{name}: the fixture is not quantized");
+        assert!(
+            max_abs_diff(&a, &c) > 1e-3,
+            "{name}: the fixture is not quantized"
+        );
     }
 }
 
@@ -183,8 +189,9 @@ fn quantized_gguf_models_generate_as_dequantized_ones() {
 #[test]
 fn lora_losses_and_gradients_on_quantized_weights_match_dequantized_ones() {
     for name in FIXTURES {
-        let batch = WeightStore::open_files(&[peft_fixture(name).join("refs/train_batch.safetensors")])
-            .unwrap();
+        let batch =
+            WeightStore::open_files(&[peft_fixture(name).join("refs/train_batch.safetensors")])
+                .unwrap();
         let (ids, shape) = batch.load_i64("input_ids").unwrap();
         let (labels, _) = batch.load_i64("labels").unwrap();
         let run = |dequantize: bool| {

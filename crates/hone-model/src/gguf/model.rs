@@ -300,7 +300,12 @@ impl<'a> GgufWeights<'a> {
 /// Puts llama's permuted q/k rows back in Hugging Face's order: per head of `d` rows, GGUF row
 /// `2i + j` is Hugging Face row `j·d/2 + i`. Rows are `cols` elements of any type `T` (f32
 /// values, or the bytes of a row of blocks).
-fn unpermute_rows<T: Copy + Default>(values: &[T], rows: usize, cols: usize, heads: usize) -> Vec<T> {
+fn unpermute_rows<T: Copy + Default>(
+    values: &[T],
+    rows: usize,
+    cols: usize,
+    heads: usize,
+) -> Vec<T> {
     let d = rows / heads;
     let half = d / 2;
     let mut out = vec![T::default(); values.len()];
@@ -373,14 +378,16 @@ impl WeightSource for GgufWeights<'_> {
             Rows::AsStored => bytes.to_vec(),
             Rows::Unpermute { heads } => unpermute_rows(bytes, out, ty.byte_len(inp), heads),
         };
-        QuantWeight::new(ty, bytes, out, inp).map(Some).map_err(|message| {
-            super::GgufError::Tensor {
-                path: self.file.path().to_path_buf(),
-                tensor: gguf_name.to_string(),
-                message,
-            }
-            .into()
-        })
+        QuantWeight::new(ty, bytes, out, inp)
+            .map(Some)
+            .map_err(|message| {
+                super::GgufError::Tensor {
+                    path: self.file.path().to_path_buf(),
+                    tensor: gguf_name.to_string(),
+                    message,
+                }
+                .into()
+            })
     }
 
     fn names(&self) -> Vec<String> {

@@ -301,7 +301,10 @@ impl Backward<Flex, 1> for QuantLinearOp {
         let w = ops.state;
         if let Some(node) = px {
             let m = dims(&g)[0];
-            grads.register::<Flex>(node.id, flex(w.matmul_nn(values(&g), m), &[m, w.shape()[1]]));
+            grads.register::<Flex>(
+                node.id,
+                flex(w.matmul_nn(values(&g), m), &[m, w.shape()[1]]),
+            );
         }
     }
 }
