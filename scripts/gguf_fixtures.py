@@ -10,6 +10,8 @@ quantized by gguf-py from seeded normal values; Q4_K, Q5_K, Q6_K, which gguf-py 
 seeded random blocks with finite f16 scales), plus metadata of every value type.
 types.expected.safetensors: `gguf.quants.dequantize` of each tensor as f32, same names and
 row-major shapes.
+llama_gqa_quant.gguf, qwen2_tied_quant.gguf: the same with the projections, embeddings and
+lm_head in Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 (see QUANT), for the quantized-weight tests.
 llama_gqa.gguf, qwen2_tied.gguf: fixtures/peft/{llama_gqa,qwen2_tied} (checkpoints written by
 transformers 5.23) converted to F32 GGUF as llama.cpp's convert_hf_to_gguf.py does it: its tensor
 names, llama's q/k rows permuted for interleaved RoPE, the byte-level BPE vocabulary in
@@ -117,14 +119,16 @@ LAYER_NAMES = {
 }
 
 
-def convert(name, pre):
+def convert(name, pre, quant=None, suffix=""):
+    """quant: GGUF tensor-name ending -> block type, for the tensors whose rows are whole blocks
+    (the others stay F32); the file is written as `{name}{suffix}.gguf`."""
     src = os.path.join(out_dir, "..", "peft", name)
     cfg = json.load(open(os.path.join(src, "config.json")))
     tok = json.load(open(os.path.join(src, "tokenizer.json")))
     tok_cfg = json.load(open(os.path.join(src, "tokenizer_config.json")))
     arch = cfg["model_type"]
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    w = gguf.GGUFWriter(os.path.join(out_dir, f"{name}.gguf"), arch=arch)
+    w = gguf.GGUFWriter(os.path.join(out_dir, f"{name}{suffix}.gguf"), arch=arch)
     w.add_name(name)
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
@@ -185,7 +189,12 @@ def convert(name, pre):
             t = permute(t, kv)
         out[g] = t
     for g in sorted(out, key=lambda g: (g.startswith("blk."), g)):
-        w.add_tensor(g, np.ascontiguousarray(out[g]))
+        t = np.ascontiguousarray(out[g])
+        ty = next((ty for end, ty in (quant or {}).items() if g.endswith(end)), None)
+        if ty is not None and t.ndim == 2 and t.shape[1] % GGML_QUANT_SIZES[ty][0] == 0:
+            w.add_tensor(g, gguf.quants.quantize(t, ty), raw_dtype=ty)
+        else:
+            w.add_tensor(g, t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -194,3 +203,20 @@ def convert(name, pre):
 
 convert("llama_gqa", "llama-bpe")
 convert("qwen2_tied", "qwen2")
+
+# The same models with their projections (and embeddings, lm_head) in the 32-wide block formats,
+# one format per kind of projection; rows that are not whole blocks (llama_gqa's down_proj, 176
+# wide) stay F32. Loading them quantized must give the logits of loading them dequantized.
+QUANT = {
+    "attn_q.weight": T.Q4_0,
+    "attn_k.weight": T.Q4_1,
+    "attn_v.weight": T.Q5_0,
+    "attn_output.weight": T.Q5_1,
+    "ffn_gate.weight": T.Q8_0,
+    "ffn_up.weight": T.Q4_1,
+    "ffn_down.weight": T.Q5_0,
+    "output.weight": T.Q8_0,
+    "token_embd.weight": T.Q8_0,
+}
+convert("llama_gqa", "llama-bpe", QUANT, "_quant")
+convert("qwen2_tied", "qwen2", QUANT, "_quant")

@@ -44,6 +44,8 @@ pub struct GenerateBench {
     pub repeat: usize,
     /// The model's kernels (`Composed`: burn's composed operations, for comparisons).
     pub kernels: Kernels,
+    /// Decode a GGUF model's quantized projection weights at load ([`LoadOptions::dequantize`]).
+    pub dequantize: bool,
 }
 
 /// Runs the generation benchmark; the JSON object `hone bench generate` prints.
@@ -123,6 +125,7 @@ impl BackendTask for GenerateTask {
         let a = self.0;
         let options = LoadOptions {
             dtype: a.dtype.burn(),
+            dequantize: a.dequantize,
         };
         let (mut model, label) = match &a.model {
             ModelSource::Dir(dir) => {
@@ -169,6 +172,8 @@ impl BackendTask for GenerateTask {
             "device": format!("{device:?}"),
             "dtype": a.dtype.to_string(),
             "kernels": a.kernels.to_string(),
+            "dequantize": a.dequantize,
+            "quantized_projections": model.quantized_projections(),
             "batch": a.batch,
             "prompt_tokens": a.prompt_tokens,
             "new_tokens": a.new_tokens,

@@ -74,6 +74,7 @@ impl BackendTask for TrainTask {
         B::seed(&device, 0);
         let load = LoadOptions {
             dtype: a.dtype.burn(),
+            ..LoadOptions::default()
         };
         let mut model = CausalLm::<Autodiff<B>>::random(&config, &device, load);
         model.set_kernels(a.kernels);

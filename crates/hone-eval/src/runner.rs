@@ -115,6 +115,7 @@ pub fn evaluate_with<B: hone_model::KernelBackend>(
             device,
             LoadOptions {
                 dtype: plan.dtype.burn(),
+                ..LoadOptions::default()
             },
         )?;
         let mut model = loaded.model;

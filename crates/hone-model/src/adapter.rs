@@ -246,19 +246,18 @@ impl<B: Backend> CausalLm<B> {
         let targets = self.lora_targets(&settings)?;
         let mut used = Vec::new();
         let mut adapters = HashMap::new();
+        let (device, dtype) = (self.model.embed_tokens.device(), self.dtype());
         for (name, linear) in self.projections() {
             if !targets.contains(&name) {
                 continue;
             }
             let (r, scale) = settings.rank_and_scale(&name)?;
-            let [out, inp] = linear.weight.dims();
-            let device = linear.weight.device();
+            let [out, inp] = linear.shape();
             let (ka, kb) = (peft_key(&name, "lora_A"), peft_key(&name, "lora_B"));
             let a = store.load_f32_finite(&ka, &[r, inp])?;
             let b = store.load_f32_finite(&kb, &[out, r])?;
             used.push(ka);
             used.push(kb);
-            let dtype = linear.weight.val().dtype();
             let make = |v: Vec<f32>, shape: [usize; 2]| {
                 let t = Tensor::<B, 2>::from_data(TensorData::new(v, shape), &device);
                 if dtype != burn::tensor::DType::F32 {

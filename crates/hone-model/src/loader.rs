@@ -7,6 +7,7 @@ use burn::prelude::*;
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
+use crate::kernels::KernelBackend;
 use crate::model::{CausalLm, LoadOptions, LoadReport};
 use crate::tokenizer::Tokenizer;
 use crate::weights::WeightStore;
@@ -59,7 +60,7 @@ pub fn model_config(path: &Path) -> Result<ModelConfig> {
 
 /// Loads model directory `dir` (or the directory of a file in it, see [`resolve_model_dir`])
 /// onto `device`.
-pub fn load_model_dir<B: Backend>(
+pub fn load_model_dir<B: KernelBackend>(
     dir: &Path,
     device: &B::Device,
     options: LoadOptions,
@@ -103,9 +104,12 @@ pub fn is_gguf(path: &Path) -> bool {
         && &magic == b"GGUF"
 }
 
-/// Loads a GGUF file onto `device`: configuration and tokenizer from its metadata, the weights
-/// decoded to f32 (then cast to `options.dtype`).
-pub fn load_gguf<B: Backend>(
+/// Loads a GGUF file onto `device`: configuration and tokenizer from its metadata. Projection
+/// weights in block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) stay quantized where
+/// the backend multiplies by them ([`KernelBackend::keeps_quantized`]: Flex in f32) unless
+/// `options.dequantize`; every other weight (embeddings, norms, and all weights elsewhere) is
+/// decoded to f32, then cast to `options.dtype`.
+pub fn load_gguf<B: KernelBackend>(
     path: &Path,
     device: &B::Device,
     options: LoadOptions,

@@ -6,14 +6,14 @@
 
 use std::collections::BTreeMap;
 
-use burn::module::{Module, Param};
+use burn::module::{Module, Param, ParamId};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
-use crate::model::{CausalLm, Linear, OWN_SLOT};
+use crate::model::{BaseWeight, CausalLm, Linear, OWN_SLOT};
 
 /// The low-rank adapter of one linear layer.
 #[derive(Module, Debug)]
@@ -296,13 +296,13 @@ impl<B: Backend> CausalLm<B> {
     pub fn attach_lora(&mut self, settings: &LoraSettings) -> Result<Vec<String>> {
         settings.validate()?;
         let targets = self.lora_targets(settings)?;
+        let device = self.model.embed_tokens.device();
         for (name, linear) in self.projections_mut() {
             if !targets.contains(&name) {
                 continue;
             }
             let (r, scale) = settings.rank_and_scale(&name)?;
-            let [out, inp] = linear.weight.dims();
-            let device = linear.weight.device();
+            let [out, inp] = linear.shape();
             let bound = 1.0 / (inp as f64).sqrt();
             let a = Tensor::<B, 2>::random([r, inp], Distribution::Uniform(-bound, bound), &device);
             let b = Tensor::<B, 2>::zeros([out, r], &device);
@@ -326,12 +326,18 @@ impl<B: Backend> CausalLm<B> {
         }
     }
 
-    /// Folds every adapter into its base weight (`W += s · B A`) and removes the adapters.
+    /// Folds every adapter into its base weight (`W += s · B A`) and removes the adapters. A
+    /// quantized base weight is decoded first: the merged projection is dense.
     pub fn merge_lora(&mut self) {
+        let (device, dtype) = (self.model.embed_tokens.device(), self.dtype());
         for (_, linear) in self.projections_mut() {
             if let Some(lora) = linear.set_slot(OWN_SLOT, None) {
-                let merged = linear.weight.val() + lora.delta_weight();
-                linear.weight = Param::initialized(linear.weight.id, merged.detach());
+                let id = match &linear.weight {
+                    BaseWeight::Dense(w) => w.id,
+                    BaseWeight::Quantized(_) => ParamId::new(),
+                };
+                let merged = linear.dequantized_weight(&device, dtype) + lora.delta_weight();
+                linear.weight = BaseWeight::Dense(Param::initialized(id, merged.detach()));
             }
         }
     }

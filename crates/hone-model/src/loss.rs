@@ -106,7 +106,7 @@ pub fn causal_lm_loss_sum_hidden<B: KernelBackend>(
 ) -> (Tensor<B, 1>, usize) {
     let [batch, seq, h] = hidden.dims();
     let weight = match &model.lm_head {
-        Some(head) if head.adapters.is_empty() && head.bias.is_none() => Some(head.weight.val()),
+        Some(head) if head.adapters.is_empty() && head.bias.is_none() => head.weight(),
         Some(_) => None,
         None => Some(model.model.embed_tokens.val()),
     };

@@ -17,6 +17,7 @@ use crate::cache::LayerCache;
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::forward::Selection;
+use crate::gguf::QuantWeight;
 use crate::kernels::{self, composed, KernelBackend, Kernels, RopeTables};
 use crate::lora::Lora;
 use crate::rope::RopeCache;
@@ -33,20 +34,72 @@ pub const OWN_SLOT: usize = 0;
 /// slots: `y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ` with the adapter a row selects
 /// ([`crate::forward::Adapters`]). The base weight and bias are frozen (they never require
 /// gradients); only adapters train.
+///
+/// The base weight is a dense parameter, or, for GGUF models loaded on a backend that
+/// multiplies by block formats ([`KernelBackend::keeps_quantized`]), the file's blocks
+/// ([`BaseWeight`]).
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
     /// `[out_features, in_features]`.
-    pub(crate) weight: Param<Tensor<B, 2>>,
+    pub(crate) weight: BaseWeight<B>,
     /// `[out_features]`.
     pub(crate) bias: Option<Param<Tensor<B, 1>>>,
     /// Adapter slots; slot [`OWN_SLOT`] is the model's own adapter.
     pub(crate) adapters: Vec<Option<Lora<B>>>,
 }
 
+/// The frozen base weight `[out, in]` of a [`Linear`].
+#[derive(Module, Debug)]
+pub enum BaseWeight<B: Backend> {
+    /// A dense parameter (it never requires gradients).
+    Dense(Param<Tensor<B, 2>>),
+    /// A GGUF tensor's blocks, multiplied by [`KernelBackend::quant_linear`]: not a parameter
+    /// (no gradient, not in records), its bytes shared between clones of the model.
+    Quantized(QuantWeight),
+}
+
 impl<B: Backend> Linear<B> {
-    /// The frozen weight `[out, in]`.
-    pub fn weight(&self) -> Tensor<B, 2> {
-        self.weight.val()
+    /// The frozen weight `[out, in]` when it is dense; `None` when it is kept quantized (see
+    /// [`Linear::quantized`], [`Linear::dequantized_weight`]).
+    pub fn weight(&self) -> Option<Tensor<B, 2>> {
+        match &self.weight {
+            BaseWeight::Dense(w) => Some(w.val()),
+            BaseWeight::Quantized(_) => None,
+        }
+    }
+
+    /// The frozen weight when it is kept in a ggml block format.
+    pub fn quantized(&self) -> Option<&QuantWeight> {
+        match &self.weight {
+            BaseWeight::Dense(_) => None,
+            BaseWeight::Quantized(q) => Some(q),
+        }
+    }
+
+    /// The frozen weight `[out, in]` as a dense tensor: the parameter itself when dense, else a
+    /// decoded copy on `device` in `dtype` (the memory of a dense layer: for merging and
+    /// inspection, not for the forward pass).
+    pub fn dequantized_weight(&self, device: &B::Device, dtype: DType) -> Tensor<B, 2> {
+        match &self.weight {
+            BaseWeight::Dense(w) => w.val(),
+            BaseWeight::Quantized(q) => {
+                let t =
+                    Tensor::<B, 2>::from_data(TensorData::new(q.dequantize(), q.shape()), device);
+                if dtype != DType::F32 {
+                    t.cast(dtype)
+                } else {
+                    t
+                }
+            }
+        }
+    }
+
+    /// `[out, in]`.
+    pub fn shape(&self) -> [usize; 2] {
+        match &self.weight {
+            BaseWeight::Dense(w) => w.dims(),
+            BaseWeight::Quantized(q) => q.shape(),
+        }
     }
 
     /// The model's own adapter on this projection.
@@ -73,16 +126,18 @@ impl<B: Backend> Linear<B> {
         }
         old
     }
+}
 
+impl<B: KernelBackend> Linear<B> {
     /// `x Wᵀ + b` for `x` `[rows, in]`.
     fn base(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let rows = x.dims()[0];
-        // gemm's small-M path is compute-bound on x·Wᵀ; with few rows (decoding) W·xᵀ streams
-        // the weight once at memory speed (1–3.5× faster for 1–16 rows on AVX-512).
-        let y = if rows <= SMALL_M {
-            self.weight.val().matmul(x.transpose()).transpose()
-        } else {
-            x.matmul(self.weight.val().transpose())
+        let y = match &self.weight {
+            // gemm's small-M path is compute-bound on x·Wᵀ; with few rows (decoding) W·xᵀ
+            // streams the weight once at memory speed (1–3.5× faster for 1–16 rows on AVX-512).
+            BaseWeight::Dense(w) if rows <= SMALL_M => w.val().matmul(x.transpose()).transpose(),
+            BaseWeight::Dense(w) => x.matmul(w.val().transpose()),
+            BaseWeight::Quantized(q) => B::quant_linear(x, q),
         };
         match &self.bias {
             Some(b) => y + b.val().unsqueeze_dim(0),
@@ -99,7 +154,7 @@ impl<B: Backend> Linear<B> {
         let dims = x.dims();
         let in_features = dims[D - 1];
         let rows = dims[..D - 1].iter().product::<usize>();
-        let out_features = self.weight.dims()[0];
+        let out_features = self.shape()[0];
         let x2d = x.reshape([rows, in_features]);
         let mut y = self.base(x2d.clone());
         match select {
@@ -400,11 +455,18 @@ pub struct CausalLm<B: Backend> {
 pub struct LoadOptions {
     /// Compute dtype of the weights (F32 by default; BF16/F16 on GPUs).
     pub dtype: DType,
+    /// Decode quantized GGUF projection weights to dense tensors at load even where the
+    /// backend multiplies by block formats ([`KernelBackend::keeps_quantized`]: Flex, f32).
+    /// False by default: they stay quantized there (`--dequantize`, `model.dequantize`).
+    pub dequantize: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: DType::F32 }
+        Self {
+            dtype: DType::F32,
+            dequantize: false,
+        }
     }
 }
 
@@ -422,6 +484,12 @@ pub trait WeightSource {
     fn load_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>>;
     /// Every tensor the source holds (to report those a model does not use).
     fn names(&self) -> Vec<String>;
+    /// Tensor `name` `[out, in]` in its block format when the source stores it quantized in a
+    /// format [`QuantWeight`] multiplies by (`None`: load it with [`WeightSource::load_f32`]).
+    fn load_quant(&self, name: &str, expected: [usize; 2]) -> Result<Option<QuantWeight>> {
+        let _ = (name, expected);
+        Ok(None)
+    }
 }
 
 impl WeightSource for WeightStore {
@@ -444,6 +512,8 @@ struct Builder<'a, B: Backend> {
     source: Source<'a>,
     device: &'a B::Device,
     dtype: DType,
+    /// Keep projection weights the source stores quantized in their block formats.
+    keep_quantized: bool,
 }
 
 impl<B: Backend> Builder<'_, B> {
@@ -488,8 +558,23 @@ impl<B: Backend> Builder<'_, B> {
     }
 
     fn linear(&self, prefix: &str, inp: usize, out: usize, bias: bool) -> Result<Linear<B>> {
+        let name = format!("{prefix}.weight");
+        let quant = match &self.source {
+            Source::Checkpoint(store, used) if self.keep_quantized => {
+                let quant = store.load_quant(&name, [out, inp])?;
+                if quant.is_some() {
+                    used.borrow_mut().push(name.clone());
+                }
+                quant
+            }
+            _ => None,
+        };
+        let weight = match quant {
+            Some(q) => BaseWeight::Quantized(q),
+            None => BaseWeight::Dense(self.param(&name, [out, inp], Init::Normal)?),
+        };
         Ok(Linear {
-            weight: self.param(&format!("{prefix}.weight"), [out, inp], Init::Normal)?,
+            weight,
             bias: if bias {
                 Some(self.param(&format!("{prefix}.bias"), [out], Init::Zeros)?)
             } else {
@@ -611,9 +696,11 @@ enum Init {
     Zeros,
 }
 
-impl<B: Backend> CausalLm<B> {
+impl<B: KernelBackend> CausalLm<B> {
     /// Builds the model of `config` from the tensors of `store`. Missing or mis-shaped tensors
     /// are errors naming the tensor and file; tensors the model does not use are reported.
+    /// Projection weights `store` holds quantized stay quantized where the backend multiplies
+    /// by them ([`KernelBackend::keeps_quantized`]) unless `options.dequantize`.
     pub fn from_store(
         config: &ModelConfig,
         store: &dyn WeightSource,
@@ -624,6 +711,7 @@ impl<B: Backend> CausalLm<B> {
             source: Source::Checkpoint(store, Default::default()),
             device,
             dtype: options.dtype,
+            keep_quantized: !options.dequantize && B::keeps_quantized(options.dtype),
         };
         let model = builder.build(config)?;
         let used = match &builder.source {
@@ -638,17 +726,37 @@ impl<B: Backend> CausalLm<B> {
             .collect();
         Ok((model, LoadReport { unused }))
     }
+}
 
+impl<B: Backend> CausalLm<B> {
     /// A model of `config` with random weights (normal, std 0.02; norms at one), for benchmarks.
     pub fn random(config: &ModelConfig, device: &B::Device, options: LoadOptions) -> Self {
         let builder = Builder::<B> {
             source: Source::Random,
             device,
             dtype: options.dtype,
+            keep_quantized: false,
         };
         builder
             .build(config)
             .expect("building a model from random weights reads no file and cannot fail")
+    }
+
+    /// Number of projections (decoder layers' and `lm_head`) whose weight is kept quantized.
+    pub fn quantized_projections(&self) -> usize {
+        let layers = self
+            .model
+            .layers
+            .iter()
+            .flat_map(|l| l.projections())
+            .filter(|(_, l)| l.quantized().is_some())
+            .count();
+        layers
+            + usize::from(
+                self.lm_head
+                    .as_ref()
+                    .is_some_and(|h| h.quantized().is_some()),
+            )
     }
 
     /// The model's configuration.

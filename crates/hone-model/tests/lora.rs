@@ -22,7 +22,7 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn base<B: Backend>(name: &str) -> CausalLm<B> {
+fn base<B: hone_model::KernelBackend>(name: &str) -> CausalLm<B> {
     let dir = fixture(name);
     let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
     let store = WeightStore::open_dir(&dir).unwrap();

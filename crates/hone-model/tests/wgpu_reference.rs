@@ -292,6 +292,7 @@ fn f16_weights_give_the_cpu_f16_logits_on_wgpu() {
     let _ = device();
     let f16 = LoadOptions {
         dtype: burn::tensor::DType::F16,
+        ..LoadOptions::default()
     };
     for name in FIXTURES {
         let dir = fixture(name);

@@ -181,6 +181,7 @@ impl<B: hone_model::KernelBackend> Worker<B> {
     ) -> Result<Self> {
         let options = LoadOptions {
             dtype: config.dtype,
+            ..LoadOptions::default()
         };
         let (model, source) = match &config.model {
             ModelSource::Dir(dir) => {

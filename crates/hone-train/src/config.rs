@@ -64,10 +64,19 @@ pub struct ModelSection {
     /// for comparisons). Left out of the resolved config when it is the default.
     #[serde(default, skip_serializing_if = "is_fused")]
     pub kernels: Kernels,
+    /// Decode a GGUF base model's quantized projection weights to f32 at load (default false:
+    /// they stay in their block formats on the CPU in f32). Left out of the resolved config when
+    /// false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub dequantize: bool,
 }
 
 fn is_fused(kernels: &Kernels) -> bool {
     *kernels == Kernels::Fused
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn default_r() -> usize {

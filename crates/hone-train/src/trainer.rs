@@ -151,6 +151,7 @@ pub(crate) fn load_trainable<B: AutodiffKernelBackend>(
 ) -> Result<(CausalLm<B>, Tokenizer, LoraSettings)> {
     let load = LoadOptions {
         dtype: config.model.dtype.burn(),
+        dequantize: config.model.dequantize,
     };
     let loaded = load_model_dir::<B>(&config.model.path, device, load)?;
     let mut model = loaded.model;

@@ -255,6 +255,6 @@ fn one_training_step_matches_torch_adamw_step() {
             .model
             .projections()
             .iter()
-            .all(|(_, l)| !l.weight().is_require_grad()));
+            .all(|(_, l)| l.weight().is_some_and(|w| !w.is_require_grad())));
     }
 }

@@ -140,6 +140,10 @@ pub struct ModelArgs {
     /// Compute dtype of the weights.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: FloatDtype,
+    /// Decode a GGUF model's quantized projection weights to f32 at load (by default they stay
+    /// in their block formats on the CPU in f32).
+    #[arg(long)]
+    pub dequantize: bool,
 }
 
 #[derive(Args, Debug)]
@@ -290,6 +294,10 @@ pub struct BenchGenerateArgs {
     /// operations, as CUDA runs them), to compare the two.
     #[arg(long, default_value = "fused")]
     pub kernels: Kernels,
+    /// Decode a GGUF model's quantized projection weights to f32 at load (by default they stay
+    /// in their block formats on the CPU in f32), to compare the two.
+    #[arg(long)]
+    pub dequantize: bool,
 }
 
 #[derive(Subcommand, Debug)]

@@ -44,6 +44,7 @@ fn generate_settings(a: BenchGenerateArgs) -> Result<GenerateBench> {
         dtype: a.dtype,
         repeat: a.repeat,
         kernels: a.kernels,
+        dequantize: a.dequantize,
     })
 }
 

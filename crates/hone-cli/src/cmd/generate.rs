@@ -30,6 +30,7 @@ impl BackendTask for Task {
             &device,
             LoadOptions {
                 dtype: args.model.dtype.burn(),
+                dequantize: args.model.dequantize,
             },
         )
         .with_context(|| format!("loading model {}", args.model.model.display()))?;

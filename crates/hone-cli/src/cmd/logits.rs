@@ -29,6 +29,7 @@ impl BackendTask for Task {
             &device,
             LoadOptions {
                 dtype: m.dtype.burn(),
+                dequantize: m.dequantize,
             },
         )
         .with_context(|| format!("loading model {}", m.model.display()))?;

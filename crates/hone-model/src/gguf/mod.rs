@@ -15,6 +15,7 @@ pub mod matmul;
 pub mod model;
 pub mod quant;
 pub mod tokenizer;
+pub mod weight;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -25,6 +26,7 @@ use memmap2::Mmap;
 
 pub use model::{model_config, GgufWeights};
 pub use quant::GgmlType;
+pub use weight::QuantWeight;
 
 /// A problem with a GGUF file; every variant names the file and, where one is involved, the
 /// metadata key or tensor.

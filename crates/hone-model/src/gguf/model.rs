@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde_json::{json, Map, Value as Json};
 
-use super::{GgufFile, Value};
+use super::{GgufFile, QuantWeight, Value};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::model::WeightSource;
@@ -298,11 +298,17 @@ impl<'a> GgufWeights<'a> {
 }
 
 /// Puts llama's permuted q/k rows back in Hugging Face's order: per head of `d` rows, GGUF row
-/// `2i + j` is Hugging Face row `j·d/2 + i`.
-fn unpermute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+/// `2i + j` is Hugging Face row `j·d/2 + i`. Rows are `cols` elements of any type `T` (f32
+/// values, or the bytes of a row of blocks).
+fn unpermute_rows<T: Copy + Default>(
+    values: &[T],
+    rows: usize,
+    cols: usize,
+    heads: usize,
+) -> Vec<T> {
     let d = rows / heads;
     let half = d / 2;
-    let mut out = vec![0f32; values.len()];
+    let mut out = vec![T::default(); values.len()];
     for h in 0..heads {
         for i in 0..half {
             for j in 0..2 {
@@ -316,15 +322,23 @@ fn unpermute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> Vec
     out
 }
 
-impl WeightSource for GgufWeights<'_> {
-    fn load_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+impl GgufWeights<'_> {
+    /// The GGUF name, row order and entry of tensor `name`, checked against `expected` (a q/k
+    /// tensor to un-permute must split into heads of an even number of rows).
+    fn entry(&self, name: &str, expected: &[usize]) -> Result<(&str, Rows, &super::TensorInfo)> {
         let (gguf_name, rows) = self.map.get(name).ok_or_else(|| self.missing(name))?;
         let info = self
             .file
             .tensor_info(gguf_name)
             .ok_or_else(|| self.missing(gguf_name))?;
         let shape = info.shape();
-        if shape != expected {
+        let bad_heads = match *rows {
+            Rows::AsStored => false,
+            Rows::Unpermute { heads } => {
+                heads == 0 || shape[0] % heads != 0 || (shape[0] / heads) % 2 != 0
+            }
+        };
+        if shape != expected || bad_heads {
             return Err(ModelError::ShapeMismatch {
                 name: gguf_name.clone(),
                 path: self.file.path().to_path_buf(),
@@ -332,23 +346,48 @@ impl WeightSource for GgufWeights<'_> {
                 found: shape,
             });
         }
+        Ok((gguf_name, *rows, info))
+    }
+}
+
+impl WeightSource for GgufWeights<'_> {
+    fn load_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        let (gguf_name, rows, info) = self.entry(name, expected)?;
+        let shape = info.shape();
         let (values, _) = self.file.tensor_f32(gguf_name)?;
-        Ok(match *rows {
+        Ok(match rows {
             Rows::AsStored => values,
             Rows::Unpermute { heads } => {
-                let n_rows = shape[0];
                 let cols = shape.get(1).copied().unwrap_or(1);
-                if heads == 0 || n_rows % heads != 0 || (n_rows / heads) % 2 != 0 {
-                    return Err(ModelError::ShapeMismatch {
-                        name: gguf_name.clone(),
-                        path: self.file.path().to_path_buf(),
-                        expected: expected.to_vec(),
-                        found: info.shape(),
-                    });
-                }
-                unpermute_rows(&values, n_rows, cols, heads)
+                unpermute_rows(&values, shape[0], cols, heads)
             }
         })
+    }
+
+    /// The tensor's bytes (copied out of the mapped file; llama's q/k rows un-permuted) when it
+    /// is a 2-D tensor in a block format.
+    fn load_quant(&self, name: &str, expected: [usize; 2]) -> Result<Option<QuantWeight>> {
+        let (gguf_name, rows, info) = self.entry(name, &expected)?;
+        let ty = info.ggml_type;
+        if !ty.is_quantized() {
+            return Ok(None);
+        }
+        let [out, inp] = expected;
+        let bytes = self.file.tensor_bytes(gguf_name)?;
+        let bytes = match rows {
+            Rows::AsStored => bytes.to_vec(),
+            Rows::Unpermute { heads } => unpermute_rows(bytes, out, ty.byte_len(inp), heads),
+        };
+        QuantWeight::new(ty, bytes, out, inp)
+            .map(Some)
+            .map_err(|message| {
+                super::GgufError::Tensor {
+                    path: self.file.path().to_path_buf(),
+                    tensor: gguf_name.to_string(),
+                    message,
+                }
+                .into()
+            })
     }
 
     fn names(&self) -> Vec<String> {

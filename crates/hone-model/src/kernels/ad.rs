@@ -14,6 +14,7 @@ use burn_flex::FlexTensor;
 use super::cpu::{self, AttnShape};
 use super::flex::{contiguous, dims, flex, rotate, values, AdTensor};
 use super::{Mask, RopeHost};
+use crate::gguf::QuantWeight;
 
 // ---------------------------------------------------------------------------------------------
 
@@ -282,5 +283,43 @@ pub(crate) fn linear_nll_sum<C: CheckpointStrategy>(
     {
         OpsKind::Tracked(prep) => prep.finish(flex(dh, &shape), out),
         OpsKind::UnTracked(prep) => prep.finish(out),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct QuantLinearOp;
+
+impl Backward<Flex, 1> for QuantLinearOp {
+    /// The frozen weight (its bytes are shared, not copied).
+    type State = QuantWeight;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [px] = ops.parents;
+        let g = contiguous(&grads.consume::<Flex>(&ops.node));
+        let w = ops.state;
+        if let Some(node) = px {
+            let m = dims(&g)[0];
+            grads.register::<Flex>(
+                node.id,
+                flex(w.matmul_nn(values(&g), m), &[m, w.shape()[1]]),
+            );
+        }
+    }
+}
+
+/// `x [m, in] · Wᵀ` for a frozen quantized `w`; the backward pass gives `x`'s gradient `g · W`.
+pub(crate) fn quant_linear<C: CheckpointStrategy>(x: AdTensor, w: QuantWeight) -> AdTensor {
+    let xf = contiguous(&x.primitive);
+    let m = dims(&xf)[0];
+    let y = flex(w.matmul_nt(values(&xf), m), &[m, w.shape()[0]]);
+    match QuantLinearOp
+        .prepare::<C>([x.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(w, y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
     }
 }

@@ -9,6 +9,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, TensorData};
 
 use super::{AttnShape, Mask, RopeTables};
+use crate::gguf::QuantWeight;
 
 /// RMSNorm `w * x / sqrt(mean(x²) + eps)` of `x` `[batch, seq, hidden]`, computed in f32.
 pub fn rms_norm<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 1>, eps: f64) -> Tensor<B, 3> {
@@ -210,4 +211,17 @@ pub fn linear_nll_sum<B: Backend>(
     targets: Vec<i64>,
 ) -> Tensor<B, 1> {
     nll_sum(hidden.matmul(weight.transpose()), targets)
+}
+
+/// `x [rows, in] · Wᵀ` with the quantized `w` `[out, in]` decoded to a dense constant of `x`'s
+/// dtype on every call (what backends without a quantized product run).
+pub fn quant_linear<B: Backend>(x: Tensor<B, 2>, w: &QuantWeight) -> Tensor<B, 2> {
+    let dense = Tensor::<B, 2>::from_data(TensorData::new(w.dequantize(), w.shape()), &x.device());
+    let dtype = x.dtype();
+    let dense = if dense.dtype() != dtype {
+        dense.cast(dtype)
+    } else {
+        dense
+    };
+    x.matmul(dense.transpose())
 }

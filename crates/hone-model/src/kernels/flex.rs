@@ -10,6 +10,8 @@ use burn::prelude::*;
 use burn::tensor::{DType, TensorData, TensorPrimitive};
 use burn_flex::FlexTensor;
 
+use crate::gguf::QuantWeight;
+
 use super::{ad, composed, cpu, AdTensorOf, AttnShape, KernelBackend, Mask, RopeHost, RopeTables};
 
 /// The autodiff tensor of `Autodiff<Flex, _>` (the type is not exported by name).
@@ -63,6 +65,19 @@ fn f32s(dtype: DType) -> bool {
 impl KernelBackend for Flex {
     fn fuses(dtype: DType) -> bool {
         f32s(dtype)
+    }
+
+    fn keeps_quantized(dtype: DType) -> bool {
+        f32s(dtype)
+    }
+
+    fn quant_linear(x: Tensor<Self, 2>, w: &QuantWeight) -> Tensor<Self, 2> {
+        if !f32s(x.dtype()) {
+            return composed::quant_linear(x, w);
+        }
+        let x = contiguous(&prim(x));
+        let m = dims(&x)[0];
+        tensor(flex(w.matmul_nt(values(&x), m), &[m, w.shape()[0]]))
     }
 
     fn rms_norm(x: Tensor<Self, 3>, w: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
@@ -138,6 +153,20 @@ impl KernelBackend for Flex {
 
     fn ad_fuses(dtype: DType) -> bool {
         f32s(dtype)
+    }
+
+    fn ad_keeps_quantized(dtype: DType) -> bool {
+        f32s(dtype)
+    }
+
+    fn ad_quant_linear<C: CheckpointStrategy>(
+        x: AdTensorOf<Self, C, 2>,
+        w: &QuantWeight,
+    ) -> AdTensorOf<Self, C, 2> {
+        if !f32s(x.dtype()) {
+            return composed::quant_linear(x, w);
+        }
+        tensor(ad::quant_linear::<C>(prim(x), w.clone()))
     }
 
     fn ad_rms_norm<C: CheckpointStrategy>(

@@ -35,6 +35,8 @@ use serde::{Deserialize, Serialize};
 
 pub use cpu::{AttnShape, Visibility};
 
+use crate::gguf::QuantWeight;
+
 /// Which implementation of the fusable operations a model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -187,10 +189,39 @@ pub trait KernelBackend: Backend {
         composed::linear_nll_sum(hidden, weight, targets)
     }
 
+    /// Whether a model on this backend keeps GGUF projection weights in their block formats
+    /// ([`QuantWeight`]) for compute dtype `dtype`, multiplying by them with
+    /// [`KernelBackend::quant_linear`]; false: they are dequantized at load.
+    fn keeps_quantized(dtype: DType) -> bool {
+        let _ = dtype;
+        false
+    }
+
+    /// `x [rows, in] · Wᵀ` for a frozen quantized weight `w` `[out, in]` (no gradient for `w`;
+    /// under autodiff the gradient of `x` is `g · W`). The composed default dequantizes `w`
+    /// into a dense tensor on every call.
+    fn quant_linear(x: Tensor<Self, 2>, w: &QuantWeight) -> Tensor<Self, 2> {
+        composed::quant_linear(x, w)
+    }
+
     /// [`KernelBackend::fuses`] of `Autodiff<Self, _>`.
     fn ad_fuses(dtype: DType) -> bool {
         let _ = dtype;
         false
+    }
+
+    /// [`KernelBackend::keeps_quantized`] of `Autodiff<Self, _>`.
+    fn ad_keeps_quantized(dtype: DType) -> bool {
+        let _ = dtype;
+        false
+    }
+
+    /// [`KernelBackend::quant_linear`] on `Autodiff<Self, C>`.
+    fn ad_quant_linear<C: CheckpointStrategy>(
+        x: AdTensorOf<Self, C, 2>,
+        w: &QuantWeight,
+    ) -> AdTensorOf<Self, C, 2> {
+        composed::quant_linear(x, w)
     }
 
     /// [`KernelBackend::rms_norm`] on `Autodiff<Self, C>`.
@@ -252,6 +283,14 @@ pub trait KernelBackend: Backend {
 impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
     fn fuses(dtype: DType) -> bool {
         B::ad_fuses(dtype)
+    }
+
+    fn keeps_quantized(dtype: DType) -> bool {
+        B::ad_keeps_quantized(dtype)
+    }
+
+    fn quant_linear(x: Tensor<Self, 2>, w: &QuantWeight) -> Tensor<Self, 2> {
+        B::ad_quant_linear::<C>(x, w)
     }
 
     fn rms_norm(x: Tensor<Self, 3>, w: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {

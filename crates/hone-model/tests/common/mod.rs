@@ -16,7 +16,10 @@ pub fn fixture(name: &str) -> PathBuf {
 }
 
 /// The fixture's base model (its config changed by `edit`) with the fixture's PEFT adapter.
-pub fn model_with_adapter<B: Backend>(name: &str, edit: impl Fn(&mut ModelConfig)) -> CausalLm<B> {
+pub fn model_with_adapter<B: hone_model::KernelBackend>(
+    name: &str,
+    edit: impl Fn(&mut ModelConfig),
+) -> CausalLm<B> {
     let dir = fixture(name);
     let mut config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
     edit(&mut config);
