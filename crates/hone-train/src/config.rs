@@ -50,7 +50,9 @@ pub const RUNS_DIR: &str = "checkpoints/runs";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
-    /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
+    /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json), or a GGUF
+    /// file (configuration, tokenizer and chat template from its metadata; on the CPU in f32
+    /// its quantized projections stay quantized and frozen under f32 adapters, QLoRA-style).
     pub path: PathBuf,
     /// `cpu`, `cuda` or `cuda:N`. Default `cpu`.
     #[serde(default)]

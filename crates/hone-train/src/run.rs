@@ -372,19 +372,13 @@ pub(crate) fn check_paths(config: &RunConfig) -> Result<()> {
         path: path.to_path_buf(),
         cwd: working_dir(),
     };
-    if hone_model::loader::is_gguf(&config.model.path) {
-        return Err(TrainError::config(
-            "config",
+    let model = &config.model.path;
+    if !hone_model::loader::is_gguf(model) && !model.is_dir() {
+        return Err(missing(
             "model.path",
-            format!(
-                "{} is a GGUF file: hone train fine-tunes a Hugging Face model directory \
-                 (config.json, *.safetensors, tokenizer.json); GGUF bases are not trainable yet",
-                config.model.path.display()
-            ),
+            "model directory or GGUF file",
+            model,
         ));
-    }
-    if !config.model.path.is_dir() {
-        return Err(missing("model.path", "model directory", &config.model.path));
     }
     match hone_data::reader::expand_inputs(&config.data.inputs) {
         Err(hone_data::error::DataError::NoMatch { pattern }) => {
@@ -395,10 +389,15 @@ pub(crate) fn check_paths(config: &RunConfig) -> Result<()> {
     }
 }
 
-/// Reads the model's `config.json` and refuses a `tokenize.max_seq_len` beyond its context.
+/// Reads the model's configuration (`config.json`, or a GGUF file's metadata) and refuses a
+/// `tokenize.max_seq_len` beyond its context.
 pub(crate) fn check_context(config: &RunConfig) -> Result<ModelConfig> {
-    let path = config.model.path.join("config.json");
-    let model_config = ModelConfig::from_file(&path)?;
+    let path = if hone_model::loader::is_gguf(&config.model.path) {
+        config.model.path.clone()
+    } else {
+        config.model.path.join("config.json")
+    };
+    let model_config = hone_model::loader::model_config(&path)?;
     if config.tokenize.max_seq_len > model_config.max_position_embeddings {
         return Err(TrainError::ContextTooLong {
             max_seq_len: config.tokenize.max_seq_len,
@@ -426,6 +425,15 @@ pub(crate) fn check_memory<B: KernelBackend>(
         replicas: if on_cpu { devices.len() } else { 1 },
     };
     let mut estimate = memory::estimate(model_config, shape);
+    if hone_model::loader::is_gguf(&config.model.path) {
+        // Projections a CPU model keeps in their block formats take their stored size.
+        let file = hone_model::gguf::GgufFile::open(&config.model.path)
+            .map_err(hone_model::ModelError::from)?;
+        let keep = !config.model.dequantize && B::keeps_quantized(dtype);
+        let replicas = shape.replicas.max(1) as u64;
+        estimate.weights =
+            hone_model::gguf::resident_weight_bytes(&file, keep, dtype.size()) * replicas;
+    }
     if on_cpu {
         estimate.available = memory::mem_available();
         memory::check(&estimate, &shape)?;

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
-pub use model::{model_config, GgufWeights};
+pub use model::{model_config, resident_weight_bytes, GgufWeights};
 pub use quant::GgmlType;
 pub use weight::QuantWeight;
 

@@ -413,3 +413,36 @@ impl WeightSource for GgufWeights<'_> {
         names
     }
 }
+
+/// Bytes the weights of GGUF `file` take once loaded: the projections of the decoder layers and
+/// an untied `output.weight` at their stored size when they are in a block format and
+/// `keep_quantized` (see [`crate::KernelBackend::keeps_quantized`]), every other tensor decoded
+/// to values of `dtype_bytes` bytes. Memory estimates use it in place of a parameter count.
+pub fn resident_weight_bytes(file: &GgufFile, keep_quantized: bool, dtype_bytes: usize) -> u64 {
+    const PROJECTIONS: [&str; 7] = [
+        "attn_q.weight",
+        "attn_k.weight",
+        "attn_v.weight",
+        "attn_output.weight",
+        "ffn_gate.weight",
+        "ffn_up.weight",
+        "ffn_down.weight",
+    ];
+    let projection = |name: &str| {
+        name == "output.weight"
+            || name.strip_prefix("blk.").is_some_and(|rest| {
+                rest.split_once('.')
+                    .is_some_and(|(_, t)| PROJECTIONS.contains(&t))
+            })
+    };
+    file.tensors()
+        .iter()
+        .map(|t| {
+            if keep_quantized && t.ggml_type.is_quantized() && projection(&t.name) {
+                t.byte_len() as u64
+            } else {
+                t.len() as u64 * dtype_bytes as u64
+            }
+        })
+        .sum()
+}
