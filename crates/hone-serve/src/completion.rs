@@ -64,6 +64,15 @@ async fn completion_inner(
     let common: CommonParams = from_object(&object)?;
     let req: CompletionRequest = from_object(&object)?;
     req.check_unsupported()?;
+    if object
+        .get("rag")
+        .is_some_and(|v| !v.is_null() && *v != false)
+    {
+        return Err(ApiError::bad_param(
+            "rag",
+            "retrieval applies to /v1/chat/completions (it rewrites the last user message)",
+        ));
+    }
     let limits = state.engine.limits();
     let resolved = common.resolve(common.max_tokens, limits.max_stop_strings)?;
     let (model, adapter) = resolve_model(state, common.model.as_deref()).await?;
@@ -90,6 +99,7 @@ async fn completion_inner(
         id: next_id(state, "cmpl"),
         created: hone_io::unix_now(),
         model,
+        sources: None,
     };
     run(
         state,
@@ -129,6 +139,15 @@ async fn chat_inner(
         .template
         .as_ref()
         .map_err(|why| ApiError::bad_request(why.clone()))?;
+    let sources = match crate::rag::requested_k(&object, state.rag.as_deref())? {
+        Some(k) => {
+            let rag = state.rag.as_ref().expect("requested_k checks the index");
+            let retrieved = crate::rag::augment(rag, &mut req.messages, k).await?;
+            state.metrics.retrieval.observe(retrieved.seconds);
+            Some(retrieved.sources)
+        }
+        None => None,
+    };
     let text = template
         .render(&req.messages, true, &ExtraContext::new())
         .map_err(|e| ApiError::bad_param("messages", e.to_string()))?;
@@ -159,6 +178,7 @@ async fn chat_inner(
         id: next_id(state, "chatcmpl"),
         created: hone_io::unix_now(),
         model,
+        sources,
     };
     run(
         state,
@@ -275,6 +295,7 @@ async fn run(
         events,
         ticket,
         received,
+        submitted: Instant::now(),
     })?;
     state.metrics.record_model(&meta.model);
     if resolved.stream {

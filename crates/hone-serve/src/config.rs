@@ -12,6 +12,7 @@ use hone_model::{DeviceSpec, ModelConfig};
 use hone_tokenize::TemplateSource;
 
 use crate::error::{Result, ServeError};
+use crate::rag::RagSettings;
 
 /// Where the served base model comes from.
 #[derive(Debug, Clone)]
@@ -104,6 +105,8 @@ pub struct ServeConfig {
     pub dtype: DType,
     /// Chat template (`None`: the model's own, if it has one).
     pub chat_template: Option<TemplateSource>,
+    /// A retrieval index for chat requests (`--rag DIR`; see [`crate::rag`]).
+    pub rag: Option<RagSettings>,
     pub limits: Limits,
     pub timeouts: Timeouts,
 }
@@ -123,6 +126,7 @@ impl ServeConfig {
             device: DeviceSpec::Cpu,
             dtype: DType::F32,
             chat_template: None,
+            rag: None,
             limits: Limits::default(),
             timeouts: Timeouts::default(),
         }

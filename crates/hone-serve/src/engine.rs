@@ -50,7 +50,10 @@ pub struct GenRequest {
     pub stop_strings: Vec<String>,
     pub events: mpsc::UnboundedSender<Event>,
     pub ticket: Ticket,
+    /// When the request arrived (time to first token and request latency count from here).
     pub received: Instant,
+    /// When it was handed to the worker (after any retrieval; generation time counts from here).
+    pub submitted: Instant,
 }
 
 /// Messages to the worker.

@@ -45,6 +45,8 @@ pub(crate) struct AppState {
     pub body_timeout: Duration,
     /// The chat template, or why there is none.
     pub template: Result<Arc<ChatTemplate>, String>,
+    /// The retrieval index of `--rag`.
+    pub rag: Option<Arc<crate::rag::Rag>>,
     pub metrics: Arc<Metrics>,
     /// Unix seconds when the server started.
     pub created: u64,

@@ -10,6 +10,8 @@
 //!   owns the model, each request's KV cache and the adapter bank, and decodes all running
 //!   requests together, each row with its own adapter.
 //! * [`ServeConfig`]: validated settings, [`Limits`] and [`Timeouts`].
+//! * Retrieval ([`rag`]): with [`RagSettings`], chat requests may retrieve passages from a
+//!   `hone rag` index; the answer carries their `sources`.
 //!
 //! The load tool of `hone bench serve`, its HTTP client and random adapters live in `hone-bench`.
 //!
@@ -25,6 +27,7 @@ pub mod error;
 mod http;
 pub mod metrics;
 pub mod openai;
+pub mod rag;
 mod server;
 mod worker;
 
@@ -32,4 +35,5 @@ pub use config::{Limits, ModelSource, ServeConfig, Timeouts};
 pub use engine::{Engine, Event, GenRequest, ModelInfo, Usage};
 pub use error::{ApiError, Result, ServeError};
 pub use metrics::Metrics;
+pub use rag::RagSettings;
 pub use server::{serve_blocking, shutdown_signal, Server};

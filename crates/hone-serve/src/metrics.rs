@@ -101,6 +101,10 @@ pub struct Metrics {
     pub time_to_first_token: Histogram,
     pub request_latency: Histogram,
     pub decode_step: Histogram,
+    /// Retrieval of chat requests that asked for it (`--rag`): the search alone.
+    pub retrieval: Histogram,
+    /// From the hand-over to the model worker to the last token (without retrieval).
+    pub generation: Histogram,
     /// Tokens produced by batched decode steps (not counting the first token of each request,
     /// which comes from its prefill).
     pub decode_tokens: AtomicU64,
@@ -125,6 +129,8 @@ impl Default for Metrics {
             time_to_first_token: Histogram::new(&LATENCY_BUCKETS),
             request_latency: Histogram::new(&LATENCY_BUCKETS),
             decode_step: Histogram::new(&LATENCY_BUCKETS),
+            retrieval: Histogram::new(&LATENCY_BUCKETS),
+            generation: Histogram::new(&LATENCY_BUCKETS),
             decode_tokens: AtomicU64::new(0),
             decode_seconds: SecondsCounter::default(),
             prefill_tokens: AtomicU64::new(0),
@@ -279,6 +285,16 @@ impl Metrics {
             &mut out,
             "hone_decode_step_seconds",
             "Duration of one batched decode step.",
+        );
+        self.retrieval.render(
+            &mut out,
+            "hone_retrieval_seconds",
+            "Retrieval (index search) of a chat request that asked for passages.",
+        );
+        self.generation.render(
+            &mut out,
+            "hone_generation_seconds",
+            "From a request's hand-over to the model worker to its last token (after any retrieval).",
         );
         gauge(
             &mut out,

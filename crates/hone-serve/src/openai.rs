@@ -358,6 +358,9 @@ pub struct Meta {
     pub id: String,
     pub created: u64,
     pub model: String,
+    /// The retrieved passages (`--rag`): a `sources` field beside `choices`, in the whole
+    /// response and in the first streamed chunk.
+    pub sources: Option<Value>,
 }
 
 fn finish_str(f: FinishReason) -> &'static str {
@@ -386,17 +389,24 @@ impl Meta {
                 "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}],
                 "usage": usage_json(usage),
             }),
-            Kind::Chat => json!({
-                "id": self.id, "object": "chat.completion", "created": self.created,
-                "model": self.model,
-                "choices": [{
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": null,
-                    "finish_reason": finish,
-                }],
-                "usage": usage_json(usage),
-            }),
+            Kind::Chat => {
+                let mut response = json!({
+                    "id": self.id, "object": "chat.completion", "created": self.created,
+                    "model": self.model,
+                    "choices": [{
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": null,
+                        "finish_reason": finish,
+                    }],
+                    "usage": usage_json(usage),
+                });
+                if let Some(sources) = &self.sources {
+                    response["choices"][0]["message"]["cited"] = crate::rag::cited(text, sources);
+                    response["sources"] = sources.clone();
+                }
+                response
+            }
         }
     }
 
@@ -423,7 +433,11 @@ impl Meta {
 
     /// The first chat chunk: the assistant role with empty content.
     pub fn role_chunk(&self) -> Value {
-        self.chat_chunk(json!({"role": "assistant", "content": ""}), None)
+        let mut chunk = self.chat_chunk(json!({"role": "assistant", "content": ""}), None);
+        if let Some(sources) = &self.sources {
+            chunk["sources"] = sources.clone();
+        }
+        chunk
     }
 
     fn chat_chunk(&self, delta: Value, finish: Option<&str>) -> Value {

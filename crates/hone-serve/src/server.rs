@@ -30,6 +30,7 @@ use crate::engine::Engine;
 use crate::error::{Result, ServeError};
 use crate::http::{router, AppState};
 use crate::metrics::Metrics;
+use crate::rag::Rag;
 
 /// A bound server, not yet serving.
 pub struct Server {
@@ -72,6 +73,16 @@ impl Server {
             .map(AdaptersDir::open)
             .transpose()?;
         let template = load_template(&config)?;
+        let rag = match config.rag.clone() {
+            Some(settings) => Some(Arc::new(
+                tokio::task::spawn_blocking(move || Rag::open(settings))
+                    .await
+                    .map_err(|e| {
+                        ServeError::WorkerGone(format!("opening the index panicked: {e}"))
+                    })??,
+            )),
+            None => None,
+        };
         let metrics = Arc::new(Metrics::default());
         let engine = {
             let (config, metrics) = (config.clone(), metrics.clone());
@@ -98,6 +109,7 @@ impl Server {
             allow_runtime_lora: config.allow_runtime_lora,
             body_timeout: config.timeouts.body_read,
             template,
+            rag,
             metrics: metrics.clone(),
             created,
             next_id: AtomicU64::new(0),

@@ -125,6 +125,9 @@ impl<B: Backend> Sequence<B> {
                 metrics
                     .request_latency
                     .observe(self.req.received.elapsed().as_secs_f64());
+                metrics
+                    .generation
+                    .observe(self.req.submitted.elapsed().as_secs_f64());
                 let _ = self.req.events.send(Event::Done(Usage {
                     finish_reason,
                     prompt_tokens: self.req.prompt.len(),

@@ -374,11 +374,7 @@ pub(crate) fn check_paths(config: &RunConfig) -> Result<()> {
     };
     let model = &config.model.path;
     if !hone_model::loader::is_gguf(model) && !model.is_dir() {
-        return Err(missing(
-            "model.path",
-            "model directory or GGUF file",
-            model,
-        ));
+        return Err(missing("model.path", "model directory or GGUF file", model));
     }
     match hone_data::reader::expand_inputs(&config.data.inputs) {
         Err(hone_data::error::DataError::NoMatch { pattern }) => {

@@ -64,8 +64,8 @@ pub struct BenchServeArgs {
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json); a merged
-    /// model directory works the same.
+    /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json; a merged
+    /// model directory works the same) or GGUF model file.
     #[arg(long)]
     pub model: PathBuf,
     /// Name of the base model in requests and /v1/models (default: the directory's name).
@@ -101,6 +101,17 @@ pub struct ServeArgs {
     /// Chat template: model (the model's own; the default), model:NAME, chatml, llama3, alpaca.
     #[arg(long)]
     pub chat_template: Option<TemplateSource>,
+    /// A retrieval index (`hone rag index --out DIR`): a chat request with `"rag": {"k": N}`
+    /// (or `true`) answers from the passages retrieved for its last user message, numbered
+    /// [1]..[N] in the prompt, and the response lists them in `sources`.
+    #[arg(long, value_name = "DIR")]
+    pub rag: Option<PathBuf>,
+    /// Passages per request when the request gives no `k` (1 to 50).
+    #[arg(long, default_value_t = 5, requires = "rag")]
+    pub rag_k: usize,
+    /// Retrieve for every chat request without a `rag` field (`"rag": false` opts out).
+    #[arg(long, requires = "rag")]
+    pub rag_default: bool,
     /// Requests decoded together.
     #[arg(long, default_value_t = 32)]
     pub max_batch: usize,

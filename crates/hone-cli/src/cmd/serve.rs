@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use hone_serve::{Limits, ModelSource, ServeConfig, Timeouts};
+use hone_serve::{Limits, ModelSource, RagSettings, ServeConfig, Timeouts};
 
 use crate::args::ServeArgs;
 
@@ -37,6 +37,11 @@ fn serve_config(args: ServeArgs) -> Result<ServeConfig> {
     config.device = args.device;
     config.dtype = args.dtype.burn();
     config.chat_template = args.chat_template;
+    config.rag = args.rag.map(|dir| RagSettings {
+        dir,
+        k: args.rag_k,
+        by_default: args.rag_default,
+    });
     config.limits = Limits {
         max_batch: args.max_batch,
         max_queue: args.max_queue,

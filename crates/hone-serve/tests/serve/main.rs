@@ -5,5 +5,6 @@
 mod adapters;
 mod errors;
 mod generation;
+mod rag;
 mod support;
 mod timeouts;
