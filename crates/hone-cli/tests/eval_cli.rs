@@ -653,3 +653,73 @@ fn sigterm_stops_after_the_current_batch_with_143_and_resume_finishes_the_record
         48
     );
 }
+
+/// `hone eval compare` on the shipped HotpotQA set (lexical index) with stories260k: closed
+/// book and retrieval arms, the report files, and the question file named in errors.
+#[test]
+fn eval_compare_writes_arms_side_by_side() {
+    let tmp = tempfile::tempdir().unwrap();
+    let index = tmp.path().join("index");
+    run_ok(
+        hone()
+            .args(["rag", "index", "--docs"])
+            .arg(root().join("datasets/rag/hotpotqa_dev_distractor_60/corpus.jsonl"))
+            // Short chunks: stories260k's context is 512 tokens of a 512-token vocabulary.
+            .args(["--max-tokens", "40", "--overlap", "4", "--out"])
+            .arg(&index),
+    );
+    let out = tmp.path().join("cmp");
+    let questions = root().join("datasets/rag/hotpotqa_dev_distractor_60/questions.jsonl");
+    let (stdout, stderr) = run_ok(
+        hone()
+            .args(["eval", "compare", "--model", "checkpoints/base/stories260k"])
+            .args([
+                "--template",
+                "chatml",
+                "-k",
+                "1",
+                "--limit",
+                "4",
+                "--max-tokens",
+                "8",
+            ])
+            .arg("--rag")
+            .arg(&index)
+            .arg("--questions")
+            .arg(&questions)
+            .arg("--out")
+            .arg(&out),
+    );
+    assert!(stdout.contains("| metric | base | base+rag |"), "{stdout}");
+    assert!(stdout.contains("recall@1"), "{stdout}");
+    assert!(
+        stderr.contains("base+rag: 4 questions answered"),
+        "{stderr}"
+    );
+    for f in [
+        "eval.json",
+        "eval.md",
+        "predictions.jsonl",
+        "accuracy_latency.png",
+    ] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
+    assert_eq!(report["questions"], 4);
+    assert_eq!(report["arms"].as_array().unwrap().len(), 2);
+
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"id\": \"x\"}\n").unwrap();
+    let failed = hone()
+        .args(["eval", "compare", "--model", "checkpoints/base/stories260k"])
+        .arg("--questions")
+        .arg(&bad)
+        .arg("--out")
+        .arg(tmp.path().join("no"))
+        .output()
+        .unwrap();
+    assert!(!failed.status.success());
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(stderr.contains("bad.jsonl"), "{stderr}");
+}

@@ -12,7 +12,9 @@
 //!   ([`report`]), and PNG plots of a training run's loss and learning-rate curves ([`plot`]);
 //! * metrics and standard errors aggregated from per-record outcomes ([`aggregate`]), kept in a
 //!   per-record log as they are computed so an interrupted evaluation resumes ([`records`]);
-//! * comparison with an earlier report and quality gates on it ([`compare`]).
+//! * comparison with an earlier report and quality gates on it ([`compare`]);
+//! * question answering with and without retrieval, base model and adapters side by side
+//!   (`hone eval compare`: [`qa`]).
 //!
 //! ```no_run
 //! use hone_eval::{evaluate, write_report, EvalConfig, TaskConfig};
@@ -38,6 +40,7 @@ pub mod metrics;
 pub mod plot;
 mod prepare;
 pub mod prompt;
+pub mod qa;
 pub mod records;
 pub mod report;
 pub mod runner;
@@ -51,6 +54,7 @@ pub use config::{
 pub use error::{EvalError, Result};
 pub use generate::{generate_greedy, GenOutput, GreedySettings};
 pub use plot::{plot_metrics, plot_run, read_metrics, MetricsLog, METRICS_FILE};
+pub use qa::{compare_qa, write_compare, CompareReport, CompareSettings, Prediction};
 pub use records::{Record, RecordLog, Resumed, RECORDS_FILE};
 pub use report::{write_report, EvalReport, JSON_FILE, MARKDOWN_FILE};
 pub use runner::{evaluate, evaluate_with, EvalOptions, Progress};

@@ -263,3 +263,76 @@ pub fn plot_metrics(log: &MetricsLog, source: &Path, out_dir: &Path) -> Result<V
     }
     Ok(written)
 }
+
+/// A scatter plot of labelled points `(label, x, y)` (one colour per point, its label beside
+/// it), drawn to `path` (staged, then renamed).
+pub fn scatter(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    points: &[(String, f64, f64)],
+) -> Result<()> {
+    let fail = |message: String| EvalError::Plot {
+        path: path.to_path_buf(),
+        message,
+    };
+    font().map_err(fail)?;
+    if points.is_empty() {
+        return Err(fail("no points to draw".into()));
+    }
+    let (mut x1, mut y1) = (0f64, 0f64);
+    for (_, x, y) in points {
+        x1 = x1.max(*x);
+        y1 = y1.max(*y);
+    }
+    let x1 = (x1 * 1.25).max(1e-3);
+    let y1 = (y1 * 1.15).max(0.05).min(1.0);
+    const COLORS: [RGBColor; 8] = [
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
+        RGBColor(148, 103, 189),
+        RGBColor(140, 86, 75),
+        RGBColor(227, 119, 194),
+        RGBColor(127, 127, 127),
+    ];
+    let tmp = hone_io::StagedFile::new(path).map_err(|e| fail(e.source.to_string()))?;
+    {
+        let root = BitMapBackend::new(tmp.path(), (WIDTH, HEIGHT)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 24))
+            .margin(16)
+            .x_label_area_size(44)
+            .y_label_area_size(80)
+            .build_cartesian_2d(0f64..x1, 0f64..y1)
+            .map_err(|e| fail(e.to_string()))?;
+        chart
+            .configure_mesh()
+            .x_desc(x_label)
+            .y_desc(y_label)
+            .label_style(("sans-serif", 14))
+            .x_label_formatter(&|v| tick_label(*v, x1))
+            .y_label_formatter(&|v| tick_label(*v, y1))
+            .draw()
+            .map_err(|e| fail(e.to_string()))?;
+        for (i, (label, x, y)) in points.iter().enumerate() {
+            let color = COLORS[i % COLORS.len()];
+            let point = EmptyElement::at((*x, *y))
+                + Circle::new((0, 0), 6, color.filled())
+                + Text::new(
+                    label.clone(),
+                    (10, -18),
+                    ("sans-serif", 16).into_font().color(&color),
+                );
+            chart
+                .draw_series(std::iter::once(point))
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        root.present().map_err(|e| fail(e.to_string()))?;
+    }
+    tmp.commit().map_err(|e| fail(e.source.to_string()))?;
+    Ok(())
+}

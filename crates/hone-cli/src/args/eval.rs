@@ -2,13 +2,15 @@
 
 use std::path::PathBuf;
 
-use clap::Args;
+use clap::{Args, Subcommand};
 use hone_eval::{AdapterSpec, MaxDrop};
 use hone_model::{DeviceSpec, FloatDtype};
 use hone_tokenize::TemplateSource;
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
+    #[command(subcommand)]
+    pub command: Option<EvalCommand>,
     /// TOML file with an `[eval]` section (flags override its values).
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -99,4 +101,53 @@ pub struct EvalArgs {
     /// Testing aid: stop as if interrupted once this many records are logged.
     #[arg(long, hide = true)]
     pub stop_after: Option<usize>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EvalCommand {
+    /// Question answering for the base model and each adapter, closed book and with retrieval,
+    /// on the same questions: exact match, F1, containment, abstention, citations,
+    /// groundedness, recall@k / MRR, latency, prompt tokens, training cost. Writes eval.json,
+    /// eval.md, predictions.jsonl and accuracy_latency.png.
+    Compare(CompareArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CompareArgs {
+    /// Base model: Hugging Face directory or GGUF file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A PEFT adapter as NAME=DIR (repeatable): two more arms, closed book and with retrieval.
+    /// Its training cost is read from DIR/../summary.json when DIR is a run's adapter.
+    #[arg(long = "adapter", value_name = "NAME=DIR")]
+    pub adapters: Vec<AdapterSpec>,
+    /// Retrieval index (`hone rag index --out DIR`); without it only closed-book arms run.
+    #[arg(long, value_name = "DIR")]
+    pub rag: Option<PathBuf>,
+    /// Questions, JSONL: {id, question, answers, answerable?, gold_passage_ids}.
+    #[arg(long)]
+    pub questions: PathBuf,
+    /// Passages shown per question.
+    #[arg(short, long, default_value_t = 5)]
+    pub k: usize,
+    /// The first N questions.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Questions generated together.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// New tokens at most per answer (greedy).
+    #[arg(long, default_value_t = 48)]
+    pub max_tokens: usize,
+    /// Chat template: model, model:NAME, chatml, llama3 or alpaca.
+    #[arg(long, default_value = "model")]
+    pub template: TemplateSource,
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// Compute dtype of the weights.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: FloatDtype,
+    /// Output directory.
+    #[arg(long, default_value = "runs/eval-compare")]
+    pub out: PathBuf,
 }

@@ -14,7 +14,7 @@ mod rag;
 mod serve;
 
 pub use adapter::{AdapterCombineArgs, AdapterCommand};
-pub use eval::EvalArgs;
+pub use eval::{CompareArgs, EvalArgs, EvalCommand};
 pub use merge::MergeArgs;
 pub use rag::{RagAddArgs, RagCommand, RagIndexArgs, RagQueryArgs, RagRemoveArgs, SearchModeArg};
 pub use serve::{BenchServeArgs, ServeArgs};
@@ -67,7 +67,9 @@ pub enum Command {
     Train(TrainArgs),
     /// Run the global orchestrator of multi-node training (distributed.orchestrator) until killed.
     TrainOrchestrator(TrainOrchestratorArgs),
-    /// Evaluate a base model and adapters side by side; writes eval.json and eval.md.
+    /// Evaluate a base model and adapters side by side; writes eval.json and eval.md
+    /// (`hone eval compare`: question answering with and without retrieval).
+    #[command(args_conflicts_with_subcommands = true)]
     Eval(Box<EvalArgs>),
     /// Serve the model over an OpenAI-compatible HTTP API, with LoRA adapters per request.
     Serve(ServeArgs),

@@ -23,7 +23,7 @@ use hone_eval::{
 use hone_model::{run_on, BackendTask};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::args::EvalArgs;
+use crate::args::{EvalArgs, EvalCommand};
 
 /// Output directory when neither `--out` nor the config names one.
 const DEFAULT_OUT: &str = "runs/eval";
@@ -245,7 +245,10 @@ fn gate_settings(args: &EvalArgs, plan: &EvalPlan) -> Result<Option<GateSettings
     Ok(Some(settings))
 }
 
-pub fn run(args: EvalArgs) -> Result<()> {
+pub fn run(mut args: EvalArgs) -> Result<()> {
+    if let Some(EvalCommand::Compare(compare)) = args.command.take() {
+        return super::eval_compare::run(compare);
+    }
     let started = Instant::now();
     let plan = build_plan(&args)?;
     let gates = gate_settings(&args, &plan)?;

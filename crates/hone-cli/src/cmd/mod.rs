@@ -4,6 +4,7 @@ pub mod adapter;
 pub mod bench;
 pub mod data;
 pub mod eval;
+pub mod eval_compare;
 pub mod generate;
 pub mod logits;
 pub mod merge;
