@@ -172,3 +172,23 @@ fn bench_generate_on_a_quantized_gguf_needs_far_less_memory_than_dequantizing() 
         "peak RSS quantized {q} MB is not well below dequantized {d} MB"
     );
 }
+
+/// `hone bench serve` serves a GGUF file in process (with a random adapter beside it).
+#[test]
+fn bench_serve_takes_a_gguf_model_file() {
+    let stdout = ok(hone()
+        .args(["bench", "serve", "--model"])
+        .arg(root().join("fixtures/gguf/llama_gqa_quant.gguf"))
+        .args(["--concurrency", "2", "--requests", "4", "--max-tokens", "4"])
+        .args(["--prompt-tokens", "8", "--adapters", "1"])
+        .output()
+        .unwrap());
+    let line: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (line["ok"].as_u64(), line["errors"].as_u64()),
+        (Some(4), Some(0)),
+        "{line}"
+    );
+    assert_eq!(line["completion_tokens"], 16, "{line}");
+    assert_eq!(line["requests_per_model"]["bench-adapter-0"], 2, "{line}");
+}

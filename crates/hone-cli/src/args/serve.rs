@@ -11,7 +11,7 @@ use super::Shape;
 
 #[derive(Args, Debug)]
 pub struct BenchServeArgs {
-    /// Model directory served in process (or --shape, or --url).
+    /// Model directory or GGUF file served in process (or --shape, or --url).
     #[arg(long, conflicts_with_all = ["shape", "url"])]
     pub model: Option<PathBuf>,
     /// A built-in shape with random weights, served in process.

@@ -11,7 +11,7 @@ use hone_bench::generate::{bench_generate, GenerateBench, ModelSource};
 use hone_bench::load::{bench_blocking, LoadConfig, Target};
 use hone_bench::random_adapter::{write_random_adapter, RandomAdapter};
 use hone_bench::train::{bench_train, TrainBench};
-use hone_model::{ModelConfig, Tokenizer};
+use hone_model::Tokenizer;
 use hone_serve::{ModelSource as ServeSource, ServeConfig};
 use serde_json::json;
 
@@ -115,7 +115,8 @@ fn bench_serve(args: BenchServeArgs) -> Result<()> {
         (None, model, shape) => {
             let (source, model_config, tokenizer_dir, label) = match (model, shape) {
                 (Some(dir), _) => {
-                    let mc = ModelConfig::from_file(&dir.join("config.json"))
+                    // A model directory's config.json, or a GGUF file's metadata.
+                    let mc = hone_model::loader::model_config(dir)
                         .with_context(|| format!("reading {}", dir.display()))?;
                     (
                         ServeSource::Dir(dir.clone()),
