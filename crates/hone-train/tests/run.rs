@@ -642,7 +642,10 @@ fn config_errors_found_at_start_name_the_key_and_create_nothing() {
             &["data.inputs=[\"no/such/data.jsonl\"]"],
             "data.inputs: data path no/such/data.jsonl (relative paths resolve against the working directory",
         ),
-        (&["model.path=no/such/model"], "model.path: model directory no/such/model"),
+        (
+            &["model.path=no/such/model"],
+            "model.path: model directory or GGUF file no/such/model",
+        ),
     ];
     for (sets, wanted) in cases {
         let message = run(
