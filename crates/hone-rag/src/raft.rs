@@ -116,6 +116,11 @@ pub struct RaftOptions {
     pub heldout_fraction: f64,
     /// The question alone, no passages (the closed-book arm).
     pub closed_book: bool,
+    /// Largest share of unanswerable questions among the training examples, in [0, 1]; `None`:
+    /// all of them (the data set's own share). Above it, unanswerable training questions are
+    /// left out by a seeded draw per question id (the share lands near the cap). A model
+    /// trained on mostly unanswerable questions learns to refuse everything.
+    pub unanswerable_share: Option<f64>,
     /// Seed of every random choice.
     pub seed: u64,
 }
@@ -128,6 +133,7 @@ impl Default for RaftOptions {
             without_gold: WithoutGold::Answer,
             heldout_fraction: 0.2,
             closed_book: false,
+            unanswerable_share: None,
             seed: 0,
         }
     }
@@ -150,6 +156,12 @@ impl RaftOptions {
         if !(0.0..1.0).contains(&self.heldout_fraction) {
             return bad("heldout_fraction", "must be in [0, 1)");
         }
+        if self
+            .unanswerable_share
+            .is_some_and(|s| !(0.0..=1.0).contains(&s))
+        {
+            return bad("unanswerable_share", "must be in [0, 1]");
+        }
         Ok(())
     }
 }
@@ -166,6 +178,8 @@ pub struct RaftReport {
     pub without_gold: usize,
     /// Training examples of unanswerable questions (target: the abstention).
     pub unanswerable: usize,
+    /// Unanswerable training questions left out by `unanswerable_share`.
+    pub unanswerable_dropped: usize,
     /// Distractors taken from the retriever's ranking / drawn at random when it had too few.
     pub hard_distractors: usize,
     pub random_distractors: usize,
@@ -248,9 +262,31 @@ pub fn build_raft(
     };
     let mut train = Vec::new();
     let mut heldout = Vec::new();
+    // The probability of keeping an unanswerable training question that brings their share
+    // down to the cap: kept / (kept + answerable) = share.
+    let keep_unanswerable = options.unanswerable_share.map_or(1.0, |share| {
+        let training = questions
+            .iter()
+            .filter(|q| !held_out(&q.id, options.seed, options.heldout_fraction));
+        let (unanswerable, answerable) =
+            training.fold((0usize, 0usize), |(u, a), q| match q.is_answerable() {
+                true => (u, a + 1),
+                false => (u + 1, a),
+            });
+        if unanswerable == 0 || share >= 1.0 {
+            1.0
+        } else {
+            (share / (1.0 - share) * answerable as f64 / unanswerable as f64).min(1.0)
+        }
+    });
     for q in questions {
         if held_out(&q.id, options.seed, options.heldout_fraction) {
             heldout.push(q.clone());
+            continue;
+        }
+        // Kept when a seeded hash of the id falls below the keep probability.
+        if !q.is_answerable() && !held_out(&q.id, options.seed ^ 0x756e_616e, keep_unanswerable) {
+            report.unanswerable_dropped += 1;
             continue;
         }
         report.train_questions += 1;

@@ -304,3 +304,55 @@ fn bad_question_files_name_the_line() {
     .to_string();
     assert!(e.contains("k"), "{e}");
 }
+
+#[test]
+fn the_unanswerable_share_of_training_examples_is_capped() {
+    let set = load("squad_v2_complexity");
+    let all = build_raft(
+        &set.questions,
+        &set.corpus,
+        &set.index,
+        &RaftOptions::default(),
+    )
+    .unwrap();
+    let capped = build_raft(
+        &set.questions,
+        &set.corpus,
+        &set.index,
+        &RaftOptions {
+            unanswerable_share: Some(0.25),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (a, c) = (&all.report, &capped.report);
+    // SQuAD 2.0's own share in training is over half.
+    assert!(a.unanswerable * 2 > a.train_questions, "{a:?}");
+    assert_eq!(a.unanswerable_dropped, 0);
+    // The held-out questions do not move; answerable examples are all kept.
+    let ids = |r: &hone_rag::Raft| r.heldout.iter().map(|q| q.id.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&all), ids(&capped));
+    assert_eq!(a.with_gold + a.without_gold, c.with_gold + c.without_gold);
+    assert_eq!(c.unanswerable + c.unanswerable_dropped, a.unanswerable);
+    assert_eq!(capped.train.len(), c.train_questions);
+    // The share lands near the cap (a seeded draw per question: binomial noise, 4 sigma).
+    let expected = 0.25 / 0.75 * (c.with_gold + c.without_gold) as f64;
+    let p = expected / a.unanswerable as f64;
+    let sigma = (a.unanswerable as f64 * p * (1.0 - p)).sqrt();
+    assert!(
+        (c.unanswerable as f64 - expected).abs() <= 4.0 * sigma,
+        "{} unanswerable kept, expected about {expected:.1}: {c:?}",
+        c.unanswerable
+    );
+    let bad = build_raft(
+        &set.questions,
+        &set.corpus,
+        &set.index,
+        &RaftOptions {
+            unanswerable_share: Some(1.5),
+            ..Default::default()
+        },
+    );
+    let message = bad.err().expect("a share above 1").to_string();
+    assert!(message.contains("unanswerable_share"), "{message}");
+}

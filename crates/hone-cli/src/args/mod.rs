@@ -351,6 +351,10 @@ pub struct DataRaftArgs {
     /// Target of an answerable question shown without its gold passages.
     #[arg(long, value_enum, default_value = "answer")]
     pub without_gold: WithoutGoldArg,
+    /// Largest share of unanswerable questions among the training examples (0 to 1; default:
+    /// the data's own). Above it, unanswerable training questions are left out (seeded).
+    #[arg(long)]
+    pub unanswerable_share: Option<f64>,
     /// Share of questions held out of training (by a hash of the id and the seed).
     #[arg(long, default_value_t = 0.2)]
     pub heldout_fraction: f64,

@@ -55,6 +55,7 @@ fn raft(args: DataRaftArgs) -> Result<()> {
         },
         heldout_fraction: args.heldout_fraction,
         closed_book: args.closed_book,
+        unanswerable_share: args.unanswerable_share,
         seed: args.seed,
     };
     // Before any work: an --out that holds an input is refused, and one holding other files
@@ -119,13 +120,18 @@ fn raft(args: DataRaftArgs) -> Result<()> {
     staged.commit()?;
     let r = &raft.report;
     println!(
-        "{} questions: {} training examples ({} with gold passages, {} without, {} unanswerable), \
+        "{} questions: {} training examples ({} with gold passages, {} without, {} unanswerable{}), \
          {} held out; distractors {} from the index, {} random; wrote {}",
         r.questions,
         raft.train.len(),
         r.with_gold,
         r.without_gold,
         r.unanswerable,
+        if r.unanswerable_dropped > 0 {
+            format!("; {} unanswerable left out by --unanswerable-share", r.unanswerable_dropped)
+        } else {
+            String::new()
+        },
         r.heldout_questions,
         r.hard_distractors,
         r.random_distractors,
