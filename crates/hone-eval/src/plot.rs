@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::register_font;
 use serde_json::Value;
@@ -123,12 +124,33 @@ fn tick_label(value: f64, range: f64) -> String {
 const WIDTH: u32 = 900;
 const HEIGHT: u32 = 540;
 
-fn draw(path: &Path, title: &str, y_label: &str, curves: &[Curve<'_>]) -> Result<()> {
+/// Draws a `WIDTH` x `HEIGHT` PNG into `path`: the font registered, a white canvas for `paint`,
+/// the file staged and renamed into place; errors name the file.
+fn png(
+    path: &Path,
+    paint: impl FnOnce(&DrawingArea<BitMapBackend<'_>, Shift>) -> std::result::Result<(), String>,
+) -> Result<()> {
     let fail = |message: String| EvalError::Plot {
         path: path.to_path_buf(),
         message,
     };
     font().map_err(fail)?;
+    let tmp = hone_io::StagedFile::new(path).map_err(|e| fail(e.source.to_string()))?;
+    {
+        let root = BitMapBackend::new(tmp.path(), (WIDTH, HEIGHT)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
+        paint(&root).map_err(fail)?;
+        root.present().map_err(|e| fail(e.to_string()))?;
+    }
+    tmp.commit().map_err(|e| fail(e.source.to_string()))?;
+    Ok(())
+}
+
+fn draw(path: &Path, title: &str, y_label: &str, curves: &[Curve<'_>]) -> Result<()> {
+    let fail = |message: String| EvalError::Plot {
+        path: path.to_path_buf(),
+        message,
+    };
     let points = curves.iter().flat_map(|c| c.points.iter());
     let (mut x0, mut x1, mut y0, mut y1) = (u64::MAX, 0u64, f64::INFINITY, f64::NEG_INFINITY);
     for &(x, y) in points {
@@ -146,17 +168,14 @@ fn draw(path: &Path, title: &str, y_label: &str, curves: &[Curve<'_>]) -> Result
     let pad = ((y1 - y0).abs() * 0.05).max(y1.abs() * 1e-3).max(1e-12);
     let (y0, y1) = (y0 - pad, y1 + pad);
 
-    let tmp = hone_io::StagedFile::new(path).map_err(|e| fail(e.source.to_string()))?;
-    {
-        let root = BitMapBackend::new(tmp.path(), (WIDTH, HEIGHT)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
-        let mut chart = ChartBuilder::on(&root)
+    png(path, |root| {
+        let mut chart = ChartBuilder::on(root)
             .caption(title, ("sans-serif", 24))
             .margin(16)
             .x_label_area_size(44)
             .y_label_area_size(96)
             .build_cartesian_2d(x0 as f64..x1 as f64, y0..y1)
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| e.to_string())?;
         chart
             .configure_mesh()
             .x_desc("step")
@@ -165,13 +184,13 @@ fn draw(path: &Path, title: &str, y_label: &str, curves: &[Curve<'_>]) -> Result
             .x_label_formatter(&|v| format!("{v:.0}"))
             .y_label_formatter(&|v| tick_label(*v, y1 - y0))
             .draw()
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| e.to_string())?;
         for curve in curves {
             let color = curve.color;
             let series = curve.points.iter().map(|&(x, y)| (x as f64, y));
             chart
                 .draw_series(LineSeries::new(series.clone(), color.stroke_width(2)))
-                .map_err(|e| fail(e.to_string()))?
+                .map_err(|e| e.to_string())?
                 .label(curve.label)
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
@@ -179,7 +198,7 @@ fn draw(path: &Path, title: &str, y_label: &str, curves: &[Curve<'_>]) -> Result
             if curve.markers {
                 chart
                     .draw_series(series.map(|p| Circle::new(p, 4, color.filled())))
-                    .map_err(|e| fail(e.to_string()))?;
+                    .map_err(|e| e.to_string())?;
             }
         }
         chart
@@ -188,11 +207,9 @@ fn draw(path: &Path, title: &str, y_label: &str, curves: &[Curve<'_>]) -> Result
             .border_style(BLACK)
             .label_font(("sans-serif", 16))
             .draw()
-            .map_err(|e| fail(e.to_string()))?;
-        root.present().map_err(|e| fail(e.to_string()))?;
-    }
-    tmp.commit().map_err(|e| fail(e.source.to_string()))?;
-    Ok(())
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    })
 }
 
 /// Draws the curves of `run_dir/metrics.jsonl` into `out_dir`: `loss.png` (training and, where
@@ -273,13 +290,11 @@ pub fn scatter(
     y_label: &str,
     points: &[(String, f64, f64)],
 ) -> Result<()> {
-    let fail = |message: String| EvalError::Plot {
-        path: path.to_path_buf(),
-        message,
-    };
-    font().map_err(fail)?;
     if points.is_empty() {
-        return Err(fail("no points to draw".into()));
+        return Err(EvalError::Plot {
+            path: path.to_path_buf(),
+            message: "no points to draw".into(),
+        });
     }
     let (mut x1, mut y1) = (0f64, 0f64);
     for (_, x, y) in points {
@@ -298,17 +313,14 @@ pub fn scatter(
         RGBColor(227, 119, 194),
         RGBColor(127, 127, 127),
     ];
-    let tmp = hone_io::StagedFile::new(path).map_err(|e| fail(e.source.to_string()))?;
-    {
-        let root = BitMapBackend::new(tmp.path(), (WIDTH, HEIGHT)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
-        let mut chart = ChartBuilder::on(&root)
+    png(path, |root| {
+        let mut chart = ChartBuilder::on(root)
             .caption(title, ("sans-serif", 24))
             .margin(16)
             .x_label_area_size(44)
             .y_label_area_size(80)
             .build_cartesian_2d(0f64..x1, 0f64..y1)
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| e.to_string())?;
         chart
             .configure_mesh()
             .x_desc(x_label)
@@ -317,7 +329,7 @@ pub fn scatter(
             .x_label_formatter(&|v| tick_label(*v, x1))
             .y_label_formatter(&|v| tick_label(*v, y1))
             .draw()
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| e.to_string())?;
         for (i, (label, x, y)) in points.iter().enumerate() {
             let color = COLORS[i % COLORS.len()];
             let point = EmptyElement::at((*x, *y))
@@ -329,10 +341,8 @@ pub fn scatter(
                 );
             chart
                 .draw_series(std::iter::once(point))
-                .map_err(|e| fail(e.to_string()))?;
+                .map_err(|e| e.to_string())?;
         }
-        root.present().map_err(|e| fail(e.to_string()))?;
-    }
-    tmp.commit().map_err(|e| fail(e.source.to_string()))?;
-    Ok(())
+        Ok(())
+    })
 }

@@ -40,6 +40,7 @@ use crate::config::AdapterSpec;
 use crate::error::{EvalError, Result};
 use crate::generate::{generate_greedy, GreedySettings};
 use crate::metrics::normalize_answer;
+use crate::runner::adapter_error;
 
 /// File names written into the output directory.
 pub const COMPARE_JSON: &str = "eval.json";
@@ -554,12 +555,7 @@ pub fn compare_qa<B: KernelBackend>(
     for adapter in &settings.adapters {
         model
             .load_adapter(&adapter.path)
-            .map_err(|cause| EvalError::Adapter {
-                name: adapter.name.clone(),
-                path: adapter.path.clone(),
-                cause: Box::new(cause),
-                hint: String::new(),
-            })?;
+            .map_err(|cause| adapter_error(adapter, cause))?;
     }
     let template =
         ChatTemplate::load(&settings.template, &settings.model).map_err(EvalError::ChatTemplate)?;
@@ -625,12 +621,7 @@ pub fn compare_qa<B: KernelBackend>(
             Some(a) => {
                 model
                     .load_adapter(&a.path)
-                    .map_err(|cause| EvalError::Adapter {
-                        name: a.name.clone(),
-                        path: a.path.clone(),
-                        cause: Box::new(cause),
-                        hint: String::new(),
-                    })?;
+                    .map_err(|cause| adapter_error(a, cause))?;
             }
         }
         for (with_rag, prompts) in &arms_prompts {

@@ -298,7 +298,7 @@ fn task_info(task: &PreparedTask) -> TaskInfo {
 
 /// An adapter that cannot be used, with a hint when `path` is a training run directory
 /// rather than the adapter directory inside it.
-fn adapter_error(adapter: &AdapterSpec, cause: hone_model::ModelError) -> EvalError {
+pub(crate) fn adapter_error(adapter: &AdapterSpec, cause: hone_model::ModelError) -> EvalError {
     let nested = adapter.path.join("adapter");
     let hint =
         if !adapter.path.join(ADAPTER_CONFIG).is_file() && nested.join(ADAPTER_CONFIG).is_file() {
