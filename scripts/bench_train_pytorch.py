@@ -27,6 +27,9 @@ SHAPES = {
     "smol": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
                  num_key_value_heads=3, intermediate_size=1536, vocab_size=49152,
                  tie_word_embeddings=True),
+    "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, intermediate_size=8192, vocab_size=128256,
+                     tie_word_embeddings=True),
 }
 
 
@@ -40,6 +43,10 @@ def main():
     p.add_argument("--targets", default="q_proj,v_proj")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", choices=["f32", "bf16"], default="f32",
+                   help="base weights' dtype (bf16: adapters stay f32 under autocast-free mixed precision)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
     a = p.parse_args()
 
     torch.set_num_threads(a.threads)
@@ -47,10 +54,21 @@ def main():
     config = LlamaConfig(**SHAPES[a.shape], rms_norm_eps=1e-5, max_position_embeddings=4096,
                          attn_implementation="sdpa")
     model = LlamaForCausalLM(config).float()
+    if a.dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    model = model.to(a.device)
+    if a.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
     targets = a.targets.split(",")
     lora = LoraConfig(r=a.lora_r, lora_alpha=a.lora_alpha or 2 * a.lora_r, lora_dropout=0.0,
                       target_modules="all-linear" if targets == ["all-linear"] else targets)
     model = get_peft_model(model, lora)
+    if a.dtype == "bf16":
+        # PEFT's usual mixed precision: bf16 frozen base, f32 trainable adapters.
+        for q in model.parameters():
+            if q.requires_grad:
+                q.data = q.data.float()
     model.train()
     params = [q for q in model.parameters() if q.requires_grad]
     trainable = sum(q.numel() for q in params)
@@ -58,7 +76,7 @@ def main():
     gen = torch.Generator().manual_seed(42)
 
     def step():
-        ids = torch.randint(0, config.vocab_size, (a.batch, a.seq), generator=gen)
+        ids = torch.randint(0, config.vocab_size, (a.batch, a.seq), generator=gen).to(a.device)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -66,19 +84,27 @@ def main():
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
+    def sync():
+        if a.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
     step()
+    sync()
     started = time.perf_counter()
     for _ in range(a.steps):
         step()
+    sync()
     seconds = time.perf_counter() - started
     print(json.dumps({
         "bench": "train", "impl": f"pytorch {torch.__version__}", "shape": a.shape,
-        "device": "cpu", "seq": a.seq, "batch": a.batch, "lora_r": a.lora_r,
+        "device": a.device, "dtype": a.dtype, "seq": a.seq, "batch": a.batch, "lora_r": a.lora_r,
         "targets": targets, "trainable_params": trainable, "steps": a.steps,
         "tokens_per_sec": a.batch * a.seq * a.steps / seconds,
         "sec_per_step": seconds / a.steps,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(),
+        "peak_gpu_mb": (torch.cuda.max_memory_allocated() / 2**20
+                        if a.device.startswith("cuda") else None),
     }))
 
 
