@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# GPU check: CUDA vs CPU parity on the reference fixtures (logits, quantized GGUF bases, a few
-# training steps), greedy generation, then the training benchmark (1B-class shape) and the
+# GPU check: CUDA vs CPU parity on the reference fixtures (logits, quantized GGUF bases), greedy
+# generation, a short training run, the CUDA reference tests (loss, gradients, AdamW step), then the training benchmark (1B-class shape) and the
 # generation benchmark on CUDA, with PyTorch + PEFT on the same GPU beside hone's training figures
 # when python3 has torch, transformers and peft.
 #
 #   cargo build --release -p hone-cli --features cuda && scripts/gpu-check.sh [target/release/hone]
+#   (HONE_CUDA_TESTS=<binary of `cargo test --release -p hone-train --features cuda --test
+#   cuda_reference --no-run`> adds the reference tests)
 #
 # Prints JSON lines (one `{"check": ...}` or `{"step": ...}` line per step, the commands' own JSON
 # lines in between). Every step runs even when an earlier one failed (each has a time limit,
 # HONE_GPU_STEP_TIMEOUT seconds, default 240), and the exit status is 1 when any failed. Fails when
 # f32 CUDA logits differ from the CPU ones (or from transformers' reference logits) by more than
-# 1e-3; bf16 differences are reported, not judged. HONE_GPU_SKIP_BENCH=1 stops after the checks.
+# TF32's 2e-3 (below); bf16 differences are reported, not judged. HONE_GPU_SKIP_BENCH=1 stops
+# after the checks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export HONE=${1:-target/release/hone}
@@ -22,6 +25,11 @@ trap 'rm -rf "$out"' EXIT
 
 [ -x "$HONE" ] || { echo "no hone binary at $HONE (build with --features cuda)" >&2; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/# gpu: /' || true
+
+# burn-cuda multiplies f32 matrices in TF32 on the tensor cores (cubek-matmul picks it whenever
+# the GPU has it, as PyTorch does with allow_tf32): f32 logits are judged at TF32's tolerance.
+# Measured on an H200: 3.8e-4 (fixtures), 1.3e-3 (the K-quant llama, larger logits).
+F32_TOL=${HONE_GPU_F32_TOLERANCE:-2e-3}
 
 status=0
 # step NAME CMD...: runs CMD under the step time limit, prints one JSON line with its outcome and
@@ -49,13 +57,13 @@ for fixture in fixtures/peft/llama_gqa fixtures/peft/qwen2_tied; do
     --out "$out/$name-cpu.safetensors"
   # f32 on CUDA against CPU, then against transformers' reference.
   step "$name-cuda-vs-cpu" "$HONE" logits --model "$fixture" --input-ids "$ids" --device "$DEVICE" \
-    --out "$out/$name-cuda.safetensors" --compare-with "$out/$name-cpu.safetensors" --tolerance 1e-3
+    --out "$out/$name-cuda.safetensors" --compare-with "$out/$name-cpu.safetensors" --tolerance "$F32_TOL"
   step "$name-cuda-vs-transformers" "$HONE" logits --model "$fixture" --input-ids "$ids" --device "$DEVICE" \
-    --out "$out/$name-cuda.safetensors" --compare-with "$fixture/refs/logits_base.safetensors" --tolerance 1e-3
+    --out "$out/$name-cuda.safetensors" --compare-with "$fixture/refs/logits_base.safetensors" --tolerance "$F32_TOL"
   # The adapter and PEFT's reference logits for it.
   step "$name-cuda-adapter-vs-peft" "$HONE" logits --model "$fixture" --adapter "$fixture/adapter" \
     --input-ids "$ids" --device "$DEVICE" --out "$out/$name-cuda-adapter.safetensors" \
-    --compare-with "$fixture/refs/logits_adapter.safetensors" --tolerance 1e-3
+    --compare-with "$fixture/refs/logits_adapter.safetensors" --tolerance "$F32_TOL"
   # bf16 weights on CUDA: reported only (tolerance large enough not to fail).
   step "$name-cuda-bf16" "$HONE" logits --model "$fixture" --input-ids "$ids" --device "$DEVICE" --dtype bf16 \
     --out "$out/$name-bf16.safetensors" --compare-with "$out/$name-cpu.safetensors" --tolerance 1e9
@@ -65,7 +73,7 @@ done
 for q in q4_k q8_0; do
   step "gguf-$q-cuda-vs-transformers" "$HONE" logits --model "fixtures/gguf/kquant/tiny_$q.gguf" \
     --input-ids "fixtures/gguf/kquant/refs_$q.safetensors" --device "$DEVICE" \
-    --out "$out/gguf-$q.safetensors" --compare-with "fixtures/gguf/kquant/refs_$q.safetensors" --tolerance 1e-3
+    --out "$out/gguf-$q.safetensors" --compare-with "fixtures/gguf/kquant/refs_$q.safetensors" --tolerance "$F32_TOL"
 done
 
 # Greedy generation on CUDA must tell stories260k's golden story too.
@@ -80,20 +88,21 @@ story_check() {
 }
 step cuda-greedy-story story_check
 
-# Training parity: the same 6 LoRA steps on the llama_gqa fixture on CPU and on CUDA; the two
-# adapters must give the same logits (f32, within 1e-3) on the fixture's reference inputs.
-for dev in cpu "$DEVICE"; do
-  tag=${dev//:/_}
-  step "train-6-steps-$tag" "$HONE" train --config configs/quickstart.toml --overwrite \
-    --set "model.path=\"fixtures/peft/llama_gqa\"" --set "model.device=\"$dev\"" \
-    --set tokenize.max_seq_len=256 --set train.max_steps=6 --set train.save_every=0 --set train.eval_every=0 \
-    --set "output.dir=\"$out/train-$tag\""
-done
-step trained-cpu-logits "$HONE" logits --model fixtures/peft/llama_gqa --adapter "$out/train-cpu/adapter" \
-  --input-ids fixtures/peft/llama_gqa/refs/inputs.safetensors --device cpu --out "$out/trained-cpu.safetensors"
-step trained-cuda-vs-cpu "$HONE" logits --model fixtures/peft/llama_gqa --adapter "$out/train-${DEVICE//:/_}/adapter" \
-  --input-ids fixtures/peft/llama_gqa/refs/inputs.safetensors --device cpu --out "$out/trained-cuda.safetensors" \
-  --compare-with "$out/trained-cpu.safetensors" --tolerance 1e-3
+# Training on CUDA through the CLI: 6 LoRA steps on the llama_gqa fixture must run and lower the
+# validation loss (6.2527 before; 6.10 after on the CPU). The adapters are not compared with a
+# CPU run's: LoRA A starts from each backend's own random generator, and Adam's first steps are
+# lr·sign(g), so TF32 rounding flips near-zero gradient elements. The numbers are checked by the
+# reference tests below (loss, every LoRA gradient and one AdamW step against PEFT/torch).
+step train-6-steps-cuda "$HONE" train --config configs/quickstart.toml --overwrite \
+  --set "model.path=\"fixtures/peft/llama_gqa\"" --set "model.device=\"$DEVICE\"" \
+  --set tokenize.max_seq_len=256 --set train.max_steps=6 --set train.save_every=0 \
+  --set train.eval_every=0 --set "output.dir=\"$out/train-cuda\"" --fail-if 'eval/loss > 6.2'
+
+# The CUDA reference tests (`cargo test --release -p hone-train --features cuda --test
+# cuda_reference --no-run` prints the binary's path; pass it as HONE_CUDA_TESTS).
+if [ -n "${HONE_CUDA_TESTS:-}" ]; then
+  step cuda-reference-tests "$HONE_CUDA_TESTS" --test-threads 1 --nocapture
+fi
 
 [ "${HONE_GPU_SKIP_BENCH:-0}" = 1 ] && exit $status
 

@@ -7,9 +7,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-#[cfg(not(feature = "cuda"))]
-use crate::error::ModelError;
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::kernels::KernelBackend;
 
 /// A device named on the command line or in a config: `cpu`, `cuda` or `cuda:N`.
@@ -86,8 +84,111 @@ pub fn run_on<T: BackendTask>(spec: DeviceSpec, task: T) -> Result<T::Output> {
 
 #[cfg(feature = "cuda")]
 fn run_cuda<T: BackendTask>(index: usize, task: T) -> Result<T::Output> {
+    cuda_probe::check(index).map_err(ModelError::Input)?;
     let device = burn::backend::cuda::CudaDevice::new(index);
     Ok(task.run::<burn::backend::Cuda>(device))
+}
+
+/// burn-cuda loads the CUDA driver and NVRTC itself and panics (in its device thread, then in
+/// the caller) when either is missing or the driver refuses to start; this probe asks the same
+/// libraries first, so that the user gets an error saying what is missing and where to look.
+#[cfg(feature = "cuda")]
+mod cuda_probe {
+    use libloading::{Library, Symbol};
+
+    /// Names cudarc tries, most specific first.
+    const DRIVER: &[&str] = &["libcuda.so.1", "libcuda.so"];
+    const NVRTC: &[&str] = &[
+        "libnvrtc.so",
+        "libnvrtc.so.13",
+        "libnvrtc.so.12",
+        "libnvrtc.so.11",
+    ];
+
+    fn open(names: &[&str]) -> Option<Library> {
+        // SAFETY: loading a system library runs its initialisers; these are NVIDIA's driver and
+        // NVRTC, which burn-cuda loads the same way right after.
+        names.iter().find_map(|n| unsafe { Library::new(*n) }.ok())
+    }
+
+    /// `cuGetErrorName` of `code`, or the number.
+    fn error_name(lib: &Library, code: i32) -> String {
+        type GetName = unsafe extern "C" fn(i32, *mut *const std::os::raw::c_char) -> i32;
+        // SAFETY: the symbol has this signature in every CUDA driver API version; the returned
+        // string is static in the driver.
+        unsafe {
+            let Ok(f) = lib.get::<GetName>(b"cuGetErrorName\0") else {
+                return format!("error {code}");
+            };
+            let mut name = std::ptr::null();
+            if f(code, &mut name) == 0 && !name.is_null() {
+                std::ffi::CStr::from_ptr(name)
+                    .to_string_lossy()
+                    .into_owned()
+            } else {
+                format!("error {code}")
+            }
+        }
+    }
+
+    /// Checks that the driver loads and starts, that device `index` exists, and that NVRTC
+    /// loads.
+    pub fn check(index: usize) -> Result<(), String> {
+        let driver = open(DRIVER).ok_or_else(|| {
+            "the NVIDIA driver library (libcuda.so.1) cannot be loaded: is an NVIDIA GPU and its \
+             driver installed? (containers need it mounted; add its folder to LD_LIBRARY_PATH)"
+                .to_string()
+        })?;
+        type Init = unsafe extern "C" fn(u32) -> i32;
+        type Count = unsafe extern "C" fn(*mut i32) -> i32;
+        // SAFETY: cuInit(flags) and cuDeviceGetCount(int*) have these signatures in every CUDA
+        // driver API version.
+        let (init, count): (Symbol<Init>, Symbol<Count>) = unsafe {
+            (
+                driver
+                    .get(b"cuInit\0")
+                    .map_err(|e| format!("libcuda: {e}"))?,
+                driver
+                    .get(b"cuDeviceGetCount\0")
+                    .map_err(|e| format!("libcuda: {e}"))?,
+            )
+        };
+        let code = unsafe { init(0) };
+        if code != 0 {
+            let name = error_name(&driver, code);
+            let hint = if name == "CUDA_ERROR_SYSTEM_DRIVER_MISMATCH" {
+                ": a libcuda.so from the CUDA toolkit (its `compat` or `stubs` folder) is found \
+                 before the driver's own; put the driver's folder first in LD_LIBRARY_PATH"
+            } else {
+                ""
+            };
+            return Err(format!(
+                "the CUDA driver did not start (cuInit: {name}){hint}"
+            ));
+        }
+        let mut devices = 0i32;
+        let code = unsafe { count(&mut devices) };
+        if code != 0 {
+            return Err(format!(
+                "cannot count CUDA devices (cuDeviceGetCount: {})",
+                error_name(&driver, code)
+            ));
+        }
+        if index >= devices.max(0) as usize {
+            return Err(format!(
+                "device cuda:{index} requested, but the driver sees {devices} CUDA device(s)"
+            ));
+        }
+        if open(NVRTC).is_none() {
+            return Err(
+                "NVRTC (libnvrtc.so, CUDA's run-time compiler, which burn-cuda compiles its \
+                 kernels with) cannot be loaded: install the CUDA toolkit or the nvidia-cuda-nvrtc \
+                 package and add the folder holding libnvrtc.so to LD_LIBRARY_PATH"
+                    .to_string(),
+            );
+        }
+        Ok(())
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
