@@ -206,6 +206,24 @@ pub fn read_config(base: &Path) -> Result<Value> {
     Ok(value)
 }
 
+/// Writes the non-weight files of a Hugging Face directory for GGUF base `file` into `out`
+/// (`config.json` declaring `dtype`, the tokenizer files and the generation config, from its
+/// metadata, [`hone_model::gguf::hf::hf_files`]); returns the names besides `config.json`.
+pub fn write_gguf_files(
+    file: &hone_model::gguf::GgufFile,
+    dtype: FloatDtype,
+    out: &Path,
+) -> Result<Vec<String>> {
+    let mut written = Vec::new();
+    for (name, document) in hone_model::gguf::hf::hf_files(file, dtype.config_name())? {
+        write_json(&out.join(name), &document)?;
+        if name != "config.json" {
+            written.push(name.to_string());
+        }
+    }
+    Ok(written)
+}
+
 /// Writes `config` to `out/config.json` with its dtype keys set to `dtype` (`torch_dtype` and/or
 /// `dtype`, whichever it has; `torch_dtype` when it has neither), then copies every other
 /// regular file of `base` that is not weights (tokenizer files, `generation_config.json`,

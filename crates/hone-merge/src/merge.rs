@@ -4,6 +4,10 @@
 //! PEFT's `merge_and_unload` adds). Every other tensor of the base is copied through, converted
 //! to the output dtype; a model with tied embeddings gets no `lm_head.weight`.
 //!
+//! The base is a Hugging Face directory or a GGUF file (its quantized tensors decoded to f32,
+//! llama's q/k rows in Hugging Face's order; `config.json`, the tokenizer files and the
+//! generation config written from its metadata, [`hone_model::gguf::hf`]).
+//!
 //! Work is tensor by tensor on the host in f32, one output shard at a time, so memory stays
 //! about one shard plus the adapters. Everything is checked (adapters against each other and
 //! against the base's tensor shapes) before the first byte is written, and the directory is
@@ -12,7 +16,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use hone_model::{FloatDtype, ModelConfig, WeightStore};
+use hone_model::gguf::{GgufFile, GgufWeights};
+use hone_model::model::WeightSource;
+use hone_model::{FloatDtype, ModelConfig, ModelError, WeightStore};
 
 use crate::combine::{AdapterSet, Combination, Method};
 use crate::error::{MergeError, Result};
@@ -24,12 +30,13 @@ pub const DEFAULT_MAX_SHARD_SIZE: u64 = 5_000_000_000;
 /// What to merge and where to write it.
 #[derive(Debug, Clone)]
 pub struct MergeOptions {
-    /// Hugging Face model directory of the base model.
+    /// Hugging Face model directory or GGUF file of the base model.
     pub base: PathBuf,
     /// PEFT LoRA adapter directories, in the order of `combination.weights`.
     pub adapters: Vec<PathBuf>,
     pub combination: Combination,
-    /// Output dtype; `None`: the dtype `config.json` declares, else f32.
+    /// Output dtype; `None`: the dtype `config.json` declares, else f32 (always f32 for a GGUF
+    /// base: its block formats decode exactly to f32).
     pub dtype: Option<FloatDtype>,
     /// Largest shard in bytes of tensor data.
     pub max_shard_size: u64,
@@ -60,7 +67,8 @@ pub struct MergeReport {
     pub shards: Vec<ShardInfo>,
     /// Bytes of tensor data over all shards (the index's `total_size`).
     pub total_size: u64,
-    /// Non-weight files copied from the base (besides the rewritten `config.json`).
+    /// Non-weight files copied from the base (besides the rewritten `config.json`), or, for a
+    /// GGUF base, written from its metadata (`tokenizer.json`, ...).
     pub copied_files: Vec<String>,
     /// Base tensors not written (`lm_head.weight` of a tied model).
     pub dropped: Vec<String>,
@@ -91,6 +99,50 @@ pub(crate) fn check_output_not_input(out: &Path, inputs: &[(&Path, &'static str)
     Ok(())
 }
 
+/// What describes the base model besides its tensors: a directory's `config.json`, or the GGUF
+/// file (metadata and tensors).
+enum BaseMeta {
+    Dir(serde_json::Value),
+    Gguf(GgufFile),
+}
+
+/// The base model's tensors: a Hugging Face directory's safetensors or a GGUF file's tensors
+/// under Hugging Face's names.
+enum BaseWeights<'a> {
+    Dir(WeightStore),
+    Gguf(GgufWeights<'a>),
+}
+
+impl BaseWeights<'_> {
+    fn names(&self) -> Vec<String> {
+        match self {
+            BaseWeights::Dir(store) => store.names(),
+            BaseWeights::Gguf(weights) => weights.names(),
+        }
+    }
+
+    fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        Ok(match self {
+            BaseWeights::Dir(store) => store.shape(name)?,
+            BaseWeights::Gguf(weights) => weights.shape(name)?,
+        })
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        match self {
+            BaseWeights::Dir(store) => store.contains(name),
+            BaseWeights::Gguf(weights) => weights.contains(name),
+        }
+    }
+
+    fn load_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        Ok(match self {
+            BaseWeights::Dir(store) => store.load_f32(name, shape)?,
+            BaseWeights::Gguf(weights) => weights.load_f32(name, shape)?,
+        })
+    }
+}
+
 /// Merges the adapters of `options` into the base model and writes the Hugging Face directory.
 pub fn merge(options: &MergeOptions) -> Result<MergeReport> {
     let base = &hone_model::loader::resolve_model_dir(&options.base)?;
@@ -102,13 +154,38 @@ pub fn merge(options: &MergeOptions) -> Result<MergeReport> {
             path: options.out.clone(),
         });
     }
-    let config_json = export::read_config(base)?;
-    let config = ModelConfig::from_file(&base.join("config.json"))?;
-    let dtype = options
-        .dtype
-        .or_else(|| export::declared_dtype(&config_json))
-        .unwrap_or(FloatDtype::F32);
-    let store = WeightStore::open_dir(base)?;
+    let meta = if hone_model::loader::is_gguf(base) {
+        BaseMeta::Gguf(GgufFile::open(base).map_err(ModelError::from)?)
+    } else {
+        BaseMeta::Dir(export::read_config(base)?)
+    };
+    let (config, store) = match &meta {
+        BaseMeta::Gguf(file) => {
+            let config = hone_model::gguf::model_config(file)?;
+            let weights = GgufWeights::new(file, &config)?;
+            if let Some(tensor) = weights.unmapped().into_iter().next() {
+                return Err(ModelError::Unsupported {
+                    path: base.clone(),
+                    what: "GGUF tensor in a merge (one without a Hugging Face name)",
+                    found: tensor,
+                    supported: "the token embedding, output norm and head, and the attention, \
+                                norm and MLP tensors of each block"
+                        .into(),
+                }
+                .into());
+            }
+            (config, BaseWeights::Gguf(weights))
+        }
+        BaseMeta::Dir(_) => (
+            ModelConfig::from_file(&base.join("config.json"))?,
+            BaseWeights::Dir(WeightStore::open_dir(base)?),
+        ),
+    };
+    let declared = match &meta {
+        BaseMeta::Dir(config_json) => export::declared_dtype(config_json),
+        BaseMeta::Gguf(_) => None,
+    };
+    let dtype = options.dtype.or(declared).unwrap_or(FloatDtype::F32);
     let set = AdapterSet::open(&options.adapters, &options.combination)?;
 
     // Plan: every base tensor in module order, minus lm_head.weight of a tied model.
@@ -143,8 +220,12 @@ pub fn merge(options: &MergeOptions) -> Result<MergeReport> {
     let shards = export::plan_shards(&sizes, options.max_shard_size);
 
     let staged = hone_io::StagedDir::new(&options.out)?;
-    let copied_files =
-        export::write_config_and_copy_files(base, &config_json, dtype, staged.path())?;
+    let copied_files = match &meta {
+        BaseMeta::Gguf(file) => export::write_gguf_files(file, dtype, staged.path())?,
+        BaseMeta::Dir(config_json) => {
+            export::write_config_and_copy_files(base, config_json, dtype, staged.path())?
+        }
+    };
     let mut weight_map = BTreeMap::new();
     let mut infos = Vec::new();
     let mut merged_modules = 0;
@@ -194,7 +275,7 @@ pub fn merge(options: &MergeOptions) -> Result<MergeReport> {
 /// `[out_features, in_features]`.
 fn check_modules_in_base(
     set: &AdapterSet,
-    store: &WeightStore,
+    store: &BaseWeights<'_>,
     base: &Path,
     names: &[String],
     shapes: &[Vec<usize>],
@@ -234,7 +315,7 @@ fn check_modules_in_base(
             });
         }
         let (out_f, in_f) = (found[0], found[1]);
-        let why = format!("the base's `{tensor}` is {found:?}");
+        let why = format!("the base's `{tensor}` in {} is {found:?}", base.display());
         if shape.in_features != in_f {
             return Err(MergeError::ShapeMismatch {
                 adapter,

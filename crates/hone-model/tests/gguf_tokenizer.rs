@@ -147,3 +147,45 @@ fn sentencepiece_tokenizer_from_llama_cpps_converter_gives_transformers_ids() {
         bad.join("\n")
     );
 }
+
+/// `hone merge` writes a GGUF base's tokenizer as Hugging Face files (`gguf::hf::hf_files`):
+/// loaded back from that directory, both vocabularies give transformers' ids, and BOS/EOS are
+/// the same.
+#[test]
+fn tokenizer_files_written_from_gguf_metadata_give_transformers_ids() {
+    for (gguf, refs_name) in [
+        ("smollm2-tokenizer.gguf", "smollm2-tokenizer.refs.json"),
+        (
+            "stories260k-tokenizer.gguf",
+            "stories260k-tokenizer.refs.json",
+        ),
+    ] {
+        let file = GgufFile::open(&fixture(gguf)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let files = hone_model::gguf::hf::hf_tokenizer_files(&file).unwrap();
+        let names: Vec<&str> = files.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            names,
+            [
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "generation_config.json"
+            ]
+        );
+        for (name, document) in files {
+            std::fs::write(dir.path().join(name), document.to_string()).unwrap();
+        }
+        let tok = Tokenizer::from_dir(dir.path()).unwrap();
+        let refs = refs(refs_name);
+        special_ids_match(&tok, &refs);
+        let bad = replay(&tok, &refs);
+        assert!(
+            bad.is_empty(),
+            "{gguf}: {} mismatches:\n{}",
+            bad.len(),
+            bad.join("\n")
+        );
+        let from_gguf = tokenizer(&file).unwrap();
+        assert_eq!(tok.eos_ids, from_gguf.eos_ids, "{gguf}");
+    }
+}

@@ -18,7 +18,29 @@ fn fixture(name: &str) -> PathBuf {
 #[test]
 fn gguf_chat_template_renders_as_transformers() {
     let path = fixture("smollm2-tokenizer.gguf");
+    renders_as_transformers(&path);
+    // A TemplateSource resolves against the file as against a directory.
     let template = ChatTemplate::from_model_dir(&path, None).unwrap();
+    let loaded = ChatTemplate::load(&TemplateSource::Model, &path).unwrap();
+    assert_eq!(loaded.source(), template.source());
+}
+
+/// The Hugging Face files `hone merge` writes for a GGUF base (`tokenizer_config.json` with the
+/// template and special tokens, ...) render as transformers renders the GGUF file.
+#[test]
+fn hugging_face_files_written_from_gguf_metadata_render_as_transformers() {
+    let file = hone_model::gguf::GgufFile::open(&fixture("smollm2-tokenizer.gguf")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (name, document) in hone_model::gguf::hf::hf_files(&file, "float32").unwrap() {
+        std::fs::write(dir.path().join(name), document.to_string()).unwrap();
+    }
+    renders_as_transformers(dir.path());
+}
+
+/// Renders every conversation of `smollm2-tokenizer.refs.json` with the template of `path` (a
+/// GGUF file or a model directory) and checks text and special tokens against transformers.
+fn renders_as_transformers(path: &Path) {
+    let template = ChatTemplate::from_model_dir(path, None).unwrap();
     let refs: Value = serde_json::from_str(
         &std::fs::read_to_string(fixture("smollm2-tokenizer.refs.json")).unwrap(),
     )
@@ -44,12 +66,10 @@ fn gguf_chat_template_renders_as_transformers() {
         assert_eq!(
             got,
             case["text"].as_str().unwrap(),
-            "generation prompt {gen}"
+            "{}: generation prompt {gen}",
+            path.display()
         );
     }
-    // A TemplateSource resolves against the file as against a directory.
-    let loaded = ChatTemplate::load(&TemplateSource::Model, &path).unwrap();
-    assert_eq!(loaded.source(), template.source());
 }
 
 #[test]

@@ -11,6 +11,7 @@
 //! Dimensions are kept as GGUF writes them, innermost first: a PyTorch `[out, in]` weight is
 //! `[in, out]` here; [`TensorInfo::shape`] gives the row-major (PyTorch) order.
 
+pub mod hf;
 pub mod matmul;
 pub mod model;
 pub mod quant;

@@ -95,6 +95,24 @@ pub fn architecture(
 /// The model's configuration from the file's metadata, resolved and validated by the same code
 /// as a `config.json` (errors name the GGUF key).
 pub fn model_config(file: &GgufFile) -> Result<ModelConfig> {
+    let (config, arch) = config_map(file)?;
+    ModelConfig::from_json_str(&Json::Object(config).to_string(), file.path())
+        .map_err(|e| to_gguf_key(e, arch))
+}
+
+/// The file's metadata as a Hugging Face `config.json` (validated as [`model_config`] does; the
+/// activation and dtype written out: llama and qwen2 use SiLU, the dtype is `dtype`'s
+/// `torch_dtype` name).
+pub fn hf_config(file: &GgufFile, torch_dtype: &str) -> Result<Json> {
+    model_config(file)?;
+    let (mut config, _) = config_map(file)?;
+    config.insert("hidden_act".into(), json!("silu"));
+    config.insert("torch_dtype".into(), json!(torch_dtype));
+    Ok(Json::Object(config))
+}
+
+/// The `config.json` keys the file's metadata gives, and its architecture.
+fn config_map(file: &GgufFile) -> Result<(Map<String, Json>, &'static str)> {
     let &(arch, hf_arch, model_type) = architecture(file)?;
     let mut config = Map::new();
     config.insert("architectures".into(), json!([hf_arch]));
@@ -105,7 +123,10 @@ pub fn model_config(file: &GgufFile) -> Result<ModelConfig> {
             continue;
         };
         let number = match value {
-            Value::F32(_) | Value::F64(_) => value.as_f64().map(|v| json!(v)),
+            // An f32 as its shortest decimal (1e-5, not 9.999999747378752e-6): the value a
+            // config.json written from it holds, and the same f32.
+            Value::F32(v) => format!("{v}").parse::<f64>().ok().map(|v| json!(v)),
+            Value::F64(_) => value.as_f64().map(|v| json!(v)),
             Value::Array(_) => {
                 return Err(metadata_error(
                     file,
@@ -221,8 +242,7 @@ pub fn model_config(file: &GgufFile) -> Result<ModelConfig> {
             config.insert(hf_key.into(), json!(id));
         }
     }
-    ModelConfig::from_json_str(&Json::Object(config).to_string(), file.path())
-        .map_err(|e| to_gguf_key(e, arch))
+    Ok((config, arch))
 }
 
 /// Renames a `config.json` key in a configuration error to the GGUF key it came from.
@@ -347,6 +367,36 @@ impl GgufWeights<'_> {
             });
         }
         Ok((gguf_name, *rows, info))
+    }
+}
+
+impl GgufWeights<'_> {
+    /// The row-major (PyTorch) shape of tensor `name` (a Hugging Face name).
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        let (gguf_name, _) = self.map.get(name).ok_or_else(|| self.missing(name))?;
+        self.file
+            .tensor_info(gguf_name)
+            .map(|info| info.shape())
+            .ok_or_else(|| self.missing(gguf_name))
+    }
+
+    /// Whether `name` (a Hugging Face name) is a tensor of the file.
+    pub fn contains(&self, name: &str) -> bool {
+        self.map
+            .get(name)
+            .is_some_and(|(g, _)| self.file.tensor_info(g).is_some())
+    }
+
+    /// The file's tensors that have no Hugging Face name (neither a global tensor nor one of a
+    /// decoder layer's), by their GGUF names.
+    pub fn unmapped(&self) -> Vec<String> {
+        let mapped: HashSet<&str> = self.map.values().map(|(g, _)| g.as_str()).collect();
+        self.file
+            .tensors()
+            .iter()
+            .map(|t| t.name.clone())
+            .filter(|n| !mapped.contains(n.as_str()))
+            .collect()
     }
 }
 

@@ -417,8 +417,67 @@ fn sentencepiece_parts(file: &GgufFile, tokens: &[&str], types: &[i64]) -> Resul
     })
 }
 
+/// A special token: its text and id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecialToken {
+    pub text: String,
+    pub id: u32,
+}
+
+/// The tokenizer of a GGUF file as a `tokenizer.json` document, with the special tokens its
+/// metadata names (what a Hugging Face directory keeps in `tokenizer_config.json` and
+/// `generation_config.json`).
+#[derive(Debug, Clone)]
+pub struct TokenizerSpec {
+    /// The `tokenizer.json` document.
+    pub document: Json,
+    pub bos: Option<SpecialToken>,
+    pub eos: Option<SpecialToken>,
+    /// `tokenizer.ggml.eot_token_id` (end of turn), when it is set.
+    pub eot: Option<SpecialToken>,
+    pub unk: Option<SpecialToken>,
+    pub pad: Option<SpecialToken>,
+    /// Whether the post-processor adds BOS / EOS (`tokenizer.ggml.add_{bos,eos}_token`).
+    pub add_bos: bool,
+    pub add_eos: bool,
+}
+
+impl TokenizerSpec {
+    /// Every id that ends generation: EOS, then the end-of-turn token when it differs.
+    pub fn eos_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self.eos.iter().map(|t| t.id).collect();
+        if let Some(eot) = &self.eot {
+            if !ids.contains(&eot.id) {
+                ids.push(eot.id);
+            }
+        }
+        ids
+    }
+}
+
 /// The tokenizer of `file`, with its BOS/EOS ids and `add_bos_token`.
 pub fn tokenizer(file: &GgufFile) -> Result<Tokenizer> {
+    let spec = tokenizer_spec(file)?;
+    let path = file.path();
+    let inner: tokenizers::Tokenizer =
+        spec.document
+            .to_string()
+            .parse()
+            .map_err(|e| ModelError::Tokenizer {
+                path: path.to_path_buf(),
+                message: format!("cannot build the tokenizer from tokenizer.ggml.*: {e}"),
+            })?;
+    Ok(Tokenizer::from_parts(
+        inner,
+        spec.bos.as_ref().map(|t| t.id),
+        spec.eos_ids(),
+        spec.add_bos,
+        path.to_path_buf(),
+    ))
+}
+
+/// The `tokenizer.json` document and special tokens of `file` (see [`TokenizerSpec`]).
+pub fn tokenizer_spec(file: &GgufFile) -> Result<TokenizerSpec> {
     let path = file.path();
     let model = file.get_str("tokenizer.ggml.model")?;
     let tokens = strings(file, "tokenizer.ggml.tokens")?;
@@ -456,12 +515,7 @@ pub fn tokenizer(file: &GgufFile) -> Result<Tokenizer> {
             added.push(added_token(id as usize, tokens[id as usize], true));
         }
     }
-    let mut eos_ids: Vec<u32> = eos_id.into_iter().collect();
-    if let Some(id) = token_id(file, "tokenizer.ggml.eot_token_id", n)? {
-        if !eos_ids.contains(&id) {
-            eos_ids.push(id);
-        }
-    }
+    let eot_id = token_id(file, "tokenizer.ggml.eot_token_id", n)?;
     let add_bos = flag(file, "tokenizer.ggml.add_bos_token")?.unwrap_or(parts.add_bos_default);
     let add_eos = flag(file, "tokenizer.ggml.add_eos_token")?.unwrap_or(false);
     let with_text = |id: Option<u32>| id.map(|id| (tokens[id as usize], id));
@@ -495,21 +549,22 @@ pub fn tokenizer(file: &GgufFile) -> Result<Tokenizer> {
         "decoder": parts.decoder,
         "model": model_json,
     });
-    let inner: tokenizers::Tokenizer =
-        document
-            .to_string()
-            .parse()
-            .map_err(|e| ModelError::Tokenizer {
-                path: path.to_path_buf(),
-                message: format!("cannot build the tokenizer from tokenizer.ggml.*: {e}"),
-            })?;
-    Ok(Tokenizer::from_parts(
-        inner,
-        bos_id,
-        eos_ids,
+    let special = |id: Option<u32>| {
+        id.map(|id| SpecialToken {
+            text: tokens[id as usize].to_string(),
+            id,
+        })
+    };
+    Ok(TokenizerSpec {
+        document,
+        bos: special(bos_id),
+        eos: special(eos_id),
+        eot: special(eot_id),
+        unk: special(unk_id),
+        pad: special(pad_id),
         add_bos,
-        path.to_path_buf(),
-    ))
+        add_eos,
+    })
 }
 
 #[cfg(test)]
