@@ -76,6 +76,34 @@ fn entries(dir: &Path) -> Vec<String> {
 }
 
 #[test]
+fn merge_from_a_gguf_base_gives_pefts_merged_logits() {
+    // fixtures/gguf/qwen2_tied.gguf: the qwen2_tied checkpoint converted to F32 GGUF.
+    let dir = fixture("qwen2_tied");
+    let gguf = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/gguf/qwen2_tied.gguf");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    let stdout = ok(&run(hone()
+        .args(["merge", "--model"])
+        .arg(&gguf)
+        .arg("--adapter")
+        .arg(dir.join("adapter"))
+        .arg("--out")
+        .arg(&out)));
+    assert!(stdout.contains("into 14 modules"), "{stdout}");
+    assert_eq!(
+        entries(&out),
+        [
+            "config.json",
+            "generation_config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json"
+        ]
+    );
+    compare_logits(&dir, &out, None, "merged", "1e-4");
+}
+
+#[test]
 fn merge_writes_shards_whose_logits_match_peft() {
     let dir = fixture("llama_gqa");
     let tmp = tempfile::tempdir().unwrap();

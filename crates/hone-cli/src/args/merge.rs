@@ -124,12 +124,14 @@ fn parse_size(text: &str) -> Result<u64, String> {
 
 #[derive(Args, Debug)]
 pub struct MergeArgs {
-    /// Base model: a Hugging Face model directory.
-    #[arg(long, value_name = "DIR")]
+    /// Base model: a Hugging Face model directory, or a GGUF file (its tensors decoded to f32; the
+    /// config, tokenizer and generation config written from its metadata).
+    #[arg(long, value_name = "DIR|FILE.gguf")]
     pub model: PathBuf,
     #[command(flatten)]
     pub selection: AdapterSelection,
-    /// dtype of the written weights (default: the base's config.json dtype, else f32).
+    /// dtype of the written weights (default: the base's config.json dtype, else f32; f32 for a
+    /// GGUF base).
     #[arg(long, value_enum)]
     pub dtype: Option<FloatDtype>,
     /// Largest safetensors shard (bytes of tensor data; KB/MB/GB are powers of 1000, KiB/MiB/GiB
