@@ -35,8 +35,8 @@ pub struct MergeOptions {
     /// PEFT LoRA adapter directories, in the order of `combination.weights`.
     pub adapters: Vec<PathBuf>,
     pub combination: Combination,
-    /// Output dtype; `None`: the dtype `config.json` declares, else f32 (always f32 for a GGUF
-    /// base: its block formats decode exactly to f32).
+    /// Output dtype; `None`: the dtype `config.json` declares, else f32 (a GGUF base: f32, which
+    /// its block formats decode to exactly).
     pub dtype: Option<FloatDtype>,
     /// Largest shard in bytes of tensor data.
     pub max_shard_size: u64,
