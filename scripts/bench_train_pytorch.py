@@ -33,6 +33,24 @@ SHAPES = {
 }
 
 
+def machine():
+    """(CPU model, ISA) as `hone bench train` reports them (`avx512`, `avx2` or `sse`)."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return "unknown", "unknown"
+    lines = text.splitlines()
+    model = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), "unknown")
+    flags = set(next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), []))
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+        isa = "avx512"
+    elif {"avx2", "fma"} <= flags:
+        isa = "avx2"
+    else:
+        isa = "sse"
+    return model, isa
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shape", choices=SHAPES, default="small")
@@ -105,6 +123,7 @@ def main():
         "threads": torch.get_num_threads(),
         "peak_gpu_mb": (torch.cuda.max_memory_allocated() / 2**20
                         if a.device.startswith("cuda") else None),
+        "cpu": machine()[0], "isa": machine()[1],
     }))
 
 

@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 use crate::error::{BenchError, Result};
-use crate::memory::{available_threads, peak_rss_mb};
+use crate::memory::{available_threads, cpu_model, isa, peak_rss_mb};
 use crate::shape::Shape;
 
 /// The model a benchmark runs.
@@ -183,6 +183,8 @@ impl BackendTask for GenerateTask {
             "decode_seconds": best.decode_seconds,
             "peak_rss_mb": peak_rss_mb(),
             "threads": available_threads(),
+            "cpu": cpu_model(),
+            "isa": isa(),
         }))
     }
 }

@@ -1,4 +1,4 @@
-//! The process's peak resident memory, as benchmarks report it.
+//! The process's peak resident memory and the machine (threads, CPU model, ISA), as benchmarks report them.
 
 /// Peak resident memory of this process in MB (VmHWM), where the OS reports it.
 pub fn peak_rss_mb() -> Option<f64> {
@@ -14,9 +14,83 @@ pub fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
+/// The CPU's model name (`model name` of `/proc/cpuinfo`; `unknown` elsewhere), which the
+/// benchmark lines report as `cpu`: figures from different machines must say which they are.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, name)| name.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+/// The widest x86 vector extension the CPU offers (`avx512`: AVX-512 F/BW/DQ/VL, what gemm's
+/// `x86-v4` kernels and hone's AVX-512 kernels need; `avx2`: AVX2 + FMA; else `sse`), or the
+/// architecture elsewhere; the benchmark lines report it as `isa`.
+pub fn isa() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512dq")
+            && is_x86_feature_detected!("avx512vl")
+        {
+            "avx512"
+        } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            "avx2"
+        } else {
+            "sse"
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        std::env::consts::ARCH
+    }
+}
+
 /// Threads the machine offers (what the benchmark lines report as `threads`).
 pub fn available_threads() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The ISA agrees with the flags the kernel lists in /proc/cpuinfo (another source than
+    /// CPUID as `is_x86_feature_detected!` reads it), and the model name is found.
+    #[test]
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    fn isa_and_cpu_model_match_proc_cpuinfo() {
+        let text = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+        let flags: Vec<&str> = text
+            .lines()
+            .find(|l| l.starts_with("flags"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, f)| f.split_whitespace().collect())
+            .unwrap();
+        let has = |f: &str| flags.contains(&f);
+        let expected = if ["avx512f", "avx512bw", "avx512dq", "avx512vl"]
+            .iter()
+            .all(|f| has(f))
+        {
+            "avx512"
+        } else if has("avx2") && has("fma") {
+            "avx2"
+        } else {
+            "sse"
+        };
+        assert_eq!(isa(), expected, "flags: {flags:?}");
+        let model = cpu_model();
+        assert!(
+            text.contains(&model) && model != "unknown",
+            "model name {model:?}"
+        );
+    }
 }

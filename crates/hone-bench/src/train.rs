@@ -17,7 +17,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 use crate::error::{BenchError, Result};
-use crate::memory::{available_threads, peak_rss_mb};
+use crate::memory::{available_threads, cpu_model, isa, peak_rss_mb};
 use crate::shape::Shape;
 
 /// Settings of [`bench_train`].
@@ -145,6 +145,8 @@ impl BackendTask for TrainTask {
             "dtype": a.dtype.to_string(),
             "kernels": a.kernels.to_string(),
             "threads": available_threads(),
+            "cpu": cpu_model(),
+            "isa": isa(),
         }))
     }
 }
