@@ -90,9 +90,10 @@ step cuda-greedy-story story_check
 
 # Training on CUDA through the CLI: 6 LoRA steps on the llama_gqa fixture must run and lower the
 # validation loss (6.2527 before; 6.10 after on the CPU). The adapters are not compared with a
-# CPU run's: LoRA A starts from each backend's own random generator, and Adam's first steps are
-# lr·sign(g), so TF32 rounding flips near-zero gradient elements. The numbers are checked by the
-# reference tests below (loss, every LoRA gradient and one AdamW step against PEFT/torch).
+# CPU run's (both start from the same LoRA A, drawn on the CPU): Adam's first steps are
+# lr·sign(g), so TF32 rounding flips near-zero gradient elements and the runs drift apart. The
+# numbers are checked by the reference tests below (loss, every LoRA gradient and one AdamW step
+# against PEFT/torch).
 step train-6-steps-cuda "$HONE" train --config configs/quickstart.toml --overwrite \
   --set "model.path=\"fixtures/peft/llama_gqa\"" --set "model.device=\"$DEVICE\"" \
   --set tokenize.max_seq_len=256 --set train.max_steps=6 --set train.save_every=0 \

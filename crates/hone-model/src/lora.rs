@@ -292,7 +292,9 @@ impl<B: Backend> CausalLm<B> {
 
     /// Attaches freshly initialised adapters (PEFT's init: A kaiming-uniform with a = √5,
     /// i.e. U(-1/√in, 1/√in); B zero) to the projections `settings` selects. Returns their names.
-    /// Random numbers come from the backend's generator (seed it with `B::seed` first).
+    /// Random numbers come from the CPU backend's generator whatever the model's backend (seed it
+    /// with `Cpu::seed` first; for a CPU model that is `B::seed`), so that one seed gives the same
+    /// adapters on the CPU and on a GPU.
     pub fn attach_lora(&mut self, settings: &LoraSettings) -> Result<Vec<String>> {
         settings.validate()?;
         let targets = self.lora_targets(settings)?;
@@ -304,7 +306,12 @@ impl<B: Backend> CausalLm<B> {
             let (r, scale) = settings.rank_and_scale(&name)?;
             let [out, inp] = linear.shape();
             let bound = 1.0 / (inp as f64).sqrt();
-            let a = Tensor::<B, 2>::random([r, inp], Distribution::Uniform(-bound, bound), &device);
+            let a = Tensor::<crate::Cpu, 2>::random(
+                [r, inp],
+                Distribution::Uniform(-bound, bound),
+                &Default::default(),
+            );
+            let a = Tensor::<B, 2>::from_data(a.into_data(), &device);
             let b = Tensor::<B, 2>::zeros([out, r], &device);
             linear.set_slot(
                 OWN_SLOT,

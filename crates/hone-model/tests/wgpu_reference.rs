@@ -320,3 +320,33 @@ fn f16_weights_give_the_cpu_f16_logits_on_wgpu() {
         assert!(to_peft < 5e-3, "{name}: f16 wgpu vs f32 PEFT: {to_peft}");
     }
 }
+
+/// One seed gives the same fresh adapters on any backend: LoRA A is drawn from the CPU
+/// backend's generator and copied to the device (before, each backend drew from its own, and a
+/// GPU run started from another adapter than the CPU run with the same seed).
+#[test]
+fn fresh_adapters_from_one_seed_are_the_same_on_wgpu_as_on_the_cpu() {
+    use burn::tensor::backend::Backend;
+    use hone_model::lora::LoraSettings;
+
+    fn fresh_lora_a<B: hone_model::KernelBackend>(device: &B::Device) -> Vec<(String, Vec<f32>)> {
+        let dir = fixture("llama_gqa");
+        let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+        let store = WeightStore::open_dir(&dir).unwrap();
+        let (mut model, _) =
+            CausalLm::<B>::from_store(&config, &store, device, LoadOptions::default()).unwrap();
+        Cpu::seed(&Default::default(), 1234);
+        let settings = LoraSettings::new(8, 16.0, &["q_proj", "v_proj", "down_proj"]);
+        model.attach_lora(&settings).unwrap();
+        model
+            .projections()
+            .into_iter()
+            .filter_map(|(name, l)| l.lora().map(|l| (name, host(l.lora_a.val()))))
+            .collect()
+    }
+    let cpu = fresh_lora_a::<Cpu>(&Default::default());
+    let gpu = fresh_lora_a::<Wgpu>(&device());
+    assert_eq!(cpu.len(), 2 * 3, "3 projections x 2 layers");
+    assert!(cpu.iter().all(|(_, a)| a.iter().any(|v| *v != 0.0)));
+    assert_eq!(cpu, gpu);
+}

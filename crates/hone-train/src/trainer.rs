@@ -158,6 +158,11 @@ pub(crate) fn load_trainable<B: AutodiffKernelBackend>(
     model.set_kernels(config.model.kernels);
     let settings = config.lora.settings();
     B::seed(device, config.train.seed);
+    // The adapters are drawn on the CPU whatever the device: one seed, one initial adapter.
+    <hone_model::Cpu as burn::tensor::backend::Backend>::seed(
+        &Default::default(),
+        config.train.seed,
+    );
     model.attach_lora(&settings)?;
     if config.train.gradient_checkpointing {
         model.enable_gradient_checkpointing()?;
