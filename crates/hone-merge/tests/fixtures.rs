@@ -37,14 +37,6 @@ fn logits(model: &Path, adapter: Option<&Path>, inputs_of: &Path) -> Vec<f32> {
         .unwrap()
 }
 
-fn max_diff(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - *y as f64).abs())
-        .fold(0.0, f64::max)
-}
-
 #[test]
 fn merged_fixtures_match_peft_and_hone_with_the_adapter() {
     for name in FIXTURES {

@@ -39,14 +39,6 @@ fn logits(model: &Path, inputs: &WeightStore) -> Vec<f32> {
         .unwrap()
 }
 
-fn max_diff(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - *y as f64).abs())
-        .fold(0.0, f64::max)
-}
-
 #[test]
 fn merging_into_an_f32_gguf_base_gives_peft_merged_model() {
     for name in FIXTURES {

@@ -94,3 +94,12 @@ pub fn fixture_tensors(
 pub fn fixture_config() -> Value {
     read_json(&fixture("llama_gqa").join("adapter/adapter_config.json"))
 }
+
+/// The largest absolute difference of two equally long f32 slices, in f64.
+pub fn max_diff(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).abs())
+        .fold(0.0, f64::max)
+}
