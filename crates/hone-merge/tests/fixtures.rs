@@ -50,34 +50,12 @@ fn merged_fixtures_match_peft_and_hone_with_the_adapter() {
             "{name}: 7 projections x 2 layers"
         );
         assert_eq!(report.dtype, hone_model::FloatDtype::F32);
-        assert_eq!(
-            entries(&out),
-            [
-                "config.json",
-                "generation_config.json",
-                "model.safetensors",
-                "tokenizer.json",
-                "tokenizer_config.json"
-            ]
-        );
+        assert_eq!(entries(&out), MERGED_FILES);
         assert_eq!(read_json(&out.join("config.json"))["dtype"], "float32");
 
         // Tensor by tensor against PEFT's merge_and_unload + save_pretrained (same names: a tied
         // model has no lm_head.weight).
-        let ours = WeightStore::open_dir(&out).unwrap();
-        let peft = WeightStore::open_dir(&dir.join("merged")).unwrap();
-        assert_eq!(ours.names(), peft.names(), "{name}");
-        for tensor in peft.names() {
-            let shape = peft.shape(&tensor).unwrap();
-            let d = max_diff(
-                &ours.load_f32(&tensor, &shape).unwrap(),
-                &peft.load_f32(&tensor, &shape).unwrap(),
-            );
-            assert!(
-                d < 1e-6,
-                "{name}: `{tensor}` differs from PEFT's merge by {d}"
-            );
-        }
+        assert_tensors_match(&out, &dir.join("merged"), 1e-6, name);
 
         let merged = logits(&out, None, &dir);
         let d_ref = max_diff(&merged, &reference(&dir, "merged"));

@@ -52,16 +52,7 @@ fn merging_into_an_f32_gguf_base_gives_peft_merged_model() {
             "{name}: 7 projections x 2 layers"
         );
         assert_eq!(report.dtype, hone_model::FloatDtype::F32);
-        assert_eq!(
-            entries(&out),
-            [
-                "config.json",
-                "generation_config.json",
-                "model.safetensors",
-                "tokenizer.json",
-                "tokenizer_config.json"
-            ]
-        );
+        assert_eq!(entries(&out), MERGED_FILES);
 
         // The configuration transformers wrote for the checkpoint the GGUF was converted from.
         let ours = ModelConfig::from_file(&out.join("config.json")).unwrap();
@@ -73,20 +64,7 @@ fn merging_into_an_f32_gguf_base_gives_peft_merged_model() {
         );
 
         // Tensor by tensor against PEFT's merge (llama's q/k rows back in Hugging Face order).
-        let merged = WeightStore::open_dir(&out).unwrap();
-        let peft = WeightStore::open_dir(&dir.join("merged")).unwrap();
-        assert_eq!(merged.names(), peft.names(), "{name}");
-        for tensor in peft.names() {
-            let shape = peft.shape(&tensor).unwrap();
-            let d = max_diff(
-                &merged.load_f32(&tensor, &shape).unwrap(),
-                &peft.load_f32(&tensor, &shape).unwrap(),
-            );
-            assert!(
-                d < 1e-6,
-                "{name}: `{tensor}` differs from PEFT's merge by {d}"
-            );
-        }
+        assert_tensors_match(&out, &dir.join("merged"), 1e-6, name);
 
         let inputs = WeightStore::open_files(&[dir.join("refs/inputs.safetensors")]).unwrap();
         let reference = WeightStore::open_files(&[dir.join("refs/logits_merged.safetensors")])

@@ -103,3 +103,31 @@ pub fn max_diff(a: &[f32], b: &[f32]) -> f64 {
         .map(|(x, y)| (*x as f64 - *y as f64).abs())
         .fold(0.0, f64::max)
 }
+
+/// What a one-shard merge writes.
+pub const MERGED_FILES: [&str; 5] = [
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+];
+
+/// Every tensor of the model directory `peft` (PEFT's `merge_and_unload` + `save_pretrained`)
+/// is in `ours` under the same name, within `tolerance`; `ours` holds no other.
+pub fn assert_tensors_match(ours: &Path, peft: &Path, tolerance: f64, what: &str) {
+    let ours = WeightStore::open_dir(ours).unwrap();
+    let peft = WeightStore::open_dir(peft).unwrap();
+    assert_eq!(ours.names(), peft.names(), "{what}");
+    for tensor in peft.names() {
+        let shape = peft.shape(&tensor).unwrap();
+        let d = max_diff(
+            &ours.load_f32(&tensor, &shape).unwrap(),
+            &peft.load_f32(&tensor, &shape).unwrap(),
+        );
+        assert!(
+            d < tolerance,
+            "{what}: `{tensor}` differs from PEFT's merge by {d}"
+        );
+    }
+}
