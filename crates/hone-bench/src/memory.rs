@@ -28,29 +28,9 @@ pub fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown".to_string())
 }
 
-/// The widest x86 vector extension the CPU offers (`avx512`: AVX-512 F/BW/DQ/VL, what gemm's
-/// `x86-v4` kernels and hone's AVX-512 kernels need; `avx2`: AVX2 + FMA; else `sse`), or the
-/// architecture elsewhere; the benchmark lines report it as `isa`.
-pub fn isa() -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512dq")
-            && is_x86_feature_detected!("avx512vl")
-        {
-            "avx512"
-        } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            "avx2"
-        } else {
-            "sse"
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        std::env::consts::ARCH
-    }
-}
+/// The vector extension the kernels take here (`avx512`, `avx2`, `sse`): see
+/// [`hone_model::kernels::cpu::isa`]; the benchmark lines report it as `isa`.
+pub use hone_model::kernels::cpu::isa;
 
 /// Threads the machine offers (what the benchmark lines report as `threads`).
 pub fn available_threads() -> usize {
@@ -64,7 +44,8 @@ mod tests {
     use super::*;
 
     /// The ISA agrees with the flags the kernel lists in /proc/cpuinfo (another source than
-    /// CPUID as `is_x86_feature_detected!` reads it), and the model name is found.
+    /// CPUID as `is_x86_feature_detected!` reads it) and with the build's `avx512` feature, and
+    /// the model name is found.
     #[test]
     #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
     fn isa_and_cpu_model_match_proc_cpuinfo() {
@@ -76,10 +57,7 @@ mod tests {
             .map(|(_, f)| f.split_whitespace().collect())
             .unwrap();
         let has = |f: &str| flags.contains(&f);
-        let expected = if ["avx512f", "avx512bw", "avx512dq", "avx512vl"]
-            .iter()
-            .all(|f| has(f))
-        {
+        let expected = if hone_model::kernels::cpu::AVX512_BUILD && has("avx512f") {
             "avx512"
         } else if has("avx2") && has("fma") {
             "avx2"

@@ -421,7 +421,7 @@ impl<B: KernelBackend> CausalLm<B> {
 
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
-            Some(head) => head.forward(hidden, &Selection::Slot(OWN_SLOT)),
+            Some(head) => head.forward(hidden, &Selection::Slot(OWN_SLOT), self.kernels),
             None => {
                 let [b, s, h] = hidden.dims();
                 hidden

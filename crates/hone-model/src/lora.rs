@@ -13,6 +13,7 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
+use crate::kernels::{composed, KernelBackend, Kernels};
 use crate::model::{BaseWeight, CausalLm, Linear, OWN_SLOT};
 
 /// The low-rank adapter of one linear layer.
@@ -28,9 +29,10 @@ pub struct Lora<B: Backend> {
     pub dropout: f64,
 }
 
-impl<B: Backend> Lora<B> {
-    /// The adapter's contribution for `x` `[rows, in]`: `s · (drop(x) Aᵀ) Bᵀ`, `[rows, out]`.
-    pub fn delta(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+impl<B: KernelBackend> Lora<B> {
+    /// The adapter's contribution for `x` `[rows, in]`: `s · (drop(x) Aᵀ) Bᵀ`, `[rows, out]`,
+    /// through the backend's fused LoRA product when `kernels` says so.
+    pub fn delta(&self, x: Tensor<B, 2>, kernels: Kernels) -> Tensor<B, 2> {
         let x = if self.dropout > 0.0 && B::ad_enabled(&x.device()) {
             let keep = 1.0 - self.dropout;
             let mask = x.random_like(Distribution::Bernoulli(keep));
@@ -42,17 +44,20 @@ impl<B: Backend> Lora<B> {
         // computes in its own dtype and its output joins the base output's.
         let (dtype, own) = (x.dtype(), self.lora_a.val().dtype());
         let x = if dtype != own { x.cast(own) } else { x };
-        let y = x
-            .matmul(self.lora_a.val().transpose())
-            .matmul(self.lora_b.val().transpose())
-            * self.scale;
+        let y = if kernels.fused::<B>(own) {
+            B::lora_delta(x, self.lora_a.val(), self.lora_b.val(), self.scale)
+        } else {
+            composed::lora_delta(x, self.lora_a.val(), self.lora_b.val(), self.scale)
+        };
         if dtype != own {
             y.cast(dtype)
         } else {
             y
         }
     }
+}
 
+impl<B: Backend> Lora<B> {
     pub fn rank(&self) -> usize {
         self.lora_a.dims()[0]
     }

@@ -150,6 +150,7 @@ impl<B: KernelBackend> Linear<B> {
         &self,
         x: Tensor<B, D>,
         select: &Selection<B>,
+        kernels: Kernels,
     ) -> Tensor<B, D> {
         let dims = x.dims();
         let in_features = dims[D - 1];
@@ -160,13 +161,13 @@ impl<B: KernelBackend> Linear<B> {
         match select {
             Selection::Slot(slot) => {
                 if let Some(lora) = self.slot(*slot) {
-                    y = y + lora.delta(x2d);
+                    y = y + lora.delta(x2d, kernels);
                 }
             }
             Selection::Rows(groups) => {
                 for (slot, idx) in groups {
                     if let Some(lora) = self.slot(*slot) {
-                        let delta = lora.delta(x2d.clone().select(0, idx.clone()));
+                        let delta = lora.delta(x2d.clone().select(0, idx.clone()), kernels);
                         y = y.select_assign(0, idx.clone(), delta, IndexingUpdateOp::Add);
                     }
                 }
@@ -250,13 +251,16 @@ impl<B: KernelBackend> Attention<B> {
         }
         let q = self
             .q_proj
-            .forward(x.clone(), select)
+            .forward(x.clone(), select, ctx.kernels)
             .reshape([batch, seq, h, d]);
         let k = self
             .k_proj
-            .forward(x.clone(), select)
+            .forward(x.clone(), select, ctx.kernels)
             .reshape([batch, seq, kvh, d]);
-        let v = self.v_proj.forward(x, select).reshape([batch, seq, kvh, d]);
+        let v = self
+            .v_proj
+            .forward(x, select, ctx.kernels)
+            .reshape([batch, seq, kvh, d]);
         let q = composed::apply_rope(q, ctx.rope).swap_dims(1, 2);
         let k = composed::apply_rope(k, ctx.rope).swap_dims(1, 2);
         let v = v.swap_dims(1, 2);
@@ -281,7 +285,7 @@ impl<B: KernelBackend> Attention<B> {
                 Tensor::cat(outs, 0)
             }
         };
-        self.o_proj.forward(out, select)
+        self.o_proj.forward(out, select, ctx.kernels)
     }
 
     /// [`Self::forward`] without a cache through the backend's fused kernels: RoPE and attention
@@ -296,9 +300,19 @@ impl<B: KernelBackend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = B::rope(self.q_proj.forward(x.clone(), select), h, d, rope);
-        let k = B::rope(self.k_proj.forward(x.clone(), select), kvh, d, rope);
-        let v = self.v_proj.forward(x, select);
+        let q = B::rope(
+            self.q_proj.forward(x.clone(), select, Kernels::Fused),
+            h,
+            d,
+            rope,
+        );
+        let k = B::rope(
+            self.k_proj.forward(x.clone(), select, Kernels::Fused),
+            kvh,
+            d,
+            rope,
+        );
+        let v = self.v_proj.forward(x, select, Kernels::Fused);
         let mask = match mask {
             Some(m) => {
                 let m = m.clone().reshape([batch * seq * seq]).into_data();
@@ -322,6 +336,7 @@ impl<B: KernelBackend> Attention<B> {
         self.o_proj.forward(
             <B as KernelBackend>::attention(q, k, v, shape, mask),
             select,
+            Kernels::Fused,
         )
     }
 
@@ -348,14 +363,14 @@ pub struct Mlp<B: Backend> {
 
 impl<B: KernelBackend> Mlp<B> {
     fn forward(&self, x: Tensor<B, 3>, select: &Selection<B>, kernels: Kernels) -> Tensor<B, 3> {
-        let gate = self.gate_proj.forward(x.clone(), select);
-        let up = self.up_proj.forward(x, select);
+        let gate = self.gate_proj.forward(x.clone(), select, kernels);
+        let up = self.up_proj.forward(x, select, kernels);
         let act = if kernels.fused::<B>(gate.dtype()) {
             B::swiglu(gate, up)
         } else {
             composed::swiglu(gate, up)
         };
-        self.down_proj.forward(act, select)
+        self.down_proj.forward(act, select, kernels)
     }
 }
 

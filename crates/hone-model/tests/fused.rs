@@ -1,5 +1,5 @@
-//! The fused CPU kernels (RMSNorm, RoPE, attention, SwiGLU, cross-entropy, with their
-//! analytic backward passes) compute what the composition of burn operations computes: logits,
+//! The fused CPU kernels (RMSNorm, RoPE, attention, SwiGLU, cross-entropy, LoRA's product, with
+//! their analytic backward passes) compute what the composition of burn operations computes: logits,
 //! loss and every LoRA gradient, on dense and packed batches, with grouped-query attention, q/k/v
 //! biases, tied embeddings, a sliding window and partial rotary embeddings. The composed path is
 //! itself checked against transformers and PEFT (tests/reference.rs, hone-train's reference

@@ -199,7 +199,7 @@ pub struct DataSummary {
 #[derive(Debug, Clone, Serialize)]
 pub struct Cpu {
     pub model: Option<String>,
-    /// `avx512f`, `avx2+fma` or `baseline`.
+    /// `avx512`, `avx2` or `sse` ([`hone_model::kernels::cpu::isa`]).
     pub isa: &'static str,
 }
 
@@ -213,26 +213,11 @@ impl Cpu {
                     .and_then(|l| l.split_once(':'))
                     .map(|(_, v)| v.trim().to_string())
             });
-        Self { model, isa: isa() }
+        Self {
+            model,
+            isa: hone_model::kernels::cpu::isa(),
+        }
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn isa() -> &'static str {
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        "avx512f"
-    } else if std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-    {
-        "avx2+fma"
-    } else {
-        "baseline"
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn isa() -> &'static str {
-    "baseline"
 }
 
 /// `model.device`, or the `train.devices` joined by commas.

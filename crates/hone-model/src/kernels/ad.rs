@@ -12,7 +12,7 @@ use burn::backend::Flex;
 use burn_flex::FlexTensor;
 
 use super::cpu::{self, AttnShape};
-use super::flex::{contiguous, dims, flex, rotate, values, AdTensor};
+use super::flex::{contiguous, dims, flex, lora_dims, rotate, values, AdTensor};
 use super::{Mask, RopeHost};
 use crate::gguf::QuantWeight;
 
@@ -320,6 +320,85 @@ pub(crate) fn quant_linear<C: CheckpointStrategy>(x: AdTensor, w: QuantWeight) -
         .stateful()
     {
         OpsKind::Tracked(prep) => prep.finish(w, y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct LoraDeltaOp;
+
+#[derive(Debug, Clone)]
+struct LoraDeltaState {
+    x: FlexTensor,
+    a: FlexTensor,
+    b: FlexTensor,
+    /// `x Aᵀ`.
+    h: Arc<Vec<f32>>,
+    scale: f32,
+}
+
+impl Backward<Flex, 3> for LoraDeltaOp {
+    type State = LoraDeltaState;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [px, pa, pb] = ops.parents;
+        let g = contiguous(&grads.consume::<Flex>(&ops.node));
+        let s = ops.state;
+        let (rows, d) = lora_dims(&s.x, &s.a, &s.b);
+        let (dx, da, db) = cpu::lora_delta_backward(
+            values(&g),
+            values(&s.x),
+            values(&s.a),
+            values(&s.b),
+            &s.h,
+            rows,
+            d,
+            s.scale,
+            (px.is_some(), pa.is_some(), pb.is_some()),
+        );
+        if let (Some(node), Some(dx)) = (px, dx) {
+            grads.register::<Flex>(node.id, flex(dx, &[rows, d.0]));
+        }
+        if let (Some(node), Some(da)) = (pa, da) {
+            grads.register::<Flex>(node.id, flex(da, &[d.1, d.0]));
+        }
+        if let (Some(node), Some(db)) = (pb, db) {
+            grads.register::<Flex>(node.id, flex(db, &[d.2, d.1]));
+        }
+    }
+}
+
+pub(crate) fn lora_delta<C: CheckpointStrategy>(
+    x: AdTensor,
+    a: AdTensor,
+    b: AdTensor,
+    scale: f32,
+) -> AdTensor {
+    let (xf, af, bf) = (
+        contiguous(&x.primitive),
+        contiguous(&a.primitive),
+        contiguous(&b.primitive),
+    );
+    let (rows, d) = lora_dims(&xf, &af, &bf);
+    let (y, h) = cpu::lora_delta(values(&xf), values(&af), values(&bf), rows, d, scale);
+    let y = flex(y, &[rows, d.2]);
+    match LoraDeltaOp
+        .prepare::<C>([x.node.clone(), a.node.clone(), b.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(
+            LoraDeltaState {
+                x: xf,
+                a: af,
+                b: bf,
+                h: Arc::new(h),
+                scale,
+            },
+            y,
+        ),
         OpsKind::UnTracked(prep) => prep.finish(y),
     }
 }

@@ -215,6 +215,16 @@ pub fn linear_nll_sum<B: Backend>(
 
 /// `x [rows, in] · Wᵀ` with the quantized `w` `[out, in]` decoded to a dense constant of `x`'s
 /// dtype on every call (what backends without a quantized product run).
+/// LoRA's delta `scale · (x Aᵀ) Bᵀ` with burn's matrix products.
+pub fn lora_delta<B: Backend>(
+    x: Tensor<B, 2>,
+    a: Tensor<B, 2>,
+    b: Tensor<B, 2>,
+    scale: f64,
+) -> Tensor<B, 2> {
+    x.matmul(a.transpose()).matmul(b.transpose()) * scale
+}
+
 pub fn quant_linear<B: Backend>(x: Tensor<B, 2>, w: &QuantWeight) -> Tensor<B, 2> {
     let dense = Tensor::<B, 2>::from_data(TensorData::new(w.dequantize(), w.shape()), &x.device());
     let dtype = x.dtype();

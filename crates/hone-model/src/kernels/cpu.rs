@@ -1,5 +1,6 @@
 //! Host kernels on contiguous `f32` slices, multi-threaded with rayon: the fused operations of
-//! a training step on the CPU (RMSNorm, RoPE, attention, SwiGLU, cross-entropy) and their
+//! a training step on the CPU (RMSNorm, RoPE, attention, SwiGLU, cross-entropy, LoRA's product)
+//! and their
 //! backward passes. Each forward computes in f32 what transformers computes; each backward is
 //! the analytic gradient of its forward. Matrix products go through `gemm` (the library burn's
 //! CPU backend uses), one single-threaded product per (batch, head) task.
@@ -36,9 +37,36 @@ pub fn exp(x: f32) -> f32 {
     y * f32::from_bits(((bits + 127) as u32) << 23)
 }
 
-/// Defines `pub fn $name(args) -> ret` that runs `$body` compiled for AVX-512 or AVX2+FMA when
-/// the CPU has them (checked at run time), plain x86-64 otherwise. Bodies are written with
-/// independent lanes so that the compiler vectorises them.
+/// Whether this build has the AVX-512 kernels (hone-model's `avx512` feature, default).
+pub const AVX512_BUILD: bool = cfg!(feature = "avx512");
+
+/// The vector extension hone's kernels and gemm's take on this machine in this build: `avx512`
+/// when the CPU has AVX-512F and the `avx512` feature (default) is on, `avx2` with AVX2 + FMA,
+/// `sse` otherwise (plain x86-64), the architecture's name elsewhere. Benchmarks and run
+/// summaries report it as `isa`.
+pub fn isa() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if AVX512_BUILD && std::arch::is_x86_feature_detected!("avx512f") {
+            "avx512"
+        } else if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
+            "avx2"
+        } else {
+            "sse"
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        std::env::consts::ARCH
+    }
+}
+
+/// Defines `pub fn $name(args) -> ret` that runs `$body` compiled for AVX-512 (with the
+/// `avx512` feature) or AVX2+FMA when the CPU has them (checked at run time, as [`isa`] reports),
+/// plain x86-64 otherwise. Bodies are written with independent lanes so that the compiler
+/// vectorises them.
 macro_rules! multiversion {
     ($(#[$m:meta])* fn $name:ident($($a:ident: $t:ty),*) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
@@ -47,10 +75,12 @@ macro_rules! multiversion {
             fn body($($a: $t),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[cfg(feature = "avx512")]
                 #[target_feature(enable = "avx512f,avx2,fma")]
                 unsafe fn v4($($a: $t),*) $(-> $ret)? { body($($a),*) }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn v3($($a: $t),*) $(-> $ret)? { body($($a),*) }
+                #[cfg(feature = "avx512")]
                 if std::arch::is_x86_feature_detected!("avx512f") {
                     // SAFETY: the CPU has the features the function was compiled for.
                     return unsafe { v4($($a),*) };
@@ -808,6 +838,168 @@ pub fn linear_nll_sum(
     (total, dh)
 }
 
+// ---------------------------------------------------------------------------------------------
+// LoRA: the adapter's thin products (one side of each is the rank r, 8–64), which gemm's
+// multi-threaded path splits badly (a few GFLOP/s on 2 cores). Here each thread runs a
+// single-threaded product on its own rows, or on its own slice of the summed dimension with
+// the partial sums added at the end.
+
+/// Rows (or summed rows) per thread below which one thread does it all.
+const LORA_MIN_ROWS_PER_THREAD: usize = 64;
+
+fn lora_threads(rows: usize) -> usize {
+    (rows / LORA_MIN_ROWS_PER_THREAD).clamp(1, rayon::current_num_threads())
+}
+
+/// `dst [m, n] = beta · lhs [m, k] · rhs` (row-major `lhs`, `rhs` given by its strides), the
+/// rows of `lhs`/`dst` split across threads.
+fn matmul_rows(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: &[f32],
+    rhs: &[f32],
+    rhs_rs: usize,
+    rhs_cs: usize,
+    beta: f32,
+) -> Vec<f32> {
+    assert!(
+        lhs.len() >= m * k && rhs.len() >= (k.max(1) - 1) * rhs_rs + (n.max(1) - 1) * rhs_cs + 1
+    );
+    let mut dst = vec![0f32; m * n];
+    let threads = lora_threads(m);
+    let per = m.div_ceil(threads).max(1);
+    dst.par_chunks_mut(per * n.max(1))
+        .zip(lhs.par_chunks(per * k.max(1)))
+        .for_each(|(d, l)| {
+            let rows = d.len() / n.max(1);
+            // SAFETY: `d` is `rows × n`, `l` is `rows × k` (row-major), `rhs` is `k × n` with the
+            // given strides (checked above).
+            unsafe {
+                matmul(
+                    rows,
+                    n,
+                    k,
+                    d.as_mut_ptr(),
+                    n,
+                    1,
+                    false,
+                    l.as_ptr(),
+                    k,
+                    1,
+                    rhs.as_ptr(),
+                    rhs_rs,
+                    rhs_cs,
+                    beta,
+                )
+            }
+        });
+    dst
+}
+
+/// `dst [m, n] = beta · aᵀ · b` for row-major `a [rows, m]`, `b [rows, n]` (a sum over the
+/// rows), the rows split across threads and the partial sums added.
+fn matmul_tn(rows: usize, m: usize, n: usize, a: &[f32], b: &[f32], beta: f32) -> Vec<f32> {
+    assert!(a.len() >= rows * m && b.len() >= rows * n);
+    let threads = lora_threads(rows);
+    let per = rows.div_ceil(threads).max(1);
+    let partial = |start: usize| {
+        let len = per.min(rows - start);
+        let mut d = vec![0f32; m * n];
+        // SAFETY: `a[start..start+len]` is `len × m` and `b[...]` is `len × n`, row-major;
+        // `aᵀ` is read with row stride 1 and column stride m.
+        unsafe {
+            matmul(
+                m,
+                n,
+                len,
+                d.as_mut_ptr(),
+                n,
+                1,
+                false,
+                a.as_ptr().add(start * m),
+                1,
+                m,
+                b.as_ptr().add(start * n),
+                n,
+                1,
+                beta,
+            )
+        }
+        d
+    };
+    let starts: Vec<usize> = (0..rows).step_by(per).collect();
+    let mut parts = starts.into_par_iter().map(partial).collect::<Vec<_>>();
+    let mut sum = parts.pop().unwrap_or_else(|| vec![0f32; m * n]);
+    for p in parts {
+        sum.iter_mut().zip(p).for_each(|(s, v)| *s += v);
+    }
+    sum
+}
+
+/// Row-major transpose of `x [rows, cols]`.
+fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; rows * cols];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = x[r * cols + c];
+        }
+    }
+    t
+}
+
+/// LoRA's delta `scale · (x Aᵀ) Bᵀ` for `x [rows, in]`, `a [r, in]`, `b [out, r]`: returns
+/// the delta `[rows, out]` and `h = x Aᵀ` `[rows, r]` (what the backward pass needs).
+pub fn lora_delta(
+    x: &[f32],
+    a: &[f32],
+    b: &[f32],
+    rows: usize,
+    dims: (usize, usize, usize),
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>) {
+    let (inp, r, out) = dims;
+    // The small factors transposed once, so each product reads its right side row by row.
+    let at = transpose(a, r, inp);
+    let bt = transpose(b, out, r);
+    let h = matmul_rows(rows, r, inp, x, &at, r, 1, 1.0);
+    let y = matmul_rows(rows, out, r, &h, &bt, out, 1, scale);
+    (y, h)
+}
+
+/// Gradients of [`lora_delta`] for the output gradient `g [rows, out]`: `(dx, da, db)`, each
+/// computed when asked for (`dx [rows, in]`, `da [r, in]`, `db [out, r]`).
+#[allow(clippy::too_many_arguments)]
+pub fn lora_delta_backward(
+    g: &[f32],
+    x: &[f32],
+    a: &[f32],
+    b: &[f32],
+    h: &[f32],
+    rows: usize,
+    dims: (usize, usize, usize),
+    scale: f32,
+    want: (bool, bool, bool),
+) -> (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>) {
+    let (inp, r, out) = dims;
+    let (want_dx, want_da, want_db) = want;
+    // dh = s · g B  [rows, r]
+    let dh = (want_dx || want_da).then(|| matmul_rows(rows, r, out, g, b, r, 1, scale));
+    // db = s · gᵀ h  [out, r]
+    let db = want_db.then(|| matmul_tn(rows, out, r, g, h, scale));
+    // da = dhᵀ x  [r, in], computed as (xᵀ dh)ᵀ so that the wide side is gemm's row side
+    let da = match (&dh, want_da) {
+        (Some(dh), true) => Some(transpose(&matmul_tn(rows, inp, r, x, dh, 1.0), inp, r)),
+        _ => None,
+    };
+    // dx = dh A  [rows, in]
+    let dx = match (&dh, want_dx) {
+        (Some(dh), true) => Some(matmul_rows(rows, inp, r, dh, a, inp, 1, 1.0)),
+        _ => None,
+    };
+    (dx, da, db)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -823,5 +1015,104 @@ mod tests {
         }
         assert!(worst < 3e-7, "worst relative error {worst}");
         assert_eq!(exp(0.0), 1.0);
+    }
+
+    /// LoRA's delta and its gradients equal the sums written out (in f64) on shapes whose rows
+    /// split unevenly across threads, with out ≠ in.
+    #[test]
+    fn lora_delta_and_gradients_equal_the_definition() {
+        let (rows, inp, r, out, scale) = (203usize, 40usize, 5usize, 33usize, 1.75f32);
+        let mut seed = 12345u64;
+        let mut next = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        };
+        let x: Vec<f32> = (0..rows * inp).map(|_| next()).collect();
+        let a: Vec<f32> = (0..r * inp).map(|_| next()).collect();
+        let b: Vec<f32> = (0..out * r).map(|_| next()).collect();
+        let g: Vec<f32> = (0..rows * out).map(|_| next()).collect();
+        let s = scale as f64;
+        let h_ref: Vec<f64> = (0..rows * r)
+            .map(|i| {
+                (0..inp)
+                    .map(|k| x[i / r * inp + k] as f64 * a[i % r * inp + k] as f64)
+                    .sum()
+            })
+            .collect();
+        let y_ref: Vec<f64> = (0..rows * out)
+            .map(|i| {
+                s * (0..r)
+                    .map(|j| h_ref[i / out * r + j] * b[i % out * r + j] as f64)
+                    .sum::<f64>()
+            })
+            .collect();
+        let dh: Vec<f64> = (0..rows * r)
+            .map(|i| {
+                s * (0..out)
+                    .map(|o| g[i / r * out + o] as f64 * b[o * r + i % r] as f64)
+                    .sum::<f64>()
+            })
+            .collect();
+        let dx_ref: Vec<f64> = (0..rows * inp)
+            .map(|i| {
+                (0..r)
+                    .map(|j| dh[i / inp * r + j] * a[j * inp + i % inp] as f64)
+                    .sum()
+            })
+            .collect();
+        let da_ref: Vec<f64> = (0..r * inp)
+            .map(|i| {
+                (0..rows)
+                    .map(|m| dh[m * r + i / inp] * x[m * inp + i % inp] as f64)
+                    .sum()
+            })
+            .collect();
+        let db_ref: Vec<f64> = (0..out * r)
+            .map(|i| {
+                s * (0..rows)
+                    .map(|m| g[m * out + i / r] as f64 * h_ref[m * r + i % r])
+                    .sum::<f64>()
+            })
+            .collect();
+
+        let close = |what: &str, got: &[f32], want: &[f64]| {
+            assert_eq!(got.len(), want.len(), "{what}");
+            for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                assert!(
+                    (*g as f64 - w).abs() <= 1e-4 * w.abs().max(1.0),
+                    "{what}[{i}]: {g} vs {w}"
+                );
+            }
+        };
+        let (y, h) = lora_delta(&x, &a, &b, rows, (inp, r, out), scale);
+        close("h", &h, &h_ref);
+        close("delta", &y, &y_ref);
+        let (dx, da, db) = lora_delta_backward(
+            &g,
+            &x,
+            &a,
+            &b,
+            &h,
+            rows,
+            (inp, r, out),
+            scale,
+            (true, true, true),
+        );
+        close("dx", &dx.unwrap(), &dx_ref);
+        close("dA", &da.unwrap(), &da_ref);
+        close("dB", &db.unwrap(), &db_ref);
+        let (dx, da, db) = lora_delta_backward(
+            &g,
+            &x,
+            &a,
+            &b,
+            &h,
+            rows,
+            (inp, r, out),
+            scale,
+            (false, false, true),
+        );
+        assert!(dx.is_none() && da.is_none());
+        close("dB alone", &db.unwrap(), &db_ref);
     }
 }

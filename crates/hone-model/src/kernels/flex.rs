@@ -45,6 +45,21 @@ pub(crate) fn dims(t: &FlexTensor) -> Vec<usize> {
     t.layout().shape().as_slice().to_vec()
 }
 
+/// Rows of `x` and `(in, r, out)` of a LoRA delta's operands `x [rows, in]`, `a [r, in]`,
+/// `b [out, r]`.
+pub(crate) fn lora_dims(
+    x: &FlexTensor,
+    a: &FlexTensor,
+    b: &FlexTensor,
+) -> (usize, (usize, usize, usize)) {
+    let (x, a, b) = (dims(x), dims(a), dims(b));
+    assert!(
+        x[1] == a[1] && b[1] == a[0],
+        "LoRA shapes: x {x:?}, A {a:?}, B {b:?}"
+    );
+    (x[0], (a[1], a[0], b[0]))
+}
+
 /// RoPE (or its inverse, the gradient) of a Flex tensor `[.., heads * head_dim]`, as a new tensor.
 pub(crate) fn rotate(
     x: &FlexTensor,
@@ -78,6 +93,25 @@ impl KernelBackend for Flex {
         let x = contiguous(&prim(x));
         let m = dims(&x)[0];
         tensor(flex(w.matmul_nt(values(&x), m), &[m, w.shape()[0]]))
+    }
+
+    fn lora_delta(
+        x: Tensor<Self, 2>,
+        a: Tensor<Self, 2>,
+        b: Tensor<Self, 2>,
+        scale: f64,
+    ) -> Tensor<Self, 2> {
+        if !f32s(x.dtype()) || !f32s(a.dtype()) {
+            return composed::lora_delta(x, a, b, scale);
+        }
+        let (x, a, b) = (
+            contiguous(&prim(x)),
+            contiguous(&prim(a)),
+            contiguous(&prim(b)),
+        );
+        let (rows, dims) = lora_dims(&x, &a, &b);
+        let (y, _) = cpu::lora_delta(values(&x), values(&a), values(&b), rows, dims, scale as f32);
+        tensor(flex(y, &[rows, dims.2]))
     }
 
     fn rms_norm(x: Tensor<Self, 3>, w: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
@@ -167,6 +201,18 @@ impl KernelBackend for Flex {
             return composed::quant_linear(x, w);
         }
         tensor(ad::quant_linear::<C>(prim(x), w.clone()))
+    }
+
+    fn ad_lora_delta<C: CheckpointStrategy>(
+        x: AdTensorOf<Self, C, 2>,
+        a: AdTensorOf<Self, C, 2>,
+        b: AdTensorOf<Self, C, 2>,
+        scale: f64,
+    ) -> AdTensorOf<Self, C, 2> {
+        if !f32s(x.dtype()) || !f32s(a.dtype()) {
+            return composed::lora_delta(x, a, b, scale);
+        }
+        tensor(ad::lora_delta::<C>(prim(x), prim(a), prim(b), scale as f32))
     }
 
     fn ad_rms_norm<C: CheckpointStrategy>(

@@ -204,6 +204,17 @@ pub trait KernelBackend: Backend {
         composed::quant_linear(x, w)
     }
 
+    /// LoRA's delta `scale · (x Aᵀ) Bᵀ` for `x` `[rows, in]`, `a` `[r, in]`, `b` `[out, r]`
+    /// (gradients for all three under autodiff).
+    fn lora_delta(
+        x: Tensor<Self, 2>,
+        a: Tensor<Self, 2>,
+        b: Tensor<Self, 2>,
+        scale: f64,
+    ) -> Tensor<Self, 2> {
+        composed::lora_delta(x, a, b, scale)
+    }
+
     /// [`KernelBackend::fuses`] of `Autodiff<Self, _>`.
     fn ad_fuses(dtype: DType) -> bool {
         let _ = dtype;
@@ -222,6 +233,16 @@ pub trait KernelBackend: Backend {
         w: &QuantWeight,
     ) -> AdTensorOf<Self, C, 2> {
         composed::quant_linear(x, w)
+    }
+
+    /// [`KernelBackend::lora_delta`] on `Autodiff<Self, C>`.
+    fn ad_lora_delta<C: CheckpointStrategy>(
+        x: AdTensorOf<Self, C, 2>,
+        a: AdTensorOf<Self, C, 2>,
+        b: AdTensorOf<Self, C, 2>,
+        scale: f64,
+    ) -> AdTensorOf<Self, C, 2> {
+        composed::lora_delta(x, a, b, scale)
     }
 
     /// [`KernelBackend::rms_norm`] on `Autodiff<Self, C>`.
@@ -291,6 +312,15 @@ impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
 
     fn quant_linear(x: Tensor<Self, 2>, w: &QuantWeight) -> Tensor<Self, 2> {
         B::ad_quant_linear::<C>(x, w)
+    }
+
+    fn lora_delta(
+        x: Tensor<Self, 2>,
+        a: Tensor<Self, 2>,
+        b: Tensor<Self, 2>,
+        scale: f64,
+    ) -> Tensor<Self, 2> {
+        B::ad_lora_delta::<C>(x, a, b, scale)
     }
 
     fn rms_norm(x: Tensor<Self, 3>, w: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
