@@ -17,15 +17,7 @@ pub fn reset_peak_rss() {
 /// The CPU's model name (`model name` of `/proc/cpuinfo`; `unknown` elsewhere), which the
 /// benchmark lines report as `cpu`: figures from different machines must say which they are.
 pub fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, name)| name.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".to_string())
+    hone_model::kernels::cpu::cpu_model().unwrap_or_else(|| "unknown".to_string())
 }
 
 /// The vector extension the kernels take here (`avx512`, `avx2`, `sse`): see

@@ -205,16 +205,8 @@ pub struct Cpu {
 
 impl Cpu {
     fn detect() -> Self {
-        let model = std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|text| {
-                text.lines()
-                    .find(|l| l.starts_with("model name"))
-                    .and_then(|l| l.split_once(':'))
-                    .map(|(_, v)| v.trim().to_string())
-            });
         Self {
-            model,
+            model: hone_model::kernels::cpu::cpu_model(),
             isa: hone_model::kernels::cpu::isa(),
         }
     }

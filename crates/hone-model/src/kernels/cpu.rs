@@ -63,6 +63,16 @@ pub fn isa() -> &'static str {
     }
 }
 
+/// The CPU's model name (`model name` in `/proc/cpuinfo`; `None` where there is none), which
+/// benchmark lines and run summaries report beside [`isa`].
+pub fn cpu_model() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    text.lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, name)| name.trim().to_string())
+}
+
 /// Defines `pub fn $name(args) -> ret` that runs `$body` compiled for AVX-512 (with the
 /// `avx512` feature) or AVX2+FMA when the CPU has them (checked at run time, as [`isa`] reports),
 /// plain x86-64 otherwise. Bodies are written with independent lanes so that the compiler
