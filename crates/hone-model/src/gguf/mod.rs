@@ -12,11 +12,14 @@
 //! `[in, out]` here; [`TensorInfo::shape`] gives the row-major (PyTorch) order.
 
 pub mod hf;
+mod kquant;
 pub mod matmul;
 pub mod model;
 pub mod quant;
+pub mod quantize;
 pub mod tokenizer;
 pub mod weight;
+pub mod write;
 
 use std::collections::HashMap;
 use std::fmt;
