@@ -47,6 +47,7 @@ fn main() {
         Command::Data(command) => cmd::data::run(command),
         Command::Template(command) => cmd::template::run(command),
         Command::Merge(args) => cmd::merge::run(args),
+        Command::Export(args::ExportCommand::Gguf(args)) => cmd::merge::export_gguf(args),
         Command::Adapter(command) => cmd::adapter::run(command),
         Command::Train(args) => cmd::train::run(args, cli.log_format),
         Command::TrainOrchestrator(args) => cmd::train::orchestrator(args),

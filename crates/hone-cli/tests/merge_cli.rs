@@ -272,3 +272,39 @@ fn a_write_failure_midway_leaves_no_partial_output() {
         "no temporary directory left"
     );
 }
+
+/// `hone export gguf`: the adapter merged into a chat model's GGUF file, the JSON summary line
+/// (sizes as written, the end-of-turn id among the stop ids), the Ollama Modelfile beside it, and
+/// a bad `--type` refused with the list of types.
+#[test]
+fn export_gguf_writes_the_file_its_modelfile_and_a_summary_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("qwen.gguf");
+    let base = fixture("qwen2_tied");
+    let stdout = ok(&run(hone()
+        .args(["export", "gguf", "--model"])
+        .arg(&base)
+        .arg("--adapter")
+        .arg(base.join("adapter"))
+        .args(["--type", "q8_0", "--out"])
+        .arg(&out)));
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(summary["type"], "q8_0");
+    assert_eq!(
+        summary["bytes"].as_u64().unwrap(),
+        std::fs::metadata(&out).unwrap().len()
+    );
+    assert!(summary["merged_modules"].as_u64().unwrap() > 0, "{summary}");
+    assert!(
+        summary["tensor_types"]["Q8_0"].as_u64().unwrap() > 0,
+        "{summary}"
+    );
+    let modelfile = std::fs::read_to_string(tmp.path().join("qwen.Modelfile")).unwrap();
+    assert!(modelfile.contains("FROM ./qwen.gguf"), "{modelfile}");
+    let err = failed(&run(hone()
+        .args(["export", "gguf", "--model"])
+        .arg(&base)
+        .args(["--type", "q3_k", "--out"])
+        .arg(tmp.path().join("x.gguf"))));
+    assert!(err.contains("q3_k") && err.contains("q4_k_m"), "{err}");
+}

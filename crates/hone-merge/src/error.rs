@@ -166,3 +166,9 @@ impl From<hone_io::Error> for MergeError {
         MergeError::io(e.path, e.source)
     }
 }
+
+impl From<hone_model::gguf::GgufError> for MergeError {
+    fn from(e: hone_model::gguf::GgufError) -> Self {
+        MergeError::Model(e.into())
+    }
+}

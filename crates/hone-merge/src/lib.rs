@@ -14,6 +14,7 @@ pub mod combine;
 pub mod combined_adapter;
 pub mod error;
 pub mod export;
+pub mod gguf_export;
 pub mod merge;
 pub mod methods;
 pub mod svd;
@@ -25,5 +26,6 @@ pub use combine::{
 pub use combined_adapter::{combine_adapters, CombineOptions, CombineReport};
 pub use error::{MergeError, Result};
 pub use export::parse_size;
+pub use gguf_export::{export_gguf, ExportType, GgufExportOptions, GgufExportReport};
 pub use merge::{merge, MergeOptions, MergeReport, ShardInfo, DEFAULT_MAX_SHARD_SIZE};
 pub use methods::MajoritySign;

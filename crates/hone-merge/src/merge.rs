@@ -101,44 +101,82 @@ pub(crate) fn check_output_not_input(out: &Path, inputs: &[(&Path, &'static str)
 
 /// What describes the base model besides its tensors: a directory's `config.json`, or the GGUF
 /// file (metadata and tensors).
-enum BaseMeta {
+pub(crate) enum BaseMeta {
     Dir(serde_json::Value),
     Gguf(GgufFile),
 }
 
 /// The base model's tensors: a Hugging Face directory's safetensors or a GGUF file's tensors
 /// under Hugging Face's names.
-enum BaseWeights<'a> {
+pub(crate) enum BaseWeights<'a> {
     Dir(WeightStore),
     Gguf(GgufWeights<'a>),
 }
 
 impl BaseWeights<'_> {
-    fn names(&self) -> Vec<String> {
+    pub(crate) fn names(&self) -> Vec<String> {
         match self {
             BaseWeights::Dir(store) => store.names(),
             BaseWeights::Gguf(weights) => weights.names(),
         }
     }
 
-    fn shape(&self, name: &str) -> Result<Vec<usize>> {
+    pub(crate) fn shape(&self, name: &str) -> Result<Vec<usize>> {
         Ok(match self {
             BaseWeights::Dir(store) => store.shape(name)?,
             BaseWeights::Gguf(weights) => weights.shape(name)?,
         })
     }
 
-    fn contains(&self, name: &str) -> bool {
+    pub(crate) fn contains(&self, name: &str) -> bool {
         match self {
             BaseWeights::Dir(store) => store.contains(name),
             BaseWeights::Gguf(weights) => weights.contains(name),
         }
     }
 
-    fn load_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    pub(crate) fn load_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         Ok(match self {
             BaseWeights::Dir(store) => store.load_f32(name, shape)?,
             BaseWeights::Gguf(weights) => weights.load_f32(name, shape)?,
+        })
+    }
+}
+
+impl BaseMeta {
+    /// Opens the base model `base` (a resolved directory or GGUF file).
+    pub(crate) fn open(base: &Path) -> Result<Self> {
+        Ok(if hone_model::loader::is_gguf(base) {
+            BaseMeta::Gguf(GgufFile::open(base).map_err(ModelError::from)?)
+        } else {
+            BaseMeta::Dir(export::read_config(base)?)
+        })
+    }
+
+    /// The configuration and tensors of the base; a GGUF base must have only tensors with a
+    /// Hugging Face name.
+    pub(crate) fn weights(&self, base: &Path) -> Result<(ModelConfig, BaseWeights<'_>)> {
+        Ok(match self {
+            BaseMeta::Gguf(file) => {
+                let config = hone_model::gguf::model_config(file)?;
+                let weights = GgufWeights::new(file, &config)?;
+                if let Some(tensor) = weights.unmapped().into_iter().next() {
+                    return Err(ModelError::Unsupported {
+                        path: base.to_path_buf(),
+                        what: "GGUF tensor in a merge (one without a Hugging Face name)",
+                        found: tensor,
+                        supported: "the token embedding, output norm and head, and the \
+                                    attention, norm and MLP tensors of each block"
+                            .into(),
+                    }
+                    .into());
+                }
+                (config, BaseWeights::Gguf(weights))
+            }
+            BaseMeta::Dir(_) => (
+                ModelConfig::from_file(&base.join("config.json"))?,
+                BaseWeights::Dir(WeightStore::open_dir(base)?),
+            ),
         })
     }
 }
@@ -154,33 +192,8 @@ pub fn merge(options: &MergeOptions) -> Result<MergeReport> {
             path: options.out.clone(),
         });
     }
-    let meta = if hone_model::loader::is_gguf(base) {
-        BaseMeta::Gguf(GgufFile::open(base).map_err(ModelError::from)?)
-    } else {
-        BaseMeta::Dir(export::read_config(base)?)
-    };
-    let (config, store) = match &meta {
-        BaseMeta::Gguf(file) => {
-            let config = hone_model::gguf::model_config(file)?;
-            let weights = GgufWeights::new(file, &config)?;
-            if let Some(tensor) = weights.unmapped().into_iter().next() {
-                return Err(ModelError::Unsupported {
-                    path: base.clone(),
-                    what: "GGUF tensor in a merge (one without a Hugging Face name)",
-                    found: tensor,
-                    supported: "the token embedding, output norm and head, and the attention, \
-                                norm and MLP tensors of each block"
-                        .into(),
-                }
-                .into());
-            }
-            (config, BaseWeights::Gguf(weights))
-        }
-        BaseMeta::Dir(_) => (
-            ModelConfig::from_file(&base.join("config.json"))?,
-            BaseWeights::Dir(WeightStore::open_dir(base)?),
-        ),
-    };
+    let meta = BaseMeta::open(base)?;
+    let (config, store) = meta.weights(base)?;
     let declared = match &meta {
         BaseMeta::Dir(config_json) => export::declared_dtype(config_json),
         BaseMeta::Gguf(_) => None,
@@ -273,7 +286,7 @@ pub fn merge(options: &MergeOptions) -> Result<MergeReport> {
 
 /// Every module of the adapters must be a written 2-D base tensor `<module>.weight` of shape
 /// `[out_features, in_features]`.
-fn check_modules_in_base(
+pub(crate) fn check_modules_in_base(
     set: &AdapterSet,
     store: &BaseWeights<'_>,
     base: &Path,

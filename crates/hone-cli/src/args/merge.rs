@@ -54,7 +54,8 @@ pub enum MajoritySignArg {
 #[derive(Args, Debug, Clone)]
 pub struct AdapterSelection {
     /// PEFT LoRA adapter directory; repeat for several (a single adapter is merged as is).
-    #[arg(long = "adapter", value_name = "DIR", required = true)]
+    /// `hone merge` and `hone adapter combine` need at least one.
+    #[arg(long = "adapter", value_name = "DIR")]
     pub adapters: Vec<PathBuf>,
     /// One weight per adapter, comma-separated, e.g. 0.7,0.3 (default: 1 each); negative
     /// weights subtract.
@@ -144,4 +145,52 @@ pub struct MergeArgs {
     /// Replace the output directory if it exists.
     #[arg(long)]
     pub force: bool,
+}
+
+fn parse_export_type(text: &str) -> Result<hone_merge::ExportType, String> {
+    hone_merge::ExportType::parse(text).ok_or_else(|| {
+        format!(
+            "unknown type {text:?}; expected one of {}",
+            hone_merge::ExportType::ALL
+                .iter()
+                .map(|t| t.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })
+}
+
+/// `hone export ...`: formats other programs run.
+#[derive(clap::Subcommand, Debug)]
+pub enum ExportCommand {
+    /// One GGUF file for llama.cpp, Ollama and LM Studio: the base with the adapters merged in,
+    /// its tokenizer, chat template and stop tokens; an Ollama Modelfile beside it; a JSON
+    /// summary line on stdout.
+    Gguf(ExportGgufArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ExportGgufArgs {
+    /// Base model: a Hugging Face model directory or a GGUF file.
+    #[arg(long, value_name = "DIR|FILE.gguf")]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub selection: AdapterSelection,
+    /// Storage type, as llama-quantize names it: f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m,
+    /// q6_k (1-D tensors stay f32; the quantized types choose per tensor as llama-quantize does).
+    #[arg(long = "type", value_name = "TYPE", default_value = "f16", value_parser = parse_export_type)]
+    pub ty: hone_merge::ExportType,
+    /// The GGUF file to write (its Ollama Modelfile goes beside it as NAME.Modelfile).
+    #[arg(long, value_name = "FILE.gguf")]
+    pub out: PathBuf,
+    /// Replace the output file if it exists.
+    #[arg(long)]
+    pub force: bool,
+    /// general.name of the file (default: the base's name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// tokenizer.ggml.pre for a byte-level tokenizer whose split hone does not recognise (the
+    /// name llama.cpp gives it, e.g. llama-bpe, qwen2, smollm).
+    #[arg(long, value_name = "NAME")]
+    pub tokenizer_pre: Option<String>,
 }

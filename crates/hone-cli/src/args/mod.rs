@@ -15,7 +15,7 @@ mod serve;
 
 pub use adapter::{AdapterCombineArgs, AdapterCommand};
 pub use eval::{CompareArgs, EvalArgs, EvalCommand};
-pub use merge::MergeArgs;
+pub use merge::{ExportCommand, ExportGgufArgs, MergeArgs};
 pub use rag::{RagAddArgs, RagCommand, RagIndexArgs, RagQueryArgs, RagRemoveArgs, SearchModeArg};
 pub use serve::{BenchServeArgs, ServeArgs};
 
@@ -60,6 +60,9 @@ pub enum Command {
     Template(TemplateCommand),
     /// Merge LoRA adapters into a base model and write a Hugging Face model directory.
     Merge(MergeArgs),
+    /// Export for other programs: `hone export gguf` (llama.cpp, Ollama, LM Studio).
+    #[command(subcommand)]
+    Export(ExportCommand),
     /// Adapter arithmetic: combine PEFT adapters into a new adapter.
     #[command(subcommand)]
     Adapter(AdapterCommand),

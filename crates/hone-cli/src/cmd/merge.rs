@@ -5,7 +5,7 @@
 use anyhow::Result;
 use hone_merge::MergeOptions;
 
-use crate::args::MergeArgs;
+use crate::args::{ExportGgufArgs, MergeArgs};
 
 pub fn run(args: MergeArgs) -> Result<()> {
     let options = MergeOptions {
@@ -39,5 +39,35 @@ pub fn run(args: MergeArgs) -> Result<()> {
             report.dropped.join(", ")
         );
     }
+    Ok(())
+}
+
+/// `hone export gguf`: the merged model as one GGUF file, with a JSON summary line.
+pub fn export_gguf(args: ExportGgufArgs) -> Result<()> {
+    let options = hone_merge::GgufExportOptions {
+        base: args.model.clone(),
+        adapters: args.selection.adapters.clone(),
+        combination: args.selection.combination(),
+        ty: args.ty,
+        out: args.out.clone(),
+        force: args.force,
+        name: args.name.clone(),
+        tokenizer_pre: args.tokenizer_pre.clone(),
+    };
+    let report = hone_merge::export_gguf(&options)?;
+    let summary = serde_json::json!({
+        "file": report.file,
+        "modelfile": report.modelfile,
+        "type": report.ty.name(),
+        "bytes": report.bytes,
+        "tensors": report.tensors,
+        "tensor_types": report.tensor_types,
+        "adapters": args.selection.adapters,
+        "merged_modules": report.merged_modules,
+        "eos_ids": report.eos_ids,
+        "template_source": report.template_source,
+        "seconds": (report.seconds * 1000.0).round() / 1000.0,
+    });
+    println!("{summary}");
     Ok(())
 }

@@ -18,6 +18,7 @@ pub mod model;
 pub mod quant;
 pub mod quantize;
 pub mod tokenizer;
+pub mod vocab;
 pub mod weight;
 pub mod write;
 
@@ -28,7 +29,7 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
-pub use model::{model_config, resident_weight_bytes, GgufWeights};
+pub use model::{gguf_tensor_name, model_config, permute_rows, resident_weight_bytes, GgufWeights};
 pub use quant::GgmlType;
 pub use weight::QuantWeight;
 

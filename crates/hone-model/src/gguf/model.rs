@@ -63,6 +63,44 @@ const LAYER_TENSORS: &[(&str, &str)] = &[
     ("ffn_down.bias", "mlp.down_proj.bias"),
 ];
 
+/// The GGUF name of a Hugging Face tensor name (`model.layers.3.self_attn.q_proj.weight` ->
+/// `blk.3.attn_q.weight`), for the tensors hone reads and writes.
+pub fn gguf_tensor_name(hf: &str) -> Option<String> {
+    if let Some((g, _)) = GLOBAL_TENSORS.iter().find(|(_, h)| *h == hf) {
+        return Some(g.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (g, _) = LAYER_TENSORS.iter().find(|(_, h)| *h == rest)?;
+    Some(format!("blk.{layer}.{g}"))
+}
+
+/// Puts llama's q/k rows in llama.cpp's order for its interleaved RoPE (what
+/// `convert_hf_to_gguf.py`'s `permute` does): per head of `d` rows, Hugging Face row
+/// `j·d/2 + i` becomes GGUF row `2i + j`. The inverse of the reading side's un-permutation.
+pub fn permute_rows<T: Copy + Default>(
+    values: &[T],
+    rows: usize,
+    cols: usize,
+    heads: usize,
+) -> Vec<T> {
+    let d = rows / heads;
+    let half = d / 2;
+    let mut out = vec![T::default(); values.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let dst = h * d + 2 * i + j;
+                let src = h * d + j * half + i;
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&values[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
 fn metadata_error(file: &GgufFile, key: &str, message: impl Into<String>) -> ModelError {
     super::GgufError::Metadata {
         path: file.path().to_path_buf(),

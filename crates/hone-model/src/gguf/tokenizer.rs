@@ -43,8 +43,8 @@ pub const PRE_TOKENIZERS: &[(&str, &str)] = &[
 ];
 
 /// `tokenizer.ggml.token_type` values (llama.cpp's `llama_token_type`).
-const CONTROL: i64 = 3;
-const USER_DEFINED: i64 = 4;
+pub(crate) const CONTROL: i64 = 3;
+pub(crate) const USER_DEFINED: i64 = 4;
 
 fn byte_level(use_regex: bool) -> Json {
     json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
@@ -54,9 +54,9 @@ fn split(regex: &str) -> Json {
     json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false})
 }
 
-/// `(normalizer, pre-tokenizer)` for a `tokenizer.ggml.pre` value.
-fn pre_tokenizer(file: &GgufFile, pre: &str) -> Result<(Json, Json)> {
-    Ok(match pre {
+/// `(normalizer, pre-tokenizer)` of `tokenizers` for a `tokenizer.ggml.pre` value hone knows.
+pub(crate) fn pre_tokenizer_json(pre: &str) -> Option<(Json, Json)> {
+    Some(match pre {
         "default" | "gpt2" => (Json::Null, byte_level(true)),
         "smollm" | "starcoder" => (
             Json::Null,
@@ -73,18 +73,21 @@ fn pre_tokenizer(file: &GgufFile, pre: &str) -> Result<(Json, Json)> {
             json!({"type": "NFC"}),
             json!({"type": "Sequence", "pretokenizers": [split(QWEN2_REGEX), byte_level(false)]}),
         ),
-        other => {
-            return Err(ModelError::Unsupported {
-                path: file.path().to_path_buf(),
-                what: "pre-tokenizer (tokenizer.ggml.pre)",
-                found: other.to_string(),
-                supported: PRE_TOKENIZERS
-                    .iter()
-                    .map(|(n, _)| *n)
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })
-        }
+        _ => return None,
+    })
+}
+
+/// `(normalizer, pre-tokenizer)` for the file's `tokenizer.ggml.pre` value.
+fn pre_tokenizer(file: &GgufFile, pre: &str) -> Result<(Json, Json)> {
+    pre_tokenizer_json(pre).ok_or_else(|| ModelError::Unsupported {
+        path: file.path().to_path_buf(),
+        what: "pre-tokenizer (tokenizer.ggml.pre)",
+        found: pre.to_string(),
+        supported: PRE_TOKENIZERS
+            .iter()
+            .map(|(n, _)| *n)
+            .collect::<Vec<_>>()
+            .join(", "),
     })
 }
 

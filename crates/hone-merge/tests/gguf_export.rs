@@ -1,0 +1,267 @@
+//! `hone export gguf` against llama.cpp and gguf-py, without either at test time:
+//! * `fixtures/gguf/export/llamacpp_refs.json` (`scripts/llamacpp_check.py`): llama.cpp's token
+//!   ids and last-position logits on hone's f32/f16 exports of stories260k and the PEFT fixtures
+//!   (one with its adapter merged in). The export made here must tokenize the prompt to llama.cpp's
+//!   ids and give its logits (1e-3 for f32; 5e-2 for f16, where llama.cpp rounds activations).
+//! * `fixtures/gguf/llama_gqa.gguf`, `qwen2_tied.gguf` (gguf-py, converted as
+//!   `convert_hf_to_gguf.py` converts): the f32 export has their tensors byte for byte and their
+//!   tokenizer metadata; `stories260k-tokenizer.gguf`: the SentencePiece form.
+
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use burn::tensor::TensorData;
+use hone_merge::gguf_export::tensor_type;
+use hone_merge::{export_gguf, Combination, ExportType, GgufExportOptions};
+use hone_model::gguf::{GgmlType, GgufFile, Value};
+use hone_model::tokenizer::Tokenizer;
+use hone_model::{load_model_dir, Cpu, Input, LoadOptions};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn options(base: &Path, adapters: Vec<PathBuf>, ty: ExportType, out: &Path) -> GgufExportOptions {
+    GgufExportOptions {
+        base: base.to_path_buf(),
+        adapters,
+        combination: Combination::default(),
+        ty,
+        out: out.to_path_buf(),
+        force: false,
+        name: None,
+        tokenizer_pre: None,
+    }
+}
+
+fn last_logits(path: &Path, ids: &[i64]) -> Vec<f32> {
+    let device = Default::default();
+    let loaded = load_model_dir::<Cpu>(path, &device, LoadOptions::default()).unwrap();
+    let input =
+        Tensor::<Cpu, 2, Int>::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), &device);
+    let logits: Vec<f32> = loaded
+        .model
+        .forward(Input::new(input))
+        .into_data()
+        .to_vec()
+        .unwrap();
+    let vocab = logits.len() / ids.len();
+    logits[logits.len() - vocab..].to_vec()
+}
+
+#[test]
+fn exports_give_llama_cpps_tokens_and_logits() {
+    let text =
+        std::fs::read_to_string(root().join("fixtures/gguf/export/llamacpp_refs.json")).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let refs = doc["refs"].as_array().unwrap();
+    assert_eq!(refs.len(), 8, "four models, f32 and f16");
+    let tmp = tempfile::tempdir().unwrap();
+    for r in refs {
+        let name = r["model"].as_str().unwrap();
+        let ty = ExportType::parse(r["type"].as_str().unwrap()).unwrap();
+        let adapters = r["adapters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| root().join(a.as_str().unwrap()))
+            .collect();
+        let out = tmp.path().join(format!("{name}-{ty}.gguf"));
+        let base = root().join(r["base"].as_str().unwrap());
+        export_gguf(&options(&base, adapters, ty, &out)).unwrap();
+
+        let want_ids: Vec<i64> = r["llamacpp_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_i64().unwrap())
+            .collect();
+        let tok = Tokenizer::from_dir(&out).unwrap();
+        let ids: Vec<i64> = tok
+            .encode_prompt(r["prompt"].as_str().unwrap())
+            .unwrap()
+            .into_iter()
+            .map(i64::from)
+            .collect();
+        assert_eq!(ids, want_ids, "{name} {ty}: token ids");
+
+        let want: Vec<f32> = r["llamacpp_last_logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let got = last_logits(&out, &want_ids);
+        assert_eq!(got.len(), want.len(), "{name} {ty}: vocabulary");
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        let tolerance = if ty == ExportType::F32 { 1e-3 } else { 5e-2 };
+        assert!(
+            diff <= tolerance,
+            "{name} {ty}: logits differ from llama.cpp's by {diff}"
+        );
+    }
+}
+
+/// The keys both files have must agree (gguf-py's conversions carry fewer `general.*` keys).
+fn assert_same_metadata(ours: &GgufFile, theirs: &GgufFile, keys: &[&str]) {
+    for key in keys {
+        assert_eq!(
+            ours.get(key),
+            theirs.get(key),
+            "{key}: ours vs {}",
+            theirs.path().display()
+        );
+    }
+}
+
+#[test]
+fn f32_exports_equal_the_gguf_py_conversions_of_the_fixtures() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["llama_gqa", "qwen2_tied"] {
+        let out = tmp.path().join(format!("{name}.gguf"));
+        let base = root().join("fixtures/peft").join(name);
+        export_gguf(&options(&base, vec![], ExportType::F32, &out)).unwrap();
+        let ours = GgufFile::open(&out).unwrap();
+        let theirs = GgufFile::open(&root().join(format!("fixtures/gguf/{name}.gguf"))).unwrap();
+        let mut a: Vec<&str> = ours.tensors().iter().map(|t| t.name.as_str()).collect();
+        let mut b: Vec<&str> = theirs.tensors().iter().map(|t| t.name.as_str()).collect();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "{name}: tensor names");
+        for t in theirs.tensors() {
+            let mine = ours.tensor_info(&t.name).unwrap();
+            assert_eq!(
+                (mine.dims.clone(), mine.ggml_type),
+                (t.dims.clone(), t.ggml_type)
+            );
+            assert!(
+                ours.tensor_bytes(&t.name).unwrap() == theirs.tensor_bytes(&t.name).unwrap(),
+                "{name}: tensor {} differs",
+                t.name
+            );
+        }
+        let arch = theirs.get_str("general.architecture").unwrap().to_string();
+        let keys: Vec<String> = theirs
+            .metadata()
+            .iter()
+            .map(|(k, _)| k.clone())
+            .filter(|k| {
+                k.starts_with("tokenizer.") || (k.starts_with(&arch) && !k.ends_with("vocab_size"))
+            })
+            .collect();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        assert!(keys.len() >= 15, "{name}: {keys:?}");
+        assert_same_metadata(&ours, &theirs, &keys);
+    }
+}
+
+#[test]
+fn sentencepiece_vocabularies_are_written_as_llama_cpps_llama_form() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("stories.gguf");
+    let base = root().join("checkpoints/base/stories260k");
+    export_gguf(&options(&base, vec![], ExportType::Q8_0, &out)).unwrap();
+    let ours = GgufFile::open(&out).unwrap();
+    let theirs = GgufFile::open(&root().join("fixtures/gguf/stories260k-tokenizer.gguf")).unwrap();
+    assert_same_metadata(
+        &ours,
+        &theirs,
+        &[
+            "tokenizer.ggml.model",
+            "tokenizer.ggml.tokens",
+            "tokenizer.ggml.scores",
+            "tokenizer.ggml.token_type",
+            "tokenizer.ggml.add_space_prefix",
+            "tokenizer.ggml.bos_token_id",
+            "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.unknown_token_id",
+            "tokenizer.ggml.add_bos_token",
+        ],
+    );
+    assert_eq!(ours.get("general.file_type"), Some(&Value::U32(7)));
+    // ffn_down rows are 172 wide: not whole Q8_0 blocks, so F16 as llama-quantize falls back.
+    let down = ours.tensor_info("blk.0.ffn_down.weight").unwrap();
+    assert_eq!(down.ggml_type, GgmlType::F16);
+    let q = ours.tensor_info("blk.0.attn_q.weight").unwrap();
+    assert_eq!(q.ggml_type, GgmlType::Q8_0);
+}
+
+#[test]
+fn tensor_types_follow_llama_quantize() {
+    let layers = 30;
+    let q4km =
+        |name: &str, shape: &[usize]| tensor_type(ExportType::Q4KM, name, shape, layers, true);
+    // Tied: the token embedding is the output projection.
+    assert_eq!(q4km("token_embd.weight", &[49152, 2048]), GgmlType::Q6K);
+    assert_eq!(
+        tensor_type(
+            ExportType::Q4KM,
+            "token_embd.weight",
+            &[49152, 2048],
+            layers,
+            false
+        ),
+        GgmlType::Q4K
+    );
+    // SmolLM2's rows of 576 are not whole 256-blocks: the output goes to Q8_0, the other
+    // Q4_K tensors to Q5_0, the Q6_K ones to Q8_0.
+    assert_eq!(q4km("token_embd.weight", &[49152, 576]), GgmlType::Q8_0);
+    assert_eq!(q4km("blk.3.attn_q.weight", &[576, 576]), GgmlType::Q5_0);
+    assert_eq!(q4km("blk.0.attn_v.weight", &[192, 576]), GgmlType::Q8_0);
+    assert_eq!(q4km("output_norm.weight", &[576]), GgmlType::F32);
+    assert_eq!(q4km("blk.0.attn_norm.weight", &[576]), GgmlType::F32);
+    // use_more_bits: the first and last eighth (layers 0-2, 27-29 of 30) and every third between.
+    let v: Vec<usize> = (0..layers)
+        .filter(|i| q4km(&format!("blk.{i}.attn_v.weight"), &[512, 2048]) == GgmlType::Q6K)
+        .collect();
+    assert_eq!(v, [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]);
+    assert_eq!(q4km("blk.4.attn_v.weight", &[512, 2048]), GgmlType::Q4K);
+    assert_eq!(q4km("blk.4.attn_q.weight", &[2048, 2048]), GgmlType::Q4K);
+    assert_eq!(q4km("blk.5.ffn_down.weight", &[2048, 5632]), GgmlType::Q6K);
+    assert_eq!(q4km("blk.4.ffn_down.weight", &[2048, 5632]), GgmlType::Q4K);
+    // Rows of 64 are not whole 256-blocks: Q4_K falls back to Q5_0, Q6_K to Q8_0.
+    assert_eq!(q4km("blk.4.attn_q.weight", &[64, 64]), GgmlType::Q5_0);
+    assert_eq!(q4km("blk.0.attn_v.weight", &[32, 64]), GgmlType::Q8_0);
+    // Rows of 172 are not whole 32-blocks either: F16.
+    assert_eq!(q4km("blk.4.ffn_down.weight", &[64, 172]), GgmlType::F16);
+    let q4_0 = |name: &str| tensor_type(ExportType::Q4_0, name, &[512, 64], 5, false);
+    assert_eq!(
+        q4_0("output.weight"),
+        GgmlType::Q8_0,
+        "64 is not a whole Q6_K block"
+    );
+    assert_eq!(
+        tensor_type(ExportType::Q4_0, "output.weight", &[512, 256], 5, false),
+        GgmlType::Q6K
+    );
+    assert_eq!(
+        tensor_type(ExportType::Q8_0, "output.weight", &[512, 256], 5, false),
+        GgmlType::Q8_0
+    );
+    assert_eq!(
+        tensor_type(ExportType::BF16, "blk.0.attn_q.weight", &[64, 64], 5, false),
+        GgmlType::BF16
+    );
+}
+
+#[test]
+fn an_existing_output_is_kept_unless_forced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("model.gguf");
+    std::fs::write(&out, b"keep me").unwrap();
+    let base = root().join("fixtures/peft/qwen2_tied");
+    let e = export_gguf(&options(&base, vec![], ExportType::F16, &out))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model.gguf"), "{e}");
+    assert_eq!(std::fs::read(&out).unwrap(), b"keep me");
+    let mut forced = options(&base, vec![], ExportType::F16, &out);
+    forced.force = true;
+    let report = export_gguf(&forced).unwrap();
+    assert_eq!(report.bytes, std::fs::metadata(&out).unwrap().len());
+    assert!(report.modelfile.is_file());
+}

@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""hone's GGUF exports run by llama.cpp itself (scripts/llamacpp-check.sh builds llama.cpp and calls
+this with LLAMA_BIN=its bin directory and HONE=the hone binary).
+
+For each model (stories260k, the PEFT fixtures llama_gqa and qwen2_tied, llama_gqa with its
+adapter merged in, and SmolLM2-135M-Instruct when scripts/fetch-models.sh has fetched it) and type
+(f32, f16): `hone export gguf`, then `llama-debug --save-logits` on a prompt (f32 KV cache, flash
+attention off, so llama.cpp's own rounding stays out of the comparison), and `hone logits` on
+llama.cpp's token ids from the same file. Prints one JSON line per check and fails above the
+tolerance (1e-3 for f32; 5e-2 for f16, where llama.cpp rounds activations to f16 in its products:
+measured 1.3e-4 to 2.1e-2 on logits up to ~20).
+Writes fixtures/gguf/export/llamacpp_refs.json (the committed models only: llama.cpp's ids and
+last-position logits), which crates/hone-merge/tests/gguf_export.rs replays without llama.cpp.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+LLAMA_BIN = os.environ["LLAMA_BIN"]
+HONE = os.environ.get("HONE", os.path.join(ROOT, "target", "release", "hone"))
+TOLERANCE = {"f32": 1e-3, "f16": 5e-2}
+
+MODELS = [
+    # (name, base, adapters, prompt, committed)
+    ("stories260k", "checkpoints/base/stories260k", [], "Once upon a time, there was a little girl", True),
+    ("llama_gqa", "fixtures/peft/llama_gqa", [], "Hello world, the cat sat on the mat.", True),
+    ("llama_gqa_adapter", "fixtures/peft/llama_gqa", ["fixtures/peft/llama_gqa/adapter"],
+     "Hello world, the cat sat on the mat.", True),
+    ("qwen2_tied", "fixtures/peft/qwen2_tied", [], "Hello world, the cat sat on the mat.", True),
+]
+smol = os.path.join(ROOT, "checkpoints/base/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
+if os.path.exists(smol):
+    MODELS.append(("smollm2", smol, [], "The capital of France is", False))
+
+
+def run(cmd):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+
+
+def main():
+    refs = []
+    failed = False
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, base, adapters, prompt, committed in MODELS:
+            for ty in ("f32", "f16"):
+                out = os.path.join(tmp, f"{name}-{ty}.gguf")
+                cmd = [HONE, "export", "gguf", "--model", base, "--type", ty, "--out", out]
+                for a in adapters:
+                    cmd += ["--adapter", a]
+                summary = json.loads(run(cmd).stdout.strip().splitlines()[-1])
+                logdir = os.path.join(tmp, "ll")
+                run([os.path.join(LLAMA_BIN, "llama-debug"), "-m", out, "-p", prompt, "--save-logits",
+                     "--logits-output-dir", logdir, "-t", "2", "-c", "256", "-ctk", "f32", "-ctv", "f32",
+                     "-fa", "off"])
+                stem = f"{name}-{ty}"
+                ids = np.fromfile(os.path.join(logdir, f"llamacpp-{stem}-tokens.bin"), dtype=np.int32)
+                ll = np.fromfile(os.path.join(logdir, f"llamacpp-{stem}.bin"), dtype=np.float32)
+                save_file({"input_ids": ids[None, :].astype(np.int64)}, os.path.join(tmp, "ids.safetensors"))
+                run([HONE, "logits", "--model", out, "--input-ids", os.path.join(tmp, "ids.safetensors"),
+                     "--out", os.path.join(tmp, "hone.safetensors")])
+                hl = load_file(os.path.join(tmp, "hone.safetensors"))["logits"][0, -1]
+                diff = float(np.abs(hl - ll).max())
+                ok = diff <= TOLERANCE[ty] and len(hl) == len(ll)
+                failed |= not ok
+                print(json.dumps({"check": "logits", "model": name, "type": ty, "ok": ok,
+                                  "max_abs_diff": diff, "tolerance": TOLERANCE[ty], "tokens": len(ids),
+                                  "argmax": [int(hl.argmax()), int(ll.argmax())],
+                                  "bytes": summary["bytes"]}), flush=True)
+                if committed:
+                    refs.append({"model": name, "base": base, "adapters": adapters, "type": ty,
+                                 "prompt": prompt, "llamacpp_ids": ids.tolist(),
+                                 "llamacpp_last_logits": [float(v) for v in ll]})
+    version = run([os.path.join(LLAMA_BIN, "llama-cli"), "--version"]).stderr.strip().splitlines()
+    doc = {"llama_cpp": [v for v in version if v.startswith("version")][:1], "refs": refs}
+    with open(os.path.join(ROOT, "fixtures/gguf/export/llamacpp_refs.json"), "w") as f:
+        json.dump(doc, f)
+    if failed:
+        sys.exit(1)
+
+
+main()
