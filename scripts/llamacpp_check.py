@@ -9,7 +9,8 @@ attention off, so llama.cpp's own rounding stays out of the comparison), and `ho
 llama.cpp's token ids from the same file. Prints one JSON line per check and fails above the
 tolerance (1e-3 for f32; 5e-2 for f16, where llama.cpp rounds activations to f16 in its products:
 measured 1.3e-4 to 2.1e-2 on logits up to ~20).
-Writes fixtures/gguf/export/llamacpp_refs.json (the committed models only: llama.cpp's ids and
+Then the adapters alone (`--lora-only`, f32 and q8_0) applied by llama.cpp (`--lora`) to the f32
+base export, against hone's merged export (1e-3 for f32). Writes fixtures/gguf/export/llamacpp_refs.json (the committed models only: llama.cpp's ids and
 last-position logits), which crates/hone-merge/tests/gguf_export.rs replays without llama.cpp.
 """
 import json
@@ -33,6 +34,8 @@ MODELS = [
     ("llama_gqa_adapter", "fixtures/peft/llama_gqa", ["fixtures/peft/llama_gqa/adapter"],
      "Hello world, the cat sat on the mat.", True),
     ("qwen2_tied", "fixtures/peft/qwen2_tied", [], "Hello world, the cat sat on the mat.", True),
+    ("qwen2_tied_adapter", "fixtures/peft/qwen2_tied", ["fixtures/peft/qwen2_tied/adapter"],
+     "Hello world, the cat sat on the mat.", True),
 ]
 smol = os.path.join(ROOT, "checkpoints/base/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
 if os.path.exists(smol):
@@ -75,6 +78,44 @@ def main():
                 if committed:
                     refs.append({"model": name, "base": base, "adapters": adapters, "type": ty,
                                  "prompt": prompt, "llamacpp_ids": ids.tolist(),
+                                 "llamacpp_last_logits": [float(v) for v in ll]})
+        # The adapters alone (`--lora-only`) on the f32 base in llama.cpp (`--lora`) against hone's
+        # merged f32 export.
+        for name, base, adapters, prompt, committed in MODELS:
+            if not adapters:
+                continue
+            for lora_ty in ("f32", "q8_0"):
+                base_file = os.path.join(tmp, f"{name}-base.gguf")
+                merged = os.path.join(tmp, f"{name}-merged.gguf")
+                lora = os.path.join(tmp, f"{name}-lora-{lora_ty}.gguf")
+                run([HONE, "export", "gguf", "--model", base, "--type", "f32", "--out", base_file, "--force"])
+                cmd = [HONE, "export", "gguf", "--model", base, "--type", "f32", "--out", merged, "--force"]
+                lcmd = [HONE, "export", "gguf", "--model", base, "--lora-only", "--type", lora_ty, "--out", lora]
+                for a in adapters:
+                    cmd += ["--adapter", a]
+                    lcmd += ["--adapter", a]
+                run(cmd)
+                run(lcmd)
+                logdir = os.path.join(tmp, "ll")
+                run([os.path.join(LLAMA_BIN, "llama-debug"), "-m", base_file, "--lora", lora, "-p", prompt,
+                     "--save-logits", "--logits-output-dir", logdir, "-t", "2", "-c", "256", "-ctk", "f32",
+                     "-ctv", "f32", "-fa", "off"])
+                stem = f"{name}-base"
+                ids = np.fromfile(os.path.join(logdir, f"llamacpp-{stem}-tokens.bin"), dtype=np.int32)
+                ll = np.fromfile(os.path.join(logdir, f"llamacpp-{stem}.bin"), dtype=np.float32)
+                save_file({"input_ids": ids[None, :].astype(np.int64)}, os.path.join(tmp, "ids.safetensors"))
+                run([HONE, "logits", "--model", merged, "--input-ids", os.path.join(tmp, "ids.safetensors"),
+                     "--out", os.path.join(tmp, "hone.safetensors")])
+                hl = load_file(os.path.join(tmp, "hone.safetensors"))["logits"][0, -1]
+                diff = float(np.abs(hl - ll).max())
+                tol = 1e-3 if lora_ty == "f32" else 2e-2
+                ok = diff <= tol
+                failed |= not ok
+                print(json.dumps({"check": "lora", "model": name, "lora_type": lora_ty, "ok": ok,
+                                  "max_abs_diff": diff, "tolerance": tol, "tokens": len(ids)}), flush=True)
+                if committed and lora_ty == "f32":
+                    refs.append({"model": name + "_lora", "base": base, "adapters": adapters, "type": "f32",
+                                 "lora": True, "prompt": prompt, "llamacpp_ids": ids.tolist(),
                                  "llamacpp_last_logits": [float(v) for v in ll]})
     version = run([os.path.join(LLAMA_BIN, "llama-cli"), "--version"]).stderr.strip().splitlines()
     doc = {"llama_cpp": [v for v in version if v.startswith("version")][:1], "refs": refs}

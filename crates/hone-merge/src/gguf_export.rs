@@ -193,6 +193,9 @@ pub struct GgufExportOptions {
     pub name: Option<String>,
     /// `tokenizer.ggml.pre` for a byte-level tokenizer hone does not recognise.
     pub tokenizer_pre: Option<String>,
+    /// Write the adapters alone in llama.cpp's LoRA adapter format (`llama-cli --lora`, Ollama's
+    /// `ADAPTER`) instead of the merged model; types f32, f16, q8_0.
+    pub lora_only: bool,
 }
 
 /// What [`export_gguf`] wrote.
@@ -380,8 +383,12 @@ fn metadata(
     }
 }
 
-/// Exports the model of `options` (see the module documentation).
+/// Exports the model of `options` (see the module documentation), or with `lora_only` the
+/// adapters alone ([`export_lora`]).
 pub fn export_gguf(options: &GgufExportOptions) -> Result<GgufExportReport> {
+    if options.lora_only {
+        return export_lora(options);
+    }
     let start = Instant::now();
     let base = &hone_model::loader::resolve_model_dir(&options.base)?;
     let mut inputs: Vec<(&Path, &'static str)> = vec![(base.as_path(), "base model")];
@@ -534,6 +541,205 @@ pub fn export_gguf(options: &GgufExportOptions) -> Result<GgufExportReport> {
     })
 }
 
+/// Writes the adapters of `options` as a llama.cpp LoRA adapter: `general.type = adapter`,
+/// `adapter.type = lora`, `adapter.lora.alpha`, and per module `blk.N.<tensor>.weight.lora_a`
+/// (`A`, `[rank, in]`) and `.lora_b` (`B`, `[out, rank]`, llama's q/k rows permuted as the base's),
+/// which llama.cpp applies as `W + alpha/rank · B A`, as PEFT does. A single plain adapter is
+/// written as stored with its `lora_alpha` (what `convert_lora_to_gguf.py` writes); rsLoRA,
+/// per-module ranks or alphas and combinations of several adapters are written as the combined
+/// update with the scaling folded into `B` and `adapter.lora.alpha = 0` (llama.cpp's scale 1).
+pub fn export_lora(options: &GgufExportOptions) -> Result<GgufExportReport> {
+    let start = Instant::now();
+    let base = &hone_model::loader::resolve_model_dir(&options.base)?;
+    let mut inputs: Vec<(&Path, &'static str)> = vec![(base.as_path(), "base model")];
+    inputs.extend(options.adapters.iter().map(|a| (a.as_path(), "adapter")));
+    check_output_not_input(&options.out, &inputs)?;
+    if options.out.exists() && !options.force {
+        return Err(MergeError::OutputExists {
+            path: options.out.clone(),
+        });
+    }
+    let ty = match options.ty {
+        ExportType::F32 => GgmlType::F32,
+        ExportType::F16 => GgmlType::F16,
+        ExportType::Q8_0 => GgmlType::Q8_0,
+        other => {
+            return Err(unsupported(
+                &options.out,
+                "type of a LoRA adapter GGUF",
+                other.name().into(),
+                "f32, f16, q8_0",
+            ))
+        }
+    };
+    let meta = BaseMeta::open(base)?;
+    let (config, store) = meta.weights(base)?;
+    let arch = gguf_arch(&config);
+    let set = AdapterSet::open(&options.adapters, &options.combination)?;
+    let mut names = store.names();
+    names.sort_by(|a, b| export::natural_cmp(a, b));
+    if config.tie_word_embeddings {
+        names.retain(|n| n != "lm_head.weight");
+    }
+    let mut shapes = Vec::with_capacity(names.len());
+    for name in &names {
+        shapes.push(store.shape(name)?);
+    }
+    crate::merge::check_modules_in_base(
+        &set,
+        &store,
+        base,
+        &names,
+        &shapes,
+        config.tie_word_embeddings,
+    )?;
+    let plain = match set.adapters.as_slice() {
+        [one] => {
+            let s = &one.settings;
+            !s.use_rslora && s.rank_pattern.is_empty() && s.alpha_pattern.is_empty()
+        }
+        _ => false,
+    };
+    let alpha = if plain {
+        set.adapters[0].settings.alpha as f32
+    } else {
+        0.0
+    };
+    // Factors of every module, in module order: (GGUF name, A, B, shape).
+    let mut modules = Vec::new();
+    let mut module_names: Vec<&String> = set.modules().keys().collect();
+    module_names.sort_by(|a, b| export::natural_cmp(a, b));
+    for module in module_names {
+        let gguf = gguf_tensor_name(&format!("{module}.weight")).ok_or_else(|| {
+            unsupported(
+                base,
+                "adapted module in a LoRA adapter GGUF (one without a llama.cpp name)",
+                module.clone(),
+                "the attention and MLP projections, and lm_head",
+            )
+        })?;
+        let (a, mut b, shape) = if plain {
+            let f = set.adapters[0]
+                .factors(module)?
+                .expect("the module is the adapter's");
+            (f.a, f.b, f.shape)
+        } else {
+            let low = set.combined(module)?;
+            (low.a, low.b, low.shape)
+        };
+        let heads = match (arch, gguf.rsplit('.').nth(1)) {
+            ("llama", Some("attn_q")) => Some(config.num_heads),
+            ("llama", Some("attn_k")) => Some(config.num_kv_heads),
+            _ => None,
+        };
+        if let Some(heads) = heads {
+            b = permute_rows(&b, shape.out_features, shape.rank, heads);
+        }
+        modules.push((gguf, a, b, shape));
+    }
+    let fit = |row: usize| {
+        if row % ty.block_size() == 0 {
+            ty
+        } else {
+            GgmlType::F16
+        }
+    };
+    let mut specs = Vec::new();
+    let mut data: Vec<&Vec<f32>> = Vec::new();
+    for (gguf, a, b, shape) in &modules {
+        specs.push(TensorSpec {
+            name: format!("{gguf}.lora_a"),
+            shape: vec![shape.rank, shape.in_features],
+            ty: fit(shape.in_features),
+        });
+        data.push(a);
+        specs.push(TensorSpec {
+            name: format!("{gguf}.lora_b"),
+            shape: vec![shape.out_features, shape.rank],
+            ty: fit(shape.rank),
+        });
+        data.push(b);
+    }
+    let default_name = || {
+        options.adapters[0]
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "adapter".into())
+    };
+    let metadata = vec![
+        (
+            "general.architecture".to_string(),
+            Value::String(arch.into()),
+        ),
+        ("general.type".into(), Value::String("adapter".into())),
+        (
+            "general.name".into(),
+            Value::String(options.name.clone().unwrap_or_else(default_name)),
+        ),
+        ("adapter.type".into(), Value::String("lora".into())),
+        ("adapter.lora.alpha".into(), Value::F32(alpha)),
+    ];
+    let staged = hone_io::StagedFile::new(&options.out)?;
+    let mut writer = BufWriter::with_capacity(1 << 20, staged.file());
+    let bytes =
+        write::write::<MergeError>(&options.out, &mut writer, &metadata, &specs, |i, spec| {
+            if let Some(bad) = data[i].iter().position(|v| !v.is_finite()) {
+                return Err(GgufError::Tensor {
+                    path: options.out.clone(),
+                    tensor: spec.name.clone(),
+                    message: format!("value {bad} is {}", data[i][bad]),
+                }
+                .into());
+            }
+            quantize(spec.ty, data[i]).map_err(|message| {
+                GgufError::Tensor {
+                    path: options.out.clone(),
+                    tensor: spec.name.clone(),
+                    message,
+                }
+                .into()
+            })
+        })?;
+    drop(writer);
+    staged.commit()?;
+    let facts = match &meta {
+        BaseMeta::Dir(_) => {
+            let v = vocab::from_hf_dir(base, config.vocab_size, options.tokenizer_pre.as_deref())?;
+            TokenFacts {
+                eos: v.eos,
+                eot: v.eot,
+                template: v.template,
+                template_source: v.template_source,
+            }
+        }
+        BaseMeta::Gguf(file) => gguf_token_facts(file)?,
+    };
+    let modelfile = modelfile_path(&options.out);
+    let text = modelfile_text(&options.out, &facts, Some(base));
+    hone_io::write_file(&modelfile, text.as_bytes())?;
+    let mut tensor_types = BTreeMap::new();
+    for spec in &specs {
+        *tensor_types.entry(spec.ty.name().to_string()).or_insert(0) += 1;
+    }
+    Ok(GgufExportReport {
+        file: options.out.clone(),
+        modelfile,
+        ty: options.ty,
+        bytes,
+        tensors: specs.len(),
+        tensor_types,
+        merged_modules: 0,
+        eos_ids: facts
+            .eos
+            .iter()
+            .chain(facts.eot.iter())
+            .map(|t| t.id)
+            .collect(),
+        template_source: facts.template_source,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
 /// `<stem>.Modelfile` beside the exported file.
 pub fn modelfile_path(out: &Path) -> PathBuf {
     let stem = out
@@ -583,8 +789,16 @@ fn modelfile_text(file: &Path, facts: &TokenFacts, adapter_of: Option<&Path>) ->
     let mut text =
         String::from("# Written by hone export gguf. Use: ollama create NAME -f THIS_FILE\n");
     match adapter_of {
-        Some(base) => {
+        Some(base) if hone_model::loader::is_gguf(base) => {
             text.push_str(&format!("FROM {}\n", base.display()));
+            text.push_str(&format!("ADAPTER ./{name}\n"));
+        }
+        Some(base) => {
+            text.push_str(&format!(
+                "# The base must be a GGUF file: hone export gguf --model {} --out base.gguf\n",
+                base.display()
+            ));
+            text.push_str("FROM ./base.gguf\n");
             text.push_str(&format!("ADAPTER ./{name}\n"));
         }
         None => text.push_str(&format!("FROM ./{name}\n")),

@@ -3,6 +3,8 @@
 //!   ids and last-position logits on hone's f32/f16 exports of stories260k and the PEFT fixtures
 //!   (one with its adapter merged in). The export made here must tokenize the prompt to llama.cpp's
 //!   ids and give its logits (1e-3 for f32; 5e-2 for f16, where llama.cpp rounds activations).
+//!   The `*_lora` entries are llama.cpp's logits with hone's adapter-only export applied to the
+//!   f32 base (`--lora`): hone's merged export must give them.
 //! * `fixtures/gguf/llama_gqa.gguf`, `qwen2_tied.gguf` (gguf-py, converted as
 //!   `convert_hf_to_gguf.py` converts): the f32 export has their tensors byte for byte and their
 //!   tokenizer metadata; `stories260k-tokenizer.gguf`: the SentencePiece form.
@@ -31,6 +33,7 @@ fn options(base: &Path, adapters: Vec<PathBuf>, ty: ExportType, out: &Path) -> G
         force: false,
         name: None,
         tokenizer_pre: None,
+        lora_only: false,
     }
 }
 
@@ -55,7 +58,9 @@ fn exports_give_llama_cpps_tokens_and_logits() {
         std::fs::read_to_string(root().join("fixtures/gguf/export/llamacpp_refs.json")).unwrap();
     let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
     let refs = doc["refs"].as_array().unwrap();
-    assert_eq!(refs.len(), 8, "four models, f32 and f16");
+    // Five models in f32 and f16, and two adapters applied by llama.cpp (`--lora`) to the f32
+    // base: those replay against hone's merged export.
+    assert_eq!(refs.len(), 12);
     let tmp = tempfile::tempdir().unwrap();
     for r in refs {
         let name = r["model"].as_str().unwrap();
@@ -264,4 +269,67 @@ fn an_existing_output_is_kept_unless_forced() {
     let report = export_gguf(&forced).unwrap();
     assert_eq!(report.bytes, std::fs::metadata(&out).unwrap().len());
     assert!(report.modelfile.is_file());
+}
+
+/// The adapter-only export read back as llama.cpp applies it: every `W + alpha/rank · B A` of the
+/// base export equals the merged export's tensor (llama's q/k rows permuted alike), and every
+/// other tensor has no adapter.
+#[test]
+fn adapter_exports_add_up_to_the_merged_export() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["llama_gqa", "qwen2_tied"] {
+        let base = root().join("fixtures/peft").join(name);
+        let adapter = base.join("adapter");
+        let paths: Vec<PathBuf> = ["base", "merged", "lora"]
+            .iter()
+            .map(|k| tmp.path().join(format!("{name}-{k}.gguf")))
+            .collect();
+        export_gguf(&options(&base, vec![], ExportType::F32, &paths[0])).unwrap();
+        export_gguf(&options(
+            &base,
+            vec![adapter.clone()],
+            ExportType::F32,
+            &paths[1],
+        ))
+        .unwrap();
+        let mut lora = options(&base, vec![adapter], ExportType::F32, &paths[2]);
+        lora.lora_only = true;
+        export_gguf(&lora).unwrap();
+        let [b, m, l] = [0, 1, 2].map(|i| GgufFile::open(&paths[i]).unwrap());
+        assert_eq!(l.get_str("general.type").unwrap(), "adapter");
+        assert_eq!(l.get_str("adapter.type").unwrap(), "lora");
+        let alpha = l.get_f64("adapter.lora.alpha").unwrap() as f32;
+        let mut adapted = 0;
+        for t in b.tensors() {
+            let (w, shape) = b.tensor_f32(&t.name).unwrap();
+            let (want, _) = m.tensor_f32(&t.name).unwrap();
+            let got = match l.tensor_info(&format!("{}.lora_a", t.name)) {
+                None => w,
+                Some(_) => {
+                    adapted += 1;
+                    let (a, a_shape) = l.tensor_f32(&format!("{}.lora_a", t.name)).unwrap();
+                    let (bm, b_shape) = l.tensor_f32(&format!("{}.lora_b", t.name)).unwrap();
+                    let (rank, cols, rows) = (a_shape[0], a_shape[1], b_shape[0]);
+                    assert_eq!((rows, cols, b_shape[1]), (shape[0], shape[1], rank));
+                    let scale = alpha / rank as f32;
+                    let mut out = w;
+                    for r in 0..rows {
+                        for c in 0..cols {
+                            let d: f32 =
+                                (0..rank).map(|k| bm[r * rank + k] * a[k * cols + c]).sum();
+                            out[r * cols + c] += scale * d;
+                        }
+                    }
+                    out
+                }
+            };
+            let diff = got
+                .iter()
+                .zip(&want)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 1e-5, "{name}: {} differs by {diff}", t.name);
+        }
+        assert!(adapted >= 4, "{name}: {adapted} adapted tensors");
+    }
 }

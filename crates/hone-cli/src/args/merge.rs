@@ -193,4 +193,8 @@ pub struct ExportGgufArgs {
     /// name llama.cpp gives it, e.g. llama-bpe, qwen2, smollm).
     #[arg(long, value_name = "NAME")]
     pub tokenizer_pre: Option<String>,
+    /// Write the adapter(s) alone in llama.cpp's LoRA format (for `llama-cli --lora` and
+    /// Ollama's ADAPTER line) instead of the merged model; --type f32, f16 or q8_0.
+    #[arg(long)]
+    pub lora_only: bool,
 }

@@ -53,6 +53,7 @@ pub fn export_gguf(args: ExportGgufArgs) -> Result<()> {
         force: args.force,
         name: args.name.clone(),
         tokenizer_pre: args.tokenizer_pre.clone(),
+        lora_only: args.lora_only,
     };
     let report = hone_merge::export_gguf(&options)?;
     let summary = serde_json::json!({
