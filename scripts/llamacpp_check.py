@@ -10,7 +10,10 @@ llama.cpp's token ids from the same file. Prints one JSON line per check and fai
 tolerance (1e-3 for f32; 5e-2 for f16, where llama.cpp rounds activations to f16 in its products:
 measured 1.3e-4 to 2.1e-2 on logits up to ~20).
 Then the adapters alone (`--lora-only`, f32 and q8_0) applied by llama.cpp (`--lora`) to the f32
-base export, against hone's merged export (1e-3 for f32). Writes fixtures/gguf/export/llamacpp_refs.json (the committed models only: llama.cpp's ids and
+base export, against hone's merged export (1e-3 for f32). Then the quantized types (q8_0, q4_0, q4_k_m, q5_k_m, q6_k) against llama-quantize from the same f16
+export: tensor bytes, and llama-perplexity on held-out GSM8K test text within 1% (SmolLM2); the
+tiny K-quant fixture's llama-quantize outputs are written to fixtures/gguf/export/ for cargo test.
+Writes fixtures/gguf/export/llamacpp_refs.json (the committed models only: llama.cpp's ids and
 last-position logits), which crates/hone-merge/tests/gguf_export.rs replays without llama.cpp.
 """
 import json
@@ -44,6 +47,75 @@ if os.path.exists(smol):
 
 def run(cmd):
     return subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+
+
+QUANT_TYPES = ("q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
+
+
+def same_tensors(ours, theirs):
+    """(tensors, tensors of equal type and bytes, type differences) of two GGUF files."""
+    import gguf
+    a, b = gguf.GGUFReader(ours), gguf.GGUFReader(theirs)
+    tb = {t.name: t for t in b.tensors}
+    equal, types = 0, []
+    for t in a.tensors:
+        u = tb[t.name]
+        if t.tensor_type != u.tensor_type:
+            types.append((t.name, t.tensor_type.name, u.tensor_type.name))
+        elif np.array_equal(np.asarray(t.data).view(np.uint8), np.asarray(u.data).view(np.uint8)):
+            equal += 1
+    return len(a.tensors), equal, types
+
+
+def perplexity(model, text):
+    out = run([os.path.join(LLAMA_BIN, "llama-perplexity"), "-m", model, "-f", text, "-c", "256",
+               "--chunks", "24", "-t", "2", "-b", "256"])
+    for line in (out.stdout + out.stderr).splitlines():
+        if "Final estimate: PPL =" in line:
+            return float(line.split("=")[1].split()[0])
+    raise RuntimeError(f"no perplexity for {model}")
+
+
+def quantizers(tmp):
+    """hone's quantized exports against llama-quantize's from the same f16 export: tensor bytes
+    (tiny K-quant fixture, whose llama-quantize outputs are committed for cargo test, and
+    SmolLM2), and llama-perplexity on held-out GSM8K test text (SmolLM2)."""
+    failed = False
+    models = [("tiny", "fixtures/gguf/kquant/tiny_q8_0.gguf")]
+    if os.path.exists(smol):
+        models.append(("smollm2", smol))
+    text = os.path.join(tmp, "heldout.txt")
+    with open(os.path.join(ROOT, "datasets/eval/gsm8k_test.jsonl")) as f, open(text, "w") as out:
+        for line in list(f)[:200]:
+            r = json.loads(line)
+            out.write(r["question"] + "\n" + r["answer"] + "\n\n")
+    for name, base in models:
+        f16 = os.path.join(tmp, f"{name}-f16.gguf")
+        run([HONE, "export", "gguf", "--model", base, "--type", "f16", "--out", f16, "--force"])
+        ppl_f16 = perplexity(f16, text) if name == "smollm2" else None
+        for ty in QUANT_TYPES:
+            ours = os.path.join(tmp, f"{name}-{ty}-hone.gguf")
+            theirs = os.path.join(tmp, f"{name}-{ty}-llama.gguf")
+            if name == "tiny":
+                theirs = os.path.join(ROOT, f"fixtures/gguf/export/tiny-{ty}.llama-quantize.gguf")
+            summary = json.loads(run([HONE, "export", "gguf", "--model", f16, "--type", ty, "--out", ours,
+                                      "--force"]).stdout.strip().splitlines()[-1])
+            run([os.path.join(LLAMA_BIN, "llama-quantize"), f16, theirs, ty.upper(), "2"])
+            n, equal, types = same_tensors(ours, theirs)
+            line = {"check": "quantize", "model": name, "type": ty, "tensors": n, "identical": equal,
+                    "type_differences": types[:5], "bytes": summary["bytes"],
+                    "hone_seconds": summary["seconds"]}
+            if name == "smollm2":
+                p_ours, p_theirs = perplexity(ours, text), perplexity(theirs, text)
+                line.update({"ppl_f16": ppl_f16, "ppl_hone": p_ours, "ppl_llama_quantize": p_theirs,
+                             "ppl_ratio": p_ours / p_theirs})
+                ok = abs(p_ours / p_theirs - 1) <= 0.01
+            else:
+                ok = equal == n
+            line["ok"] = ok
+            failed |= not ok
+            print(json.dumps(line), flush=True)
+    return failed
 
 
 def main():
@@ -117,6 +189,7 @@ def main():
                     refs.append({"model": name + "_lora", "base": base, "adapters": adapters, "type": "f32",
                                  "lora": True, "prompt": prompt, "llamacpp_ids": ids.tolist(),
                                  "llamacpp_last_logits": [float(v) for v in ll]})
+        failed |= quantizers(tmp)
     version = run([os.path.join(LLAMA_BIN, "llama-cli"), "--version"]).stderr.strip().splitlines()
     doc = {"llama_cpp": [v for v in version if v.startswith("version")][:1], "refs": refs}
     with open(os.path.join(ROOT, "fixtures/gguf/export/llamacpp_refs.json"), "w") as f:

@@ -333,3 +333,52 @@ fn adapter_exports_add_up_to_the_merged_export() {
         assert!(adapted >= 4, "{name}: {adapted} adapted tensors");
     }
 }
+
+/// The quantized types against llama.cpp's own quantizer: `fixtures/gguf/export/tiny-*.gguf`
+/// are `llama-quantize` outputs (`scripts/llamacpp_check.py`) from hone's f16 export of the tiny
+/// K-quant fixture (widths of 256, so Q4_K, Q5_K and Q6_K are all used); hone's export of the
+/// same f16 file must choose every tensor's type as llama-quantize did and give its bytes.
+#[test]
+fn quantized_exports_equal_llama_quantizes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f16 = tmp.path().join("tiny-f16.gguf");
+    let base = root().join("fixtures/gguf/kquant/tiny_q8_0.gguf");
+    export_gguf(&options(&base, vec![], ExportType::F16, &f16)).unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for ty in [
+        ExportType::Q8_0,
+        ExportType::Q4_0,
+        ExportType::Q4KM,
+        ExportType::Q5KM,
+        ExportType::Q6K,
+    ] {
+        let out = tmp.path().join(format!("tiny-{ty}.gguf"));
+        export_gguf(&options(&f16, vec![], ty, &out)).unwrap();
+        let ours = GgufFile::open(&out).unwrap();
+        let theirs = GgufFile::open(&root().join(format!(
+            "fixtures/gguf/export/tiny-{ty}.llama-quantize.gguf"
+        )))
+        .unwrap();
+        assert_eq!(ours.tensors().len(), theirs.tensors().len(), "{ty}");
+        for t in theirs.tensors() {
+            let mine = ours.tensor_info(&t.name).unwrap();
+            assert_eq!(mine.ggml_type, t.ggml_type, "{ty}: {} type", t.name);
+            seen.insert(t.ggml_type.name());
+            let (a, b) = (
+                ours.tensor_bytes(&t.name).unwrap(),
+                theirs.tensor_bytes(&t.name).unwrap(),
+            );
+            if let Some(i) = a.iter().zip(b).position(|(x, y)| x != y) {
+                panic!(
+                    "{ty}: {} ({}) differs from llama-quantize's at byte {i} (block {})",
+                    t.name,
+                    t.ggml_type,
+                    i / t.ggml_type.block_bytes()
+                );
+            }
+        }
+    }
+    for name in ["Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K"] {
+        assert!(seen.contains(name), "{name} not covered: {seen:?}");
+    }
+}
