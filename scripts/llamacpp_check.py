@@ -13,6 +13,8 @@ Then the adapters alone (`--lora-only`, f32 and q8_0) applied by llama.cpp (`--l
 base export, against hone's merged export (1e-3 for f32). Then the quantized types (q8_0, q4_0, q4_k_m, q5_k_m, q6_k) against llama-quantize from the same f16
 export: tensor bytes, and llama-perplexity on held-out GSM8K test text within 1% (SmolLM2); the
 tiny K-quant fixture's llama-quantize outputs are written to fixtures/gguf/export/ for cargo test.
+Then a chat model's export (SmolLM2, f32) in llama-cli's conversation mode: it stops at the
+end of the turn and answers what `hone generate` answers with the file's chat template.
 Writes fixtures/gguf/export/llamacpp_refs.json (the committed models only: llama.cpp's ids and
 last-position logits), which crates/hone-merge/tests/gguf_export.rs replays without llama.cpp.
 """
@@ -118,6 +120,53 @@ def quantizers(tmp):
     return failed
 
 
+CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Give me three tips for staying healthy.",
+    "Write a haiku about the sea.",
+    "What is 12 times 7?",
+]
+
+
+def chat(tmp):
+    """A chat model's export in llama-cli's conversation mode (greedy, one turn): it must stop at
+    the end of the turn (before the token limit) and answer what `hone generate` answers on the
+    same file with the file's chat template (rendered by `hone template render`)."""
+    if not os.path.exists(smol):
+        print(json.dumps({"check": "chat", "skipped": "SmolLM2 not fetched (scripts/fetch-models.sh smollm2)"}))
+        return False
+    failed = False
+    limit = 160
+    # f32 only: on a quantized file llama.cpp also quantizes the activations (Q8_0 blocks of 32
+    # for its integer dot products), so greedy answers part ways from hone's, which multiplies
+    # f32 activations with the decoded weights (measured: logits 0.63 apart on a q8_0 export).
+    for ty in ("f32",):
+        model = os.path.join(tmp, f"smollm2-chat-{ty}.gguf")
+        run([HONE, "export", "gguf", "--model", smol, "--type", ty, "--out", model, "--force"])
+        for prompt in CHAT_PROMPTS:
+            cli = run([os.path.join(LLAMA_BIN, "llama-cli"), "-m", model, "-p", prompt, "-st", "--temp", "0",
+                       "-n", str(limit), "-t", "2", "-c", "1024", "--no-show-timings", "--no-display-prompt",
+                       "-ctk", "f32", "-ctv", "f32", "-fa", "off"])
+            out = cli.stdout
+            answer_cli = out[out.index("> " + prompt) + len(prompt) + 2:].strip()
+            if answer_cli.endswith("Exiting..."):
+                answer_cli = answer_cli[: -len("Exiting...")].strip()
+            msgs = os.path.join(tmp, "messages.json")
+            with open(msgs, "w") as f:
+                json.dump([{"role": "user", "content": prompt}], f)
+            rendered = run([HONE, "template", "render", "--model", model, "--messages", msgs,
+                            "--add-generation-prompt"]).stdout
+            gen = run([HONE, "generate", "--model", model, "--prompt", rendered, "--max-tokens", str(limit)])
+            answer_hone = gen.stdout[len(rendered):].strip() if gen.stdout.startswith(rendered) else gen.stdout.strip()
+            stopped = "finish: Stop" in gen.stderr
+            ok = stopped and answer_cli == answer_hone
+            failed |= not ok
+            print(json.dumps({"check": "chat", "type": ty, "prompt": prompt, "ok": ok,
+                              "hone_stopped_at_end_of_turn": stopped, "same_answer": answer_cli == answer_hone,
+                              "llama_cli": answer_cli[:200], "hone": answer_hone[:200]}), flush=True)
+    return failed
+
+
 def main():
     refs = []
     failed = False
@@ -190,6 +239,7 @@ def main():
                                  "lora": True, "prompt": prompt, "llamacpp_ids": ids.tolist(),
                                  "llamacpp_last_logits": [float(v) for v in ll]})
         failed |= quantizers(tmp)
+        failed |= chat(tmp)
     version = run([os.path.join(LLAMA_BIN, "llama-cli"), "--version"]).stderr.strip().splitlines()
     doc = {"llama_cpp": [v for v in version if v.startswith("version")][:1], "refs": refs}
     with open(os.path.join(ROOT, "fixtures/gguf/export/llamacpp_refs.json"), "w") as f:
