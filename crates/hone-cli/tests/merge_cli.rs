@@ -308,3 +308,69 @@ fn export_gguf_writes_the_file_its_modelfile_and_a_summary_line() {
         .arg(tmp.path().join("x.gguf"))));
     assert!(err.contains("q3_k") && err.contains("q4_k_m"), "{err}");
 }
+
+/// `hone export gguf --run`: a run trained with ChatML on a base whose EOS is not ChatML's
+/// end of turn (qwen2_tied: EOS `<|endoftext|>`, `<|im_end|>` in the vocabulary) exports with the
+/// run's template and `<|im_end|>` as the end-of-turn id, so llama.cpp stops at the end of an
+/// answer; on a base without that token (llama_gqa) it becomes a Modelfile stop string.
+#[test]
+fn export_gguf_from_a_run_writes_its_template_and_end_of_turn() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    for (model, eot) in [("qwen2_tied", Some(511u64)), ("llama_gqa", None)] {
+        let run_dir = tmp.path().join(format!("run-{model}"));
+        let set = |kv: String| ["--set".to_string(), kv];
+        ok(&run(hone()
+            .current_dir(&root)
+            .args(["train", "--config", "configs/quickstart.toml"])
+            .args(set(format!("model.path=\"fixtures/peft/{model}\"")))
+            .args(set("tokenize.template=\"chatml\"".into()))
+            .args(set("tokenize.max_seq_len=128".into()))
+            .args(set("train.max_steps=1".into()))
+            .args(set("eval.at_start=false".into()))
+            .args(set(format!(
+                "output.dir={:?}",
+                run_dir.display().to_string()
+            )))));
+        let out = tmp.path().join(format!("{model}.gguf"));
+        let stdout = ok(&run(hone()
+            .current_dir(&root)
+            .args(["export", "gguf", "--run"])
+            .arg(&run_dir)
+            .args(["--type", "f32", "--out"])
+            .arg(&out)));
+        let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert!(
+            summary["template_source"]
+                .as_str()
+                .unwrap()
+                .starts_with("builtin:chatml"),
+            "{summary}"
+        );
+        assert!(summary["merged_modules"].as_u64().unwrap() > 0, "{summary}");
+        let file = hone_model::gguf::GgufFile::open(&out).unwrap();
+        assert!(file
+            .get_str("tokenizer.chat_template")
+            .unwrap()
+            .contains("<|im_start|>"));
+        let modelfile =
+            std::fs::read_to_string(tmp.path().join(format!("{model}.Modelfile"))).unwrap();
+        assert!(
+            modelfile.contains("PARAMETER stop \"<|im_end|>\""),
+            "{modelfile}"
+        );
+        match eot {
+            Some(id) => {
+                let found = file
+                    .get("tokenizer.ggml.eot_token_id")
+                    .and_then(|v| v.as_u64());
+                assert_eq!(found, Some(id), "{model}");
+                assert!(summary["eos_ids"].as_array().unwrap().contains(&id.into()));
+            }
+            None => {
+                assert!(file.get("tokenizer.ggml.eot_token_id").is_none(), "{model}");
+                assert_eq!(summary["stop_strings"][0], "<|im_end|>", "{summary}");
+            }
+        }
+    }
+}

@@ -193,9 +193,26 @@ pub struct GgufExportOptions {
     pub name: Option<String>,
     /// `tokenizer.ggml.pre` for a byte-level tokenizer hone does not recognise.
     pub tokenizer_pre: Option<String>,
+    /// The chat template the adapters were trained with, when it is not the base's own
+    /// (`hone export gguf --run`): written as `tokenizer.chat_template`, its end-of-turn token as
+    /// `tokenizer.ggml.eot_token_id` (llama.cpp stops there) or, when the vocabulary has no such
+    /// token, as a stop string of the Modelfile.
+    pub template: Option<TemplateOverride>,
     /// Write the adapters alone in llama.cpp's LoRA adapter format (`llama-cli --lora`, Ollama's
     /// `ADAPTER`) instead of the merged model; types f32, f16, q8_0.
     pub lora_only: bool,
+}
+
+/// A chat template that replaces the base's in the export.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TemplateOverride {
+    /// The Jinja text.
+    pub text: String,
+    /// Where it came from, for the report (`builtin:chatml (run DIR)`).
+    pub source: String,
+    /// The text that ends an assistant turn (`<|im_end|>`), when the template has one other
+    /// than EOS.
+    pub end_of_turn: Option<String>,
 }
 
 /// What [`export_gguf`] wrote.
@@ -212,8 +229,10 @@ pub struct GgufExportReport {
     /// The ids that end generation: EOS, then the end-of-turn token.
     pub eos_ids: Vec<u32>,
     /// Where the chat template came from (`tokenizer_config.json`, `chat_template.jinja`, the
-    /// base GGUF's metadata), if there is one.
+    /// base GGUF's metadata, a run's template), if there is one.
     pub template_source: Option<String>,
+    /// Texts that end a turn but are no single token of the vocabulary (Modelfile stops only).
+    pub stop_strings: Vec<String>,
     pub seconds: f64,
 }
 
@@ -303,6 +322,45 @@ struct TokenFacts {
     eot: Option<Special>,
     template: Option<String>,
     template_source: Option<String>,
+    stop_strings: Vec<String>,
+}
+
+/// Puts `key = value` in `meta` (in place when present).
+fn set_key(meta: &mut Vec<(String, Value)>, key: &str, value: Value) {
+    match meta.iter_mut().find(|(k, _)| k == key) {
+        Some(entry) => entry.1 = value,
+        None => meta.push((key.to_string(), value)),
+    }
+}
+
+/// Applies a run's chat template to the metadata and the token facts.
+fn apply_template(meta: &mut Vec<(String, Value)>, facts: &mut TokenFacts, t: &TemplateOverride) {
+    set_key(
+        meta,
+        "tokenizer.chat_template",
+        Value::String(t.text.clone()),
+    );
+    facts.template = Some(t.text.clone());
+    facts.template_source = Some(t.source.clone());
+    let Some(end) = &t.end_of_turn else {
+        return;
+    };
+    let id = meta
+        .iter()
+        .find(|(k, _)| k == "tokenizer.ggml.tokens")
+        .and_then(|(_, v)| v.as_array())
+        .and_then(|tokens| tokens.iter().position(|v| v.as_str() == Some(end.as_str())));
+    match id {
+        Some(id) if facts.eos.as_ref().is_none_or(|e| e.id != id as u32) => {
+            set_key(meta, "tokenizer.ggml.eot_token_id", Value::U32(id as u32));
+            facts.eot = Some(Special {
+                text: end.clone(),
+                id: id as u32,
+            });
+        }
+        Some(_) => {}
+        None => facts.stop_strings.push(end.clone()),
+    }
 }
 
 fn gguf_token_facts(file: &GgufFile) -> Result<TokenFacts> {
@@ -324,6 +382,7 @@ fn gguf_token_facts(file: &GgufFile) -> Result<TokenFacts> {
             .as_ref()
             .map(|_| "the base GGUF's metadata".to_string()),
         template,
+        stop_strings: Vec::new(),
     })
 }
 
@@ -356,6 +415,7 @@ fn metadata(
                     eot: vocab.eot,
                     template: vocab.template,
                     template_source: vocab.template_source,
+                    stop_strings: Vec::new(),
                 },
             ))
         }
@@ -464,7 +524,10 @@ pub fn export_gguf(options: &GgufExportOptions) -> Result<GgufExportReport> {
     let specs: Vec<TensorSpec> = order.iter().map(|&i| specs[i].clone()).collect();
     let hf_names: Vec<&String> = order.iter().map(|&i| &names[i]).collect();
 
-    let (metadata, facts) = metadata(options, base, &meta, &config)?;
+    let (mut metadata, mut facts) = metadata(options, base, &meta, &config)?;
+    if let Some(t) = &options.template {
+        apply_template(&mut metadata, &mut facts, t);
+    }
     let staged = hone_io::StagedFile::new(&options.out)?;
     let mut writer = BufWriter::with_capacity(1 << 20, staged.file());
     let mut merged_modules = 0;
@@ -537,6 +600,7 @@ pub fn export_gguf(options: &GgufExportOptions) -> Result<GgufExportReport> {
         merged_modules,
         eos_ids,
         template_source: facts.template_source,
+        stop_strings: facts.stop_strings,
         seconds: start.elapsed().as_secs_f64(),
     })
 }
@@ -710,10 +774,24 @@ pub fn export_lora(options: &GgufExportOptions) -> Result<GgufExportReport> {
                 eot: v.eot,
                 template: v.template,
                 template_source: v.template_source,
+                stop_strings: Vec::new(),
             }
         }
         BaseMeta::Gguf(file) => gguf_token_facts(file)?,
     };
+    let mut facts = facts;
+    if let Some(t) = &options.template {
+        // The adapter file has no tokenizer: the run's template reaches Ollama through the
+        // Modelfile only.
+        let mut scratch = match &meta {
+            BaseMeta::Dir(_) => {
+                vocab::from_hf_dir(base, config.vocab_size, options.tokenizer_pre.as_deref())?
+                    .metadata
+            }
+            BaseMeta::Gguf(file) => file.metadata().to_vec(),
+        };
+        apply_template(&mut scratch, &mut facts, t);
+    }
     let modelfile = modelfile_path(&options.out);
     let text = modelfile_text(&options.out, &facts, Some(base));
     hone_io::write_file(&modelfile, text.as_bytes())?;
@@ -736,6 +814,7 @@ pub fn export_lora(options: &GgufExportOptions) -> Result<GgufExportReport> {
             .map(|t| t.id)
             .collect(),
         template_source: facts.template_source,
+        stop_strings: facts.stop_strings,
         seconds: start.elapsed().as_secs_f64(),
     })
 }
@@ -806,8 +885,17 @@ fn modelfile_text(file: &Path, facts: &TokenFacts, adapter_of: Option<&Path>) ->
     if let Some(template) = facts.template.as_deref().and_then(ollama_template) {
         text.push_str(&format!("TEMPLATE \"\"\"{template}\"\"\"\n"));
     }
-    for token in facts.eot.iter().chain(facts.eos.iter()) {
-        text.push_str(&format!("PARAMETER stop \"{}\"\n", token.text));
+    let stops = facts
+        .eot
+        .iter()
+        .chain(facts.eos.iter())
+        .map(|t| t.text.clone())
+        .chain(facts.stop_strings.iter().cloned());
+    for stop in stops {
+        text.push_str(&format!(
+            "PARAMETER stop {}\n",
+            serde_json::Value::from(stop)
+        ));
     }
     text
 }

@@ -26,6 +26,8 @@ pub use combine::{
 pub use combined_adapter::{combine_adapters, CombineOptions, CombineReport};
 pub use error::{MergeError, Result};
 pub use export::parse_size;
-pub use gguf_export::{export_gguf, ExportType, GgufExportOptions, GgufExportReport};
+pub use gguf_export::{
+    export_gguf, ExportType, GgufExportOptions, GgufExportReport, TemplateOverride,
+};
 pub use merge::{merge, MergeOptions, MergeReport, ShardInfo, DEFAULT_MAX_SHARD_SIZE};
 pub use methods::MajoritySign;

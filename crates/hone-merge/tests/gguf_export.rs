@@ -33,6 +33,7 @@ fn options(base: &Path, adapters: Vec<PathBuf>, ty: ExportType, out: &Path) -> G
         force: false,
         name: None,
         tokenizer_pre: None,
+        template: None,
         lora_only: false,
     }
 }

@@ -172,8 +172,18 @@ pub enum ExportCommand {
 #[derive(Args, Debug)]
 pub struct ExportGgufArgs {
     /// Base model: a Hugging Face model directory or a GGUF file.
-    #[arg(long, value_name = "DIR|FILE.gguf")]
-    pub model: PathBuf,
+    #[arg(
+        long,
+        value_name = "DIR|FILE.gguf",
+        required_unless_present = "run",
+        conflicts_with = "run"
+    )]
+    pub model: Option<PathBuf>,
+    /// A training run directory: its base model (`model.path` of its config.toml), its final
+    /// adapter (RUN/adapter) and the chat template it was trained with, whose end-of-turn token
+    /// becomes the file's end-of-turn id.
+    #[arg(long, value_name = "RUN")]
+    pub run: Option<PathBuf>,
     #[command(flatten)]
     pub selection: AdapterSelection,
     /// Storage type, as llama-quantize names it: f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m,

@@ -44,15 +44,29 @@ pub fn run(args: MergeArgs) -> Result<()> {
 
 /// `hone export gguf`: the merged model as one GGUF file, with a JSON summary line.
 pub fn export_gguf(args: ExportGgufArgs) -> Result<()> {
+    let (base, adapters, template) = match (&args.run, &args.model) {
+        (Some(run), _) => {
+            if !args.selection.adapters.is_empty() {
+                anyhow::bail!(
+                    "--run takes the adapter from the run directory ({}); drop --adapter",
+                    run.join(hone_train::run::FINAL_ADAPTER).display()
+                );
+            }
+            from_run(run)?
+        }
+        (None, Some(model)) => (model.clone(), args.selection.adapters.clone(), None),
+        (None, None) => anyhow::bail!("give --model (a base model) or --run (a training run)"),
+    };
     let options = hone_merge::GgufExportOptions {
-        base: args.model.clone(),
-        adapters: args.selection.adapters.clone(),
+        base,
+        adapters: adapters.clone(),
         combination: args.selection.combination(),
         ty: args.ty,
         out: args.out.clone(),
         force: args.force,
         name: args.name.clone(),
         tokenizer_pre: args.tokenizer_pre.clone(),
+        template,
         lora_only: args.lora_only,
     };
     let report = hone_merge::export_gguf(&options)?;
@@ -63,12 +77,53 @@ pub fn export_gguf(args: ExportGgufArgs) -> Result<()> {
         "bytes": report.bytes,
         "tensors": report.tensors,
         "tensor_types": report.tensor_types,
-        "adapters": args.selection.adapters,
+        "adapters": adapters,
         "merged_modules": report.merged_modules,
         "eos_ids": report.eos_ids,
+        "stop_strings": report.stop_strings,
         "template_source": report.template_source,
         "seconds": (report.seconds * 1000.0).round() / 1000.0,
     });
     println!("{summary}");
     Ok(())
+}
+
+/// The base, final adapter and chat template of the training run in `run`.
+fn from_run(
+    run: &std::path::Path,
+) -> Result<(
+    std::path::PathBuf,
+    Vec<std::path::PathBuf>,
+    Option<hone_merge::TemplateOverride>,
+)> {
+    use anyhow::Context;
+    use hone_tokenize::chat::{ChatTemplate, TemplateSource};
+    let config_path = run.join(hone_train::run::CONFIG_FILE);
+    let config = hone_train::RunConfig::load_saved(&config_path)
+        .with_context(|| format!("{} is not a training run directory", run.display()))?;
+    let adapter = run.join(hone_train::run::FINAL_ADAPTER);
+    if !adapter.join("adapter_config.json").is_file() {
+        anyhow::bail!(
+            "{}: the run has no final adapter (adapter/adapter_config.json); it has not finished",
+            run.display()
+        );
+    }
+    let base = config.model.path.clone();
+    let template = match &config.tokenize.template {
+        TemplateSource::Model => None,
+        TemplateSource::ModelNamed(name) => {
+            let t = ChatTemplate::from_model_dir(&base, Some(name))?;
+            Some(hone_merge::TemplateOverride {
+                text: t.source().to_string(),
+                source: format!("the base's template {name} (run {})", run.display()),
+                end_of_turn: None,
+            })
+        }
+        TemplateSource::Builtin(which) => Some(hone_merge::TemplateOverride {
+            text: which.source().to_string(),
+            source: format!("builtin:{which} (run {})", run.display()),
+            end_of_turn: which.default_special_tokens().eos_token,
+        }),
+    };
+    Ok((base, vec![adapter], template))
 }
