@@ -8,7 +8,7 @@
 #
 #   scripts/llamacpp-check.sh [-w WORKDIR] [-p PYTHON]
 # WORKDIR (default /tmp/hone-llamacpp) holds the sdist, the build and a venv with numpy,
-# safetensors and cmake. Needs a C++ compiler and the package registry (PyPI).
+# safetensors and cmake (gguf-py comes from the llama.cpp tree). Needs a C++ compiler and the package registry (PyPI).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 WORK=/tmp/hone-llamacpp
@@ -19,7 +19,7 @@ SHA=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 mkdir -p "$WORK"
 if [ ! -x "$WORK/venv/bin/python" ]; then
   "$PY" -m venv "$WORK/venv"
-  "$WORK/venv/bin/pip" install -q numpy safetensors cmake
+  "$WORK/venv/bin/pip" install -q numpy safetensors cmake tqdm pyyaml requests
 fi
 export PATH="$WORK/venv/bin:$PATH"
 if [ -z "${LLAMA_CPP:-}" ]; then
@@ -40,4 +40,6 @@ if [ ! -x "$BIN/llama-debug" ] || [ ! -x "$BIN/llama-perplexity" ] || [ ! -x "$B
 fi
 HONE="$ROOT/target/release/hone"
 [ -x "$HONE" ] || (cd "$ROOT" && cargo build --release -p hone-cli)
-LLAMA_BIN="$BIN" HONE="$HONE" "$WORK/venv/bin/python" "$ROOT/scripts/llamacpp_check.py"
+# gguf-py as the llama.cpp tree vendors it (reads the files for the tensor comparisons).
+PYTHONPATH="$LLAMA_CPP/gguf-py${PYTHONPATH:+:$PYTHONPATH}" LLAMA_BIN="$BIN" HONE="$HONE" \
+  "$WORK/venv/bin/python" "$ROOT/scripts/llamacpp_check.py"

@@ -443,14 +443,10 @@ fn metadata(
     }
 }
 
-/// Exports the model of `options` (see the module documentation), or with `lora_only` the
-/// adapters alone ([`export_lora`]).
-pub fn export_gguf(options: &GgufExportOptions) -> Result<GgufExportReport> {
-    if options.lora_only {
-        return export_lora(options);
-    }
-    let start = Instant::now();
-    let base = &hone_model::loader::resolve_model_dir(&options.base)?;
+/// The resolved base of `options`, once the output is known not to be an input and not to
+/// exist (unless forced).
+fn resolve_base(options: &GgufExportOptions) -> Result<PathBuf> {
+    let base = hone_model::loader::resolve_model_dir(&options.base)?;
     let mut inputs: Vec<(&Path, &'static str)> = vec![(base.as_path(), "base model")];
     inputs.extend(options.adapters.iter().map(|a| (a.as_path(), "adapter")));
     check_output_not_input(&options.out, &inputs)?;
@@ -459,6 +455,53 @@ pub fn export_gguf(options: &GgufExportOptions) -> Result<GgufExportReport> {
             path: options.out.clone(),
         });
     }
+    Ok(base)
+}
+
+/// The base tensors an export writes (all but a tied model's `lm_head.weight`), in module
+/// order, with their shapes.
+fn written_tensors(
+    store: &crate::merge::BaseWeights<'_>,
+    config: &ModelConfig,
+) -> Result<(Vec<String>, Vec<Vec<usize>>)> {
+    let mut names = store.names();
+    names.sort_by(|a, b| export::natural_cmp(a, b));
+    if config.tie_word_embeddings {
+        names.retain(|n| n != "lm_head.weight");
+    }
+    let shapes = names
+        .iter()
+        .map(|n| store.shape(n))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((names, shapes))
+}
+
+/// The number of heads whose rows llama.cpp permutes in tensor `gguf_name` (llama's q and k).
+fn permuted_heads(arch: &str, gguf_name: &str, config: &ModelConfig) -> Option<usize> {
+    match (arch, gguf_name.split('.').nth(2)) {
+        ("llama", Some("attn_q")) => Some(config.num_heads),
+        ("llama", Some("attn_k")) => Some(config.num_kv_heads),
+        _ => None,
+    }
+}
+
+/// Tensors per storage type.
+fn count_types(specs: &[TensorSpec]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for spec in specs {
+        *counts.entry(spec.ty.name().to_string()).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Exports the model of `options` (see the module documentation), or with `lora_only` the
+/// adapters alone ([`export_lora`]).
+pub fn export_gguf(options: &GgufExportOptions) -> Result<GgufExportReport> {
+    if options.lora_only {
+        return export_lora(options);
+    }
+    let start = Instant::now();
+    let base = &resolve_base(options)?;
     let meta = BaseMeta::open(base)?;
     let (config, store) = meta.weights(base)?;
     let arch = gguf_arch(&config);
@@ -469,15 +512,7 @@ pub fn export_gguf(options: &GgufExportOptions) -> Result<GgufExportReport> {
     };
 
     // Tensors: every base tensor under its GGUF name, minus lm_head of a tied model.
-    let mut names = store.names();
-    names.sort_by(|a, b| export::natural_cmp(a, b));
-    if config.tie_word_embeddings {
-        names.retain(|n| n != "lm_head.weight");
-    }
-    let mut shapes = Vec::with_capacity(names.len());
-    for name in &names {
-        shapes.push(store.shape(name)?);
-    }
+    let (names, shapes) = written_tensors(&store, &config)?;
     if let Some(set) = &set {
         crate::merge::check_modules_in_base(
             set,
@@ -553,12 +588,7 @@ pub fn export_gguf(options: &GgufExportOptions) -> Result<GgufExportReport> {
                 .into());
             }
             // BaseWeights gives llama's q/k in Hugging Face's order (a GGUF base's too).
-            let heads = match (arch, spec.name.rsplit('.').nth(1)) {
-                ("llama", Some("attn_q")) => Some(config.num_heads),
-                ("llama", Some("attn_k")) => Some(config.num_kv_heads),
-                _ => None,
-            };
-            if let Some(heads) = heads {
+            if let Some(heads) = permuted_heads(arch, &spec.name, &config) {
                 let cols = if spec.shape.len() == 2 {
                     spec.shape[1]
                 } else {
@@ -580,10 +610,7 @@ pub fn export_gguf(options: &GgufExportOptions) -> Result<GgufExportReport> {
     let modelfile = modelfile_path(&options.out);
     let text = modelfile_text(&options.out, &facts, None);
     hone_io::write_file(&modelfile, text.as_bytes())?;
-    let mut tensor_types = BTreeMap::new();
-    for spec in &specs {
-        *tensor_types.entry(spec.ty.name().to_string()).or_insert(0) += 1;
-    }
+    let tensor_types = count_types(&specs);
     let eos_ids = facts
         .eos
         .iter()
@@ -614,15 +641,7 @@ pub fn export_gguf(options: &GgufExportOptions) -> Result<GgufExportReport> {
 /// update with the scaling folded into `B` and `adapter.lora.alpha = 0` (llama.cpp's scale 1).
 pub fn export_lora(options: &GgufExportOptions) -> Result<GgufExportReport> {
     let start = Instant::now();
-    let base = &hone_model::loader::resolve_model_dir(&options.base)?;
-    let mut inputs: Vec<(&Path, &'static str)> = vec![(base.as_path(), "base model")];
-    inputs.extend(options.adapters.iter().map(|a| (a.as_path(), "adapter")));
-    check_output_not_input(&options.out, &inputs)?;
-    if options.out.exists() && !options.force {
-        return Err(MergeError::OutputExists {
-            path: options.out.clone(),
-        });
-    }
+    let base = &resolve_base(options)?;
     let ty = match options.ty {
         ExportType::F32 => GgmlType::F32,
         ExportType::F16 => GgmlType::F16,
@@ -640,15 +659,7 @@ pub fn export_lora(options: &GgufExportOptions) -> Result<GgufExportReport> {
     let (config, store) = meta.weights(base)?;
     let arch = gguf_arch(&config);
     let set = AdapterSet::open(&options.adapters, &options.combination)?;
-    let mut names = store.names();
-    names.sort_by(|a, b| export::natural_cmp(a, b));
-    if config.tie_word_embeddings {
-        names.retain(|n| n != "lm_head.weight");
-    }
-    let mut shapes = Vec::with_capacity(names.len());
-    for name in &names {
-        shapes.push(store.shape(name)?);
-    }
+    let (names, shapes) = written_tensors(&store, &config)?;
     crate::merge::check_modules_in_base(
         &set,
         &store,
@@ -691,12 +702,7 @@ pub fn export_lora(options: &GgufExportOptions) -> Result<GgufExportReport> {
             let low = set.combined(module)?;
             (low.a, low.b, low.shape)
         };
-        let heads = match (arch, gguf.rsplit('.').nth(1)) {
-            ("llama", Some("attn_q")) => Some(config.num_heads),
-            ("llama", Some("attn_k")) => Some(config.num_kv_heads),
-            _ => None,
-        };
-        if let Some(heads) = heads {
+        if let Some(heads) = permuted_heads(arch, &gguf, &config) {
             b = permute_rows(&b, shape.out_features, shape.rank, heads);
         }
         modules.push((gguf, a, b, shape));
@@ -795,10 +801,7 @@ pub fn export_lora(options: &GgufExportOptions) -> Result<GgufExportReport> {
     let modelfile = modelfile_path(&options.out);
     let text = modelfile_text(&options.out, &facts, Some(base));
     hone_io::write_file(&modelfile, text.as_bytes())?;
-    let mut tensor_types = BTreeMap::new();
-    for spec in &specs {
-        *tensor_types.entry(spec.ty.name().to_string()).or_insert(0) += 1;
-    }
+    let tensor_types = count_types(&specs);
     Ok(GgufExportReport {
         file: options.out.clone(),
         modelfile,
