@@ -42,13 +42,36 @@ MODELS = [
     ("qwen2_tied_adapter", "fixtures/peft/qwen2_tied", ["fixtures/peft/qwen2_tied/adapter"],
      "Hello world, the cat sat on the mat.", True),
 ]
+# llama_gqa with Llama 3 RoPE scaling in its config.json (written into the temporary directory; the
+# same copy as crates/hone-merge/tests/gguf_export.rs's llama3_scaled_fixture): exported with
+# llama.cpp's rope_freqs.weight; llama.cpp's logits are compared with hone's on the directory.
+LLAMA3 = "llama_gqa_llama3"
+MODELS.append((LLAMA3, LLAMA3, [], "Hello world, the cat sat on the mat.", True))
 smol = os.path.join(ROOT, "checkpoints/base/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
 if os.path.exists(smol):
     MODELS.append(("smollm2", smol, [], "The capital of France is", False))
 
 
+def llama3_scaled(tmp):
+    import shutil
+    src = os.path.join(ROOT, "fixtures/peft/llama_gqa")
+    dst = os.path.join(tmp, LLAMA3)
+    os.makedirs(dst, exist_ok=True)
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(os.path.join(src, name), dst)
+    config = json.load(open(os.path.join(src, "config.json")))
+    config["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 64}
+    json.dump(config, open(os.path.join(dst, "config.json"), "w"))
+    return dst
+
+
 def run(cmd):
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    return done
 
 
 QUANT_TYPES = ("q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
@@ -172,6 +195,9 @@ def main():
     failed = False
     with tempfile.TemporaryDirectory() as tmp:
         for name, base, adapters, prompt, committed in MODELS:
+            hone_model = None
+            if name == LLAMA3:
+                base = hone_model = llama3_scaled(tmp)
             for ty in ("f32", "f16"):
                 out = os.path.join(tmp, f"{name}-{ty}.gguf")
                 cmd = [HONE, "export", "gguf", "--model", base, "--type", ty, "--out", out]
@@ -186,8 +212,8 @@ def main():
                 ids = np.fromfile(os.path.join(logdir, f"llamacpp-{stem}-tokens.bin"), dtype=np.int32)
                 ll = np.fromfile(os.path.join(logdir, f"llamacpp-{stem}.bin"), dtype=np.float32)
                 save_file({"input_ids": ids[None, :].astype(np.int64)}, os.path.join(tmp, "ids.safetensors"))
-                run([HONE, "logits", "--model", out, "--input-ids", os.path.join(tmp, "ids.safetensors"),
-                     "--out", os.path.join(tmp, "hone.safetensors")])
+                run([HONE, "logits", "--model", hone_model or out, "--input-ids",
+                     os.path.join(tmp, "ids.safetensors"), "--out", os.path.join(tmp, "hone.safetensors")])
                 hl = load_file(os.path.join(tmp, "hone.safetensors"))["logits"][0, -1]
                 diff = float(np.abs(hl - ll).max())
                 ok = diff <= TOLERANCE[ty] and len(hl) == len(ll)
@@ -197,7 +223,8 @@ def main():
                                   "argmax": [int(hl.argmax()), int(ll.argmax())],
                                   "bytes": summary["bytes"]}), flush=True)
                 if committed:
-                    refs.append({"model": name, "base": base, "adapters": adapters, "type": ty,
+                    refs.append({"model": name, "base": LLAMA3 if name == LLAMA3 else base,
+                                 "adapters": adapters, "type": ty,
                                  "prompt": prompt, "llamacpp_ids": ids.tolist(),
                                  "llamacpp_last_logits": [float(v) for v in ll]})
         # The adapters alone (`--lora-only`) on the f32 base in llama.cpp (`--lora`) against hone's

@@ -290,16 +290,32 @@ fn arch_metadata(base: &Path, config: &ModelConfig, arch: &str) -> Result<Vec<(S
             meta.push((key("rope.scaling.type"), Value::String("linear".into())));
             meta.push((key("rope.scaling.factor"), Value::F32(*factor as f32)));
         }
-        RopeScaling::Llama3 { .. } => {
-            return Err(unsupported(
-                base,
-                "RoPE scaling in a GGUF export",
-                "llama3 (llama.cpp needs a rope_freqs.weight tensor for it)".into(),
-                "plain and linear RoPE",
-            ))
-        }
+        // llama.cpp takes these as the rope_freqs.weight tensor (`rope_frequency_factors`).
+        RopeScaling::Llama3 { .. } | RopeScaling::Factors(_) => {}
     }
     Ok(meta)
+}
+
+/// llama.cpp's `rope_freqs.weight` for a model whose RoPE scaling is Llama 3's (computed as
+/// `convert_hf_to_gguf.py` computes it) or given as factors (a GGUF base's own), else `None`.
+fn rope_frequency_factors(config: &ModelConfig) -> Option<Vec<f32>> {
+    match &config.rope_scaling {
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => Some(hone_model::rope::llama3_frequency_factors(
+            config.rotary_dim(),
+            config.rope_theta,
+            *factor,
+            *low_freq_factor,
+            *high_freq_factor,
+            *original_max_position_embeddings,
+        )),
+        RopeScaling::Factors(factors) => Some(factors.clone()),
+        _ => None,
+    }
 }
 
 /// `general.*` keys for an export of `ty` named `name`.
@@ -556,8 +572,17 @@ pub fn export_gguf(options: &GgufExportOptions) -> Result<GgufExportReport> {
     };
     let mut order: Vec<usize> = (0..specs.len()).collect();
     order.sort_by_key(|&i| rank(&specs[i].name));
-    let specs: Vec<TensorSpec> = order.iter().map(|&i| specs[i].clone()).collect();
+    let mut specs: Vec<TensorSpec> = order.iter().map(|&i| specs[i].clone()).collect();
     let hf_names: Vec<&String> = order.iter().map(|&i| &names[i]).collect();
+    // Llama 3 RoPE scaling as llama.cpp's divisors, after the base's tensors.
+    let rope_freqs = rope_frequency_factors(&config);
+    if let Some(factors) = &rope_freqs {
+        specs.push(TensorSpec {
+            name: hone_model::gguf::model::ROPE_FREQS.into(),
+            shape: vec![factors.len()],
+            ty: GgmlType::F32,
+        });
+    }
 
     let (mut metadata, mut facts) = metadata(options, base, &meta, &config)?;
     if let Some(t) = &options.template {
@@ -568,7 +593,10 @@ pub fn export_gguf(options: &GgufExportOptions) -> Result<GgufExportReport> {
     let mut merged_modules = 0;
     let bytes =
         write::write::<MergeError>(&options.out, &mut writer, &metadata, &specs, |i, spec| {
-            let name = hf_names[i];
+            let Some(name) = hf_names.get(i).copied() else {
+                let factors = rope_freqs.as_ref().expect("the one extra tensor");
+                return Ok(quantize(GgmlType::F32, factors).expect("f32 always fits"));
+            };
             let mut values = store.load_f32(name, &spec.shape)?;
             if let Some(set) = &set {
                 if let Some(module) = name

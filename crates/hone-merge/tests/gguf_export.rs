@@ -15,7 +15,8 @@ use burn::prelude::*;
 use burn::tensor::TensorData;
 use hone_merge::gguf_export::tensor_type;
 use hone_merge::{export_gguf, Combination, ExportType, GgufExportOptions};
-use hone_model::gguf::{GgmlType, GgufFile, Value};
+use hone_model::gguf::write::{write, TensorSpec};
+use hone_model::gguf::{GgmlType, GgufError, GgufFile, Value};
 use hone_model::tokenizer::Tokenizer;
 use hone_model::{load_model_dir, Cpu, Input, LoadOptions};
 
@@ -59,9 +60,10 @@ fn exports_give_llama_cpps_tokens_and_logits() {
         std::fs::read_to_string(root().join("fixtures/gguf/export/llamacpp_refs.json")).unwrap();
     let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
     let refs = doc["refs"].as_array().unwrap();
-    // Five models in f32 and f16, and two adapters applied by llama.cpp (`--lora`) to the f32
-    // base: those replay against hone's merged export.
-    assert_eq!(refs.len(), 12);
+    // Six models in f32 and f16 (one with Llama 3 RoPE scaling, exported with rope_freqs), and
+    // two adapters applied by llama.cpp (`--lora`) to the f32 base: those replay against hone's
+    // merged export.
+    assert_eq!(refs.len(), 14);
     let tmp = tempfile::tempdir().unwrap();
     for r in refs {
         let name = r["model"].as_str().unwrap();
@@ -73,7 +75,14 @@ fn exports_give_llama_cpps_tokens_and_logits() {
             .map(|a| root().join(a.as_str().unwrap()))
             .collect();
         let out = tmp.path().join(format!("{name}-{ty}.gguf"));
-        let base = root().join(r["base"].as_str().unwrap());
+        let base = match r["base"].as_str().unwrap() {
+            "llama_gqa_llama3" => {
+                let dir = tmp.path().join("llama_gqa_llama3");
+                llama3_scaled_fixture(&dir);
+                dir
+            }
+            other => root().join(other),
+        };
         export_gguf(&options(&base, adapters, ty, &out)).unwrap();
 
         let want_ids: Vec<i64> = r["llamacpp_ids"]
@@ -382,4 +391,98 @@ fn quantized_exports_equal_llama_quantizes() {
     for name in ["Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K"] {
         assert!(seen.contains(name), "{name} not covered: {seen:?}");
     }
+}
+
+/// A copy of the llama_gqa fixture whose config asks for Llama 3 RoPE scaling (factor 8, low 1,
+/// high 4, original context 64: with head_dim 16 most frequencies are rescaled).
+fn llama3_scaled_fixture(dir: &Path) {
+    let src = root().join("fixtures/peft/llama_gqa");
+    std::fs::create_dir_all(dir).unwrap();
+    for name in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        std::fs::copy(src.join(name), dir.join(name)).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    config["rope_parameters"] = serde_json::json!({
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+}
+
+/// Llama 3 RoPE scaling goes out as llama.cpp's `rope_freqs.weight` and comes back in as
+/// per-frequency divisors: the GGUF's logits equal the directory's (whose llama3 inverse
+/// frequencies are checked against transformers' in hone-model), and differ from unscaled RoPE's.
+#[test]
+fn llama3_rope_scaling_round_trips_as_rope_freqs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("llama3");
+    llama3_scaled_fixture(&dir);
+    let out = tmp.path().join("llama3.gguf");
+    export_gguf(&options(&dir, vec![], ExportType::F32, &out)).unwrap();
+    let file = GgufFile::open(&out).unwrap();
+    let (factors, shape) = file.tensor_f32("rope_freqs.weight").unwrap();
+    assert_eq!(shape, [8]);
+    assert_eq!(factors[0], 1.0, "the highest frequency is kept");
+    assert_eq!(factors[7], 8.0, "the lowest is divided by the factor");
+    assert!(file.get("llama.rope.scaling.type").is_none());
+    let ids: Vec<i64> = (0..48).map(|i| (i * 37 % 500) as i64).collect();
+    let from_dir = last_logits(&dir, &ids);
+    let from_gguf = last_logits(&out, &ids);
+    let unscaled = last_logits(&root().join("fixtures/peft/llama_gqa"), &ids);
+    let max_diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    assert!(max_diff(&from_dir, &from_gguf) < 1e-5);
+    assert!(
+        max_diff(&from_dir, &unscaled) > 1e-3,
+        "the scaling matters here"
+    );
+    // Exported again from the GGUF, the divisors are carried over.
+    let again = tmp.path().join("again.gguf");
+    export_gguf(&options(&out, vec![], ExportType::F32, &again)).unwrap();
+    let (copied, _) = GgufFile::open(&again)
+        .unwrap()
+        .tensor_f32("rope_freqs.weight")
+        .unwrap();
+    assert_eq!(copied, factors);
+    // Divisors that do not fit the rotary dimension are refused naming the tensor.
+    let specs: Vec<TensorSpec> = file
+        .tensors()
+        .iter()
+        .map(|t| TensorSpec {
+            name: t.name.clone(),
+            shape: if t.name == "rope_freqs.weight" {
+                vec![4]
+            } else {
+                t.shape()
+            },
+            ty: t.ggml_type,
+        })
+        .collect();
+    let bad = tmp.path().join("bad.gguf");
+    let mut bytes = Vec::new();
+    write::<GgufError>(&bad, &mut bytes, file.metadata(), &specs, |_, t| {
+        Ok(match t.name.as_str() {
+            "rope_freqs.weight" => vec![0u8; 16],
+            name => file.tensor_bytes(name)?.to_vec(),
+        })
+    })
+    .unwrap();
+    std::fs::write(&bad, bytes).unwrap();
+    let e = hone_model::gguf::model_config(&GgufFile::open(&bad).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("rope_freqs.weight") && e.contains("8 positive"),
+        "{e}"
+    );
 }

@@ -23,6 +23,10 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: f64,
     },
+    /// One divisor per inverse frequency (`rotary_dim / 2` of them): llama.cpp's
+    /// `rope_freqs.weight` tensor, which its GGUF files of Llama 3.1+ carry in place of the
+    /// `llama3` parameters (`θ_i = pos · base^(-2i/d) / factors[i]`).
+    Factors(Vec<f32>),
 }
 
 const SUPPORTED: &str = "default, linear, llama3";
@@ -113,6 +117,7 @@ pub fn inverse_frequencies(rotary_dim: usize, theta: f64, scaling: &RopeScaling)
     match *scaling {
         RopeScaling::Default => base,
         RopeScaling::Linear { factor } => base.iter().map(|f| f / factor as f32).collect(),
+        RopeScaling::Factors(ref factors) => base.iter().zip(factors).map(|(f, d)| f / d).collect(),
         RopeScaling::Llama3 {
             factor,
             low_freq_factor,
@@ -139,6 +144,39 @@ pub fn inverse_frequencies(rotary_dim: usize, theta: f64, scaling: &RopeScaling)
                 .collect()
         }
     }
+}
+
+/// llama.cpp's `rope_freqs.weight` for Llama 3 scaling, as its `convert_hf_to_gguf.py` computes
+/// it (in f64, stored as f32): per inverse frequency of `base^(-2i/d)`, 1 above the high-frequency
+/// wavelength, `factor` below the low one, and `1 / ((1 - s)/factor + s)` between, `s` the smooth
+/// interpolation of transformers' `llama3` type.
+pub fn llama3_frequency_factors(
+    rotary_dim: usize,
+    theta: f64,
+    factor: f64,
+    low_freq_factor: f64,
+    high_freq_factor: f64,
+    original_max_position_embeddings: f64,
+) -> Vec<f32> {
+    let old = original_max_position_embeddings;
+    let low_wavelen = old / low_freq_factor;
+    let high_wavelen = old / high_freq_factor;
+    (0..rotary_dim / 2)
+        .map(|i| {
+            let freq = 1.0 / theta.powf((2 * i) as f64 / rotary_dim as f64);
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            let f = if wavelen < high_wavelen {
+                1.0
+            } else if wavelen > low_wavelen {
+                factor
+            } else {
+                let smooth =
+                    (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            };
+            f as f32
+        })
+        .collect()
 }
 
 /// `cos` and `sin` tables `[positions, rotary_dim]` in the `rotate_half` layout

@@ -134,8 +134,36 @@ pub fn architecture(
 /// as a `config.json` (errors name the GGUF key).
 pub fn model_config(file: &GgufFile) -> Result<ModelConfig> {
     let (config, arch) = config_map(file)?;
-    ModelConfig::from_json_str(&Json::Object(config).to_string(), file.path())
-        .map_err(|e| to_gguf_key(e, arch))
+    let mut config = ModelConfig::from_json_str(&Json::Object(config).to_string(), file.path())
+        .map_err(|e| to_gguf_key(e, arch))?;
+    if let Some(factors) = rope_frequency_factors(file, config.rotary_dim())? {
+        config.rope_scaling = crate::rope::RopeScaling::Factors(factors);
+    }
+    Ok(config)
+}
+
+/// The name of llama.cpp's per-frequency RoPE divisors (Llama 3.1+ files).
+pub const ROPE_FREQS: &str = "rope_freqs.weight";
+
+/// `rope_freqs.weight`, when the file has it: `rotary_dim / 2` positive finite divisors.
+fn rope_frequency_factors(file: &GgufFile, rotary_dim: usize) -> Result<Option<Vec<f32>>> {
+    if file.tensor_info(ROPE_FREQS).is_none() {
+        return Ok(None);
+    }
+    let (values, shape) = file.tensor_f32(ROPE_FREQS)?;
+    if shape != [rotary_dim / 2] || values.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
+        return Err(super::GgufError::Tensor {
+            path: file.path().to_path_buf(),
+            tensor: ROPE_FREQS.into(),
+            message: format!(
+                "expected {} positive divisors (half the rotary dimension {rotary_dim}), found \
+                 shape {shape:?}",
+                rotary_dim / 2
+            ),
+        }
+        .into());
+    }
+    Ok(Some(values))
 }
 
 /// The file's metadata as a Hugging Face `config.json` (validated as [`model_config`] does; the
@@ -143,6 +171,16 @@ pub fn model_config(file: &GgufFile) -> Result<ModelConfig> {
 /// `torch_dtype` name).
 pub fn hf_config(file: &GgufFile, torch_dtype: &str) -> Result<Json> {
     model_config(file)?;
+    if file.tensor_info(ROPE_FREQS).is_some() {
+        return Err(ModelError::Unsupported {
+            path: file.path().to_path_buf(),
+            what: "RoPE frequency factors in a Hugging Face config.json (tensor rope_freqs.weight)",
+            found: ROPE_FREQS.into(),
+            supported: "GGUF files without rope_freqs; load or export the GGUF file itself, or \
+                        start from the Hugging Face directory of the Llama 3.x model"
+                .into(),
+        });
+    }
     let (mut config, _) = config_map(file)?;
     config.insert("hidden_act".into(), json!("silu"));
     config.insert("torch_dtype".into(), json!(torch_dtype));
@@ -243,16 +281,6 @@ fn config_map(file: &GgufFile) -> Result<(Map<String, Json>, &'static str)> {
         Some(None) => {
             return Err(metadata_error(file, &scaling_key, "expected a string"));
         }
-    }
-    if file.tensor_info("rope_freqs.weight").is_some() {
-        return Err(ModelError::Unsupported {
-            path: file.path().to_path_buf(),
-            what: "RoPE frequency factors (tensor rope_freqs.weight, Llama 3.1+ GGUF files)",
-            found: "rope_freqs.weight".into(),
-            supported: "plain and linear RoPE from GGUF metadata; load the Hugging Face \
-                        directory of Llama 3.x models for now"
-                .into(),
-        });
     }
     config.insert(
         "tie_word_embeddings".into(),
@@ -433,7 +461,7 @@ impl GgufWeights<'_> {
             .tensors()
             .iter()
             .map(|t| t.name.clone())
-            .filter(|n| !mapped.contains(n.as_str()))
+            .filter(|n| !mapped.contains(n.as_str()) && n != ROPE_FREQS)
             .collect()
     }
 }
@@ -488,6 +516,7 @@ impl WeightSource for GgufWeights<'_> {
             .file
             .tensors()
             .iter()
+            .filter(|t| t.name != ROPE_FREQS) // part of the configuration (`RopeScaling::Factors`)
             .map(|t| {
                 by_gguf
                     .get(t.name.as_str())
