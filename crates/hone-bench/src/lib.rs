@@ -21,6 +21,7 @@ pub mod error;
 pub mod generate;
 pub mod load;
 pub mod memory;
+pub mod rag;
 pub mod random_adapter;
 pub mod shape;
 pub mod train;

@@ -44,6 +44,7 @@ fn setup(dir: &Path) -> CompareSettings {
         chunking: Default::default(),
         tokenizer: None,
         embedder: None,
+        vectors: Default::default(),
         on_error: hone_data::OnError::Fail,
         force: false,
     })

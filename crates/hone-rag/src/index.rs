@@ -20,7 +20,7 @@ use std::time::Instant;
 use hone_data::{OnError, RecordError};
 
 use crate::chunk::{Chunk, ChunkConfig, Chunker, Tokenization};
-use crate::dense::{self, dense_dir_name, DenseIndex, Row};
+use crate::dense::{self, dense_dir_name, DenseIndex, Row, VectorPolicy};
 use crate::document::{read_corpus, Document};
 use crate::embed::SentenceEmbedder;
 use crate::error::{RagError, Result};
@@ -47,6 +47,8 @@ pub struct BuildOptions {
     pub tokenizer: Option<PathBuf>,
     /// A sentence-transformers directory: chunks are also embedded into a dense index.
     pub embedder: Option<PathBuf>,
+    /// When the dense index keeps an HNSW graph (recorded; changes follow it).
+    pub vectors: VectorPolicy,
     pub on_error: OnError,
     /// Replace `out` even if it is a non-empty directory that holds no index.
     pub force: bool,
@@ -88,12 +90,15 @@ pub fn build_index(options: &BuildOptions) -> Result<BuildReport> {
 
     let started = Instant::now();
     let dense = match &embedder {
-        Some(embedder) => Some(embed_chunks(
-            embedder,
-            &DenseIndex::empty(embedder.dim()),
-            &[],
-            &chunks,
-        )?),
+        Some(embedder) => {
+            options.vectors.hnsw.validate()?;
+            Some(embed_chunks(
+                embedder,
+                &DenseIndex::empty(embedder.dim()).with_policy(options.vectors),
+                &[],
+                &chunks,
+            )?)
+        }
         None => None,
     };
     let embed_seconds = started.elapsed().as_secs_f64();
@@ -121,7 +126,7 @@ pub fn build_index(options: &BuildOptions) -> Result<BuildReport> {
         let dir = dense_dir_name(1);
         dense.write_into(&staged.path().join(&dir))?;
         manifest.embedder = Some(embedder.id().name.clone());
-        manifest.dense = Some(dense_manifest(embedder, dir)?);
+        manifest.dense = Some(dense_manifest(embedder, dense, dir)?);
     }
     let index = LexicalIndex::create(&staged.path().join(LEXICAL_DIR))?;
     index.apply(&[], &chunks, |index| {
@@ -169,16 +174,28 @@ fn load_embedder(dir: &Path, chunking: &ChunkConfig) -> Result<SentenceEmbedder>
     Ok(embedder)
 }
 
-fn dense_manifest(embedder: &SentenceEmbedder, dir: String) -> Result<DenseManifest> {
+fn dense_manifest(
+    embedder: &SentenceEmbedder,
+    index: &DenseIndex,
+    dir: String,
+) -> Result<DenseManifest> {
     let embedder_dir =
         std::fs::canonicalize(embedder.dir()).map_err(|e| RagError::io(embedder.dir(), e))?;
     Ok(DenseManifest {
         embedder: embedder.id().clone(),
         embedder_dir,
         dim: embedder.dim(),
-        search: VectorSearch::Exact,
+        search: vector_search(index),
+        policy: *index.policy(),
         dir,
     })
+}
+
+fn vector_search(index: &DenseIndex) -> VectorSearch {
+    match index.graph() {
+        Some(_) => VectorSearch::Hnsw,
+        None => VectorSearch::Exact,
+    }
 }
 
 /// `dense` without the documents `remove` and with `chunks` embedded.
@@ -420,7 +437,7 @@ impl RagIndex {
         };
         let next_dense: std::cell::RefCell<Option<(DenseIndex, String)>> = Default::default();
         let prepare = || -> Result<()> {
-            if let Some(index) = next_index {
+            if let Some(mut index) = next_index {
                 let name = dense_dir_name(Manifest::read(&dir)?.generation + 1);
                 index.write(&dir.join(&name))?;
                 *next_dense.borrow_mut() = Some((index, name));
@@ -434,8 +451,10 @@ impl RagIndex {
             manifest.generation += 1;
             manifest.documents = documents;
             manifest.chunks = chunks;
-            if let (Some(m), Some((_, name))) = (manifest.dense.as_mut(), &*next_dense.borrow()) {
+            if let (Some(m), Some((index, name))) = (manifest.dense.as_mut(), &*next_dense.borrow())
+            {
                 m.dir = name.clone();
+                m.search = vector_search(index);
             }
             manifest.write(&dir)?;
             updated = Some(manifest);
@@ -498,7 +517,7 @@ fn open_dense(dir: &Path, m: &DenseManifest, options: &OpenOptions) -> Result<De
             ),
         });
     }
-    let index = DenseIndex::open(&dir.join(&m.dir), m.dim)?;
+    let index = DenseIndex::open(&dir.join(&m.dir), m.dim)?.with_policy(m.policy);
     Ok(Dense { index, embedder })
 }
 

@@ -23,6 +23,7 @@
 //!     chunking: ChunkConfig::default(),
 //!     tokenizer: None,
 //!     embedder: None,
+//!     vectors: Default::default(),
 //!     on_error: hone_data::OnError::Fail,
 //!     force: false,
 //! })?;
@@ -38,6 +39,7 @@ pub mod dense;
 pub mod document;
 pub mod embed;
 pub mod error;
+pub mod hnsw;
 pub mod hybrid;
 pub mod index;
 pub mod lexical;

@@ -6,7 +6,8 @@
 //! DIR/lexical/          the tantivy index (BM25), chunks stored with their offsets
 //! DIR/tokenizer.json    the chunking tokenizer, when chunking counted its tokens
 //! DIR/dense-NNNNNN/     the dense vectors of the generation named by `dense.dir`, when the
-//!                       index has an embedder (the previous generation's may remain)
+//!                       index has an embedder (the previous generation's may remain), and
+//!                       their HNSW graph above the policy's threshold
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::chunk::{ChunkConfig, Tokenization};
+use crate::dense::VectorPolicy;
 use crate::embed::EmbedderId;
 use crate::error::{RagError, Result};
 
@@ -51,6 +53,8 @@ pub struct LexicalManifest {
 pub enum VectorSearch {
     /// Every vector is scored (dot product of unit vectors).
     Exact,
+    /// An HNSW graph proposes candidates, which are scored exactly.
+    Hnsw,
 }
 
 /// The dense (embedding) index.
@@ -61,7 +65,11 @@ pub struct DenseManifest {
     /// Where the embedder was when the index was built (absolute): the default for queries.
     pub embedder_dir: PathBuf,
     pub dim: usize,
+    /// How the current generation is searched.
     pub search: VectorSearch,
+    /// When changes keep a graph (absent in indexes written before graphs: the default).
+    #[serde(default)]
+    pub policy: VectorPolicy,
     /// The current dense directory (`dense-NNNNNN`) in the index directory.
     pub dir: String,
 }

@@ -41,6 +41,7 @@ fn options(inputs: Vec<String>, out: &Path, embedder: &Path, max_tokens: usize) 
         },
         tokenizer: None,
         embedder: Some(embedder.to_path_buf()),
+        vectors: Default::default(),
         on_error: OnError::Fail,
         force: false,
     }

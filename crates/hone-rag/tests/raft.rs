@@ -34,6 +34,7 @@ fn load(set: &str) -> Set {
         chunking: ChunkConfig::default(),
         tokenizer: None,
         embedder: None,
+        vectors: Default::default(),
         on_error: OnError::Fail,
         force: false,
     })

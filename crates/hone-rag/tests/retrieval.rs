@@ -31,6 +31,7 @@ fn options(inputs: Vec<String>, out: &Path) -> BuildOptions {
         chunking: ChunkConfig::default(),
         tokenizer: None,
         embedder: None,
+        vectors: Default::default(),
         on_error: OnError::Fail,
         force: false,
     }

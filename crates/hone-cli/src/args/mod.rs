@@ -225,6 +225,55 @@ pub enum BenchCommand {
     Train(BenchTrainArgs),
     /// Serving throughput and latency: concurrent streamed requests across adapters.
     Serve(BenchServeArgs),
+    /// Retrieval: embedding throughput, index build, query latency at several index sizes,
+    /// HNSW recall against exact search.
+    Rag(BenchRagArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchRagArgs {
+    /// A sentence-transformers directory (scripts/fetch-models.sh minilm fetches
+    /// all-MiniLM-L6-v2 there).
+    #[arg(long, default_value = "checkpoints/base/all-minilm-l6-v2")]
+    pub embedder: PathBuf,
+    /// Index sizes in chunks, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
+    pub sizes: Vec<usize>,
+    /// Chunks embedded: the throughput measurement, and the real rows of every index (the
+    /// rest are spliced from them).
+    #[arg(long, default_value_t = 4096)]
+    pub embed_chunks: usize,
+    /// Texts per forward pass of the embedder.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Tokens per chunk (the embedder's tokenizer).
+    #[arg(long, default_value_t = 48)]
+    pub chunk_tokens: usize,
+    /// Queries timed per index size (questions of the shipped retrieval sets).
+    #[arg(long, default_value_t = 200)]
+    pub queries: usize,
+    /// Results per query, and the k of recall@k.
+    #[arg(long, short, default_value_t = 10)]
+    pub k: usize,
+    /// HNSW: neighbours per point and layer.
+    #[arg(long, default_value_t = hone_rag::hnsw::HnswParams::default().m)]
+    pub hnsw_m: usize,
+    /// HNSW: candidate list length while building.
+    #[arg(long, default_value_t = hone_rag::hnsw::HnswParams::default().ef_construction)]
+    pub hnsw_ef_construction: usize,
+    /// HNSW: candidate list length while searching.
+    #[arg(long, default_value_t = hone_rag::hnsw::HnswParams::default().ef_search)]
+    pub hnsw_ef_search: usize,
+    /// Where datasets/ is (the shipped corpus and questions).
+    #[arg(long, default_value = ".")]
+    pub data_root: PathBuf,
+    /// Only the embedding measurement (no indexes).
+    #[arg(long)]
+    pub embed_only: bool,
+    /// Also write the embedded chunks' texts here (JSONL `{"text": ...}`), for
+    /// scripts/bench_embed_st.py to embed the same texts with sentence-transformers.
+    #[arg(long, value_name = "FILE")]
+    pub dump_chunks: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

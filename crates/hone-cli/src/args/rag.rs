@@ -52,6 +52,51 @@ pub struct RagIndexArgs {
     /// Replace DIR even if it is a non-empty directory that holds no index.
     #[arg(long)]
     pub force: bool,
+    /// Dense search: exact (every vector scored), hnsw (an approximate graph proposes
+    /// candidates, scored exactly), or auto (hnsw from --hnsw-threshold chunks). Recorded in
+    /// the index; `hone rag add`/`remove` follow it.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub vector_search: VectorModeArg,
+    /// Chunks from which --vector-search auto builds the HNSW graph.
+    #[arg(long, default_value_t = hone_rag::dense::DEFAULT_HNSW_THRESHOLD)]
+    pub hnsw_threshold: usize,
+    /// HNSW: neighbours kept per point and layer (M, 2 to 256).
+    #[arg(long, default_value_t = hone_rag::hnsw::HnswParams::default().m)]
+    pub hnsw_m: usize,
+    /// HNSW: candidate list length while building (efConstruction).
+    #[arg(long, default_value_t = hone_rag::hnsw::HnswParams::default().ef_construction)]
+    pub hnsw_ef_construction: usize,
+    /// HNSW: candidate list length while searching (ef; at least k).
+    #[arg(long, default_value_t = hone_rag::hnsw::HnswParams::default().ef_search)]
+    pub hnsw_ef_search: usize,
+}
+
+/// How the dense vectors are searched.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VectorModeArg {
+    Auto,
+    Exact,
+    Hnsw,
+}
+
+impl RagIndexArgs {
+    /// The vector search policy these flags ask for.
+    pub fn vector_policy(&self) -> hone_rag::dense::VectorPolicy {
+        use hone_rag::dense::{VectorMode, VectorPolicy};
+        VectorPolicy {
+            mode: match self.vector_search {
+                VectorModeArg::Auto => VectorMode::Auto,
+                VectorModeArg::Exact => VectorMode::Exact,
+                VectorModeArg::Hnsw => VectorMode::Hnsw,
+            },
+            hnsw_threshold: self.hnsw_threshold,
+            hnsw: hone_rag::hnsw::HnswParams {
+                m: self.hnsw_m,
+                ef_construction: self.hnsw_ef_construction,
+                ef_search: self.hnsw_ef_search,
+            },
+        }
+    }
 }
 
 #[derive(Args, Debug)]

@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use hone_bench::data::{bench_data, DataBench};
 use hone_bench::generate::{bench_generate, GenerateBench, ModelSource};
 use hone_bench::load::{bench_blocking, LoadConfig, Target};
+use hone_bench::rag::{bench_rag, RagBench};
 use hone_bench::random_adapter::{write_random_adapter, RandomAdapter};
 use hone_bench::train::{bench_train, TrainBench};
 use hone_model::Tokenizer;
@@ -16,7 +17,8 @@ use hone_serve::{ModelSource as ServeSource, ServeConfig};
 use serde_json::json;
 
 use crate::args::{
-    BenchArgs, BenchCommand, BenchDataArgs, BenchGenerateArgs, BenchServeArgs, BenchTrainArgs,
+    BenchArgs, BenchCommand, BenchDataArgs, BenchGenerateArgs, BenchRagArgs, BenchServeArgs,
+    BenchTrainArgs,
 };
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -25,6 +27,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchCommand::Data(a) => bench_data(&data_settings(a), |line| println!("{line}"))?,
         BenchCommand::Train(a) => println!("{}", bench_train(train_settings(a))?),
         BenchCommand::Serve(a) => bench_serve(a)?,
+        BenchCommand::Rag(a) => bench_rag(&rag_settings(a), |line| println!("{line}"))?,
     }
     Ok(())
 }
@@ -63,6 +66,27 @@ fn train_settings(a: BenchTrainArgs) -> TrainBench {
         dtype: a.dtype,
         peak_tflops: a.peak_tflops,
         kernels: a.kernels,
+    }
+}
+
+fn rag_settings(a: BenchRagArgs) -> RagBench {
+    RagBench {
+        embedder: a.embedder,
+        data_root: a.data_root,
+        sizes: a.sizes,
+        embed_chunks: a.embed_chunks,
+        batch_size: a.batch_size,
+        chunk_tokens: a.chunk_tokens,
+        queries: a.queries,
+        k: a.k,
+        hnsw: hone_rag::hnsw::HnswParams {
+            m: a.hnsw_m,
+            ef_construction: a.hnsw_ef_construction,
+            ef_search: a.hnsw_ef_search,
+        },
+        candidates: hone_rag::SearchOptions::default().candidates,
+        embed_only: a.embed_only,
+        dump_chunks: a.dump_chunks,
     }
 }
 

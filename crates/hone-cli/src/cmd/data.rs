@@ -83,6 +83,7 @@ fn raft(args: DataRaftArgs) -> Result<()> {
                 chunking: hone_rag::ChunkConfig::default(),
                 tokenizer: None,
                 embedder: None,
+                vectors: Default::default(),
                 on_error: OnError::Fail,
                 force: false,
             })?;

@@ -48,6 +48,7 @@ fn index(args: RagIndexArgs) -> Result<()> {
         }
         (None, None) => ChunkConfig::default().max_tokens,
     };
+    let vectors = args.vector_policy();
     let options = BuildOptions {
         inputs: args.docs,
         out: args.out.clone(),
@@ -60,6 +61,7 @@ fn index(args: RagIndexArgs) -> Result<()> {
         },
         tokenizer: args.tokenizer,
         embedder: args.embedder,
+        vectors,
         on_error: policy(args.on_error),
         force: args.force,
     };
@@ -77,13 +79,32 @@ fn index(args: RagIndexArgs) -> Result<()> {
         report.embed_seconds,
         report.index_seconds
     );
+    if let Some(dense) = hone_rag::Manifest::read(&args.out)?.dense {
+        println!(
+            "dense search: {} ({} chunks; --vector-search auto builds the HNSW graph from {})",
+            vector_search_name(dense.search),
+            report.chunks,
+            dense.policy.hnsw_threshold
+        );
+    }
     Ok(())
+}
+
+fn vector_search_name(search: hone_rag::VectorSearch) -> &'static str {
+    match search {
+        hone_rag::VectorSearch::Exact => "exact",
+        hone_rag::VectorSearch::Hnsw => "hnsw",
+    }
 }
 
 fn summary(index: &RagIndex) -> String {
     let m = index.manifest();
+    let dense = match &m.dense {
+        Some(d) => format!(", dense search {}", vector_search_name(d.search)),
+        None => String::new(),
+    };
     format!(
-        "{} now holds {} documents, {} chunks (generation {})",
+        "{} now holds {} documents, {} chunks (generation {}{dense})",
         index.dir().display(),
         m.documents,
         m.chunks,

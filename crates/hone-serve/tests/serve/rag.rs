@@ -50,6 +50,7 @@ fn index(dir: &Path) -> std::path::PathBuf {
         chunking: Default::default(),
         tokenizer: None,
         embedder: None,
+        vectors: Default::default(),
         on_error: hone_data::OnError::Fail,
         force: false,
     })
