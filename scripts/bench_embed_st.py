@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Embedding throughput of sentence-transformers on CPU, the peer of `hone bench rag`'s
 `rag_embed` line: the same texts (`hone bench rag --embed-only --dump-chunks FILE` writes them),
-the same model directory, the same batch size. Prints one JSON line.
+the same model directory, the same batch size (sentence-transformers sorts texts by length, as
+hone's embedder does). Prints one JSON line. Any JSONL file with a `text` field works (a
+`hone rag index` corpus too).
 
     python scripts/bench_embed_st.py CHUNKS.jsonl [--model checkpoints/base/all-minilm-l6-v2]
                                      [--batch-size 32]
@@ -39,7 +41,8 @@ def main():
     texts = [json.loads(line)["text"] for line in open(args.chunks) if line.strip()]
     model = SentenceTransformer(args.model, device="cpu")
     model.encode(texts[: args.batch_size], batch_size=args.batch_size)  # warm-up
-    tokens = sum(len(ids) for ids in model.tokenizer(texts, truncation=True)["input_ids"])
+    tokens = sum(len(ids) for ids in model.tokenizer(
+        texts, truncation=True, max_length=model.max_seq_length)["input_ids"])
     started = time.perf_counter()
     with torch.inference_mode():
         model.encode(texts, batch_size=args.batch_size, normalize_embeddings=True)

@@ -127,6 +127,13 @@ pub fn normalize(v: &mut [f32]) {
     }
 }
 
+/// `v / max(|v|, 1e-12)`: torch's `F.normalize`, which sentence-transformers' Normalize module
+/// applies (a zero vector stays zero).
+pub fn normalize_clamped(v: &mut [f32]) {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    v.iter_mut().for_each(|x| *x /= norm);
+}
+
 impl DenseIndex {
     pub fn empty(dim: usize) -> Self {
         DenseIndex {

@@ -17,14 +17,13 @@
 
 mod bert;
 mod config;
+mod host;
 mod weights;
 
 use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{Int, Tensor, TensorData};
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 pub use bert::{BertConfig, BertInput, BertModel};
@@ -139,8 +138,8 @@ pub struct SentenceEmbedder {
     id: EmbedderId,
     settings: EmbedderSettings,
     tokenizer: tokenizers::Tokenizer,
-    model: BertModel<EmbedBackend>,
-    device: burn::tensor::Device<EmbedBackend>,
+    /// The encoder, on host memory (the burn module the loader fills is dropped after the copy).
+    model: host::HostBert,
     batch_size: usize,
 }
 
@@ -167,7 +166,9 @@ impl SentenceEmbedder {
         let tokenizer = load_tokenizer(&dir.join(EMBEDDER_TOKENIZER_FILE), &settings)?;
         let id = fingerprint(dir)?;
         let device = Default::default();
-        let model = weights::load_bert::<EmbedBackend>(dir, &settings.bert, &device)?;
+        let loaded = weights::load_bert::<EmbedBackend>(dir, &settings.bert, &device)?;
+        let model = host::HostBert::from_model(&loaded, &settings.bert);
+        drop(loaded);
         tracing::info!(dir = %dir.display(), %id, dim = settings.bert.hidden_size,
             max_seq_len = settings.max_seq_len, "loaded sentence embedder");
         Ok(SentenceEmbedder {
@@ -176,7 +177,6 @@ impl SentenceEmbedder {
             settings,
             tokenizer,
             model,
-            device,
             batch_size: DEFAULT_BATCH_SIZE,
         })
     }
@@ -233,51 +233,20 @@ impl SentenceEmbedder {
                 message: format!("token id {bad} is outside the model's vocab_size {vocab}"),
             });
         }
-        // Longest first, as sentence-transformers orders them: batches pad little.
-        let mut order: Vec<usize> = (0..ids.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
-        // Batches run in parallel: burn's element-wise and attention kernels use one thread
-        // per call, so one batch at a time leaves cores idle between matrix products.
-        let outputs: Vec<(&[usize], Vec<f32>)> = order
-            .par_chunks(self.batch_size)
-            .map(|batch| {
-                let rows: Vec<&[u32]> = batch.iter().map(|&i| ids[i].as_slice()).collect();
-                (batch, self.embed_batch(&rows))
-            })
-            .collect();
-        let mut values = vec![0.0f32; texts.len() * dim];
-        for (batch, out) in outputs {
-            for (&i, row) in batch.iter().zip(out.chunks_exact(dim)) {
-                values[i * dim..(i + 1) * dim].copy_from_slice(row);
+        // Sequences are packed without padding, so a batch's cost is its tokens; batches run
+        // one after another, each matrix product on every core.
+        let mut values = Vec::with_capacity(texts.len() * dim);
+        for batch in ids.chunks(self.batch_size) {
+            let rows: Vec<&[u32]> = batch.iter().map(Vec::as_slice).collect();
+            let mut pooled = self.model.mean_pooled(&rows);
+            if self.settings.normalize {
+                pooled
+                    .chunks_exact_mut(dim)
+                    .for_each(crate::dense::normalize_clamped);
             }
+            values.extend_from_slice(&pooled);
         }
         Ok(Embeddings { dim, values })
-    }
-
-    /// One padded forward pass: `[rows.len() * dim]` values.
-    fn embed_batch(&self, rows: &[&[u32]]) -> Vec<f32> {
-        let batch = rows.len();
-        let seq = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(1);
-        let mut ids = vec![0i64; batch * seq];
-        let mut mask = vec![0.0f32; batch * seq];
-        for (b, row) in rows.iter().enumerate() {
-            for (s, &id) in row.iter().enumerate() {
-                ids[b * seq + s] = i64::from(id);
-                mask[b * seq + s] = 1.0;
-            }
-        }
-        let input = BertInput {
-            input_ids: Tensor::<EmbedBackend, 2, Int>::from_data(
-                TensorData::new(ids, [batch, seq]),
-                &self.device,
-            ),
-            token_type_ids: Tensor::<EmbedBackend, 2, Int>::zeros([batch, seq], &self.device),
-            attention_mask: Tensor::from_data(TensorData::new(mask, [batch, seq]), &self.device),
-        };
-        let out = self.model.embed(&input, self.settings.normalize);
-        out.into_data()
-            .into_vec::<f32>()
-            .expect("the embedder's output is f32")
     }
 }
 
