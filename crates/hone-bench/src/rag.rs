@@ -2,9 +2,10 @@
 //! query latency at several index sizes, and the HNSW graph's recall against exact search. One
 //! JSON object per measurement.
 //!
-//! The corpus is the shipped text data (`datasets/*.jsonl` and the retrieval corpora under
-//! `datasets/rag/`), chunked by the embedder's tokenizer (`chunk_tokens` tokens, no overlap) as
-//! `hone rag index` chunks. Queries are the questions of the shipped retrieval sets.
+//! The corpus is the shipped text data (the retrieval corpora under `datasets/rag/`, and every
+//! record of `datasets/*.jsonl` as one document), chunked by the embedder's tokenizer
+//! (`chunk_tokens` tokens, no overlap) as `hone rag index` chunks: about 40k chunks of up to 48
+//! tokens. Queries are the questions of the shipped retrieval sets.
 //!
 //! * `rag_embed`: the first `embed_chunks` chunks through [`SentenceEmbedder::embed`] (batches
 //!   of `batch_size`, longest first, batches in parallel): chunks/s and tokens/s.
@@ -27,8 +28,8 @@ use hone_rag::dense::{DenseIndex, Row, VectorMode, VectorPolicy};
 use hone_rag::hnsw::HnswParams;
 use hone_rag::lexical::LexicalIndex;
 use hone_rag::{
-    fuse_hits, read_corpus, read_questions, Chunk, ChunkConfig, Chunker, FusionConfig, Hit,
-    SentenceEmbedder,
+    fuse_hits, read_corpus, read_questions, Chunk, ChunkConfig, Chunker, Document, FusionConfig,
+    Hit, SentenceEmbedder,
 };
 use serde_json::{json, Value};
 
@@ -311,21 +312,39 @@ fn percentiles(values: &mut [f64]) -> Value {
     json!({"p50": at(0.50), "p99": at(0.99)})
 }
 
-/// The shipped text data as chunks of the embedder's tokens.
+/// The shipped text data as chunks of the embedder's tokens: the retrieval corpora as
+/// `hone rag index` reads them, and every record of the training sets as one document (its
+/// string fields joined).
 fn shipped_chunks(bench: &RagBench, embedder: &SentenceEmbedder) -> Result<Vec<Chunk>> {
     let root = &bench.data_root;
-    let inputs: Vec<String> = [
+    let corpora: Vec<String> = [
         "datasets/rag/squad_v2_complexity/corpus.jsonl",
         "datasets/rag/hotpotqa_dev_distractor_60/corpus.jsonl",
-        "datasets/gsm8k_train.jsonl",
-        "datasets/alpaca_libre_ok.jsonl",
-        "datasets/self_instruct_seed_tasks.jsonl",
     ]
     .iter()
     .map(|p| root.join(p).to_string_lossy().into_owned())
     .collect();
-    let corpus = read_corpus(&inputs, hone_data::OnError::Skip)
-        .map_err(|e| rag_error(&root.join("datasets"), e))?;
+    let mut documents = read_corpus(&corpora, hone_data::OnError::Fail)
+        .map_err(|e| rag_error(&root.join("datasets/rag"), e))?
+        .documents;
+    for file in [
+        "datasets/gsm8k_train.jsonl",
+        "datasets/alpaca_libre_ok.jsonl",
+        "datasets/self_instruct_seed_tasks.jsonl",
+    ] {
+        let path = root.join(file);
+        let source = hone_data::reader::read_records(&path)?;
+        for (i, record) in source.records.iter().enumerate() {
+            let mut parts = Vec::new();
+            strings(&record.value, &mut parts);
+            documents.push(Document {
+                id: format!("{file}:{}", i + 1),
+                title: String::new(),
+                source: format!("{}:{}", path.display(), i + 1),
+                text: parts.join("\n\n"),
+            });
+        }
+    }
     let chunker = Chunker::hugging_face(
         ChunkConfig {
             max_tokens: bench.chunk_tokens,
@@ -335,16 +354,23 @@ fn shipped_chunks(bench: &RagBench, embedder: &SentenceEmbedder) -> Result<Vec<C
     )
     .map_err(|e| rag_error(&embedder.tokenizer_path(), e))?;
     let mut chunks = Vec::new();
-    for doc in &corpus.documents {
+    for doc in &documents {
         chunks.extend(chunker.chunk(doc).map_err(|e| rag_error(root, e))?);
     }
     if chunks.is_empty() {
-        return Err(config(
-            "data",
-            format!("no chunks from {}", inputs.join(", ")),
-        ));
+        return Err(config("data", format!("no chunks from {}", root.display())));
     }
     Ok(chunks)
+}
+
+/// Every non-empty string in `value`, depth first.
+fn strings(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::String(s) if !s.trim().is_empty() => out.push(s.clone()),
+        Value::Array(items) => items.iter().for_each(|v| strings(v, out)),
+        Value::Object(map) => map.values().for_each(|v| strings(v, out)),
+        _ => {}
+    }
 }
 
 /// Up to `n` questions of the shipped retrieval sets.

@@ -185,11 +185,9 @@ impl HostBert {
         let mut inner = apply(&l.intermediate, &y, tokens);
         let width = l.intermediate.d_out;
         if tokens >= PARALLEL_TOKENS {
-            inner
-                .par_chunks_mut(width)
-                .for_each(|c| c.iter_mut().for_each(|v| *v = gelu(*v)));
+            inner.par_chunks_mut(width).for_each(gelu_in_place);
         } else {
-            inner.iter_mut().for_each(|v| *v = gelu(*v));
+            gelu_in_place(&mut inner);
         }
         let mut out = apply(&l.output, &inner, tokens);
         residual_norm(&mut out, &y, h, &l.output_norm, self.eps);
@@ -363,7 +361,63 @@ fn layer_norm(x: &mut [f32], n: &HostNorm, eps: f32) {
     }
 }
 
-/// Exact GELU: `x/2 · (1 + erf(x/√2))`.
-fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+/// Exact GELU, `x/2 · (1 + erf(x/√2))`, over a slice: a loop the compiler vectorises, compiled
+/// for AVX2 too and taken when the CPU has it.
+fn gelu_in_place(xs: &mut [f32]) {
+    #[inline(always)]
+    fn body(xs: &mut [f32]) {
+        for x in xs.iter_mut() {
+            *x = 0.5 * *x * (1.0 + erf(*x * std::f32::consts::FRAC_1_SQRT_2));
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2(xs: &mut [f32]) {
+            body(xs)
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has the feature the function was compiled for.
+            return unsafe { avx2(xs) };
+        }
+    }
+    body(xs)
+}
+
+/// `erf(x)` in f32 by a rational approximation on [-4, 4] (odd numerator of degree 13, even
+/// denominator of degree 8; beyond ±4 erf is ±1 in f32): branch-free, so it vectorises, unlike
+/// libm's `erff` (a fifth of the embedder's time when it was used). Agrees with `libm::erff` to
+/// a few 1e-7 (tested below).
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let mut p = x2 * -2.726_142_3e-10 + 2.770_681_4e-8;
+    p = x2 * p - 2.101_024e-6;
+    p = x2 * p - 5.692_506_4e-5;
+    p = x2 * p - 7.349_906_3e-4;
+    p = x2 * p - 2.954_600_1e-3;
+    p = x2 * p - 1.609_603_3e-2;
+    let p = x * p;
+    let mut q = x2 * -1.456_607_2e-5 - 2.133_740_6e-4;
+    q = x2 * q - 1.682_827e-3;
+    q = x2 * q - 7.373_329_2e-3;
+    q = x2 * q - 1.426_473_9e-2;
+    p / q
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The approximation against libm's `erff` (another implementation) on a fine grid.
+    #[test]
+    fn erf_matches_libm() {
+        let mut worst = 0f32;
+        for i in -80_000..=80_000 {
+            let x = i as f32 * 1e-4;
+            worst = worst.max((erf(x) - libm::erff(x)).abs());
+        }
+        assert!(worst < 5e-7, "max |erf - libm::erff| = {worst:e}");
+    }
 }
