@@ -1,6 +1,7 @@
 //! The calls every retrieval store serves: [`Retriever`] for search, [`IndexUpdate`] for
-//! in-place changes. The BM25 index implements both today; a dense vector index or an external
-//! engine plugs in behind the same traits, and [`crate::hybrid`] fuses their ranked lists.
+//! in-place changes. [`crate::RagIndex`] (BM25 + exact or HNSW dense search, fused by
+//! [`crate::hybrid`]) implements both; an external engine for corpora that outgrow one machine
+//! plugs in behind the same traits (the README's "Retrieval" section says how).
 
 use serde::Serialize;
 
