@@ -624,14 +624,7 @@ pub fn export_gguf(options: &GgufExportOptions) -> Result<GgufExportReport> {
                 };
                 values = permute_rows(&values, spec.shape[0], cols, heads);
             }
-            quantize(spec.ty, &values).map_err(|message| {
-                GgufError::Tensor {
-                    path: options.out.clone(),
-                    tensor: spec.name.clone(),
-                    message,
-                }
-                .into()
-            })
+            quantize_tensor(&options.out, spec, &values)
         })?;
     drop(writer);
     staged.commit()?;
@@ -789,14 +782,7 @@ pub fn export_lora(options: &GgufExportOptions) -> Result<GgufExportReport> {
                 }
                 .into());
             }
-            quantize(spec.ty, data[i]).map_err(|message| {
-                GgufError::Tensor {
-                    path: options.out.clone(),
-                    tensor: spec.name.clone(),
-                    message,
-                }
-                .into()
-            })
+            quantize_tensor(&options.out, spec, data[i])
         })?;
     drop(writer);
     staged.commit()?;
@@ -929,4 +915,16 @@ fn modelfile_text(file: &Path, facts: &TokenFacts, adapter_of: Option<&Path>) ->
         ));
     }
     text
+}
+
+/// `values` in the type `spec` names, an error naming the output file and the tensor.
+fn quantize_tensor(out: &Path, spec: &TensorSpec, values: &[f32]) -> Result<Vec<u8>> {
+    quantize(spec.ty, values).map_err(|message| {
+        GgufError::Tensor {
+            path: out.to_path_buf(),
+            tensor: spec.name.clone(),
+            message,
+        }
+        .into()
+    })
 }

@@ -315,18 +315,7 @@ impl DenseIndex {
     /// The `k` rows most similar to `query` (normalised here): `(row index, cosine)`, best
     /// first; ties by row order.
     pub fn search(&self, query: &[f32], k: usize) -> Result<Vec<(usize, f32)>> {
-        if query.len() != self.dim {
-            return Err(RagError::config(
-                "query",
-                format!(
-                    "expected a vector of {} values, found {}",
-                    self.dim,
-                    query.len()
-                ),
-            ));
-        }
-        let mut q = query.to_vec();
-        normalize(&mut q);
+        let q = self.unit_query(query)?;
         match &self.graph {
             Some(graph) => {
                 let mut scores: Vec<(usize, f32)> = graph
@@ -345,6 +334,12 @@ impl DenseIndex {
     /// [`Self::search`] over every row, even when the index has a graph (the reference the
     /// benchmark measures the graph's recall against).
     pub fn search_exact(&self, query: &[f32], k: usize) -> Result<Vec<(usize, f32)>> {
+        let q = self.unit_query(query)?;
+        Ok(self.search_exact_unit(&q, k))
+    }
+
+    /// `query` scaled to unit length, checked to have this index's dimension.
+    fn unit_query(&self, query: &[f32]) -> Result<Vec<f32>> {
         if query.len() != self.dim {
             return Err(RagError::config(
                 "query",
@@ -357,7 +352,7 @@ impl DenseIndex {
         }
         let mut q = query.to_vec();
         normalize(&mut q);
-        Ok(self.search_exact_unit(&q, k))
+        Ok(q)
     }
 
     fn search_exact_unit(&self, q: &[f32], k: usize) -> Vec<(usize, f32)> {

@@ -85,14 +85,26 @@ pub fn permute_rows<T: Copy + Default>(
     cols: usize,
     heads: usize,
 ) -> Vec<T> {
+    reorder_head_rows(values, rows, cols, heads, true)
+}
+
+/// Per head of `d` rows, Hugging Face row `j·d/2 + i` and GGUF row `2i + j` trade places:
+/// towards GGUF's order (`to_gguf`) or back.
+fn reorder_head_rows<T: Copy + Default>(
+    values: &[T],
+    rows: usize,
+    cols: usize,
+    heads: usize,
+    to_gguf: bool,
+) -> Vec<T> {
     let d = rows / heads;
     let half = d / 2;
     let mut out = vec![T::default(); values.len()];
     for h in 0..heads {
         for i in 0..half {
             for j in 0..2 {
-                let dst = h * d + 2 * i + j;
-                let src = h * d + j * half + i;
+                let (gguf, hf) = (h * d + 2 * i + j, h * d + j * half + i);
+                let (dst, src) = if to_gguf { (gguf, hf) } else { (hf, gguf) };
                 out[dst * cols..(dst + 1) * cols]
                     .copy_from_slice(&values[src * cols..(src + 1) * cols]);
             }
@@ -392,20 +404,7 @@ fn unpermute_rows<T: Copy + Default>(
     cols: usize,
     heads: usize,
 ) -> Vec<T> {
-    let d = rows / heads;
-    let half = d / 2;
-    let mut out = vec![T::default(); values.len()];
-    for h in 0..heads {
-        for i in 0..half {
-            for j in 0..2 {
-                let src = h * d + 2 * i + j;
-                let dst = h * d + j * half + i;
-                out[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&values[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
+    reorder_head_rows(values, rows, cols, heads, false)
 }
 
 impl GgufWeights<'_> {
