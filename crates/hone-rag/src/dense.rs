@@ -286,7 +286,9 @@ impl DenseIndex {
             normalize(&mut out.vectors[start..]);
             out.rows.push(row);
         }
-        if self.policy.wants_graph(out.len()) {
+        // An empty index keeps no graph (hnsw_rs cannot write an empty one); the next change
+        // that brings rows builds it again.
+        if !out.is_empty() && self.policy.wants_graph(out.len()) {
             let appended = &out.vectors[first_new_row * self.dim..];
             // Insert into a copy of the current graph read back from its directory; rebuild
             // when there is none or too much of it is stale.

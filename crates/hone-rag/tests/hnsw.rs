@@ -149,6 +149,23 @@ fn graph_recall_against_exact_search_and_changes_insert_into_it() {
     assert_eq!(graph.points(), graph.live());
     assert_eq!(smaller.len(), 4032 - (300 - 2) * 4);
 
+    // Removing every row leaves an empty index without a graph, which still writes; adding
+    // rows builds the graph again.
+    let mut smaller = smaller;
+    let dir3 = tmp.path().join(dense_dir_name(3));
+    smaller.write(&dir3).unwrap();
+    let every: Vec<String> = smaller.rows().iter().map(|r| r.doc_id.clone()).collect();
+    let mut empty = DenseIndex::open(&dir3, dim)
+        .unwrap()
+        .with_policy(hnsw_policy())
+        .changed(&every, Vec::new(), &[])
+        .unwrap();
+    assert!(empty.is_empty() && empty.graph().is_none());
+    empty.write(&tmp.path().join(dense_dir_name(4))).unwrap();
+    let (rows, vectors) = clustered(10, dim, 5, 5);
+    let refilled = empty.changed(&[], rows, &vectors).unwrap();
+    assert_eq!(refilled.graph().map(|g| g.live()), Some(10));
+
     // The exact policy keeps no graph.
     let exact = smaller
         .with_policy(VectorPolicy {
