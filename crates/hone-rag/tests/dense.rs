@@ -3,8 +3,11 @@
 //! shipped SQuAD 2.0 and HotpotQA sets with the real all-MiniLM-L6-v2 (SKIPPED when it is not
 //! fetched).
 
+mod common;
+use common::{copy_dir, root};
+
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use hone_data::OnError;
@@ -13,23 +16,6 @@ use hone_rag::{
     RagError, RagIndex, Retriever, SearchMode, SearchOptions, SentenceEmbedder,
 };
 use serde::Deserialize;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
 
 fn options(inputs: Vec<String>, out: &Path, embedder: &Path, max_tokens: usize) -> BuildOptions {
     BuildOptions {

@@ -3,7 +3,8 @@
 //! 2.15) for the tiny random BERT in `fixtures/bert/tiny` and for the real all-MiniLM-L6-v2
 //! (checked when `scripts/fetch-models.sh minilm` has fetched it, else reported SKIPPED).
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::{copy_dir, root};
 
 use hone_rag::embed::fingerprint;
 use hone_rag::{RagError, SentenceEmbedder};
@@ -14,10 +15,6 @@ struct Refs {
     sentences: Vec<String>,
     input_ids: Vec<Vec<u32>>,
     embeddings: Vec<Vec<f32>>,
-}
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 fn refs(name: &str) -> Refs {
@@ -77,19 +74,6 @@ fn real_minilm_embeddings_equal_sentence_transformers() {
     assert_eq!(embedder.settings().max_seq_len, 256);
     let worst = check(&embedder, &refs("minilm.refs.json"), 1e-4);
     eprintln!("all-MiniLM-L6-v2: max abs difference {worst:e}");
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 #[test]

@@ -2,7 +2,10 @@
 //! that insert into the graph instead of rebuilding it, persistence, damage detection, and an
 //! index built with `VectorMode::Hnsw` through the tiny BERT fixture answering as the exact one.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::{copy_dir, root};
+
+use std::path::Path;
 
 use hone_data::OnError;
 use hone_rag::dense::{dense_dir_name, DenseIndex, Row, VectorMode, VectorPolicy};
@@ -211,23 +214,6 @@ fn a_damaged_graph_is_a_corrupt_index_naming_the_file() {
     std::fs::write(&data_file, &data[..data.len() - 7]).unwrap();
     let e = DenseIndex::open(&dir, dim).unwrap_err();
     assert!(e.to_string().contains("hnsw.hnsw.data"), "{e}");
-}
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 fn build(corpus: &Path, out: &Path, model: &Path, vectors: VectorPolicy) {
