@@ -16,7 +16,9 @@ mod serve;
 pub use adapter::{AdapterCombineArgs, AdapterCommand};
 pub use eval::{CompareArgs, EvalArgs, EvalCommand};
 pub use merge::{ExportCommand, ExportGgufArgs, MergeArgs};
-pub use rag::{RagAddArgs, RagCommand, RagIndexArgs, RagQueryArgs, RagRemoveArgs, SearchModeArg};
+pub use rag::{
+    HnswArgs, RagAddArgs, RagCommand, RagIndexArgs, RagQueryArgs, RagRemoveArgs, SearchModeArg,
+};
 pub use serve::{BenchServeArgs, ServeArgs};
 
 #[derive(Parser, Debug)]
@@ -255,15 +257,8 @@ pub struct BenchRagArgs {
     /// Results per query, and the k of recall@k.
     #[arg(long, short, default_value_t = 10)]
     pub k: usize,
-    /// HNSW: neighbours per point and layer.
-    #[arg(long, default_value_t = hone_rag::hnsw::HnswParams::default().m)]
-    pub hnsw_m: usize,
-    /// HNSW: candidate list length while building.
-    #[arg(long, default_value_t = hone_rag::hnsw::HnswParams::default().ef_construction)]
-    pub hnsw_ef_construction: usize,
-    /// HNSW: candidate list length while searching.
-    #[arg(long, default_value_t = hone_rag::hnsw::HnswParams::default().ef_search)]
-    pub hnsw_ef_search: usize,
+    #[command(flatten)]
+    pub hnsw: HnswArgs,
     /// Where datasets/ is (the shipped corpus and questions).
     #[arg(long, default_value = ".")]
     pub data_root: PathBuf,

@@ -60,6 +60,13 @@ pub struct RagIndexArgs {
     /// Chunks from which --vector-search auto builds the HNSW graph.
     #[arg(long, default_value_t = hone_rag::dense::DEFAULT_HNSW_THRESHOLD)]
     pub hnsw_threshold: usize,
+    #[command(flatten)]
+    pub hnsw: HnswArgs,
+}
+
+/// The HNSW graph's parameters (`hone rag index`, `hone bench rag`).
+#[derive(Args, Debug)]
+pub struct HnswArgs {
     /// HNSW: neighbours kept per point and layer (M, 2 to 256).
     #[arg(long, default_value_t = hone_rag::hnsw::HnswParams::default().m)]
     pub hnsw_m: usize,
@@ -69,6 +76,16 @@ pub struct RagIndexArgs {
     /// HNSW: candidate list length while searching (ef; at least k).
     #[arg(long, default_value_t = hone_rag::hnsw::HnswParams::default().ef_search)]
     pub hnsw_ef_search: usize,
+}
+
+impl HnswArgs {
+    pub fn params(&self) -> hone_rag::hnsw::HnswParams {
+        hone_rag::hnsw::HnswParams {
+            m: self.hnsw_m,
+            ef_construction: self.hnsw_ef_construction,
+            ef_search: self.hnsw_ef_search,
+        }
+    }
 }
 
 /// How the dense vectors are searched.
@@ -90,11 +107,7 @@ impl RagIndexArgs {
                 VectorModeArg::Hnsw => VectorMode::Hnsw,
             },
             hnsw_threshold: self.hnsw_threshold,
-            hnsw: hone_rag::hnsw::HnswParams {
-                m: self.hnsw_m,
-                ef_construction: self.hnsw_ef_construction,
-                ef_search: self.hnsw_ef_search,
-            },
+            hnsw: self.hnsw.params(),
         }
     }
 }

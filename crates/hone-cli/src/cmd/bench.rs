@@ -79,11 +79,7 @@ fn rag_settings(a: BenchRagArgs) -> RagBench {
         chunk_tokens: a.chunk_tokens,
         queries: a.queries,
         k: a.k,
-        hnsw: hone_rag::hnsw::HnswParams {
-            m: a.hnsw_m,
-            ef_construction: a.hnsw_ef_construction,
-            ef_search: a.hnsw_ef_search,
-        },
+        hnsw: a.hnsw.params(),
         candidates: hone_rag::SearchOptions::default().candidates,
         embed_only: a.embed_only,
         dump_chunks: a.dump_chunks,
