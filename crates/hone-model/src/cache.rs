@@ -3,8 +3,12 @@
 //! new keys and values after the cached ones (`slice_assign` on a buffer nobody else holds, which
 //! burn's CPU backend does without copying) and attends over a view of the first `len`
 //! positions; when the buffer is full it is replaced by one of twice the capacity.
+//!
+//! Backends that attend over the cache in host memory ([`crate::KernelBackend::caches_on_host`]:
+//! Flex, f32) keep a layer's keys and values in a [`HostKv`] instead and read them in place.
 
 use burn::prelude::*;
+use burn::tensor::TensorData;
 
 /// Smallest number of positions a layer's buffer holds.
 const MIN_CAPACITY: usize = 32;
@@ -15,11 +19,114 @@ const MIN_CAPACITY: usize = 32;
 pub struct LayerCache<B: Backend> {
     keys: Option<Tensor<B, 4>>,
     values: Option<Tensor<B, 4>>,
+    /// The keys and values in host memory, when the fused kernels attend over them.
+    host: Option<HostKv>,
+}
+
+/// One layer's keys and values in host memory, `[batch, kv_heads, capacity, head_dim]` each:
+/// the keys of one head are contiguous rows, so attention reads them in place.
+#[derive(Debug, Clone, Default)]
+pub struct HostKv {
+    pub(crate) keys: Vec<f32>,
+    pub(crate) values: Vec<f32>,
+    pub(crate) batch: usize,
+    pub(crate) kv_heads: usize,
+    pub(crate) dim: usize,
+    pub(crate) capacity: usize,
+}
+
+impl HostKv {
+    /// Writes `k`, `v` (`[batch, seq, kv_heads, dim]`, the projections' layout) at positions
+    /// `len..len + seq`, growing the buffers (to twice the capacity) when they are full.
+    pub(crate) fn append(
+        &mut self,
+        len: usize,
+        k: &[f32],
+        v: &[f32],
+        batch: usize,
+        kv_heads: usize,
+        dim: usize,
+    ) {
+        let seq = k.len() / (batch * kv_heads * dim).max(1);
+        assert!(
+            k.len() == batch * seq * kv_heads * dim && v.len() == k.len(),
+            "HostKv::append: keys and values are not [batch, seq, kv_heads, dim]"
+        );
+        if self.capacity == 0 {
+            (self.batch, self.kv_heads, self.dim) = (batch, kv_heads, dim);
+        }
+        assert!(
+            (self.batch, self.kv_heads, self.dim) == (batch, kv_heads, dim),
+            "HostKv::append: the batch or head shape changed"
+        );
+        let total = len + seq;
+        if total > self.capacity {
+            let capacity = total.max(2 * self.capacity).max(MIN_CAPACITY);
+            let grow = |old: &[f32]| {
+                let mut fresh = vec![0f32; batch * kv_heads * capacity * dim];
+                for bh in 0..batch * kv_heads {
+                    let (src, dst) = (bh * self.capacity * dim, bh * capacity * dim);
+                    fresh[dst..dst + len * dim].copy_from_slice(&old[src..src + len * dim]);
+                }
+                fresh
+            };
+            self.keys = grow(&self.keys);
+            self.values = grow(&self.values);
+            self.capacity = capacity;
+        }
+        let cap = self.capacity;
+        for b in 0..batch {
+            for t in 0..seq {
+                for h in 0..kv_heads {
+                    let src = ((b * seq + t) * kv_heads + h) * dim;
+                    let dst = ((b * kv_heads + h) * cap + len + t) * dim;
+                    self.keys[dst..dst + dim].copy_from_slice(&k[src..src + dim]);
+                    self.values[dst..dst + dim].copy_from_slice(&v[src..src + dim]);
+                }
+            }
+        }
+    }
+
+    /// Keeps rows `rows` of the batch, in that order.
+    fn retain_rows(&mut self, rows: &[usize]) {
+        let per_row = self.kv_heads * self.capacity * self.dim;
+        let pick = |old: &[f32]| {
+            rows.iter()
+                .flat_map(|&r| old[r * per_row..(r + 1) * per_row].iter().copied())
+                .collect()
+        };
+        self.keys = pick(&self.keys);
+        self.values = pick(&self.values);
+        self.batch = rows.len();
+    }
 }
 
 impl<B: Backend> LayerCache<B> {
     fn capacity(&self) -> usize {
         self.keys.as_ref().map_or(0, |k| k.dims()[2])
+    }
+
+    /// The host cache of this layer, when the tensor cache is unused (a cache is filled by one
+    /// path or the other; [`LayerCache::append`] moves host data over if it must take over).
+    pub(crate) fn host_mut(&mut self) -> Option<&mut HostKv> {
+        if self.keys.is_some() {
+            return None;
+        }
+        Some(self.host.get_or_insert_with(HostKv::default))
+    }
+
+    /// Moves keys and values held in host memory into tensors on `device`.
+    fn host_to_tensors(&mut self, device: &B::Device) {
+        let Some(h) = self.host.take() else {
+            return;
+        };
+        if h.capacity == 0 {
+            return;
+        }
+        let shape = [h.batch, h.kv_heads, h.capacity, h.dim];
+        let t = |v: Vec<f32>| Tensor::<B, 4>::from_data(TensorData::new(v, shape), device);
+        self.keys = Some(t(h.keys));
+        self.values = Some(t(h.values));
     }
 
     /// Writes `k`, `v` (`[batch, kv_heads, seq, head_dim]`) at positions `len..len + seq` and
@@ -31,6 +138,7 @@ impl<B: Backend> LayerCache<B> {
         v: Tensor<B, 4>,
     ) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let [batch, kv_heads, seq, dim] = k.dims();
+        self.host_to_tensors(&k.device());
         let total = len + seq;
         if total > self.capacity() {
             let capacity = total.max(2 * self.capacity()).max(MIN_CAPACITY);
@@ -66,7 +174,10 @@ impl<B: Backend> LayerCache<B> {
         (keys.narrow(2, 0, total), values.narrow(2, 0, total))
     }
 
-    fn retain_rows(&mut self, rows: &Tensor<B, 1, Int>) {
+    fn retain_rows(&mut self, rows: &Tensor<B, 1, Int>, host_rows: &[usize]) {
+        if let Some(h) = &mut self.host {
+            h.retain_rows(host_rows);
+        }
         self.keys = self.keys.take().map(|t| t.select(0, rows.clone()));
         self.values = self.values.take().map(|t| t.select(0, rows.clone()));
     }
@@ -99,6 +210,7 @@ impl<B: Backend> KvCache<B> {
 
     /// Keeps rows `rows` of the batch (in that order), e.g. to drop finished sequences.
     pub fn retain_rows(&mut self, rows: &[usize], device: &B::Device) {
+        let host_rows = rows;
         let rows = Tensor::<B, 1, Int>::from_data(
             burn::tensor::TensorData::new(
                 rows.iter().map(|&r| r as i64).collect::<Vec<_>>(),
@@ -107,7 +219,7 @@ impl<B: Backend> KvCache<B> {
             device,
         );
         for layer in &mut self.layers {
-            layer.retain_rows(&rows);
+            layer.retain_rows(&rows, host_rows);
         }
     }
 

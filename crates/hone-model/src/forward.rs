@@ -420,14 +420,26 @@ impl<B: KernelBackend> CausalLm<B> {
     }
 
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
-        match &self.lm_head {
-            Some(head) => head.forward(hidden, &Selection::Slot(OWN_SLOT), self.kernels),
-            None => {
+        match (&self.lm_head, &self.tied_head) {
+            (Some(head), _) => head.forward(hidden, &Selection::Slot(OWN_SLOT), self.kernels),
+            (None, Some(q)) => {
                 let [b, s, h] = hidden.dims();
-                hidden
-                    .reshape([b * s, h])
-                    .matmul(self.model.embed_tokens.val().transpose())
-                    .reshape([b, s, self.config.vocab_size])
+                B::quant_linear(hidden.reshape([b * s, h]), q).reshape([
+                    b,
+                    s,
+                    self.config.vocab_size,
+                ])
+            }
+            (None, None) => {
+                let [b, s, h] = hidden.dims();
+                let (x, w) = (hidden.reshape([b * s, h]), self.model.embed_tokens.val());
+                // As `Linear`'s dense product: few rows stream the table once as W·xᵀ.
+                let y = if b * s <= crate::model::SMALL_M {
+                    w.matmul(x.transpose()).transpose()
+                } else {
+                    x.matmul(w.transpose())
+                };
+                y.reshape([b, s, self.config.vocab_size])
             }
         }
     }

@@ -13,7 +13,7 @@ use burn::module::{Module, Param, ParamId};
 use burn::prelude::*;
 use burn::tensor::{DType, Distribution, IndexingUpdateOp, TensorData};
 
-use crate::cache::LayerCache;
+use crate::cache::{HostKv, LayerCache};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::forward::Selection;
@@ -24,7 +24,7 @@ use crate::rope::RopeCache;
 use crate::weights::WeightStore;
 
 /// Row counts up to which [`Linear`] multiplies as `(W xᵀ)ᵀ`.
-const SMALL_M: usize = 16;
+pub(crate) const SMALL_M: usize = 16;
 
 /// The adapter slot of the model's own adapter: the one training trains, `save_adapter` writes
 /// and `merge_lora` folds. Serving loads further adapters into other slots.
@@ -249,6 +249,15 @@ impl<B: KernelBackend> Attention<B> {
                 return self.forward_fused(x, ctx.rope, mask, select);
             }
         }
+        let mut cache = cache;
+        if let (LayerCacheMut::Batch(slot, len), Some(_), None) = (&mut cache, &ctx.rope.host, mask)
+        {
+            if ctx.kernels.fused::<B>(x.dtype()) && B::caches_on_host(x.dtype()) {
+                if let Some(host) = slot.host_mut() {
+                    return self.forward_cached(x, ctx, host, *len);
+                }
+            }
+        }
         let q = self
             .q_proj
             .forward(x.clone(), select, ctx.kernels)
@@ -338,6 +347,43 @@ impl<B: KernelBackend> Attention<B> {
             select,
             Kernels::Fused,
         )
+    }
+
+    /// [`Self::forward`] continuing a host KV cache that holds `past` positions, through the
+    /// backend's fused kernels (RoPE, attention over the cache read in place).
+    fn forward_cached(
+        &self,
+        x: Tensor<B, 3>,
+        ctx: &LayerContext<'_, B>,
+        cache: &mut HostKv,
+        past: usize,
+    ) -> Tensor<B, 3> {
+        let [batch, seq, _] = x.dims();
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let select = ctx.select;
+        let q = B::rope(
+            self.q_proj.forward(x.clone(), select, Kernels::Fused),
+            h,
+            d,
+            ctx.rope,
+        );
+        let k = B::rope(
+            self.k_proj.forward(x.clone(), select, Kernels::Fused),
+            kvh,
+            d,
+            ctx.rope,
+        );
+        let v = self.v_proj.forward(x, select, Kernels::Fused);
+        let shape = kernels::AttnShape {
+            batch,
+            seq,
+            heads: h,
+            kv_heads: kvh,
+            dim: d,
+            scale: 1.0 / (d as f32).sqrt(),
+        };
+        let out = B::attention_cached(q, k, v, cache, past, shape, self.sliding_window);
+        self.o_proj.forward(out, select, Kernels::Fused)
     }
 
     /// [`composed::attend`] with this layer's sliding window.
@@ -450,6 +496,11 @@ pub struct Decoder<B: Backend> {
 pub struct CausalLm<B: Backend> {
     pub(crate) model: Decoder<B>,
     pub(crate) lm_head: Option<Linear<B>>,
+    /// The tied output projection in the block format the source stores `embed_tokens` in
+    /// (kept beside the f32 embeddings when projections are kept quantized): inference
+    /// multiplies by it, reading a quarter of the bytes (SmolLM2's Q8_0 head: 30 of 113 MB a
+    /// token). The training loss keeps the f32 table.
+    pub(crate) tied_head: Option<QuantWeight>,
     /// RoPE frequencies and the cos/sin tables of every position used so far (built once,
     /// grown on demand, shared by clones of the model).
     #[module(skip)]
@@ -689,9 +740,16 @@ impl<B: Backend> Builder<'_, B> {
         } else {
             Some(self.linear("lm_head", hid, c.vocab_size, false)?)
         };
+        let tied_head = match &self.source {
+            Source::Checkpoint(store, _) if self.keep_quantized && c.tie_word_embeddings => {
+                store.load_quant("model.embed_tokens.weight", [c.vocab_size, hid])?
+            }
+            _ => None,
+        };
         Ok(CausalLm {
             model,
             lm_head,
+            tied_head,
             rope: Arc::new(RopeCache::new(crate::rope::inverse_frequencies(
                 c.rotary_dim(),
                 c.rope_theta,
@@ -757,7 +815,8 @@ impl<B: Backend> CausalLm<B> {
             .expect("building a model from random weights reads no file and cannot fail")
     }
 
-    /// Number of projections (decoder layers' and `lm_head`) whose weight is kept quantized.
+    /// Number of projections (decoder layers' and the output head, untied or tied to a quantized
+    /// `embed_tokens`) whose weight is kept quantized.
     pub fn quantized_projections(&self) -> usize {
         let layers = self
             .model
@@ -770,7 +829,8 @@ impl<B: Backend> CausalLm<B> {
             + usize::from(
                 self.lm_head
                     .as_ref()
-                    .is_some_and(|h| h.quantized().is_some()),
+                    .is_some_and(|h| h.quantized().is_some())
+                    || self.tied_head.is_some(),
             )
     }
 

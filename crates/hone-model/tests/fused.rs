@@ -191,3 +191,75 @@ fn fused_kernels_compute_what_composed_burn_ops_compute() {
         }
     }
 }
+
+/// Decoding with a KV cache: the fused path (keys and values in host memory, attention over them
+/// in place) gives the logits of the composed path (a tensor cache, burn's attention) and of the
+/// full forward pass, for prefill chunks of several tokens and single steps, a sliding window
+/// shorter than the chunks, and rows dropped from the batch midway.
+#[test]
+fn cached_decoding_with_fused_kernels_equals_composed() {
+    let cases: Vec<(&str, &str, Edit)> = vec![
+        ("llama_gqa", "plain", Box::new(|_| {})),
+        ("qwen2_tied", "biases, tied", Box::new(|_| {})),
+        (
+            "llama_gqa",
+            "window 4, half rotary",
+            Box::new(|c: &mut ModelConfig| {
+                c.sliding_window = vec![Some(4); c.num_layers];
+                c.partial_rotary_factor = 0.5;
+            }),
+        ),
+    ];
+    let device = Default::default();
+    for (name, label, edit) in &cases {
+        let mut composed = model_with_adapter::<Cpu>(name, edit.as_ref());
+        composed.set_kernels(Kernels::Composed);
+        let mut fused = model_with_adapter::<Cpu>(name, edit.as_ref());
+        fused.set_kernels(Kernels::Fused);
+        let vocab = fused.config().vocab_size;
+        let (batch, seq) = (3, 17);
+        let input = tokens(batch * seq, vocab, 5);
+        let full = host(composed.forward(Input::new(ids(&input, batch))));
+        let mut caches: Vec<hone_model::KvCache<Cpu>> = (0..2)
+            .map(|_| hone_model::KvCache::new(fused.config().num_layers))
+            .collect();
+        let mut rows: Vec<usize> = (0..batch).collect();
+        let mut pos = 0;
+        for step in [6, 3, 1, 1, 2, 1, 1, 1, 1] {
+            if pos == 10 {
+                // Drop the middle row.
+                rows = vec![0, 2];
+                for c in &mut caches {
+                    c.retain_rows(&[0, 2], &device);
+                }
+            }
+            let chunk: Vec<i64> = rows
+                .iter()
+                .flat_map(|&r| input[r * seq + pos..r * seq + pos + step].iter().copied())
+                .collect();
+            for (model, cache) in [(&fused, 0), (&composed, 1)] {
+                let logits = host(
+                    model.forward(Input::new(ids(&chunk, rows.len())).cache(&mut caches[cache])),
+                );
+                for (i, &r) in rows.iter().enumerate() {
+                    for s in 0..step {
+                        let ours = &logits[(i * step + s) * vocab..(i * step + s + 1) * vocab];
+                        let at = (r * seq + pos + s) * vocab;
+                        assert_close(
+                            &format!(
+                                "{name} ({label}) kernels {:?} row {r} position {}",
+                                model.kernels(),
+                                pos + s
+                            ),
+                            ours,
+                            &full[at..at + vocab],
+                            1e-5,
+                        );
+                    }
+                }
+            }
+            pos += step;
+        }
+        assert_eq!(caches[0].len(), pos);
+    }
+}

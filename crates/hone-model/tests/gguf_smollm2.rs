@@ -60,9 +60,9 @@ fn check(path: &Path, refs: &Value, dequantize: bool) {
         ..LoadOptions::default()
     };
     let loaded = load_model_dir::<Cpu>(path, &device, options).unwrap();
-    // Kept quantized (all 30 layers' 7 projections; the tied lm_head is the f32 embedding) or
-    // decoded at load.
-    let expected = if dequantize { 0 } else { 30 * 7 };
+    // Kept quantized (all 30 layers' 7 projections and the output head tied to the Q8_0
+    // embedding) or decoded at load.
+    let expected = if dequantize { 0 } else { 30 * 7 + 1 };
     assert_eq!(loaded.model.quantized_projections(), expected);
     let eos = refs["eos_token_id"].as_u64().unwrap() as u32;
     assert!(loaded.tokenizer.eos_ids.contains(&eos));

@@ -87,14 +87,26 @@ fn rows_per_task(w: &QuantMatrix<'_>) -> usize {
 fn small_m(w: QuantMatrix<'_>, x: &[f32], m: usize, y: &mut [f32]) {
     let per_task = rows_per_task(&w);
     let rb = w.row_bytes();
-    // yt: [out, m], so that each task writes one contiguous range.
-    let mut yt = vec![0f32; w.rows * m];
+    // yt: [out, m], so that each task writes one contiguous range (y itself when m = 1).
+    let mut transposed = Vec::new();
+    let yt: &mut [f32] = if m == 1 {
+        y
+    } else {
+        transposed.resize(w.rows * m, 0f32);
+        &mut transposed
+    };
     yt.par_chunks_mut(per_task * m)
         .zip(w.bytes.par_chunks(per_task * rb))
-        .for_each(|(yt, rows)| rows_dot(w.ty, rows, w.cols, x, m, yt));
-    for r in 0..w.rows {
-        for i in 0..m {
-            y[i * w.rows + r] = yt[r * m + i];
+        .for_each(|(yt, rows)| {
+            if !super::matvec::rows_dot(w.ty, rows, w.cols, x, m, yt) {
+                rows_dot(w.ty, rows, w.cols, x, m, yt)
+            }
+        });
+    if m > 1 {
+        for r in 0..w.rows {
+            for i in 0..m {
+                y[i * w.rows + r] = transposed[r * m + i];
+            }
         }
     }
 }

@@ -14,6 +14,7 @@
 pub mod hf;
 mod kquant;
 pub mod matmul;
+mod matvec;
 pub mod model;
 pub mod quant;
 pub mod quantize;

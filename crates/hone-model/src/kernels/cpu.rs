@@ -535,6 +535,104 @@ pub fn attention(
     (out, lse)
 }
 
+/// Attention of `s.seq` new queries per row (`q` `[batch, seq, heads, dim]`, RoPE applied) over
+/// the `past + seq` keys and values of a host KV cache (`[batch, kv_heads, capacity, dim]`, the
+/// new positions already written): query `i` sees keys `..=past + i` (and, with `window > 0`,
+/// only the last `window` of them). Returns `[batch, seq, heads, dim]`. Keys and values are read
+/// in place; work is split by (row, head).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_cached(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    capacity: usize,
+    past: usize,
+    s: AttnShape,
+    window: usize,
+) -> Vec<f32> {
+    let (seq, d) = (s.seq, s.dim);
+    let total = past + seq;
+    let groups = s.heads / s.kv_heads;
+    let hd = s.heads * d;
+    assert!(q.len() == s.batch * seq * hd, "attention_cached: q shape");
+    assert!(
+        total <= capacity && keys.len() >= s.batch * s.kv_heads * capacity * d,
+        "attention_cached: cache shape"
+    );
+    let mut out = vec![0f32; q.len()];
+    let optr = Shared(out.as_mut_ptr());
+    let task = |p: &mut Vec<f32>, bh: usize| {
+        let (b, h) = (bh / s.heads, bh % s.heads);
+        let kv = (b * s.kv_heads + h / groups) * capacity * d;
+        let qo = b * seq * hd + h * d;
+        p.resize(seq * total, 0.0);
+        // SAFETY: q rows `qo + i·hd .. + d` for i < seq and cache rows `kv + j·d .. + d` for
+        // j < total lie inside the slices checked above; `p` holds seq × total values.
+        unsafe {
+            matmul(
+                seq,
+                total,
+                d,
+                p.as_mut_ptr(),
+                total,
+                1,
+                false,
+                q.as_ptr().add(qo),
+                hd,
+                1,
+                keys.as_ptr().add(kv),
+                1,
+                d,
+                s.scale,
+            );
+        }
+        for (i, row) in p.chunks_mut(total).enumerate() {
+            let end = past + i + 1;
+            let start = if window > 0 {
+                end.saturating_sub(window)
+            } else {
+                0
+            };
+            row[..start].fill(0.0);
+            row[end..].fill(0.0);
+            let live = &mut row[start..end];
+            let m = max(live);
+            let lse = m + sum_exp(live, m).ln();
+            exp_in_place(live, lse);
+        }
+        // SAFETY: as above; each task writes its own head's columns of `out`.
+        unsafe {
+            matmul(
+                seq,
+                d,
+                total,
+                optr.at(qo),
+                hd,
+                1,
+                false,
+                p.as_ptr(),
+                total,
+                1,
+                values.as_ptr().add(kv),
+                d,
+                1,
+                1.0,
+            );
+        }
+    };
+    let tasks = s.batch * s.heads;
+    // A decoding step's heads are a few microseconds each: threads only pay off for longer work.
+    if seq * total * d * tasks < 1 << 18 {
+        let mut p = Vec::new();
+        (0..tasks).for_each(|bh| task(&mut p, bh));
+    } else {
+        (0..tasks)
+            .into_par_iter()
+            .for_each_init(Vec::new, |p, bh| task(p, bh));
+    }
+    out
+}
+
 /// Gradients of [`attention`] with respect to `q`, `k` and `v`, from the output gradient `g`,
 /// the forward output `o` and its log-sum-exp rows (probabilities are recomputed, not stored).
 #[allow(clippy::too_many_arguments)]

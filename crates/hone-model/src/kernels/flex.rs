@@ -10,6 +10,7 @@ use burn::prelude::*;
 use burn::tensor::{DType, TensorData, TensorPrimitive};
 use burn_flex::FlexTensor;
 
+use crate::cache::HostKv;
 use crate::gguf::QuantWeight;
 
 use super::{ad, composed, cpu, AdTensorOf, AttnShape, KernelBackend, Mask, RopeHost, RopeTables};
@@ -151,6 +152,38 @@ impl KernelBackend for Flex {
             contiguous(&prim(v)),
         );
         let (o, _) = cpu::attention(values(&q), values(&k), values(&v), shape, mask.view());
+        tensor(flex(o, &dims(&q)))
+    }
+
+    fn caches_on_host(dtype: DType) -> bool {
+        f32s(dtype)
+    }
+
+    fn attention_cached(
+        q: Tensor<Self, 3>,
+        k: Tensor<Self, 3>,
+        v: Tensor<Self, 3>,
+        cache: &mut HostKv,
+        past: usize,
+        shape: AttnShape,
+        window: usize,
+    ) -> Tensor<Self, 3> {
+        let (q, k, v) = (
+            contiguous(&prim(q)),
+            contiguous(&prim(k)),
+            contiguous(&prim(v)),
+        );
+        let (kd, vd) = (values(&k), values(&v));
+        cache.append(past, kd, vd, shape.batch, shape.kv_heads, shape.dim);
+        let o = cpu::attention_cached(
+            values(&q),
+            &cache.keys,
+            &cache.values,
+            cache.capacity,
+            past,
+            shape,
+            window,
+        );
         tensor(flex(o, &dims(&q)))
     }
 

@@ -30,11 +30,12 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::DType;
+use burn::tensor::{DType, TensorData};
 use serde::{Deserialize, Serialize};
 
 pub use cpu::{AttnShape, Visibility};
 
+use crate::cache::HostKv;
 use crate::gguf::QuantWeight;
 
 /// Which implementation of the fusable operations a model runs.
@@ -168,6 +169,49 @@ pub trait KernelBackend: Backend {
         mask: Mask,
     ) -> Tensor<Self, 3> {
         composed::attention(q, k, v, shape, mask)
+    }
+
+    /// Whether [`KernelBackend::attention_cached`] runs for tensors of `dtype`: decoding then
+    /// keeps a layer's keys and values in host memory ([`HostKv`]) and attends over them in
+    /// place (false: the model composes over a tensor cache).
+    fn caches_on_host(dtype: DType) -> bool {
+        let _ = dtype;
+        false
+    }
+
+    /// Attention of new queries over a layer's host KV cache holding `past` positions: `k`, `v`
+    /// (the new positions) are appended to `cache` first; `q` sees keys up to its own position
+    /// (the last `window` of them when `window > 0`). Returns `[batch, seq, heads * dim]`.
+    /// The default reads the tensors back to the host (correct on any backend, fast on none).
+    fn attention_cached(
+        q: Tensor<Self, 3>,
+        k: Tensor<Self, 3>,
+        v: Tensor<Self, 3>,
+        cache: &mut HostKv,
+        past: usize,
+        shape: AttnShape,
+        window: usize,
+    ) -> Tensor<Self, 3> {
+        let device = q.device();
+        let host = |t: Tensor<Self, 3>| -> Vec<f32> {
+            t.into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .expect("a float tensor converts to f32")
+        };
+        let dims = q.dims();
+        let (q, k, v) = (host(q), host(k), host(v));
+        cache.append(past, &k, &v, shape.batch, shape.kv_heads, shape.dim);
+        let o = cpu::attention_cached(
+            &q,
+            &cache.keys,
+            &cache.values,
+            cache.capacity,
+            past,
+            shape,
+            window,
+        );
+        Tensor::from_data(TensorData::new(o, dims), &device)
     }
 
     /// `silu(gate) * up`.

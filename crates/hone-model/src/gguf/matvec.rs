@@ -1,0 +1,342 @@
+//! Few-row products (decoding) for the 32-value block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0),
+//! written with x86 intrinsics: each block is decoded into two AVX-512 registers (or four AVX2
+//! ones) as `d·q + m` in f32 and multiplied into every input row while it is in registers, so
+//! the weights are read once at the speed the CPU decodes them (the portable loop of
+//! [`super::matmul`] stores each block to memory and reads it back, about four times slower).
+//!
+//! Activations stay f32 (llama.cpp quantizes them to 8 bits for integer dot products; hone keeps
+//! the exact product): results equal `x · dequantize(W)ᵀ` up to f32 summation order (a block's
+//! `d·q + m` is one fused multiply-add, so Q4_1/Q5_1 weights may differ from the decoded ones by
+//! one rounding). [`rows_dot`] returns `false` for the types and CPUs it does not cover; the
+//! caller then takes the portable loop.
+
+use super::quant::GgmlType;
+
+/// `yt[r·m + i] = Σ_k W[r, k] · x[i, k]` for the rows of `W` in `rows` (`cols` wide), when `ty`
+/// and the CPU are covered; `false` (nothing written) otherwise.
+pub(crate) fn rows_dot(
+    ty: GgmlType,
+    rows: &[u8],
+    cols: usize,
+    x: &[f32],
+    m: usize,
+    yt: &mut [f32],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !matches!(
+            ty,
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0
+        ) || cols % 32 != 0
+        {
+            return false;
+        }
+        let rb = ty.byte_len(cols);
+        assert!(
+            rows.len() % rb == 0 && x.len() >= m * cols,
+            "rows_dot: shapes"
+        );
+        assert!(yt.len() >= rows.len() / rb * m, "rows_dot: output");
+        #[cfg(feature = "avx512")]
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            // SAFETY: the CPU has the features; the slices hold the shapes checked above.
+            unsafe { x86::v4::rows_dot(ty, rows, cols, x, m, yt) };
+            return true;
+        }
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            // SAFETY: as above.
+            unsafe { x86::v3::rows_dot(ty, rows, cols, x, m, yt) };
+            return true;
+        }
+        false
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (ty, rows, cols, x, m, yt);
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// The f16 at `p` as f32.
+    #[inline(always)]
+    unsafe fn f16(p: *const u8) -> f32 {
+        let h = std::ptr::read_unaligned(p as *const u16);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h))))
+    }
+
+    // The block formats, as const parameters (so that every kernel is specialised to one).
+    pub(super) const Q4_0: u8 = 0;
+    pub(super) const Q4_1: u8 = 1;
+    pub(super) const Q5_0: u8 = 2;
+    pub(super) const Q5_1: u8 = 3;
+    pub(super) const Q8_0: u8 = 4;
+
+    pub(super) fn kind(ty: super::GgmlType) -> u8 {
+        use super::GgmlType as T;
+        match ty {
+            T::Q4_0 => Q4_0,
+            T::Q4_1 => Q4_1,
+            T::Q5_0 => Q5_0,
+            T::Q5_1 => Q5_1,
+            T::Q8_0 => Q8_0,
+            _ => unreachable!("rows_dot checked the type"),
+        }
+    }
+
+    /// Bytes per block.
+    pub(super) const fn block_bytes(k: u8) -> usize {
+        match k {
+            Q4_0 => 18,
+            Q4_1 => 20,
+            Q5_0 => 22,
+            Q5_1 => 24,
+            _ => 34,
+        }
+    }
+
+    /// `(d, m)` of the block at `p`: values are `d·q + m` (`m = -8d` / `-16d` for the
+    /// symmetric types, exact in f32: a power of two times `d`).
+    #[inline(always)]
+    unsafe fn scale<const K: u8>(p: *const u8) -> (f32, f32) {
+        match K {
+            Q4_0 => {
+                let d = f16(p);
+                (d, -8.0 * d)
+            }
+            Q5_0 => {
+                let d = f16(p);
+                (d, -16.0 * d)
+            }
+            Q4_1 | Q5_1 => (f16(p), f16(p.add(2))),
+            _ => (f16(p), 0.0),
+        }
+    }
+
+    /// Runs `$group::<K, M>` over the input rows in groups of at most `$max` (1..=8).
+    macro_rules! for_groups {
+        ($group:ident, $max:expr, $kind:expr, $rows:expr, $cols:expr, $x:expr, $m:expr, $yt:expr) => {{
+            macro_rules! by_kind {
+                ($g:literal, $xp:expr, $yp:expr) => {
+                    match $kind {
+                        Q4_0 => $group::<Q4_0, $g>($rows, $cols, $xp, $m, $yp),
+                        Q4_1 => $group::<Q4_1, $g>($rows, $cols, $xp, $m, $yp),
+                        Q5_0 => $group::<Q5_0, $g>($rows, $cols, $xp, $m, $yp),
+                        Q5_1 => $group::<Q5_1, $g>($rows, $cols, $xp, $m, $yp),
+                        _ => $group::<Q8_0, $g>($rows, $cols, $xp, $m, $yp),
+                    }
+                };
+            }
+            let mut i0 = 0;
+            while i0 < $m {
+                let g = ($max).min($m - i0);
+                let (xp, yp) = ($x.as_ptr().add(i0 * $cols), $yt.as_mut_ptr().add(i0));
+                match g {
+                    1 => by_kind!(1, xp, yp),
+                    2 => by_kind!(2, xp, yp),
+                    3 => by_kind!(3, xp, yp),
+                    4 => by_kind!(4, xp, yp),
+                    5 => by_kind!(5, xp, yp),
+                    6 => by_kind!(6, xp, yp),
+                    7 => by_kind!(7, xp, yp),
+                    _ => by_kind!(8, xp, yp),
+                }
+                i0 += g;
+            }
+        }};
+    }
+
+    pub(super) mod v4 {
+        use super::*;
+
+        /// Input rows per pass: two accumulators each, 16 of the 32 registers.
+        const GROUP: usize = 8;
+
+        /// The 32 values of the block at `p` as two vectors (elements 0..16, 16..32).
+        #[inline(always)]
+        unsafe fn decode<const K: u8>(p: *const u8) -> (__m512, __m512) {
+            let (d, m) = scale::<K>(p);
+            let (d, m) = (_mm512_set1_ps(d), _mm512_set1_ps(m));
+            let (lo, hi) = if K == Q8_0 {
+                let a = _mm_loadu_si128(p.add(2) as *const __m128i);
+                let b = _mm_loadu_si128(p.add(18) as *const __m128i);
+                (_mm512_cvtepi8_epi32(a), _mm512_cvtepi8_epi32(b))
+            } else {
+                let off = match K {
+                    Q4_0 => 2,
+                    Q4_1 => 4,
+                    Q5_0 => 6,
+                    _ => 8,
+                };
+                let q = _mm_loadu_si128(p.add(off) as *const __m128i);
+                let mask = _mm_set1_epi8(0x0F);
+                let lo = _mm512_cvtepu8_epi32(_mm_and_si128(q, mask));
+                let hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), mask));
+                if K == Q5_0 || K == Q5_1 {
+                    let hoff = if K == Q5_0 { 2 } else { 4 };
+                    let qh = std::ptr::read_unaligned(p.add(hoff) as *const u32);
+                    let sixteen = _mm512_set1_epi32(16);
+                    (
+                        _mm512_mask_or_epi32(lo, (qh & 0xFFFF) as __mmask16, lo, sixteen),
+                        _mm512_mask_or_epi32(hi, (qh >> 16) as __mmask16, hi, sixteen),
+                    )
+                } else {
+                    (lo, hi)
+                }
+            };
+            (
+                _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), d, m),
+                _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), d, m),
+            )
+        }
+
+        #[inline(always)]
+        unsafe fn group<const K: u8, const M: usize>(
+            rows: &[u8],
+            cols: usize,
+            x: *const f32,
+            m: usize,
+            yt: *mut f32,
+        ) {
+            let bb = block_bytes(K);
+            let nb = cols / 32;
+            for (r, row) in rows.chunks_exact(nb * bb).enumerate() {
+                let mut acc = [[_mm512_setzero_ps(); 2]; M];
+                let p = row.as_ptr();
+                for b in 0..nb {
+                    let (w0, w1) = decode::<K>(p.add(b * bb));
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let xp = x.add(i * cols + b * 32);
+                        acc[0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), acc[0]);
+                        acc[1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(16)), acc[1]);
+                    }
+                }
+                for (i, acc) in acc.iter().enumerate() {
+                    *yt.add(r * m + i) = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+                }
+            }
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+        pub(in super::super) unsafe fn rows_dot(
+            ty: super::super::GgmlType,
+            rows: &[u8],
+            cols: usize,
+            x: &[f32],
+            m: usize,
+            yt: &mut [f32],
+        ) {
+            for_groups!(group, GROUP, kind(ty), rows, cols, x, m, yt)
+        }
+    }
+
+    pub(super) mod v3 {
+        use super::*;
+
+        /// Input rows per pass: two accumulators each, 8 of the 16 registers.
+        const GROUP: usize = 4;
+
+        /// The high bit (16) of eight values from eight bits of `qh` (bit `j` for value `j`).
+        #[inline(always)]
+        unsafe fn high_bits(qh: u32) -> __m256i {
+            let sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+            let bits = _mm256_and_si256(_mm256_set1_epi32(qh as i32), sel);
+            _mm256_and_si256(_mm256_cmpeq_epi32(bits, sel), _mm256_set1_epi32(16))
+        }
+
+        /// The 32 values of the block at `p` as four vectors of eight.
+        #[inline(always)]
+        unsafe fn decode<const K: u8>(p: *const u8) -> [__m256; 4] {
+            let (d, m) = scale::<K>(p);
+            let (d, m) = (_mm256_set1_ps(d), _mm256_set1_ps(m));
+            let q: [__m256i; 4] = if K == Q8_0 {
+                [0, 8, 16, 24]
+                    .map(|o| _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(2 + o) as *const __m128i)))
+            } else {
+                let off = match K {
+                    Q4_0 => 2,
+                    Q4_1 => 4,
+                    Q5_0 => 6,
+                    _ => 8,
+                };
+                let q = _mm_loadu_si128(p.add(off) as *const __m128i);
+                let mask = _mm_set1_epi8(0x0F);
+                let lo = _mm_and_si128(q, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+                let mut v = [
+                    _mm256_cvtepu8_epi32(lo),
+                    _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)),
+                    _mm256_cvtepu8_epi32(hi),
+                    _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)),
+                ];
+                if K == Q5_0 || K == Q5_1 {
+                    let hoff = if K == Q5_0 { 2 } else { 4 };
+                    let qh = std::ptr::read_unaligned(p.add(hoff) as *const u32);
+                    for (k, v) in v.iter_mut().enumerate() {
+                        *v = _mm256_or_si256(*v, high_bits(qh >> (8 * k)));
+                    }
+                }
+                v
+            };
+            q.map(|q| _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), d, m))
+        }
+
+        #[inline(always)]
+        unsafe fn hsum(v: __m256) -> f32 {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+            _mm_cvtss_f32(s)
+        }
+
+        #[inline(always)]
+        unsafe fn group<const K: u8, const M: usize>(
+            rows: &[u8],
+            cols: usize,
+            x: *const f32,
+            m: usize,
+            yt: *mut f32,
+        ) {
+            let bb = block_bytes(K);
+            let nb = cols / 32;
+            for (r, row) in rows.chunks_exact(nb * bb).enumerate() {
+                let mut acc = [[_mm256_setzero_ps(); 2]; M];
+                let p = row.as_ptr();
+                for b in 0..nb {
+                    let w = decode::<K>(p.add(b * bb));
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let xp = x.add(i * cols + b * 32);
+                        for (k, w) in w.iter().enumerate() {
+                            acc[k & 1] =
+                                _mm256_fmadd_ps(*w, _mm256_loadu_ps(xp.add(8 * k)), acc[k & 1]);
+                        }
+                    }
+                }
+                for (i, acc) in acc.iter().enumerate() {
+                    *yt.add(r * m + i) = hsum(_mm256_add_ps(acc[0], acc[1]));
+                }
+            }
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub(in super::super) unsafe fn rows_dot(
+            ty: super::super::GgmlType,
+            rows: &[u8],
+            cols: usize,
+            x: &[f32],
+            m: usize,
+            yt: &mut [f32],
+        ) {
+            for_groups!(group, GROUP, kind(ty), rows, cols, x, m, yt)
+        }
+    }
+}
