@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use burn::prelude::*;
 use burn::tensor::TensorData;
-use hone_model::gguf::matmul::{matmul_quant, QuantMatrix};
+use hone_model::gguf::matmul::{matmul_dense_few, matmul_dense_many, matmul_quant, QuantMatrix};
 use hone_model::gguf::GgmlType;
 use hone_model::Cpu;
 
@@ -69,7 +69,7 @@ fn time<F: FnMut()>(mut f: F) -> f64 {
 
 fn main() {
     let device = Default::default();
-    for (rows, cols) in [(1536, 576), (576, 1536)] {
+    for (rows, cols) in [(1536, 576), (576, 1536), (49152, 576)] {
         for m in [1usize, 128] {
             let x: Vec<f32> = (0..m * cols).map(|i| (i % 7) as f32 * 0.1).collect();
             let xt = Tensor::<Cpu, 2>::from_data(TensorData::new(x.clone(), [m, cols]), &device);
@@ -89,6 +89,47 @@ fn main() {
                 flops / secs / 1e9,
                 (rows * cols * 4) as f64 / secs / 1e9
             );
+            {
+                // The same product with the weight stored transposed ([in, out], row-major).
+                let wt_c = Tensor::<Cpu, 2>::from_data(
+                    TensorData::new(vec![0.01f32; rows * cols], [cols, rows]),
+                    &device,
+                );
+                let secs = time(|| {
+                    let y = xt.clone().matmul(wt_c.clone());
+                    let _ = y.into_data();
+                });
+                println!(
+                    "{{\"kernel\":\"burn_f32_wt\",\"type\":\"F32\",\"rows\":{rows},\"cols\":{cols},\"m\":{m},\"us\":{:.1},\"gflops\":{:.2},\"weight_gbps\":{:.2}}}",
+                    secs * 1e6,
+                    flops / secs / 1e9,
+                    (rows * cols * 4) as f64 / secs / 1e9
+                );
+            }
+            if m > 8 {
+                let wd = vec![0.01f32; rows * cols];
+                let secs = time(|| {
+                    std::hint::black_box(matmul_dense_many(&wd, rows, cols, &x, m));
+                });
+                println!(
+                    "{{\"kernel\":\"dense_many\",\"type\":\"F32\",\"rows\":{rows},\"cols\":{cols},\"m\":{m},\"us\":{:.1},\"gflops\":{:.2},\"weight_gbps\":{:.2}}}",
+                    secs * 1e6,
+                    flops / secs / 1e9,
+                    (rows * cols * 4) as f64 / secs / 1e9
+                );
+            }
+            if m <= 8 {
+                let wd = vec![0.01f32; rows * cols];
+                let secs = time(|| {
+                    std::hint::black_box(matmul_dense_few(&wd, rows, cols, &x, m));
+                });
+                println!(
+                    "{{\"kernel\":\"dense_few\",\"type\":\"F32\",\"rows\":{rows},\"cols\":{cols},\"m\":{m},\"us\":{:.1},\"gflops\":{:.2},\"weight_gbps\":{:.2}}}",
+                    secs * 1e6,
+                    flops / secs / 1e9,
+                    (rows * cols * 4) as f64 / secs / 1e9
+                );
+            }
             for ty in GgmlType::ALL {
                 if cols % ty.block_size() != 0 {
                     continue; // K-quants need rows of whole 256-blocks (576 is not)

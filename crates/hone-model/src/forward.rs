@@ -432,14 +432,12 @@ impl<B: KernelBackend> CausalLm<B> {
             }
             (None, None) => {
                 let [b, s, h] = hidden.dims();
-                let (x, w) = (hidden.reshape([b * s, h]), self.model.embed_tokens.val());
-                // As `Linear`'s dense product: few rows stream the table once as W·xᵀ.
-                let y = if b * s <= crate::model::SMALL_M {
-                    w.matmul(x.transpose()).transpose()
-                } else {
-                    x.matmul(w.transpose())
-                };
-                y.reshape([b, s, self.config.vocab_size])
+                let x = hidden.reshape([b * s, h]);
+                B::dense_linear(x, self.model.embed_tokens.val()).reshape([
+                    b,
+                    s,
+                    self.config.vocab_size,
+                ])
             }
         }
     }

@@ -23,9 +23,6 @@ use crate::lora::Lora;
 use crate::rope::RopeCache;
 use crate::weights::WeightStore;
 
-/// Row counts up to which [`Linear`] multiplies as `(W xᵀ)ᵀ`.
-pub(crate) const SMALL_M: usize = 16;
-
 /// The adapter slot of the model's own adapter: the one training trains, `save_adapter` writes
 /// and `merge_lora` folds. Serving loads further adapters into other slots.
 pub const OWN_SLOT: usize = 0;
@@ -131,12 +128,8 @@ impl<B: Backend> Linear<B> {
 impl<B: KernelBackend> Linear<B> {
     /// `x Wᵀ + b` for `x` `[rows, in]`.
     fn base(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let rows = x.dims()[0];
         let y = match &self.weight {
-            // gemm's small-M path is compute-bound on x·Wᵀ; with few rows (decoding) W·xᵀ
-            // streams the weight once at memory speed (1–3.5× faster for 1–16 rows on AVX-512).
-            BaseWeight::Dense(w) if rows <= SMALL_M => w.val().matmul(x.transpose()).transpose(),
-            BaseWeight::Dense(w) => x.matmul(w.val().transpose()),
+            BaseWeight::Dense(w) => B::dense_linear(x, w.val()),
             BaseWeight::Quantized(q) => B::quant_linear(x, q),
         };
         match &self.bias {

@@ -519,6 +519,43 @@ fn quantized_matmul_equals_the_product_with_dequantized_weights() {
     }
 }
 
+/// The dense f32 products of the generation path (few rows: each weight row streamed once;
+/// many rows: transposed tiles through gemm) equal `x · Wᵀ` computed in f64, for widths that are
+/// not multiples of the vector or tile sizes.
+#[test]
+fn dense_matmuls_equal_the_product() {
+    use hone_model::gguf::matmul::{matmul_dense_few, matmul_dense_many, SMALL_M, TILE_ROWS};
+    use rand::{Rng, SeedableRng};
+    for (rows, cols) in [(2 * TILE_ROWS + 13, 512), (37, 83)] {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(rows as u64);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|_| rng.random_range(-1f32..1.0))
+            .collect();
+        for m in [1, 3, SMALL_M, SMALL_M + 1, 37] {
+            let x: Vec<f32> = (0..m * cols)
+                .map(|_| rng.random_range(-1f32..1.0))
+                .collect();
+            let y = if m <= SMALL_M {
+                matmul_dense_few(&w, rows, cols, &x, m)
+            } else {
+                matmul_dense_many(&w, rows, cols, &x, m)
+            };
+            for i in 0..m {
+                for r in 0..rows {
+                    let terms = (0..cols).map(|k| x[i * cols + k] as f64 * w[r * cols + k] as f64);
+                    let want: f64 = terms.clone().sum();
+                    let scale: f64 = terms.map(f64::abs).sum();
+                    let got = y[i * rows + r] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * scale.max(1e-6),
+                        "[{rows}, {cols}] m={m} y[{i},{r}] = {got}, expected {want}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Commands that take a model directory take a GGUF file through the same two calls: the path
 /// resolves to itself (not to the folder holding it), and its configuration is the
 /// directory's (`config.json`) for a file converted from that directory.

@@ -65,7 +65,12 @@ fn quant_linear_matches_the_dense_product_and_gradient_for_every_block_type() {
             let fused = to_vec(<Cpu as KernelBackend>::quant_linear(x.clone(), &w));
             let dense = to_vec(composed::quant_linear(x.clone(), &w));
             let diff = max_abs_diff(&fused, &dense);
-            assert!(diff < 1e-3, "{ty}, m = {m}: product differs by {diff}");
+            // Relative to the largest value (f32 summation order; Q6_K's products reach 1e3).
+            let scale = dense.iter().fold(1f32, |a, v| a.max(v.abs()));
+            assert!(
+                diff < 1e-5 * scale,
+                "{ty}, m = {m}: product differs by {diff} (largest {scale})"
+            );
 
             // Gradients of sum(y ⊙ c) with respect to x, fused node vs composed.
             let c = Tensor::<Ad, 2>::random([m, rows], Distribution::Normal(0.0, 1.0), &device);
@@ -81,8 +86,9 @@ fn quant_linear_matches_the_dense_product_and_gradient_for_every_block_type() {
             };
             let (gf, gc) = (grad(true), grad(false));
             let diff = max_abs_diff(&gf, &gc);
+            let scale = gc.iter().fold(1f32, |a, v| a.max(v.abs()));
             assert!(
-                diff < 1e-3,
+                diff < 1e-5 * scale,
                 "{ty}, m = {m}: input gradient differs by {diff}"
             );
         }

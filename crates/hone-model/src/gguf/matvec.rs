@@ -63,6 +63,38 @@ pub(crate) fn rows_dot(
     }
 }
 
+/// [`rows_dot`] for dense f32 rows `w` (`cols` wide): `yt[r·m + i] = Σ_k w[r, k] · x[i, k]`.
+/// Always computes (a portable loop where the CPU has neither AVX-512 nor AVX2).
+pub(crate) fn dense_rows_dot(w: &[f32], cols: usize, x: &[f32], m: usize, yt: &mut [f32]) {
+    let rows = if cols == 0 { 0 } else { w.len() / cols };
+    assert!(
+        w.len() == rows * cols && x.len() >= m * cols && yt.len() >= rows * m,
+        "dense_rows_dot: shapes"
+    );
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[cfg(feature = "avx512")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has the features; the slices hold the shapes checked above.
+            unsafe { x86::v4::dense_rows_dot(w, cols, x, m, yt) };
+            return;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: as above.
+            unsafe { x86::v3::dense_rows_dot(w, cols, x, m, yt) };
+            return;
+        }
+    }
+    for r in 0..rows {
+        let row = &w[r * cols..(r + 1) * cols];
+        for i in 0..m {
+            let xi = &x[i * cols..(i + 1) * cols];
+            yt[r * m + i] = row.iter().zip(xi).map(|(a, b)| a * b).sum();
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -120,6 +152,28 @@ mod x86 {
             Q4_1 | Q5_1 => (f16(p), f16(p.add(2))),
             _ => (f16(p), 0.0),
         }
+    }
+
+    /// Runs `$group::<M>` over the input rows in groups of at most `$max` (1..=8).
+    macro_rules! for_dense_groups {
+        ($group:ident, $max:expr, $w:expr, $cols:expr, $x:expr, $m:expr, $yt:expr) => {{
+            let mut i0 = 0;
+            while i0 < $m {
+                let g = ($max).min($m - i0);
+                let (xp, yp) = ($x.as_ptr().add(i0 * $cols), $yt.as_mut_ptr().add(i0));
+                match g {
+                    1 => $group::<1>($w, $cols, xp, $m, yp),
+                    2 => $group::<2>($w, $cols, xp, $m, yp),
+                    3 => $group::<3>($w, $cols, xp, $m, yp),
+                    4 => $group::<4>($w, $cols, xp, $m, yp),
+                    5 => $group::<5>($w, $cols, xp, $m, yp),
+                    6 => $group::<6>($w, $cols, xp, $m, yp),
+                    7 => $group::<7>($w, $cols, xp, $m, yp),
+                    _ => $group::<8>($w, $cols, xp, $m, yp),
+                }
+                i0 += g;
+            }
+        }};
     }
 
     /// Runs `$group::<K, M>` over the input rows in groups of at most `$max` (1..=8).
@@ -226,6 +280,49 @@ mod x86 {
             }
         }
 
+        #[inline(always)]
+        unsafe fn dense_group<const M: usize>(
+            w: &[f32],
+            cols: usize,
+            x: *const f32,
+            m: usize,
+            yt: *mut f32,
+        ) {
+            let full = cols / 32 * 32;
+            for (r, row) in w.chunks_exact(cols).enumerate() {
+                let mut acc = [[_mm512_setzero_ps(); 2]; M];
+                let p = row.as_ptr();
+                let mut k = 0;
+                while k < full {
+                    let (w0, w1) = (_mm512_loadu_ps(p.add(k)), _mm512_loadu_ps(p.add(k + 16)));
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let xp = x.add(i * cols + k);
+                        acc[0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), acc[0]);
+                        acc[1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(16)), acc[1]);
+                    }
+                    k += 32;
+                }
+                for (i, acc) in acc.iter().enumerate() {
+                    let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+                    for k in full..cols {
+                        sum += row[k] * *x.add(i * cols + k);
+                    }
+                    *yt.add(r * m + i) = sum;
+                }
+            }
+        }
+
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        pub(in super::super) unsafe fn dense_rows_dot(
+            w: &[f32],
+            cols: usize,
+            x: &[f32],
+            m: usize,
+            yt: &mut [f32],
+        ) {
+            for_dense_groups!(dense_group, GROUP, w, cols, x, m, yt)
+        }
+
         #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
         pub(in super::super) unsafe fn rows_dot(
             ty: super::super::GgmlType,
@@ -325,6 +422,49 @@ mod x86 {
                     *yt.add(r * m + i) = hsum(_mm256_add_ps(acc[0], acc[1]));
                 }
             }
+        }
+
+        #[inline(always)]
+        unsafe fn dense_group<const M: usize>(
+            w: &[f32],
+            cols: usize,
+            x: *const f32,
+            m: usize,
+            yt: *mut f32,
+        ) {
+            let full = cols / 16 * 16;
+            for (r, row) in w.chunks_exact(cols).enumerate() {
+                let mut acc = [[_mm256_setzero_ps(); 2]; M];
+                let p = row.as_ptr();
+                let mut k = 0;
+                while k < full {
+                    let (w0, w1) = (_mm256_loadu_ps(p.add(k)), _mm256_loadu_ps(p.add(k + 8)));
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let xp = x.add(i * cols + k);
+                        acc[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), acc[0]);
+                        acc[1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(8)), acc[1]);
+                    }
+                    k += 16;
+                }
+                for (i, acc) in acc.iter().enumerate() {
+                    let mut sum = hsum(_mm256_add_ps(acc[0], acc[1]));
+                    for k in full..cols {
+                        sum += row[k] * *x.add(i * cols + k);
+                    }
+                    *yt.add(r * m + i) = sum;
+                }
+            }
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        pub(in super::super) unsafe fn dense_rows_dot(
+            w: &[f32],
+            cols: usize,
+            x: &[f32],
+            m: usize,
+            yt: &mut [f32],
+        ) {
+            for_dense_groups!(dense_group, GROUP, w, cols, x, m, yt)
         }
 
         #[target_feature(enable = "avx2,fma,f16c")]

@@ -225,6 +225,15 @@ pub fn lora_delta<B: Backend>(
     x.matmul(a.transpose()).matmul(b.transpose()) * scale
 }
 
+/// [`super::KernelBackend::dense_linear`] in burn operations.
+pub fn dense_linear<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
+    if x.dims()[0] <= super::DENSE_FEW_ROWS {
+        w.matmul(x.transpose()).transpose()
+    } else {
+        x.matmul(w.transpose())
+    }
+}
+
 pub fn quant_linear<B: Backend>(x: Tensor<B, 2>, w: &QuantWeight) -> Tensor<B, 2> {
     let dense = Tensor::<B, 2>::from_data(TensorData::new(w.dequantize(), w.shape()), &x.device());
     let dtype = x.dtype();

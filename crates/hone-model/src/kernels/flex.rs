@@ -46,6 +46,12 @@ pub(crate) fn dims(t: &FlexTensor) -> Vec<usize> {
     t.layout().shape().as_slice().to_vec()
 }
 
+/// The two dimensions of a matrix.
+fn x_dims2(t: &FlexTensor) -> [usize; 2] {
+    let d = dims(t);
+    [d[0], d[1]]
+}
+
 /// Rows of `x` and `(in, r, out)` of a LoRA delta's operands `x [rows, in]`, `a [r, in]`,
 /// `b [out, r]`.
 pub(crate) fn lora_dims(
@@ -153,6 +159,21 @@ impl KernelBackend for Flex {
         );
         let (o, _) = cpu::attention(values(&q), values(&k), values(&v), shape, mask.view());
         tensor(flex(o, &dims(&q)))
+    }
+
+    fn dense_linear(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        use crate::gguf::matmul::{matmul_dense_few, matmul_dense_many, SMALL_M};
+        if !f32s(x.dtype()) || !f32s(w.dtype()) {
+            return composed::dense_linear(x, w);
+        }
+        let (x, w) = (contiguous(&prim(x)), contiguous(&prim(w)));
+        let ([m, _], [out, inp]) = (x_dims2(&x), x_dims2(&w));
+        let y = if m <= SMALL_M {
+            matmul_dense_few(values(&w), out, inp, values(&x), m)
+        } else {
+            matmul_dense_many(values(&w), out, inp, values(&x), m)
+        };
+        tensor(flex(y, &[m, out]))
     }
 
     fn caches_on_host(dtype: DType) -> bool {

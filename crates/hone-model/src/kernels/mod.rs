@@ -38,6 +38,9 @@ pub use cpu::{AttnShape, Visibility};
 use crate::cache::HostKv;
 use crate::gguf::QuantWeight;
 
+/// Row counts up to which [`KernelBackend::dense_linear`] multiplies as a few-row product.
+pub const DENSE_FEW_ROWS: usize = 16;
+
 /// Which implementation of the fusable operations a model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -231,6 +234,14 @@ pub trait KernelBackend: Backend {
         targets: Vec<i64>,
     ) -> Tensor<Self, 1> {
         composed::linear_nll_sum(hidden, weight, targets)
+    }
+
+    /// `x [rows, in] · wᵀ` for a dense frozen weight `w` `[out, in]` (gradients for `x` under
+    /// autodiff). The default multiplies few rows (decoding, up to [`DENSE_FEW_ROWS`]) as
+    /// `(w xᵀ)ᵀ`, which streams `w` once: 1–3.5× faster than gemm's small-M path for 1–16 rows
+    /// on AVX-512.
+    fn dense_linear(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        composed::dense_linear(x, w)
     }
 
     /// Whether a model on this backend keeps GGUF projection weights in their block formats
