@@ -106,6 +106,11 @@ impl<B: Backend> LayerCache<B> {
         self.keys.as_ref().map_or(0, |k| k.dims()[2])
     }
 
+    /// Whether the host cache may be used: the tensor cache is unused.
+    pub(crate) fn on_host(&self) -> bool {
+        self.keys.is_none()
+    }
+
     /// The host cache of this layer, when the tensor cache is unused (a cache is filled by one
     /// path or the other; [`LayerCache::append`] moves host data over if it must take over).
     pub(crate) fn host_mut(&mut self) -> Option<&mut HostKv> {

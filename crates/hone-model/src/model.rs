@@ -243,13 +243,23 @@ impl<B: KernelBackend> Attention<B> {
             }
         }
         let mut cache = cache;
-        if let (LayerCacheMut::Batch(slot, len), Some(_), None) = (&mut cache, &ctx.rope.host, mask)
-        {
-            if ctx.kernels.fused::<B>(x.dtype()) && B::caches_on_host(x.dtype()) {
-                if let Some(host) = slot.host_mut() {
-                    return self.forward_cached(x, ctx, host, *len);
-                }
+        let host_path = ctx.rope.host.is_some()
+            && mask.is_none()
+            && ctx.kernels.fused::<B>(x.dtype())
+            && B::caches_on_host(x.dtype());
+        match &mut cache {
+            LayerCacheMut::Batch(slot, len) if host_path && slot.on_host() => {
+                let host = slot.host_mut().expect("checked on_host");
+                return self.forward_cached(x, ctx, &mut [(host, *len)]);
             }
+            LayerCacheMut::Rows(rows) if host_path && rows.iter().all(|(s, _)| s.on_host()) => {
+                let mut rows: Vec<(&mut HostKv, usize)> = rows
+                    .iter_mut()
+                    .map(|(s, len)| (s.host_mut().expect("checked on_host"), *len))
+                    .collect();
+                return self.forward_cached(x, ctx, &mut rows);
+            }
+            _ => {}
         }
         let q = self
             .q_proj
@@ -342,14 +352,15 @@ impl<B: KernelBackend> Attention<B> {
         )
     }
 
-    /// [`Self::forward`] continuing a host KV cache that holds `past` positions, through the
-    /// backend's fused kernels (RoPE, attention over the cache read in place).
+    /// [`Self::forward`] continuing host KV caches through the backend's fused kernels (RoPE,
+    /// attention over the cache read in place): one cache `(cache, past)` for the whole batch,
+    /// or one per row (rows of different lengths: the projections run batched, attention per
+    /// row).
     fn forward_cached(
         &self,
         x: Tensor<B, 3>,
         ctx: &LayerContext<'_, B>,
-        cache: &mut HostKv,
-        past: usize,
+        caches: &mut [(&mut HostKv, usize)],
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
@@ -367,7 +378,8 @@ impl<B: KernelBackend> Attention<B> {
             ctx.rope,
         );
         let v = self.v_proj.forward(x, select, Kernels::Fused);
-        let shape = kernels::AttnShape {
+        let window = self.sliding_window;
+        let shape = |batch| kernels::AttnShape {
             batch,
             seq,
             heads: h,
@@ -375,7 +387,29 @@ impl<B: KernelBackend> Attention<B> {
             dim: d,
             scale: 1.0 / (d as f32).sqrt(),
         };
-        let out = B::attention_cached(q, k, v, cache, past, shape, self.sliding_window);
+        let out = match caches {
+            [(cache, past)] => B::attention_cached(q, k, v, cache, *past, shape(batch), window),
+            rows => {
+                assert_eq!(rows.len(), batch, "one cache per row");
+                let outs = rows
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(r, (cache, past))| {
+                        let row = |t: &Tensor<B, 3>| t.clone().narrow(0, r, 1);
+                        B::attention_cached(
+                            row(&q),
+                            row(&k),
+                            row(&v),
+                            cache,
+                            *past,
+                            shape(1),
+                            window,
+                        )
+                    })
+                    .collect();
+                Tensor::cat(outs, 0)
+            }
+        };
         self.o_proj.forward(out, select, Kernels::Fused)
     }
 

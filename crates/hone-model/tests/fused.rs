@@ -261,5 +261,47 @@ fn cached_decoding_with_fused_kernels_equals_composed() {
             pos += step;
         }
         assert_eq!(caches[0].len(), pos);
+
+        // One cache per row, rows of different lengths (as the server batches requests):
+        // each row prefilled alone, then steps for all rows together.
+        let starts = [4, 9, 6];
+        for model in [&fused, &composed] {
+            let mut caches: Vec<hone_model::KvCache<Cpu>> = (0..batch)
+                .map(|_| hone_model::KvCache::new(model.config().num_layers))
+                .collect();
+            for (r, &n) in starts.iter().enumerate() {
+                let prompt = &input[r * seq..r * seq + n];
+                let logits = host(
+                    model.forward(Input::new(ids(prompt, 1)).row_caches(&mut [&mut caches[r]])),
+                );
+                let at = (r * seq) * vocab;
+                assert_close(
+                    &format!("{name} ({label}) {:?} row {r} prefill", model.kernels()),
+                    &logits,
+                    &full[at..at + n * vocab],
+                    1e-5,
+                );
+            }
+            for step in 0..5 {
+                let chunk: Vec<i64> = (0..batch)
+                    .map(|r| input[r * seq + starts[r] + step])
+                    .collect();
+                let mut rows: Vec<&mut hone_model::KvCache<Cpu>> = caches.iter_mut().collect();
+                let logits =
+                    host(model.forward(Input::new(ids(&chunk, batch)).row_caches(&mut rows)));
+                for r in 0..batch {
+                    let at = (r * seq + starts[r] + step) * vocab;
+                    assert_close(
+                        &format!(
+                            "{name} ({label}) {:?} row {r} step {step} (per-row caches)",
+                            model.kernels()
+                        ),
+                        &logits[r * vocab..(r + 1) * vocab],
+                        &full[at..at + vocab],
+                        1e-5,
+                    );
+                }
+            }
+        }
     }
 }

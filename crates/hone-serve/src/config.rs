@@ -34,6 +34,9 @@ pub enum ModelSource {
 pub struct Limits {
     /// Requests decoded together.
     pub max_batch: usize,
+    /// Prompt tokens prefilled between two decode steps while requests are decoding (whole
+    /// prompts when nothing else runs).
+    pub prefill_chunk: usize,
     /// Requests waiting for a place in the batch; beyond it, 429.
     pub max_queue: usize,
     /// Prompt tokens per request (`None`: the model's context length).
@@ -50,6 +53,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_batch: 32,
+            prefill_chunk: 256,
             max_queue: 256,
             max_prompt_tokens: None,
             max_body_bytes: 4 << 20,
@@ -160,6 +164,9 @@ impl ServeConfig {
         let l = &self.limits;
         if l.max_batch == 0 {
             return bad("max_batch", "must be at least 1".into());
+        }
+        if l.prefill_chunk == 0 {
+            return bad("prefill_chunk", "must be at least 1 token".into());
         }
         if l.max_body_bytes < 64 {
             return bad(

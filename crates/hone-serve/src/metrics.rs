@@ -111,6 +111,8 @@ pub struct Metrics {
     pub decode_seconds: SecondsCounter,
     pub prefill_tokens: AtomicU64,
     pub prefill_seconds: SecondsCounter,
+    /// Prefill forward passes (a prompt prefilled in chunks counts once per chunk).
+    pub prefill_steps: AtomicU64,
     pub queue_depth: AtomicU64,
     pub running: AtomicU64,
     /// Names of the loaded adapters.
@@ -135,6 +137,7 @@ impl Default for Metrics {
             decode_seconds: SecondsCounter::default(),
             prefill_tokens: AtomicU64::new(0),
             prefill_seconds: SecondsCounter::default(),
+            prefill_steps: AtomicU64::new(0),
             queue_depth: AtomicU64::new(0),
             running: AtomicU64::new(0),
             adapters: Mutex::default(),
@@ -234,6 +237,12 @@ impl Metrics {
             "hone_prompt_tokens_total",
             "Prompt tokens prefilled.",
             load(&self.prompt_tokens),
+        );
+        counter(
+            &mut out,
+            "hone_prefill_steps_total",
+            "Prefill forward passes (one per chunk of a chunked prompt).",
+            load(&self.prefill_steps),
         );
         counter(
             &mut out,

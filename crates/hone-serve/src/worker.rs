@@ -2,8 +2,11 @@
 //! and runs continuous batching (as in Orca / vLLM, at token granularity).
 //!
 //! Each iteration: take new commands; drop requests whose client went away; admit waiting
-//! requests while the batch has room, prefilling each alone (one row, its whole prompt) and
-//! sampling its first token; then one decode step for the whole batch, one token per row, each
+//! requests while the batch has room (requests whose prompts have the same length are prefilled
+//! together, a row each); run one chunk of prefill (at most `limits.prefill_chunk` prompt
+//! tokens while other requests are decoding, so that a long prompt does not stall their
+//! streams; whole prompts when nothing else runs), sampling the first token of each request
+//! whose prompt is done; then one decode step for the whole batch, one token per row, each
 //! row with its own cache and adapter slot ([`hone_model::Cache::PerRow`], [`hone_model::Adapters::PerRow`]). A request joins or
 //! leaves the batch between steps. Rows never interact, so greedy output does not depend on
 //! what else is in the batch. A panic inside the model fails the requests of that step, not
@@ -146,6 +149,8 @@ struct Worker<B: Backend> {
     rx: Receiver<Command>,
     bank: Bank,
     waiting: VecDeque<Box<GenRequest>>,
+    /// Admitted requests whose prompts are being prefilled, chunk by chunk.
+    prefilling: VecDeque<Prefill<B>>,
     active: Vec<Sequence<B>>,
     /// Every handle is gone: finish what runs, then stop.
     closing: bool,
@@ -154,6 +159,14 @@ struct Worker<B: Backend> {
 /// Prompt tokens prefilled in one forward at most (a group of equal-length prompts is split
 /// beyond it; a single longer prompt goes alone).
 const MAX_PREFILL_TOKENS: usize = 4096;
+
+/// Requests with prompts of the same length, prefilled together (a row each), `done` prompt
+/// positions so far.
+struct Prefill<B: Backend> {
+    group: Vec<(Box<GenRequest>, Option<usize>)>,
+    caches: Vec<KvCache<B>>,
+    done: usize,
+}
 
 fn read_floats<B: Backend>(t: Tensor<B, 2>) -> std::result::Result<Vec<f32>, String> {
     t.into_data()
@@ -227,6 +240,7 @@ impl<B: hone_model::KernelBackend> Worker<B> {
             rx,
             bank: Bank::default(),
             waiting: VecDeque::new(),
+            prefilling: VecDeque::new(),
             active: Vec::new(),
             closing: false,
         };
@@ -245,7 +259,7 @@ impl<B: hone_model::KernelBackend> Worker<B> {
     fn run(mut self) {
         tracing::info!("model worker running: {}", self.shared.info.source);
         loop {
-            if self.active.is_empty() && self.waiting.is_empty() {
+            if self.active.is_empty() && self.waiting.is_empty() && self.prefilling.is_empty() {
                 if self.closing {
                     break;
                 }
@@ -267,6 +281,7 @@ impl<B: hone_model::KernelBackend> Worker<B> {
             }
             self.drop_cancelled();
             self.admit();
+            self.prefill_step();
             self.publish_gauges();
             self.decode_step();
         }
@@ -423,17 +438,33 @@ impl<B: hone_model::KernelBackend> Worker<B> {
                 self.active.push(seq);
             }
         }
+        // A prefill whose every client went away stops (rows of a group share their steps;
+        // a row cancelled alone is retired when its prompt is done).
+        for p in std::mem::take(&mut self.prefilling) {
+            if p.group.iter().all(|(r, _)| r.events.is_closed()) {
+                self.shared
+                    .metrics
+                    .cancelled
+                    .fetch_add(p.group.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                for (_, slot) in p.group {
+                    self.release(slot);
+                }
+            } else {
+                self.prefilling.push_back(p);
+            }
+        }
     }
 
     /// Moves waiting requests into the batch while it has room. Requests whose prompts have the
     /// same length are prefilled together, one row each (up to [`MAX_PREFILL_TOKENS`] per
     /// forward), whatever their adapters.
     fn admit(&mut self) {
+        let prefilling: usize = self.prefilling.iter().map(|p| p.group.len()).sum();
         let room = self
             .shared
             .limits
             .max_batch
-            .saturating_sub(self.active.len());
+            .saturating_sub(self.active.len() + prefilling);
         let mut admitted: Vec<(Box<GenRequest>, Option<usize>)> = Vec::new();
         while admitted.len() < room {
             let Some(req) = self.waiting.pop_front() else {
@@ -452,7 +483,51 @@ impl<B: hone_model::KernelBackend> Worker<B> {
             admitted = rest;
             let later = group.split_off(rows.min(group.len()));
             admitted.extend(later);
-            self.prefill(group);
+            let caches = (0..group.len())
+                .map(|_| KvCache::new(self.model.config().num_layers))
+                .collect();
+            self.prefilling.push_back(Prefill {
+                group,
+                caches,
+                done: 0,
+            });
+        }
+    }
+
+    /// Prefills the next chunk of the waiting prompts: `limits.prefill_chunk` tokens while
+    /// requests are decoding (the longest a running stream waits for a newcomer's prompt),
+    /// whole prompts otherwise. Requests whose prompts are done sample their first token and
+    /// join the decoding batch.
+    fn prefill_step(&mut self) {
+        let mut budget = if self.active.is_empty() {
+            usize::MAX
+        } else {
+            self.shared.limits.prefill_chunk
+        };
+        while budget > 0 {
+            let Some(mut p) = self.prefilling.pop_front() else {
+                break;
+            };
+            let (n, len) = (p.group.len(), p.group[0].0.prompt.len());
+            let chunk = (len - p.done).min((budget / n).max(1));
+            budget = budget.saturating_sub(n * chunk);
+            let last = p.done + chunk == len;
+            match self.prefill_chunk(&mut p, chunk, last) {
+                Ok(Some(logits)) => self.start_decoding(p, logits),
+                Ok(None) => {
+                    p.done += chunk;
+                    self.prefilling.push_front(p);
+                }
+                Err(message) => {
+                    tracing::error!("prefill failed for {n} requests: {message}");
+                    for (req, slot) in p.group {
+                        let _ = req.events.send(Event::Error(ApiError::internal(format!(
+                            "the model failed on this request: {message}"
+                        ))));
+                        self.release(slot);
+                    }
+                }
+            }
         }
     }
 
@@ -483,53 +558,57 @@ impl<B: hone_model::KernelBackend> Worker<B> {
         Some(slot)
     }
 
-    /// Prefills requests whose prompts have the same length in one step (a row each) and
-    /// samples their first tokens.
-    fn prefill(&mut self, group: Vec<(Box<GenRequest>, Option<usize>)>) {
-        let (n, len) = (group.len(), group[0].0.prompt.len());
+    /// Runs prompt positions `done..done + chunk` of a prefill group; with `last`, returns the
+    /// logits of the last position of every row (`[rows, vocab]`).
+    fn prefill_chunk(
+        &mut self,
+        p: &mut Prefill<B>,
+        chunk: usize,
+        last: bool,
+    ) -> std::result::Result<Option<Vec<f32>>, String> {
+        let n = p.group.len();
         let started = Instant::now();
-        let mut caches: Vec<KvCache<B>> = (0..n)
-            .map(|_| KvCache::new(self.model.config().num_layers))
-            .collect();
-        let slots: Vec<Option<usize>> = group.iter().map(|(_, slot)| *slot).collect();
-        let ids: Vec<i64> = group
+        let slots: Vec<Option<usize>> = p.group.iter().map(|(_, slot)| *slot).collect();
+        let ids: Vec<i64> = p
+            .group
             .iter()
-            .flat_map(|(r, _)| r.prompt.iter().map(|&i| i as i64))
+            .flat_map(|(r, _)| r.prompt[p.done..p.done + chunk].iter().map(|&i| i as i64))
             .collect();
-        let (model, device) = (&self.model, &self.device);
+        let (model, device, caches) = (&self.model, &self.device, &mut p.caches);
         let result = catch_unwind(AssertUnwindSafe(|| {
-            let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [n, len]), device);
+            let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [n, chunk]), device);
             let mut refs: Vec<&mut KvCache<B>> = caches.iter_mut().collect();
-            let out = model.forward(
-                Input::new(tokens)
-                    .row_caches(&mut refs)
-                    .adapters_per_row(slots)
-                    .last_logits(),
-            );
-            read_floats(out.reshape([n, model.config().vocab_size]))
-        }));
-        let mut logits = match flatten(result) {
-            Ok(logits) => logits,
-            Err(message) => {
-                tracing::error!("prefill failed for {n} requests: {message}");
-                for (req, slot) in group {
-                    let _ = req.events.send(Event::Error(ApiError::internal(format!(
-                        "the model failed on this request: {message}"
-                    ))));
-                    self.release(slot);
-                }
-                return;
+            let input = Input::new(tokens)
+                .row_caches(&mut refs)
+                .adapters_per_row(slots);
+            if last {
+                let out = model.forward(input.last_logits());
+                read_floats(out.reshape([n, model.config().vocab_size])).map(Some)
+            } else {
+                // The hidden state of the last position only: no output projection.
+                let _ = model.forward(input.last_hidden());
+                Ok(None)
             }
-        };
-        let m = self.shared.metrics.clone();
+        }));
+        let result = result.unwrap_or_else(|panic| Err(hone_io::panic_message(&*panic)))?;
+        let m = &self.shared.metrics;
         m.prefill_seconds.add(started.elapsed().as_secs_f64());
-        let tokens = (n * len) as u64;
+        m.prefill_steps
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tokens = (n * chunk) as u64;
         m.prompt_tokens
             .fetch_add(tokens, std::sync::atomic::Ordering::Relaxed);
         m.prefill_tokens
             .fetch_add(tokens, std::sync::atomic::Ordering::Relaxed);
+        Ok(result)
+    }
+
+    /// Samples the first token of every request of a finished prefill (`logits` `[rows,
+    /// vocab]`) and moves them into the decoding batch.
+    fn start_decoding(&mut self, p: Prefill<B>, mut logits: Vec<f32>) {
+        let m = self.shared.metrics.clone();
         let vocab = self.model.config().vocab_size;
-        for (i, ((req, slot), cache)) in group.into_iter().zip(caches).enumerate() {
+        for (i, ((req, slot), cache)) in p.group.into_iter().zip(p.caches).enumerate() {
             let mut seq = Sequence {
                 text: TextStream::new(&req.prompt, &req.stop_strings),
                 sampler: Sampler::new(req.sampling.clone()),
@@ -540,6 +619,10 @@ impl<B: hone_model::KernelBackend> Worker<B> {
                 next: 0,
                 req,
             };
+            if seq.req.events.is_closed() {
+                self.retire(seq, Outcome::Cancelled);
+                continue;
+            }
             let row = &mut logits[i * vocab..(i + 1) * vocab];
             match seq.accept(row, &self.shared.tokenizer, &m) {
                 Outcome::Continue => self.active.push(seq),

@@ -115,6 +115,10 @@ pub struct ServeArgs {
     /// Requests decoded together.
     #[arg(long, default_value_t = 32)]
     pub max_batch: usize,
+    /// Prompt tokens prefilled between two decode steps while requests are decoding (chunked
+    /// prefill: a long prompt delays running streams by one chunk at a time).
+    #[arg(long, default_value_t = 256)]
+    pub prefill_chunk: usize,
     /// Requests waiting for a place in the batch; more are refused with 429.
     #[arg(long, default_value_t = 256)]
     pub max_queue: usize,

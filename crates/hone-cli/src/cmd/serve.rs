@@ -44,6 +44,7 @@ fn serve_config(args: ServeArgs) -> Result<ServeConfig> {
     });
     config.limits = Limits {
         max_batch: args.max_batch,
+        prefill_chunk: args.prefill_chunk,
         max_queue: args.max_queue,
         max_prompt_tokens: args.max_prompt_tokens,
         max_body_bytes: args.max_body_bytes,

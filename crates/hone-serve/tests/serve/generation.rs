@@ -311,3 +311,50 @@ async fn a_gguf_model_file_serves_completions_and_chat() {
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
 }
+
+/// Chunked prefill: a long prompt that arrives while other requests decode is prefilled a chunk
+/// at a time between their decode steps, and answers exactly as when it is alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_prompt_arriving_during_decoding_is_prefilled_in_chunks_with_the_same_output() {
+    let mut config = stories_config();
+    config.limits.prefill_chunk = 16;
+    let server = start(config).await;
+    let long: Vec<u32> = (0..300).map(|i| 1 + (i * 37 + 11) % 500).collect();
+    let body = |prompt: &[u32], n: usize| json!({"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": true});
+    let text = |v: Value| v["choices"][0]["text"].as_str().unwrap().to_string();
+    let steps = || server.metrics.prefill_steps.load(Ordering::Relaxed);
+
+    // Alone: the whole prompt in one forward pass.
+    let before = steps();
+    let alone = text(
+        server
+            .post("/v1/completions", body(&long, 12))
+            .await
+            .json()
+            .unwrap(),
+    );
+    assert_eq!(steps() - before, 1);
+
+    // Eight requests decoding 480 tokens each; the long prompt arrives once they run.
+    let running = futures_util::future::join_all(
+        (0..8u32).map(|i| server.post("/v1/completions", body(&[1, 30 + i, 260], 480))),
+    );
+    let late = async {
+        let generated = || server.metrics.generation_tokens.load(Ordering::Relaxed);
+        let start = generated();
+        assert!(eventually(|| generated() > start + 8).await);
+        let before = steps();
+        let v: Value = server
+            .post("/v1/completions", body(&long, 12))
+            .await
+            .json()
+            .unwrap();
+        (text(v), steps() - before)
+    };
+    let (others, (together, chunks)) = tokio::join!(running, late);
+    assert_eq!(together, alone);
+    assert!(others.iter().all(|r| r.status == 200));
+    // 300 tokens in chunks of 16 while the others decode (any step after they finish takes the
+    // rest at once).
+    assert!(chunks >= 2, "the long prompt took {chunks} prefill passes");
+}
