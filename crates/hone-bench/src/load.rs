@@ -61,6 +61,10 @@ pub struct LoadReport {
     /// Time to the first streamed chunk.
     pub ttft_p50_s: f64,
     pub ttft_p99_s: f64,
+    /// Inter-token latency: time between consecutive streamed chunks that carry choices (one
+    /// token each, unless the server merges them), pooled over requests.
+    pub itl_p50_s: f64,
+    pub itl_p99_s: f64,
     pub requests_per_model: BTreeMap<String, usize>,
     /// Up to 5 error messages.
     pub error_samples: Vec<String>,
@@ -70,6 +74,8 @@ struct Sample {
     model: String,
     latency: f64,
     ttft: f64,
+    /// Seconds between consecutive chunks with choices.
+    gaps: Vec<f64>,
     prompt_tokens: usize,
     completion_tokens: usize,
 }
@@ -104,8 +110,10 @@ async fn one_request(
     }
     let mut ttft = None;
     let mut usage: Option<Value> = None;
+    let (mut last, mut gaps) = (None::<Instant>, Vec::new());
     while let Some(data) = stream.next_data().await? {
-        ttft.get_or_insert_with(|| started.elapsed().as_secs_f64());
+        let now = Instant::now();
+        ttft.get_or_insert_with(|| (now - started).as_secs_f64());
         if data == "[DONE]" {
             break;
         }
@@ -113,6 +121,16 @@ async fn one_request(
             .map_err(|e| BenchError::Client(format!("bad chunk ({e}): {data}")))?;
         if let Some(error) = chunk.get("error") {
             return Err(BenchError::Client(format!("error event: {error}")));
+        }
+        if chunk
+            .get("choices")
+            .and_then(Value::as_array)
+            .is_some_and(|c| !c.is_empty())
+        {
+            if let Some(last) = last {
+                gaps.push((now - last).as_secs_f64());
+            }
+            last = Some(now);
         }
         if let Some(u) = chunk.get("usage").filter(|u| !u.is_null()) {
             usage = Some(u.clone());
@@ -131,6 +149,7 @@ async fn one_request(
         model: model.to_string(),
         latency: started.elapsed().as_secs_f64(),
         ttft: ttft.unwrap_or(0.0),
+        gaps,
         prompt_tokens: count("prompt_tokens"),
         completion_tokens,
     })
@@ -197,8 +216,13 @@ pub async fn run_load(client: &Client, cfg: &LoadConfig) -> Result<LoadReport> {
     let errors = std::mem::take(&mut *errors.lock().unwrap_or_else(|p| p.into_inner()));
     let mut latencies: Vec<f64> = samples.iter().map(|s| s.latency).collect();
     let mut ttfts: Vec<f64> = samples.iter().map(|s| s.ttft).collect();
+    let mut gaps: Vec<f64> = samples
+        .iter()
+        .flat_map(|s| s.gaps.iter().copied())
+        .collect();
     latencies.sort_by(f64::total_cmp);
     ttfts.sort_by(f64::total_cmp);
+    gaps.sort_by(f64::total_cmp);
     let completion_tokens: usize = samples.iter().map(|s| s.completion_tokens).sum();
     let mut per_model = BTreeMap::new();
     for s in &samples {
@@ -218,6 +242,8 @@ pub async fn run_load(client: &Client, cfg: &LoadConfig) -> Result<LoadReport> {
         latency_p99_s: percentile(&latencies, 0.99),
         ttft_p50_s: percentile(&ttfts, 0.5),
         ttft_p99_s: percentile(&ttfts, 0.99),
+        itl_p50_s: percentile(&gaps, 0.5),
+        itl_p99_s: percentile(&gaps, 0.99),
         requests_per_model: per_model,
         error_samples: errors.into_iter().take(5).collect(),
     })

@@ -271,9 +271,16 @@ fn bench_serve_reports_throughput_latency_and_zero_errors_across_adapters() {
             "tokens_per_sec",
             "latency_p50_s",
             "latency_p99_s",
+            "ttft_p50_s",
+            "itl_p50_s",
+            "itl_p99_s",
             "decode_tokens_per_sec",
         ] {
             assert!(line[key].as_f64().unwrap() > 0.0, "{key}: {line}");
         }
+        // Four tokens a request: the gaps between them fit in the request's latency.
+        let f = |k: &str| line[k].as_f64().unwrap();
+        assert!(f("itl_p50_s") <= f("itl_p99_s") && f("itl_p99_s") <= f("latency_p99_s"));
+        assert!(f("ttft_p50_s") <= f("latency_p50_s"), "{line}");
     }
 }
