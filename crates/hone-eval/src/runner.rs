@@ -54,7 +54,7 @@ pub struct EvalOptions<'a> {
     pub log: Option<&'a mut RecordLog>,
     /// Asked after each computed batch with the number of records this process has logged so
     /// far; `true` stops the evaluation with [`EvalError::Interrupted`].
-    pub stop: Option<&'a dyn Fn(usize) -> bool>,
+    pub stop: Option<&'a (dyn Fn(usize) -> bool + Sync)>,
 }
 
 /// Runs `plan` on `device`, calling `progress` after every batch; keeps no record log.
@@ -374,7 +374,7 @@ struct TaskRun<'a, B: Backend> {
     adapter: Option<&'a Path>,
     batch_size: usize,
     log: Option<&'a mut RecordLog>,
-    stop: Option<&'a dyn Fn(usize) -> bool>,
+    stop: Option<&'a (dyn Fn(usize) -> bool + Sync)>,
     /// Records logged by this process so far (all tasks and columns).
     logged: &'a mut usize,
 }

@@ -138,7 +138,7 @@ pub enum Control {
 }
 
 /// Receives [`Event`]s.
-pub trait Observer {
+pub trait Observer: Send {
     fn on_event(&mut self, event: &Event<'_>) -> Control;
 }
 

@@ -199,7 +199,7 @@ struct EvalTask<'a> {
     plan: &'a EvalPlan,
     display: &'a mut Display,
     log: &'a mut RecordLog,
-    stop: &'a dyn Fn(usize) -> bool,
+    stop: &'a (dyn Fn(usize) -> bool + Sync),
 }
 
 impl BackendTask for EvalTask<'_> {
