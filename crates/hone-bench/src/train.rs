@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use burn::backend::Autodiff;
 use hone_model::lora::{LoraSettings, TargetModules};
 use hone_model::{
-    run_on, BackendTask, CausalLm, DeviceSpec, FloatDtype, Kernels, LoadOptions, ModelConfig,
+    run_on_this_thread, BackendTask, CausalLm, DeviceSpec, FloatDtype, Kernels, LoadOptions,
+    ModelConfig,
 };
 use hone_train::parallel::device_for;
 use hone_train::step::step_seeds;
@@ -60,7 +61,8 @@ pub fn bench_train(bench: TrainBench) -> Result<Value> {
         });
     }
     let device = bench.devices.first().copied().unwrap_or(bench.device);
-    run_on(device, TrainTask(bench))?
+    // As `hone train` runs (see hone_train::run).
+    run_on_this_thread(device, TrainTask(bench))?
 }
 
 struct TrainTask(TrainBench);

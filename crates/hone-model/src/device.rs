@@ -100,6 +100,17 @@ pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
+/// [`run_on`] on the calling thread, for a task that waits for outside events between its
+/// computations (a server's worker: parked on a pool thread it would hold that thread while
+/// idle, and several servers in one process could hold them all). Such a task moves each
+/// computation onto the pool itself ([`in_pool`]).
+pub fn run_on_this_thread<T: BackendTask>(spec: DeviceSpec, task: T) -> Result<T::Output> {
+    match spec {
+        DeviceSpec::Cpu => Ok(task.run::<crate::Cpu>(Default::default())),
+        DeviceSpec::Cuda(index) => run_cuda(index, task),
+    }
+}
+
 #[cfg(feature = "cuda")]
 fn run_cuda<T: BackendTask>(index: usize, task: T) -> Result<T::Output> {
     cuda_probe::check(index).map_err(ModelError::Input)?;

@@ -141,7 +141,9 @@ impl Engine {
         std::thread::Builder::new()
             .name("hone-serve-model".into())
             .spawn(move || {
-                if let Err(e) = hone_model::run_on(spec, crate::worker::WorkerTask(setup)) {
+                if let Err(e) =
+                    hone_model::run_on_this_thread(spec, crate::worker::WorkerTask(setup))
+                {
                     let _ = ready_tx.send(Err(ServeError::ModelOp(e)));
                 }
             })

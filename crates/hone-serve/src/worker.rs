@@ -281,9 +281,12 @@ impl<B: hone_model::KernelBackend> Worker<B> {
             }
             self.drop_cancelled();
             self.admit();
-            self.prefill_step();
-            self.publish_gauges();
-            self.decode_step();
+            // The model's work runs on the pool (see `hone_model::run_on_this_thread`).
+            hone_model::in_pool(|| {
+                self.prefill_step();
+                self.publish_gauges();
+                self.decode_step();
+            });
         }
         self.shared
             .alive

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use burn::backend::Autodiff;
 use hone_model::AutodiffKernelBackend;
-use hone_model::{run_on, BackendTask, DeviceSpec, Tokenizer};
+use hone_model::{run_on_this_thread, BackendTask, DeviceSpec, Tokenizer};
 use serde::Serialize;
 
 use crate::config::RunConfig;
@@ -137,7 +137,7 @@ pub fn dry_run(config: &RunConfig, options: &RunOptions, mode: DryRun) -> Result
             dry_run_on::<Autodiff<B>>(self.config, self.options, self.mode, device)
         }
     }
-    run_on(
+    run_on_this_thread(
         config.devices()[0],
         Task {
             config,

@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use burn::backend::Autodiff;
-use hone_model::{run_on, BackendTask, ModelConfig};
+use hone_model::{run_on_this_thread, BackendTask, ModelConfig};
 use hone_model::{AutodiffKernelBackend, KernelBackend};
 use serde::Serialize;
 
@@ -138,7 +138,7 @@ pub enum Control {
 }
 
 /// Receives [`Event`]s.
-pub trait Observer: Send {
+pub trait Observer {
     fn on_event(&mut self, event: &Event<'_>) -> Control;
 }
 
@@ -190,7 +190,9 @@ pub fn train(
             train_on::<Autodiff<B>>(self.config, self.options, self.observer, device)
         }
     }
-    run_on(
+    // On this thread, not the pool: data-parallel peers block in collective operations while
+    // their host kernels need pool threads.
+    run_on_this_thread(
         config.devices()[0],
         Task {
             config,
