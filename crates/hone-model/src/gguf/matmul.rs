@@ -134,7 +134,9 @@ fn small_m(w: QuantMatrix<'_>, x: &[f32], m: usize, y: &mut [f32]) {
     yt.par_chunks_mut(per_task * m)
         .zip(w.bytes.par_chunks(per_task * rb))
         .for_each(|(yt, rows)| {
-            if !super::matvec::rows_dot(w.ty, rows, w.cols, x, m, yt) {
+            if !super::matvec::rows_dot(w.ty, rows, w.cols, x, m, yt)
+                && !super::matvec::half_rows_dot(w.ty, rows, w.cols, x, m, yt)
+            {
                 rows_dot(w.ty, rows, w.cols, x, m, yt)
             }
         });
@@ -194,6 +196,20 @@ multiversion! {
     /// Decodes whole rows of blocks into `out` (f32, row-major).
     fn decode_rows(ty: GgmlType, rows: &[u8], out: &mut [f32]) {
         let (bs, bb) = (ty.block_size(), ty.block_bytes());
+        if bs == 1 {
+            // Plain floats: 32 values at a time, then the rest.
+            let mut bytes = rows.chunks_exact(32 * bb);
+            let mut values = out.chunks_exact_mut(32);
+            for (b, y) in (&mut bytes).zip(&mut values) {
+                let y: &mut [f32; 32] = y.try_into().expect("32 values");
+                decode_plain32(ty, b, y);
+            }
+            let (b, y) = (bytes.remainder(), values.into_remainder());
+            for (block, y) in b.chunks_exact(bb).zip(y.chunks_exact_mut(1)) {
+                decode_block(ty, block, y);
+            }
+            return;
+        }
         for (block, y) in rows.chunks_exact(bb).zip(out.chunks_exact_mut(bs)) {
             decode_block(ty, block, y);
         }

@@ -480,3 +480,219 @@ mod x86 {
         }
     }
 }
+
+/// [`rows_dot`] for the 16-bit floats (F16, BF16) when `cols` is a multiple of 32: each row is
+/// read 32 values at a time, converted exactly to f32 in registers and multiplied into every
+/// input row. `false` (nothing written) for other types, widths and CPUs.
+pub(crate) fn half_rows_dot(
+    ty: GgmlType,
+    rows: &[u8],
+    cols: usize,
+    x: &[f32],
+    m: usize,
+    yt: &mut [f32],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let bf16 = match ty {
+            GgmlType::F16 => false,
+            GgmlType::BF16 => true,
+            _ => return false,
+        };
+        if cols % 32 != 0 {
+            return false;
+        }
+        assert!(
+            rows.len() % (2 * cols) == 0 && x.len() >= m * cols,
+            "half_rows_dot: shapes"
+        );
+        assert!(
+            yt.len() >= rows.len() / (2 * cols) * m,
+            "half_rows_dot: output"
+        );
+        #[cfg(feature = "avx512")]
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            // SAFETY: the CPU has the features; the slices hold the shapes checked above.
+            unsafe { half::v4(bf16, rows, cols, x, m, yt) };
+            return true;
+        }
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            // SAFETY: as above.
+            unsafe { half::v3(bf16, rows, cols, x, m, yt) };
+            return true;
+        }
+        false
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (ty, rows, cols, x, m, yt);
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod half {
+    use std::arch::x86_64::*;
+
+    /// Input rows per pass at most.
+    const GROUP: usize = 4;
+
+    #[inline(always)]
+    unsafe fn load16_v4<const BF16: bool>(p: *const u8) -> __m512 {
+        let q = _mm256_loadu_si256(p as *const __m256i);
+        if BF16 {
+            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(q), 16))
+        } else {
+            _mm512_cvtph_ps(q)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn group_v4<const BF16: bool, const M: usize>(
+        rows: &[u8],
+        cols: usize,
+        x: *const f32,
+        m: usize,
+        yt: *mut f32,
+    ) {
+        for (r, row) in rows.chunks_exact(2 * cols).enumerate() {
+            let mut acc = [[_mm512_setzero_ps(); 2]; M];
+            let p = row.as_ptr();
+            for k in (0..cols).step_by(32) {
+                let w0 = load16_v4::<BF16>(p.add(2 * k));
+                let w1 = load16_v4::<BF16>(p.add(2 * k + 32));
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let xp = x.add(i * cols + k);
+                    acc[0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), acc[0]);
+                    acc[1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(16)), acc[1]);
+                }
+            }
+            for (i, acc) in acc.iter().enumerate() {
+                *yt.add(r * m + i) = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn run_v4<const BF16: bool>(
+        rows: &[u8],
+        cols: usize,
+        x: &[f32],
+        m: usize,
+        yt: &mut [f32],
+    ) {
+        let mut i0 = 0;
+        while i0 < m {
+            let g = GROUP.min(m - i0);
+            let (xp, yp) = (x.as_ptr().add(i0 * cols), yt.as_mut_ptr().add(i0));
+            match g {
+                1 => group_v4::<BF16, 1>(rows, cols, xp, m, yp),
+                2 => group_v4::<BF16, 2>(rows, cols, xp, m, yp),
+                3 => group_v4::<BF16, 3>(rows, cols, xp, m, yp),
+                _ => group_v4::<BF16, 4>(rows, cols, xp, m, yp),
+            }
+            i0 += g;
+        }
+    }
+
+    pub(super) unsafe fn v4(
+        bf16: bool,
+        rows: &[u8],
+        cols: usize,
+        x: &[f32],
+        m: usize,
+        yt: &mut [f32],
+    ) {
+        if bf16 {
+            run_v4::<true>(rows, cols, x, m, yt)
+        } else {
+            run_v4::<false>(rows, cols, x, m, yt)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn load8_v3<const BF16: bool>(p: *const u8) -> __m256 {
+        let q = _mm_loadu_si128(p as *const __m128i);
+        if BF16 {
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(q), 16))
+        } else {
+            _mm256_cvtph_ps(q)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    #[inline(always)]
+    unsafe fn group_v3<const BF16: bool, const M: usize>(
+        rows: &[u8],
+        cols: usize,
+        x: *const f32,
+        m: usize,
+        yt: *mut f32,
+    ) {
+        for (r, row) in rows.chunks_exact(2 * cols).enumerate() {
+            let mut acc = [[_mm256_setzero_ps(); 2]; M];
+            let p = row.as_ptr();
+            for k in (0..cols).step_by(16) {
+                let w0 = load8_v3::<BF16>(p.add(2 * k));
+                let w1 = load8_v3::<BF16>(p.add(2 * k + 16));
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let xp = x.add(i * cols + k);
+                    acc[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), acc[0]);
+                    acc[1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(8)), acc[1]);
+                }
+            }
+            for (i, acc) in acc.iter().enumerate() {
+                *yt.add(r * m + i) = hsum(_mm256_add_ps(acc[0], acc[1]));
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn run_v3<const BF16: bool>(
+        rows: &[u8],
+        cols: usize,
+        x: &[f32],
+        m: usize,
+        yt: &mut [f32],
+    ) {
+        let mut i0 = 0;
+        while i0 < m {
+            let g = GROUP.min(m - i0);
+            let (xp, yp) = (x.as_ptr().add(i0 * cols), yt.as_mut_ptr().add(i0));
+            match g {
+                1 => group_v3::<BF16, 1>(rows, cols, xp, m, yp),
+                2 => group_v3::<BF16, 2>(rows, cols, xp, m, yp),
+                3 => group_v3::<BF16, 3>(rows, cols, xp, m, yp),
+                _ => group_v3::<BF16, 4>(rows, cols, xp, m, yp),
+            }
+            i0 += g;
+        }
+    }
+
+    pub(super) unsafe fn v3(
+        bf16: bool,
+        rows: &[u8],
+        cols: usize,
+        x: &[f32],
+        m: usize,
+        yt: &mut [f32],
+    ) {
+        if bf16 {
+            run_v3::<true>(rows, cols, x, m, yt)
+        } else {
+            run_v3::<false>(rows, cols, x, m, yt)
+        }
+    }
+}

@@ -480,11 +480,11 @@ impl WeightSource for GgufWeights<'_> {
     }
 
     /// The tensor's bytes (copied out of the mapped file; llama's q/k rows un-permuted) when it
-    /// is a 2-D tensor in a block format.
+    /// is a 2-D tensor in a block format or a 16-bit float.
     fn load_quant(&self, name: &str, expected: [usize; 2]) -> Result<Option<QuantWeight>> {
         let (gguf_name, rows, info) = self.entry(name, &expected)?;
         let ty = info.ggml_type;
-        if !ty.is_quantized() {
+        if !ty.is_kept_as_stored() {
             return Ok(None);
         }
         let [out, inp] = expected;
@@ -531,9 +531,11 @@ impl WeightSource for GgufWeights<'_> {
 }
 
 /// Bytes the weights of GGUF `file` take once loaded: the projections of the decoder layers and
-/// an untied `output.weight` at their stored size when they are in a block format and
-/// `keep_quantized` (see [`crate::KernelBackend::keeps_quantized`]), every other tensor decoded
-/// to values of `dtype_bytes` bytes. Memory estimates use it in place of a parameter count.
+/// an untied `output.weight` at their stored size when they are in a block format or a 16-bit
+/// float and `keep_quantized` (see [`crate::KernelBackend::keeps_quantized`]), every other
+/// tensor decoded to values of `dtype_bytes` bytes, plus the stored copy of a token embedding
+/// the tied output projection multiplies by. Memory estimates use it in place of a parameter
+/// count.
 pub fn resident_weight_bytes(file: &GgufFile, keep_quantized: bool, dtype_bytes: usize) -> u64 {
     const PROJECTIONS: [&str; 7] = [
         "attn_q.weight",
@@ -551,11 +553,16 @@ pub fn resident_weight_bytes(file: &GgufFile, keep_quantized: bool, dtype_bytes:
                     .is_some_and(|(_, t)| PROJECTIONS.contains(&t))
             })
     };
-    file.tensors()
+    let tensors = file.tensors();
+    let tied = !tensors.iter().any(|t| t.name == "output.weight");
+    tensors
         .iter()
         .map(|t| {
-            if keep_quantized && t.ggml_type.is_quantized() && projection(&t.name) {
+            let kept = keep_quantized && t.ggml_type.is_kept_as_stored();
+            if kept && projection(&t.name) {
                 t.byte_len() as u64
+            } else if kept && tied && t.name == "token_embd.weight" {
+                t.len() as u64 * dtype_bytes as u64 + t.byte_len() as u64
             } else {
                 t.len() as u64 * dtype_bytes as u64
             }

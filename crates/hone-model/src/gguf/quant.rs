@@ -181,6 +181,13 @@ impl GgmlType {
     pub fn is_quantized(self) -> bool {
         self.block_size() > 1
     }
+
+    /// A type a model keeps weights in as stored, multiplying by them directly
+    /// ([`super::QuantWeight`]): the block formats and the 16-bit floats (F16, BF16: half the
+    /// bytes of f32, converted exactly as they are read).
+    pub fn is_kept_as_stored(self) -> bool {
+        self != GgmlType::F32
+    }
 }
 
 impl fmt::Display for GgmlType {

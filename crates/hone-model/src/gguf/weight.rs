@@ -50,8 +50,8 @@ empty!(QuantWeight);
 impl QuantWeight {
     /// The matrix `[rows, cols]` of type `ty` stored in `bytes`; an error says what does not fit.
     pub fn new(ty: GgmlType, bytes: Vec<u8>, rows: usize, cols: usize) -> Result<Self, String> {
-        if !ty.is_quantized() {
-            return Err(format!("{ty} is not a block format"));
+        if !ty.is_kept_as_stored() {
+            return Err(format!("{ty} is not a block format or a 16-bit float"));
         }
         QuantMatrix {
             ty,
