@@ -58,10 +58,11 @@ pub struct LoadReport {
     pub requests_per_sec: f64,
     pub latency_p50_s: f64,
     pub latency_p99_s: f64,
-    /// Time to the first streamed chunk.
+    /// Time to the first streamed chunk that carries text (a server may send an empty chunk
+    /// first).
     pub ttft_p50_s: f64,
     pub ttft_p99_s: f64,
-    /// Inter-token latency: time between consecutive streamed chunks that carry choices (one
+    /// Inter-token latency: time between consecutive streamed chunks that carry text (one
     /// token each, unless the server merges them), pooled over requests.
     pub itl_p50_s: f64,
     pub itl_p99_s: f64,
@@ -113,7 +114,6 @@ async fn one_request(
     let (mut last, mut gaps) = (None::<Instant>, Vec::new());
     while let Some(data) = stream.next_data().await? {
         let now = Instant::now();
-        ttft.get_or_insert_with(|| (now - started).as_secs_f64());
         if data == "[DONE]" {
             break;
         }
@@ -122,11 +122,16 @@ async fn one_request(
         if let Some(error) = chunk.get("error") {
             return Err(BenchError::Client(format!("error event: {error}")));
         }
+        let text = |c: &Value| {
+            let t = c.get("text").or_else(|| c.pointer("/delta/content"));
+            t.and_then(Value::as_str).is_some_and(|t| !t.is_empty())
+        };
         if chunk
             .get("choices")
             .and_then(Value::as_array)
-            .is_some_and(|c| !c.is_empty())
+            .is_some_and(|c| c.iter().any(text))
         {
+            ttft.get_or_insert_with(|| (now - started).as_secs_f64());
             if let Some(last) = last {
                 gaps.push((now - last).as_secs_f64());
             }
