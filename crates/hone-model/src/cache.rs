@@ -87,6 +87,30 @@ impl HostKv {
         }
     }
 
+    /// Appends the new keys and values `k`, `v` (`[batch, seq, kv_heads, dim]`) after `past`
+    /// positions and returns the attention of `q` (`[batch, seq, heads, dim]`) over the cache
+    /// ([`crate::kernels::cpu::attention_cached`]).
+    pub(crate) fn attend(
+        &mut self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        past: usize,
+        shape: crate::kernels::AttnShape,
+        window: usize,
+    ) -> Vec<f32> {
+        self.append(past, k, v, shape.batch, shape.kv_heads, shape.dim);
+        crate::kernels::cpu::attention_cached(
+            q,
+            &self.keys,
+            &self.values,
+            self.capacity,
+            past,
+            shape,
+            window,
+        )
+    }
+
     /// Keeps rows `rows` of the batch, in that order.
     fn retain_rows(&mut self, rows: &[usize]) {
         let per_row = self.kv_heads * self.capacity * self.dim;

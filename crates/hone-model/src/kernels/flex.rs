@@ -194,17 +194,7 @@ impl KernelBackend for Flex {
             contiguous(&prim(k)),
             contiguous(&prim(v)),
         );
-        let (kd, vd) = (values(&k), values(&v));
-        cache.append(past, kd, vd, shape.batch, shape.kv_heads, shape.dim);
-        let o = cpu::attention_cached(
-            values(&q),
-            &cache.keys,
-            &cache.values,
-            cache.capacity,
-            past,
-            shape,
-            window,
-        );
+        let o = cache.attend(values(&q), values(&k), values(&v), past, shape, window);
         tensor(flex(o, &dims(&q)))
     }
 

@@ -203,17 +203,7 @@ pub trait KernelBackend: Backend {
                 .expect("a float tensor converts to f32")
         };
         let dims = q.dims();
-        let (q, k, v) = (host(q), host(k), host(v));
-        cache.append(past, &k, &v, shape.batch, shape.kv_heads, shape.dim);
-        let o = cpu::attention_cached(
-            &q,
-            &cache.keys,
-            &cache.values,
-            cache.capacity,
-            past,
-            shape,
-            window,
-        );
+        let o = cache.attend(&host(q), &host(k), &host(v), past, shape, window);
         Tensor::from_data(TensorData::new(o, dims), &device)
     }
 
