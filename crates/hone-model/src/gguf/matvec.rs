@@ -209,6 +209,7 @@ mod x86 {
         }};
     }
 
+    #[cfg(feature = "avx512")]
     pub(super) mod v4 {
         use super::*;
 
@@ -542,6 +543,7 @@ mod half {
     /// Input rows per pass at most.
     const GROUP: usize = 4;
 
+    #[cfg(feature = "avx512")]
     #[inline(always)]
     unsafe fn load16_v4<const BF16: bool>(p: *const u8) -> __m512 {
         let q = _mm256_loadu_si256(p as *const __m256i);
@@ -552,6 +554,7 @@ mod half {
         }
     }
 
+    #[cfg(feature = "avx512")]
     #[inline(always)]
     unsafe fn group_v4<const BF16: bool, const M: usize>(
         rows: &[u8],
@@ -578,6 +581,7 @@ mod half {
         }
     }
 
+    #[cfg(feature = "avx512")]
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     unsafe fn run_v4<const BF16: bool>(
         rows: &[u8],
@@ -600,6 +604,7 @@ mod half {
         }
     }
 
+    #[cfg(feature = "avx512")]
     pub(super) unsafe fn v4(
         bf16: bool,
         rows: &[u8],
