@@ -311,6 +311,35 @@ impl<B: KernelBackend> Attention<B> {
         select: &Selection<B>,
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
+        let (q, k, v) = self.fused_qkv(x, rope, select);
+        let mask = match mask {
+            Some(m) => {
+                let m = m.clone().reshape([batch * seq * seq]).into_data();
+                let m: Vec<bool> = m
+                    .to_vec::<bool>()
+                    .expect("a boolean mask converts to bools");
+                kernels::Mask::Dense(Arc::new(m))
+            }
+            None => kernels::Mask::Causal {
+                window: self.sliding_window,
+            },
+        };
+        let shape = self.attn_shape(batch, seq);
+        self.o_proj.forward(
+            <B as KernelBackend>::attention(q, k, v, shape, mask),
+            select,
+            Kernels::Fused,
+        )
+    }
+
+    /// q, k (RoPE applied) and v of `x` through the fused kernels, in the projections' own
+    /// `[batch, seq, heads * head_dim]` layout.
+    fn fused_qkv(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        select: &Selection<B>,
+    ) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let q = B::rope(
             self.q_proj.forward(x.clone(), select, Kernels::Fused),
@@ -324,32 +353,19 @@ impl<B: KernelBackend> Attention<B> {
             d,
             rope,
         );
-        let v = self.v_proj.forward(x, select, Kernels::Fused);
-        let mask = match mask {
-            Some(m) => {
-                let m = m.clone().reshape([batch * seq * seq]).into_data();
-                let m: Vec<bool> = m
-                    .to_vec::<bool>()
-                    .expect("a boolean mask converts to bools");
-                kernels::Mask::Dense(Arc::new(m))
-            }
-            None => kernels::Mask::Causal {
-                window: self.sliding_window,
-            },
-        };
-        let shape = kernels::AttnShape {
+        (q, k, self.v_proj.forward(x, select, Kernels::Fused))
+    }
+
+    /// The shapes of this layer's attention over `batch` rows of `seq` queries.
+    fn attn_shape(&self, batch: usize, seq: usize) -> kernels::AttnShape {
+        kernels::AttnShape {
             batch,
             seq,
-            heads: h,
-            kv_heads: kvh,
-            dim: d,
-            scale: 1.0 / (d as f32).sqrt(),
-        };
-        self.o_proj.forward(
-            <B as KernelBackend>::attention(q, k, v, shape, mask),
-            select,
-            Kernels::Fused,
-        )
+            heads: self.num_heads,
+            kv_heads: self.num_kv_heads,
+            dim: self.head_dim,
+            scale: 1.0 / (self.head_dim as f32).sqrt(),
+        }
     }
 
     /// [`Self::forward`] continuing host KV caches through the backend's fused kernels (RoPE,
@@ -363,30 +379,10 @@ impl<B: KernelBackend> Attention<B> {
         caches: &mut [(&mut HostKv, usize)],
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
-        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let select = ctx.select;
-        let q = B::rope(
-            self.q_proj.forward(x.clone(), select, Kernels::Fused),
-            h,
-            d,
-            ctx.rope,
-        );
-        let k = B::rope(
-            self.k_proj.forward(x.clone(), select, Kernels::Fused),
-            kvh,
-            d,
-            ctx.rope,
-        );
-        let v = self.v_proj.forward(x, select, Kernels::Fused);
+        let (q, k, v) = self.fused_qkv(x, ctx.rope, select);
         let window = self.sliding_window;
-        let shape = |batch| kernels::AttnShape {
-            batch,
-            seq,
-            heads: h,
-            kv_heads: kvh,
-            dim: d,
-            scale: 1.0 / (d as f32).sqrt(),
-        };
+        let shape = |batch| self.attn_shape(batch, seq);
         let out = match caches {
             [(cache, past)] => B::attention_cached(q, k, v, cache, *past, shape(batch), window),
             rows => {
