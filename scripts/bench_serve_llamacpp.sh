@@ -2,7 +2,10 @@
 # Serving throughput of hone and llama.cpp side by side on one GGUF file: `llama-server -np S
 # -cb` and `hone serve --max-batch S`, each started in turn and loaded by the same client
 # (`hone bench serve --url`: streamed completions of the same seeded random prompts, greedy,
-# ignore_eos, so every request produces exactly MAX_TOKENS tokens) at each concurrency.
+# ignore_eos, so every request produces exactly MAX_TOKENS tokens) at each concurrency. Every
+# measurement draws prompts of its own (--seed from the round and the concurrency): llama-server
+# keeps each slot's last prompt and would skip the prefill of a prompt it saw at an earlier
+# concurrency, which hone does not (no prefix cache), and the two would not do the same work.
 # One JSON line per (server, concurrency) with `"server": "hone"|"llama.cpp"`: throughput,
 # p50/p99 latency, time to first token and inter-token latency.
 #
@@ -60,7 +63,7 @@ wait_ready() {
     echo "$1 did not become ready" >&2; exit 1
 }
 
-load() { # name
+load() { # name round
     # The model name the server lists first (hone: the file's stem; llama-server: its path).
     local name
     name=$(curl -sf "http://127.0.0.1:$port/v1/models" | grep -o '"id": *"[^"]*"' | head -1 | sed 's/.*"\([^"]*\)"$/\1/')
@@ -68,22 +71,22 @@ load() { # name
         local n=${requests:-$(( c * 4 > 8 ? c * 4 : 8 ))}
         "$hone" bench serve --url "http://127.0.0.1:$port" --model-name "$name" \
             --concurrency "$c" --requests "$n" --max-tokens "$gen" --prompt-tokens "$prompt" \
-            --prompt-vocab 49152 --time-limit-s 600 --request-timeout-s 600 2>/dev/null \
+            --prompt-vocab 49152 --seed $(( $2 * 1000 + c )) --time-limit-s 600 --request-timeout-s 600 2>/dev/null \
             | sed "s/^{/{\"server\":\"$1\",\"file\":\"$(basename "$model")\",/"
     done
 }
 
-for _ in $(seq 1 "$rounds"); do
+for round in $(seq 1 "$rounds"); do
     # Context: every slot holds its prompt and its tokens.
     "$server_bin" -m "$model" -np "$slots" -cb -t "$threads" -c $(( slots * (prompt + gen + 16) )) \
         --port "$port" >"$log/llama.cpp.log" 2>&1 &
     pid=$!
     wait_ready llama.cpp
-    load llama.cpp
+    load llama.cpp "$round"
     stop
     "$hone" serve --model "$model" --port "$port" --max-batch "$slots" >"$log/hone.log" 2>&1 &
     pid=$!
     wait_ready hone
-    load hone
+    load hone "$round"
     stop
 done

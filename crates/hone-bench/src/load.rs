@@ -40,7 +40,20 @@ pub struct LoadConfig {
     /// No request starts after this.
     pub time_limit: Duration,
     pub request_timeout: Duration,
+    /// Prompts of different seeds never repeat one another (request `i` draws from a stream
+    /// derived from both): a server that caches prompts (llama-server does, per slot) must
+    /// prefill every request of a measurement whose seed it has not seen.
     pub seed: u64,
+}
+
+/// The seed of request `i`'s prompt: splitmix64 of the measurement's seed, plus `i`, so that
+/// neighbouring seeds give unrelated prompts (a plain `seed + i` would repeat seed 43's first
+/// prompt as seed 42's second).
+fn prompt_seed(seed: u64, i: usize) -> u64 {
+    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)).wrapping_add(i as u64)
 }
 
 /// What a run measured.
@@ -182,7 +195,7 @@ pub async fn run_load(client: &Client, cfg: &LoadConfig) -> Result<LoadReport> {
                 if i >= cfg.requests || started.elapsed() >= cfg.time_limit {
                     break;
                 }
-                let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed.wrapping_add(i as u64));
+                let mut rng = rand::rngs::StdRng::seed_from_u64(prompt_seed(cfg.seed, i));
                 let prompt: Vec<u32> = (0..cfg.prompt_tokens.max(1))
                     .map(|_| rng.random_range(0..cfg.prompt_vocab))
                     .collect();
@@ -380,7 +393,7 @@ pub fn bench_blocking(
 
 #[cfg(test)]
 mod tests {
-    use super::percentile;
+    use super::{percentile, prompt_seed};
 
     #[test]
     fn nearest_rank_percentiles() {
@@ -389,5 +402,17 @@ mod tests {
         assert_eq!(percentile(&v, 0.99), 99.0);
         assert_eq!(percentile(&[3.0], 0.99), 3.0);
         assert_eq!(percentile(&[], 0.5), 0.0);
+    }
+
+    #[test]
+    fn measurements_of_neighbouring_seeds_share_no_prompt_seed() {
+        // Requests 0..64 of seeds 42_000..42_003 (one command's concurrencies, as bench.rs
+        // numbers them) and 43_000: no request's prompt seed repeats another's.
+        let mut seen = std::collections::HashSet::new();
+        for seed in [42_000, 42_001, 42_002, 43_000] {
+            for i in 0..64 {
+                assert!(seen.insert(prompt_seed(seed, i)), "seed {seed}, request {i}");
+            }
+        }
     }
 }

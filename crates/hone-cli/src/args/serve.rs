@@ -48,6 +48,12 @@ pub struct BenchServeArgs {
     /// Prompt ids are drawn below this (default: the smaller of tokenizer and model vocab).
     #[arg(long)]
     pub prompt_vocab: Option<u32>,
+    /// Seed of the random prompts. Each concurrency of one command draws its own prompts
+    /// (from seed × 1000 + its index), so no prompt repeats within a command; give another seed
+    /// to each command sent to the same --url server, or a server that caches prompts (llama-server)
+    /// skips the prefill of those it has seen.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
     /// No request starts after this many seconds of a measurement.
     #[arg(long, default_value_t = 300)]
     pub time_limit_s: u64,

@@ -188,7 +188,8 @@ fn bench_serve(args: BenchServeArgs) -> Result<()> {
     let runs: Vec<LoadConfig> = args
         .concurrency
         .iter()
-        .map(|&c| LoadConfig {
+        .enumerate()
+        .map(|(k, &c)| LoadConfig {
             concurrency: c,
             requests: args.requests.unwrap_or((2 * c).max(4)),
             max_tokens: args.max_tokens,
@@ -197,7 +198,8 @@ fn bench_serve(args: BenchServeArgs) -> Result<()> {
             models: models.clone(),
             time_limit: Duration::from_secs(args.time_limit_s),
             request_timeout: Duration::from_secs(args.request_timeout_s),
-            seed: 42,
+            // Measurements of one command never share a prompt.
+            seed: args.seed.wrapping_mul(1000).wrapping_add(k as u64),
         })
         .collect();
     // Device and dtype describe the in-process server; a running server's are not known here.
