@@ -411,7 +411,10 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for seed in [42_000, 42_001, 42_002, 43_000] {
             for i in 0..64 {
-                assert!(seen.insert(prompt_seed(seed, i)), "seed {seed}, request {i}");
+                assert!(
+                    seen.insert(prompt_seed(seed, i)),
+                    "seed {seed}, request {i}"
+                );
             }
         }
     }
