@@ -405,35 +405,68 @@ impl AttnShape {
     }
 }
 
-/// Turns raw scores `[seq, seq]` of (batch `b`) into probabilities in place (masked = 0) and
-/// returns each row's log-sum-exp. With `lse` given, recomputes the probabilities from it.
+/// Query rows per block of [`attention`] and [`attention_backward`]: each block multiplies only
+/// the keys some row of it may see ([`key_span`]), so a causal pass does about half of the
+/// `seq × seq` work (seq 256: 62.5%) while the products stay large enough for gemm.
+const QUERY_BLOCK: usize = 64;
+
+/// The keys `[start, end)` that query rows `q0..q1` of batch `b` may see between them (`(0, 0)`
+/// when none may see any).
+fn key_span(vis: &Visibility, b: usize, q0: usize, q1: usize, seq: usize) -> (usize, usize) {
+    let (mut lo, mut hi) = (seq, 0);
+    for q in q0..q1 {
+        let (start, end) = match vis.row(b, q, seq) {
+            RowMask::Range { start, end } => (start, end),
+            RowMask::Mask(mask) => match mask.iter().position(|&m| !m) {
+                Some(first) => (first, mask.iter().rposition(|&m| !m).map_or(seq, |l| l + 1)),
+                None => continue,
+            },
+        };
+        (lo, hi) = (lo.min(start), hi.max(end));
+    }
+    if lo < hi {
+        (lo, hi)
+    } else {
+        (0, 0)
+    }
+}
+
+/// Turns raw scores `p` `[rows, cols]` of query rows `q0..` (batch `b`) over keys
+/// `ks..ks + cols` (every key they may see: [`key_span`]) into probabilities in place
+/// (masked = 0) and writes each row's log-sum-exp. With `lse_in`, recomputes the probabilities
+/// from it.
+#[allow(clippy::too_many_arguments)]
 fn softmax_rows(
     p: &mut [f32],
-    seq: usize,
-    b: usize,
+    cols: usize,
+    (b, q0, ks, seq): (usize, usize, usize, usize),
     vis: &Visibility,
     lse_out: &mut [f32],
     lse_in: Option<&[f32]>,
 ) {
-    for (q, row) in p.chunks_mut(seq).enumerate() {
-        match vis.row(b, q, seq) {
+    let rows = lse_out.len();
+    for i in 0..rows {
+        let row = &mut p[i * cols..(i + 1) * cols];
+        match vis.row(b, q0 + i, seq) {
             RowMask::Range { start, end } => {
+                let (start, end) = (start - ks, end - ks);
                 row[..start].fill(0.0);
                 row[end..].fill(0.0);
                 let live = &mut row[start..end];
                 let lse = match lse_in {
-                    Some(l) => l[q],
+                    Some(l) => l[i],
                     None => {
                         let max = max(live);
                         max + sum_exp(live, max).ln()
                     }
                 };
                 exp_in_place(live, lse);
-                lse_out[q] = lse;
+                lse_out[i] = lse;
             }
             RowMask::Mask(mask) => {
+                let mask = &mask[ks..ks + cols];
                 let lse = match lse_in {
-                    Some(l) => l[q],
+                    Some(l) => l[i],
                     None => {
                         let mut max = f32::NEG_INFINITY;
                         for (v, &m) in row.iter().zip(mask) {
@@ -453,26 +486,35 @@ fn softmax_rows(
                 for (v, &m) in row.iter_mut().zip(mask) {
                     *v = if m { 0.0 } else { exp(*v - lse) };
                 }
-                lse_out[q] = lse;
+                lse_out[i] = lse;
             }
         }
     }
 }
 
-/// `p = scale · Q Kᵀ` `[seq, seq]` for the query head at offset `qo` of `q` and the key head at
-/// offset `ko` of `k`.
-fn scores(p: &mut [f32], q: &[f32], k: &[f32], s: &AttnShape, qo: usize, ko: usize) {
-    let (seq, d) = (s.seq, s.dim);
-    assert!(p.len() >= seq * seq && qo + (seq - 1) * s.heads * d + d <= q.len());
-    assert!(ko + (seq - 1) * s.kv_heads * d + d <= k.len());
-    // SAFETY: the assertions bound every strided row read and the `seq × seq` write.
+/// `p = scale · Q Kᵀ` `[rows, cols]` for `rows` query rows from offset `qo` of `q` and `cols`
+/// key rows from offset `ko` of `k` (row strides: the layouts of [`AttnShape`]).
+#[allow(clippy::too_many_arguments)]
+fn scores(
+    p: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    s: &AttnShape,
+    (qo, rows): (usize, usize),
+    (ko, cols): (usize, usize),
+) {
+    let d = s.dim;
+    assert!(rows > 0 && cols > 0 && p.len() >= rows * cols);
+    assert!(qo + (rows - 1) * s.heads * d + d <= q.len());
+    assert!(ko + (cols - 1) * s.kv_heads * d + d <= k.len());
+    // SAFETY: the assertions bound every strided row read and the `rows × cols` write.
     unsafe {
         matmul(
-            seq,
-            seq,
+            rows,
+            cols,
             d,
             p.as_mut_ptr(),
-            seq,
+            cols,
             1,
             false,
             q.as_ptr().add(qo),
@@ -488,7 +530,8 @@ fn scores(p: &mut [f32], q: &[f32], k: &[f32], s: &AttnShape, qo: usize, ko: usi
 
 /// Scaled dot-product attention with grouped key/value heads. Returns the output
 /// `[batch, seq, heads, dim]` and the log-sum-exp of every score row `[batch, heads, seq]`
-/// (what the backward pass needs to rebuild the probabilities).
+/// (what the backward pass needs to rebuild the probabilities). Work is split by (row, head),
+/// then by blocks of [`QUERY_BLOCK`] queries over the keys they may see.
 pub fn attention(
     q: &[f32],
     k: &[f32],
@@ -498,37 +541,47 @@ pub fn attention(
 ) -> (Vec<f32>, Vec<f32>) {
     let (seq, d) = (s.seq, s.dim);
     let groups = s.heads / s.kv_heads;
+    let (hd, kd) = (s.heads * d, s.kv_heads * d);
     let mut out = vec![0f32; q.len()];
     let mut lse = vec![0f32; s.batch * s.heads * seq];
     let optr = Shared(out.as_mut_ptr());
     lse.par_chunks_mut(seq).enumerate().for_each_init(
-        || vec![0f32; seq * seq],
+        || vec![0f32; QUERY_BLOCK.min(seq) * seq],
         |p, (bh, lse)| {
             let (b, h) = (bh / s.heads, bh % s.heads);
-            let kvh = h / groups;
-            let (qo, ko) = (s.q_offset(b, h), s.kv_offset(b, kvh));
-            let (hd, kd) = (s.heads * d, s.kv_heads * d);
-            scores(p, q, k, &s, qo, ko);
-            softmax_rows(p, seq, b, &vis, lse, None);
-            // SAFETY: slices cover every strided row; each task writes its own head's
-            // columns of `out`.
-            unsafe {
-                matmul(
-                    seq,
-                    d,
-                    seq,
-                    optr.at(qo),
-                    hd,
-                    1,
-                    false,
-                    p.as_ptr(),
-                    seq,
-                    1,
-                    v.as_ptr().add(ko),
-                    kd,
-                    1,
-                    1.0,
-                );
+            let (qo, ko) = (s.q_offset(b, h), s.kv_offset(b, h / groups));
+            for q0 in (0..seq).step_by(QUERY_BLOCK) {
+                let q1 = (q0 + QUERY_BLOCK).min(seq);
+                let (ks, ke) = key_span(&vis, b, q0, q1, seq);
+                let (rows, cols) = (q1 - q0, ke - ks);
+                let (qb, kb) = (qo + q0 * hd, ko + ks * kd);
+                if cols > 0 {
+                    scores(p, q, k, &s, (qb, rows), (kb, cols));
+                }
+                softmax_rows(p, cols, (b, q0, ks, seq), &vis, &mut lse[q0..q1], None);
+                if cols == 0 {
+                    continue; // no key visible: the rows stay 0
+                }
+                // SAFETY: slices cover every strided row; each task writes its own head's
+                // columns of `out`.
+                unsafe {
+                    matmul(
+                        rows,
+                        d,
+                        cols,
+                        optr.at(qb),
+                        hd,
+                        1,
+                        false,
+                        p.as_ptr(),
+                        cols,
+                        1,
+                        v.as_ptr().add(kb),
+                        kd,
+                        1,
+                        1.0,
+                    );
+                }
             }
         },
     );
@@ -656,106 +709,123 @@ pub fn attention_backward(
         Shared(dk.as_mut_ptr()),
         Shared(dv.as_mut_ptr()),
     );
+    let (hd, kd) = (s.heads * d, s.kv_heads * d);
+    let block = QUERY_BLOCK.min(seq);
     (0..s.batch * s.kv_heads).into_par_iter().for_each_init(
-        || {
-            (
-                vec![0f32; seq * seq],
-                vec![0f32; seq * seq],
-                vec![0f32; seq],
-            )
-        },
-        |(p, dp, scratch), bk| {
+        || (vec![0f32; block * seq], vec![0f32; block * seq]),
+        |(p, dp), bk| {
             let (b, kvh) = (bk / s.kv_heads, bk % s.kv_heads);
             let ko = s.kv_offset(b, kvh);
-            let (hd, kd) = (s.heads * d, s.kv_heads * d);
             for gi in 0..groups {
                 let h = kvh * groups + gi;
                 let qo = s.q_offset(b, h);
                 let lse = &lse[(b * s.heads + h) * seq..(b * s.heads + h + 1) * seq];
-                scores(p, q, k, &s, qo, ko);
-                softmax_rows(p, seq, b, &vis, scratch, Some(lse));
-                // SAFETY: as in `attention`; the task owns kv head `kvh` of batch `b` and the
-                // query heads of its group, so its writes to dq/dk/dv are disjoint.
-                unsafe {
-                    // dV += Pᵀ dO
-                    matmul(
-                        seq,
-                        d,
-                        seq,
-                        dvp.at(ko),
-                        kd,
-                        1,
-                        gi > 0,
-                        p.as_ptr(),
-                        1,
-                        seq,
-                        g.as_ptr().add(qo),
-                        hd,
-                        1,
-                        1.0,
-                    );
-                    // dP = dO Vᵀ
-                    matmul(
-                        seq,
-                        seq,
-                        d,
-                        dp.as_mut_ptr(),
-                        seq,
-                        1,
-                        false,
-                        g.as_ptr().add(qo),
-                        hd,
-                        1,
-                        v.as_ptr().add(ko),
-                        1,
-                        kd,
-                        1.0,
-                    );
-                }
-                // dS = P (dP - rowsum(dO o)), scaled for the score's `scale`.
-                for (i, (prow, dprow)) in p.chunks_mut(seq).zip(dp.chunks(seq)).enumerate() {
-                    let go = &g[qo + i * hd..qo + i * hd + d];
-                    let oo = &o[qo + i * hd..qo + i * hd + d];
-                    let di: f32 = go.iter().zip(oo).map(|(a, b)| a * b).sum();
-                    for (pv, dpv) in prow.iter_mut().zip(dprow) {
-                        *pv *= (dpv - di) * s.scale;
+                for q0 in (0..seq).step_by(QUERY_BLOCK) {
+                    let q1 = (q0 + QUERY_BLOCK).min(seq);
+                    let (ks, ke) = key_span(&vis, b, q0, q1, seq);
+                    let (rows, cols) = (q1 - q0, ke - ks);
+                    if cols == 0 {
+                        continue; // no key visible: no gradient
                     }
-                }
-                unsafe {
-                    // dQ = dS K
-                    matmul(
-                        seq,
-                        d,
-                        seq,
-                        dqp.at(qo),
-                        hd,
-                        1,
-                        false,
-                        p.as_ptr(),
-                        seq,
-                        1,
-                        k.as_ptr().add(ko),
-                        kd,
-                        1,
-                        1.0,
+                    let (qb, kb) = (qo + q0 * hd, ko + ks * kd);
+                    let mut lse_scratch = [0f32; QUERY_BLOCK];
+                    scores(p, q, k, &s, (qb, rows), (kb, cols));
+                    softmax_rows(
+                        p,
+                        cols,
+                        (b, q0, ks, seq),
+                        &vis,
+                        &mut lse_scratch[..rows],
+                        Some(&lse[q0..q1]),
                     );
-                    // dK += dSᵀ Q
-                    matmul(
-                        seq,
-                        d,
-                        seq,
-                        dkp.at(ko),
-                        kd,
-                        1,
-                        gi > 0,
-                        p.as_ptr(),
-                        1,
-                        seq,
-                        q.as_ptr().add(qo),
-                        hd,
-                        1,
-                        1.0,
-                    );
+                    // SAFETY: as in `attention`; the task owns kv head `kvh` of batch `b` and
+                    // the query heads of its group, so its writes to dq/dk/dv are disjoint (dk
+                    // and dv start at 0 and every block adds to them).
+                    unsafe {
+                        // dV += Pᵀ dO
+                        matmul(
+                            cols,
+                            d,
+                            rows,
+                            dvp.at(kb),
+                            kd,
+                            1,
+                            true,
+                            p.as_ptr(),
+                            1,
+                            cols,
+                            g.as_ptr().add(qb),
+                            hd,
+                            1,
+                            1.0,
+                        );
+                        // dP = dO Vᵀ
+                        matmul(
+                            rows,
+                            cols,
+                            d,
+                            dp.as_mut_ptr(),
+                            cols,
+                            1,
+                            false,
+                            g.as_ptr().add(qb),
+                            hd,
+                            1,
+                            v.as_ptr().add(kb),
+                            1,
+                            kd,
+                            1.0,
+                        );
+                    }
+                    // dS = P (dP - rowsum(dO o)), scaled for the score's `scale`.
+                    for (i, (prow, dprow)) in p[..rows * cols]
+                        .chunks_mut(cols)
+                        .zip(dp.chunks(cols))
+                        .enumerate()
+                    {
+                        let at = qb + i * hd;
+                        let (go, oo) = (&g[at..at + d], &o[at..at + d]);
+                        let di: f32 = go.iter().zip(oo).map(|(a, b)| a * b).sum();
+                        for (pv, dpv) in prow.iter_mut().zip(dprow) {
+                            *pv *= (dpv - di) * s.scale;
+                        }
+                    }
+                    unsafe {
+                        // dQ = dS K
+                        matmul(
+                            rows,
+                            d,
+                            cols,
+                            dqp.at(qb),
+                            hd,
+                            1,
+                            false,
+                            p.as_ptr(),
+                            cols,
+                            1,
+                            k.as_ptr().add(kb),
+                            kd,
+                            1,
+                            1.0,
+                        );
+                        // dK += dSᵀ Q
+                        matmul(
+                            cols,
+                            d,
+                            rows,
+                            dkp.at(kb),
+                            kd,
+                            1,
+                            true,
+                            p.as_ptr(),
+                            1,
+                            cols,
+                            q.as_ptr().add(qb),
+                            hd,
+                            1,
+                            1.0,
+                        );
+                    }
                 }
             }
         },
