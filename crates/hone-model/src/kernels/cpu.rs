@@ -942,6 +942,8 @@ fn logit_block_rows(rows: usize, vocab: usize) -> usize {
 /// `targets` (`< 0` = ignored) under `hidden · weightᵀ`, and its gradient with respect to
 /// `hidden` (`(softmax - onehot) · weight` on counted rows), both computed block by block of
 /// rows ([`logit_block_rows`]). The gradient is what the backward pass scales by its incoming gradient.
+/// Only counted rows are multiplied: ignored ones (prompt tokens of instruction data, padding)
+/// cost no logits and have a zero gradient.
 pub fn linear_nll_sum(
     hidden: &[f32],
     weight: &[f32],
@@ -949,8 +951,28 @@ pub fn linear_nll_sum(
     targets: &[i64],
     want_grad: bool,
 ) -> (f64, Vec<f32>) {
-    let block_rows = logit_block_rows(targets.len(), weight.len() / h);
-    linear_nll_sum_blocks(hidden, weight, h, targets, want_grad, block_rows)
+    let vocab = weight.len() / h;
+    let counted: Vec<usize> = (0..targets.len()).filter(|&i| targets[i] >= 0).collect();
+    if counted.len() == targets.len() {
+        let block_rows = logit_block_rows(targets.len(), vocab);
+        return linear_nll_sum_blocks(hidden, weight, h, targets, want_grad, block_rows);
+    }
+    let kept: Vec<f32> = counted
+        .iter()
+        .flat_map(|&i| hidden[i * h..(i + 1) * h].iter().copied())
+        .collect();
+    let kept_targets: Vec<i64> = counted.iter().map(|&i| targets[i]).collect();
+    let block_rows = logit_block_rows(counted.len(), vocab);
+    let (total, kept_dh) =
+        linear_nll_sum_blocks(&kept, weight, h, &kept_targets, want_grad, block_rows);
+    if !want_grad {
+        return (total, kept_dh);
+    }
+    let mut dh = vec![0f32; targets.len() * h];
+    for (j, &i) in counted.iter().enumerate() {
+        dh[i * h..(i + 1) * h].copy_from_slice(&kept_dh[j * h..(j + 1) * h]);
+    }
+    (total, dh)
 }
 
 /// [`linear_nll_sum`] with `block_rows` rows of logits at a time.
