@@ -100,15 +100,46 @@ impl HostKv {
         window: usize,
     ) -> Vec<f32> {
         self.append(past, k, v, shape.batch, shape.kv_heads, shape.dim);
-        crate::kernels::cpu::attention_cached(
-            q,
-            &self.keys,
-            &self.values,
-            self.capacity,
+        crate::kernels::cpu::attention_cached(q, self.view(past), shape, window)
+    }
+
+    /// The cache as attention reads it, holding `past` positions before the new ones.
+    fn view(&self, past: usize) -> crate::kernels::cpu::CachedKv<'_> {
+        crate::kernels::cpu::CachedKv {
+            keys: &self.keys,
+            values: &self.values,
+            capacity: self.capacity,
             past,
-            shape,
-            window,
-        )
+        }
+    }
+
+    /// [`HostKv::attend`] for a batch whose rows have caches of their own (`rows[b]` = row
+    /// `b`'s cache and its length; `q`, `k`, `v` as there, `shape.batch` rows): each row's keys
+    /// and values are appended to its cache, then every (row, head) attends in one parallel
+    /// pass ([`crate::kernels::cpu::attention_cached_rows`]).
+    pub(crate) fn attend_rows(
+        rows: &mut [(&mut HostKv, usize)],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        shape: crate::kernels::AttnShape,
+        window: usize,
+    ) -> Vec<f32> {
+        assert_eq!(rows.len(), shape.batch, "one cache per row");
+        let per_row = k.len() / shape.batch.max(1);
+        for (b, (cache, past)) in rows.iter_mut().enumerate() {
+            let span = b * per_row..(b + 1) * per_row;
+            cache.append(
+                *past,
+                &k[span.clone()],
+                &v[span],
+                1,
+                shape.kv_heads,
+                shape.dim,
+            );
+        }
+        let views: Vec<_> = rows.iter().map(|(c, past)| c.view(*past)).collect();
+        crate::kernels::cpu::attention_cached_rows(q, &views, shape, window, false)
     }
 
     /// Keeps rows `rows` of the batch, in that order.

@@ -370,8 +370,8 @@ impl<B: KernelBackend> Attention<B> {
 
     /// [`Self::forward`] continuing host KV caches through the backend's fused kernels (RoPE,
     /// attention over the cache read in place): one cache `(cache, past)` for the whole batch,
-    /// or one per row (rows of different lengths: the projections run batched, attention per
-    /// row).
+    /// or one per row (rows of different lengths: the projections and attention run batched,
+    /// each row over its own cache).
     fn forward_cached(
         &self,
         x: Tensor<B, 3>,
@@ -385,26 +385,7 @@ impl<B: KernelBackend> Attention<B> {
         let shape = |batch| self.attn_shape(batch, seq);
         let out = match caches {
             [(cache, past)] => B::attention_cached(q, k, v, cache, *past, shape(batch), window),
-            rows => {
-                assert_eq!(rows.len(), batch, "one cache per row");
-                let outs = rows
-                    .iter_mut()
-                    .enumerate()
-                    .map(|(r, (cache, past))| {
-                        let row = |t: &Tensor<B, 3>| t.clone().narrow(0, r, 1);
-                        B::attention_cached(
-                            row(&q),
-                            row(&k),
-                            row(&v),
-                            cache,
-                            *past,
-                            shape(1),
-                            window,
-                        )
-                    })
-                    .collect();
-                Tensor::cat(outs, 0)
-            }
+            rows => B::attention_cached_rows(q, k, v, rows, shape(batch), window),
         };
         self.o_proj.forward(out, select, Kernels::Fused)
     }

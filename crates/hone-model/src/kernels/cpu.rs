@@ -588,94 +588,143 @@ pub fn attention(
     (out, lse)
 }
 
+/// A host KV cache as [`attention_cached`] reads it: keys and values `[batch, kv_heads,
+/// capacity, dim]` holding `past` positions before the new ones (already written).
+#[derive(Clone, Copy)]
+pub struct CachedKv<'a> {
+    pub keys: &'a [f32],
+    pub values: &'a [f32],
+    pub capacity: usize,
+    pub past: usize,
+}
+
+/// Cached attention's work below which one thread does every (row, head) (a decoding step's
+/// heads are a few microseconds each).
+const CACHED_PARALLEL_WORK: usize = 1 << 18;
+
+/// Query head `h` of row `b` of [`attention_cached`]: `q` `[.., seq, heads, dim]` from row
+/// `qb`'s first query, the cache's kv row `kb`, output written at the same place as `q`'s.
+///
+/// # Safety
+/// `out` points to a buffer shaped like `q` that nothing else writes at this head's columns.
+#[allow(clippy::too_many_arguments)]
+unsafe fn cached_head(
+    p: &mut Vec<f32>,
+    q: &[f32],
+    (qb, kb, h): (usize, usize, usize),
+    kv: &CachedKv,
+    s: &AttnShape,
+    window: usize,
+    out: &Shared,
+) {
+    let (seq, d) = (s.seq, s.dim);
+    let (past, capacity) = (kv.past, kv.capacity);
+    let total = past + seq;
+    let hd = s.heads * d;
+    let groups = s.heads / s.kv_heads;
+    let ko = (kb * s.kv_heads + h / groups) * capacity * d;
+    let qo = qb * seq * hd + h * d;
+    assert!(
+        qo + (seq - 1) * hd + d <= q.len() && ko + total * d <= kv.keys.len().min(kv.values.len()),
+        "attention_cached: shapes"
+    );
+    p.resize(seq * total, 0.0);
+    // SAFETY: q rows `qo + i·hd .. + d` for i < seq and cache rows `ko + j·d .. + d` for
+    // j < total lie inside the slices (checked above); `p` holds seq × total values.
+    matmul(
+        seq,
+        total,
+        d,
+        p.as_mut_ptr(),
+        total,
+        1,
+        false,
+        q.as_ptr().add(qo),
+        hd,
+        1,
+        kv.keys.as_ptr().add(ko),
+        1,
+        d,
+        s.scale,
+    );
+    for (i, row) in p.chunks_mut(total).enumerate() {
+        let end = past + i + 1;
+        let start = if window > 0 {
+            end.saturating_sub(window)
+        } else {
+            0
+        };
+        row[..start].fill(0.0);
+        row[end..].fill(0.0);
+        let live = &mut row[start..end];
+        let m = max(live);
+        let lse = m + sum_exp(live, m).ln();
+        exp_in_place(live, lse);
+    }
+    // SAFETY: as above; the caller gives this head's columns of `out` to this call alone.
+    matmul(
+        seq,
+        d,
+        total,
+        out.at(qo),
+        hd,
+        1,
+        false,
+        p.as_ptr(),
+        total,
+        1,
+        kv.values.as_ptr().add(ko),
+        d,
+        1,
+        1.0,
+    );
+}
+
 /// Attention of `s.seq` new queries per row (`q` `[batch, seq, heads, dim]`, RoPE applied) over
 /// the `past + seq` keys and values of a host KV cache (`[batch, kv_heads, capacity, dim]`, the
 /// new positions already written): query `i` sees keys `..=past + i` (and, with `window > 0`,
 /// only the last `window` of them). Returns `[batch, seq, heads, dim]`. Keys and values are read
 /// in place; work is split by (row, head).
-#[allow(clippy::too_many_arguments)]
-pub fn attention_cached(
+pub fn attention_cached(q: &[f32], kv: CachedKv, s: AttnShape, window: usize) -> Vec<f32> {
+    assert!(
+        q.len() == s.batch * s.seq * s.heads * s.dim,
+        "attention_cached: q shape"
+    );
+    assert!(
+        kv.past + s.seq <= kv.capacity,
+        "attention_cached: cache shape"
+    );
+    attention_cached_rows(q, &vec![kv; s.batch], s, window, true)
+}
+
+/// [`attention_cached`] with one cache per row (rows of different lengths, as a serving batch):
+/// row `b`'s queries attend over `caches[b]` (its kv row 0, or row `b` with `shared` = one
+/// cache for the whole batch). All (row, head) pairs are split across threads at once.
+pub fn attention_cached_rows(
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    capacity: usize,
-    past: usize,
+    caches: &[CachedKv],
     s: AttnShape,
     window: usize,
+    shared: bool,
 ) -> Vec<f32> {
-    let (seq, d) = (s.seq, s.dim);
-    let total = past + seq;
-    let groups = s.heads / s.kv_heads;
-    let hd = s.heads * d;
-    assert!(q.len() == s.batch * seq * hd, "attention_cached: q shape");
     assert!(
-        total <= capacity && keys.len() >= s.batch * s.kv_heads * capacity * d,
-        "attention_cached: cache shape"
+        q.len() == s.batch * s.seq * s.heads * s.dim && caches.len() == s.batch,
+        "attention_cached_rows: q is not [rows, seq, heads, dim] with a cache per row"
     );
     let mut out = vec![0f32; q.len()];
     let optr = Shared(out.as_mut_ptr());
     let task = |p: &mut Vec<f32>, bh: usize| {
         let (b, h) = (bh / s.heads, bh % s.heads);
-        let kv = (b * s.kv_heads + h / groups) * capacity * d;
-        let qo = b * seq * hd + h * d;
-        p.resize(seq * total, 0.0);
-        // SAFETY: q rows `qo + i·hd .. + d` for i < seq and cache rows `kv + j·d .. + d` for
-        // j < total lie inside the slices checked above; `p` holds seq × total values.
-        unsafe {
-            matmul(
-                seq,
-                total,
-                d,
-                p.as_mut_ptr(),
-                total,
-                1,
-                false,
-                q.as_ptr().add(qo),
-                hd,
-                1,
-                keys.as_ptr().add(kv),
-                1,
-                d,
-                s.scale,
-            );
-        }
-        for (i, row) in p.chunks_mut(total).enumerate() {
-            let end = past + i + 1;
-            let start = if window > 0 {
-                end.saturating_sub(window)
-            } else {
-                0
-            };
-            row[..start].fill(0.0);
-            row[end..].fill(0.0);
-            let live = &mut row[start..end];
-            let m = max(live);
-            let lse = m + sum_exp(live, m).ln();
-            exp_in_place(live, lse);
-        }
-        // SAFETY: as above; each task writes its own head's columns of `out`.
-        unsafe {
-            matmul(
-                seq,
-                d,
-                total,
-                optr.at(qo),
-                hd,
-                1,
-                false,
-                p.as_ptr(),
-                total,
-                1,
-                values.as_ptr().add(kv),
-                d,
-                1,
-                1.0,
-            );
-        }
+        let kb = if shared { b } else { 0 };
+        // SAFETY: each (row, head) writes its own columns of `out`.
+        unsafe { cached_head(p, q, (b, kb, h), &caches[b], &s, window, &optr) }
     };
     let tasks = s.batch * s.heads;
-    // A decoding step's heads are a few microseconds each: threads only pay off for longer work.
-    if seq * total * d * tasks < 1 << 18 {
+    let work: usize = caches
+        .iter()
+        .map(|c| s.seq * (c.past + s.seq) * s.dim * s.heads)
+        .sum();
+    if work < CACHED_PARALLEL_WORK {
         let mut p = Vec::new();
         (0..tasks).for_each(|bh| task(&mut p, bh));
     } else {

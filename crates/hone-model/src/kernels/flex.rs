@@ -198,6 +198,23 @@ impl KernelBackend for Flex {
         tensor(flex(o, &dims(&q)))
     }
 
+    fn attention_cached_rows(
+        q: Tensor<Self, 3>,
+        k: Tensor<Self, 3>,
+        v: Tensor<Self, 3>,
+        rows: &mut [(&mut HostKv, usize)],
+        shape: AttnShape,
+        window: usize,
+    ) -> Tensor<Self, 3> {
+        let (q, k, v) = (
+            contiguous(&prim(q)),
+            contiguous(&prim(k)),
+            contiguous(&prim(v)),
+        );
+        let o = HostKv::attend_rows(rows, values(&q), values(&k), values(&v), shape, window);
+        tensor(flex(o, &dims(&q)))
+    }
+
     fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
         if !f32s(gate.dtype()) {
             return composed::swiglu(gate, up);

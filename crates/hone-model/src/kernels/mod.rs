@@ -207,6 +207,29 @@ pub trait KernelBackend: Backend {
         Tensor::from_data(TensorData::new(o, dims), &device)
     }
 
+    /// [`KernelBackend::attention_cached`] for rows with caches of their own (`rows[b]` = row
+    /// `b`'s cache and its length; `shape.batch` rows). The default attends row by row.
+    fn attention_cached_rows(
+        q: Tensor<Self, 3>,
+        k: Tensor<Self, 3>,
+        v: Tensor<Self, 3>,
+        rows: &mut [(&mut HostKv, usize)],
+        shape: AttnShape,
+        window: usize,
+    ) -> Tensor<Self, 3> {
+        assert_eq!(rows.len(), shape.batch, "one cache per row");
+        let one = AttnShape { batch: 1, ..shape };
+        let outs = rows
+            .iter_mut()
+            .enumerate()
+            .map(|(r, (cache, past))| {
+                let row = |t: &Tensor<Self, 3>| t.clone().narrow(0, r, 1);
+                Self::attention_cached(row(&q), row(&k), row(&v), cache, *past, one, window)
+            })
+            .collect();
+        Tensor::cat(outs, 0)
+    }
+
     /// `silu(gate) * up`.
     fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
         composed::swiglu(gate, up)
