@@ -316,14 +316,24 @@ pub(crate) fn decode_block(ty: GgmlType, x: &[u8], y: &mut [f32]) {
             let (ql, qh) = (&x[0..128], &x[128..192]);
             let scales = &x[192..208];
             let d = f16_at(x, 208);
+            // Value `h·128 + 32·quarter + l` takes its low 4 bits from `ql[h·64 + 32·(quarter
+            // % 2) + l] >> 4·(quarter / 2)`, its high 2 bits from `qh[h·32 + l] >> 2·quarter`
+            // and its scale from `scales[e / 16]`: loops whose shifts and scales are fixed, which
+            // the compiler vectorises (one loop over `r`, its shifts varying, ran 7× slower).
             for h in 0..2 {
-                for r in 0..128 {
-                    let lo = (ql[h * 64 + r % 64] >> (4 * (r / 64))) & 0x0F;
-                    let hi = (qh[h * 32 + r % 32] >> (2 * (r / 32))) & 0x03;
-                    let q = ((lo | (hi << 4)) as i8 - 32) as f32;
-                    let e = h * 128 + r;
-                    let s = d * (scales[e / 16] as i8) as f32;
-                    y[e] = s * q;
+                for quarter in 0..4 {
+                    let lo_at = h * 64 + 32 * (quarter % 2);
+                    let (lo_shift, hi_shift) = (4 * (quarter / 2), 2 * quarter);
+                    for half in 0..2 {
+                        let e0 = h * 128 + 32 * quarter + 16 * half;
+                        let s = d * (scales[e0 / 16] as i8) as f32;
+                        for l in 16 * half..16 * half + 16 {
+                            let lo = (ql[lo_at + l] >> lo_shift) & 0x0F;
+                            let hi = (qh[h * 32 + l] >> hi_shift) & 0x03;
+                            let q = ((lo | (hi << 4)) as i8 - 32) as f32;
+                            y[e0 + l - 16 * half] = s * q;
+                        }
+                    }
                 }
             }
         }
