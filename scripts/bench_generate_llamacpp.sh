@@ -50,14 +50,14 @@ src=checkpoints/base/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
 
 case $type in
     q4_1) model=$src ;;
-    f32|f16|bf16|q8_0|q4_0)
+    f32|f16|bf16|q8_0|q4_0|q4_k_m|q5_k_m|q6_k)
         model=checkpoints/base/smollm2-135m-instruct/SmolLM2-135M-Instruct.${type^^}.gguf
         if [[ ! -f $model ]]; then
             "$quantize" --allow-requantize "$src" "$model.tmp" "${type^^}" >/dev/null 2>&1 \
                 || { echo "llama-quantize to $type failed" >&2; rm -f "$model.tmp"; exit 1; }
             mv "$model.tmp" "$model"
         fi ;;
-    *) echo "unknown type $type (f32, f16, bf16, q8_0, q4_0, q4_1)" >&2; exit 2 ;;
+    *) echo "unknown type $type (f32, f16, bf16, q8_0, q4_0, q4_1, q4_k_m, q5_k_m, q6_k)" >&2; exit 2 ;;
 esac
 
 for ((i = 1; i <= rounds; i++)); do
