@@ -1,6 +1,8 @@
-//! Few-row products (decoding) for the 32-value block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0),
-//! written with x86 intrinsics: each block is decoded into two AVX-512 registers (or four AVX2
-//! ones) as `d·q + m` in f32 and multiplied into every input row while it is in registers, so
+//! Few-row products (decoding) for the 32-value block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)
+//! and the K formats (Q4_K, Q5_K, Q6_K: 256-value blocks read as 16 chunks of 16 values, each
+//! with its own `s·q + o` from the block's packed scales), written with x86 intrinsics: each
+//! block is decoded into AVX-512 registers (two per 32 values; AVX2: four) as `d·q + m` in f32
+//! and multiplied into every input row while it is in registers, so
 //! the weights are read once at the speed the CPU decodes them (the portable loop of
 //! [`super::matmul`] stores each block to memory and reads it back, about four times slower).
 //!
@@ -24,10 +26,13 @@ pub(crate) fn rows_dot(
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        if !matches!(
-            ty,
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0
-        ) || cols % 32 != 0
+        let k_format = matches!(ty, GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K);
+        if !(k_format
+            || matches!(
+                ty,
+                GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0
+            ))
+            || cols % ty.block_size() != 0
         {
             return false;
         }
@@ -43,7 +48,13 @@ pub(crate) fn rows_dot(
             && std::arch::is_x86_feature_detected!("f16c")
         {
             // SAFETY: the CPU has the features; the slices hold the shapes checked above.
-            unsafe { x86::v4::rows_dot(ty, rows, cols, x, m, yt) };
+            unsafe {
+                if k_format {
+                    x86::v4::rows_dot_k(ty, rows, cols, x, m, yt)
+                } else {
+                    x86::v4::rows_dot(ty, rows, cols, x, m, yt)
+                }
+            };
             return true;
         }
         if std::arch::is_x86_feature_detected!("avx2")
@@ -51,7 +62,13 @@ pub(crate) fn rows_dot(
             && std::arch::is_x86_feature_detected!("f16c")
         {
             // SAFETY: as above.
-            unsafe { x86::v3::rows_dot(ty, rows, cols, x, m, yt) };
+            unsafe {
+                if k_format {
+                    x86::v3::rows_dot_k(ty, rows, cols, x, m, yt)
+                } else {
+                    x86::v3::rows_dot(ty, rows, cols, x, m, yt)
+                }
+            };
             return true;
         }
         false
@@ -176,17 +193,15 @@ mod x86 {
         }};
     }
 
-    /// Runs `$group::<K, M>` over the input rows in groups of at most `$max` (1..=8).
+    /// Runs `$group::<K, M>` over the input rows in groups of at most `$max` (1..=8), `K` the
+    /// kind `$kind` among `$kinds`.
     macro_rules! for_groups {
-        ($group:ident, $max:expr, $kind:expr, $rows:expr, $cols:expr, $x:expr, $m:expr, $yt:expr) => {{
+        ($group:ident, $max:expr, $kind:expr, [$($k:ident),*], $rows:expr, $cols:expr, $x:expr, $m:expr, $yt:expr) => {{
             macro_rules! by_kind {
                 ($g:literal, $xp:expr, $yp:expr) => {
                     match $kind {
-                        Q4_0 => $group::<Q4_0, $g>($rows, $cols, $xp, $m, $yp),
-                        Q4_1 => $group::<Q4_1, $g>($rows, $cols, $xp, $m, $yp),
-                        Q5_0 => $group::<Q5_0, $g>($rows, $cols, $xp, $m, $yp),
-                        Q5_1 => $group::<Q5_1, $g>($rows, $cols, $xp, $m, $yp),
-                        _ => $group::<Q8_0, $g>($rows, $cols, $xp, $m, $yp),
+                        $($k => $group::<$k, $g>($rows, $cols, $xp, $m, $yp),)*
+                        _ => unreachable!("rows_dot checked the type"),
                     }
                 };
             }
@@ -207,6 +222,92 @@ mod x86 {
                 i0 += g;
             }
         }};
+    }
+
+    // The K formats (256-value blocks read as 16 chunks of 16 values, each `s·q + o`).
+    pub(super) const Q4K: u8 = 5;
+    pub(super) const Q5K: u8 = 6;
+    pub(super) const Q6K: u8 = 7;
+
+    pub(super) fn kind_k(ty: super::GgmlType) -> u8 {
+        use super::GgmlType as T;
+        match ty {
+            T::Q4K => Q4K,
+            T::Q5K => Q5K,
+            T::Q6K => Q6K,
+            _ => unreachable!("rows_dot checked the type"),
+        }
+    }
+
+    /// Bytes per 256-value block of a K format.
+    pub(super) const fn k_block_bytes(k: u8) -> usize {
+        match k {
+            Q4K => 144,
+            Q5K => 176,
+            _ => 210,
+        }
+    }
+
+    /// Scale and offset of each 16-value chunk of the K block at `p`: its values are
+    /// `s[c]·q + o[c]` (Q4_K/Q5_K: `d·sc·q - dmin·mn` per 32 values; Q6_K: `d·sc·(q - 32)` per 16).
+    #[inline(always)]
+    unsafe fn k_scales<const K: u8>(p: *const u8) -> ([f32; 16], [f32; 16]) {
+        let (mut s, mut o) = ([0f32; 16], [0f32; 16]);
+        if K == Q6K {
+            let d = f16(p.add(208));
+            for c in 0..16 {
+                let sc = d * f32::from(*p.add(192 + c) as i8);
+                (s[c], o[c]) = (sc, -32.0 * sc);
+            }
+        } else {
+            let (d, dmin) = (f16(p), f16(p.add(2)));
+            let (sc, mn) =
+                super::super::quant::k_scales_mins(std::slice::from_raw_parts(p.add(4), 12));
+            for sub in 0..8 {
+                let (dl, ml) = (d * f32::from(sc[sub]), dmin * f32::from(mn[sub]));
+                (s[2 * sub], s[2 * sub + 1]) = (dl, dl);
+                (o[2 * sub], o[2 * sub + 1]) = (-ml, -ml);
+            }
+        }
+        (s, o)
+    }
+
+    #[inline(always)]
+    unsafe fn load16(p: *const u8, offset: usize) -> __m128i {
+        _mm_loadu_si128(p.add(offset) as *const __m128i)
+    }
+
+    /// `v >> shift` in every byte of `v` (16-bit shifts; the caller masks the bits that came
+    /// from the neighbouring byte).
+    #[inline(always)]
+    unsafe fn shift_bytes(v: __m128i, shift: usize) -> __m128i {
+        _mm_srl_epi16(v, _mm_cvtsi32_si128(shift as i32))
+    }
+
+    /// The 16 quantized values (0..=63) of chunk `c` (values `16c..16c + 16`) of the K block at
+    /// `p`, as bytes (the layouts of [`super::quant::decode_block`]).
+    #[inline(always)]
+    unsafe fn k_chunk<const K: u8>(p: *const u8, c: usize) -> __m128i {
+        if K == Q6K {
+            let (h, quarter, half) = (c / 8, (c % 8) / 2, c % 2);
+            let lo = load16(p, h * 64 + 32 * (quarter % 2) + 16 * half);
+            let lo = _mm_and_si128(shift_bytes(lo, 4 * (quarter / 2)), _mm_set1_epi8(0x0F));
+            let hi = load16(p, 128 + h * 32 + 16 * half);
+            let hi = _mm_and_si128(shift_bytes(hi, 2 * quarter), _mm_set1_epi8(0x03));
+            _mm_or_si128(lo, _mm_slli_epi16(hi, 4))
+        } else {
+            let (sub, half) = (c / 2, c % 2);
+            let qs = if K == Q5K { 48 } else { 16 };
+            let q = load16(p, qs + (sub / 2) * 32 + 16 * half);
+            let q = _mm_and_si128(shift_bytes(q, 4 * (sub % 2)), _mm_set1_epi8(0x0F));
+            if K == Q5K {
+                let qh = load16(p, 16 + 16 * half);
+                let bit = _mm_and_si128(shift_bytes(qh, sub), _mm_set1_epi8(1));
+                _mm_or_si128(q, _mm_slli_epi16(bit, 4))
+            } else {
+                q
+            }
+        }
     }
 
     #[cfg(feature = "avx512")]
@@ -313,6 +414,59 @@ mod x86 {
             }
         }
 
+        /// [`group`] for the K formats: each 16-value chunk decoded into one register.
+        #[inline(always)]
+        unsafe fn group_k<const K: u8, const M: usize>(
+            rows: &[u8],
+            cols: usize,
+            x: *const f32,
+            m: usize,
+            yt: *mut f32,
+        ) {
+            let bb = k_block_bytes(K);
+            let nb = cols / 256;
+            for (r, row) in rows.chunks_exact(nb * bb).enumerate() {
+                let mut acc = [[_mm512_setzero_ps(); 2]; M];
+                for b in 0..nb {
+                    let p = row.as_ptr().add(b * bb);
+                    let (s, o) = k_scales::<K>(p);
+                    for c in 0..16 {
+                        let q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(k_chunk::<K>(p, c)));
+                        let w = _mm512_fmadd_ps(q, _mm512_set1_ps(s[c]), _mm512_set1_ps(o[c]));
+                        for (i, acc) in acc.iter_mut().enumerate() {
+                            let xp = x.add(i * cols + b * 256 + 16 * c);
+                            acc[c & 1] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xp), acc[c & 1]);
+                        }
+                    }
+                }
+                for (i, acc) in acc.iter().enumerate() {
+                    *yt.add(r * m + i) = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+                }
+            }
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+        pub(in super::super) unsafe fn rows_dot_k(
+            ty: super::super::GgmlType,
+            rows: &[u8],
+            cols: usize,
+            x: &[f32],
+            m: usize,
+            yt: &mut [f32],
+        ) {
+            for_groups!(
+                group_k,
+                GROUP,
+                kind_k(ty),
+                [Q4K, Q5K, Q6K],
+                rows,
+                cols,
+                x,
+                m,
+                yt
+            )
+        }
+
         #[target_feature(enable = "avx512f,avx2,fma")]
         pub(in super::super) unsafe fn dense_rows_dot(
             w: &[f32],
@@ -333,7 +487,17 @@ mod x86 {
             m: usize,
             yt: &mut [f32],
         ) {
-            for_groups!(group, GROUP, kind(ty), rows, cols, x, m, yt)
+            for_groups!(
+                group,
+                GROUP,
+                kind(ty),
+                [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0],
+                rows,
+                cols,
+                x,
+                m,
+                yt
+            )
         }
     }
 
@@ -457,6 +621,63 @@ mod x86 {
             }
         }
 
+        /// [`group`] for the K formats: each 16-value chunk decoded into two registers.
+        #[inline(always)]
+        unsafe fn group_k<const K: u8, const M: usize>(
+            rows: &[u8],
+            cols: usize,
+            x: *const f32,
+            m: usize,
+            yt: *mut f32,
+        ) {
+            let bb = k_block_bytes(K);
+            let nb = cols / 256;
+            for (r, row) in rows.chunks_exact(nb * bb).enumerate() {
+                let mut acc = [[_mm256_setzero_ps(); 2]; M];
+                for b in 0..nb {
+                    let p = row.as_ptr().add(b * bb);
+                    let (s, o) = k_scales::<K>(p);
+                    for c in 0..16 {
+                        let q = k_chunk::<K>(p, c);
+                        let (sc, off) = (_mm256_set1_ps(s[c]), _mm256_set1_ps(o[c]));
+                        let w = [q, _mm_srli_si128(q, 8)].map(|q| {
+                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q)), sc, off)
+                        });
+                        for (i, acc) in acc.iter_mut().enumerate() {
+                            let xp = x.add(i * cols + b * 256 + 16 * c);
+                            acc[0] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xp), acc[0]);
+                            acc[1] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xp.add(8)), acc[1]);
+                        }
+                    }
+                }
+                for (i, acc) in acc.iter().enumerate() {
+                    *yt.add(r * m + i) = hsum(_mm256_add_ps(acc[0], acc[1]));
+                }
+            }
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub(in super::super) unsafe fn rows_dot_k(
+            ty: super::super::GgmlType,
+            rows: &[u8],
+            cols: usize,
+            x: &[f32],
+            m: usize,
+            yt: &mut [f32],
+        ) {
+            for_groups!(
+                group_k,
+                GROUP,
+                kind_k(ty),
+                [Q4K, Q5K, Q6K],
+                rows,
+                cols,
+                x,
+                m,
+                yt
+            )
+        }
+
         #[target_feature(enable = "avx2,fma")]
         pub(in super::super) unsafe fn dense_rows_dot(
             w: &[f32],
@@ -477,7 +698,17 @@ mod x86 {
             m: usize,
             yt: &mut [f32],
         ) {
-            for_groups!(group, GROUP, kind(ty), rows, cols, x, m, yt)
+            for_groups!(
+                group,
+                GROUP,
+                kind(ty),
+                [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0],
+                rows,
+                cols,
+                x,
+                m,
+                yt
+            )
         }
     }
 }

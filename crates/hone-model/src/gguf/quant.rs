@@ -341,7 +341,7 @@ pub(crate) fn decode_block(ty: GgmlType, x: &[u8], y: &mut [f32]) {
 }
 
 /// The eight 6-bit scales and mins of a Q4_K/Q5_K block from their 12 packed bytes.
-fn k_scales_mins(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+pub(crate) fn k_scales_mins(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     let (mut sc, mut mn) = ([0u8; 8], [0u8; 8]);
     for j in 0..4 {
         sc[j] = s[j] & 0x3F;
