@@ -84,6 +84,23 @@ fn f32s(dtype: DType) -> bool {
     dtype == DType::F32
 }
 
+/// Runs `attend` on the host values of `q`, `k`, `v` (f32, made contiguous) and returns its
+/// output shaped as `q` (the cached attention kernels).
+fn host_attention(
+    q: Tensor<Flex, 3>,
+    k: Tensor<Flex, 3>,
+    v: Tensor<Flex, 3>,
+    attend: impl FnOnce(&[f32], &[f32], &[f32]) -> Vec<f32>,
+) -> Tensor<Flex, 3> {
+    let (q, k, v) = (
+        contiguous(&prim(q)),
+        contiguous(&prim(k)),
+        contiguous(&prim(v)),
+    );
+    let o = attend(values(&q), values(&k), values(&v));
+    tensor(flex(o, &dims(&q)))
+}
+
 impl KernelBackend for Flex {
     fn fuses(dtype: DType) -> bool {
         f32s(dtype)
@@ -189,13 +206,9 @@ impl KernelBackend for Flex {
         shape: AttnShape,
         window: usize,
     ) -> Tensor<Self, 3> {
-        let (q, k, v) = (
-            contiguous(&prim(q)),
-            contiguous(&prim(k)),
-            contiguous(&prim(v)),
-        );
-        let o = cache.attend(values(&q), values(&k), values(&v), past, shape, window);
-        tensor(flex(o, &dims(&q)))
+        host_attention(q, k, v, |q, k, v| {
+            cache.attend(q, k, v, past, shape, window)
+        })
     }
 
     fn attention_cached_rows(
@@ -206,13 +219,9 @@ impl KernelBackend for Flex {
         shape: AttnShape,
         window: usize,
     ) -> Tensor<Self, 3> {
-        let (q, k, v) = (
-            contiguous(&prim(q)),
-            contiguous(&prim(k)),
-            contiguous(&prim(v)),
-        );
-        let o = HostKv::attend_rows(rows, values(&q), values(&k), values(&v), shape, window);
-        tensor(flex(o, &dims(&q)))
+        host_attention(q, k, v, |q, k, v| {
+            HostKv::attend_rows(rows, q, k, v, shape, window)
+        })
     }
 
     fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
