@@ -196,12 +196,12 @@ mod x86 {
     /// Runs `$group::<K, M>` over the input rows in groups of at most `$max` (1..=8), `K` the
     /// kind `$kind` among `$kinds`.
     macro_rules! for_groups {
-        ($group:ident, $max:expr, $kind:expr, [$($k:ident),*], $rows:expr, $cols:expr, $x:expr, $m:expr, $yt:expr) => {{
+        ($group:ident, $max:expr, $kind:expr, [$($k:ident),* ; $last:ident], $rows:expr, $cols:expr, $x:expr, $m:expr, $yt:expr) => {{
             macro_rules! by_kind {
                 ($g:literal, $xp:expr, $yp:expr) => {
                     match $kind {
                         $($k => $group::<$k, $g>($rows, $cols, $xp, $m, $yp),)*
-                        _ => unreachable!("rows_dot checked the type"),
+                        _ => $group::<$last, $g>($rows, $cols, $xp, $m, $yp),
                     }
                 };
             }
@@ -458,7 +458,7 @@ mod x86 {
                 group_k,
                 GROUP,
                 kind_k(ty),
-                [Q4K, Q5K, Q6K],
+                [Q4K, Q5K; Q6K],
                 rows,
                 cols,
                 x,
@@ -491,7 +491,7 @@ mod x86 {
                 group,
                 GROUP,
                 kind(ty),
-                [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0],
+                [Q4_0, Q4_1, Q5_0, Q5_1; Q8_0],
                 rows,
                 cols,
                 x,
@@ -669,7 +669,7 @@ mod x86 {
                 group_k,
                 GROUP,
                 kind_k(ty),
-                [Q4K, Q5K, Q6K],
+                [Q4K, Q5K; Q6K],
                 rows,
                 cols,
                 x,
@@ -702,7 +702,7 @@ mod x86 {
                 group,
                 GROUP,
                 kind(ty),
-                [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0],
+                [Q4_0, Q4_1, Q5_0, Q5_1; Q8_0],
                 rows,
                 cols,
                 x,
