@@ -624,6 +624,9 @@ unsafe fn cached_head(
     let groups = s.heads / s.kv_heads;
     let ko = (kb * s.kv_heads + h / groups) * capacity * d;
     let qo = qb * seq * hd + h * d;
+    if seq == 0 {
+        return;
+    }
     assert!(
         qo + (seq - 1) * hd + d <= q.len() && ko + total * d <= kv.keys.len().min(kv.values.len()),
         "attention_cached: shapes"
