@@ -3,7 +3,11 @@
 # `llama-bench -p P -n N -t T` and `hone bench generate --model FILE --prompt-tokens P
 # --new-tokens N`, alternately, every line printed as it comes (llama-bench's as JSON too).
 #
-#   scripts/bench_generate_llamacpp.sh [-n ROUNDS] [-b HONE_BIN] [-l LLAMA_CPP_DIR] [-t TYPE] [-p P] [-g N]
+#   scripts/bench_generate_llamacpp.sh [-n ROUNDS] [-b HONE_BIN] [-l LLAMA_CPP_DIR] [-t TYPE] [-p P] [-g N] [-q]
+#
+# -q runs hone a second time per round with --q8-activations (decoding multiplies the quantized
+# weights by activations rounded to 8 bits, as llama.cpp always does), so each round prints hone
+# exact, hone q8 and llama.cpp.
 #
 # The model is SmolLM2-135M-Instruct (scripts/fetch-models.sh smollm2), rewritten as TYPE (f32,
 # f16, bf16, q8_0, q4_0 or q4_1 = the file as shipped) by llama.cpp's own `llama-quantize
@@ -26,7 +30,8 @@ type=f32
 prompt=128
 gen=128
 threads=$(nproc)
-while getopts "n:b:l:t:p:g:" opt; do
+q8=0
+while getopts "n:b:l:t:p:g:q" opt; do
     case $opt in
         n) rounds=$OPTARG ;;
         b) hone=$OPTARG ;;
@@ -34,7 +39,8 @@ while getopts "n:b:l:t:p:g:" opt; do
         t) type=$OPTARG ;;
         p) prompt=$OPTARG ;;
         g) gen=$OPTARG ;;
-        *) echo "usage: $0 [-n ROUNDS] [-b HONE_BIN] [-l LLAMA_CPP_DIR] [-t TYPE] [-p P] [-g N]" >&2; exit 2 ;;
+        q) q8=1 ;;
+        *) echo "usage: $0 [-n ROUNDS] [-b HONE_BIN] [-l LLAMA_CPP_DIR] [-t TYPE] [-p P] [-g N] [-q]" >&2; exit 2 ;;
     esac
 done
 
@@ -62,6 +68,10 @@ esac
 
 for ((i = 1; i <= rounds; i++)); do
     "$hone" bench generate --model "$model" --prompt-tokens "$prompt" --new-tokens "$gen" 2>/dev/null | tail -n 1
+    if ((q8)); then
+        "$hone" bench generate --model "$model" --prompt-tokens "$prompt" --new-tokens "$gen" \
+            --q8-activations 2>/dev/null | tail -n 1
+    fi
     "$bench" -m "$model" -p "$prompt" -n "$gen" -t "$threads" -o jsonl 2>/dev/null \
         | python3 -c '
 import json, sys

@@ -8,6 +8,7 @@ use std::time::Instant;
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use hone_model::generate::argmax;
+use hone_model::gguf::matmul::Activations;
 use hone_model::{
     load_model_dir, run_on, BackendTask, CausalLm, DeviceSpec, FloatDtype, Input, Kernels, KvCache,
     LoadOptions,
@@ -46,6 +47,8 @@ pub struct GenerateBench {
     pub kernels: Kernels,
     /// Decode a GGUF model's quantized projection weights at load ([`LoadOptions::dequantize`]).
     pub dequantize: bool,
+    /// How the weights kept quantized multiply the decoding rows ([`LoadOptions::activations`]).
+    pub activations: Activations,
 }
 
 /// Runs the generation benchmark; the JSON object `hone bench generate` prints.
@@ -126,6 +129,7 @@ impl BackendTask for GenerateTask {
         let options = LoadOptions {
             dtype: a.dtype.burn(),
             dequantize: a.dequantize,
+            activations: a.activations,
         };
         let (mut model, label) = match &a.model {
             ModelSource::Dir(dir) => {
@@ -173,6 +177,10 @@ impl BackendTask for GenerateTask {
             "dtype": a.dtype.to_string(),
             "kernels": a.kernels.to_string(),
             "dequantize": a.dequantize,
+            "activations": match a.activations {
+                Activations::F32 => "f32",
+                Activations::Q8 => "q8",
+            },
             "quantized_projections": model.quantized_projections(),
             "batch": a.batch,
             "prompt_tokens": a.prompt_tokens,

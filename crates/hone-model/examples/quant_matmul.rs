@@ -12,7 +12,9 @@ use std::time::Instant;
 
 use burn::prelude::*;
 use burn::tensor::TensorData;
-use hone_model::gguf::matmul::{matmul_dense_few, matmul_dense_many, matmul_quant, QuantMatrix};
+use hone_model::gguf::matmul::{
+    matmul_dense_few, matmul_dense_many, matmul_quant_with, Activations, QuantMatrix,
+};
 use hone_model::gguf::GgmlType;
 use hone_model::Cpu;
 
@@ -141,15 +143,24 @@ fn main() {
                     rows,
                     cols,
                 };
-                let secs = time(|| {
-                    std::hint::black_box(matmul_quant(matrix, &x, m));
-                });
-                println!(
-                    "{{\"kernel\":\"quant\",\"type\":\"{ty}\",\"rows\":{rows},\"cols\":{cols},\"m\":{m},\"us\":{:.1},\"gflops\":{:.2},\"weight_gbps\":{:.2}}}",
-                    secs * 1e6,
-                    flops / secs / 1e9,
-                    bytes.len() as f64 / secs / 1e9
-                );
+                // 8-bit activations where they apply (few rows of a block or K format).
+                let q8 = m <= 8 && ty.block_size() > 1;
+                for (kernel, activations) in
+                    [("quant", Activations::F32), ("quant_q8", Activations::Q8)]
+                {
+                    if activations == Activations::Q8 && !q8 {
+                        continue;
+                    }
+                    let secs = time(|| {
+                        std::hint::black_box(matmul_quant_with(matrix, &x, m, activations));
+                    });
+                    println!(
+                        "{{\"kernel\":\"{kernel}\",\"type\":\"{ty}\",\"rows\":{rows},\"cols\":{cols},\"m\":{m},\"us\":{:.1},\"gflops\":{:.2},\"weight_gbps\":{:.2}}}",
+                        secs * 1e6,
+                        flops / secs / 1e9,
+                        bytes.len() as f64 / secs / 1e9
+                    );
+                }
             }
         }
     }

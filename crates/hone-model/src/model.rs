@@ -17,6 +17,7 @@ use crate::cache::{HostKv, LayerCache};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::forward::Selection;
+use crate::gguf::matmul::Activations;
 use crate::gguf::QuantWeight;
 use crate::kernels::{self, composed, KernelBackend, Kernels, RopeTables};
 use crate::lora::Lora;
@@ -529,6 +530,9 @@ pub struct LoadOptions {
     /// backend multiplies by block formats ([`KernelBackend::keeps_quantized`]: Flex, f32).
     /// False by default: they stay quantized there (`--dequantize`, `model.dequantize`).
     pub dequantize: bool,
+    /// How the weights kept quantized multiply few rows (decoding): exact f32 by default, or
+    /// 8-bit activations as llama.cpp does (`--q8-activations`; faster, not exact).
+    pub activations: Activations,
 }
 
 impl Default for LoadOptions {
@@ -536,6 +540,7 @@ impl Default for LoadOptions {
         Self {
             dtype: DType::F32,
             dequantize: false,
+            activations: Activations::F32,
         }
     }
 }
@@ -584,6 +589,8 @@ struct Builder<'a, B: Backend> {
     dtype: DType,
     /// Keep projection weights the source stores quantized in their block formats.
     keep_quantized: bool,
+    /// The few-row products of the weights kept quantized.
+    activations: Activations,
 }
 
 impl<B: Backend> Builder<'_, B> {
@@ -631,7 +638,9 @@ impl<B: Backend> Builder<'_, B> {
         let name = format!("{prefix}.weight");
         let quant = match &self.source {
             Source::Checkpoint(store, used) if self.keep_quantized => {
-                let quant = store.load_quant(&name, [out, inp])?;
+                let quant = store
+                    .load_quant(&name, [out, inp])?
+                    .map(|q| q.with_activations(self.activations));
                 if quant.is_some() {
                     used.borrow_mut().push(name.clone());
                 }
@@ -745,9 +754,9 @@ impl<B: Backend> Builder<'_, B> {
             Some(self.linear("lm_head", hid, c.vocab_size, false)?)
         };
         let tied_head = match &self.source {
-            Source::Checkpoint(store, _) if self.keep_quantized && c.tie_word_embeddings => {
-                store.load_quant("model.embed_tokens.weight", [c.vocab_size, hid])?
-            }
+            Source::Checkpoint(store, _) if self.keep_quantized && c.tie_word_embeddings => store
+                .load_quant("model.embed_tokens.weight", [c.vocab_size, hid])?
+                .map(|q| q.with_activations(self.activations)),
             _ => None,
         };
         Ok(CausalLm {
@@ -789,6 +798,7 @@ impl<B: KernelBackend> CausalLm<B> {
             device,
             dtype: options.dtype,
             keep_quantized: !options.dequantize && B::keeps_quantized(options.dtype),
+            activations: options.activations,
         };
         let model = builder.build(config)?;
         let used = match &builder.source {
@@ -813,6 +823,7 @@ impl<B: Backend> CausalLm<B> {
             device,
             dtype: options.dtype,
             keep_quantized: false,
+            activations: Activations::F32,
         };
         builder
             .build(config)

@@ -519,6 +519,87 @@ fn quantized_matmul_equals_the_product_with_dequantized_weights() {
     }
 }
 
+/// The products with 8-bit activations (`Activations::Q8`, up to `SMALL_M` rows: decoding)
+/// equal the f64 product of the dequantized weights with the Q8_0 round trip of the inputs, for
+/// every block and K format, and the inputs they multiply are the bytes of hone's Q8_0
+/// quantizer (itself checked against gguf-py in `gguf_quantize.rs`). Where the CPU has no AVX2
+/// the path does not apply and the product is the exact one.
+#[test]
+fn q8_activation_products_equal_the_product_with_q8_0_inputs() {
+    use hone_model::gguf::int8::Q8Rows;
+    use hone_model::gguf::matmul::{matmul_quant_with, Activations, QuantMatrix, TILE_ROWS};
+    use hone_model::gguf::quant::dequantize;
+    use hone_model::gguf::quantize::quantize;
+    use rand::{Rng, SeedableRng};
+    #[cfg(target_arch = "x86_64")]
+    let covered = std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c");
+    #[cfg(not(target_arch = "x86_64"))]
+    let covered = false;
+    let (rows, cols) = (2 * TILE_ROWS + 13, 512);
+    let types = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+    ];
+    for m in [1, 3, 5, 8] {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(300 + m as u64);
+        // Rows of different magnitudes, an all-zero block and one dominated by a single value.
+        let mut x: Vec<f32> = (0..m * cols)
+            .map(|k| rng.random_range(-1f32..1.0) * (1 + k / cols) as f32)
+            .collect();
+        x[32..64].fill(0.0);
+        x[64] = 40.0;
+        let bytes = quantize(GgmlType::Q8_0, &x).unwrap();
+        let xq = Q8Rows::quantize(&x, m, cols);
+        for (b, block) in bytes.chunks_exact(34).enumerate() {
+            assert_eq!(
+                half::f16::from_f32(xq.d[b]).to_le_bytes(),
+                block[..2],
+                "m={m}: scale of block {b}"
+            );
+            let qs: Vec<u8> = xq.qs[b * 32..(b + 1) * 32]
+                .iter()
+                .map(|&q| q as u8)
+                .collect();
+            assert_eq!(qs, block[2..], "m={m}: values of block {b}");
+        }
+        let mut rounded = vec![0f32; m * cols];
+        dequantize(GgmlType::Q8_0, &bytes, &mut rounded);
+        let xs = if covered { &rounded } else { &x };
+        for (t, ty) in types.into_iter().enumerate() {
+            let wb = random_blocks(ty, rows * cols, 50 + t as u64);
+            let mut w = vec![0f32; rows * cols];
+            dequantize(ty, &wb, &mut w);
+            let matrix = QuantMatrix {
+                ty,
+                bytes: &wb,
+                rows,
+                cols,
+            };
+            let y = matmul_quant_with(matrix, &x, m, Activations::Q8);
+            for i in 0..m {
+                for r in 0..rows {
+                    let terms = (0..cols).map(|k| xs[i * cols + k] as f64 * w[r * cols + k] as f64);
+                    let want: f64 = terms.clone().sum();
+                    let scale: f64 = terms.map(f64::abs).sum();
+                    let got = y[i * rows + r] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * scale.max(1e-6),
+                        "{ty} m={m} y[{i},{r}] = {got}, expected {want}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// The dense f32 products of the generation path (few rows: each weight row streamed once;
 /// many rows: transposed tiles through gemm) equal `x · Wᵀ` computed in f64, for widths that are
 /// not multiples of the vector or tile sizes.

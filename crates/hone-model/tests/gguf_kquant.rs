@@ -122,6 +122,68 @@ fn logits_of_every_block_type_equal_transformers_gguf_loading() {
     }
 }
 
+/// Decoding-sized inputs (one and five positions: the few-row products) with 8-bit activations
+/// (`LoadOptions::activations`, `--q8-activations`): every block type is multiplied through them
+/// (the logits move off the exact ones by more than f32 rounding) and the logits stay within 2%
+/// of the largest of transformers' (the rounding of activations to 8 bits, not a wrong product).
+#[test]
+fn q8_activations_keep_the_logits_of_every_block_type_near_transformers() {
+    use hone_model::gguf::matmul::Activations;
+    for (ty, positions) in TYPES.into_iter().flat_map(|ty| [(ty, 1), (ty, 5)]) {
+        let reference = refs(ty);
+        let (ids_all, shape) = reference.load_i64("input_ids").unwrap();
+        let ids: Vec<i64> = ids_all[..positions].to_vec();
+        let input = || {
+            Input::new(Tensor::<Cpu, 2, Int>::from_data(
+                TensorData::new(ids.clone(), [1, positions]),
+                &Default::default(),
+            ))
+        };
+        let expected = f32s(&reference, "logits");
+        let vocab = expected.len() / (shape[0] * shape[1]);
+        let expected = &expected[..positions * vocab];
+        let logits = |activations| {
+            let options = LoadOptions {
+                activations,
+                ..LoadOptions::default()
+            };
+            let model = load_model_dir::<Cpu>(&file(ty), &Default::default(), options)
+                .unwrap()
+                .model;
+            to_vec(model.forward(input()))
+        };
+        let (exact, q8) = (logits(Activations::F32), logits(Activations::Q8));
+        let max_diff = |a: &[f32]| {
+            a.iter()
+                .zip(expected)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max)
+        };
+        let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(
+            max_diff(&exact) < 1e-4,
+            "{ty} ({positions}): exact logits off by {:e}",
+            max_diff(&exact)
+        );
+        let (moved, off) = (
+            exact
+                .iter()
+                .zip(&q8)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max),
+            max_diff(&q8),
+        );
+        assert!(
+            moved > 1e-4,
+            "{ty} ({positions}): 8-bit activations left the logits exact ({moved:e})"
+        );
+        assert!(
+            off <= 0.02 * scale,
+            "{ty} ({positions}): logits with 8-bit activations off by {off} (largest logit {scale})"
+        );
+    }
+}
+
 #[test]
 fn lora_loss_and_gradients_on_every_quantized_base_equal_peft() {
     for ty in TYPES {

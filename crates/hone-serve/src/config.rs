@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use burn::tensor::DType;
+use hone_model::gguf::matmul::Activations;
 use hone_model::{DeviceSpec, ModelConfig};
 use hone_tokenize::TemplateSource;
 
@@ -107,6 +108,8 @@ pub struct ServeConfig {
     pub api_key: Option<String>,
     pub device: DeviceSpec,
     pub dtype: DType,
+    /// How a GGUF model's quantized weights multiply decoding rows (`--q8-activations`).
+    pub activations: Activations,
     /// Chat template (`None`: the model's own, if it has one).
     pub chat_template: Option<TemplateSource>,
     /// A retrieval index for chat requests (`--rag DIR`; see [`crate::rag`]).
@@ -129,6 +132,7 @@ impl ServeConfig {
             api_key: None,
             device: DeviceSpec::Cpu,
             dtype: DType::F32,
+            activations: Activations::F32,
             chat_template: None,
             rag: None,
             limits: Limits::default(),

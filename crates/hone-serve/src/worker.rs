@@ -197,6 +197,7 @@ impl<B: hone_model::KernelBackend> Worker<B> {
     ) -> Result<Self> {
         let options = LoadOptions {
             dtype: config.dtype,
+            activations: config.activations,
             ..LoadOptions::default()
         };
         let (model, source) = match &config.model {

@@ -152,6 +152,7 @@ pub(crate) fn load_trainable<B: AutodiffKernelBackend>(
     let load = LoadOptions {
         dtype: config.model.dtype.burn(),
         dequantize: config.model.dequantize,
+        ..LoadOptions::default()
     };
     let loaded = load_model_dir::<B>(&config.model.path, device, load)?;
     let mut model = loaded.model;

@@ -151,6 +151,18 @@ pub struct ModelArgs {
     /// in their block formats on the CPU in f32).
     #[arg(long)]
     pub dequantize: bool,
+    /// Multiply a GGUF model's quantized weights by activations rounded to 8 bits per 32
+    /// values when decoding (llama.cpp's method: integer dot products, faster, not exact; by
+    /// default activations stay f32 and the product is exact).
+    #[arg(long)]
+    pub q8_activations: bool,
+}
+
+impl ModelArgs {
+    /// The activations of `--q8-activations`.
+    pub fn activations(&self) -> hone_model::gguf::matmul::Activations {
+        hone_model::gguf::matmul::Activations::q8_if(self.q8_activations)
+    }
 }
 
 #[derive(Args, Debug)]
@@ -347,6 +359,11 @@ pub struct BenchGenerateArgs {
     /// in their block formats on the CPU in f32), to compare the two.
     #[arg(long)]
     pub dequantize: bool,
+    /// Multiply a GGUF model's quantized weights by activations rounded to 8 bits per 32
+    /// values when decoding (llama.cpp's method: integer dot products, faster, not exact; by
+    /// default activations stay f32 and the product is exact).
+    #[arg(long)]
+    pub q8_activations: bool,
 }
 
 #[derive(Subcommand, Debug)]

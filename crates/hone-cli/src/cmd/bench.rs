@@ -48,6 +48,7 @@ fn generate_settings(a: BenchGenerateArgs) -> Result<GenerateBench> {
         repeat: a.repeat,
         kernels: a.kernels,
         dequantize: a.dequantize,
+        activations: hone_model::gguf::matmul::Activations::q8_if(a.q8_activations),
     })
 }
 

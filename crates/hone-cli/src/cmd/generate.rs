@@ -31,6 +31,7 @@ impl BackendTask for Task {
             LoadOptions {
                 dtype: args.model.dtype.burn(),
                 dequantize: args.model.dequantize,
+                activations: args.model.activations(),
             },
         )
         .with_context(|| format!("loading model {}", args.model.model.display()))?;

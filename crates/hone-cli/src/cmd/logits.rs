@@ -30,6 +30,7 @@ impl BackendTask for Task {
             LoadOptions {
                 dtype: m.dtype.burn(),
                 dequantize: m.dequantize,
+                activations: m.activations(),
             },
         )
         .with_context(|| format!("loading model {}", m.model.display()))?;

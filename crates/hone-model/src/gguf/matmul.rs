@@ -60,11 +60,48 @@ impl QuantMatrix<'_> {
     }
 }
 
+/// How the few-row products multiply activations by quantized weights.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Activations {
+    /// In f32: the exact product `x · dequantize(W)ᵀ` (up to summation order).
+    #[default]
+    F32,
+    /// Quantized to 8 bits per 32 values (Q8_0) and multiplied with integer dot products, as
+    /// llama.cpp does ([`super::int8`]): faster decoding of the block and K formats, at the
+    /// cost of rounding `x`. Products of more than [`SMALL_M`] rows (prefill, training) and
+    /// the 16-bit float types stay exact.
+    Q8,
+}
+
+impl Activations {
+    /// [`Activations::Q8`] when `q8` (a `--q8-activations` flag), else [`Activations::F32`].
+    pub fn q8_if(q8: bool) -> Self {
+        if q8 {
+            Self::Q8
+        } else {
+            Self::F32
+        }
+    }
+}
+
 /// `y [m, out] = x [m, in] · Wᵀ`.
 ///
 /// # Panics
 /// When the slices do not match the shapes (a caller bug: shapes come from a validated file).
 pub fn matmul_quant(w: QuantMatrix<'_>, x: &[f32], m: usize) -> Vec<f32> {
+    matmul_quant_with(w, x, m, Activations::F32)
+}
+
+/// [`matmul_quant`] with the activations of `activations`.
+///
+/// # Panics
+/// As [`matmul_quant`].
+pub fn matmul_quant_with(
+    w: QuantMatrix<'_>,
+    x: &[f32],
+    m: usize,
+    activations: Activations,
+) -> Vec<f32> {
     w.validate().expect("quantized matrix shape");
     assert_eq!(x.len(), m * w.cols, "matmul_quant: x is not [m, in]");
     let mut y = vec![0f32; m * w.rows];
@@ -72,7 +109,7 @@ pub fn matmul_quant(w: QuantMatrix<'_>, x: &[f32], m: usize) -> Vec<f32> {
         return y;
     }
     if m <= SMALL_M {
-        small_m(w, x, m, &mut y);
+        small_m(w, x, m, activations, &mut y);
     } else {
         tiled(w, x, m, &mut y);
     }
@@ -115,13 +152,20 @@ pub fn matmul_dense_few(w: &[f32], rows: usize, cols: usize, x: &[f32], m: usize
     y
 }
 
-/// Output rows per task on the direct path: enough work per task to amortise scheduling.
+/// Output rows per task on the direct path: enough work per task to amortise scheduling, a
+/// multiple of 8 (the 8-bit-activation kernel takes eight rows at a time).
 fn rows_per_task(w: &QuantMatrix<'_>) -> usize {
-    (65_536 / w.cols.max(1)).clamp(4, 256)
+    (65_536 / w.cols.max(1)).clamp(8, 256) / 8 * 8
 }
 
-fn small_m(w: QuantMatrix<'_>, x: &[f32], m: usize, y: &mut [f32]) {
+fn small_m(w: QuantMatrix<'_>, x: &[f32], m: usize, activations: Activations, y: &mut [f32]) {
     let per_task = rows_per_task(&w);
+    // Quantized once for every task; `None` where the 8-bit kernels do not apply.
+    let xq = (activations == Activations::Q8
+        && w.cols % 32 == 0
+        && w.cols <= super::int8::MAX_COLS
+        && w.ty.block_size() > 1)
+        .then(|| super::int8::Q8Rows::quantize(x, m, w.cols));
     let rb = w.row_bytes();
     // yt: [out, m], so that each task writes one contiguous range (y itself when m = 1).
     let mut transposed = Vec::new();
@@ -134,6 +178,12 @@ fn small_m(w: QuantMatrix<'_>, x: &[f32], m: usize, y: &mut [f32]) {
     yt.par_chunks_mut(per_task * m)
         .zip(w.bytes.par_chunks(per_task * rb))
         .for_each(|(yt, rows)| {
+            if xq
+                .as_ref()
+                .is_some_and(|xq| super::int8::rows_dot(w.ty, rows, xq, yt))
+            {
+                return;
+            }
             if !super::matvec::rows_dot(w.ty, rows, w.cols, x, m, yt)
                 && !super::matvec::half_rows_dot(w.ty, rows, w.cols, x, m, yt)
             {

@@ -113,24 +113,24 @@ pub(crate) fn dense_rows_dot(w: &[f32], cols: usize, x: &[f32], m: usize, yt: &m
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use std::arch::x86_64::*;
 
     /// The f16 at `p` as f32.
     #[inline(always)]
-    unsafe fn f16(p: *const u8) -> f32 {
+    pub(in crate::gguf) unsafe fn f16(p: *const u8) -> f32 {
         let h = std::ptr::read_unaligned(p as *const u16);
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h))))
     }
 
     // The block formats, as const parameters (so that every kernel is specialised to one).
-    pub(super) const Q4_0: u8 = 0;
-    pub(super) const Q4_1: u8 = 1;
-    pub(super) const Q5_0: u8 = 2;
-    pub(super) const Q5_1: u8 = 3;
-    pub(super) const Q8_0: u8 = 4;
+    pub(in crate::gguf) const Q4_0: u8 = 0;
+    pub(in crate::gguf) const Q4_1: u8 = 1;
+    pub(in crate::gguf) const Q5_0: u8 = 2;
+    pub(in crate::gguf) const Q5_1: u8 = 3;
+    pub(in crate::gguf) const Q8_0: u8 = 4;
 
-    pub(super) fn kind(ty: super::GgmlType) -> u8 {
+    pub(in crate::gguf) fn kind(ty: super::GgmlType) -> u8 {
         use super::GgmlType as T;
         match ty {
             T::Q4_0 => Q4_0,
@@ -143,7 +143,7 @@ mod x86 {
     }
 
     /// Bytes per block.
-    pub(super) const fn block_bytes(k: u8) -> usize {
+    pub(in crate::gguf) const fn block_bytes(k: u8) -> usize {
         match k {
             Q4_0 => 18,
             Q4_1 => 20,
@@ -156,7 +156,7 @@ mod x86 {
     /// `(d, m)` of the block at `p`: values are `d·q + m` (`m = -8d` / `-16d` for the
     /// symmetric types, exact in f32: a power of two times `d`).
     #[inline(always)]
-    unsafe fn scale<const K: u8>(p: *const u8) -> (f32, f32) {
+    pub(in crate::gguf) unsafe fn scale<const K: u8>(p: *const u8) -> (f32, f32) {
         match K {
             Q4_0 => {
                 let d = f16(p);
@@ -225,11 +225,11 @@ mod x86 {
     }
 
     // The K formats (256-value blocks read as 16 chunks of 16 values, each `s·q + o`).
-    pub(super) const Q4K: u8 = 5;
-    pub(super) const Q5K: u8 = 6;
-    pub(super) const Q6K: u8 = 7;
+    pub(in crate::gguf) const Q4K: u8 = 5;
+    pub(in crate::gguf) const Q5K: u8 = 6;
+    pub(in crate::gguf) const Q6K: u8 = 7;
 
-    pub(super) fn kind_k(ty: super::GgmlType) -> u8 {
+    pub(in crate::gguf) fn kind_k(ty: super::GgmlType) -> u8 {
         use super::GgmlType as T;
         match ty {
             T::Q4K => Q4K,
@@ -240,7 +240,7 @@ mod x86 {
     }
 
     /// Bytes per 256-value block of a K format.
-    pub(super) const fn k_block_bytes(k: u8) -> usize {
+    pub(in crate::gguf) const fn k_block_bytes(k: u8) -> usize {
         match k {
             Q4K => 144,
             Q5K => 176,
@@ -251,7 +251,7 @@ mod x86 {
     /// Scale and offset of each 16-value chunk of the K block at `p`: its values are
     /// `s[c]·q + o[c]` (Q4_K/Q5_K: `d·sc·q - dmin·mn` per 32 values; Q6_K: `d·sc·(q - 32)` per 16).
     #[inline(always)]
-    unsafe fn k_scales<const K: u8>(p: *const u8) -> ([f32; 16], [f32; 16]) {
+    pub(in crate::gguf) unsafe fn k_scales<const K: u8>(p: *const u8) -> ([f32; 16], [f32; 16]) {
         let (mut s, mut o) = ([0f32; 16], [0f32; 16]);
         if K == Q6K {
             let d = f16(p.add(208));

@@ -12,6 +12,7 @@
 //! `[in, out]` here; [`TensorInfo::shape`] gives the row-major (PyTorch) order.
 
 pub mod hf;
+pub mod int8;
 mod kquant;
 pub mod matmul;
 mod matvec;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use burn::empty;
 use rayon::prelude::*;
 
-use super::matmul::{matmul_quant, QuantMatrix};
+use super::matmul::{matmul_quant_with, Activations, QuantMatrix};
 use super::quant::{dequantize, dequantize_block, GgmlType};
 use crate::kernels::cpu::matmul;
 
@@ -24,6 +24,8 @@ pub struct QuantWeight {
     bytes: Arc<[u8]>,
     rows: usize,
     cols: usize,
+    /// How few-row products multiply by it ([`Activations`]; exact f32 by default).
+    activations: Activations,
 }
 
 impl fmt::Debug for QuantWeight {
@@ -33,6 +35,7 @@ impl fmt::Debug for QuantWeight {
             .field("rows", &self.rows)
             .field("cols", &self.cols)
             .field("bytes", &self.bytes.len())
+            .field("activations", &self.activations)
             .finish()
     }
 }
@@ -65,7 +68,14 @@ impl QuantWeight {
             bytes: bytes.into(),
             rows,
             cols,
+            activations: Activations::F32,
         })
+    }
+
+    /// The weight with its few-row products taking `activations`.
+    pub fn with_activations(mut self, activations: Activations) -> Self {
+        self.activations = activations;
+        self
     }
 
     /// The block format.
@@ -101,9 +111,10 @@ impl QuantWeight {
         out
     }
 
-    /// `y [m, out] = x [m, in] · Wᵀ` (host, f32).
+    /// `y [m, out] = x [m, in] · Wᵀ` (host, f32; with 8-bit activations where the weight was
+    /// given [`Activations::Q8`] and `m` is small).
     pub fn matmul_nt(&self, x: &[f32], m: usize) -> Vec<f32> {
-        matmul_quant(self.matrix(), x, m)
+        matmul_quant_with(self.matrix(), x, m, self.activations)
     }
 
     /// `dx [m, in] = g [m, out] · W`: the input gradient of [`QuantWeight::matmul_nt`]. Tiles
