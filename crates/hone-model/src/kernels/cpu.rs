@@ -131,6 +131,37 @@ multiversion! {
     }
 }
 
+/// `out = Σ_j p[j] · values[j·D .. j·D + D]`, `out` in registers.
+#[inline(always)]
+fn weighted_fixed<const D: usize>(out: &mut [f32], p: &[f32], values: &[f32]) {
+    let mut acc = [0f32; D];
+    for (&w, v) in p.iter().zip(values.chunks_exact(D)) {
+        let v: &[f32; D] = v.try_into().unwrap();
+        for i in 0..D {
+            acc[i] += w * v[i];
+        }
+    }
+    out.copy_from_slice(&acc);
+}
+
+multiversion! {
+    /// `out = Σ_j p[j] · values[j·d .. j·d + d]` (`out` has `d` values).
+    fn weighted_rows(out: &mut [f32], p: &[f32], values: &[f32]) {
+        match out.len() {
+            64 => weighted_fixed::<64>(out, p, values),
+            128 => weighted_fixed::<128>(out, p, values),
+            d => {
+                out.fill(0.0);
+                for (&w, v) in p.iter().zip(values.chunks_exact(d)) {
+                    for (o, x) in out.iter_mut().zip(v) {
+                        *o += w * x;
+                    }
+                }
+            }
+        }
+    }
+}
+
 multiversion! {
     /// `Σ exp(x - shift)`.
     fn sum_exp(x: &[f32], shift: f32) -> f32 {
@@ -663,6 +694,23 @@ unsafe fn cached_head(
         let m = max(live);
         let lse = m + sum_exp(live, m).ln();
         exp_in_place(live, lse);
+    }
+    if seq == 1 {
+        // One query (a decoding step): the weighted sum of the visible value rows, kept in
+        // registers (a product of one row through gemm costs more).
+        let start = if window > 0 {
+            total.saturating_sub(window)
+        } else {
+            0
+        };
+        // SAFETY: the caller gives this head's `d` columns of `out` at `qo` to this call alone.
+        let out = std::slice::from_raw_parts_mut(out.at(qo), d);
+        weighted_rows(
+            out,
+            &p[start..total],
+            &kv.values[ko + start * d..ko + total * d],
+        );
+        return;
     }
     // SAFETY: as above; the caller gives this head's columns of `out` to this call alone.
     matmul(
@@ -1281,6 +1329,29 @@ pub fn lora_delta_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weighted_rows_equal_the_definition_for_every_head_width() {
+        // 64 and 128 take the kernels with the head in registers; 40 the general loop.
+        for d in [64, 128, 40] {
+            let rows = 37;
+            let values: Vec<f32> = (0..rows * d)
+                .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+                .collect();
+            let p: Vec<f32> = (0..rows).map(|j| ((j * 31) % 17) as f32 / 17.0).collect();
+            let mut out = vec![f32::NAN; d];
+            weighted_rows(&mut out, &p, &values);
+            for (c, &got) in out.iter().enumerate() {
+                let want: f64 = (0..rows)
+                    .map(|j| p[j] as f64 * values[j * d + c] as f64)
+                    .sum();
+                assert!(
+                    (got as f64 - want).abs() < 1e-5,
+                    "d = {d}, column {c}: {got} vs {want}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn exp_matches_libm() {
