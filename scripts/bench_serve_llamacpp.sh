@@ -6,11 +6,14 @@
 # measurement draws prompts of its own (--seed from the round and the concurrency): llama-server
 # keeps each slot's last prompt and would skip the prefill of a prompt it saw at an earlier
 # concurrency, which hone does not (no prefix cache), and the two would not do the same work.
-# One JSON line per (server, concurrency) with `"server": "hone"|"llama.cpp"`: throughput,
+# One JSON line per (server, concurrency) with `"server": "hone"|"hone q8"|"llama.cpp"`: throughput,
 # p50/p99 latency, time to first token and inter-token latency.
 #
 #   scripts/bench_serve_llamacpp.sh -l LLAMA_CPP_DIR [-m MODEL.gguf] [-c 1,8,32] [-n REQUESTS]
-#                                   [-g MAX_TOKENS] [-p PROMPT_TOKENS] [-r ROUNDS] [-b HONE_BIN]
+#                                   [-g MAX_TOKENS] [-p PROMPT_TOKENS] [-r ROUNDS] [-b HONE_BIN] [-q]
+#
+# -q serves hone with --q8-activations (decoding steps multiply the quantized weights by
+# activations rounded to 8 bits, as llama.cpp does; its lines then say "server": "hone q8").
 #
 # REQUESTS per concurrency (default: 4 × concurrency, at least 8). llama.cpp is built outside the
 # repository from the PyPI sdist of llama-cpp-python (see scripts/bench_generate_llamacpp.sh;
@@ -28,7 +31,9 @@ prompt=128
 rounds=1
 hone=target/release/hone
 threads=$(nproc)
-while getopts "l:m:c:n:g:p:r:b:" opt; do
+q8=()
+server=hone
+while getopts "l:m:c:n:g:p:r:b:q" opt; do
     case $opt in
         l) llama=$OPTARG ;;
         m) model=$OPTARG ;;
@@ -38,7 +43,8 @@ while getopts "l:m:c:n:g:p:r:b:" opt; do
         p) prompt=$OPTARG ;;
         r) rounds=$OPTARG ;;
         b) hone=$OPTARG ;;
-        *) echo "usage: $0 -l LLAMA_CPP_DIR [-m MODEL] [-c 1,8,32] [-n REQUESTS] [-g MAX_TOKENS] [-p PROMPT_TOKENS] [-r ROUNDS] [-b HONE_BIN]" >&2; exit 2 ;;
+        q) q8=(--q8-activations); server="hone q8" ;;
+        *) echo "usage: $0 -l LLAMA_CPP_DIR [-m MODEL] [-c 1,8,32] [-n REQUESTS] [-g MAX_TOKENS] [-p PROMPT_TOKENS] [-r ROUNDS] [-b HONE_BIN] [-q]" >&2; exit 2 ;;
     esac
 done
 [[ -x $hone ]] || { echo "$hone: not an executable (cargo build --release -p hone-cli)" >&2; exit 2; }
@@ -84,9 +90,9 @@ for round in $(seq 1 "$rounds"); do
     wait_ready llama.cpp
     load llama.cpp "$round"
     stop
-    "$hone" serve --model "$model" --port "$port" --max-batch "$slots" >"$log/hone.log" 2>&1 &
+    "$hone" serve --model "$model" --port "$port" --max-batch "$slots" "${q8[@]}" >"$log/hone.log" 2>&1 &
     pid=$!
     wait_ready hone
-    load hone "$round"
+    load "$server" "$round"
     stop
 done
