@@ -538,16 +538,9 @@ fn q8_activation_products_equal_the_product_with_q8_0_inputs() {
     #[cfg(not(target_arch = "x86_64"))]
     let covered = false;
     let (rows, cols) = (2 * TILE_ROWS + 13, 512);
-    let types = [
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q5_0,
-        GgmlType::Q5_1,
-        GgmlType::Q8_0,
-        GgmlType::Q4K,
-        GgmlType::Q5K,
-        GgmlType::Q6K,
-    ];
+    // The block and K formats.
+    let types = GgmlType::ALL.into_iter().filter(|ty| ty.is_quantized());
+    assert_eq!(types.clone().count(), 8);
     for m in [1, 3, 5, 8] {
         let mut rng = rand::rngs::StdRng::seed_from_u64(300 + m as u64);
         // Rows of different magnitudes, an all-zero block and one dominated by a single value.
@@ -573,7 +566,7 @@ fn q8_activation_products_equal_the_product_with_q8_0_inputs() {
         let mut rounded = vec![0f32; m * cols];
         dequantize(GgmlType::Q8_0, &bytes, &mut rounded);
         let xs = if covered { &rounded } else { &x };
-        for (t, ty) in types.into_iter().enumerate() {
+        for (t, ty) in types.clone().enumerate() {
             let wb = random_blocks(ty, rows * cols, 50 + t as u64);
             let mut w = vec![0f32; rows * cols];
             dequantize(ty, &wb, &mut w);

@@ -191,7 +191,7 @@ mod x86 {
         _mm256_and_si256(set, _mm256_set1_epi8(16))
     }
 
-    /// Unit `j` of the block at `p` of a 32-value format (`j` = 0).
+    /// The one unit of the 32-value block at `p`.
     #[inline(always)]
     unsafe fn block_unit<const K: u8, const VNNI: bool>(p: *const u8) -> Unit {
         let (d, o) = scale::<K>(p);

@@ -164,8 +164,8 @@ fn small_m(w: QuantMatrix<'_>, x: &[f32], m: usize, activations: Activations, y:
     let xq = (activations == Activations::Q8
         && w.cols % 32 == 0
         && w.cols <= super::int8::MAX_COLS
-        && w.ty.block_size() > 1)
-        .then(|| super::int8::Q8Rows::quantize(x, m, w.cols));
+        && w.ty.is_quantized())
+    .then(|| super::int8::Q8Rows::quantize(x, m, w.cols));
     let rb = w.row_bytes();
     // yt: [out, m], so that each task writes one contiguous range (y itself when m = 1).
     let mut transposed = Vec::new();
