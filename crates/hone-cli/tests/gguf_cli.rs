@@ -173,6 +173,39 @@ fn bench_generate_on_a_quantized_gguf_needs_far_less_memory_than_dequantizing() 
     );
 }
 
+/// `--q8-activations` reaches the model: `hone bench generate` on a quantized fixture reports the
+/// activations it ran with, and `hone generate` with it produces text.
+#[test]
+fn q8_activations_flag_reaches_the_model() {
+    let gguf = root().join("fixtures/gguf/kquant/tiny_q4_0.gguf");
+    let bench = |q8: bool| -> serde_json::Value {
+        let mut cmd = hone();
+        cmd.args(["bench", "generate", "--model"]).arg(&gguf).args([
+            "--prompt-tokens",
+            "4",
+            "--new-tokens",
+            "4",
+            "--repeat",
+            "1",
+        ]);
+        if q8 {
+            cmd.arg("--q8-activations");
+        }
+        let text = ok(cmd.output().unwrap());
+        let line = text.lines().rev().find(|l| l.starts_with('{')).unwrap();
+        serde_json::from_str(line).unwrap()
+    };
+    assert_eq!(bench(false)["activations"], "f32");
+    assert_eq!(bench(true)["activations"], "q8");
+    let text = ok(hone()
+        .args(["generate", "--model"])
+        .arg(&gguf)
+        .args(["--prompt", "hello", "--max-tokens", "4", "--q8-activations"])
+        .output()
+        .unwrap());
+    assert!(!text.is_empty());
+}
+
 /// `hone bench serve` serves a GGUF file in process (with a random adapter beside it).
 #[test]
 fn bench_serve_takes_a_gguf_model_file() {
