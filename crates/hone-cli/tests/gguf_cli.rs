@@ -38,6 +38,19 @@ fn read_f32(path: &Path, name: &str) -> (Vec<f32>, Vec<usize>) {
     (v, t.shape().to_vec())
 }
 
+/// The JSON line of `hone bench generate --model GGUF` (4 + 4 tokens, one repetition) with `extra`.
+fn bench_generate(gguf: &Path, extra: &[&str]) -> serde_json::Value {
+    let text = ok(hone()
+        .args(["bench", "generate", "--model"])
+        .arg(gguf)
+        .args(["--prompt-tokens", "8", "--new-tokens", "2", "--repeat", "1"])
+        .args(extra)
+        .output()
+        .unwrap());
+    let line = text.lines().rev().find(|l| l.starts_with('{')).unwrap();
+    serde_json::from_str(line).unwrap()
+}
+
 #[test]
 fn logits_of_a_gguf_model_match_transformers() {
     let gguf = root().join("fixtures/gguf/llama_gqa.gguf");
@@ -141,25 +154,8 @@ fn bench_generate_on_a_quantized_gguf_needs_far_less_memory_than_dequantizing() 
         );
         return;
     }
-    let run = |dequantize: bool| -> serde_json::Value {
-        let mut cmd = hone();
-        cmd.args(["bench", "generate", "--model"]).arg(&gguf).args([
-            "--prompt-tokens",
-            "8",
-            "--new-tokens",
-            "2",
-            "--repeat",
-            "1",
-        ]);
-        if dequantize {
-            cmd.arg("--dequantize");
-        }
-        let text = ok(cmd.output().unwrap());
-        let line = text.lines().rev().find(|l| l.starts_with('{')).unwrap();
-        serde_json::from_str(line).unwrap()
-    };
-    let quant = run(false);
-    let dense = run(true);
+    let quant = bench_generate(&gguf, &[]);
+    let dense = bench_generate(&gguf, &["--dequantize"]);
     assert_eq!(quant["quantized_projections"], 30 * 7 + 1, "{quant}");
     assert_eq!(dense["quantized_projections"], 0, "{dense}");
     let (q, d) = (
@@ -178,25 +174,11 @@ fn bench_generate_on_a_quantized_gguf_needs_far_less_memory_than_dequantizing() 
 #[test]
 fn q8_activations_flag_reaches_the_model() {
     let gguf = root().join("fixtures/gguf/kquant/tiny_q4_0.gguf");
-    let bench = |q8: bool| -> serde_json::Value {
-        let mut cmd = hone();
-        cmd.args(["bench", "generate", "--model"]).arg(&gguf).args([
-            "--prompt-tokens",
-            "4",
-            "--new-tokens",
-            "4",
-            "--repeat",
-            "1",
-        ]);
-        if q8 {
-            cmd.arg("--q8-activations");
-        }
-        let text = ok(cmd.output().unwrap());
-        let line = text.lines().rev().find(|l| l.starts_with('{')).unwrap();
-        serde_json::from_str(line).unwrap()
-    };
-    assert_eq!(bench(false)["activations"], "f32");
-    assert_eq!(bench(true)["activations"], "q8");
+    assert_eq!(bench_generate(&gguf, &[])["activations"], "f32");
+    assert_eq!(
+        bench_generate(&gguf, &["--q8-activations"])["activations"],
+        "q8"
+    );
     let text = ok(hone()
         .args(["generate", "--model"])
         .arg(&gguf)
