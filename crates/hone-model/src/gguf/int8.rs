@@ -443,17 +443,18 @@ mod x86 {
         )
     }
 
-    /// One input row (decoding one sequence) against a 32-value block format: eight output
+    /// One input row (decoding one sequence) against a 4- or 5-bit block format: eight output
     /// rows at a time, so that their scales, offsets and sums share vectors (lane `r` is output
     /// row `r`) and each unit costs one integer dot product plus an eighth of the float work.
-    /// Rows past the last eight go through [`group`].
+    /// Rows past the last eight go through [`group`]. Q8_0 takes [`group`] alone: its 34-byte
+    /// blocks read from eight rows side by side made the 49k-row output head slower than the
+    /// f32 path (measured), where one row at a time is not.
     #[inline(always)]
     unsafe fn single<const K: u8, const VNNI: bool>(rows: &[u8], xq: &Q8Rows, yt: *mut f32) {
         let cols = xq.cols;
         let (bb, units) = (block_bytes(K), cols / 32);
         let rb = units * bb;
         let n = rows.len() / rb;
-        let with_offsets = K != Q8_0 || VNNI;
         let qs = xq.qs.as_ptr() as *const u8;
         // The next eight rows are fetched while these are multiplied: eight rows read side by
         // side are eight streams, which the hardware prefetchers do not follow as they follow one.
@@ -483,10 +484,8 @@ mod x86 {
                 let sums = _mm256_cvtepi32_ps(lane_sums(&dots));
                 let dx = _mm256_set1_ps(xq.d[u]);
                 acc = _mm256_fmadd_ps(sums, _mm256_mul_ps(_mm256_loadu_ps(s.as_ptr()), dx), acc);
-                if with_offsets {
-                    let sx = _mm256_set1_ps(xq.s16[2 * u] + xq.s16[2 * u + 1]);
-                    off = _mm256_fmadd_ps(_mm256_loadu_ps(o.as_ptr()), sx, off);
-                }
+                let sx = _mm256_set1_ps(xq.s16[2 * u] + xq.s16[2 * u + 1]);
+                off = _mm256_fmadd_ps(_mm256_loadu_ps(o.as_ptr()), sx, off);
             }
             _mm256_storeu_ps(yt.add(r0), _mm256_add_ps(acc, off));
         }
@@ -496,15 +495,14 @@ mod x86 {
         }
     }
 
-    /// `$f::<K, VNNI>` for the 32-value block format `$kind`.
+    /// `$f::<K, VNNI>` for the 4- and 5-bit block format `$kind`.
     macro_rules! by_block_kind {
         ($f:ident, $vnni:expr, $kind:expr, $($arg:expr),*) => {
             match $kind {
                 Q4_0 => $f::<Q4_0, $vnni>($($arg),*),
                 Q4_1 => $f::<Q4_1, $vnni>($($arg),*),
                 Q5_0 => $f::<Q5_0, $vnni>($($arg),*),
-                Q5_1 => $f::<Q5_1, $vnni>($($arg),*),
-                _ => $f::<Q8_0, $vnni>($($arg),*),
+                _ => $f::<Q5_1, $vnni>($($arg),*),
             }
         };
     }
