@@ -143,8 +143,8 @@ fn main() {
                     rows,
                     cols,
                 };
-                // 8-bit activations where they apply (few rows of a block or K format).
-                let q8 = m <= 8 && ty.block_size() > 1;
+                // 8-bit activations where they apply (the block and K formats).
+                let q8 = ty.block_size() > 1;
                 for (kernel, activations) in
                     [("quant", Activations::F32), ("quant_q8", Activations::Q8)]
                 {

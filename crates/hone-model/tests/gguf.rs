@@ -519,11 +519,13 @@ fn quantized_matmul_equals_the_product_with_dequantized_weights() {
     }
 }
 
-/// The products with 8-bit activations (`Activations::Q8`, up to `SMALL_M` rows: decoding)
-/// equal the f64 product of the dequantized weights with the Q8_0 round trip of the inputs, for
-/// every block and K format, and the inputs they multiply are the bytes of hone's Q8_0
-/// quantizer (itself checked against gguf-py in `gguf_quantize.rs`). Where the CPU has no AVX2
-/// the path does not apply and the product is the exact one.
+/// The products with 8-bit activations (`Activations::Q8`: up to `SMALL_M` rows, decoding, and
+/// more, prefill through packed eight-row groups) equal the f64 product of the dequantized
+/// weights with the Q8_0 round trip of the inputs, for every block and K format, and the inputs
+/// they multiply are the bytes of hone's Q8_0 quantizer (itself checked against gguf-py in
+/// `gguf_quantize.rs`; 70 rows are quantized in parallel). Rows of `W` leave a partial group,
+/// and the input rows partial blocks of four. Where the CPU has no AVX2 the path does not apply
+/// and the product is the exact one.
 #[test]
 fn q8_activation_products_equal_the_product_with_q8_0_inputs() {
     use hone_model::gguf::int8::Q8Rows;
@@ -541,7 +543,7 @@ fn q8_activation_products_equal_the_product_with_q8_0_inputs() {
     // The block and K formats.
     let types = GgmlType::ALL.into_iter().filter(|ty| ty.is_quantized());
     assert_eq!(types.clone().count(), 8);
-    for m in [1, 3, 5, 8] {
+    for m in [1, 3, 5, 8, 9, 39, 70] {
         let mut rng = rand::rngs::StdRng::seed_from_u64(300 + m as u64);
         // Rows of different magnitudes, an all-zero block and one dominated by a single value.
         let mut x: Vec<f32> = (0..m * cols)

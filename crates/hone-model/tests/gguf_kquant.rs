@@ -122,14 +122,18 @@ fn logits_of_every_block_type_equal_transformers_gguf_loading() {
     }
 }
 
-/// Decoding-sized inputs (one and five positions: the few-row products) with 8-bit activations
-/// (`LoadOptions::activations`, `--q8-activations`): every block type is multiplied through them
+/// Decoding-sized inputs (one and five positions: the few-row products) and a prefill (32
+/// positions: packed groups) with 8-bit activations (`LoadOptions::activations`,
+/// `--q8-activations`): every block type is multiplied through them
 /// (the logits move off the exact ones by more than f32 rounding) and the logits stay within 2%
 /// of the largest of transformers' (the rounding of activations to 8 bits, not a wrong product).
 #[test]
 fn q8_activations_keep_the_logits_of_every_block_type_near_transformers() {
     use hone_model::gguf::matmul::Activations;
-    for (ty, positions) in TYPES.into_iter().flat_map(|ty| [(ty, 1), (ty, 5)]) {
+    for (ty, positions) in TYPES
+        .into_iter()
+        .flat_map(|ty| [(ty, 1), (ty, 5), (ty, 32)])
+    {
         let reference = refs(ty);
         let (ids_all, shape) = reference.load_i64("input_ids").unwrap();
         let ids: Vec<i64> = ids_all[..positions].to_vec();

@@ -152,8 +152,8 @@ pub struct ModelArgs {
     #[arg(long)]
     pub dequantize: bool,
     /// Multiply a GGUF model's quantized weights by activations rounded to 8 bits per 32
-    /// values when decoding (llama.cpp's method: integer dot products, faster, not exact; by
-    /// default activations stay f32 and the product is exact).
+    /// values when decoding and prefilling (llama.cpp's method: integer dot products, faster,
+    /// not exact; by default activations stay f32 and the product is exact).
     #[arg(long)]
     pub q8_activations: bool,
 }
@@ -360,8 +360,8 @@ pub struct BenchGenerateArgs {
     #[arg(long)]
     pub dequantize: bool,
     /// Multiply a GGUF model's quantized weights by activations rounded to 8 bits per 32
-    /// values when decoding (llama.cpp's method: integer dot products, faster, not exact; by
-    /// default activations stay f32 and the product is exact).
+    /// values when decoding and prefilling (llama.cpp's method: integer dot products, faster,
+    /// not exact; by default activations stay f32 and the product is exact).
     #[arg(long)]
     pub q8_activations: bool,
 }

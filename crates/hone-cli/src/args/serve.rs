@@ -105,8 +105,8 @@ pub struct ServeArgs {
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: FloatDtype,
     /// Multiply a GGUF model's quantized weights by activations rounded to 8 bits per 32
-    /// values when decoding (llama.cpp's method: integer dot products, faster, not exact; by
-    /// default activations stay f32 and the product is exact).
+    /// values when decoding and prefilling (llama.cpp's method: integer dot products, faster,
+    /// not exact; by default activations stay f32 and the product is exact).
     #[arg(long)]
     pub q8_activations: bool,
     /// Chat template: model (the model's own; the default), model:NAME, chatml, llama3, alpaca.

@@ -1,5 +1,5 @@
-//! Few-row products with 8-bit activations (opt-in, [`super::matmul::Activations::Q8`]):
-//! llama.cpp's trade. The input rows are quantized once per product to Q8_0 (per 32 values,
+//! Products with 8-bit activations (opt-in, [`super::matmul::Activations::Q8`]): llama.cpp's
+//! trade. Few input rows (decoding) take [`rows_dot`], many (prefill) [`gemm`]. The input rows are quantized once per product to Q8_0 (per 32 values,
 //! `d = max|x| / 127` stored as f16, values rounded half away from zero: the bytes
 //! [`super::quantize::quantize`] writes for Q8_0), and each 32 weights are multiplied into them
 //! as bytes with integer dot products (AVX-512 VNNI `vpdpbusd`, or AVX2 `vpmaddubsw` +
@@ -54,7 +54,19 @@ impl Q8Rows {
             m,
             cols,
         };
-        quantize_blocks(x, &mut rows.qs, &mut rows.d, &mut rows.s16);
+        // Rows in parallel when there are many (prefill), in tasks of at least 32k values.
+        let per_task = (32_768 / cols.max(1)).max(1) * cols;
+        if m * cols > per_task {
+            use rayon::prelude::*;
+            rows.qs
+                .par_chunks_mut(per_task)
+                .zip(rows.d.par_chunks_mut(per_task / 32))
+                .zip(rows.s16.par_chunks_mut(per_task / 16))
+                .zip(x.par_chunks(per_task))
+                .for_each(|(((qs, d), s16), x)| quantize_blocks(x, qs, d, s16));
+        } else {
+            quantize_blocks(x, &mut rows.qs, &mut rows.d, &mut rows.s16);
+        }
         rows
     }
 }
@@ -85,53 +97,147 @@ multiversion! {
     }
 }
 
+/// The integer dot products this CPU has, for a format `ty` and input rows `xq`: `None` where
+/// the 8-bit kernels do not apply (another format, widths that are not whole blocks, no AVX2).
+#[cfg(target_arch = "x86_64")]
+fn isa(ty: GgmlType, xq: &Q8Rows) -> Option<(Isa, u8)> {
+    use GgmlType as T;
+    let covered = matches!(
+        ty,
+        T::Q4_0 | T::Q4_1 | T::Q5_0 | T::Q5_1 | T::Q8_0 | T::Q4K | T::Q5K | T::Q6K
+    );
+    if !covered || xq.cols % ty.block_size() != 0 || xq.cols > MAX_COLS || xq.m == 0 {
+        return None;
+    }
+    let kind = match ty {
+        T::Q4K | T::Q5K | T::Q6K => super::matvec::x86::kind_k(ty),
+        _ => super::matvec::x86::kind(ty),
+    };
+    #[cfg(feature = "avx512")]
+    if std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("avx512vnni")
+        && std::arch::is_x86_feature_detected!("f16c")
+    {
+        return Some((Isa::Vnni, kind));
+    }
+    (std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c"))
+    .then_some((Isa::Avx2, kind))
+}
+
+/// Which integer dot product the kernels use.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+enum Isa {
+    /// AVX-512 VNNI `vpdpbusd` on 256-bit vectors.
+    #[cfg(feature = "avx512")]
+    Vnni,
+    /// AVX2 `vpmaddubsw` + `vpmaddwd`.
+    Avx2,
+}
+
 /// `yt[r·m + i] = Σ_k W[r, k] · x[i, k]` (`x` quantized in `xq`) for the rows of `W` in
 /// `rows`, when `ty` and the CPU are covered (the block and K formats, AVX2 + FMA + F16C);
 /// `false` (nothing written) otherwise.
 pub(crate) fn rows_dot(ty: GgmlType, rows: &[u8], xq: &Q8Rows, yt: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        use GgmlType as T;
-        let (cols, m) = (xq.cols, xq.m);
-        let covered = matches!(
-            ty,
-            T::Q4_0 | T::Q4_1 | T::Q5_0 | T::Q5_1 | T::Q8_0 | T::Q4K | T::Q5K | T::Q6K
-        );
-        if !covered || cols % ty.block_size() != 0 || cols > MAX_COLS || m == 0 {
+        let Some((isa, kind)) = isa(ty, xq) else {
             return false;
-        }
-        let rb = ty.byte_len(cols);
-        assert!(rows.len().is_multiple_of(rb), "int8::rows_dot: rows");
-        assert!(yt.len() >= rows.len() / rb * m, "int8::rows_dot: output");
-        let kind = match ty {
-            T::Q4K | T::Q5K | T::Q6K => super::matvec::x86::kind_k(ty),
-            _ => super::matvec::x86::kind(ty),
         };
-        #[cfg(feature = "avx512")]
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("avx512vnni")
-            && std::arch::is_x86_feature_detected!("f16c")
-        {
-            // SAFETY: the CPU has the features; the slices hold the shapes checked above.
-            unsafe { x86::vnni(kind, rows, xq, yt) };
-            return true;
+        let rb = ty.byte_len(xq.cols);
+        assert!(rows.len().is_multiple_of(rb), "int8::rows_dot: rows");
+        assert!(yt.len() >= rows.len() / rb * xq.m, "int8::rows_dot: output");
+        // SAFETY: the CPU has the features of `isa`; the slices hold the shapes checked above.
+        unsafe {
+            match isa {
+                #[cfg(feature = "avx512")]
+                Isa::Vnni => x86::vnni(kind, rows, xq, yt),
+                Isa::Avx2 => x86::avx2(kind, rows, xq, yt),
+            }
         }
-        if std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
-        {
-            // SAFETY: as above.
-            unsafe { x86::avx2(kind, rows, xq, yt) };
-            return true;
-        }
-        false
+        true
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (ty, rows, xq, yt);
         false
     }
+}
+
+/// Output rows per packed group of [`gemm`] (the lanes of a 256-bit vector of i32).
+const GROUP: usize = 8;
+
+thread_local! {
+    /// [`gemm`]'s packed group of this thread: weight bytes, then scales and offsets.
+    static PACKED: std::cell::RefCell<(Vec<u8>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// `y [m, n] = x · Wᵀ` for the `n` rows of `W` in `bytes` and many input rows (prefill) in
+/// `xq`, when `ty` and the CPU are covered (as [`rows_dot`]); `false` (nothing written)
+/// otherwise. Groups of eight rows of `W` are decoded once into a packed copy (per 32-value
+/// unit, eight vectors whose lane `r` holds four bytes of row `r`, then the rows' scales and
+/// offsets), and every input row meets a group through integer dot products whose eight lanes
+/// are the eight output rows: no horizontal sums, and the float work of a unit shared by the
+/// eight rows. Groups are split across threads.
+pub(crate) fn gemm(ty: GgmlType, bytes: &[u8], n: usize, xq: &Q8Rows, y: &mut [f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use rayon::prelude::*;
+
+        use crate::kernels::cpu::Shared;
+
+        let Some((isa, kind)) = isa(ty, xq) else {
+            return false;
+        };
+        let rb = ty.byte_len(xq.cols);
+        assert_eq!(bytes.len(), n * rb, "int8::gemm: weight bytes");
+        assert_eq!(y.len(), xq.m * n, "int8::gemm: output");
+        let groups = n.div_ceil(GROUP);
+        let units = xq.cols / 32;
+        let dst = Shared(y.as_mut_ptr());
+        groups_in_parallel(groups).for_each(|g| {
+            PACKED.with_borrow_mut(|(q, f)| {
+                if q.len() < units * x86::UNIT_BYTES {
+                    q.resize(units * x86::UNIT_BYTES, 0);
+                    f.resize(units * x86::UNIT_FLOATS, 0.0);
+                }
+                let r0 = g * GROUP;
+                let valid = GROUP.min(n - r0);
+                let rows = &bytes[r0 * rb..(r0 + valid) * rb];
+                // SAFETY: the CPU has the features of `isa`; `rows` holds `valid` rows of
+                // `xq.cols` values, the buffers a packed group; the output columns
+                // r0..r0 + valid of every row of the [m, n] output belong to this group alone.
+                unsafe {
+                    match isa {
+                        #[cfg(feature = "avx512")]
+                        Isa::Vnni => x86::vnni_gemm(kind, rows, valid, xq, dst.at(r0), n, q, f),
+                        Isa::Avx2 => x86::avx2_gemm(kind, rows, valid, xq, dst.at(r0), n, q, f),
+                    }
+                }
+            })
+        });
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (ty, bytes, n, xq, y);
+        false
+    }
+}
+
+/// The groups `0..groups` as a parallel iterator of a few tasks per thread.
+#[cfg(target_arch = "x86_64")]
+fn groups_in_parallel(groups: usize) -> impl rayon::iter::ParallelIterator<Item = usize> {
+    use rayon::prelude::*;
+    let tasks = (4 * rayon::current_num_threads().max(1)).min(groups).max(1);
+    let per_task = groups.div_ceil(tasks);
+    (0..groups.div_ceil(per_task))
+        .into_par_iter()
+        .flat_map_iter(move |t| t * per_task..((t + 1) * per_task).min(groups))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -493,6 +599,280 @@ mod x86 {
         if tail < n {
             group::<K, 1, VNNI>(&rows[tail * rb..], xq, 0, yt.add(tail));
         }
+    }
+
+    /// Bytes of a packed unit (eight vectors of 32 bytes) and its floats (the eight rows'
+    /// scales of each half, then their offsets of each half).
+    pub(super) const UNIT_BYTES: usize = 256;
+    pub(super) const UNIT_FLOATS: usize = 32;
+
+    /// The 8 × 8 transpose of 32-bit elements: lane `l` of `v[r]` to lane `r` of `out[l]`.
+    #[inline(always)]
+    unsafe fn transpose8(v: &[__m256i; 8]) -> [__m256i; 8] {
+        let t0 = _mm256_unpacklo_epi32(v[0], v[1]);
+        let t1 = _mm256_unpackhi_epi32(v[0], v[1]);
+        let t2 = _mm256_unpacklo_epi32(v[2], v[3]);
+        let t3 = _mm256_unpackhi_epi32(v[2], v[3]);
+        let t4 = _mm256_unpacklo_epi32(v[4], v[5]);
+        let t5 = _mm256_unpackhi_epi32(v[4], v[5]);
+        let t6 = _mm256_unpacklo_epi32(v[6], v[7]);
+        let t7 = _mm256_unpackhi_epi32(v[6], v[7]);
+        // Lanes l and l + 4 of rows 0..4 (u0..u4) and of rows 4..8 (u4..u8).
+        let u0 = _mm256_unpacklo_epi64(t0, t2);
+        let u1 = _mm256_unpackhi_epi64(t0, t2);
+        let u2 = _mm256_unpacklo_epi64(t1, t3);
+        let u3 = _mm256_unpackhi_epi64(t1, t3);
+        let u4 = _mm256_unpacklo_epi64(t4, t6);
+        let u5 = _mm256_unpackhi_epi64(t4, t6);
+        let u6 = _mm256_unpacklo_epi64(t5, t7);
+        let u7 = _mm256_unpackhi_epi64(t5, t7);
+        [
+            _mm256_permute2x128_si256(u0, u4, 0x20),
+            _mm256_permute2x128_si256(u1, u5, 0x20),
+            _mm256_permute2x128_si256(u2, u6, 0x20),
+            _mm256_permute2x128_si256(u3, u7, 0x20),
+            _mm256_permute2x128_si256(u0, u4, 0x31),
+            _mm256_permute2x128_si256(u1, u5, 0x31),
+            _mm256_permute2x128_si256(u2, u6, 0x31),
+            _mm256_permute2x128_si256(u3, u7, 0x31),
+        ]
+    }
+
+    /// Stores unit `u` of a group: the rows' bytes `v` transposed, scales `s` and offsets `o`
+    /// (per half, lane = row).
+    #[inline(always)]
+    unsafe fn store_unit(
+        u: usize,
+        v: &[__m256i; 8],
+        s: &[[f32; 8]; 2],
+        o: &[[f32; 8]; 2],
+        q: *mut u8,
+        f: *mut f32,
+    ) {
+        let t = transpose8(v);
+        for (j, t) in t.iter().enumerate() {
+            _mm256_storeu_si256(q.add(u * UNIT_BYTES + 32 * j) as *mut __m256i, *t);
+        }
+        let f = f.add(u * UNIT_FLOATS);
+        for h in 0..2 {
+            _mm256_storeu_ps(f.add(8 * h), _mm256_loadu_ps(s[h].as_ptr()));
+            _mm256_storeu_ps(f.add(16 + 8 * h), _mm256_loadu_ps(o[h].as_ptr()));
+        }
+    }
+
+    /// Decodes the `valid` (≤ 8) rows at `rows` (rows of `units` 32-value units) into a packed
+    /// group; missing rows are zeros. The bytes are what [`dot`] takes (AVX2's Q8_0: the signed
+    /// values, whose magnitudes and signs the kernel splits).
+    #[inline(always)]
+    unsafe fn pack_group<const K: u8, const VNNI: bool>(
+        rows: &[u8],
+        valid: usize,
+        units: usize,
+        q: *mut u8,
+        f: *mut f32,
+    ) {
+        let p = rows.as_ptr();
+        let zero = _mm256_setzero_si256();
+        if matches!(K, Q4K | Q5K | Q6K) {
+            let bb = k_block_bytes(K);
+            let rb = units / 8 * bb;
+            for b in 0..units / 8 {
+                let mut scales = [([0f32; 16], [0f32; 16]); 8];
+                for (r, sc) in scales.iter_mut().enumerate().take(valid) {
+                    *sc = k_scales::<K>(p.add(r * rb + b * bb));
+                }
+                for j in 0..8 {
+                    let (mut v, mut s, mut o) = ([zero; 8], [[0f32; 8]; 2], [[0f32; 8]; 2]);
+                    for r in 0..valid {
+                        let (rs, ro) = &scales[r];
+                        let unit = k_unit::<K>(p.add(r * rb + b * bb), j, rs, ro);
+                        v[r] = unit.q;
+                        (s[0][r], s[1][r]) = (rs[2 * j], rs[2 * j + 1]);
+                        (o[0][r], o[1][r]) = (unit.o[0], unit.o[1]);
+                    }
+                    store_unit(8 * b + j, &v, &s, &o, q, f);
+                }
+            }
+        } else {
+            let bb = block_bytes(K);
+            let rb = units * bb;
+            for u in 0..units {
+                let (mut v, mut s, mut o) = ([zero; 8], [[0f32; 8]; 2], [[0f32; 8]; 2]);
+                for r in 0..valid {
+                    let unit = block_unit::<K, VNNI>(p.add(r * rb + u * bb));
+                    v[r] = if !VNNI && K == Q8_0 {
+                        unit.sign
+                    } else {
+                        unit.q
+                    };
+                    let d = _mm256_cvtss_f32(unit.s);
+                    (s[0][r], s[1][r]) = (d, d);
+                    (o[0][r], o[1][r]) = (unit.o[0], unit.o[1]);
+                }
+                store_unit(u, &v, &s, &o, q, f);
+            }
+        }
+    }
+
+    /// `acc + Σ w·x` of each 4 bytes (`w` unsigned, `x` signed).
+    #[inline(always)]
+    unsafe fn dot_add<const VNNI: bool>(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        if VNNI {
+            #[cfg(feature = "avx512")]
+            return _mm256_dpbusd_epi32(acc, w, x);
+        }
+        let pairs = _mm256_maddubs_epi16(w, x);
+        _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    }
+
+    /// Input rows `i0..i0 + MI` of `xq` against a packed group: `y[i, r]` for the group's
+    /// `valid` rows (`y` row stride `ldy`).
+    #[inline(always)]
+    unsafe fn packed_rows<const K: u8, const VNNI: bool, const MI: usize>(
+        q: *const u8,
+        f: *const f32,
+        xq: &Q8Rows,
+        i0: usize,
+        y: *mut f32,
+        ldy: usize,
+        valid: usize,
+    ) {
+        let (cols, units) = (xq.cols, xq.cols / 32);
+        // Q6_K scales every 16 values; the other formats every 32 (both halves equal).
+        let halves = K == Q6K;
+        let signs = !VNNI && K == Q8_0;
+        let offsets = !signs;
+        let xs = xq.qs.as_ptr() as *const u8;
+        let mut acc = [_mm256_setzero_ps(); MI];
+        for u in 0..units {
+            let w = q.add(u * UNIT_BYTES);
+            let mut lo = [_mm256_setzero_si256(); MI];
+            let mut hi = [_mm256_setzero_si256(); MI];
+            for j in 0..8 {
+                let wv = load32(w.add(32 * j));
+                let wu = if signs { _mm256_sign_epi8(wv, wv) } else { wv };
+                for i in 0..MI {
+                    let at = xs.add((i0 + i) * cols + 32 * u + 4 * j);
+                    let bx = _mm256_set1_epi32(std::ptr::read_unaligned(at as *const i32));
+                    let bx = if signs { _mm256_sign_epi8(bx, wv) } else { bx };
+                    if halves && j >= 4 {
+                        hi[i] = dot_add::<VNNI>(hi[i], wu, bx);
+                    } else {
+                        lo[i] = dot_add::<VNNI>(lo[i], wu, bx);
+                    }
+                }
+            }
+            let fu = f.add(u * UNIT_FLOATS);
+            let (s0, s1) = (_mm256_loadu_ps(fu), _mm256_loadu_ps(fu.add(8)));
+            let (o0, o1) = (_mm256_loadu_ps(fu.add(16)), _mm256_loadu_ps(fu.add(24)));
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let row = i0 + i;
+                let dx = _mm256_set1_ps(*xq.d.get_unchecked(row * units + u));
+                let (sx0, sx1) = (
+                    *xq.s16.get_unchecked(row * 2 * units + 2 * u),
+                    *xq.s16.get_unchecked(row * 2 * units + 2 * u + 1),
+                );
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo[i]), _mm256_mul_ps(s0, dx), *acc);
+                if halves {
+                    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi[i]), _mm256_mul_ps(s1, dx), *acc);
+                    *acc = _mm256_fmadd_ps(o0, _mm256_set1_ps(sx0), *acc);
+                    *acc = _mm256_fmadd_ps(o1, _mm256_set1_ps(sx1), *acc);
+                } else if offsets {
+                    *acc = _mm256_fmadd_ps(o0, _mm256_set1_ps(sx0 + sx1), *acc);
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            let out = y.add((i0 + i) * ldy);
+            if valid == 8 {
+                _mm256_storeu_ps(out, *acc);
+            } else {
+                let mut lanes = [0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), *acc);
+                std::ptr::copy_nonoverlapping(lanes.as_ptr(), out, valid);
+            }
+        }
+    }
+
+    /// Packs the group `rows` (`valid` rows) and multiplies every input row of `xq` into it.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm_group<const K: u8, const VNNI: bool>(
+        rows: &[u8],
+        valid: usize,
+        xq: &Q8Rows,
+        y: *mut f32,
+        ldy: usize,
+        q: &mut [u8],
+        f: &mut [f32],
+    ) {
+        let units = xq.cols / 32;
+        let (q, f) = (q.as_mut_ptr(), f.as_mut_ptr());
+        pack_group::<K, VNNI>(rows, valid, units, q, f);
+        const MI: usize = 6;
+        let m = xq.m;
+        let mut i0 = 0;
+        while i0 + MI <= m {
+            packed_rows::<K, VNNI, MI>(q, f, xq, i0, y, ldy, valid);
+            i0 += MI;
+        }
+        match m - i0 {
+            1 => packed_rows::<K, VNNI, 1>(q, f, xq, i0, y, ldy, valid),
+            2 => packed_rows::<K, VNNI, 2>(q, f, xq, i0, y, ldy, valid),
+            3 => packed_rows::<K, VNNI, 3>(q, f, xq, i0, y, ldy, valid),
+            4 => packed_rows::<K, VNNI, 4>(q, f, xq, i0, y, ldy, valid),
+            5 => packed_rows::<K, VNNI, 5>(q, f, xq, i0, y, ldy, valid),
+            _ => {}
+        }
+    }
+
+    /// `$f::<K, VNNI>` for any covered format `$kind`.
+    macro_rules! by_any_kind {
+        ($f:ident, $vnni:expr, $kind:expr, $($arg:expr),*) => {
+            match $kind {
+                Q4_0 => $f::<Q4_0, $vnni>($($arg),*),
+                Q4_1 => $f::<Q4_1, $vnni>($($arg),*),
+                Q5_0 => $f::<Q5_0, $vnni>($($arg),*),
+                Q5_1 => $f::<Q5_1, $vnni>($($arg),*),
+                Q8_0 => $f::<Q8_0, $vnni>($($arg),*),
+                Q4K => $f::<Q4K, $vnni>($($arg),*),
+                Q5K => $f::<Q5K, $vnni>($($arg),*),
+                _ => $f::<Q6K, $vnni>($($arg),*),
+            }
+        };
+    }
+
+    /// [`gemm_group`] with AVX-512 VNNI.
+    #[cfg(feature = "avx512")]
+    #[target_feature(enable = "avx512f,avx512vl,avx512vnni,avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn vnni_gemm(
+        kind: u8,
+        rows: &[u8],
+        valid: usize,
+        xq: &Q8Rows,
+        y: *mut f32,
+        ldy: usize,
+        q: &mut [u8],
+        f: &mut [f32],
+    ) {
+        by_any_kind!(gemm_group, true, kind, rows, valid, xq, y, ldy, q, f)
+    }
+
+    /// [`gemm_group`] with AVX2.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn avx2_gemm(
+        kind: u8,
+        rows: &[u8],
+        valid: usize,
+        xq: &Q8Rows,
+        y: *mut f32,
+        ldy: usize,
+        q: &mut [u8],
+        f: &mut [f32],
+    ) {
+        by_any_kind!(gemm_group, false, kind, rows, valid, xq, y, ldy, q, f)
     }
 
     /// `$f::<K, VNNI>` for the 4- and 5-bit block format `$kind`.

@@ -7,6 +7,8 @@
 //!   what bounds decoding. Rows of `W` are split across threads.
 //! - Many input rows (prefill, training): tiles of [`TILE_ROWS`] rows of `W` are decoded into a
 //!   per-task f32 buffer and multiplied by gemm, so decoding costs `1/m` of the product.
+//! - With [`Activations::Q8`] (opt-in), the block and K formats multiply inputs rounded to 8
+//!   bits with integer dot products instead ([`super::int8`]), for few and many rows alike.
 //!
 //! Both are compiled for AVX-512 or AVX2+FMA when the CPU has them (run-time dispatch, as the
 //! fused kernels). Results equal `x · dequantize(W)ᵀ` up to f32 summation order.
@@ -67,9 +69,9 @@ pub enum Activations {
     #[default]
     F32,
     /// Quantized to 8 bits per 32 values (Q8_0) and multiplied with integer dot products, as
-    /// llama.cpp does ([`super::int8`]): faster decoding of the block and K formats, at the
-    /// cost of rounding `x`. Products of more than [`SMALL_M`] rows (prefill, training) and
-    /// the 16-bit float types stay exact.
+    /// llama.cpp does ([`super::int8`]): faster decoding and prefill of the block and K
+    /// formats, at the cost of rounding `x`. The 16-bit float types stay exact, and so does
+    /// training (its weights never take this).
     Q8,
 }
 
@@ -110,10 +112,27 @@ pub fn matmul_quant_with(
     }
     if m <= SMALL_M {
         small_m(w, x, m, activations, &mut y);
-    } else {
+    } else if !(q8_applies(&w, activations)
+        && super::int8::gemm(
+            w.ty,
+            w.bytes,
+            w.rows,
+            &super::int8::Q8Rows::quantize(x, m, w.cols),
+            &mut y,
+        ))
+    {
         tiled(w, x, m, &mut y);
     }
     y
+}
+
+/// Whether products by `w` round their inputs to 8 bits ([`Activations::Q8`] on a block or K
+/// format whose rows the 8-bit kernels take).
+fn q8_applies(w: &QuantMatrix<'_>, activations: Activations) -> bool {
+    activations == Activations::Q8
+        && w.cols % 32 == 0
+        && w.cols <= super::int8::MAX_COLS
+        && w.ty.is_quantized()
 }
 
 /// `y [m, out] = x [m, in] · Wᵀ` for a dense f32 `w` `[out, in]` and few rows `m` (decoding):
@@ -161,11 +180,7 @@ fn rows_per_task(w: &QuantMatrix<'_>) -> usize {
 fn small_m(w: QuantMatrix<'_>, x: &[f32], m: usize, activations: Activations, y: &mut [f32]) {
     let per_task = rows_per_task(&w);
     // Quantized once for every task; `None` where the 8-bit kernels do not apply.
-    let xq = (activations == Activations::Q8
-        && w.cols % 32 == 0
-        && w.cols <= super::int8::MAX_COLS
-        && w.ty.is_quantized())
-    .then(|| super::int8::Q8Rows::quantize(x, m, w.cols));
+    let xq = q8_applies(&w, activations).then(|| super::int8::Q8Rows::quantize(x, m, w.cols));
     let rb = w.row_bytes();
     // yt: [out, m], so that each task writes one contiguous range (y itself when m = 1).
     let mut transposed = Vec::new();
