@@ -93,6 +93,18 @@ fn run_once<B: hone_model::KernelBackend>(
     new_tokens: usize,
     device: &B::Device,
 ) -> Result<Timing> {
+    // The pool's threads stay awake between the step's parallel loops (as in `generate` and
+    // the server).
+    hone_model::in_busy_pool(|| run_steps(model, prompt, batch, new_tokens, device))
+}
+
+fn run_steps<B: hone_model::KernelBackend>(
+    model: &CausalLm<B>,
+    prompt: &[i64],
+    batch: usize,
+    new_tokens: usize,
+    device: &B::Device,
+) -> Result<Timing> {
     let vocab = model.config().vocab_size;
     let mut cache = KvCache::new(model.config().num_layers);
     let started = Instant::now();

@@ -100,6 +100,44 @@ pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
+/// [`in_pool`], with the pool's other threads kept polling for work while `f` runs, instead
+/// of going to sleep between two parallel loops and being woken for the next one. A decoding
+/// step is a few hundred short parallel loops (one per projection and attention) with serial
+/// work between them (norms, RoPE, sampling): a worker that falls asleep in such a gap costs a
+/// futex wake-up and a context switch to bring back, about a tenth of the step on
+/// SmolLM2-135M. The price is that those threads use their cores for the whole of `f`, so this
+/// wraps computations (a generation, a serving step), not waits.
+pub fn in_busy_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    in_pool(move || {
+        let threads = rayon::current_num_threads();
+        if threads < 2 {
+            return f();
+        }
+        let caller = rayon::current_thread_index();
+        let done = AtomicBool::new(false);
+        rayon::scope(|s| {
+            for _ in 1..threads {
+                s.spawn(|_| {
+                    // The caller runs a poller it did not hand out itself only once `f` waits
+                    // for stolen work: it returns at once, so that the caller goes on.
+                    if rayon::current_thread_index() == caller {
+                        return;
+                    }
+                    while !done.load(Ordering::Acquire) {
+                        if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                            std::hint::spin_loop();
+                        }
+                    }
+                });
+            }
+            let out = f();
+            done.store(true, Ordering::Release);
+            out
+        })
+    })
+}
+
 /// [`run_on`] on the calling thread, for a task that waits for outside events between its
 /// computations (a server's worker: parked on a pool thread it would hold that thread while
 /// idle, and several servers in one process could hold them all). Such a task moves each

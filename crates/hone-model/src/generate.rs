@@ -232,7 +232,10 @@ pub fn generate<B: KernelBackend>(
             ),
             &device,
         );
-        let logits = model.forward(crate::Input::new(ids).cache(&mut cache).last_logits());
+        // The pool's threads stay awake between the step's parallel loops.
+        let logits = crate::in_busy_pool(|| {
+            model.forward(crate::Input::new(ids).cache(&mut cache).last_logits())
+        });
         let mut logits: Vec<f32> = logits
             .into_data()
             .convert::<f32>()

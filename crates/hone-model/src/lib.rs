@@ -30,7 +30,7 @@ pub mod weights;
 
 pub use cache::KvCache;
 pub use config::{Architecture, ModelConfig};
-pub use device::{in_pool, run_on, run_on_this_thread, BackendTask, DeviceSpec};
+pub use device::{in_busy_pool, in_pool, run_on, run_on_this_thread, BackendTask, DeviceSpec};
 pub use dtype::FloatDtype;
 pub use error::{ModelError, Result};
 pub use forward::{Adapters, Cache, Input, Output, Positions, Visibility};

@@ -127,15 +127,11 @@ impl<B: Backend> Linear<B> {
 }
 
 impl<B: KernelBackend> Linear<B> {
-    /// `x Wᵀ + b` for `x` `[rows, in]`.
+    /// `x Wᵀ` for `x` `[rows, in]` (the bias is added by [`Self::finish`]).
     fn base(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let y = match &self.weight {
+        match &self.weight {
             BaseWeight::Dense(w) => B::dense_linear(x, w.val()),
             BaseWeight::Quantized(q) => B::quant_linear(x, q),
-        };
-        match &self.bias {
-            Some(b) => y + b.val().unsqueeze_dim(0),
-            None => y,
         }
     }
 
@@ -147,11 +143,50 @@ impl<B: KernelBackend> Linear<B> {
         kernels: Kernels,
     ) -> Tensor<B, D> {
         let dims = x.dims();
-        let in_features = dims[D - 1];
         let rows = dims[..D - 1].iter().product::<usize>();
-        let out_features = self.shape()[0];
-        let x2d = x.reshape([rows, in_features]);
-        let mut y = self.base(x2d.clone());
+        let x2d = x.reshape([rows, dims[D - 1]]);
+        let y = self.base(x2d.clone());
+        self.finish(y, x2d, select, kernels, dims)
+    }
+
+    /// [`Linear::forward`] of one input through several projections of the same input width
+    /// (a layer's q/k/v or gate/up): when every base weight is kept quantized, the products go
+    /// to the backend together ([`KernelBackend::quant_linear_many`]: one parallel loop on the
+    /// CPU when decoding); bias and adapters as in [`Linear::forward`].
+    pub(crate) fn forward_many<const D: usize, const N: usize>(
+        linears: [&Self; N],
+        x: Tensor<B, D>,
+        select: &Selection<B>,
+        kernels: Kernels,
+    ) -> [Tensor<B, D>; N] {
+        let quantized: Option<Vec<&QuantWeight>> = linears.iter().map(|l| l.quantized()).collect();
+        let Some(weights) = quantized else {
+            return linears.map(|l| l.forward(x.clone(), select, kernels));
+        };
+        let dims = x.dims();
+        let rows = dims[..D - 1].iter().product::<usize>();
+        let x2d = x.reshape([rows, dims[D - 1]]);
+        let mut products = B::quant_linear_many(x2d.clone(), &weights).into_iter();
+        linears.map(|l| {
+            let y = products.next().expect("one product per weight");
+            l.finish(y, x2d.clone(), select, kernels, dims)
+        })
+    }
+
+    /// The base product `y` `[rows, out]` of `x2d` plus the bias and the adapters `select`
+    /// picks, reshaped to `dims` with the last dimension `out`.
+    fn finish<const D: usize>(
+        &self,
+        y: Tensor<B, 2>,
+        x2d: Tensor<B, 2>,
+        select: &Selection<B>,
+        kernels: Kernels,
+        dims: [usize; D],
+    ) -> Tensor<B, D> {
+        let mut y = match &self.bias {
+            Some(b) => y + b.val().unsqueeze_dim(0),
+            None => y,
+        };
         match select {
             Selection::Slot(slot) => {
                 if let Some(lora) = self.slot(*slot) {
@@ -168,7 +203,7 @@ impl<B: KernelBackend> Linear<B> {
             }
         }
         let mut out = dims;
-        out[D - 1] = out_features;
+        out[D - 1] = self.shape()[0];
         y.reshape(out)
     }
 }
@@ -342,19 +377,9 @@ impl<B: KernelBackend> Attention<B> {
         select: &Selection<B>,
     ) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = B::rope(
-            self.q_proj.forward(x.clone(), select, Kernels::Fused),
-            h,
-            d,
-            rope,
-        );
-        let k = B::rope(
-            self.k_proj.forward(x.clone(), select, Kernels::Fused),
-            kvh,
-            d,
-            rope,
-        );
-        (q, k, self.v_proj.forward(x, select, Kernels::Fused))
+        let projections = [&self.q_proj, &self.k_proj, &self.v_proj];
+        let [q, k, v] = Linear::forward_many(projections, x, select, Kernels::Fused);
+        (B::rope(q, h, d, rope), B::rope(k, kvh, d, rope), v)
     }
 
     /// The shapes of this layer's attention over `batch` rows of `seq` queries.
@@ -414,8 +439,7 @@ pub struct Mlp<B: Backend> {
 
 impl<B: KernelBackend> Mlp<B> {
     fn forward(&self, x: Tensor<B, 3>, select: &Selection<B>, kernels: Kernels) -> Tensor<B, 3> {
-        let gate = self.gate_proj.forward(x.clone(), select, kernels);
-        let up = self.up_proj.forward(x, select, kernels);
+        let [gate, up] = Linear::forward_many([&self.gate_proj, &self.up_proj], x, select, kernels);
         let act = if kernels.fused::<B>(gate.dtype()) {
             B::swiglu(gate, up)
         } else {

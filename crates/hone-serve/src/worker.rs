@@ -282,8 +282,9 @@ impl<B: hone_model::KernelBackend> Worker<B> {
             }
             self.drop_cancelled();
             self.admit();
-            // The model's work runs on the pool (see `hone_model::run_on_this_thread`).
-            hone_model::in_pool(|| {
+            // The model's work runs on the pool (see `hone_model::run_on_this_thread`), whose
+            // threads stay awake for the step (`hone_model::in_busy_pool`).
+            hone_model::in_busy_pool(|| {
                 self.prefill_step();
                 self.publish_gauges();
                 self.decode_step();

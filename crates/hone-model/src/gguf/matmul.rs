@@ -106,13 +106,16 @@ pub fn matmul_quant_with(
 ) -> Vec<f32> {
     w.validate().expect("quantized matrix shape");
     assert_eq!(x.len(), m * w.cols, "matmul_quant: x is not [m, in]");
+    if m > 0 && m <= SMALL_M {
+        return small_m_many(&[(w, activations)], x, m)
+            .pop()
+            .expect("one product");
+    }
     let mut y = vec![0f32; m * w.rows];
     if m == 0 || w.rows == 0 {
         return y;
     }
-    if m <= SMALL_M {
-        small_m(w, x, m, activations, &mut y);
-    } else if !(q8_applies(&w, activations)
+    if !(q8_applies(&w, activations)
         && super::int8::gemm(
             w.ty,
             w.bytes,
@@ -177,41 +180,87 @@ fn rows_per_task(w: &QuantMatrix<'_>) -> usize {
     (65_536 / w.cols.max(1)).clamp(8, 256) / 8 * 8
 }
 
-fn small_m(w: QuantMatrix<'_>, x: &[f32], m: usize, activations: Activations, y: &mut [f32]) {
-    let per_task = rows_per_task(&w);
-    // Quantized once for every task; `None` where the 8-bit kernels do not apply.
-    let xq = q8_applies(&w, activations).then(|| super::int8::Q8Rows::quantize(x, m, w.cols));
-    let rb = w.row_bytes();
-    // yt: [out, m], so that each task writes one contiguous range (y itself when m = 1).
-    let mut transposed = Vec::new();
-    let yt: &mut [f32] = if m == 1 {
-        y
-    } else {
-        transposed.resize(w.rows * m, 0f32);
-        &mut transposed
+/// `x · Wᵀ` for each `W` of `ws` (the same input width), few rows: every product's row ranges
+/// as tasks of one parallel loop (one fork and join for a layer's q/k/v), and the input
+/// quantized once where 8-bit activations apply.
+fn small_m_many(ws: &[(QuantMatrix<'_>, Activations)], x: &[f32], m: usize) -> Vec<Vec<f32>> {
+    let Some((first, _)) = ws.first() else {
+        return Vec::new();
     };
-    yt.par_chunks_mut(per_task * m)
-        .zip(w.bytes.par_chunks(per_task * rb))
-        .for_each(|(yt, rows)| {
-            if xq
-                .as_ref()
-                .is_some_and(|xq| super::int8::rows_dot(w.ty, rows, xq, yt))
-            {
-                return;
-            }
-            if !super::matvec::rows_dot(w.ty, rows, w.cols, x, m, yt)
-                && !super::matvec::half_rows_dot(w.ty, rows, w.cols, x, m, yt)
-            {
-                rows_dot(w.ty, rows, w.cols, x, m, yt)
-            }
-        });
-    if m > 1 {
-        for r in 0..w.rows {
-            for i in 0..m {
-                y[i * w.rows + r] = transposed[r * m + i];
-            }
+    // Quantized once for every product and task; `None` where the 8-bit kernels do not apply.
+    let xq = ws
+        .iter()
+        .any(|(w, a)| q8_applies(w, *a))
+        .then(|| super::int8::Q8Rows::quantize(x, m, first.cols));
+    // yt: [out, m] per product, so that each task writes one contiguous range (y itself when
+    // m = 1).
+    let mut yts: Vec<Vec<f32>> = ws.iter().map(|(w, _)| vec![0f32; w.rows * m]).collect();
+    let mut tasks = Vec::new();
+    for ((w, activations), yt) in ws.iter().zip(yts.iter_mut()) {
+        let per_task = rows_per_task(w);
+        let xq = xq.as_ref().filter(|_| q8_applies(w, *activations));
+        let chunks = yt.chunks_mut(per_task * m);
+        for (yt, rows) in chunks.zip(w.bytes.chunks(per_task * w.row_bytes())) {
+            tasks.push((w.ty, w.cols, xq, rows, yt));
         }
     }
+    tasks.into_par_iter().for_each(|(ty, cols, xq, rows, yt)| {
+        if xq.is_some_and(|xq| super::int8::rows_dot(ty, rows, xq, yt)) {
+            return;
+        }
+        if !super::matvec::rows_dot(ty, rows, cols, x, m, yt)
+            && !super::matvec::half_rows_dot(ty, rows, cols, x, m, yt)
+        {
+            rows_dot(ty, rows, cols, x, m, yt)
+        }
+    });
+    if m == 1 {
+        return yts;
+    }
+    yts.into_iter()
+        .map(|yt| {
+            let rows = yt.len() / m;
+            let mut y = vec![0f32; m * rows];
+            for r in 0..rows {
+                for i in 0..m {
+                    y[i * rows + r] = yt[r * m + i];
+                }
+            }
+            y
+        })
+        .collect()
+}
+
+/// `x · Wᵀ` for each `(W, activations)` of `ws` (weights of the same input width, as a layer's
+/// q/k/v or gate/up projections): the products of [`matmul_quant_with`], with few input rows
+/// run as one parallel loop and the input quantized once.
+///
+/// # Panics
+/// As [`matmul_quant`], and when the widths differ.
+pub fn matmul_quant_many(
+    ws: &[(QuantMatrix<'_>, Activations)],
+    x: &[f32],
+    m: usize,
+) -> Vec<Vec<f32>> {
+    let Some((first, _)) = ws.first() else {
+        return Vec::new();
+    };
+    for (w, _) in ws {
+        w.validate().expect("quantized matrix shape");
+        assert_eq!(w.cols, first.cols, "matmul_quant_many: input widths differ");
+    }
+    assert_eq!(
+        x.len(),
+        m * first.cols,
+        "matmul_quant_many: x is not [m, in]"
+    );
+    if m == 0 || m > SMALL_M {
+        return ws
+            .iter()
+            .map(|(w, activations)| matmul_quant_with(*w, x, m, *activations))
+            .collect();
+    }
+    small_m_many(ws, x, m)
 }
 
 multiversion! {

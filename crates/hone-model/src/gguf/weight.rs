@@ -9,7 +9,7 @@ use std::sync::Arc;
 use burn::empty;
 use rayon::prelude::*;
 
-use super::matmul::{matmul_quant_with, Activations, QuantMatrix};
+use super::matmul::{matmul_quant_many, matmul_quant_with, Activations, QuantMatrix};
 use super::quant::{dequantize, dequantize_block, GgmlType};
 use crate::kernels::cpu::matmul;
 
@@ -115,6 +115,13 @@ impl QuantWeight {
     /// given [`Activations::Q8`] and `m` is small).
     pub fn matmul_nt(&self, x: &[f32], m: usize) -> Vec<f32> {
         matmul_quant_with(self.matrix(), x, m, self.activations)
+    }
+
+    /// [`QuantWeight::matmul_nt`] of one `x` by each of `ws` (the same input width): few rows
+    /// run as one parallel loop, with `x` quantized once where 8-bit activations apply.
+    pub fn matmul_nt_many(ws: &[&QuantWeight], x: &[f32], m: usize) -> Vec<Vec<f32>> {
+        let products: Vec<_> = ws.iter().map(|w| (w.matrix(), w.activations)).collect();
+        matmul_quant_many(&products, x, m)
     }
 
     /// `dx [m, in] = g [m, out] · W`: the input gradient of [`QuantWeight::matmul_nt`]. Tiles

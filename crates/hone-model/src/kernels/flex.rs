@@ -119,6 +119,22 @@ impl KernelBackend for Flex {
         tensor(flex(w.matmul_nt(values(&x), m), &[m, w.shape()[0]]))
     }
 
+    fn quant_linear_many(x: Tensor<Self, 2>, ws: &[&QuantWeight]) -> Vec<Tensor<Self, 2>> {
+        if !f32s(x.dtype()) {
+            return ws
+                .iter()
+                .map(|w| composed::quant_linear(x.clone(), w))
+                .collect();
+        }
+        let x = contiguous(&prim(x));
+        let m = dims(&x)[0];
+        QuantWeight::matmul_nt_many(ws, values(&x), m)
+            .into_iter()
+            .zip(ws)
+            .map(|(y, w)| tensor(flex(y, &[m, w.shape()[0]])))
+            .collect()
+    }
+
     fn lora_delta(
         x: Tensor<Self, 2>,
         a: Tensor<Self, 2>,

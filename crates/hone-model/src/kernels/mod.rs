@@ -272,6 +272,15 @@ pub trait KernelBackend: Backend {
         composed::quant_linear(x, w)
     }
 
+    /// [`KernelBackend::quant_linear`] of one input by several weights of the same input
+    /// width (a layer's q/k/v or gate/up projections), one product per weight. The default
+    /// multiplies one after the other; a backend may run them together (one parallel loop).
+    fn quant_linear_many(x: Tensor<Self, 2>, ws: &[&QuantWeight]) -> Vec<Tensor<Self, 2>> {
+        ws.iter()
+            .map(|w| Self::quant_linear(x.clone(), w))
+            .collect()
+    }
+
     /// LoRA's delta `scale · (x Aᵀ) Bᵀ` for `x` `[rows, in]`, `a` `[r, in]`, `b` `[out, r]`
     /// (gradients for all three under autodiff).
     fn lora_delta(
