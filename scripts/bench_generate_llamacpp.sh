@@ -19,7 +19,14 @@
 #   cmake -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF
 #   cmake --build build --target llama-bench llama-quantize -j2
 #
-# and passed as -l .../vendor/llama.cpp (or LLAMA_CPP_DIR).
+# and passed as -l .../vendor/llama.cpp (or LLAMA_CPP_DIR). LLAMA_CPP_BUILD names another build
+# folder under it for llama-bench, e.g. an AVX2-only build to compare with hone's AVX2 path on an
+# AVX-512 machine:
+#
+#   cmake -B build-avx2 -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON \
+#         -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DLLAMA_CURL=OFF
+#   cmake --build build-avx2 --target llama-bench llama-server -j2
+#   LLAMA_CPP_BUILD=build-avx2 scripts/bench_generate_llamacpp.sh -b target-avx2/release/hone ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,7 +53,9 @@ done
 
 [[ -x $hone ]] || { echo "$hone: not an executable (cargo build --release -p hone-cli)" >&2; exit 2; }
 [[ -n $llama ]] || { echo "llama.cpp: pass -l DIR or set LLAMA_CPP_DIR (see the comment at the top)" >&2; exit 2; }
-bench=$llama/build/bin/llama-bench
+bench=$llama/${LLAMA_CPP_BUILD:-build}/bin/llama-bench
+# Conversions are written by the default build's llama-quantize (the file is the same whichever
+# ISA a build was compiled for).
 quantize=$llama/build/bin/llama-quantize
 for tool in "$bench" "$quantize"; do
     [[ -x $tool ]] || { echo "$tool: not built (cmake --build build --target llama-bench llama-quantize)" >&2; exit 2; }

@@ -17,7 +17,8 @@
 #
 # REQUESTS per concurrency (default: 4 × concurrency, at least 8). llama.cpp is built outside the
 # repository from the PyPI sdist of llama-cpp-python (see scripts/bench_generate_llamacpp.sh;
-# target llama-server). The model defaults to SmolLM2-135M-Instruct Q4_1
+# target llama-server; LLAMA_CPP_BUILD names another build folder, e.g. build-avx2). The model
+# defaults to SmolLM2-135M-Instruct Q4_1
 # (scripts/fetch-models.sh smollm2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,7 +50,7 @@ while getopts "l:m:c:n:g:p:r:b:q" opt; do
 done
 [[ -x $hone ]] || { echo "$hone: not an executable (cargo build --release -p hone-cli)" >&2; exit 2; }
 [[ -n $llama ]] || { echo "llama.cpp: pass -l DIR or set LLAMA_CPP_DIR" >&2; exit 2; }
-server_bin=$llama/build/bin/llama-server
+server_bin=$llama/${LLAMA_CPP_BUILD:-build}/bin/llama-server
 [[ -x $server_bin ]] || { echo "$server_bin: not built (cmake --build build --target llama-server)" >&2; exit 2; }
 [[ -f $model ]] || { echo "$model: missing (scripts/fetch-models.sh smollm2)" >&2; exit 2; }
 
