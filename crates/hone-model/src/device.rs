@@ -116,6 +116,14 @@ pub fn in_busy_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         }
         let caller = rayon::current_thread_index();
         let done = AtomicBool::new(false);
+        /// Ends the polling when `f` returns or unwinds (the scope waits for the pollers, so a
+        /// panic in `f` would otherwise never reach the caller).
+        struct Finish<'a>(&'a AtomicBool);
+        impl Drop for Finish<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Release);
+            }
+        }
         rayon::scope(|s| {
             for _ in 1..threads {
                 s.spawn(|_| {
@@ -131,9 +139,8 @@ pub fn in_busy_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
                     }
                 });
             }
-            let out = f();
-            done.store(true, Ordering::Release);
-            out
+            let _finish = Finish(&done);
+            f()
         })
     })
 }
@@ -264,4 +271,34 @@ fn run_cuda<T: BackendTask>(index: usize, _task: T) -> Result<T::Output> {
         "device cuda:{index} requested, but this hone was built without CUDA support; \
          rebuild with `cargo build --release --features cuda` (needs the CUDA toolkit), or use --device cpu"
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use rayon::prelude::*;
+
+    use super::in_busy_pool;
+
+    #[test]
+    fn a_busy_pool_runs_parallel_work_and_returns_its_value() {
+        let sum = in_busy_pool(|| {
+            (0..100u64)
+                .map(|_| (0..10_000u64).into_par_iter().sum::<u64>())
+                .sum::<u64>()
+        });
+        assert_eq!(sum, 100 * (10_000 * 9_999 / 2));
+    }
+
+    #[test]
+    fn a_panic_inside_a_busy_pool_reaches_the_caller() {
+        // Without the pollers being told to stop on unwinding, the scope would wait for them
+        // forever and this call would never return.
+        let caught = std::panic::catch_unwind(|| {
+            in_busy_pool(|| {
+                let _: u64 = (0..1_000u64).into_par_iter().sum();
+                panic!("inside the pool")
+            })
+        });
+        assert!(caught.is_err());
+    }
 }
