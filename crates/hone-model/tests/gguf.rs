@@ -595,6 +595,52 @@ fn q8_activation_products_equal_the_product_with_q8_0_inputs() {
     }
 }
 
+/// Several products of one input run together (a layer's q/k/v when decoding: one parallel
+/// loop, the input quantized once) give each weight the product it gets alone (itself checked
+/// against f64 above), whatever the mix of formats, row counts and activations.
+#[test]
+fn products_run_together_equal_each_product_alone() {
+    use hone_model::gguf::matmul::{
+        matmul_quant_many, matmul_quant_with, Activations, QuantMatrix,
+    };
+    let cols = 512;
+    let specs = [
+        (GgmlType::Q4_0, 141, Activations::Q8),
+        (GgmlType::Q8_0, 64, Activations::F32),
+        (GgmlType::F16, 8, Activations::Q8),
+        (GgmlType::Q6K, 27, Activations::Q8),
+    ];
+    let bytes: Vec<Vec<u8>> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, &(ty, rows, _))| random_blocks(ty, rows * cols, 70 + i as u64))
+        .collect();
+    let ws: Vec<(QuantMatrix<'_>, Activations)> = specs
+        .iter()
+        .zip(&bytes)
+        .map(|(&(ty, rows, activations), bytes)| {
+            let matrix = QuantMatrix {
+                ty,
+                bytes,
+                rows,
+                cols,
+            };
+            (matrix, activations)
+        })
+        .collect();
+    for m in [1, 3, 8, 12] {
+        let x: Vec<f32> = (0..m * cols)
+            .map(|k| ((k * 37) % 101) as f32 / 50.0 - 1.0)
+            .collect();
+        let together = matmul_quant_many(&ws, &x, m);
+        assert_eq!(together.len(), ws.len());
+        for ((w, activations), y) in ws.iter().zip(&together) {
+            let alone = matmul_quant_with(*w, &x, m, *activations);
+            assert_eq!(y, &alone, "{} [{}, {cols}] m={m}", w.ty, w.rows);
+        }
+    }
+}
+
 /// The dense f32 products of the generation path (few rows: each weight row streamed once;
 /// many rows: transposed tiles through gemm) equal `x · Wᵀ` computed in f64, for widths that are
 /// not multiples of the vector or tile sizes.
