@@ -477,14 +477,19 @@ fn random_blocks(ty: GgmlType, elements: usize, seed: u64) -> Vec<u8> {
 }
 
 /// The quantized products equal `x · dequantize(W)ᵀ` (computed in f64 here) on both paths
-/// (few rows: decoded in registers; many rows: tiles through gemm), for every type.
+/// (few rows: decoded in registers; many rows: tiles through gemm), for every type, and for the
+/// 16-bit floats also at a width that is not a multiple of 8 (their tiles are converted and
+/// transposed 8 × 8 at a time, the edges value by value).
 #[test]
 fn quantized_matmul_equals_the_product_with_dequantized_weights() {
     use hone_model::gguf::matmul::{matmul_quant, QuantMatrix, SMALL_M, TILE_ROWS};
     use hone_model::gguf::quant::dequantize;
     use rand::{Rng, SeedableRng};
-    let (rows, cols) = (2 * TILE_ROWS + 13, 512);
-    for (t, ty) in GgmlType::ALL.into_iter().enumerate() {
+    let shapes = GgmlType::ALL
+        .into_iter()
+        .map(|ty| (ty, 2 * TILE_ROWS + 13, 512))
+        .chain([(GgmlType::F16, 37, 83), (GgmlType::BF16, 37, 83)]);
+    for (t, (ty, rows, cols)) in shapes.enumerate() {
         let bytes = random_blocks(ty, rows * cols, t as u64);
         let mut w = vec![0f32; rows * cols];
         dequantize(ty, &bytes, &mut w);

@@ -334,13 +334,128 @@ fn tiled(w: QuantMatrix<'_>, x: &[f32], m: usize, y: &mut [f32]) {
     let (k, n) = (w.cols, w.rows);
     let rb = w.row_bytes();
     tiles_transposed(n, k, m, x, y, |r0, rows, scratch, staging| {
-        decode_rows(
-            w.ty,
-            &w.bytes[r0 * rb..(r0 + rows) * rb],
-            &mut staging[..rows * k],
-        );
+        let bytes = &w.bytes[r0 * rb..(r0 + rows) * rb];
+        if transpose_half_into(w.ty, bytes, rows, k, scratch) {
+            return;
+        }
+        decode_rows(w.ty, bytes, &mut staging[..rows * k]);
         transpose_into(&staging[..rows * k], rows, k, scratch);
     });
+}
+
+/// `dst [cols, rows] = decode(src)ᵀ` for F16 or BF16 rows `src` (`[rows, cols]`), in one pass:
+/// 8 × 8 blocks converted and transposed in AVX registers (decoding to f32 first and then
+/// transposing read and wrote the tile twice: F16 prefill ran below F32's). `false` (nothing
+/// written) for the other types or without AVX2 + F16C.
+fn transpose_half_into(
+    ty: GgmlType,
+    src: &[u8],
+    rows: usize,
+    cols: usize,
+    dst: &mut [f32],
+) -> bool {
+    if !matches!(ty, GgmlType::F16 | GgmlType::BF16) {
+        return false;
+    }
+    assert!(
+        src.len() >= 2 * rows * cols && dst.len() >= rows * cols,
+        "transpose_half_into: buffers smaller than {rows} × {cols}"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c") {
+        let (full_r, full_c) = (rows / 8 * 8, cols / 8 * 8);
+        // SAFETY: the CPU has AVX2 and F16C; the blocks lie inside the buffers checked above.
+        unsafe {
+            transpose_half_blocks(ty == GgmlType::BF16, src, rows, cols, full_r, full_c, dst)
+        };
+        // The edges, value by value.
+        for r in 0..rows {
+            let from = if r < full_r { full_c } else { 0 };
+            for c in from..cols {
+                let mut v = [0f32];
+                decode_block(ty, &src[2 * (r * cols + c)..2 * (r * cols + c) + 2], &mut v);
+                dst[c * rows + r] = v[0];
+            }
+        }
+        return true;
+    }
+    false
+}
+
+/// The 8 × 8 block of rows `r0..r0 + 8` of an `[8, ·]` block `a` (row `i` in `a[i]`) stored
+/// transposed at `d` (`[·, rows]`, columns `c0..c0 + 8`).
+///
+/// # Safety
+/// The CPU has AVX; the block lies inside `d`'s buffer.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn store_transposed8(
+    a: [std::arch::x86_64::__m256; 8],
+    d: *mut f32,
+    rows: usize,
+    r0: usize,
+    c0: usize,
+) {
+    use std::arch::x86_64::*;
+    let [a0, a1, a2, a3, a4, a5, a6, a7] = a;
+    let (t0, t1) = (_mm256_unpacklo_ps(a0, a1), _mm256_unpackhi_ps(a0, a1));
+    let (t2, t3) = (_mm256_unpacklo_ps(a2, a3), _mm256_unpackhi_ps(a2, a3));
+    let (t4, t5) = (_mm256_unpacklo_ps(a4, a5), _mm256_unpackhi_ps(a4, a5));
+    let (t6, t7) = (_mm256_unpacklo_ps(a6, a7), _mm256_unpackhi_ps(a6, a7));
+    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    macro_rules! put {
+        ($j:expr, $v:expr) => {
+            _mm256_storeu_ps(d.add((c0 + $j) * rows + r0), $v)
+        };
+    }
+    put!(0, _mm256_permute2f128_ps::<0x20>(u0, u4));
+    put!(1, _mm256_permute2f128_ps::<0x20>(u1, u5));
+    put!(2, _mm256_permute2f128_ps::<0x20>(u2, u6));
+    put!(3, _mm256_permute2f128_ps::<0x20>(u3, u7));
+    put!(4, _mm256_permute2f128_ps::<0x31>(u0, u4));
+    put!(5, _mm256_permute2f128_ps::<0x31>(u1, u5));
+    put!(6, _mm256_permute2f128_ps::<0x31>(u2, u6));
+    put!(7, _mm256_permute2f128_ps::<0x31>(u3, u7));
+}
+
+/// [`transpose_half_into`] on the top-left `full_r × full_c` block (multiples of 8).
+///
+/// # Safety
+/// The CPU has AVX2 and F16C; `src` holds `rows × cols` 16-bit values and `dst` `cols × rows`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,avx2,f16c")]
+unsafe fn transpose_half_blocks(
+    bf16: bool,
+    src: &[u8],
+    rows: usize,
+    cols: usize,
+    full_r: usize,
+    full_c: usize,
+    dst: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let (s, d) = (src.as_ptr() as *const u16, dst.as_mut_ptr());
+    for r0 in (0..full_r).step_by(8) {
+        for c0 in (0..full_c).step_by(8) {
+            let mut a = [_mm256_setzero_ps(); 8];
+            for (i, a) in a.iter_mut().enumerate() {
+                let h = _mm_loadu_si128(s.add((r0 + i) * cols + c0) as *const __m128i);
+                *a = if bf16 {
+                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+                } else {
+                    _mm256_cvtph_ps(h)
+                };
+            }
+            store_transposed8(a, d, rows, r0, c0);
+        }
+    }
 }
 
 /// `y [m, out] = x [m, in] · Wᵀ` for a dense f32 `w` `[out, in]` and many rows `m` (prefill):
@@ -422,38 +537,11 @@ unsafe fn transpose_blocks_avx(
     let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
     for r0 in (0..full_r).step_by(8) {
         for c0 in (0..full_c).step_by(8) {
-            macro_rules! at {
-                ($i:expr) => {
-                    _mm256_loadu_ps(s.add((r0 + $i) * cols + c0))
-                };
+            let mut a = [_mm256_setzero_ps(); 8];
+            for (i, a) in a.iter_mut().enumerate() {
+                *a = _mm256_loadu_ps(s.add((r0 + i) * cols + c0));
             }
-            let (a0, a1, a2, a3) = (at!(0), at!(1), at!(2), at!(3));
-            let (a4, a5, a6, a7) = (at!(4), at!(5), at!(6), at!(7));
-            let (t0, t1) = (_mm256_unpacklo_ps(a0, a1), _mm256_unpackhi_ps(a0, a1));
-            let (t2, t3) = (_mm256_unpacklo_ps(a2, a3), _mm256_unpackhi_ps(a2, a3));
-            let (t4, t5) = (_mm256_unpacklo_ps(a4, a5), _mm256_unpackhi_ps(a4, a5));
-            let (t6, t7) = (_mm256_unpacklo_ps(a6, a7), _mm256_unpackhi_ps(a6, a7));
-            let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-            let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-            let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-            let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-            let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-            let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-            let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-            let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-            macro_rules! put {
-                ($j:expr, $v:expr) => {
-                    _mm256_storeu_ps(d.add((c0 + $j) * rows + r0), $v)
-                };
-            }
-            put!(0, _mm256_permute2f128_ps::<0x20>(u0, u4));
-            put!(1, _mm256_permute2f128_ps::<0x20>(u1, u5));
-            put!(2, _mm256_permute2f128_ps::<0x20>(u2, u6));
-            put!(3, _mm256_permute2f128_ps::<0x20>(u3, u7));
-            put!(4, _mm256_permute2f128_ps::<0x31>(u0, u4));
-            put!(5, _mm256_permute2f128_ps::<0x31>(u1, u5));
-            put!(6, _mm256_permute2f128_ps::<0x31>(u2, u6));
-            put!(7, _mm256_permute2f128_ps::<0x31>(u3, u7));
+            store_transposed8(a, d, rows, r0, c0);
         }
     }
 }
