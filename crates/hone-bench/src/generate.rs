@@ -85,7 +85,8 @@ fn host_logits<B: Backend, const D: usize>(logits: Tensor<B, D>) -> Result<Vec<f
         .map_err(|e| BenchError::Tensor(format!("{e:?}")))
 }
 
-/// One prefill of `prompt` then `new_tokens` greedy decode steps for every row.
+/// One prefill of `prompt` then `new_tokens` greedy decode steps for every row; the pool's
+/// threads stay awake between a step's parallel loops (as in `generate` and the server).
 fn run_once<B: hone_model::KernelBackend>(
     model: &CausalLm<B>,
     prompt: &[i64],
@@ -93,43 +94,33 @@ fn run_once<B: hone_model::KernelBackend>(
     new_tokens: usize,
     device: &B::Device,
 ) -> Result<Timing> {
-    // The pool's threads stay awake between the step's parallel loops (as in `generate` and
-    // the server).
-    hone_model::in_busy_pool(|| run_steps(model, prompt, batch, new_tokens, device))
-}
-
-fn run_steps<B: hone_model::KernelBackend>(
-    model: &CausalLm<B>,
-    prompt: &[i64],
-    batch: usize,
-    new_tokens: usize,
-    device: &B::Device,
-) -> Result<Timing> {
-    let vocab = model.config().vocab_size;
-    let mut cache = KvCache::new(model.config().num_layers);
-    let started = Instant::now();
-    let logits = model.forward(
-        Input::new(ids_tensor::<B>(prompt, batch, device))
-            .cache(&mut cache)
-            .last_logits(),
-    );
-    let mut logits = host_logits(logits)?;
-    let prefill_seconds = started.elapsed().as_secs_f64();
-    let decode_started = Instant::now();
-    for _ in 0..new_tokens {
-        let next: Vec<i64> = (0..batch)
-            .map(|b| argmax(&logits[b * vocab..(b + 1) * vocab]) as i64)
-            .collect();
-        let out = model.forward(
-            Input::new(ids_tensor::<B>(&next, batch, device))
+    hone_model::in_busy_pool(|| {
+        let vocab = model.config().vocab_size;
+        let mut cache = KvCache::new(model.config().num_layers);
+        let started = Instant::now();
+        let logits = model.forward(
+            Input::new(ids_tensor::<B>(prompt, batch, device))
                 .cache(&mut cache)
                 .last_logits(),
         );
-        logits = host_logits(out)?;
-    }
-    Ok(Timing {
-        prefill_seconds,
-        decode_seconds: decode_started.elapsed().as_secs_f64(),
+        let mut logits = host_logits(logits)?;
+        let prefill_seconds = started.elapsed().as_secs_f64();
+        let decode_started = Instant::now();
+        for _ in 0..new_tokens {
+            let next: Vec<i64> = (0..batch)
+                .map(|b| argmax(&logits[b * vocab..(b + 1) * vocab]) as i64)
+                .collect();
+            let out = model.forward(
+                Input::new(ids_tensor::<B>(&next, batch, device))
+                    .cache(&mut cache)
+                    .last_logits(),
+            );
+            logits = host_logits(out)?;
+        }
+        Ok(Timing {
+            prefill_seconds,
+            decode_seconds: decode_started.elapsed().as_secs_f64(),
+        })
     })
 }
 
