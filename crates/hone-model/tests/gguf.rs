@@ -646,6 +646,104 @@ fn products_run_together_equal_each_product_alone() {
     }
 }
 
+/// A Q4_0 or Q4_1 weight given 8-bit activations keeps its rows regrouped by eight (one copy,
+/// the file's size): its products, alone (decoding: 1 to 8 rows, in tasks of whole groups;
+/// prefill: more) and run together with other weights, equal the f64 product of the dequantized
+/// weights with the Q8_0 round trip of the inputs; and what reads rows (dequantizing, the input
+/// gradient, going back to f32 activations) sees the file's rows.
+#[test]
+fn regrouped_q4_weights_multiply_and_read_back_as_their_rows() {
+    use hone_model::gguf::matmul::Activations;
+    use hone_model::gguf::quant::dequantize;
+    use hone_model::gguf::quantize::quantize;
+    use hone_model::gguf::QuantWeight;
+    #[cfg(target_arch = "x86_64")]
+    let covered = std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c");
+    #[cfg(not(target_arch = "x86_64"))]
+    let covered = false;
+    // More rows than one tile of the input gradient (256), and many tasks of the decoding loop.
+    let (rows, cols) = (264, 576);
+    for (t, ty) in [GgmlType::Q4_0, GgmlType::Q4_1].into_iter().enumerate() {
+        let bytes = random_blocks(ty, rows * cols, 90 + t as u64);
+        let mut w = vec![0f32; rows * cols];
+        dequantize(ty, &bytes, &mut w);
+        let exact = QuantWeight::new(ty, bytes.clone(), rows, cols).unwrap();
+        let q8 = exact.clone().with_activations(Activations::Q8);
+        let other = QuantWeight::new(
+            GgmlType::Q8_0,
+            random_blocks(GgmlType::Q8_0, 40 * cols, 7),
+            40,
+            cols,
+        )
+        .unwrap()
+        .with_activations(Activations::Q8);
+        assert_eq!(
+            q8.byte_len(),
+            bytes.len(),
+            "{ty}: one copy of the file's size"
+        );
+        let decoded = q8.dequantize();
+        let wrong = decoded
+            .iter()
+            .zip(&w)
+            .position(|(a, b)| a.to_bits() != b.to_bits());
+        assert!(
+            decoded.len() == w.len() && wrong.is_none(),
+            "{ty}: dequantized value {wrong:?} differs"
+        );
+        for m in [1, 2, 5, 8, 9, 13] {
+            let x: Vec<f32> = (0..m * cols)
+                .map(|k| (((k * 37) % 101) as f32 / 50.0 - 1.0) * (1 + k / cols) as f32)
+                .collect();
+            let mut rounded = vec![0f32; m * cols];
+            dequantize(
+                GgmlType::Q8_0,
+                &quantize(GgmlType::Q8_0, &x).unwrap(),
+                &mut rounded,
+            );
+            let xs = if covered { &rounded } else { &x };
+            let y = q8.matmul_nt(&x, m);
+            for i in 0..m {
+                for r in 0..rows {
+                    let terms = (0..cols).map(|k| xs[i * cols + k] as f64 * w[r * cols + k] as f64);
+                    let want: f64 = terms.clone().sum();
+                    let scale: f64 = terms.map(f64::abs).sum();
+                    let got = y[i * rows + r] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * scale.max(1e-6),
+                        "{ty} m={m} y[{i},{r}] = {got}, expected {want}"
+                    );
+                }
+            }
+            let together = QuantWeight::matmul_nt_many(&[&q8, &other, &q8], &x, m);
+            assert_eq!(together[0], y, "{ty} m={m}: run together");
+            assert_eq!(together[2], y, "{ty} m={m}: run together");
+            assert_eq!(
+                together[1],
+                other.matmul_nt(&x, m),
+                "{ty} m={m}: the other weight"
+            );
+            let g: Vec<f32> = (0..m * rows)
+                .map(|k| ((k * 13) % 29) as f32 / 14.0 - 1.0)
+                .collect();
+            assert_eq!(
+                q8.matmul_nn(&g, m),
+                exact.matmul_nn(&g, m),
+                "{ty} m={m}: input gradient"
+            );
+        }
+        let back = q8.clone().with_activations(Activations::F32);
+        let x: Vec<f32> = (0..3 * cols).map(|k| (k % 17) as f32 / 8.0 - 1.0).collect();
+        assert_eq!(
+            back.matmul_nt(&x, 3),
+            exact.matmul_nt(&x, 3),
+            "{ty}: back to f32 activations"
+        );
+    }
+}
+
 /// The dense f32 products of the generation path (few rows: each weight row streamed once;
 /// many rows: transposed tiles through gemm) equal `x · Wᵀ` computed in f64, for widths that are
 /// not multiples of the vector or tile sizes.

@@ -97,16 +97,17 @@ multiversion! {
     }
 }
 
-/// The integer dot products this CPU has, for a format `ty` and input rows `xq`: `None` where
-/// the 8-bit kernels do not apply (another format, widths that are not whole blocks, no AVX2).
+/// The integer dot products this CPU has, for a format `ty` and rows of `cols` values: `None`
+/// where the 8-bit kernels do not apply (another format, widths that are not whole blocks, no
+/// AVX2).
 #[cfg(target_arch = "x86_64")]
-fn isa(ty: GgmlType, xq: &Q8Rows) -> Option<(Isa, u8)> {
+pub(super) fn isa(ty: GgmlType, cols: usize) -> Option<(Isa, u8)> {
     use GgmlType as T;
     let covered = matches!(
         ty,
         T::Q4_0 | T::Q4_1 | T::Q5_0 | T::Q5_1 | T::Q8_0 | T::Q4K | T::Q5K | T::Q6K
     );
-    if !covered || xq.cols % ty.block_size() != 0 || xq.cols > MAX_COLS || xq.m == 0 {
+    if !covered || cols % ty.block_size() != 0 || cols > MAX_COLS {
         return None;
     }
     let kind = match ty {
@@ -130,7 +131,7 @@ fn isa(ty: GgmlType, xq: &Q8Rows) -> Option<(Isa, u8)> {
 /// Which integer dot product the kernels use.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
-enum Isa {
+pub(super) enum Isa {
     /// AVX-512 VNNI `vpdpbusd` on 256-bit vectors.
     #[cfg(feature = "avx512")]
     Vnni,
@@ -144,7 +145,7 @@ enum Isa {
 pub(crate) fn rows_dot(ty: GgmlType, rows: &[u8], xq: &Q8Rows, yt: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        let Some((isa, kind)) = isa(ty, xq) else {
+        let Some((isa, kind)) = isa(ty, xq.cols).filter(|_| xq.m > 0) else {
             return false;
         };
         let rb = ty.byte_len(xq.cols);
@@ -190,7 +191,7 @@ pub(crate) fn gemm(ty: GgmlType, bytes: &[u8], n: usize, xq: &Q8Rows, y: &mut [f
 
         use crate::kernels::cpu::Shared;
 
-        let Some((isa, kind)) = isa(ty, xq) else {
+        let Some((isa, kind)) = isa(ty, xq.cols).filter(|_| xq.m > 0) else {
             return false;
         };
         let rb = ty.byte_len(xq.cols);
@@ -230,8 +231,9 @@ pub(crate) fn gemm(ty: GgmlType, bytes: &[u8], n: usize, xq: &Q8Rows, y: &mut [f
 }
 
 /// The groups `0..groups` as a parallel iterator of a few tasks per thread.
-#[cfg(target_arch = "x86_64")]
-fn groups_in_parallel(groups: usize) -> impl rayon::iter::ParallelIterator<Item = usize> {
+pub(super) fn groups_in_parallel(
+    groups: usize,
+) -> impl rayon::iter::ParallelIterator<Item = usize> {
     use rayon::prelude::*;
     let tasks = (4 * rayon::current_num_threads().max(1)).min(groups).max(1);
     let per_task = groups.div_ceil(tasks);

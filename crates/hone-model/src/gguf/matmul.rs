@@ -104,18 +104,50 @@ pub fn matmul_quant_with(
     m: usize,
     activations: Activations,
 ) -> Vec<f32> {
+    product(Product::rows(w, activations), x, m)
+}
+
+/// One product by a quantized weight: the matrix, its activations, and whether its rows are
+/// regrouped by eight ([`super::repack`]: only with [`Activations::Q8`] where it applies).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Product<'a> {
+    pub w: QuantMatrix<'a>,
+    pub activations: Activations,
+    pub regrouped: bool,
+}
+
+impl<'a> Product<'a> {
+    /// `w` with its rows as the file stores them.
+    pub(crate) fn rows(w: QuantMatrix<'a>, activations: Activations) -> Self {
+        Self {
+            w,
+            activations,
+            regrouped: false,
+        }
+    }
+}
+
+/// `y [m, out] = x [m, in] · Wᵀ` for the product `p`.
+pub(crate) fn product(p: Product<'_>, x: &[f32], m: usize) -> Vec<f32> {
+    let w = p.w;
     w.validate().expect("quantized matrix shape");
     assert_eq!(x.len(), m * w.cols, "matmul_quant: x is not [m, in]");
     if m > 0 && m <= SMALL_M {
-        return small_m_many(&[(w, activations)], x, m)
-            .pop()
-            .expect("one product");
+        return small_m_many(&[p], x, m).pop().expect("one product");
     }
     let mut y = vec![0f32; m * w.rows];
     if m == 0 || w.rows == 0 {
         return y;
     }
-    if !(q8_applies(&w, activations)
+    if p.regrouped {
+        let xq = super::int8::Q8Rows::quantize(x, m, w.cols);
+        assert!(
+            super::repack::gemm(w.ty, w.bytes, w.rows, &xq, &mut y),
+            "regrouped rows without the 8-bit kernels"
+        );
+        return y;
+    }
+    if !(q8_applies(&w, p.activations)
         && super::int8::gemm(
             w.ty,
             w.bytes,
@@ -183,37 +215,48 @@ fn rows_per_task(w: &QuantMatrix<'_>) -> usize {
 /// `x · Wᵀ` for each `W` of `ws` (the same input width), few rows: every product's row ranges
 /// as tasks of one parallel loop (one fork and join for a layer's q/k/v), and the input
 /// quantized once where 8-bit activations apply.
-fn small_m_many(ws: &[(QuantMatrix<'_>, Activations)], x: &[f32], m: usize) -> Vec<Vec<f32>> {
-    let Some((first, _)) = ws.first() else {
+fn small_m_many(ws: &[Product<'_>], x: &[f32], m: usize) -> Vec<Vec<f32>> {
+    let Some(first) = ws.first() else {
         return Vec::new();
     };
     // Quantized once for every product and task; `None` where the 8-bit kernels do not apply.
     let xq = ws
         .iter()
-        .any(|(w, a)| q8_applies(w, *a))
-        .then(|| super::int8::Q8Rows::quantize(x, m, first.cols));
+        .any(|p| q8_applies(&p.w, p.activations))
+        .then(|| super::int8::Q8Rows::quantize(x, m, first.w.cols));
     // yt: [out, m] per product, so that each task writes one contiguous range (y itself when
     // m = 1).
-    let mut yts: Vec<Vec<f32>> = ws.iter().map(|(w, _)| vec![0f32; w.rows * m]).collect();
+    let mut yts: Vec<Vec<f32>> = ws.iter().map(|p| vec![0f32; p.w.rows * m]).collect();
     let mut tasks = Vec::new();
-    for ((w, activations), yt) in ws.iter().zip(yts.iter_mut()) {
+    for (p, yt) in ws.iter().zip(yts.iter_mut()) {
+        let w = &p.w;
+        // A multiple of eight rows: whole regrouped groups per task.
         let per_task = rows_per_task(w);
-        let xq = xq.as_ref().filter(|_| q8_applies(w, *activations));
+        let xq = xq.as_ref().filter(|_| q8_applies(w, p.activations));
         let chunks = yt.chunks_mut(per_task * m);
         for (yt, rows) in chunks.zip(w.bytes.chunks(per_task * w.row_bytes())) {
-            tasks.push((w.ty, w.cols, xq, rows, yt));
+            tasks.push((w.ty, w.cols, xq, p.regrouped, rows, yt));
         }
     }
-    tasks.into_par_iter().for_each(|(ty, cols, xq, rows, yt)| {
-        if xq.is_some_and(|xq| super::int8::rows_dot(ty, rows, xq, yt)) {
-            return;
-        }
-        if !super::matvec::rows_dot(ty, rows, cols, x, m, yt)
-            && !super::matvec::half_rows_dot(ty, rows, cols, x, m, yt)
-        {
-            rows_dot(ty, rows, cols, x, m, yt)
-        }
-    });
+    tasks
+        .into_par_iter()
+        .for_each(|(ty, cols, xq, regrouped, rows, yt)| {
+            if regrouped {
+                let xq = xq.expect("regrouped rows take 8-bit activations");
+                // SAFETY: yt is [rows, m]: input i of row r at r·m + i.
+                let written = unsafe { super::repack::dot(ty, rows, xq, yt.as_mut_ptr(), 1, m) };
+                assert!(written, "regrouped rows without the 8-bit kernels");
+                return;
+            }
+            if xq.is_some_and(|xq| super::int8::rows_dot(ty, rows, xq, yt)) {
+                return;
+            }
+            if !super::matvec::rows_dot(ty, rows, cols, x, m, yt)
+                && !super::matvec::half_rows_dot(ty, rows, cols, x, m, yt)
+            {
+                rows_dot(ty, rows, cols, x, m, yt)
+            }
+        });
     if m == 1 {
         return yts;
     }
@@ -242,23 +285,29 @@ pub fn matmul_quant_many(
     x: &[f32],
     m: usize,
 ) -> Vec<Vec<f32>> {
-    let Some((first, _)) = ws.first() else {
+    let products: Vec<_> = ws.iter().map(|&(w, a)| Product::rows(w, a)).collect();
+    products_many(&products, x, m)
+}
+
+/// [`matmul_quant_many`] of [`Product`]s.
+pub(crate) fn products_many(ws: &[Product<'_>], x: &[f32], m: usize) -> Vec<Vec<f32>> {
+    let Some(first) = ws.first() else {
         return Vec::new();
     };
-    for (w, _) in ws {
-        w.validate().expect("quantized matrix shape");
-        assert_eq!(w.cols, first.cols, "matmul_quant_many: input widths differ");
+    for p in ws {
+        p.w.validate().expect("quantized matrix shape");
+        assert_eq!(
+            p.w.cols, first.w.cols,
+            "matmul_quant_many: input widths differ"
+        );
     }
     assert_eq!(
         x.len(),
-        m * first.cols,
+        m * first.w.cols,
         "matmul_quant_many: x is not [m, in]"
     );
     if m == 0 || m > SMALL_M {
-        return ws
-            .iter()
-            .map(|(w, activations)| matmul_quant_with(*w, x, m, *activations))
-            .collect();
+        return ws.iter().map(|&p| product(p, x, m)).collect();
     }
     small_m_many(ws, x, m)
 }

@@ -19,6 +19,7 @@ mod matvec;
 pub mod model;
 pub mod quant;
 pub mod quantize;
+mod repack;
 pub mod tokenizer;
 pub mod vocab;
 pub mod weight;
