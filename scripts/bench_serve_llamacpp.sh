@@ -14,6 +14,7 @@
 #
 # -q serves hone with --q8-activations (decoding steps multiply the quantized weights by
 # activations rounded to 8 bits, as llama.cpp does; its lines then say "server": "hone q8").
+# -a passes more arguments to `hone serve` (e.g. -a "--prefill-chunk 64"); -o runs hone only.
 #
 # REQUESTS per concurrency (default: 4 × concurrency, at least 8). llama.cpp is built outside the
 # repository from the PyPI sdist of llama-cpp-python (see scripts/bench_generate_llamacpp.sh;
@@ -34,7 +35,9 @@ hone=target/release/hone
 threads=$(nproc)
 q8=()
 server=hone
-while getopts "l:m:c:n:g:p:r:b:q" opt; do
+extra=()
+peer=1
+while getopts "l:m:c:n:g:p:r:b:qa:o" opt; do
     case $opt in
         l) llama=$OPTARG ;;
         m) model=$OPTARG ;;
@@ -45,7 +48,9 @@ while getopts "l:m:c:n:g:p:r:b:q" opt; do
         r) rounds=$OPTARG ;;
         b) hone=$OPTARG ;;
         q) q8=(--q8-activations); server="hone q8" ;;
-        *) echo "usage: $0 -l LLAMA_CPP_DIR [-m MODEL] [-c 1,8,32] [-n REQUESTS] [-g MAX_TOKENS] [-p PROMPT_TOKENS] [-r ROUNDS] [-b HONE_BIN] [-q]" >&2; exit 2 ;;
+        a) read -ra extra <<<"$OPTARG" ;;
+        o) peer=0 ;;
+        *) echo "usage: $0 -l LLAMA_CPP_DIR [-m MODEL] [-c 1,8,32] [-n REQUESTS] [-g MAX_TOKENS] [-p PROMPT_TOKENS] [-r ROUNDS] [-b HONE_BIN] [-q] [-a HONE_SERVE_ARGS] [-o]" >&2; exit 2 ;;
     esac
 done
 [[ -x $hone ]] || { echo "$hone: not an executable (cargo build --release -p hone-cli)" >&2; exit 2; }
@@ -84,14 +89,17 @@ load() { # name round
 }
 
 for round in $(seq 1 "$rounds"); do
-    # Context: every slot holds its prompt and its tokens.
-    "$server_bin" -m "$model" -np "$slots" -cb -t "$threads" -c $(( slots * (prompt + gen + 16) )) \
-        --port "$port" >"$log/llama.cpp.log" 2>&1 &
-    pid=$!
-    wait_ready llama.cpp
-    load llama.cpp "$round"
-    stop
-    "$hone" serve --model "$model" --port "$port" --max-batch "$slots" "${q8[@]}" >"$log/hone.log" 2>&1 &
+    if (( peer )); then
+        # Context: every slot holds its prompt and its tokens.
+        "$server_bin" -m "$model" -np "$slots" -cb -t "$threads" -c $(( slots * (prompt + gen + 16) )) \
+            --port "$port" >"$log/llama.cpp.log" 2>&1 &
+        pid=$!
+        wait_ready llama.cpp
+        load llama.cpp "$round"
+        stop
+    fi
+    "$hone" serve --model "$model" --port "$port" --max-batch "$slots" "${q8[@]}" "${extra[@]}" \
+        >"$log/hone.log" 2>&1 &
     pid=$!
     wait_ready hone
     load "$server" "$round"
