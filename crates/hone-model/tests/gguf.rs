@@ -646,7 +646,7 @@ fn products_run_together_equal_each_product_alone() {
     }
 }
 
-/// A Q4_0 or Q4_1 weight given 8-bit activations keeps its rows regrouped by eight (one copy,
+/// A Q4_0, Q4_1 or Q4_K weight given 8-bit activations keeps its rows regrouped by eight (one copy,
 /// the file's size): its products, alone (decoding: 1 to 8 rows, in tasks of whole groups;
 /// prefill: more) and run together with other weights, equal the f64 product of the dequantized
 /// weights with the Q8_0 round trip of the inputs; and what reads rows (dequantizing, the input
@@ -663,9 +663,13 @@ fn regrouped_q4_weights_multiply_and_read_back_as_their_rows() {
         && std::arch::is_x86_feature_detected!("f16c");
     #[cfg(not(target_arch = "x86_64"))]
     let covered = false;
-    // More rows than one tile of the input gradient (256), and many tasks of the decoding loop.
-    let (rows, cols) = (264, 576);
-    for (t, ty) in [GgmlType::Q4_0, GgmlType::Q4_1].into_iter().enumerate() {
+    // More rows than one tile of the input gradient (256), and many tasks of the decoding loop;
+    // whole 256-value blocks of Q4_K.
+    let (rows, cols) = (264, 768);
+    for (t, ty) in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q4K]
+        .into_iter()
+        .enumerate()
+    {
         let bytes = random_blocks(ty, rows * cols, 90 + t as u64);
         let mut w = vec![0f32; rows * cols];
         dequantize(ty, &bytes, &mut w);
