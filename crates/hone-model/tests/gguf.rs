@@ -646,13 +646,13 @@ fn products_run_together_equal_each_product_alone() {
     }
 }
 
-/// A Q4_0, Q4_1 or Q4_K weight given 8-bit activations keeps its rows regrouped by eight (one copy,
+/// A Q4_0, Q4_1, Q4_K or Q5_K weight given 8-bit activations keeps its rows regrouped by eight (one copy,
 /// the file's size): its products, alone (decoding: 1 to 8 rows, in tasks of whole groups;
 /// prefill: more) and run together with other weights, equal the f64 product of the dequantized
 /// weights with the Q8_0 round trip of the inputs; and what reads rows (dequantizing, the input
 /// gradient, going back to f32 activations) sees the file's rows.
 #[test]
-fn regrouped_q4_weights_multiply_and_read_back_as_their_rows() {
+fn regrouped_weights_multiply_and_read_back_as_their_rows() {
     use hone_model::gguf::matmul::Activations;
     use hone_model::gguf::quant::dequantize;
     use hone_model::gguf::quantize::quantize;
@@ -664,9 +664,9 @@ fn regrouped_q4_weights_multiply_and_read_back_as_their_rows() {
     #[cfg(not(target_arch = "x86_64"))]
     let covered = false;
     // More rows than one tile of the input gradient (256), and many tasks of the decoding loop;
-    // whole 256-value blocks of Q4_K.
+    // whole 256-value blocks of the K formats.
     let (rows, cols) = (264, 768);
-    for (t, ty) in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q4K]
+    for (t, ty) in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q4K, GgmlType::Q5K]
         .into_iter()
         .enumerate()
     {
@@ -698,8 +698,13 @@ fn regrouped_q4_weights_multiply_and_read_back_as_their_rows() {
             "{ty}: dequantized value {wrong:?} differs"
         );
         for m in [1, 2, 5, 8, 9, 13] {
+            // Two rows of one value (every input byte 127: the largest integer sums, which
+            // 16-bit partial sums must not overflow), the others mixed.
             let x: Vec<f32> = (0..m * cols)
-                .map(|k| (((k * 37) % 101) as f32 / 50.0 - 1.0) * (1 + k / cols) as f32)
+                .map(|k| match m {
+                    2 => 1.0,
+                    _ => (((k * 37) % 101) as f32 / 50.0 - 1.0) * (1 + k / cols) as f32,
+                })
                 .collect();
             let mut rounded = vec![0f32; m * cols];
             dequantize(

@@ -1,11 +1,12 @@
-//! Q4_0, Q4_1 and Q4_K weights regrouped for 8-bit activations: rows interleaved by eight, so
-//! that one vector load brings four bytes of each of eight rows and the eight lanes of an
-//! integer dot product are eight output rows (llama.cpp repacks Q4_0 and Q4_K the same way at
-//! load).
+//! Q4_0, Q4_1, Q4_K and Q5_K weights regrouped for 8-bit activations: rows interleaved by
+//! eight, so that one vector load brings four bytes of each of eight rows and the eight lanes of
+//! an integer dot product are eight output rows (llama.cpp repacks Q4_0 and Q4_K the same way
+//! at load).
 //!
 //! Every block of these formats is a few f16 fields followed by whole 4-byte words: Q4_0 `d` and
 //! 16 nibble bytes (4 words), Q4_1 `d`, `m` and 4 words, Q4_K `d`, `dmin`, 12 bytes of 6-bit
-//! scales and minima and 128 nibble bytes (3 + 32 words). A weight `[rows, cols]` (`rows` a
+//! scales and minima and 128 nibble bytes (3 + 32 words), Q5_K the same with 32 bytes of fifth
+//! bits before the nibbles (3 + 8 + 32 words). A weight `[rows, cols]` (`rows` a
 //! multiple of [`ROWS`]) keeps its size: group `g` (rows `8g..8g + 8`) holds, per block, each
 //! f16 field of the eight rows side by side (16 bytes: one conversion gives eight rows' scales),
 //! then each word of the eight rows side by side (32 bytes: lane `r` is row `r`'s word). Nibble
@@ -23,12 +24,15 @@ use super::quant::GgmlType;
 pub(crate) const ROWS: usize = 8;
 
 /// Whether a `[rows, cols]` weight of type `ty` is regrouped when its products take 8-bit
-/// activations: Q4_0, Q4_1 or Q4_K, whole groups of rows, and a CPU with the 8-bit kernels.
+/// activations: Q4_0, Q4_1, Q4_K or Q5_K, whole groups of rows, and a CPU with the 8-bit
+/// kernels.
 pub(crate) fn applies(ty: GgmlType, rows: usize, cols: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4K)
-            && rows > 0
+        matches!(
+            ty,
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4K | GgmlType::Q5K
+        ) && rows > 0
             && rows.is_multiple_of(ROWS)
             && cols > 0
             && super::int8::isa(ty, cols).is_some()
@@ -46,7 +50,8 @@ fn block_fields(ty: GgmlType) -> (usize, usize) {
         GgmlType::Q4_0 => (1, 4),
         GgmlType::Q4_1 => (2, 4),
         GgmlType::Q4K => (2, 35),
-        _ => unreachable!("repack::applies admits Q4_0, Q4_1 and Q4_K"),
+        GgmlType::Q5K => (2, 43),
+        _ => unreachable!("repack::applies admits Q4_0, Q4_1, Q4_K and Q5_K"),
     }
 }
 
@@ -127,7 +132,8 @@ pub(crate) unsafe fn dot(
         let format = match ty {
             GgmlType::Q4_0 => x86::Q4_0,
             GgmlType::Q4_1 => x86::Q4_1,
-            _ => x86::Q4K,
+            GgmlType::Q4K => x86::Q4K,
+            _ => x86::Q5K,
         };
         match isa {
             #[cfg(feature = "avx512")]
@@ -177,6 +183,7 @@ mod x86 {
     pub(super) const Q4_0: u8 = 0;
     pub(super) const Q4_1: u8 = 1;
     pub(super) const Q4K: u8 = 2;
+    pub(super) const Q5K: u8 = 3;
 
     /// `acc + Σ w·x` of each 4 bytes (`w` unsigned nibbles, `x` signed): VNNI's 32-bit sums, or
     /// AVX2's 16-bit pair sums (summed 16 products at most before [`widen`]: 16 · 15 · 127 <
@@ -337,11 +344,19 @@ mod x86 {
         )
     }
 
-    /// Q4_K groups against input rows `i0..i0 + MI`: per 256-value block, the eight rows'
-    /// scales decoded side by side, then per 64 values eight loads of nibbles for eight rows and
-    /// per input row sixteen integer dot products.
+    /// Bit `n` of every byte of `bits`, as 16 or 0.
     #[inline(always)]
-    unsafe fn k_rows<const VNNI: bool, const MI: usize>(
+    unsafe fn fifth(bits: __m256i, n: usize) -> __m256i {
+        let v = _mm256_srl_epi16(bits, _mm_cvtsi32_si128(n as i32));
+        _mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi8(1)), 4)
+    }
+
+    /// Q4_K (or with `FIVE` Q5_K) groups against input rows `i0..i0 + MI`: per 256-value
+    /// block, the eight rows' scales decoded side by side, then per 64 values eight loads of
+    /// nibbles for eight rows (Q5_K: and their fifth bits, one load per four values of the 32)
+    /// and per input row sixteen integer dot products.
+    #[inline(always)]
+    unsafe fn k_rows<const FIVE: bool, const VNNI: bool, const MI: usize>(
         groups: &[u8],
         xq: &Q8Rows,
         i0: usize,
@@ -349,41 +364,69 @@ mod x86 {
         ldy: usize,
         lane: usize,
     ) {
-        const BB8: usize = 8 * 144;
+        // Bytes of a block of eight rows; where the nibble words start (after d, dmin, the
+        // three words of scales and, for Q5_K, the eight words of fifth bits).
+        let (bb8, qs) = if FIVE { (8 * 176, 384) } else { (8 * 144, 128) };
         let (cols, units) = (xq.cols, xq.cols / 32);
         let xs = xq.qs.as_ptr() as *const u8;
         let mask = _mm256_set1_epi8(0x0F);
-        for (g, group) in groups.chunks_exact(cols / 256 * BB8).enumerate() {
+        let ones = _mm256_set1_epi16(1);
+        for (g, group) in groups.chunks_exact(cols / 256 * bb8).enumerate() {
             let p = group.as_ptr();
             let mut acc = [_mm256_setzero_ps(); MI];
             for sb in 0..cols / 256 {
-                let b = p.add(sb * BB8);
+                let b = p.add(sb * bb8);
                 let (d, dmin) = (halves(b), halves(b.add(16)));
                 let w = [load(b.add(32)), load(b.add(64)), load(b.add(96))];
                 for pair in 0..4 {
                     let mut s = [[_mm256_setzero_si256(); 2]; MI];
+                    // AVX2 with 5-bit values: the 16-bit sums of the first four words, widened
+                    // (eight products of at most 31 · 127 each fit 16 bits, sixteen do not).
+                    let mut first = [[_mm256_setzero_si256(); 2]; MI];
                     for c in 0..8 {
-                        let raw = load(b.add(128 + 256 * pair + 32 * c));
-                        let lo = _mm256_and_si256(raw, mask);
-                        let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+                        let raw = load(b.add(qs + 256 * pair + 32 * c));
+                        let mut lo = _mm256_and_si256(raw, mask);
+                        let mut hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+                        if FIVE {
+                            // Bit 2·pair (2·pair + 1) of each byte of word c of the fifth bits
+                            // is the fifth bit of the low (high) nibble of that byte's value.
+                            let bits = load(b.add(128 + 32 * c));
+                            lo = _mm256_or_si256(lo, fifth(bits, 2 * pair));
+                            hi = _mm256_or_si256(hi, fifth(bits, 2 * pair + 1));
+                        }
                         for (i, s) in s.iter_mut().enumerate() {
                             let at = xs.add((i0 + i) * cols + 256 * sb + 64 * pair + 4 * c);
                             s[0] = dot_add::<VNNI>(s[0], lo, bcast(at));
                             s[1] = dot_add::<VNNI>(s[1], hi, bcast(at.add(32)));
+                        }
+                        if FIVE && !VNNI && c == 3 {
+                            for (first, s) in first.iter_mut().zip(s.iter_mut()) {
+                                for h in 0..2 {
+                                    first[h] = _mm256_madd_epi16(s[h], ones);
+                                    s[h] = _mm256_setzero_si256();
+                                }
+                            }
                         }
                     }
                     let scales = [
                         k_scale(&w, 2 * pair, d, dmin),
                         k_scale(&w, 2 * pair + 1, d, dmin),
                     ];
-                    for (i, (acc, s)) in acc.iter_mut().zip(&s).enumerate() {
+                    for (i, ((acc, s), first)) in acc.iter_mut().zip(&s).zip(&first).enumerate() {
                         let row = i0 + i;
                         for (h, (sc, mn)) in scales.iter().enumerate() {
                             let u = 8 * sb + 2 * pair + h;
                             let dx = *xq.d.get_unchecked(row * units + u);
                             let sx = *xq.s16.get_unchecked(row * 2 * units + 2 * u)
                                 + *xq.s16.get_unchecked(row * 2 * units + 2 * u + 1);
-                            let sum = _mm256_mul_ps(widen::<VNNI>(s[h]), _mm256_set1_ps(dx));
+                            let sum = if FIVE && !VNNI {
+                                let ints =
+                                    _mm256_add_epi32(first[h], _mm256_madd_epi16(s[h], ones));
+                                _mm256_cvtepi32_ps(ints)
+                            } else {
+                                widen::<VNNI>(s[h])
+                            };
+                            let sum = _mm256_mul_ps(sum, _mm256_set1_ps(dx));
                             // d·sc·dx·Σ q·qx - dmin·mn·dx·Σ qx.
                             *acc = _mm256_fmadd_ps(*sc, sum, *acc);
                             *acc = _mm256_fnmadd_ps(*mn, _mm256_set1_ps(sx), *acc);
@@ -408,7 +451,9 @@ mod x86 {
         lane: usize,
     ) {
         if F == Q4K {
-            k_rows::<VNNI, MI>(groups, xq, i0, y, ldy, lane)
+            k_rows::<false, VNNI, MI>(groups, xq, i0, y, ldy, lane)
+        } else if F == Q5K {
+            k_rows::<true, VNNI, MI>(groups, xq, i0, y, ldy, lane)
         } else {
             block_rows::<F, VNNI, MI>(groups, xq, i0, y, ldy, lane)
         }
@@ -446,7 +491,8 @@ mod x86 {
             match $format {
                 Q4_0 => all_rows::<Q4_0, $vnni>($($arg),*),
                 Q4_1 => all_rows::<Q4_1, $vnni>($($arg),*),
-                _ => all_rows::<Q4K, $vnni>($($arg),*),
+                Q4K => all_rows::<Q4K, $vnni>($($arg),*),
+                _ => all_rows::<Q5K, $vnni>($($arg),*),
             }
         };
     }
