@@ -161,11 +161,11 @@ fn main() {
                         bytes.len() as f64 / secs / 1e9
                     );
                 }
-                // The weight as a model holds it with 8-bit activations: Q4_0, Q4_1 and the K formats
+                // The weight as a model holds it with 8-bit activations: Q4_0, Q4_1, Q4_K and Q5_K
                 // rows regrouped by eight (the other formats as above).
                 if matches!(
                     ty,
-                    GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K
+                    GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4K | GgmlType::Q5K
                 ) {
                     let weight = QuantWeight::new(ty, bytes.clone(), rows, cols)
                         .expect("weight")

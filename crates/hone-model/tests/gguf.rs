@@ -646,7 +646,7 @@ fn products_run_together_equal_each_product_alone() {
     }
 }
 
-/// A Q4_0, Q4_1, Q4_K, Q5_K or Q6_K weight given 8-bit activations keeps its rows regrouped by eight (one copy,
+/// A Q4_0, Q4_1, Q4_K or Q5_K weight given 8-bit activations keeps its rows regrouped by eight (one copy,
 /// the file's size): its products, alone (decoding: 1 to 8 rows, in tasks of whole groups;
 /// prefill: more) and run together with other weights, equal the f64 product of the dequantized
 /// weights with the Q8_0 round trip of the inputs; and what reads rows (dequantizing, the input
@@ -666,15 +666,9 @@ fn regrouped_weights_multiply_and_read_back_as_their_rows() {
     // More rows than one tile of the input gradient (256), and many tasks of the decoding loop;
     // whole 256-value blocks of the K formats.
     let (rows, cols) = (264, 768);
-    for (t, ty) in [
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q4K,
-        GgmlType::Q5K,
-        GgmlType::Q6K,
-    ]
-    .into_iter()
-    .enumerate()
+    for (t, ty) in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q4K, GgmlType::Q5K]
+        .into_iter()
+        .enumerate()
     {
         let bytes = random_blocks(ty, rows * cols, 90 + t as u64);
         let mut w = vec![0f32; rows * cols];

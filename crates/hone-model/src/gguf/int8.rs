@@ -191,19 +191,35 @@ pub(crate) fn gemm(ty: GgmlType, bytes: &[u8], n: usize, xq: &Q8Rows, y: &mut [f
 
         use crate::kernels::cpu::Shared;
 
-        if isa(ty, xq.cols).filter(|_| xq.m > 0).is_none() {
+        let Some((isa, kind)) = isa(ty, xq.cols).filter(|_| xq.m > 0) else {
             return false;
-        }
+        };
         let rb = ty.byte_len(xq.cols);
         assert_eq!(bytes.len(), n * rb, "int8::gemm: weight bytes");
         assert_eq!(y.len(), xq.m * n, "int8::gemm: output");
+        let groups = n.div_ceil(GROUP);
+        let units = xq.cols / 32;
         let dst = Shared(y.as_mut_ptr());
-        groups_in_parallel(n.div_ceil(GROUP)).for_each(|g| {
-            let r0 = g * GROUP;
-            let valid = GROUP.min(n - r0);
-            // SAFETY: the output columns r0..r0 + valid of every row of the [m, n] output
-            // belong to this group alone.
-            unsafe { gemm_group(ty, &bytes[r0 * rb..(r0 + valid) * rb], xq, dst.at(r0), n) };
+        groups_in_parallel(groups).for_each(|g| {
+            PACKED.with_borrow_mut(|(q, f)| {
+                if q.len() < units * x86::UNIT_BYTES {
+                    q.resize(units * x86::UNIT_BYTES, 0);
+                    f.resize(units * x86::UNIT_FLOATS, 0.0);
+                }
+                let r0 = g * GROUP;
+                let valid = GROUP.min(n - r0);
+                let rows = &bytes[r0 * rb..(r0 + valid) * rb];
+                // SAFETY: the CPU has the features of `isa`; `rows` holds `valid` rows of
+                // `xq.cols` values, the buffers a packed group; the output columns
+                // r0..r0 + valid of every row of the [m, n] output belong to this group alone.
+                unsafe {
+                    match isa {
+                        #[cfg(feature = "avx512")]
+                        Isa::Vnni => x86::vnni_gemm(kind, rows, valid, xq, dst.at(r0), n, q, f),
+                        Isa::Avx2 => x86::avx2_gemm(kind, rows, valid, xq, dst.at(r0), n, q, f),
+                    }
+                }
+            })
         });
         true
     }
@@ -212,32 +228,6 @@ pub(crate) fn gemm(ty: GgmlType, bytes: &[u8], n: usize, xq: &Q8Rows, y: &mut [f
         let _ = (ty, bytes, n, xq, y);
         false
     }
-}
-
-/// One group of [`gemm`]: the up to eight rows of `W` in `rows` (the file's layout) packed into
-/// this thread's buffers and multiplied by every input row of `xq` into `y` (row stride `ldy`,
-/// one column per row of the group).
-///
-/// # Safety
-/// The CPU has the 8-bit kernels for `ty` ([`isa`]); `y` holds `xq.m` rows of stride `ldy` and
-/// as many columns as `rows` holds rows.
-#[cfg(target_arch = "x86_64")]
-pub(super) unsafe fn gemm_group(ty: GgmlType, rows: &[u8], xq: &Q8Rows, y: *mut f32, ldy: usize) {
-    let (isa, kind) = isa(ty, xq.cols).expect("int8::gemm_group: a covered format and CPU");
-    let valid = rows.len() / ty.byte_len(xq.cols);
-    assert!(valid <= GROUP, "int8::gemm_group: more than {GROUP} rows");
-    let units = xq.cols / 32;
-    PACKED.with_borrow_mut(|(q, f)| {
-        if q.len() < units * x86::UNIT_BYTES {
-            q.resize(units * x86::UNIT_BYTES, 0);
-            f.resize(units * x86::UNIT_FLOATS, 0.0);
-        }
-        match isa {
-            #[cfg(feature = "avx512")]
-            Isa::Vnni => x86::vnni_gemm(kind, rows, valid, xq, y, ldy, q, f),
-            Isa::Avx2 => x86::avx2_gemm(kind, rows, valid, xq, y, ldy, q, f),
-        }
-    })
 }
 
 /// The groups `0..groups` as a parallel iterator of a few tasks per thread.

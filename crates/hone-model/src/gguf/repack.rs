@@ -1,4 +1,4 @@
-//! Q4_0, Q4_1, Q4_K, Q5_K and Q6_K weights regrouped for 8-bit activations: rows interleaved by
+//! Q4_0, Q4_1, Q4_K and Q5_K weights regrouped for 8-bit activations: rows interleaved by
 //! eight, so that one vector load brings four bytes of each of eight rows and the eight lanes of
 //! an integer dot product are eight output rows (llama.cpp repacks Q4_0 and Q4_K the same way
 //! at load).
@@ -6,8 +6,7 @@
 //! Every block of these formats is a few f16 fields followed by whole 4-byte words: Q4_0 `d` and
 //! 16 nibble bytes (4 words), Q4_1 `d`, `m` and 4 words, Q4_K `d`, `dmin`, 12 bytes of 6-bit
 //! scales and minima and 128 nibble bytes (3 + 32 words), Q5_K the same with 32 bytes of fifth
-//! bits before the nibbles (3 + 8 + 32 words), Q6_K 128 bytes of low bits, 64 of high bits and
-//! 16 signed scales (52 words) before its `d`. A weight `[rows, cols]` (`rows` a
+//! bits before the nibbles (3 + 8 + 32 words). A weight `[rows, cols]` (`rows` a
 //! multiple of [`ROWS`]) keeps its size: group `g` (rows `8g..8g + 8`) holds, per block, each
 //! f16 field of the eight rows side by side (16 bytes: one conversion gives eight rows' scales),
 //! then each word of the eight rows side by side (32 bytes: lane `r` is row `r`'s word). Nibble
@@ -25,14 +24,14 @@ use super::quant::GgmlType;
 pub(crate) const ROWS: usize = 8;
 
 /// Whether a `[rows, cols]` weight of type `ty` is regrouped when its products take 8-bit
-/// activations: Q4_0, Q4_1, Q4_K, Q5_K or Q6_K, whole groups of rows, and a CPU with the
-/// 8-bit kernels.
+/// activations: Q4_0, Q4_1, Q4_K or Q5_K, whole groups of rows, and a CPU with the 8-bit
+/// kernels.
 pub(crate) fn applies(ty: GgmlType, rows: usize, cols: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         matches!(
             ty,
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4K | GgmlType::Q5K
         ) && rows > 0
             && rows.is_multiple_of(ROWS)
             && cols > 0
@@ -45,36 +44,31 @@ pub(crate) fn applies(ty: GgmlType, rows: usize, cols: usize) -> bool {
     }
 }
 
-/// Where a block of `ty` keeps its f16 fields (their count and the offset of the first, one
-/// after the other) and its 4-byte words (their count and the offset of the first): in the
-/// regrouped block the fields come first, then the words.
-fn block_fields(ty: GgmlType) -> ((usize, usize), (usize, usize)) {
+/// The f16 fields and the 4-byte words of a block of `ty`.
+fn block_fields(ty: GgmlType) -> (usize, usize) {
     match ty {
-        GgmlType::Q4_0 => ((1, 0), (4, 2)),
-        GgmlType::Q4_1 => ((2, 0), (4, 4)),
-        GgmlType::Q4K => ((2, 0), (35, 4)),
-        GgmlType::Q5K => ((2, 0), (43, 4)),
-        // 128 bytes of low bits, 64 of high bits, 16 signed scales, then `d`.
-        GgmlType::Q6K => ((1, 208), (52, 0)),
-        _ => unreachable!("repack::applies admits Q4_0, Q4_1, Q4_K, Q5_K and Q6_K"),
+        GgmlType::Q4_0 => (1, 4),
+        GgmlType::Q4_1 => (2, 4),
+        GgmlType::Q4K => (2, 35),
+        GgmlType::Q5K => (2, 43),
+        _ => unreachable!("repack::applies admits Q4_0, Q4_1, Q4_K and Q5_K"),
     }
 }
 
-/// Where row `r`'s f16 fields (2 bytes each) and words (4 bytes each) go in a group's block:
-/// `(offset in the row's block, offset in the group's block)`.
-#[inline(always)]
-fn places(
-    ty: GgmlType,
-    r: usize,
-) -> (
-    impl Iterator<Item = (usize, usize)>,
-    impl Iterator<Item = (usize, usize)>,
-) {
-    let ((fields, field0), (words, word0)) = block_fields(ty);
-    (
-        (0..fields).map(move |f| (field0 + 2 * f, 16 * f + 2 * r)),
-        (0..words).map(move |w| (word0 + 4 * w, 16 * fields + 32 * w + 4 * r)),
-    )
+/// Copies between a row's block `row` and its place in a group's block `group` (row `r`), in
+/// the direction `to_group`.
+fn move_block(ty: GgmlType, row: &mut [u8], group: &mut [u8], r: usize, to_group: bool) {
+    let (fields, words) = block_fields(ty);
+    let pairs = (0..fields)
+        .map(|f| (2 * f, 16 * f + 2 * r, 2))
+        .chain((0..words).map(|w| (2 * fields + 4 * w, 16 * fields + 32 * w + 4 * r, 4)));
+    for (at_row, at_group, len) in pairs {
+        if to_group {
+            group[at_group..at_group + len].copy_from_slice(&row[at_row..at_row + len]);
+        } else {
+            row[at_row..at_row + len].copy_from_slice(&group[at_group..at_group + len]);
+        }
+    }
 }
 
 /// The rows `bytes` (whole groups of [`ROWS`] rows of `cols` values) regrouped.
@@ -82,20 +76,15 @@ pub(crate) fn interleave(ty: GgmlType, bytes: &[u8], cols: usize) -> Vec<u8> {
     let mut out = vec![0u8; bytes.len()];
     let bb = ty.block_bytes();
     let rb = ty.byte_len(cols);
+    let mut row = vec![0u8; bb];
     for (group, dst) in bytes
         .chunks_exact(ROWS * rb)
         .zip(out.chunks_exact_mut(ROWS * rb))
     {
         for (b, dst) in dst.chunks_exact_mut(ROWS * bb).enumerate() {
             for r in 0..ROWS {
-                let row = &group[r * rb + b * bb..r * rb + (b + 1) * bb];
-                let (fields, words) = places(ty, r);
-                for (a, g) in fields {
-                    dst[g..g + 2].copy_from_slice(&row[a..a + 2]);
-                }
-                for (a, g) in words {
-                    dst[g..g + 4].copy_from_slice(&row[a..a + 4]);
-                }
+                row.copy_from_slice(&group[r * rb + b * bb..r * rb + (b + 1) * bb]);
+                move_block(ty, &mut row, dst, r, true);
             }
         }
     }
@@ -109,20 +98,13 @@ pub(crate) fn row_bytes(ty: GgmlType, bytes: &[u8], cols: usize, r0: usize, out:
     let rb = ty.byte_len(cols);
     assert!(r0.is_multiple_of(ROWS), "repack::row_bytes: r0");
     assert!(out.len().is_multiple_of(rb), "repack::row_bytes: out");
+    let mut block = vec![0u8; ROWS * bb];
     for (i, dst) in out.chunks_exact_mut(rb).enumerate() {
         let (g, r) = ((r0 + i) / ROWS, (r0 + i) % ROWS);
         let group = &bytes[g * ROWS * rb..(g + 1) * ROWS * rb];
         for (b, dst) in dst.chunks_exact_mut(bb).enumerate() {
-            // Fixed-length copies (single loads and stores: prefill of Q6_K reads every group
-            // back this way).
-            let src = &group[b * ROWS * bb..(b + 1) * ROWS * bb];
-            let (fields, words) = places(ty, r);
-            for (a, g) in fields {
-                dst[a..a + 2].copy_from_slice(&src[g..g + 2]);
-            }
-            for (a, g) in words {
-                dst[a..a + 4].copy_from_slice(&src[g..g + 4]);
-            }
+            block.copy_from_slice(&group[b * ROWS * bb..(b + 1) * ROWS * bb]);
+            move_block(ty, dst, &mut block, r, false);
         }
     }
 }
@@ -151,8 +133,7 @@ pub(crate) unsafe fn dot(
             GgmlType::Q4_0 => x86::Q4_0,
             GgmlType::Q4_1 => x86::Q4_1,
             GgmlType::Q4K => x86::Q4K,
-            GgmlType::Q5K => x86::Q5K,
-            _ => x86::Q6K,
+            _ => x86::Q5K,
         };
         match isa {
             #[cfg(feature = "avx512")]
@@ -184,30 +165,11 @@ pub(crate) fn gemm(ty: GgmlType, bytes: &[u8], n: usize, xq: &Q8Rows, y: &mut [f
     let dst = Shared(y.as_mut_ptr());
     super::int8::groups_in_parallel(n / ROWS).for_each(|g| {
         let group = &bytes[g * ROWS * rb..(g + 1) * ROWS * rb];
-        // Q6_K's six-bit values cost more to assemble than the four-bit formats' nibbles: many
-        // input rows take the group back as rows, decoded once into int8::gemm's packed form
-        // (decoding it again for every six input rows made prefill 20% slower).
-        #[cfg(target_arch = "x86_64")]
-        if ty == GgmlType::Q6K {
-            ROWS_OF_GROUP.with_borrow_mut(|rows| {
-                rows.resize(ROWS * rb, 0);
-                row_bytes(ty, bytes, xq.cols, g * ROWS, rows);
-                // SAFETY: applies() checked the CPU; as below for the output.
-                unsafe { super::int8::gemm_group(ty, rows, xq, dst.at(g * ROWS), n) };
-            });
-            return;
-        }
         // SAFETY: output columns 8g..8g + 8 of every row of the [m, n] output belong to this
         // group alone.
         unsafe { dot(ty, group, xq, dst.at(g * ROWS), n, 1) };
     });
     true
-}
-
-#[cfg(target_arch = "x86_64")]
-thread_local! {
-    /// [`gemm`]'s group of Q6_K rows back in the file's layout, per thread.
-    static ROWS_OF_GROUP: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -222,7 +184,6 @@ mod x86 {
     pub(super) const Q4_1: u8 = 1;
     pub(super) const Q4K: u8 = 2;
     pub(super) const Q5K: u8 = 3;
-    pub(super) const Q6K: u8 = 4;
 
     /// `acc + Σ w·x` of each 4 bytes (`w` unsigned nibbles, `x` signed): VNNI's 32-bit sums, or
     /// AVX2's 16-bit pair sums (summed 16 products at most before [`widen`]: 16 · 15 · 127 <
@@ -270,13 +231,6 @@ mod x86 {
             _mm256_srl_epi32(v, _mm_cvtsi32_si128(8 * j as i32)),
             _mm256_set1_epi32(0xFF),
         )
-    }
-
-    /// Byte `j` of every 32-bit lane of `v`, sign-extended.
-    #[inline(always)]
-    unsafe fn signed_byte(v: __m256i, j: usize) -> __m256i {
-        let up = _mm256_sll_epi32(v, _mm_cvtsi32_si128(24 - 8 * j as i32));
-        _mm256_srai_epi32(up, 24)
     }
 
     /// Stores the eight outputs of `acc` (lane `r`: output `r`, stride `lane`).
@@ -486,97 +440,6 @@ mod x86 {
         }
     }
 
-    /// Q6_K groups against input rows `i0..i0 + MI`: values `q` of six bits (four from a word of
-    /// low bits, two from a word of high bits, both regrouped), weights `d·sc·(q - 32)` with a
-    /// signed scale `sc` per 16 values, and per input row two integer dot products per four
-    /// values of 32 (AVX2 widens each one: four products of 63 · 127 would not fit 16 bits
-    /// twice).
-    #[inline(always)]
-    unsafe fn q6k_rows<const VNNI: bool, const MI: usize>(
-        groups: &[u8],
-        xq: &Q8Rows,
-        i0: usize,
-        y: *mut f32,
-        ldy: usize,
-        lane: usize,
-    ) {
-        // A block of eight rows: d (16 bytes), 32 words of low bits, 16 of high bits, 4 of
-        // scales.
-        const BB8: usize = 8 * 210;
-        const LOW: usize = 16;
-        const HIGH: usize = 16 + 32 * 32;
-        const SCALES: usize = 16 + 48 * 32;
-        let (cols, units) = (xq.cols, xq.cols / 32);
-        let xs = xq.qs.as_ptr() as *const u8;
-        let mask = _mm256_set1_epi8(0x0F);
-        let bits2 = _mm256_set1_epi8(3);
-        let ones = _mm256_set1_epi16(1);
-        for (g, group) in groups.chunks_exact(cols / 256 * BB8).enumerate() {
-            let p = group.as_ptr();
-            let mut acc = [_mm256_setzero_ps(); MI];
-            for sb in 0..cols / 256 {
-                let b = p.add(sb * BB8);
-                let d = halves(b);
-                for n in 0..2 {
-                    for t in 0..4 {
-                        // Values 128n + 32t .. + 32: low bits from words 16n (+ 8 for odd t),
-                        // nibble t / 2; high bits from words 8n, bits 2t and 2t + 1.
-                        let mut s = [[_mm256_setzero_si256(); 2]; MI];
-                        for c in 0..8 {
-                            let low = load(b.add(LOW + 32 * (16 * n + 8 * (t % 2) + c)));
-                            let high = load(b.add(HIGH + 32 * (8 * n + c)));
-                            let low = _mm256_and_si256(
-                                _mm256_srl_epi16(low, _mm_cvtsi32_si128(4 * (t / 2) as i32)),
-                                mask,
-                            );
-                            let high = _mm256_and_si256(
-                                _mm256_srl_epi16(high, _mm_cvtsi32_si128(2 * t as i32)),
-                                bits2,
-                            );
-                            let q = _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
-                            for (i, s) in s.iter_mut().enumerate() {
-                                let at =
-                                    xs.add((i0 + i) * cols + 256 * sb + 128 * n + 32 * t + 4 * c);
-                                let x = bcast(at);
-                                s[c / 4] = if VNNI {
-                                    dot_add::<VNNI>(s[c / 4], q, x)
-                                } else {
-                                    let pairs = _mm256_maddubs_epi16(q, x);
-                                    _mm256_add_epi32(s[c / 4], _mm256_madd_epi16(pairs, ones))
-                                };
-                            }
-                        }
-                        // Scales 8n + 2t and 8n + 2t + 1: bytes of one word of scales.
-                        let k = 8 * n + 2 * t;
-                        let w = load(b.add(SCALES + 32 * (k / 4)));
-                        let sc = [
-                            _mm256_mul_ps(d, _mm256_cvtepi32_ps(signed_byte(w, k % 4))),
-                            _mm256_mul_ps(d, _mm256_cvtepi32_ps(signed_byte(w, k % 4 + 1))),
-                        ];
-                        let u = 8 * sb + 4 * n + t;
-                        for (i, (acc, s)) in acc.iter_mut().zip(&s).enumerate() {
-                            let row = i0 + i;
-                            let dx = _mm256_set1_ps(*xq.d.get_unchecked(row * units + u));
-                            for h in 0..2 {
-                                let sx = *xq.s16.get_unchecked(row * 2 * units + 2 * u + h);
-                                // d·sc·(dx·Σ q·qx - 32·dx·Σ qx).
-                                let t = _mm256_fmadd_ps(
-                                    _mm256_cvtepi32_ps(s[h]),
-                                    dx,
-                                    _mm256_set1_ps(-32.0 * sx),
-                                );
-                                *acc = _mm256_fmadd_ps(sc[h], t, *acc);
-                            }
-                        }
-                    }
-                }
-            }
-            for (i, acc) in acc.iter().enumerate() {
-                store(y.add((i0 + i) * ldy + g * ROWS * lane), *acc, lane);
-            }
-        }
-    }
-
     /// The kernel of format `F` for input rows `i0..i0 + MI`.
     #[inline(always)]
     unsafe fn rows<const F: u8, const VNNI: bool, const MI: usize>(
@@ -591,8 +454,6 @@ mod x86 {
             k_rows::<false, VNNI, MI>(groups, xq, i0, y, ldy, lane)
         } else if F == Q5K {
             k_rows::<true, VNNI, MI>(groups, xq, i0, y, ldy, lane)
-        } else if F == Q6K {
-            q6k_rows::<VNNI, MI>(groups, xq, i0, y, ldy, lane)
         } else {
             block_rows::<F, VNNI, MI>(groups, xq, i0, y, ldy, lane)
         }
@@ -631,8 +492,7 @@ mod x86 {
                 Q4_0 => all_rows::<Q4_0, $vnni>($($arg),*),
                 Q4_1 => all_rows::<Q4_1, $vnni>($($arg),*),
                 Q4K => all_rows::<Q4K, $vnni>($($arg),*),
-                Q5K => all_rows::<Q5K, $vnni>($($arg),*),
-                _ => all_rows::<Q6K, $vnni>($($arg),*),
+                _ => all_rows::<Q5K, $vnni>($($arg),*),
             }
         };
     }

@@ -28,7 +28,7 @@ pub struct QuantWeight {
     /// How few-row products multiply by it ([`Activations`]; exact f32 by default).
     activations: Activations,
     /// Whether `bytes` holds the rows regrouped by eight ([`super::repack`]), which the 8-bit
-    /// products of Q4_0, Q4_1 and the K formats read fastest; the only copy, so memory stays the
+    /// products of Q4_0, Q4_1, Q4_K and Q5_K read fastest; the only copy, so memory stays the
     /// file's size.
     regrouped: bool,
 }
@@ -80,7 +80,7 @@ impl QuantWeight {
     }
 
     /// The weight with its products taking `activations`. With [`Activations::Q8`], Q4_0, Q4_1,
-    /// Q4_K, Q5_K and Q6_K rows are regrouped by eight where the CPU has the 8-bit kernels (in place of
+    /// Q4_K and Q5_K rows are regrouped by eight where the CPU has the 8-bit kernels (in place of
     /// the rows, not beside them); with [`Activations::F32`] they are rows again.
     pub fn with_activations(mut self, activations: Activations) -> Self {
         self.activations = activations;
