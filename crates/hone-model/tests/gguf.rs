@@ -524,6 +524,38 @@ fn quantized_matmul_equals_the_product_with_dequantized_weights() {
     }
 }
 
+/// Whether this CPU runs the 8-bit-activation kernels (AVX2 + FMA + F16C); elsewhere products
+/// with `Activations::Q8` stay exact.
+fn q8_kernels_run() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Asserts `y [m, rows] = x [m, cols] · w [rows, cols]ᵀ`, computed in f64, within 1e-5 of the
+/// sum of the terms' magnitudes; `what` names the case.
+fn assert_product(y: &[f32], x: &[f32], w: &[f32], m: usize, [rows, cols]: [usize; 2], what: &str) {
+    for i in 0..m {
+        for r in 0..rows {
+            let terms = (0..cols).map(|k| x[i * cols + k] as f64 * w[r * cols + k] as f64);
+            let want: f64 = terms.clone().sum();
+            let scale: f64 = terms.map(f64::abs).sum();
+            let got = y[i * rows + r] as f64;
+            assert!(
+                (got - want).abs() <= 1e-5 * scale.max(1e-6),
+                "{what} m={m} y[{i},{r}] = {got}, expected {want}"
+            );
+        }
+    }
+}
+
 /// The products with 8-bit activations (`Activations::Q8`: up to `SMALL_M` rows, decoding, and
 /// more, prefill through packed eight-row groups) equal the f64 product of the dequantized
 /// weights with the Q8_0 round trip of the inputs, for every block and K format, and the inputs
@@ -538,12 +570,7 @@ fn q8_activation_products_equal_the_product_with_q8_0_inputs() {
     use hone_model::gguf::quant::dequantize;
     use hone_model::gguf::quantize::quantize;
     use rand::{Rng, SeedableRng};
-    #[cfg(target_arch = "x86_64")]
-    let covered = std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-        && std::arch::is_x86_feature_detected!("f16c");
-    #[cfg(not(target_arch = "x86_64"))]
-    let covered = false;
+    let covered = q8_kernels_run();
     let (rows, cols) = (2 * TILE_ROWS + 13, 512);
     // The block and K formats.
     let types = GgmlType::ALL.into_iter().filter(|ty| ty.is_quantized());
@@ -584,18 +611,7 @@ fn q8_activation_products_equal_the_product_with_q8_0_inputs() {
                 cols,
             };
             let y = matmul_quant_with(matrix, &x, m, Activations::Q8);
-            for i in 0..m {
-                for r in 0..rows {
-                    let terms = (0..cols).map(|k| xs[i * cols + k] as f64 * w[r * cols + k] as f64);
-                    let want: f64 = terms.clone().sum();
-                    let scale: f64 = terms.map(f64::abs).sum();
-                    let got = y[i * rows + r] as f64;
-                    assert!(
-                        (got - want).abs() <= 1e-5 * scale.max(1e-6),
-                        "{ty} m={m} y[{i},{r}] = {got}, expected {want}"
-                    );
-                }
-            }
+            assert_product(&y, xs, &w, m, [rows, cols], &ty.to_string());
         }
     }
 }
@@ -657,12 +673,7 @@ fn regrouped_weights_multiply_and_read_back_as_their_rows() {
     use hone_model::gguf::quant::dequantize;
     use hone_model::gguf::quantize::quantize;
     use hone_model::gguf::QuantWeight;
-    #[cfg(target_arch = "x86_64")]
-    let covered = std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-        && std::arch::is_x86_feature_detected!("f16c");
-    #[cfg(not(target_arch = "x86_64"))]
-    let covered = false;
+    let covered = q8_kernels_run();
     // More rows than one tile of the input gradient (256), and many tasks of the decoding loop;
     // whole 256-value blocks of the K formats.
     let (rows, cols) = (264, 768);
@@ -714,18 +725,7 @@ fn regrouped_weights_multiply_and_read_back_as_their_rows() {
             );
             let xs = if covered { &rounded } else { &x };
             let y = q8.matmul_nt(&x, m);
-            for i in 0..m {
-                for r in 0..rows {
-                    let terms = (0..cols).map(|k| xs[i * cols + k] as f64 * w[r * cols + k] as f64);
-                    let want: f64 = terms.clone().sum();
-                    let scale: f64 = terms.map(f64::abs).sum();
-                    let got = y[i * rows + r] as f64;
-                    assert!(
-                        (got - want).abs() <= 1e-5 * scale.max(1e-6),
-                        "{ty} m={m} y[{i},{r}] = {got}, expected {want}"
-                    );
-                }
-            }
+            assert_product(&y, xs, &w, m, [rows, cols], &ty.to_string());
             let together = QuantWeight::matmul_nt_many(&[&q8, &other, &q8], &x, m);
             assert_eq!(together[0], y, "{ty} m={m}: run together");
             assert_eq!(together[2], y, "{ty} m={m}: run together");
@@ -774,18 +774,7 @@ fn dense_matmuls_equal_the_product() {
             } else {
                 matmul_dense_many(&w, rows, cols, &x, m)
             };
-            for i in 0..m {
-                for r in 0..rows {
-                    let terms = (0..cols).map(|k| x[i * cols + k] as f64 * w[r * cols + k] as f64);
-                    let want: f64 = terms.clone().sum();
-                    let scale: f64 = terms.map(f64::abs).sum();
-                    let got = y[i * rows + r] as f64;
-                    assert!(
-                        (got - want).abs() <= 1e-5 * scale.max(1e-6),
-                        "[{rows}, {cols}] m={m} y[{i},{r}] = {got}, expected {want}"
-                    );
-                }
-            }
+            assert_product(&y, &x, &w, m, [rows, cols], &format!("[{rows}, {cols}]"));
         }
     }
 }
