@@ -8,7 +8,9 @@
 //! - Many input rows (prefill, training): tiles of [`TILE_ROWS`] rows of `W` are decoded into a
 //!   per-task f32 buffer and multiplied by gemm, so decoding costs `1/m` of the product.
 //! - With [`Activations::Q8`] (opt-in), the block and K formats multiply inputs rounded to 8
-//!   bits with integer dot products instead ([`super::int8`]), for few and many rows alike.
+//!   bits with integer dot products instead ([`super::int8`]), for few and many rows alike; a
+//!   [`super::QuantWeight`] of Q4_0, Q4_1, Q4_K or Q5_K then holds its rows regrouped by eight
+//!   (`gguf/repack.rs`), and its products (a `Product` with `regrouped`) take those kernels.
 //!
 //! Both are compiled for AVX-512 or AVX2+FMA when the CPU has them (run-time dispatch, as the
 //! fused kernels). Results equal `x · dequantize(W)ᵀ` up to f32 summation order.
