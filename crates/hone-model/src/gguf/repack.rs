@@ -11,7 +11,7 @@
 //! f16 field of the eight rows side by side (16 bytes: one conversion gives eight rows' scales),
 //! then each word of the eight rows side by side (32 bytes: lane `r` is row `r`'s word). Nibble
 //! word `c` masked with `0x0F` is four values of every row and shifted by four the four values
-//! 16 (Q4_0, Q4_1) or 32 (Q4_K) further, as the file orders them, so each input row needs a
+//! 16 (Q4_0, Q4_1) or 32 (Q4_K, Q5_K) further, as the file orders them, so each input row needs a
 //! broadcast of four of its bytes per half word and no horizontal sums.
 //!
 //! [`super::QuantWeight`] stores this layout as its only copy when its products take 8-bit
@@ -55,20 +55,20 @@ fn block_fields(ty: GgmlType) -> (usize, usize) {
     }
 }
 
-/// Copies between a row's block `row` and its place in a group's block `group` (row `r`), in
-/// the direction `to_group`.
-fn move_block(ty: GgmlType, row: &mut [u8], group: &mut [u8], r: usize, to_group: bool) {
+/// Where row `r`'s f16 fields (2 bytes each) and words (4 bytes each) go in a group's block:
+/// `(offset in the row's block, offset in the group's block)`.
+fn places(
+    ty: GgmlType,
+    r: usize,
+) -> (
+    impl Iterator<Item = (usize, usize)>,
+    impl Iterator<Item = (usize, usize)>,
+) {
     let (fields, words) = block_fields(ty);
-    let pairs = (0..fields)
-        .map(|f| (2 * f, 16 * f + 2 * r, 2))
-        .chain((0..words).map(|w| (2 * fields + 4 * w, 16 * fields + 32 * w + 4 * r, 4)));
-    for (at_row, at_group, len) in pairs {
-        if to_group {
-            group[at_group..at_group + len].copy_from_slice(&row[at_row..at_row + len]);
-        } else {
-            row[at_row..at_row + len].copy_from_slice(&group[at_group..at_group + len]);
-        }
-    }
+    (
+        (0..fields).map(move |f| (2 * f, 16 * f + 2 * r)),
+        (0..words).map(move |w| (2 * fields + 4 * w, 16 * fields + 32 * w + 4 * r)),
+    )
 }
 
 /// The rows `bytes` (whole groups of [`ROWS`] rows of `cols` values) regrouped.
@@ -76,15 +76,20 @@ pub(crate) fn interleave(ty: GgmlType, bytes: &[u8], cols: usize) -> Vec<u8> {
     let mut out = vec![0u8; bytes.len()];
     let bb = ty.block_bytes();
     let rb = ty.byte_len(cols);
-    let mut row = vec![0u8; bb];
     for (group, dst) in bytes
         .chunks_exact(ROWS * rb)
         .zip(out.chunks_exact_mut(ROWS * rb))
     {
         for (b, dst) in dst.chunks_exact_mut(ROWS * bb).enumerate() {
             for r in 0..ROWS {
-                row.copy_from_slice(&group[r * rb + b * bb..r * rb + (b + 1) * bb]);
-                move_block(ty, &mut row, dst, r, true);
+                let row = &group[r * rb + b * bb..r * rb + (b + 1) * bb];
+                let (fields, words) = places(ty, r);
+                for (at_row, at_group) in fields {
+                    dst[at_group..at_group + 2].copy_from_slice(&row[at_row..at_row + 2]);
+                }
+                for (at_row, at_group) in words {
+                    dst[at_group..at_group + 4].copy_from_slice(&row[at_row..at_row + 4]);
+                }
             }
         }
     }
@@ -98,13 +103,18 @@ pub(crate) fn row_bytes(ty: GgmlType, bytes: &[u8], cols: usize, r0: usize, out:
     let rb = ty.byte_len(cols);
     assert!(r0.is_multiple_of(ROWS), "repack::row_bytes: r0");
     assert!(out.len().is_multiple_of(rb), "repack::row_bytes: out");
-    let mut block = vec![0u8; ROWS * bb];
     for (i, dst) in out.chunks_exact_mut(rb).enumerate() {
         let (g, r) = ((r0 + i) / ROWS, (r0 + i) % ROWS);
         let group = &bytes[g * ROWS * rb..(g + 1) * ROWS * rb];
         for (b, dst) in dst.chunks_exact_mut(bb).enumerate() {
-            block.copy_from_slice(&group[b * ROWS * bb..(b + 1) * ROWS * bb]);
-            move_block(ty, dst, &mut block, r, false);
+            let src = &group[b * ROWS * bb..(b + 1) * ROWS * bb];
+            let (fields, words) = places(ty, r);
+            for (at_row, at_group) in fields {
+                dst[at_row..at_row + 2].copy_from_slice(&src[at_group..at_group + 2]);
+            }
+            for (at_row, at_group) in words {
+                dst[at_row..at_row + 4].copy_from_slice(&src[at_group..at_group + 4]);
+            }
         }
     }
 }
