@@ -83,6 +83,11 @@ static FORWARD_TURN: Mutex<()> = Mutex::new(());
 
 /// How often the watchdog looks at the peers.
 const WATCH_INTERVAL: Duration = Duration::from_millis(20);
+/// How long a node's data server may take to listen after registration (see
+/// [`await_data_servers`]).
+const DATA_SERVER_START: Duration = Duration::from_secs(10);
+/// How long a node waits, once its own data server listens, for the other nodes' servers.
+const DATA_SERVER_GRACE: Duration = Duration::from_millis(50);
 
 /// Counts travel as two f32 values `(c >> COUNT_SHIFT, c & COUNT_MASK)`, exact below 2^36.
 const COUNT_SHIFT: u32 = 12;
@@ -120,9 +125,38 @@ pub struct MultiNode {
 }
 
 impl MultiNode {
+    /// A warning when this node's data ports lie in the system's ephemeral range (Linux
+    /// `ip_local_port_range`): the data server of a step closes its port, and an outgoing
+    /// connection of the next step (to an orchestrator, to another node) may then take it as
+    /// its local port, so that the step after cannot listen on it again.
+    pub fn ephemeral_port_warning(&self) -> Option<String> {
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+        let mut bounds = range.split_whitespace().map(str::parse::<u16>);
+        let (Some(Ok(low)), Some(Ok(high))) = (bounds.next(), bounds.next()) else {
+            return None;
+        };
+        let inside: Vec<String> = (self.data_ports.iter())
+            .filter(|p| (low..=high).contains(*p))
+            .map(u16::to_string)
+            .collect();
+        (!inside.is_empty()).then(|| {
+            format!(
+                "distributed.data_port: port {} lies in this system's ephemeral range \
+                 {low}-{high} (net.ipv4.ip_local_port_range), where an outgoing connection may \
+                 take it between the steps that listen on it; choose ports below {low}",
+                inside.join(" and ")
+            )
+        })
+    }
+
+    /// This node's data port in step `step`.
+    fn data_port(&self, step: usize) -> u16 {
+        self.data_ports[step % 2]
+    }
+
     /// The collective config of step `step` with `local` peers on this node.
     fn collective(&self, local: usize, step: usize) -> Result<CollectiveConfig> {
-        let (orchestrator, port) = (&self.orchestrators[step % 2], self.data_ports[step % 2]);
+        let (orchestrator, port) = (&self.orchestrators[step % 2], self.data_port(step));
         let parse = |text: &str| {
             text.parse().map_err(|e: String| TrainError::Parallel {
                 message: format!("`{text}` is not an address: {e}"),
@@ -190,6 +224,7 @@ fn node_all_reduce<B: Backend>(
     id: PeerId,
     device: B::Device,
     collective: CollectiveConfig,
+    data_port: u16,
     tensor: B::FloatTensorPrimitive,
     timeout: Duration,
     finished: Arc<Barrier>,
@@ -200,6 +235,7 @@ fn node_all_reduce<B: Backend>(
         .spawn(move || {
             let result = register::<B>(id, device, collective)
                 .map_err(|e| format!("cannot register with the orchestrator: {e:?}"))
+                .and_then(|()| await_data_servers(data_port))
                 .and_then(|()| {
                     all_reduce::<B>(id, tensor, ReduceOperation::Sum)
                         .map_err(|e| format!("the global all-reduce failed: {e:?}"))
@@ -221,6 +257,32 @@ fn node_all_reduce<B: Backend>(
             timeout.as_secs()
         ))
     })
+}
+
+/// Waits until this node's data server accepts connections on `port`, then
+/// [`DATA_SERVER_GRACE`] for the other nodes' servers. burn 0.21 starts a node's data server
+/// on a task of its own when the node registers and does not wait for it to listen; the
+/// orchestrator answers every node once the last one registers, and a node downloads from
+/// the others right away, so the last node's server has only the orchestrator's round trip
+/// to start listening (~1 ms in the tests' logs). A server that never listens (its port taken,
+/// e.g. by an outgoing connection when the port lies in the ephemeral range, see
+/// [`MultiNode::ephemeral_port_warning`]: burn drops the error) is named here, not in the other
+/// nodes as burn's panic `Failed to connect to data server` (which failed one CI run).
+fn await_data_servers(port: u16) -> std::result::Result<(), String> {
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let start = Instant::now();
+    while let Err(e) = std::net::TcpStream::connect_timeout(&address, WATCH_INTERVAL) {
+        if start.elapsed() > DATA_SERVER_START {
+            return Err(format!(
+                "this node's data server is not listening on port {port} after {} s (is the \
+                 port in use?): {e}",
+                DATA_SERVER_START.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::thread::sleep(DATA_SERVER_GRACE);
+    Ok(())
 }
 
 /// The micro-batches of a step that peer `k` of `n` computes: contiguous blocks, in order,
@@ -425,16 +487,17 @@ fn reduce<B: Backend>(
 
     let id = PeerId::from(global);
     let collective = match &session.multinode {
-        Some(node) => Some(node.collective(session.n, step)?),
+        Some(node) => Some((node.collective(session.n, step)?, node.data_port(step))),
         None => None,
     };
     session.set_waiting(rank, Some(step));
     let reduced = match collective {
         None => all_reduce::<B>(id, stacked, ReduceOperation::Sum).map_err(|e| format!("{e:?}")),
-        Some(collective) => node_all_reduce::<B>(
+        Some((collective, data_port)) => node_all_reduce::<B>(
             id,
             device.clone(),
             collective,
+            data_port,
             stacked,
             session.config.timeout,
             session.finished.clone(),
@@ -961,6 +1024,27 @@ mod tests {
         let text = |c: &CollectiveConfig| c.to_string();
         assert!(text(&even).contains("ws://a:1") && text(&even).contains("ws://b:7"));
         assert!(text(&odd).contains("ws://a:2") && text(&odd).contains("ws://b:8"));
+    }
+
+    #[test]
+    fn data_ports_in_the_ephemeral_range_are_warned_about() {
+        let Ok(range) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else {
+            return; // not Linux: no range to check against
+        };
+        let low: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+        let node = |data_ports| MultiNode {
+            nodes: 2,
+            node_rank: 0,
+            orchestrators: ["ws://a:1".into(), "ws://a:2".into()],
+            node_host: "b".into(),
+            data_ports,
+        };
+        assert_eq!(node([low - 2, low - 1]).ephemeral_port_warning(), None);
+        let warning = node([low - 1, low]).ephemeral_port_warning().unwrap();
+        assert!(
+            warning.contains(&format!("port {low} ")) && !warning.contains(&(low - 1).to_string()),
+            "{warning}"
+        );
     }
 
     #[test]

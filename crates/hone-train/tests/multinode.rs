@@ -50,22 +50,41 @@ fn node_lines(rank: usize, orchestrator: u16, port: u16, local: usize) -> String
 }
 
 /// Ports `p` such that `p` and `p + 1` were free a moment ago (all held at once so that they
-/// differ).
+/// differ), below the ephemeral range: the nodes' data servers listen on their ports every
+/// other step, and an outgoing connection in between may take an ephemeral port (this failed
+/// CI once: "Failed to connect to data server").
 fn free_port_pairs<const N: usize>() -> [u16; N] {
+    let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    assert!(low > 2048, "ephemeral ports start at {low}");
+    // Start at a place that differs from run to run (several test processes may pick).
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let span = low - 2048;
+    let mut candidate = 1024 + (nanos % u32::from(span)) as u16;
     let mut held = Vec::new();
     let mut ports = Vec::new();
-    while ports.len() < N {
-        let first = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = first.local_addr().unwrap().port();
-        held.push(first);
-        if let Some(second) = port
-            .checked_add(1)
-            .and_then(|next| std::net::TcpListener::bind(("127.0.0.1", next)).ok())
-        {
-            held.push(second);
-            ports.push(port);
+    for _ in 0..span {
+        if ports.len() == N {
+            break;
+        }
+        candidate = if u32::from(candidate) + 2 >= u32::from(low) {
+            1024
+        } else {
+            candidate + 2
+        };
+        let pair =
+            [candidate, candidate + 1].map(|p| std::net::TcpListener::bind(("127.0.0.1", p)).ok());
+        if let [Some(first), Some(second)] = pair {
+            held.extend([first, second]);
+            ports.push(candidate);
         }
     }
+    assert_eq!(ports.len(), N, "no {N} free port pairs below {low}");
     std::array::from_fn(|i| ports[i])
 }
 
