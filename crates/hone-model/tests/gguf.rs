@@ -46,6 +46,24 @@ fn every_tensor_type_decodes_bit_for_bit_as_gguf_py() {
     }
 }
 
+/// Giving a tensor's pages back (what the loader does once it holds a copy) leaves every
+/// tensor's bytes as they were, its own on a later read and its neighbours' on shared pages.
+#[test]
+fn released_tensor_pages_read_back_unchanged() {
+    let file = GgufFile::open(&fixture("llama_gqa.gguf")).unwrap();
+    let copies: Vec<(String, Vec<u8>)> = (file.tensors().iter())
+        .map(|t| (t.name.clone(), file.tensor_bytes(&t.name).unwrap().to_vec()))
+        .collect();
+    // Some tensors span whole pages, so something is given back.
+    assert!(copies.iter().any(|(_, b)| b.len() >= 2 * 4096));
+    for (name, _) in copies.iter().step_by(2) {
+        file.release_tensor_pages(name);
+    }
+    for (name, bytes) in &copies {
+        assert!(file.tensor_bytes(name).unwrap() == &bytes[..], "{name}");
+    }
+}
+
 #[test]
 fn metadata_values_of_every_type_read_back() {
     let file = GgufFile::open(&fixture("types.gguf")).unwrap();

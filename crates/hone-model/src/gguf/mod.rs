@@ -620,6 +620,37 @@ impl GgufFile {
         Ok(&self.mmap[start..start + t.byte_len()])
     }
 
+    /// Gives the mapped file's pages that lie wholly inside tensor `name` back to the system (a
+    /// loader calls it once it holds its own copy): the pages a read touched would otherwise
+    /// stay resident beside the copies until the file is closed, which put the peak resident
+    /// memory of loading at twice the weights (SmolLM2-135M Q4_1: 358 MB for a 98 MB file). A
+    /// later read of the tensor maps its pages again from the file. Without `madvise` (not
+    /// Unix) or where it fails, nothing happens.
+    pub fn release_tensor_pages(&self, name: &str) {
+        #[cfg(unix)]
+        if let Some(t) = self.tensor_info(name) {
+            const PAGE: usize = 4096;
+            let start = self.data_start + t.offset as usize;
+            let (first, end) = (
+                start.next_multiple_of(PAGE),
+                (start + t.byte_len()) / PAGE * PAGE,
+            );
+            if end > first {
+                // SAFETY: the map is read-only and shared, so dropping pages loses nothing: the
+                // next access reads them from the file again. Neighbouring tensors' bytes on the
+                // boundary pages are left alone (only whole pages inside this tensor). A page
+                // size above 4 KiB makes the unaligned call fail, which is ignored.
+                let _ = unsafe {
+                    self.mmap.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        first,
+                        end - first,
+                    )
+                };
+            }
+        }
+    }
+
     /// A tensor converted to f32, with its row-major shape. The block formats are decoded as
     /// ggml (and gguf-py's `gguf.quants.dequantize`) do, bit for bit.
     pub fn tensor_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {

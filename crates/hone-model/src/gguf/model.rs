@@ -470,6 +470,7 @@ impl WeightSource for GgufWeights<'_> {
         let (gguf_name, rows, info) = self.entry(name, expected)?;
         let shape = info.shape();
         let (values, _) = self.file.tensor_f32(gguf_name)?;
+        self.file.release_tensor_pages(gguf_name);
         Ok(match rows {
             Rows::AsStored => values,
             Rows::Unpermute { heads } => {
@@ -493,6 +494,7 @@ impl WeightSource for GgufWeights<'_> {
             Rows::AsStored => bytes.to_vec(),
             Rows::Unpermute { heads } => unpermute_rows(bytes, out, ty.byte_len(inp), heads),
         };
+        self.file.release_tensor_pages(gguf_name);
         QuantWeight::new(ty, bytes, out, inp)
             .map(Some)
             .map_err(|message| {
