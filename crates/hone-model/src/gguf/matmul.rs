@@ -480,6 +480,24 @@ unsafe fn store_transposed8(
     put!(7, _mm256_permute2f128_ps::<0x31>(u3, u7));
 }
 
+/// Rows ahead of the 8 × 8 transposes whose next cache line is prefetched: the transposes read
+/// eight rows side by side, a stride the hardware prefetchers follow late.
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_ROWS: usize = 16;
+
+/// Prefetches the cache line at `p` in each of eight rows `stride` bytes apart.
+///
+/// # Safety
+/// None beyond the CPU's SSE (prefetching never faults); `p` need not be in bounds.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn prefetch_rows(p: *const u8, stride: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    for i in 0..8 {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(i * stride) as *const i8);
+    }
+}
+
 /// [`transpose_half_into`] on the top-left `full_r × full_c` block (multiples of 8).
 ///
 /// # Safety
@@ -499,6 +517,14 @@ unsafe fn transpose_half_blocks(
     let (s, d) = (src.as_ptr() as *const u16, dst.as_mut_ptr());
     for r0 in (0..full_r).step_by(8) {
         for c0 in (0..full_c).step_by(8) {
+            // A cache line holds 32 values of a row: once per line, ask for the same line of
+            // the rows two blocks down (+3% prefill on SmolLM2 F16, both ISAs).
+            if c0 % 32 == 0 && r0 + PREFETCH_ROWS < full_r {
+                prefetch_rows(
+                    s.add((r0 + PREFETCH_ROWS) * cols + c0) as *const u8,
+                    2 * cols,
+                );
+            }
             let mut a = [_mm256_setzero_ps(); 8];
             for (i, a) in a.iter_mut().enumerate() {
                 let h = _mm_loadu_si128(s.add((r0 + i) * cols + c0) as *const __m128i);
@@ -592,6 +618,13 @@ unsafe fn transpose_blocks_avx(
     let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
     for r0 in (0..full_r).step_by(8) {
         for c0 in (0..full_c).step_by(8) {
+            // As in `transpose_half_blocks` (16 values a line; +1.7% F32 prefill, AVX2).
+            if c0 % 16 == 0 && r0 + PREFETCH_ROWS < full_r {
+                prefetch_rows(
+                    s.add((r0 + PREFETCH_ROWS) * cols + c0) as *const u8,
+                    4 * cols,
+                );
+            }
             let mut a = [_mm256_setzero_ps(); 8];
             for (i, a) in a.iter_mut().enumerate() {
                 *a = _mm256_loadu_ps(s.add((r0 + i) * cols + c0));
