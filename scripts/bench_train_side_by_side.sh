@@ -11,7 +11,10 @@
 # AVX2 path on an AVX-512 machine, build it without the AVX-512 kernels and pass that binary:
 #   CARGO_TARGET_DIR=target-avx2 cargo build --release -p hone-cli --no-default-features
 #   scripts/bench_train_side_by_side.sh -b target-avx2/release/hone small smol
-# (its lines say "isa":"avx2"; PyTorch's line names what the CPU offers, whatever MKL takes).
+# (its lines say "isa":"avx2"; PyTorch's line names what the CPU offers, whatever MKL takes). To
+# hold PyTorch to AVX2 as well, as on an AVX2-only machine, run the script with
+#   ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
+# in its environment (hone ignores them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
