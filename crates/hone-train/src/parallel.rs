@@ -130,11 +130,7 @@ impl MultiNode {
     /// connection of the next step (to an orchestrator, to another node) may then take it as
     /// its local port, so that the step after cannot listen on it again.
     pub fn ephemeral_port_warning(&self) -> Option<String> {
-        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
-        let mut bounds = range.split_whitespace().map(str::parse::<u16>);
-        let (Some(Ok(low)), Some(Ok(high))) = (bounds.next(), bounds.next()) else {
-            return None;
-        };
+        let (low, high) = ephemeral_ports()?;
         let inside: Vec<String> = (self.data_ports.iter())
             .filter(|p| (low..=high).contains(*p))
             .map(u16::to_string)
@@ -168,6 +164,17 @@ impl MultiNode {
             .with_global_address(parse(orchestrator)?)
             .with_node_address(parse(&format!("ws://{}:{port}", self.node_host))?)
             .with_data_service_port(port))
+    }
+}
+
+/// The system's ephemeral port range `(low, high)`, from which outgoing connections take their
+/// local ports (Linux `net.ipv4.ip_local_port_range`); `None` where it cannot be read.
+pub fn ephemeral_ports() -> Option<(u16, u16)> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut bounds = range.split_whitespace().map(str::parse::<u16>);
+    match (bounds.next(), bounds.next()) {
+        (Some(Ok(low)), Some(Ok(high))) => Some((low, high)),
+        _ => None,
     }
 }
 
@@ -1028,10 +1035,9 @@ mod tests {
 
     #[test]
     fn data_ports_in_the_ephemeral_range_are_warned_about() {
-        let Ok(range) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else {
+        let Some((low, _)) = ephemeral_ports() else {
             return; // not Linux: no range to check against
         };
-        let low: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
         let node = |data_ports| MultiNode {
             nodes: 2,
             node_rank: 0,

@@ -54,10 +54,7 @@ fn node_lines(rank: usize, orchestrator: u16, port: u16, local: usize) -> String
 /// other step, and an outgoing connection in between may take an ephemeral port (this failed
 /// CI once: "Failed to connect to data server").
 fn free_port_pairs<const N: usize>() -> [u16; N] {
-    let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse().ok())
-        .unwrap_or(32768);
+    let low = hone_train::parallel::ephemeral_ports().map_or(32768, |(low, _)| low);
     assert!(low > 2048, "ephemeral ports start at {low}");
     // Start at a place that differs from run to run (several test processes may pick).
     let nanos = std::time::SystemTime::now()
