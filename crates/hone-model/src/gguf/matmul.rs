@@ -11,6 +11,9 @@
 //!   bits with integer dot products instead ([`super::int8`]), for few and many rows alike; a
 //!   [`super::QuantWeight`] of Q4_0, Q4_1, Q4_K or Q5_K then holds its rows regrouped by eight
 //!   (`gguf/repack.rs`), and its products (a `Product` with `regrouped`) take those kernels.
+//! - F16 and BF16 weights are held in panels of sixteen rows (`gguf/panel.rs`: a `Product` with
+//!   `panels`), whose kernels convert the 16-bit values in registers for any number of rows;
+//!   the many-row products of one input (a layer's q/k/v) run as one parallel loop.
 //!
 //! Both are compiled for AVX-512 or AVX2+FMA when the CPU has them (run-time dispatch, as the
 //! fused kernels). Results equal `x · dequantize(W)ᵀ` up to f32 summation order.
@@ -110,12 +113,14 @@ pub fn matmul_quant_with(
 }
 
 /// One product by a quantized weight: the matrix, its activations, and whether its rows are
-/// regrouped by eight ([`super::repack`]: only with [`Activations::Q8`] where it applies).
+/// regrouped by eight ([`super::repack`]: only with [`Activations::Q8`] where it applies) or
+/// held in panels of sixteen ([`super::panel`]: F16 and BF16).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Product<'a> {
     pub w: QuantMatrix<'a>,
     pub activations: Activations,
     pub regrouped: bool,
+    pub panels: bool,
 }
 
 impl<'a> Product<'a> {
@@ -125,7 +130,16 @@ impl<'a> Product<'a> {
             w,
             activations,
             regrouped: false,
+            panels: false,
         }
+    }
+
+    /// The weight in panels ([`super::panel`]) when it is held so.
+    fn panels(&self) -> Option<super::panel::Panels<'a>> {
+        let w = self.w;
+        self.panels
+            .then(|| super::panel::Panels::new(w.ty, w.bytes, w.rows, w.cols))
+            .flatten()
     }
 }
 
@@ -136,6 +150,11 @@ pub(crate) fn product(p: Product<'_>, x: &[f32], m: usize) -> Vec<f32> {
     assert_eq!(x.len(), m * w.cols, "matmul_quant: x is not [m, in]");
     if m > 0 && m <= SMALL_M {
         return small_m_many(&[p], x, m).pop().expect("one product");
+    }
+    if let Some(panels) = p.panels().filter(|_| m > 0) {
+        return super::panel::matmul_many(&[panels], x, m)
+            .pop()
+            .expect("one product");
     }
     let mut y = vec![0f32; m * w.rows];
     if m == 0 || w.rows == 0 {
@@ -236,17 +255,27 @@ fn small_m_many(ws: &[Product<'_>], x: &[f32], m: usize) -> Vec<Vec<f32>> {
     let mut tasks = Vec::new();
     for (p, yt) in ws.iter().zip(yts.iter_mut()) {
         let w = &p.w;
-        // A multiple of eight rows: whole regrouped groups per task.
-        let per_task = rows_per_task(w);
+        // A multiple of eight rows: whole regrouped groups per task (sixteen: whole panels).
+        let per_task = if p.panels {
+            rows_per_task(w).next_multiple_of(super::panel::ROWS)
+        } else {
+            rows_per_task(w)
+        };
         let xq = xq.as_ref().filter(|_| q8_applies(w, p.activations));
         let chunks = yt.chunks_mut(per_task * m);
         for (yt, rows) in chunks.zip(w.bytes.chunks(per_task * w.row_bytes())) {
-            tasks.push((w.ty, w.cols, xq, p.regrouped, rows, yt));
+            tasks.push((w.ty, w.cols, xq, p.regrouped, p.panels, rows, yt));
         }
     }
     tasks
         .into_par_iter()
-        .for_each(|(ty, cols, xq, regrouped, rows, yt)| {
+        .for_each(|(ty, cols, xq, regrouped, panels, rows, yt)| {
+            if panels {
+                let n = rows.len() / (2 * cols);
+                let w = super::panel::Panels::new(ty, rows, n, cols).expect("panels are 16-bit");
+                super::panel::dot_rows(w, x, m, yt);
+                return;
+            }
             if regrouped {
                 let xq = xq.expect("regrouped rows take 8-bit activations");
                 // SAFETY: yt is [rows, m]: input i of row r at r·m + i.
@@ -312,6 +341,13 @@ pub(crate) fn products_many(ws: &[Product<'_>], x: &[f32], m: usize) -> Vec<Vec<
         m * first.w.cols,
         "matmul_quant_many: x is not [m, in]"
     );
+    if m > SMALL_M {
+        // Products in panels as one parallel loop (a layer's q/k/v or gate/up together).
+        let panels: Vec<_> = ws.iter().filter_map(|p| p.panels()).collect();
+        if panels.len() == ws.len() {
+            return super::panel::matmul_many(&panels, x, m);
+        }
+    }
     if m == 0 || m > SMALL_M {
         return ws.iter().map(|&p| product(p, x, m)).collect();
     }

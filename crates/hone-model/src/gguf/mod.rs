@@ -17,6 +17,7 @@ mod kquant;
 pub mod matmul;
 mod matvec;
 pub mod model;
+mod panel;
 pub mod quant;
 pub mod quantize;
 mod repack;

@@ -27,10 +27,65 @@ pub struct QuantWeight {
     cols: usize,
     /// How few-row products multiply by it ([`Activations`]; exact f32 by default).
     activations: Activations,
-    /// Whether `bytes` holds the rows regrouped by eight ([`super::repack`]), which the 8-bit
-    /// products of Q4_0, Q4_1, Q4_K and Q5_K read fastest; the only copy, so memory stays the
-    /// file's size.
-    regrouped: bool,
+    /// How `bytes` holds the rows; the only copy, so memory stays the file's size.
+    layout: Layout,
+}
+
+/// How a [`QuantWeight`] holds its rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    /// As the file stores them.
+    Rows,
+    /// Regrouped by eight ([`super::repack`]), which the 8-bit products of Q4_0, Q4_1, Q4_K
+    /// and Q5_K read fastest.
+    Regrouped,
+    /// F16 and BF16 in panels of sixteen rows ([`super::panel`]), which every product of
+    /// the 16-bit floats reads.
+    Panels,
+}
+
+impl Layout {
+    /// The layout that products of a `[rows, cols]` weight of `ty` with `activations` read
+    /// fastest on this CPU.
+    fn best(ty: GgmlType, rows: usize, cols: usize, activations: Activations) -> Self {
+        if activations == Activations::Q8 && super::repack::applies(ty, rows, cols) {
+            Layout::Regrouped
+        } else if super::panel::applies(ty, rows, cols) {
+            Layout::Panels
+        } else {
+            Layout::Rows
+        }
+    }
+
+    /// Rows of `ty` (`cols` wide) from a multiple of this layout's row step on.
+    fn rows_of(self, ty: GgmlType, bytes: &[u8], cols: usize, r0: usize, out: &mut [u8]) {
+        match self {
+            Layout::Rows => {
+                let rb = ty.byte_len(cols);
+                out.copy_from_slice(&bytes[r0 * rb..r0 * rb + out.len()]);
+            }
+            Layout::Regrouped => super::repack::row_bytes(ty, bytes, cols, r0, out),
+            Layout::Panels => super::panel::row_bytes(bytes, cols, r0, out),
+        }
+    }
+
+    /// The rows `bytes` (as the file stores them) in this layout.
+    fn arrange(self, ty: GgmlType, bytes: &[u8], cols: usize) -> Arc<[u8]> {
+        match self {
+            Layout::Rows => bytes.into(),
+            Layout::Regrouped => super::repack::interleave(ty, bytes, cols).into(),
+            Layout::Panels => super::panel::interleave(bytes, cols),
+        }
+    }
+
+    /// Rows per step of [`Layout::rows_of`].
+    fn step(self) -> usize {
+        match self {
+            Layout::Rows => 1,
+            Layout::Regrouped => super::repack::ROWS,
+            Layout::Panels => super::panel::ROWS,
+        }
+    }
 }
 
 impl fmt::Debug for QuantWeight {
@@ -41,7 +96,7 @@ impl fmt::Debug for QuantWeight {
             .field("cols", &self.cols)
             .field("bytes", &self.bytes.len())
             .field("activations", &self.activations)
-            .field("regrouped", &self.regrouped)
+            .field("layout", &self.layout)
             .finish()
     }
 }
@@ -69,43 +124,42 @@ impl QuantWeight {
             cols,
         }
         .validate()?;
+        let layout = Layout::best(ty, rows, cols, Activations::F32);
         Ok(Self {
             ty,
-            bytes: bytes.into(),
+            bytes: layout.arrange(ty, &bytes, cols),
             rows,
             cols,
             activations: Activations::F32,
-            regrouped: false,
+            layout,
         })
     }
 
     /// The weight with its products taking `activations`. With [`Activations::Q8`], Q4_0, Q4_1,
     /// Q4_K and Q5_K rows are regrouped by eight where the CPU has the 8-bit kernels (in place of
-    /// the rows, not beside them); with [`Activations::F32`] they are rows again.
+    /// the rows, not beside them); with [`Activations::F32`] they are rows again. (F16 and
+    /// BF16 stay in panels: their products are exact either way.)
     pub fn with_activations(mut self, activations: Activations) -> Self {
         self.activations = activations;
-        let regroup =
-            activations == Activations::Q8 && super::repack::applies(self.ty, self.rows, self.cols);
-        if regroup != self.regrouped {
-            self.bytes = if regroup {
-                super::repack::interleave(self.ty, &self.bytes, self.cols).into()
-            } else {
-                self.row_bytes(0, self.rows).into()
-            };
-            self.regrouped = regroup;
+        let layout = Layout::best(self.ty, self.rows, self.cols, activations);
+        if layout != self.layout {
+            let rows = self.row_bytes(0, self.rows);
+            self.bytes = layout.arrange(self.ty, &rows, self.cols);
+            self.layout = layout;
         }
         self
     }
 
-    /// Rows `r0..r0 + rows` as the file stores them (a copy where the weight is regrouped; `r0`
-    /// then a multiple of eight).
+    /// Rows `r0..r0 + rows` as the file stores them (a copy where the weight is regrouped or in
+    /// panels).
     fn row_bytes(&self, r0: usize, rows: usize) -> std::borrow::Cow<'_, [u8]> {
         let rb = self.ty.byte_len(self.cols);
-        if !self.regrouped {
+        if self.layout == Layout::Rows {
             return std::borrow::Cow::Borrowed(&self.bytes[r0 * rb..(r0 + rows) * rb]);
         }
         let mut out = vec![0u8; rows * rb];
-        super::repack::row_bytes(self.ty, &self.bytes, self.cols, r0, &mut out);
+        self.layout
+            .rows_of(self.ty, &self.bytes, self.cols, r0, &mut out);
         std::borrow::Cow::Owned(out)
     }
 
@@ -134,7 +188,8 @@ impl QuantWeight {
                 cols: self.cols,
             },
             activations: self.activations,
-            regrouped: self.regrouped,
+            regrouped: self.layout == Layout::Regrouped,
+            panels: self.layout == Layout::Panels,
         }
     }
 
@@ -142,11 +197,11 @@ impl QuantWeight {
     /// a quantized product multiply by, and what merging an adapter into the weight needs).
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
-        if !self.regrouped {
+        if self.layout == Layout::Rows {
             dequantize(self.ty, &self.bytes, &mut out);
             return out;
         }
-        let step = super::repack::ROWS;
+        let step = self.layout.step();
         for (g, out) in out.chunks_mut(step * self.cols).enumerate() {
             dequantize(self.ty, &self.row_bytes(g * step, step), out);
         }
