@@ -327,6 +327,46 @@ pub(crate) fn quant_linear<C: CheckpointStrategy>(x: AdTensor, w: QuantWeight) -
 // ---------------------------------------------------------------------------------------------
 
 #[derive(Debug)]
+struct DenseLinearOp;
+
+impl Backward<Flex, 1> for DenseLinearOp {
+    /// The frozen weight `[out, in]` (shared, not copied).
+    type State = FlexTensor;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [px] = ops.parents;
+        let g = contiguous(&grads.consume::<Flex>(&ops.node));
+        let w = ops.state;
+        if let Some(node) = px {
+            let (m, [n, k]) = (dims(&g)[0], [dims(&w)[0], dims(&w)[1]]);
+            grads.register::<Flex>(
+                node.id,
+                flex(cpu::linear_nn(values(&g), values(&w), m, n, k), &[m, k]),
+            );
+        }
+    }
+}
+
+/// `x [m, in] · Wᵀ` for a frozen dense `w` `[out, in]`; the backward pass gives `x`'s gradient
+/// `g · W`.
+pub(crate) fn dense_linear<C: CheckpointStrategy>(x: AdTensor, w: FlexTensor) -> AdTensor {
+    let xf = contiguous(&x.primitive);
+    let w = contiguous(&w);
+    let (m, [n, k]) = (dims(&xf)[0], [dims(&w)[0], dims(&w)[1]]);
+    let y = flex(cpu::linear_nt(values(&xf), values(&w), m, n, k), &[m, n]);
+    match DenseLinearOp
+        .prepare::<C>([x.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(w, y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug)]
 struct LoraDeltaOp;
 
 #[derive(Debug, Clone)]

@@ -312,6 +312,14 @@ pub trait KernelBackend: Backend {
         composed::quant_linear(x, w)
     }
 
+    /// [`KernelBackend::dense_linear`] on `Autodiff<Self, C>`.
+    fn ad_dense_linear<C: CheckpointStrategy>(
+        x: AdTensorOf<Self, C, 2>,
+        w: AdTensorOf<Self, C, 2>,
+    ) -> AdTensorOf<Self, C, 2> {
+        composed::dense_linear(x, w)
+    }
+
     /// [`KernelBackend::lora_delta`] on `Autodiff<Self, C>`.
     fn ad_lora_delta<C: CheckpointStrategy>(
         x: AdTensorOf<Self, C, 2>,
@@ -389,6 +397,10 @@ impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
 
     fn quant_linear(x: Tensor<Self, 2>, w: &QuantWeight) -> Tensor<Self, 2> {
         B::ad_quant_linear::<C>(x, w)
+    }
+
+    fn dense_linear(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        B::ad_dense_linear::<C>(x, w)
     }
 
     fn lora_delta(
