@@ -772,15 +772,16 @@ pub(crate) fn half_rows_dot(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod half {
+pub(super) mod half {
     use std::arch::x86_64::*;
 
     /// Input rows per pass at most.
     const GROUP: usize = 4;
 
+    /// Sixteen F16 or BF16 values at `p` as f32 (exact).
     #[cfg(feature = "avx512")]
     #[inline(always)]
-    unsafe fn load16_v4<const BF16: bool>(p: *const u8) -> __m512 {
+    pub(in crate::gguf) unsafe fn load16_v4<const BF16: bool>(p: *const u8) -> __m512 {
         let q = _mm256_loadu_si256(p as *const __m256i);
         if BF16 {
             _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(q), 16))
@@ -855,8 +856,9 @@ mod half {
         }
     }
 
+    /// Eight F16 or BF16 values at `p` as f32 (exact).
     #[inline(always)]
-    unsafe fn load8_v3<const BF16: bool>(p: *const u8) -> __m256 {
+    pub(in crate::gguf) unsafe fn load8_v3<const BF16: bool>(p: *const u8) -> __m256 {
         let q = _mm_loadu_si128(p as *const __m128i);
         if BF16 {
             _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(q), 16))

@@ -277,12 +277,7 @@ mod x86 {
 
     #[inline(always)]
     unsafe fn load8<const BF16: bool>(p: *const u16) -> __m256 {
-        let q = _mm_loadu_si128(p as *const __m128i);
-        if BF16 {
-            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(q), 16))
-        } else {
-            _mm256_cvtph_ps(q)
-        }
+        crate::gguf::matvec::half::load8_v3::<BF16>(p as *const u8)
     }
 
     /// `y[t·ys + r] = Σ_k w[k·16 + r] · x[t·ldx + k]`, `r < 16`, `t < N` (one panel, AVX2).
@@ -347,12 +342,7 @@ mod x86 {
     #[cfg(feature = "avx512")]
     #[inline(always)]
     unsafe fn load16<const BF16: bool>(p: *const u16) -> __m512 {
-        let q = _mm256_loadu_si256(p as *const __m256i);
-        if BF16 {
-            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(q), 16))
-        } else {
-            _mm512_cvtph_ps(q)
-        }
+        crate::gguf::matvec::half::load16_v4::<BF16>(p as *const u8)
     }
 
     /// `y[t·ys + 16q + r] = Σ_k w[q·16k + k·16 + r] · x[t·ldx + k]`: `P` panels, `N` input

@@ -1272,60 +1272,41 @@ fn matmul_tn(rows: usize, m: usize, n: usize, a: &[f32], b: &[f32], beta: f32) -
 /// for its kernel one strided value at a time (measured: ~5% of a training step).
 pub fn linear_nt(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
     assert!(x.len() >= m * k && w.len() >= n * k, "linear_nt: shapes");
-    let wt = transpose_par(w, n, k);
-    // Written whole by gemm (zeroing it first was 3% of a training step).
-    let mut y = Vec::with_capacity(m * n);
-    // SAFETY: x is [m, k], wt [k, n] and y's allocation [m, n], row-major; gemm writes every
-    // element of y without reading it (accumulate false), so y is initialized after the call.
-    unsafe {
-        gemm(
-            m,
-            n,
-            k,
-            y.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            wt.as_ptr(),
-            1,
-            n as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::Rayon(0),
-        );
-        y.set_len(m * n);
-    }
-    y
+    matmul_par(m, n, k, x, &transpose_par(w, n, k))
 }
 
 /// `dx [m, k] = g [m, n] · w` for a row-major `w` `[n, k]` (the input gradient of
 /// [`linear_nt`]), on every thread.
 pub fn linear_nn(g: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
     assert!(g.len() >= m * n && w.len() >= n * k, "linear_nn: shapes");
-    let mut dx = Vec::with_capacity(m * k);
-    // SAFETY: g is [m, n], w [n, k] and dx's allocation [m, k], row-major; gemm writes every
-    // element of dx without reading it.
+    matmul_par(m, k, n, g, w)
+}
+
+/// `lhs [m, k] · rhs [k, n]`, all row-major, on every thread. The result is written whole by
+/// gemm (zeroing it first was 3% of a training step).
+fn matmul_par(m: usize, n: usize, k: usize, lhs: &[f32], rhs: &[f32]) -> Vec<f32> {
+    assert!(
+        lhs.len() >= m * k && rhs.len() >= k * n,
+        "matmul_par: shapes"
+    );
+    let mut dst = Vec::with_capacity(m * n);
+    // SAFETY: lhs is [m, k], rhs [k, n] and dst's allocation [m, n], row-major; gemm writes
+    // every element of dst without reading it (accumulate false), so dst is initialized after.
     unsafe {
         gemm(
             m,
-            k,
             n,
-            dx.as_mut_ptr(),
-            1,
-            k as isize,
-            false,
-            g.as_ptr(),
+            k,
+            dst.as_mut_ptr(),
             1,
             n as isize,
-            w.as_ptr(),
+            false,
+            lhs.as_ptr(),
             1,
             k as isize,
+            rhs.as_ptr(),
+            1,
+            n as isize,
             1.0,
             1.0,
             false,
@@ -1333,9 +1314,9 @@ pub fn linear_nn(g: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32>
             false,
             Parallelism::Rayon(0),
         );
-        dx.set_len(m * k);
+        dst.set_len(m * n);
     }
-    dx
+    dst
 }
 
 /// `srcᵀ` (`[cols, rows]`) of `src` `[rows, cols]`: bands of 64 rows in parallel, each
