@@ -456,22 +456,6 @@ mod x86 {
         }
     }
 
-    /// How far ahead of the block being read one input row's products fetch the weights. The
-    /// hardware prefetchers of an Intel Xeon (Emerald Rapids, 2 vCPUs) left the one-row product of
-    /// Q8_0 stalled on memory at ~5 GB/s per core (SmolLM2 Q8_0 decode 56-69 tokens/s with 8-bit
-    /// activations; llama.cpp 66-72); fetching 1.5-3 KiB ahead gave 75-99 (alternated runs).
-    const PREFETCH_AHEAD: usize = 2048;
-
-    /// Fetches the four cache lines [`PREFETCH_AHEAD`] bytes past `p` (a block being read; the
-    /// address may lie past the weights, where a prefetch is dropped).
-    #[inline(always)]
-    unsafe fn prefetch_ahead(p: *const u8) {
-        let ahead = p.wrapping_add(PREFETCH_AHEAD);
-        for l in 0..4 {
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l) as *const i8);
-        }
-    }
-
     /// Output rows of `rows` against input rows `i0..i0 + M` of `xq`.
     #[inline(always)]
     unsafe fn group<const K: u8, const M: usize, const VNNI: bool>(
@@ -527,7 +511,7 @@ mod x86 {
                 let mut u = 0;
                 while u + step <= units {
                     if M == 1 {
-                        prefetch_ahead(p.wrapping_add(u * bb));
+                        crate::gguf::matvec::x86::prefetch_ahead::<4>(p.wrapping_add(u * bb));
                     }
                     for c in 0..step {
                         let unit = block_unit::<K, VNNI>(p.add((u + c) * bb));

@@ -293,6 +293,9 @@ mod x86 {
         let mut acc = [[_mm256_setzero_ps(); 2]; N];
         for kk in 0..k {
             let wp = w.add(kk * 16);
+            if N == 1 && kk % 2 == 0 {
+                crate::gguf::matvec::x86::prefetch_ahead::<1>(wp as *const u8);
+            }
             let w0 = load8::<BF16>(wp);
             let w1 = load8::<BF16>(wp.add(8));
             for (t, acc) in acc.iter_mut().enumerate() {

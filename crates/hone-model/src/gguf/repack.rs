@@ -278,6 +278,9 @@ mod x86 {
             let mut acc = [_mm256_setzero_ps(); MI];
             for u in 0..units {
                 let b = p.add(u * bb8);
+                if MI == 1 {
+                    crate::gguf::matvec::x86::prefetch_ahead::<3>(b);
+                }
                 let d = halves(b);
                 // Two chains per input row (low and high nibbles), for the latency of one row.
                 let mut s = [[_mm256_setzero_si256(); 2]; MI];
