@@ -215,6 +215,29 @@ multiversion! {
     }
 }
 
+/// Floats per task of [`zeroed`].
+const ZERO_CHUNK: usize = 1 << 16;
+
+/// `len` zeros, written by every thread (a kernel's output buffer: `vec![0.0; len]` would
+/// zero it, and take the first touch of its fresh pages, on the calling thread alone while
+/// the others wait for the kernel's parallel loop).
+pub(crate) fn zeroed(len: usize) -> Vec<f32> {
+    if len < ZERO_CHUNK {
+        return vec![0f32; len];
+    }
+    let mut v: Vec<f32> = Vec::with_capacity(len);
+    v.spare_capacity_mut()[..len]
+        .par_chunks_mut(ZERO_CHUNK)
+        .for_each(|c| {
+            for x in c {
+                x.write(0.0);
+            }
+        });
+    // SAFETY: the first `len` elements were written just above.
+    unsafe { v.set_len(len) };
+    v
+}
+
 /// A raw pointer that rayon tasks may share; every use writes a region no other task touches.
 #[derive(Clone, Copy)]
 pub(crate) struct Shared(pub(crate) *mut f32);
@@ -280,7 +303,7 @@ pub(crate) unsafe fn matmul(
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let h = w.len();
     let rows = x.len() / h;
-    let mut y = vec![0f32; x.len()];
+    let mut y = zeroed(x.len());
     let mut rstd = vec![0f32; rows];
     let chunk = rows_per_task(h);
     y.par_chunks_mut(h * chunk)
@@ -307,7 +330,7 @@ pub fn rms_norm_backward(
     want_dw: bool,
 ) -> (Vec<f32>, Option<Vec<f32>>) {
     let h = w.len();
-    let mut dx = vec![0f32; x.len()];
+    let mut dx = zeroed(x.len());
     let chunk = rows_per_task(h);
     dx.par_chunks_mut(h * chunk)
         .zip(g.par_chunks(h * chunk))
@@ -523,37 +546,88 @@ fn softmax_rows(
     }
 }
 
-/// `p = scale · Q Kᵀ` `[rows, cols]` for `rows` query rows from offset `qo` of `q` and `cols`
-/// key rows from offset `ko` of `k` (row strides: the layouts of [`AttnShape`]).
+/// One key/value head's rows `[seq, dim]` (from offset `o`, row stride `stride`) transposed
+/// into `dst` `[dim, seq]`, through `tmp` (the rows gathered contiguous first, so the
+/// transpose runs on whole 8 × 8 blocks).
+fn head_transposed(
+    src: &[f32],
+    o: usize,
+    stride: usize,
+    (seq, d): (usize, usize),
+    tmp: &mut Vec<f32>,
+    dst: &mut Vec<f32>,
+) {
+    tmp.clear();
+    for t in 0..seq {
+        tmp.extend_from_slice(&src[o + t * stride..o + t * stride + d]);
+    }
+    dst.resize(seq * d, 0.0);
+    crate::gguf::matmul::transpose_into(tmp, seq, d, dst);
+}
+
+/// Column-major `dst(i, j) = beta · Σ_l lhs(i, l) · rhs(l, j)` (`+=` with `accumulate`) on
+/// this thread, `dst(i, j)` at `dst[i + j·dst_cs]`, `lhs(i, l)` at `lhs[i + l·lhs_cs]`,
+/// `rhs(l, j)` at `rhs[l·rhs_rs + j·rhs_cs]`: one of attention's block products, each written
+/// so that gemm's left-hand side has its rows contiguous (what gemm packs fastest).
+///
+/// # Safety
+/// Every address named above must be valid and `dst`'s elements not accessed elsewhere
+/// during the call.
+unsafe fn block_product(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_cs): (*mut f32, usize),
+    accumulate: bool,
+    (lhs, lhs_cs): (*const f32, usize),
+    (rhs, rhs_rs, rhs_cs): (*const f32, usize, usize),
+    beta: f32,
+) {
+    gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs as isize,
+        1,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        1,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        1.0,
+        beta,
+        false,
+        false,
+        false,
+        Parallelism::None,
+    )
+}
+
+/// `p = scale · Q Kᵀ` `[rows, cols]` (row-major) for `rows` query rows from offset `qo` of `q`
+/// and keys `ks..ks + cols` of the transposed head `kt` `[dim, seq]` ([`head_transposed`]).
 #[allow(clippy::too_many_arguments)]
 fn scores(
     p: &mut [f32],
     q: &[f32],
-    k: &[f32],
+    kt: &[f32],
     s: &AttnShape,
     (qo, rows): (usize, usize),
-    (ko, cols): (usize, usize),
+    (ks, cols): (usize, usize),
 ) {
-    let d = s.dim;
+    let (d, seq, hd) = (s.dim, s.seq, s.heads * s.dim);
     assert!(rows > 0 && cols > 0 && p.len() >= rows * cols);
-    assert!(qo + (rows - 1) * s.heads * d + d <= q.len());
-    assert!(ko + (cols - 1) * s.kv_heads * d + d <= k.len());
-    // SAFETY: the assertions bound every strided row read and the `rows × cols` write.
+    assert!(qo + (rows - 1) * hd + d <= q.len());
+    assert!(kt.len() >= d * seq && ks + cols <= seq);
+    // SAFETY: the assertions bound every read and the `rows × cols` write. Sᵀ [cols, rows]
+    // column-major is p row-major.
     unsafe {
-        matmul(
-            rows,
-            cols,
-            d,
-            p.as_mut_ptr(),
-            cols,
-            1,
+        block_product(
+            (cols, rows, d),
+            (p.as_mut_ptr(), cols),
             false,
-            q.as_ptr().add(qo),
-            s.heads * d,
-            1,
-            k.as_ptr().add(ko),
-            1,
-            s.kv_heads * d,
+            (kt.as_ptr().add(ks), seq),
+            (q.as_ptr().add(qo), 1, hd),
             s.scale,
         );
     }
@@ -573,43 +647,42 @@ pub fn attention(
     let (seq, d) = (s.seq, s.dim);
     let groups = s.heads / s.kv_heads;
     let (hd, kd) = (s.heads * d, s.kv_heads * d);
-    let mut out = vec![0f32; q.len()];
+    let mut out = zeroed(q.len());
     let mut lse = vec![0f32; s.batch * s.heads * seq];
     let optr = Shared(out.as_mut_ptr());
     lse.par_chunks_mut(seq).enumerate().for_each_init(
-        || vec![0f32; QUERY_BLOCK.min(seq) * seq],
-        |p, (bh, lse)| {
+        || {
+            (
+                vec![0f32; QUERY_BLOCK.min(seq) * seq],
+                Vec::new(),
+                Vec::new(),
+            )
+        },
+        |(p, tmp, kt), (bh, lse)| {
             let (b, h) = (bh / s.heads, bh % s.heads);
             let (qo, ko) = (s.q_offset(b, h), s.kv_offset(b, h / groups));
+            head_transposed(k, ko, kd, (seq, d), tmp, kt);
             for q0 in (0..seq).step_by(QUERY_BLOCK) {
                 let q1 = (q0 + QUERY_BLOCK).min(seq);
                 let (ks, ke) = key_span(&vis, b, q0, q1, seq);
                 let (rows, cols) = (q1 - q0, ke - ks);
                 let (qb, kb) = (qo + q0 * hd, ko + ks * kd);
                 if cols > 0 {
-                    scores(p, q, k, &s, (qb, rows), (kb, cols));
+                    scores(p, q, kt, &s, (qb, rows), (ks, cols));
                 }
                 softmax_rows(p, cols, (b, q0, ks, seq), &vis, &mut lse[q0..q1], None);
                 if cols == 0 {
                     continue; // no key visible: the rows stay 0
                 }
-                // SAFETY: slices cover every strided row; each task writes its own head's
-                // columns of `out`.
+                // SAFETY: slices cover every strided row;
+                // each task writes its own head's columns of `out`. Oᵀ [d, rows] = Vᵀ Pᵀ.
                 unsafe {
-                    matmul(
-                        rows,
-                        d,
-                        cols,
-                        optr.at(qb),
-                        hd,
-                        1,
+                    block_product(
+                        (d, rows, cols),
+                        (optr.at(qb), hd),
                         false,
-                        p.as_ptr(),
-                        cols,
-                        1,
-                        v.as_ptr().add(kb),
-                        kd,
-                        1,
+                        (v.as_ptr().add(kb), kd),
+                        (p.as_ptr(), 1, cols),
                         1.0,
                     );
                 }
@@ -766,7 +839,7 @@ pub fn attention_cached_rows(
         q.len() == s.batch * s.seq * s.heads * s.dim && caches.len() == s.batch,
         "attention_cached_rows: q is not [rows, seq, heads, dim] with a cache per row"
     );
-    let mut out = vec![0f32; q.len()];
+    let mut out = zeroed(q.len());
     let optr = Shared(out.as_mut_ptr());
     let task = |p: &mut Vec<f32>, bh: usize| {
         let (b, h) = (bh / s.heads, bh % s.heads);
@@ -805,9 +878,9 @@ pub fn attention_backward(
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (seq, d) = (s.seq, s.dim);
     let groups = s.heads / s.kv_heads;
-    let mut dq = vec![0f32; q.len()];
-    let mut dk = vec![0f32; k.len()];
-    let mut dv = vec![0f32; v.len()];
+    let mut dq = zeroed(q.len());
+    let mut dk = zeroed(k.len());
+    let mut dv = zeroed(v.len());
     let (dqp, dkp, dvp) = (
         Shared(dq.as_mut_ptr()),
         Shared(dk.as_mut_ptr()),
@@ -816,10 +889,20 @@ pub fn attention_backward(
     let (hd, kd) = (s.heads * d, s.kv_heads * d);
     let block = QUERY_BLOCK.min(seq);
     (0..s.batch * s.kv_heads).into_par_iter().for_each_init(
-        || (vec![0f32; block * seq], vec![0f32; block * seq]),
-        |(p, dp), bk| {
+        || {
+            (
+                vec![0f32; block * seq],
+                vec![0f32; block * seq],
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+            )
+        },
+        |(p, dp, tmp, kt, vt), bk| {
             let (b, kvh) = (bk / s.kv_heads, bk % s.kv_heads);
             let ko = s.kv_offset(b, kvh);
+            head_transposed(k, ko, kd, (seq, d), tmp, kt);
+            head_transposed(v, ko, kd, (seq, d), tmp, vt);
             for gi in 0..groups {
                 let h = kvh * groups + gi;
                 let qo = s.q_offset(b, h);
@@ -833,7 +916,7 @@ pub fn attention_backward(
                     }
                     let (qb, kb) = (qo + q0 * hd, ko + ks * kd);
                     let mut lse_scratch = [0f32; QUERY_BLOCK];
-                    scores(p, q, k, &s, (qb, rows), (kb, cols));
+                    scores(p, q, kt, &s, (qb, rows), (ks, cols));
                     softmax_rows(
                         p,
                         cols,
@@ -846,38 +929,22 @@ pub fn attention_backward(
                     // the query heads of its group, so its writes to dq/dk/dv are disjoint (dk
                     // and dv start at 0 and every block adds to them).
                     unsafe {
-                        // dV += Pᵀ dO
-                        matmul(
-                            cols,
-                            d,
-                            rows,
-                            dvp.at(kb),
-                            kd,
-                            1,
+                        // dVᵀ [d, cols] += dOᵀ P
+                        block_product(
+                            (d, cols, rows),
+                            (dvp.at(kb), kd),
                             true,
-                            p.as_ptr(),
-                            1,
-                            cols,
-                            g.as_ptr().add(qb),
-                            hd,
-                            1,
+                            (g.as_ptr().add(qb), hd),
+                            (p.as_ptr(), cols, 1),
                             1.0,
                         );
-                        // dP = dO Vᵀ
-                        matmul(
-                            rows,
-                            cols,
-                            d,
-                            dp.as_mut_ptr(),
-                            cols,
-                            1,
+                        // dPᵀ [cols, rows] = V dOᵀ (dP row-major)
+                        block_product(
+                            (cols, rows, d),
+                            (dp.as_mut_ptr(), cols),
                             false,
-                            g.as_ptr().add(qb),
-                            hd,
-                            1,
-                            v.as_ptr().add(kb),
-                            1,
-                            kd,
+                            (vt.as_ptr().add(ks), seq),
+                            (g.as_ptr().add(qb), 1, hd),
                             1.0,
                         );
                     }
@@ -895,38 +962,22 @@ pub fn attention_backward(
                         }
                     }
                     unsafe {
-                        // dQ = dS K
-                        matmul(
-                            rows,
-                            d,
-                            cols,
-                            dqp.at(qb),
-                            hd,
-                            1,
+                        // dQᵀ [d, rows] = Kᵀ dSᵀ
+                        block_product(
+                            (d, rows, cols),
+                            (dqp.at(qb), hd),
                             false,
-                            p.as_ptr(),
-                            cols,
-                            1,
-                            k.as_ptr().add(kb),
-                            kd,
-                            1,
+                            (k.as_ptr().add(kb), kd),
+                            (p.as_ptr(), 1, cols),
                             1.0,
                         );
-                        // dK += dSᵀ Q
-                        matmul(
-                            cols,
-                            d,
-                            rows,
-                            dkp.at(kb),
-                            kd,
-                            1,
+                        // dKᵀ [d, cols] += Qᵀ dS
+                        block_product(
+                            (d, cols, rows),
+                            (dkp.at(kb), kd),
                             true,
-                            p.as_ptr(),
-                            1,
-                            cols,
-                            q.as_ptr().add(qb),
-                            hd,
-                            1,
+                            (q.as_ptr().add(qb), hd),
+                            (p.as_ptr(), cols, 1),
                             1.0,
                         );
                     }
@@ -947,7 +998,7 @@ fn sigmoid(x: f32) -> f32 {
 
 /// `silu(gate) · up`.
 pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    let mut out = vec![0f32; gate.len()];
+    let mut out = zeroed(gate.len());
     out.par_chunks_mut(16_384)
         .zip(gate.par_chunks(16_384))
         .zip(up.par_chunks(16_384))
@@ -959,8 +1010,8 @@ pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
 
 /// Gradients of [`swiglu`] with respect to `gate` and `up`.
 pub fn swiglu_backward(dout: &[f32], gate: &[f32], up: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let mut dg = vec![0f32; gate.len()];
-    let mut du = vec![0f32; gate.len()];
+    let mut dg = zeroed(gate.len());
+    let mut du = zeroed(gate.len());
     dg.par_chunks_mut(16_384)
         .zip(du.par_chunks_mut(16_384))
         .zip(dout.par_chunks(16_384))
@@ -1008,7 +1059,7 @@ pub fn nll_sum_backward(
     targets: &[i64],
     lse: &[f32],
 ) -> Vec<f32> {
-    let mut dx = vec![0f32; logits.len()];
+    let mut dx = zeroed(logits.len());
     let chunk = rows_per_task(vocab).max(1);
     dx.par_chunks_mut(vocab * chunk)
         .zip(logits.par_chunks(vocab * chunk))
@@ -1072,7 +1123,7 @@ pub fn linear_nll_sum(
     if !want_grad {
         return (total, kept_dh);
     }
-    let mut dh = vec![0f32; targets.len() * h];
+    let mut dh = zeroed(targets.len() * h);
     for (j, &i) in counted.iter().enumerate() {
         dh[i * h..(i + 1) * h].copy_from_slice(&kept_dh[j * h..(j + 1) * h]);
     }
@@ -1090,19 +1141,23 @@ fn linear_nll_sum_blocks(
 ) -> (f64, Vec<f32>) {
     let vocab = weight.len() / h;
     let rows = targets.len();
-    let mut dh = vec![0f32; if want_grad { rows * h } else { 0 }];
-    let mut logits = vec![0f32; block_rows.min(rows) * vocab];
+    let mut dh = zeroed(if want_grad { rows * h } else { 0 });
+    // Not zeroed: gemm writes every logit of a block before anything reads it (zeroing
+    // 128 MiB of them was ~1% of a training step).
+    let mut logits: Vec<f32> = Vec::with_capacity(block_rows.min(rows) * vocab);
     let mut total = 0f64;
     for start in (0..rows).step_by(block_rows) {
         let n = block_rows.min(rows - start);
-        let block = &mut logits[..n * vocab];
-        // SAFETY: `hidden` rows start..start+n, `weight` [vocab, h], `block` [n, vocab].
+        // SAFETY: `hidden` rows start..start+n, `weight` [vocab, h], the block's `n × vocab`
+        // floats inside logits' allocation; gemm writes all of them (accumulate false) without
+        // reading any, so the first `n × vocab` are initialized after it (the first block is
+        // the tallest, so later blocks lie inside the length it sets).
         unsafe {
             gemm(
                 n,
                 vocab,
                 h,
-                block.as_mut_ptr(),
+                logits.as_mut_ptr(),
                 1,
                 vocab as isize,
                 false,
@@ -1119,7 +1174,11 @@ fn linear_nll_sum_blocks(
                 false,
                 Parallelism::Rayon(0),
             );
+            if logits.len() < n * vocab {
+                logits.set_len(n * vocab);
+            }
         }
+        let block = &mut logits[..n * vocab];
         let t = &targets[start..start + n];
         total += block
             .par_chunks_mut(vocab)
@@ -1196,7 +1255,7 @@ fn matmul_rows(
     assert!(
         lhs.len() >= m * k && rhs.len() >= (k.max(1) - 1) * rhs_rs + (n.max(1) - 1) * rhs_cs + 1
     );
-    let mut dst = vec![0f32; m * n];
+    let mut dst = zeroed(m * n);
     let threads = lora_threads(m);
     let per = m.div_ceil(threads).max(1);
     dst.par_chunks_mut(per * n.max(1))
