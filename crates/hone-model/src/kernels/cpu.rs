@@ -173,7 +173,15 @@ multiversion! {
                 acc[i] += exp(c[i] - shift);
             }
         }
-        acc.iter().sum::<f32>() + rest.iter().map(|&v| exp(v - shift)).sum::<f32>()
+        // The last partial vector as a whole one: attention's causal rows are short, and a
+        // scalar tail of up to 15 exps cost as much as the vectors before it.
+        let mut tail = [shift; LANES];
+        tail[..rest.len()].copy_from_slice(rest);
+        for (i, t) in tail.iter_mut().enumerate() {
+            let e = exp(*t - shift);
+            *t = if i < rest.len() { e } else { 0.0 };
+        }
+        acc.iter().sum::<f32>() + tail.iter().sum::<f32>()
     }
 }
 
@@ -189,8 +197,22 @@ multiversion! {
 multiversion! {
     /// `x = exp(x - shift)`.
     fn exp_in_place(x: &mut [f32], shift: f32) {
-        for v in x.iter_mut() {
-            *v = exp(*v - shift);
+        let mut chunks = x.chunks_exact_mut(LANES);
+        for c in &mut chunks {
+            for v in c.iter_mut() {
+                *v = exp(*v - shift);
+            }
+        }
+        // The last partial vector as a whole one (see `sum_exp`).
+        let rest = chunks.into_remainder();
+        if !rest.is_empty() {
+            let mut tail = [shift; LANES];
+            tail[..rest.len()].copy_from_slice(rest);
+            for t in tail.iter_mut() {
+                *t = exp(*t - shift);
+            }
+            let n = rest.len();
+            rest.copy_from_slice(&tail[..n]);
         }
     }
 }
