@@ -218,6 +218,50 @@ multiversion! {
 }
 
 multiversion! {
+    /// `x = exp(x - shift)`, returning `Σ x` (one exp per value where `sum_exp` and then
+    /// `exp_in_place` take two).
+    fn exp_sum_in_place(x: &mut [f32], shift: f32) -> f32 {
+        let mut acc = [0f32; LANES];
+        let mut chunks = x.chunks_exact_mut(LANES);
+        for c in &mut chunks {
+            for i in 0..LANES {
+                c[i] = exp(c[i] - shift);
+                acc[i] += c[i];
+            }
+        }
+        // The last partial vector as a whole one (see `sum_exp`).
+        let rest = chunks.into_remainder();
+        let mut tail = [shift; LANES];
+        tail[..rest.len()].copy_from_slice(rest);
+        for (i, t) in tail.iter_mut().enumerate() {
+            let e = exp(*t - shift);
+            *t = if i < rest.len() { e } else { 0.0 };
+        }
+        let n = rest.len();
+        rest.copy_from_slice(&tail[..n]);
+        acc.iter().sum::<f32>() + tail.iter().sum::<f32>()
+    }
+}
+
+multiversion! {
+    /// `x = x · scale`.
+    fn scale_in_place(x: &mut [f32], scale: f32) {
+        for v in x.iter_mut() {
+            *v *= scale;
+        }
+    }
+}
+
+/// Softmax of `x` in place (non-empty), returning its log-sum-exp: the largest value, one exp
+/// per value with the sum taken on the way, one scaling pass.
+fn softmax_in_place(x: &mut [f32]) -> f32 {
+    let m = max(x);
+    let sum = exp_sum_in_place(x, m);
+    scale_in_place(x, 1.0 / sum);
+    m + sum.ln()
+}
+
+multiversion! {
     /// `out = silu(g) · u`.
     fn swiglu_slice(out: &mut [f32], g: &[f32], u: &[f32]) {
         for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
@@ -529,15 +573,13 @@ fn softmax_rows(
                 row[..start].fill(0.0);
                 row[end..].fill(0.0);
                 let live = &mut row[start..end];
-                let lse = match lse_in {
-                    Some(l) => l[i],
-                    None => {
-                        let max = max(live);
-                        max + sum_exp(live, max).ln()
+                lse_out[i] = match lse_in {
+                    Some(l) => {
+                        exp_in_place(live, l[i]);
+                        l[i]
                     }
+                    None => softmax_in_place(live),
                 };
-                exp_in_place(live, lse);
-                lse_out[i] = lse;
             }
             RowMask::Mask(mask) => {
                 let mask = &mask[ks..ks + cols];
@@ -1210,10 +1252,9 @@ fn linear_nll_sum_blocks(
                     x.fill(0.0);
                     return 0.0;
                 }
-                let max = max(x);
-                let lse = max + sum_exp(x, max).ln();
-                let loss = f64::from(lse - x[t as usize]);
-                exp_in_place(x, lse);
+                let target = x[t as usize];
+                let lse = softmax_in_place(x);
+                let loss = f64::from(lse - target);
                 x[t as usize] -= 1.0;
                 loss
             })
