@@ -645,26 +645,8 @@ unsafe fn block_product(
     (rhs, rhs_rs, rhs_cs): (*const f32, usize, usize),
     beta: f32,
 ) {
-    gemm(
-        m,
-        n,
-        k,
-        dst,
-        dst_cs as isize,
-        1,
-        accumulate,
-        lhs,
-        lhs_cs as isize,
-        1,
-        rhs,
-        rhs_cs as isize,
-        rhs_rs as isize,
-        1.0,
-        beta,
-        false,
-        false,
-        false,
-        Parallelism::None,
+    matmul(
+        m, n, k, dst, 1, dst_cs, accumulate, lhs, 1, lhs_cs, rhs, rhs_rs, rhs_cs, beta,
     )
 }
 
