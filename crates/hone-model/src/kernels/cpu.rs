@@ -162,6 +162,21 @@ multiversion! {
     }
 }
 
+/// `exp(v - shift)` of the values of a row's last partial vector `rest` (fewer than
+/// [`LANES`]), computed as one whole vector, 0 in the lanes past them: short rows
+/// (attention's causal ones end anywhere) would otherwise spend as long in a scalar tail of up
+/// to 15 exps as in the vectors before it.
+#[inline(always)]
+fn exp_tail(rest: &[f32], shift: f32) -> [f32; LANES] {
+    let mut tail = [shift; LANES];
+    tail[..rest.len()].copy_from_slice(rest);
+    for (i, t) in tail.iter_mut().enumerate() {
+        let e = exp(*t - shift);
+        *t = if i < rest.len() { e } else { 0.0 };
+    }
+    tail
+}
+
 multiversion! {
     /// `Σ exp(x - shift)`.
     fn sum_exp(x: &[f32], shift: f32) -> f32 {
@@ -173,15 +188,7 @@ multiversion! {
                 acc[i] += exp(c[i] - shift);
             }
         }
-        // The last partial vector as a whole one: attention's causal rows are short, and a
-        // scalar tail of up to 15 exps cost as much as the vectors before it.
-        let mut tail = [shift; LANES];
-        tail[..rest.len()].copy_from_slice(rest);
-        for (i, t) in tail.iter_mut().enumerate() {
-            let e = exp(*t - shift);
-            *t = if i < rest.len() { e } else { 0.0 };
-        }
-        acc.iter().sum::<f32>() + tail.iter().sum::<f32>()
+        acc.iter().sum::<f32>() + exp_tail(rest, shift).iter().sum::<f32>()
     }
 }
 
@@ -203,16 +210,10 @@ multiversion! {
                 *v = exp(*v - shift);
             }
         }
-        // The last partial vector as a whole one (see `sum_exp`).
         let rest = chunks.into_remainder();
         if !rest.is_empty() {
-            let mut tail = [shift; LANES];
-            tail[..rest.len()].copy_from_slice(rest);
-            for t in tail.iter_mut() {
-                *t = exp(*t - shift);
-            }
             let n = rest.len();
-            rest.copy_from_slice(&tail[..n]);
+            rest.copy_from_slice(&exp_tail(rest, shift)[..n]);
         }
     }
 }
@@ -229,14 +230,8 @@ multiversion! {
                 acc[i] += c[i];
             }
         }
-        // The last partial vector as a whole one (see `sum_exp`).
         let rest = chunks.into_remainder();
-        let mut tail = [shift; LANES];
-        tail[..rest.len()].copy_from_slice(rest);
-        for (i, t) in tail.iter_mut().enumerate() {
-            let e = exp(*t - shift);
-            *t = if i < rest.len() { e } else { 0.0 };
-        }
+        let tail = exp_tail(rest, shift);
         let n = rest.len();
         rest.copy_from_slice(&tail[..n]);
         acc.iter().sum::<f32>() + tail.iter().sum::<f32>()
@@ -720,8 +715,8 @@ pub fn attention(
                 if cols == 0 {
                     continue; // no key visible: the rows stay 0
                 }
-                // SAFETY: slices cover every strided row;
-                // each task writes its own head's columns of `out`. Oᵀ [d, rows] = Vᵀ Pᵀ.
+                // SAFETY: slices cover every strided row; each task writes its own head's
+                // columns of `out`. Oᵀ [d, rows] = Vᵀ Pᵀ.
                 unsafe {
                     block_product(
                         (d, rows, cols),
@@ -814,9 +809,7 @@ unsafe fn cached_head(
         row[..start].fill(0.0);
         row[end..].fill(0.0);
         let live = &mut row[start..end];
-        let m = max(live);
-        let lse = m + sum_exp(live, m).ln();
-        exp_in_place(live, lse);
+        softmax_in_place(live);
     }
     if seq == 1 {
         // One query (a decoding step): the weighted sum of the visible value rows, kept in
