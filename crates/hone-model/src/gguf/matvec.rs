@@ -121,8 +121,11 @@ pub(super) mod x86 {
     /// products stalled on memory (one core streamed ~14 GB/s of a plain read, ~5 GB/s in the
     /// Q8_0 product). SmolLM2 decode there, alternated runs without / 2 KiB / 4 KiB ahead: F16
     /// 51-54 / 68-70 / 66-76 tokens/s, F32 37-38 / 38-41 / 43-44, Q8_0 with 8-bit activations
-    /// 75-87 / 115 / 120-129, Q4_1 likewise 149-193 / 196-221 / 216.
-    pub(in crate::gguf) const PREFETCH_AHEAD: usize = 4096;
+    /// 75-87 / 115 / 120-129, Q4_1 likewise 149-193 / 196-221 / 216. On a later Xeon (model 167,
+    /// 480 MiB L3, 2 vCPUs), 4 KiB / 8 KiB ahead, three alternated pairs each: F32 34.8-37.2 /
+    /// 39.4-40.7 tokens/s (llama.cpp 40.6-46.2 there), Q4_1 63.0-67.1 / 64.4-69.1; 16 KiB was
+    /// no faster than 8 and 32 KiB slower than 4.
+    pub(in crate::gguf) const PREFETCH_AHEAD: usize = 8192;
 
     /// Fetches the `LINES` cache lines [`PREFETCH_AHEAD`] bytes past `p` (weights read once, in
     /// order; the address may lie past them, where a prefetch is dropped).
