@@ -223,47 +223,19 @@ fn main() {
     });
     report("rms_norm backward", 2 * l, t, 0.0);
 
-    // LoRA on q and v (r 16).
-    let (a_q, b_q) = (values(r * h, 14), values(h * r, 15));
-    let t = time(repeats, || {
-        cpu::lora_delta(&x, &a_q, &b_q, rows, (h, r, h), 2.0)
-    });
-    report("lora_delta (q)", l, t, 0.0);
-    let (_, hq) = cpu::lora_delta(&x, &a_q, &b_q, rows, (h, r, h), 2.0);
-    let t = time(repeats, || {
-        cpu::lora_delta_backward(
-            &q,
-            &x,
-            &a_q,
-            &b_q,
-            &hq,
-            rows,
-            (h, r, h),
-            2.0,
-            (true, true, true),
-        )
-    });
-    report("lora_delta backward (q)", l, t, 0.0);
-    let (a_v, b_v) = (values(r * h, 16), values(kvd * r, 17));
-    let t = time(repeats, || {
-        cpu::lora_delta(&x, &a_v, &b_v, rows, (h, r, kvd), 2.0)
-    });
-    report("lora_delta (v)", l, t, 0.0);
-    let (_, hv) = cpu::lora_delta(&x, &a_v, &b_v, rows, (h, r, kvd), 2.0);
-    let t = time(repeats, || {
-        cpu::lora_delta_backward(
-            &k,
-            &x,
-            &a_v,
-            &b_v,
-            &hv,
-            rows,
-            (h, r, kvd),
-            2.0,
-            (true, true, true),
-        )
-    });
-    report("lora_delta backward (v)", l, t, 0.0);
+    // LoRA on q and v (r 16): each output's gradient is a buffer of its width.
+    for (name, out, g, seed) in [("q", h, &q, 14), ("v", kvd, &k, 16)] {
+        let (a, b) = (values(r * h, seed), values(out * r, seed + 1));
+        let d = (h, r, out);
+        let t = time(repeats, || cpu::lora_delta(&x, &a, &b, rows, d, 2.0));
+        report(&format!("lora_delta ({name})"), l, t, 0.0);
+        let (_, hidden) = cpu::lora_delta(&x, &a, &b, rows, d, 2.0);
+        let want = (true, true, true);
+        let t = time(repeats, || {
+            cpu::lora_delta_backward(g, &x, &a, &b, &hidden, rows, d, 2.0, want)
+        });
+        report(&format!("lora_delta backward ({name})"), l, t, 0.0);
+    }
 
     println!(
         "{{\"shape\": \"{}\", \"cpu\": \"{cpu_name}\", \"isa\": \"{}\", \"threads\": {}, \
