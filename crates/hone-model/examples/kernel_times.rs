@@ -126,45 +126,30 @@ fn main() {
     let w_hi = values(h * shape.inter, 6);
     let prod = |m: usize, n: usize, k: usize| 2.0 * (m * n * k) as f64;
 
-    // Forward products (q, o: h -> h; k, v: h -> kv; gate, up: h -> inter; down: inter -> h).
-    let t = time(repeats, || cpu::linear_nt(&x, &w_hh, rows, h, h));
-    report("linear_nt h->h (q, o)", 2 * l, t, prod(rows, h, h));
-    let t = time(repeats, || cpu::linear_nt(&x, &w_kv, rows, kvd, h));
-    report("linear_nt h->kv (k, v)", 2 * l, t, prod(rows, kvd, h));
-    let t = time(repeats, || cpu::linear_nt(&x, &w_ih, rows, shape.inter, h));
-    report(
-        "linear_nt h->inter (gate, up)",
-        2 * l,
-        t,
-        prod(rows, shape.inter, h),
-    );
-    let t = time(repeats, || cpu::linear_nt(&xi, &w_hi, rows, h, shape.inter));
-    report(
-        "linear_nt inter->h (down)",
-        l,
-        t,
-        prod(rows, h, shape.inter),
-    );
-    // Input gradients (layer 0's q, k, v have none: its input is not tracked).
+    // The frozen projections: name, weight `[out, in]`, out, in, forward calls, input-gradient
+    // calls (layer 0's q, k, v have no input gradient: its input is not tracked).
     let g_kv = values(rows * kvd, 7);
-    let t = time(repeats, || cpu::linear_nn(&x, &w_hh, rows, h, h));
-    report("linear_nn h->h (q, o)", 2 * l - 1, t, prod(rows, h, h));
-    let t = time(repeats, || cpu::linear_nn(&g_kv, &w_kv, rows, kvd, h));
-    report("linear_nn h->kv (k, v)", 2 * l - 2, t, prod(rows, kvd, h));
-    let t = time(repeats, || cpu::linear_nn(&xi, &w_ih, rows, shape.inter, h));
-    report(
-        "linear_nn h->inter (gate, up)",
-        2 * l,
-        t,
-        prod(rows, shape.inter, h),
-    );
-    let t = time(repeats, || cpu::linear_nn(&x, &w_hi, rows, h, shape.inter));
-    report(
-        "linear_nn inter->h (down)",
-        l,
-        t,
-        prod(rows, h, shape.inter),
-    );
+    let inter = shape.inter;
+    let linears = [
+        ("h->h (q, o)", &w_hh, h, h, 2 * l, 2 * l - 1),
+        ("h->kv (k, v)", &w_kv, kvd, h, 2 * l, 2 * l - 2),
+        ("h->inter (gate, up)", &w_ih, inter, h, 2 * l, 2 * l),
+        ("inter->h (down)", &w_hi, h, inter, l, l),
+    ];
+    // An activation (or gradient) buffer `width` values wide.
+    let rows_of = |width: usize| match width {
+        w if w == h => &x,
+        w if w == kvd => &g_kv,
+        _ => &xi,
+    };
+    for &(name, w, out, inp, calls, _) in &linears {
+        let t = time(repeats, || cpu::linear_nt(rows_of(inp), w, rows, out, inp));
+        report(&format!("linear_nt {name}"), calls, t, prod(rows, out, inp));
+    }
+    for &(name, w, out, inp, _, calls) in &linears {
+        let t = time(repeats, || cpu::linear_nn(rows_of(out), w, rows, out, inp));
+        report(&format!("linear_nn {name}"), calls, t, prod(rows, out, inp));
+    }
 
     // Output projection and cross-entropy (forward and the hidden gradient together).
     let w_out = values(shape.vocab * h, 8);
