@@ -1187,34 +1187,49 @@ fn linear_nll_sum_blocks(
     let mut total = 0f64;
     for start in (0..rows).step_by(block_rows) {
         let n = block_rows.min(rows - start);
-        // SAFETY: `hidden` rows start..start+n, `weight` [vocab, h], the block's `n × vocab`
-        // floats inside logits' allocation; gemm writes all of them (accumulate false) without
-        // reading any, so the first `n × vocab` are initialized after it (the first block is
-        // the tallest, so later blocks lie inside the length it sets).
-        unsafe {
-            gemm(
+        if super::fma::available() {
+            logits.clear();
+            let block = &mut logits.spare_capacity_mut()[..n * vocab];
+            super::fma::linear_nt_into(
+                &hidden[start * h..(start + n) * h],
+                weight,
                 n,
                 vocab,
                 h,
-                logits.as_mut_ptr(),
-                1,
-                vocab as isize,
-                false,
-                hidden.as_ptr().add(start * h),
-                1,
-                h as isize,
-                weight.as_ptr(),
-                h as isize,
-                1,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                Parallelism::Rayon(0),
+                block,
             );
-            if logits.len() < n * vocab {
-                logits.set_len(n * vocab);
+            // SAFETY: linear_nt_into wrote the block's n × vocab logits.
+            unsafe { logits.set_len(n * vocab) };
+        } else {
+            // SAFETY: `hidden` rows start..start+n, `weight` [vocab, h], the block's `n × vocab`
+            // floats inside logits' allocation; gemm writes all of them (accumulate false) without
+            // reading any, so the first `n × vocab` are initialized after it (the first block is
+            // the tallest, so later blocks lie inside the length it sets).
+            unsafe {
+                gemm(
+                    n,
+                    vocab,
+                    h,
+                    logits.as_mut_ptr(),
+                    1,
+                    vocab as isize,
+                    false,
+                    hidden.as_ptr().add(start * h),
+                    1,
+                    h as isize,
+                    weight.as_ptr(),
+                    h as isize,
+                    1,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::Rayon(0),
+                );
+                if logits.len() < n * vocab {
+                    logits.set_len(n * vocab);
+                }
             }
         }
         let block = &mut logits[..n * vocab];
@@ -1364,10 +1379,21 @@ fn matmul_tn(rows: usize, m: usize, n: usize, a: &[f32], b: &[f32], beta: f32) -
     sum
 }
 
-/// `y [m, n] = x [m, k] · wᵀ` for a row-major `w` `[n, k]`, on every thread. `w` is transposed
-/// first (8 × 8 AVX blocks, in parallel bands): given `w`'s rows as they are, gemm packs them
-/// for its kernel one strided value at a time (measured: ~5% of a training step).
+/// `y [m, n] = x [m, k] · wᵀ` for a row-major `w` `[n, k]`, on every thread: hone's own AVX2
+/// tile on the AVX2 path ([`super::fma`]), gemm elsewhere ([`linear_nt_gemm`]).
 pub fn linear_nt(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    assert!(x.len() >= m * k && w.len() >= n * k, "linear_nt: shapes");
+    if super::fma::available() {
+        return super::fma::linear_nt(x, w, m, n, k);
+    }
+    linear_nt_gemm(x, w, m, n, k)
+}
+
+/// [`linear_nt`] through gemm on any CPU (what the AVX2 path is measured against:
+/// `examples/avx2_products.rs`). `w` is transposed first (8 × 8 AVX blocks, in parallel
+/// bands): given `w`'s rows as they are, gemm packs them for its kernel one strided value at a
+/// time (measured: ~5% of a training step).
+pub fn linear_nt_gemm(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
     assert!(x.len() >= m * k && w.len() >= n * k, "linear_nt: shapes");
     matmul_par(m, n, k, x, &transpose_par(w, n, k))
 }

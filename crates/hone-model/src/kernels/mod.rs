@@ -21,6 +21,7 @@ pub mod ad;
 pub mod composed;
 pub mod cpu;
 pub mod flex;
+pub mod fma;
 
 use std::fmt;
 use std::str::FromStr;

@@ -1,0 +1,511 @@
+//! The frozen weights' forward products `x Wᵀ` on AVX2 + FMA CPUs (no AVX-512), with a 6 × 16
+//! register tile of hone's own.
+//!
+//! On the AVX2 path the gemm crate's f32 products ran at 172–192 GFLOP/s on the training step's
+//! `x Wᵀ` shapes of a 2-core Xeon (its `linear_nt` also transposes `W` through memory first),
+//! where PyTorch's BLAS held to AVX2 reached 203–224 on the same products in the same minutes
+//! (`examples/kernel_times.rs`, `scripts/bench_matmul_pytorch.py`), and products are ~89% of
+//! hone's AVX2 training step. The tile is the one BLIS and OpenBLAS use on Haswell and later:
+//! six token rows broadcast one value at a time against two 8-float vectors of sixteen output
+//! features, twelve accumulators; one step of the summed index = 2 vector loads, 6 broadcasts
+//! and 12 FMAs (alone in L1 it runs at 96% of the register-only FMA rate).
+//!
+//! Loops, outermost first (in [`run`]): the tokens, split between the threads; blocks of at
+//! most [`kc`] summed values; blocks of at most [`MC`] tokens, copied into strips of six
+//! interleaved rows (`[kc][6]`, in L2); the weight's sixteen-feature panels, each transposed
+//! by the thread into its own buffer (`[kc][16]`, 32 KiB, in L1) just before the block's strips
+//! run over it; six-token strips. The packed weight never goes through memory: packing the
+//! whole weight first, as gemm does, wrote and re-read it every call (~5% of a product).
+//!
+//! The input gradient `g W` stays on gemm, which reads `W` without transposing it and ran at
+//! the rate of this tile on those shapes (196–212 GFLOP/s against 188–212).
+
+use rayon::prelude::*;
+
+/// Token rows per tile.
+const MR: usize = 6;
+/// Output features per tile (two 8-float vectors).
+const NR: usize = 16;
+/// Summed values per block, at most, for a 48 KiB L1 data cache: a panel of 512 × 16 floats
+/// (32 KiB) stays in L1 beside the strip streaming through (640 was no faster, 768 and 256
+/// slower). See [`kc`] for other L1 sizes.
+const KC: usize = 512;
+
+/// The depth block for this CPU: panels of about two thirds of its L1 data cache ([`KC`] on a
+/// 48 KiB one; 320 on the 32 KiB L1 of AMD Zen 2-4 and Intel before Ice Lake, where a 512-value
+/// panel would fill all of it), read from Linux's sysfs; 48 KiB where that is not readable.
+fn kc() -> usize {
+    static KC_FOR_CPU: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *KC_FOR_CPU.get_or_init(|| {
+        let l1 = l1d_bytes().unwrap_or(48 << 10);
+        (l1 * 2 / 3 / (NR * std::mem::size_of::<f32>()) / 64 * 64).clamp(128, KC)
+    })
+}
+
+/// The L1 data cache of CPU 0 in bytes, from `/sys/devices/system/cpu/cpu0/cache`.
+fn l1d_bytes() -> Option<usize> {
+    let dir = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;
+    dir.flatten().find_map(|entry| {
+        let read = |name: &str| std::fs::read_to_string(entry.path().join(name)).ok();
+        if read("level")?.trim() != "1" || read("type")?.trim() != "Data" {
+            return None;
+        }
+        let size = read("size")?;
+        let size = size.trim();
+        let (digits, unit) = size.split_at(size.find(|c: char| !c.is_ascii_digit())?);
+        let n: usize = digits.parse().ok()?;
+        match unit {
+            "K" => Some(n << 10),
+            "M" => Some(n << 20),
+            _ => None,
+        }
+    })
+}
+
+/// Tokens per block of a thread, at most (96 strips): `MC × KC` floats (1.1 MiB) in L2, so a
+/// 1,024-token step is one block per thread and each panel is packed once per thread.
+const MC: usize = 96 * MR;
+
+/// Whether this machine takes these kernels: AVX2 and FMA, and not the AVX-512 path (where
+/// gemm's 64 × 6 kernel runs at the rate of PyTorch's BLAS).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::cpu::isa() == "avx2"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether the CPU can run these kernels at all (AVX2 and FMA), whichever path it takes.
+pub fn cpu_has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `y [m, n] = x [m, k] · wᵀ` for a row-major `w` `[n, k]`. Panics on a CPU without AVX2 and
+/// FMA ([`cpu_has_avx2_fma`]; hone's kernels call it where [`available`] holds).
+pub fn linear_nt(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    let mut y = Vec::with_capacity(m * n);
+    linear_nt_into(x, w, m, n, k, &mut y.spare_capacity_mut()[..m * n]);
+    // SAFETY: linear_nt_into wrote all m × n values.
+    unsafe { y.set_len(m * n) };
+    y
+}
+
+/// [`linear_nt`] into `y` (`m × n` values, each written, none read). Panics on a CPU without
+/// AVX2 and FMA.
+pub fn linear_nt_into(
+    x: &[f32],
+    w: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    y: &mut [std::mem::MaybeUninit<f32>],
+) {
+    assert!(
+        cpu_has_avx2_fma(),
+        "fma::linear_nt needs a CPU with AVX2 and FMA"
+    );
+    assert!(
+        x.len() >= m * k && w.len() >= n * k && y.len() >= m * n,
+        "fma::linear_nt: buffers smaller than [{m}, {k}] · [{n}, {k}]ᵀ = [{m}, {n}]"
+    );
+    if k == 0 {
+        y[..m * n].fill(std::mem::MaybeUninit::new(0.0));
+        return;
+    }
+    // Panel of features f0.., summed values k0..k0 + kc: w's rows f0.. transposed.
+    let fill = |panel: &mut [f32], (f0, features): (usize, usize), k0: usize, kc: usize| {
+        #[cfg(target_arch = "x86_64")]
+        if features == NR {
+            // SAFETY: AVX2 is present (asserted above); rows f0..f0 + 16 of w hold
+            // values k0..k0 + kc; the panel holds kc × 16.
+            unsafe { transpose16(&w[f0 * k..(f0 + NR) * k], k, k0, kc, panel) };
+            return;
+        }
+        for (d, line) in panel[..kc * NR].chunks_exact_mut(NR).enumerate() {
+            for (f, v) in line.iter_mut().enumerate() {
+                *v = if f < features {
+                    w[(f0 + f) * k + k0 + d]
+                } else {
+                    0.0
+                };
+            }
+        }
+    };
+    run(x, m, n, k, fill, Out(y.as_mut_ptr().cast()));
+}
+
+/// `panel [kc][16] = rows[0..16][k0..k0 + kc]ᵀ` for 16 rows of stride `ld`: 8 × 8 blocks
+/// transposed in registers, the last `kc % 8` values one at a time.
+///
+/// # Safety
+/// The CPU has AVX2; `rows` holds 16 rows of `ld` values with `k0 + kc ≤ ld`; `panel` holds
+/// `kc × 16`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn transpose16(rows: &[f32], ld: usize, k0: usize, kc: usize, panel: &mut [f32]) {
+    use std::arch::x86_64::*;
+    debug_assert!(rows.len() >= 15 * ld + k0 + kc && panel.len() >= kc * NR);
+    let (src, dst) = (rows.as_ptr(), panel.as_mut_ptr());
+    let full = kc / 8 * 8;
+    for d0 in (0..full).step_by(8) {
+        for half in 0..2 {
+            let base = src.add(half * 8 * ld + k0 + d0);
+            let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(base.add(i * ld)));
+            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+            let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+            let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+            let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+            let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+            let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+            let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+            let cols = [
+                _mm256_permute2f128_ps::<0x20>(s0, s4),
+                _mm256_permute2f128_ps::<0x20>(s1, s5),
+                _mm256_permute2f128_ps::<0x20>(s2, s6),
+                _mm256_permute2f128_ps::<0x20>(s3, s7),
+                _mm256_permute2f128_ps::<0x31>(s0, s4),
+                _mm256_permute2f128_ps::<0x31>(s1, s5),
+                _mm256_permute2f128_ps::<0x31>(s2, s6),
+                _mm256_permute2f128_ps::<0x31>(s3, s7),
+            ];
+            for (j, c) in cols.iter().enumerate() {
+                _mm256_storeu_ps(dst.add((d0 + j) * NR + half * 8), *c);
+            }
+        }
+    }
+    for d in full..kc {
+        for f in 0..NR {
+            *dst.add(d * NR + f) = *src.add(f * ld + k0 + d);
+        }
+    }
+}
+
+/// A raw pointer the threads of one product share; each writes its own tokens' rows.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: every thread writes a disjoint range of rows.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+/// A 64-byte-aligned scratch of `len` floats: the Vec and where in it the aligned part starts.
+fn aligned(len: usize) -> (Vec<f32>, usize) {
+    let v = vec![0f32; len + 16];
+    let skew = v.as_ptr().align_offset(64).min(15);
+    (v, skew)
+}
+
+/// `out [m, n] = a [m, depth] · B` for a `B [depth, n]` that `fill(panel, (f0, features), k0,
+/// kc)` packs one panel at a time (`panel [kc][16]` = B's rows k0..k0 + kc, columns f0..f0 +
+/// features, zero past them); `out` has room for `m × n` values (all written). `depth` is not
+/// 0.
+///
+/// The panels start where `out`'s rows cross a 64-byte line (a first, narrower panel up to
+/// there) when every row starts at the same place in its line (`n` a multiple of 16): a tile's
+/// sixteen outputs per row are then one line, not two halves of two (the caller's buffer is
+/// only 16-byte aligned; stores across lines made the products 5-10% slower).
+fn run(
+    a: &[f32],
+    m: usize,
+    n: usize,
+    depth: usize,
+    fill: impl Fn(&mut [f32], (usize, usize), usize, usize) + Sync,
+    out: Out,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let lead = if n.is_multiple_of(NR) {
+        (NR - (out.0 as usize / std::mem::size_of::<f32>()) % NR) % NR
+    } else {
+        0
+    };
+    let panels: Vec<(usize, usize)> = (lead > 0)
+        .then_some((0, lead))
+        .into_iter()
+        .chain((lead..n).step_by(NR).map(|f0| (f0, NR.min(n - f0))))
+        .collect();
+    let threads = rayon::current_num_threads().clamp(1, m.div_ceil(MR));
+    let per = m.div_ceil(MR).div_ceil(threads) * MR;
+    // Depth blocks of equal size (a 576-value depth is two of 288, not 512 and 64).
+    let kc_max = depth.div_ceil(depth.div_ceil(kc()));
+    (0..threads).into_par_iter().for_each(|t| {
+        let out = out; // the whole wrapper (Send), not its raw pointer field
+        let (t0, t1) = ((t * per).min(m), ((t + 1) * per).min(m));
+        if t0 == t1 {
+            return;
+        }
+        let mc_max = MC.min((t1 - t0).div_ceil(MR) * MR);
+        let (mut strips_buf, skew) = aligned(mc_max * kc_max);
+        let strips = &mut strips_buf[skew..skew + mc_max * kc_max];
+        let (mut panel_buf, pskew) = aligned(kc_max * NR);
+        let panel = &mut panel_buf[pskew..pskew + kc_max * NR];
+        for k0 in (0..depth).step_by(kc_max) {
+            let kc = kc_max.min(depth - k0);
+            for i0 in (t0..t1).step_by(mc_max) {
+                let i1 = (i0 + mc_max).min(t1);
+                // Strip s, step d, row r at strips[(s·kc + d)·6 + r] (rows past i1 repeat
+                // the strip's first row; their results are not stored).
+                for (s, i) in (i0..i1).step_by(MR).enumerate() {
+                    let rows = MR.min(i1 - i);
+                    let strip = &mut strips[s * kc * MR..(s + 1) * kc * MR];
+                    for r in 0..MR {
+                        let row = if r < rows { i + r } else { i };
+                        let src = &a[row * depth + k0..][..kc];
+                        for (d, &v) in src.iter().enumerate() {
+                            strip[d * MR + r] = v;
+                        }
+                    }
+                }
+                for &(f0, features) in &panels {
+                    fill(panel, (f0, features), k0, kc);
+                    for (s, i) in (i0..i1).step_by(MR).enumerate() {
+                        let rows = MR.min(i1 - i);
+                        // SAFETY: the strip holds kc × 6 values, the panel kc × 16; the tile
+                        // writes rows i.. (this thread's) at columns f0..f0 + features of
+                        // `out` [m, n], whose first depth block (accumulate false) writes
+                        // every element before a later block reads it.
+                        unsafe {
+                            tile(
+                                kc,
+                                strips[s * kc * MR..].as_ptr(),
+                                &panel[..kc * NR],
+                                (out.0.add(i * n + f0), n, rows, features),
+                                k0 > 0,
+                            )
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// One 6 × 16 tile: `c[r][f] (+)= Σ_d a[d][r] · b[d][f]` for a strip `a` of six interleaved
+/// rows (`[kc][6]`), of which the first `rows` are stored, and `features ≤ 16` output features;
+/// `accumulate` adds to `c`.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `a` has `kc × 6` values, `b` has `kc × 16`, `c` has `rows` rows
+/// of `features` values at stride `ldc`.
+#[inline]
+unsafe fn tile(
+    kc: usize,
+    a: *const f32,
+    b: &[f32],
+    (c, ldc, rows, features): (*mut f32, usize, usize, usize),
+    accumulate: bool,
+) {
+    debug_assert!(b.len() >= kc * NR);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if rows == MR && features == NR {
+            tile_avx2(kc, a, b.as_ptr(), (c, ldc), accumulate);
+            return;
+        }
+        // Edge tile: through a full 6 × 16 buffer, only the real rows and features copied.
+        let mut buf = [0f32; MR * NR];
+        if accumulate {
+            for r in 0..rows {
+                let to = buf.as_mut_ptr().add(r * NR);
+                std::ptr::copy_nonoverlapping(c.add(r * ldc), to, features);
+            }
+        }
+        tile_avx2(kc, a, b.as_ptr(), (buf.as_mut_ptr(), NR), accumulate);
+        for r in 0..rows {
+            std::ptr::copy_nonoverlapping(buf.as_ptr().add(r * NR), c.add(r * ldc), features);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (kc, a, b, c, ldc, rows, features, accumulate);
+        unreachable!("linear_nt_into asserts AVX2 and FMA before any tile");
+    }
+}
+
+/// The register tile itself (see [`tile`]): 6 × 2 accumulators, one 64-byte line of the panel
+/// and six broadcasts per summed value.
+///
+/// # Safety
+/// As [`tile`], with all six rows and sixteen features stored.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    (c, ldc): (*mut f32, usize),
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+    // The tile's output rows are far apart (and out of L2 for wide products): fetched while
+    // the loop below runs, not when it ends.
+    for r in 0..MR {
+        _mm_prefetch::<_MM_HINT_T0>(c.add(r * ldc) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(c.add(r * ldc + NR - 1) as *const i8);
+    }
+    let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+    for d in 0..kc {
+        let b0 = _mm256_loadu_ps(b.add(d * NR));
+        let b1 = _mm256_loadu_ps(b.add(d * NR + 8));
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let x = _mm256_broadcast_ss(&*a.add(d * MR + r));
+            acc[0] = _mm256_fmadd_ps(x, b0, acc[0]);
+            acc[1] = _mm256_fmadd_ps(x, b1, acc[1]);
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        let row = c.add(r * ldc);
+        let (mut v0, mut v1) = (acc[0], acc[1]);
+        if accumulate {
+            v0 = _mm256_add_ps(v0, _mm256_loadu_ps(row));
+            v1 = _mm256_add_ps(v1, _mm256_loadu_ps(row.add(8)));
+        }
+        _mm256_storeu_ps(row, v0);
+        _mm256_storeu_ps(row.add(8), v1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                let h = (i as u32 ^ seed)
+                    .wrapping_mul(2_654_435_761)
+                    .rotate_left(13);
+                (h % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// `out [m, n] = a [m, k] · bᵀ` for `b [n, k]`, in f64 by the definition.
+    fn reference_nt(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
+        let mut out = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k)
+                    .map(|l| f64::from(a[i * k + l]) * f64::from(b[j * k + l]))
+                    .sum();
+            }
+        }
+        out
+    }
+
+    fn assert_close(got: &[f32], want: &[f64], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            let tol = 1e-4 * (1.0 + w.abs());
+            assert!(
+                (f64::from(*g) - w).abs() <= tol,
+                "{what}: element {i}: {g} vs {w}"
+            );
+        }
+    }
+
+    #[test]
+    fn depth_block_follows_the_l1_data_cache() {
+        let kc = kc();
+        assert!((128..=KC).contains(&kc) && kc % 64 == 0, "kc {kc}");
+        if let Some(l1) = l1d_bytes() {
+            // The panel (kc × 16 floats) takes at most two thirds of L1.
+            assert!(
+                kc * NR * 4 <= l1 * 2 / 3 || kc == 128,
+                "kc {kc} for a {l1}-byte L1"
+            );
+        }
+    }
+
+    #[test]
+    fn products_equal_the_definition_on_edge_tiles_and_blocks() {
+        // The kernels need AVX2 and FMA, not the AVX2 path: they are tested on AVX-512
+        // machines too (where the default build does not call them).
+        if !cpu_has_avx2_fma() {
+            return;
+        }
+        // Tokens not a multiple of 6, more than one token block per thread (1,400 tokens on
+        // two threads: 700 > 576) and fewer tokens than threads; features not a multiple of
+        // 16; depth over two and three blocks with remainders (513, 1,100), below 8, and not
+        // a multiple of 8.
+        for &(m, n, k) in &[
+            (13, 70, 300),
+            (1, 5, 7),
+            (7, 64, 576),
+            (100, 192, 513),
+            (97, 17, 16),
+            (200, 33, 1),
+            (1400, 48, 20),
+            (30, 40, 1100),
+        ] {
+            let x = values(m * k, 1);
+            let w = values(n * k, 2);
+            let y = linear_nt(&x, &w, m, n, k);
+            assert_close(
+                &y,
+                &reference_nt(&x, &w, m, n, k),
+                &format!("nt {m}x{n}x{k}"),
+            );
+        }
+    }
+
+    #[test]
+    fn into_writes_only_its_rows_and_zero_depth_gives_zeros() {
+        // The kernels need AVX2 and FMA, not the AVX2 path: they are tested on AVX-512
+        // machines too (where the default build does not call them).
+        if !cpu_has_avx2_fma() {
+            return;
+        }
+        let (m, n, k) = (9, 20, 33);
+        let (x, w) = (values(m * k, 4), values(n * k, 5));
+        let mut y = vec![std::mem::MaybeUninit::new(f32::NAN); m * n + 3];
+        linear_nt_into(&x, &w, m, n, k, &mut y);
+        // SAFETY: every element was initialized (NaN, then the product).
+        let y: Vec<f32> = y.iter().map(|v| unsafe { v.assume_init() }).collect();
+        assert_close(&y[..m * n], &reference_nt(&x, &w, m, n, k), "into");
+        assert!(y[m * n..].iter().all(|v| v.is_nan()), "wrote past m × n");
+        assert_eq!(linear_nt(&[], &[], 4, 3, 0), vec![0.0; 12]);
+    }
+
+    #[test]
+    fn outputs_starting_anywhere_in_a_line_get_every_feature() {
+        // The kernels need AVX2 and FMA, not the AVX2 path: they are tested on AVX-512
+        // machines too (where the default build does not call them).
+        if !cpu_has_avx2_fma() {
+            return;
+        }
+        // n a multiple of 16: the panels start where the rows cross a 64-byte line, after a
+        // first panel of 1-15 features (or none), wherever the output starts.
+        let (m, n, k) = (14, 48, 40);
+        let (x, w) = (values(m * k, 6), values(n * k, 7));
+        let want = reference_nt(&x, &w, m, n, k);
+        let mut buf = vec![std::mem::MaybeUninit::new(f32::NAN); m * n + 16];
+        for offset in 0..16 {
+            let out = &mut buf[offset..offset + m * n];
+            linear_nt_into(&x, &w, m, n, k, out);
+            // SAFETY: initialized (NaN, then the product).
+            let y: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
+            assert_close(&y, &want, &format!("output at offset {offset}"));
+        }
+    }
+}
