@@ -10,7 +10,7 @@
 //! machine too); `tile_gflops` is `kernels::fma::linear_nt` (what `kernels::cpu::linear_nt`
 //! runs there), `gemm_gflops` the gemm crate's product that it replaced, both medians of
 //! `repeats` calls (default 9). Shapes: 1,024 tokens (`hone bench train`'s seq 256 × batch 4)
-//! through the projections of the `small` and `smol` shapes and the `small` output projection.
+//! through the projections and output projections of the `small` and `smol` shapes.
 //! The tunable keeps freed buffers in malloc's heap, as a training step's are.
 
 use std::time::Instant;
@@ -48,9 +48,12 @@ fn main() {
         ("small q/o h->h", 512, 512),
         ("small gate/up h->inter", 1408, 512),
         ("small down inter->h", 512, 1408),
+        ("smol q/o h->h", 576, 576),
+        ("smol k/v h->kv", 192, 576),
         ("smol gate/up h->inter", 1536, 576),
         ("smol down inter->h", 576, 1536),
         ("small output projection", 32000, 512),
+        ("smol output projection", 49152, 576),
     ];
     let cpu_name = cpu::cpu_model().unwrap_or_default();
     for (name, n, k) in shapes {
