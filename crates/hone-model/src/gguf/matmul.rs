@@ -482,7 +482,7 @@ fn transpose_half_into(
 /// The CPU has AVX; the block lies inside `d`'s buffer.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn store_transposed8(
+pub(crate) unsafe fn store_transposed8(
     a: [std::arch::x86_64::__m256; 8],
     d: *mut f32,
     rows: usize,

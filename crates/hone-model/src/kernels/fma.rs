@@ -150,7 +150,8 @@ pub fn linear_nt_into(
 }
 
 /// `panel [kc][16] = rows[0..16][k0..k0 + kc]ᵀ` for 16 rows of stride `ld`: 8 × 8 blocks
-/// transposed in registers, the last `kc % 8` values one at a time.
+/// transposed in registers (the F32 prefill's `store_transposed8`), the last `kc % 8` values
+/// one at a time.
 ///
 /// # Safety
 /// The CPU has AVX2; `rows` holds 16 rows of `ld` values with `k0 + kc ≤ ld`; `panel` holds
@@ -166,35 +167,9 @@ unsafe fn transpose16(rows: &[f32], ld: usize, k0: usize, kc: usize, panel: &mut
         for half in 0..2 {
             let base = src.add(half * 8 * ld + k0 + d0);
             let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(base.add(i * ld)));
-            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
-            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
-            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
-            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
-            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
-            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
-            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
-            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
-            let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-            let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-            let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-            let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-            let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-            let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-            let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-            let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-            let cols = [
-                _mm256_permute2f128_ps::<0x20>(s0, s4),
-                _mm256_permute2f128_ps::<0x20>(s1, s5),
-                _mm256_permute2f128_ps::<0x20>(s2, s6),
-                _mm256_permute2f128_ps::<0x20>(s3, s7),
-                _mm256_permute2f128_ps::<0x31>(s0, s4),
-                _mm256_permute2f128_ps::<0x31>(s1, s5),
-                _mm256_permute2f128_ps::<0x31>(s2, s6),
-                _mm256_permute2f128_ps::<0x31>(s3, s7),
-            ];
-            for (j, c) in cols.iter().enumerate() {
-                _mm256_storeu_ps(dst.add((d0 + j) * NR + half * 8), *c);
-            }
+            // Column j of the block (value d0 + j of the eight rows) to features half·8.. of
+            // the panel's line d0 + j.
+            crate::gguf::matmul::store_transposed8(r, dst, NR, half * 8, d0);
         }
     }
     for d in full..kc {
