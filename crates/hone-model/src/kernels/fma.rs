@@ -22,6 +22,8 @@
 
 use rayon::prelude::*;
 
+use super::cpu::Shared;
+
 /// Token rows per tile.
 const MR: usize = 6;
 /// Output features per tile (two 8-float vectors).
@@ -146,7 +148,7 @@ pub fn linear_nt_into(
             }
         }
     };
-    run(x, m, n, k, fill, Out(y.as_mut_ptr().cast()));
+    run(x, m, n, k, fill, Shared(y.as_mut_ptr().cast()));
 }
 
 /// `panel [kc][16] = rows[0..16][k0..k0 + kc]ᵀ` for 16 rows of stride `ld`: 8 × 8 blocks
@@ -179,13 +181,6 @@ unsafe fn transpose16(rows: &[f32], ld: usize, k0: usize, kc: usize, panel: &mut
     }
 }
 
-/// A raw pointer the threads of one product share; each writes its own tokens' rows.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: every thread writes a disjoint range of rows.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
 thread_local! {
     /// Each thread's token strips and weight panel, kept between products: allocating and
     /// zeroing 1.2 MiB per call was ~8% of the 1.2 ms k/v projection of the smol shape.
@@ -216,14 +211,15 @@ fn with_scratch<R>(strips: usize, panel: usize, f: impl FnOnce(&mut [f32], &mut 
 /// The panels start where `out`'s rows cross a 64-byte line (a first, narrower panel up to
 /// there) when every row starts at the same place in its line (`n` a multiple of 16): a tile's
 /// sixteen outputs per row are then one line, not two halves of two (the caller's buffer is
-/// only 16-byte aligned; stores across lines made the products 5-10% slower).
+/// only 16-byte aligned; stores across lines made the products 5-10% slower). Each thread
+/// writes its own tokens' rows of `out`.
 fn run(
     a: &[f32],
     m: usize,
     n: usize,
     depth: usize,
     fill: impl Fn(&mut [f32], (usize, usize), usize, usize) + Sync,
-    out: Out,
+    out: Shared,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -305,7 +301,7 @@ fn run(
                                         (strips.as_ptr(), kc)
                                     },
                                     &panel[..kc * NR],
-                                    (out.0.add(i * n + f0), n, rows, features),
+                                    (out.at(i * n + f0), n, rows, features),
                                     k0 > 0,
                                 )
                             }
