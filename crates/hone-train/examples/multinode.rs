@@ -26,6 +26,12 @@
 //!
 //! Exit status 0 when `one-session` hangs at step 2 and `session-per-step` completes; the
 //! output says what happened.
+//!
+//! hone trained through `session-per-step` until CI hung in it once: `SyncService::sync` checks
+//! its list and only then creates the `Notified` future it waits on, so a sync request that lands
+//! in between is lost and that node waits forever (rare; 200 steps here usually pass). hone's
+//! nodes now exchange through its own orchestrator (`hone_train::parallel`, `relay.rs`); this
+//! program stays as the record of what burn 0.21's global all-reduce does.
 
 use std::process::{Child, Command, ExitCode};
 use std::time::{Duration, Instant};

@@ -254,12 +254,8 @@ impl Default for TrainSection {
 }
 
 /// `[distributed]`: multi-node training, several machines (processes) each running its
-/// `train.devices` peers, gradients all-reduced through burn's global orchestrator.
-///
-/// burn 0.21 hangs in the second global all-reduce of one registration, so hone registers once
-/// per step, alternating between two orchestrators and two tensor-data ports: it uses
-/// `orchestrator`'s port and the next one, `data_port` and the next one
-/// (`hone train-orchestrator --port P` serves both P and P + 1).
+/// `train.devices` peers, gradients exchanged through hone's orchestrator
+/// (`hone train-orchestrator --port P`, see [`crate::parallel`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DistributedSection {
@@ -270,14 +266,15 @@ pub struct DistributedSection {
     /// With `nodes > 1`: this node's rank, `0..nodes`. Node 0 alone evaluates, logs and
     /// writes checkpoints, the adapter and samples. Default 0.
     pub node_rank: usize,
-    /// With `nodes > 1`: the global orchestrator, `ws://host:port` (`hone train-orchestrator
-    /// --port P`), the same on every node. Its next port is used too (see above).
+    /// With `nodes > 1`: the orchestrator, `tcp://host:port` (`hone train-orchestrator
+    /// --port P`), the same on every node. `ws://host:port`, as written for burn's websocket
+    /// orchestrator that hone used before, means the same.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub orchestrator: Option<String>,
-    /// With `nodes > 1`: this node's host as the other nodes reach it (`10.0.0.2`).
+    /// No longer used (the nodes only talk to the orchestrator); accepted with a warning.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_host: Option<String>,
-    /// With `nodes > 1`: this node's tensor-data port; the next port is used too.
+    /// No longer used (the nodes only talk to the orchestrator); accepted with a warning.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_port: Option<u16>,
 }
@@ -306,16 +303,16 @@ const MOVED_KEYS: [(&str, &str); 5] = [
     ),
     (
         "node_host",
-        "moved to the [distributed] table: set distributed.node_host",
+        "no longer used: the nodes exchange gradients through distributed.orchestrator alone",
     ),
     (
         "orchestrators",
-        "replaced by distributed.orchestrator: one address ws://host:port (hone uses its port \
-         and the next; `hone train-orchestrator --port P` serves both)",
+        "replaced by distributed.orchestrator: one address tcp://host:port \
+         (`hone train-orchestrator --port P`)",
     ),
     (
         "data_ports",
-        "replaced by distributed.data_port: one port P (hone uses P and P + 1)",
+        "no longer used: the nodes exchange gradients through distributed.orchestrator alone",
     ),
 ];
 
@@ -325,12 +322,12 @@ impl DistributedSection {
         *self == Self::default()
     }
 
-    /// The orchestrator's `(host, port)` when it is of the form `ws://host:port`.
+    /// The orchestrator's `(host, port)` when it is of the form `tcp://host:port` (or
+    /// `ws://host:port`).
     fn orchestrator_address(&self) -> Option<(&str, u16)> {
-        let (host, port) = self
-            .orchestrator
-            .as_deref()?
-            .strip_prefix("ws://")?
+        let address = self.orchestrator.as_deref()?;
+        let (host, port) = (address.strip_prefix("tcp://"))
+            .or_else(|| address.strip_prefix("ws://"))?
             .rsplit_once(':')?;
         let port = port.parse::<u16>().ok()?;
         (!host.is_empty() && !host.contains('/')).then_some((host, port))
@@ -345,8 +342,6 @@ impl DistributedSection {
             let set = [
                 ("distributed.node_rank", self.node_rank != 0),
                 ("distributed.orchestrator", self.orchestrator.is_some()),
-                ("distributed.node_host", self.node_host.is_some()),
-                ("distributed.data_port", self.data_port.is_some()),
             ];
             return match set.iter().find(|(_, on)| *on) {
                 Some((key, _)) => Err((
@@ -363,37 +358,39 @@ impl DistributedSection {
             ));
         }
         match self.orchestrator_address() {
-            Some((_, port)) if port != 0 && port != u16::MAX => {}
-            _ => {
-                return Err((
-                    "distributed.orchestrator",
-                    format!(
-                        "needs the orchestrator's address ws://host:port (a port below 65535: \
-                         the next one is used too), found {:?}",
-                        self.orchestrator
-                    ),
-                ))
-            }
-        }
-        match &self.node_host {
-            Some(host) if !host.is_empty() && !host.contains(['/', ' ']) => {}
-            other => {
-                return Err((
-                    "distributed.node_host",
-                    format!("needs this node's host name or IP address, found {other:?}"),
-                ))
-            }
-        }
-        match self.data_port {
-            Some(port) if port != 0 && port != u16::MAX => Ok(()),
-            other => Err((
-                "distributed.data_port",
+            Some((_, port)) if port != 0 => Ok(()),
+            _ => Err((
+                "distributed.orchestrator",
                 format!(
-                    "needs this node's tensor-data port, from 1 to 65534 (the next one is used \
-                     too), found {other:?}"
+                    "needs the orchestrator's address tcp://host:port (the host and port of \
+                     `hone train-orchestrator --port P`), found {:?}",
+                    self.orchestrator
                 ),
             )),
         }
+    }
+
+    /// A warning naming the keys that multi-node training no longer uses, when set.
+    pub fn obsolete_keys_warning(&self) -> Option<String> {
+        let set: Vec<&str> = [
+            ("distributed.node_host", self.node_host.is_some()),
+            ("distributed.data_port", self.data_port.is_some()),
+        ]
+        .iter()
+        .filter(|(_, on)| *on)
+        .map(|(key, _)| *key)
+        .collect();
+        (!set.is_empty()).then(|| {
+            format!(
+                "{} no longer used: the nodes exchange gradients through \
+                 distributed.orchestrator alone (remove the key)",
+                if set.len() == 1 {
+                    format!("{} is", set[0])
+                } else {
+                    format!("{} are", set.join(" and "))
+                }
+            )
+        })
     }
 }
 
@@ -639,25 +636,15 @@ impl RunConfig {
         }
     }
 
-    /// This node's place in a multi-node run (`distributed.nodes > 1`), else `None`: the two
-    /// orchestrators and data ports the steps alternate between are the configured ones and
-    /// the ports after them.
+    /// This node's place in a multi-node run (`distributed.nodes > 1`), else `None`.
     pub fn multinode(&self) -> Option<crate::parallel::MultiNode> {
         let d = &self.distributed;
-        match (d.orchestrator_address(), d.data_port, &d.node_host) {
-            (Some((host, port)), Some(data), Some(node_host)) if d.nodes > 1 => {
-                let next = |p: u16| p.checked_add(1);
-                Some(crate::parallel::MultiNode {
-                    nodes: d.nodes,
-                    node_rank: d.node_rank,
-                    orchestrators: [
-                        format!("ws://{host}:{port}"),
-                        format!("ws://{host}:{}", next(port)?),
-                    ],
-                    node_host: node_host.clone(),
-                    data_ports: [data, next(data)?],
-                })
-            }
+        match d.orchestrator_address() {
+            Some((host, port)) if d.nodes > 1 => Some(crate::parallel::MultiNode {
+                nodes: d.nodes,
+                node_rank: d.node_rank,
+                orchestrator: format!("{host}:{port}"),
+            }),
             _ => None,
         }
     }

@@ -37,25 +37,24 @@
 //! first thing in their threads, and only once every thread exists.)
 //!
 //! Multi-node ([`MultiNode`], `distributed.nodes > 1`): every node (a process) runs its local peers
-//! as above, and global peer rank = `node_rank · local peers + local rank`. The rows are laid
-//! out by global rank, so the sums stay rank-ordered and every peer of every node computes what
-//! one device computes with accumulation `g · total peers`. Every node reads the same data
-//! order and takes its global peers' shares ([`node_shares`]). burn 0.21 hangs in the second
-//! global all-reduce of one registration (`SyncService::sync` clears a copy of its list of
-//! syncing nodes), so each step is a session of its own: register (with the global params of
-//! the step's orchestrator and data port), all-reduce, finish, alternating between two
-//! orchestrators and two data ports (see `examples/multinode.rs`). The user names one
-//! orchestrator and one data port (`[distributed]`); the second of each is the next port, and
-//! [`run_orchestrator`] serves both. The local server awaits the
-//! global operations in its message loop, where a reset cannot reach them; so in multi-node the
-//! session runs on a helper thread that the peer waits for at most the timeout.
+//! as above, and global peer rank = `node_rank · local peers + local rank`. Every node reads the
+//! same data order and takes its global peers' shares ([`node_shares`]). The peers of every node
+//! exchange their rows through hone's orchestrator ([`relay`]: each sends its row of the step and
+//! gets every row back in rank order), then add them in rank order as above, so every peer of
+//! every node computes what one device computes with accumulation `g · total peers`. burn's
+//! collective is not used across nodes: its global all-reduce hangs in burn 0.21 (see
+//! [`relay`]). A peer waits for the orchestrator's answer at most the timeout; a failed peer
+//! makes the watchdog cut the other local peers' connections, so that they return at once.
+
+mod relay;
 
 use std::any::Any;
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Barrier, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -83,11 +82,6 @@ static FORWARD_TURN: Mutex<()> = Mutex::new(());
 
 /// How often the watchdog looks at the peers.
 const WATCH_INTERVAL: Duration = Duration::from_millis(20);
-/// How long a node's data server may take to listen after registration (see
-/// [`await_data_servers`]).
-const DATA_SERVER_START: Duration = Duration::from_secs(10);
-/// How long a node waits, once its own data server listens, for the other nodes' servers.
-const DATA_SERVER_GRACE: Duration = Duration::from_millis(50);
 
 /// Counts travel as two f32 values `(c >> COUNT_SHIFT, c & COUNT_MASK)`, exact below 2^36.
 const COUNT_SHIFT: u32 = 12;
@@ -116,180 +110,24 @@ pub struct MultiNode {
     pub nodes: usize,
     /// This node's rank, `0..nodes`.
     pub node_rank: usize,
-    /// The global orchestrators, `ws://host:port`: step `s` uses `orchestrators[s % 2]`.
-    pub orchestrators: [String; 2],
-    /// This node's host as the other nodes reach it.
-    pub node_host: String,
-    /// This node's tensor-data ports: step `s` uses `data_ports[s % 2]`.
-    pub data_ports: [u16; 2],
+    /// The orchestrator every node's peers exchange their rows through, `host:port`.
+    pub orchestrator: String,
 }
 
-impl MultiNode {
-    /// A warning when this node's data ports lie in the system's ephemeral range (Linux
-    /// `ip_local_port_range`): the data server of a step closes its port, and an outgoing
-    /// connection of the next step (to an orchestrator, to another node) may then take it as
-    /// its local port, so that the step after cannot listen on it again.
-    pub fn ephemeral_port_warning(&self) -> Option<String> {
-        let (low, high) = ephemeral_ports()?;
-        let inside: Vec<String> = (self.data_ports.iter())
-            .filter(|p| (low..=high).contains(*p))
-            .map(u16::to_string)
-            .collect();
-        (!inside.is_empty()).then(|| {
-            format!(
-                "distributed.data_port: port {} lies in this system's ephemeral range \
-                 {low}-{high} (net.ipv4.ip_local_port_range), where an outgoing connection may \
-                 take it between the steps that listen on it; choose ports below {low}",
-                inside.join(" and ")
-            )
-        })
-    }
-
-    /// This node's data port in step `step`.
-    fn data_port(&self, step: usize) -> u16 {
-        self.data_ports[step % 2]
-    }
-
-    /// The collective config of step `step` with `local` peers on this node.
-    fn collective(&self, local: usize, step: usize) -> Result<CollectiveConfig> {
-        let (orchestrator, port) = (&self.orchestrators[step % 2], self.data_port(step));
-        let parse = |text: &str| {
-            text.parse().map_err(|e: String| TrainError::Parallel {
-                message: format!("`{text}` is not an address: {e}"),
-            })
-        };
-        Ok(CollectiveConfig::default()
-            .with_num_devices(local)
-            .with_num_nodes(self.nodes as u32)
-            .with_global_address(parse(orchestrator)?)
-            .with_node_address(parse(&format!("ws://{}:{port}", self.node_host))?)
-            .with_data_service_port(port))
-    }
-}
-
-/// The system's ephemeral port range `(low, high)`, from which outgoing connections take their
-/// local ports (Linux `net.ipv4.ip_local_port_range`); `None` where it cannot be read.
-pub fn ephemeral_ports() -> Option<(u16, u16)> {
-    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
-    let mut bounds = range.split_whitespace().map(str::parse::<u16>);
-    match (bounds.next(), bounds.next()) {
-        (Some(Ok(low)), Some(Ok(high))) => Some((low, high)),
-        _ => None,
-    }
-}
-
-/// Runs the global orchestrators of multi-node training on `port` and `port + 1` (every
-/// interface) until the process is interrupted: `distributed.orchestrator = "ws://HOST:port"`
-/// on every node. (The steps alternate between the two, see the module doc.)
+/// Runs the orchestrator of multi-node training on `port` (every interface) until the process
+/// is interrupted: `distributed.orchestrator = "tcp://HOST:port"` on every node.
 pub fn run_orchestrator(port: u16) -> Result<()> {
-    let ports = orchestrator_ports(port)?;
-    // Both ports are free now, or the error names the one that is not (the orchestrators
-    // themselves only log a failure to listen).
-    for p in ports {
-        std::net::TcpListener::bind(("0.0.0.0", p)).map_err(|e| TrainError::Parallel {
-            message: format!(
-                "cannot listen on port {p} (the orchestrators use {port} and {}): {e}",
-                ports[1]
-            ),
-        })?;
-    }
-    // Each on a thread with its own runtime, as two processes would run them.
-    let serve = |port: u16| -> Result<()> {
-        let runtime = tokio::runtime::Runtime::new().map_err(|e| TrainError::Parallel {
-            message: format!("cannot start the orchestrator's runtime: {e}"),
-        })?;
-        runtime.block_on(burn_collective::start_global_orchestrator(port));
-        Ok(())
-    };
-    let second = ports[1];
-    std::thread::Builder::new()
-        .name(format!("hone-orchestrator-{second}"))
-        .spawn(move || serve(second))
-        .map_err(|e| TrainError::Parallel {
-            message: format!("cannot start the second orchestrator's thread: {e}"),
-        })?;
-    serve(ports[0])
+    let listener = TcpListener::bind(("0.0.0.0", port)).map_err(|e| TrainError::Parallel {
+        message: format!("the orchestrator cannot listen on port {port}: {e}"),
+    })?;
+    serve_orchestrator(listener)
 }
 
-/// The ports of the two orchestrators started by [`run_orchestrator`].
-fn orchestrator_ports(port: u16) -> Result<[u16; 2]> {
-    match port.checked_add(1) {
-        Some(next) if port != 0 => Ok([port, next]),
-        _ => Err(TrainError::Parallel {
-            message: format!("the orchestrators need ports {port} and the next, from 1 to 65534"),
-        }),
-    }
-}
-
-/// One step's global session of one peer: register, all-reduce (Sum), finish, on a helper
-/// thread that the caller waits for at most `timeout` (see the module doc). A peer that
-/// finished waits at `finished` for the node's other peers: burn's local server refuses a
-/// registration for the next step (another orchestrator and data port) while a peer of this
-/// step has not left (`RegisterParamsMismatch`), which a peer without micro-batches in the next
-/// step would otherwise race into.
-fn node_all_reduce<B: Backend>(
-    id: PeerId,
-    device: B::Device,
-    collective: CollectiveConfig,
-    data_port: u16,
-    tensor: B::FloatTensorPrimitive,
-    timeout: Duration,
-    finished: Arc<Barrier>,
-) -> std::result::Result<B::FloatTensorPrimitive, String> {
-    let (tx, rx) = sync_channel(1);
-    std::thread::Builder::new()
-        .name(format!("hone-collective-{id}"))
-        .spawn(move || {
-            let result = register::<B>(id, device, collective)
-                .map_err(|e| format!("cannot register with the orchestrator: {e:?}"))
-                .and_then(|()| await_data_servers(data_port))
-                .and_then(|()| {
-                    all_reduce::<B>(id, tensor, ReduceOperation::Sum)
-                        .map_err(|e| format!("the global all-reduce failed: {e:?}"))
-                })
-                .and_then(|out| {
-                    finish_collective::<B>(id)
-                        .map(|()| out)
-                        .map_err(|e| format!("cannot leave the collective: {e:?}"))
-                });
-            if result.is_ok() {
-                finished.wait();
-            }
-            let _ = tx.send(result);
-        })
-        .map_err(|e| format!("cannot start a collective thread: {e}"))?;
-    rx.recv_timeout(timeout).unwrap_or_else(|_| {
-        Err(format!(
-            "no answer from the other nodes within {} s (train.collective_timeout_secs)",
-            timeout.as_secs()
-        ))
+/// [`run_orchestrator`] on a listener of the caller's (tests bind port 0 on the loopback).
+pub fn serve_orchestrator(listener: TcpListener) -> Result<()> {
+    relay::serve(listener).map_err(|e| TrainError::Parallel {
+        message: format!("the orchestrator stopped: {e}"),
     })
-}
-
-/// Waits until this node's data server accepts connections on `port`, then
-/// [`DATA_SERVER_GRACE`] for the other nodes' servers. burn 0.21 starts a node's data server
-/// on a task of its own when the node registers and does not wait for it to listen; the
-/// orchestrator answers every node once the last one registers, and a node downloads from
-/// the others right away, so the last node's server has only the orchestrator's round trip
-/// to start listening (~1 ms in the tests' logs). A server that never listens (its port taken,
-/// e.g. by an outgoing connection when the port lies in the ephemeral range, see
-/// [`MultiNode::ephemeral_port_warning`]: burn drops the error) is named here, not in the other
-/// nodes as burn's panic `Failed to connect to data server` (which failed one CI run).
-fn await_data_servers(port: u16) -> std::result::Result<(), String> {
-    let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let start = Instant::now();
-    while let Err(e) = std::net::TcpStream::connect_timeout(&address, WATCH_INTERVAL) {
-        if start.elapsed() > DATA_SERVER_START {
-            return Err(format!(
-                "this node's data server is not listening on port {port} after {} s (is the \
-                 port in use?): {e}",
-                DATA_SERVER_START.as_secs()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    std::thread::sleep(DATA_SERVER_GRACE);
-    Ok(())
 }
 
 /// The micro-batches of a step that peer `k` of `n` computes: contiguous blocks, in order,
@@ -374,9 +212,9 @@ struct Session {
     aborted: AtomicBool,
     /// The session is over: the watchdog exits.
     closed: AtomicBool,
-    /// Multi-node: every local peer has left a step's global session (see
-    /// [`node_all_reduce`]).
-    finished: Arc<Barrier>,
+    /// Multi-node: each peer's connection to the orchestrator while it waits there, so that
+    /// an abort can cut it.
+    links: Mutex<Vec<Option<TcpStream>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -401,6 +239,18 @@ impl Session {
     fn error(&self, fallback: impl Into<String>) -> TrainError {
         TrainError::Parallel {
             message: self.failure().unwrap_or_else(|| fallback.into()),
+        }
+    }
+
+    /// Drops every pending exchange: burn's collective is reset (the peers waiting in its
+    /// all-reduce get an error), the connections to the orchestrator are cut.
+    fn abort<B: Backend>(&self) {
+        self.aborted.store(true, Ordering::SeqCst);
+        if self.multinode.is_none() {
+            reset_collective::<B>();
+        }
+        for link in lock(&self.links).iter().flatten() {
+            let _ = link.shutdown(Shutdown::Both);
         }
     }
 
@@ -453,6 +303,37 @@ fn from_halves(hi: f64, lo: f64) -> usize {
     ((hi as usize) << COUNT_SHIFT) + lo as usize
 }
 
+/// Every local peer's row (`n` peers, rows of `len`) through burn's all-reduce: peer `rank`
+/// sends `n` rows of zeros but its own (see the module doc).
+fn local_all_reduce<B: Backend>(
+    rank: usize,
+    n: usize,
+    len: usize,
+    row: Tensor<B, 1>,
+) -> std::result::Result<Tensor<B, 1>, String> {
+    let device = row.device();
+    let mut blocks = Vec::with_capacity(3);
+    if rank > 0 {
+        blocks.push(Tensor::zeros([rank * len], &device));
+    }
+    blocks.push(row);
+    if rank + 1 < n {
+        blocks.push(Tensor::zeros([(n - 1 - rank) * len], &device));
+    }
+    let stacked = Tensor::cat(blocks, 0).into_primitive().tensor();
+    all_reduce::<B>(PeerId::from(rank), stacked, ReduceOperation::Sum)
+        .map(|t| Tensor::from_primitive(TensorPrimitive::Float(t)))
+        .map_err(|e| format!("{e:?}"))
+}
+
+/// A row's values on the host.
+fn read_f32s<B: Backend>(row: Tensor<B, 1>) -> std::result::Result<Vec<f32>, String> {
+    row.into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .map_err(|e| format!("cannot read the step's row: {e:?}"))
+}
+
 /// Sums the peers' gradient sums (the all-reduce of one flat tensor, see the module doc) and
 /// divides them by the step's target count.
 fn reduce<B: Backend>(
@@ -482,33 +363,29 @@ fn reduce<B: Backend>(
         TensorData::new(vec![t_hi, t_lo, k_hi, k_lo, s_hi, s_lo], [6]),
         device,
     ));
-    let mut blocks = Vec::with_capacity(3);
-    if global > 0 {
-        blocks.push(Tensor::zeros([global * len], device));
-    }
-    blocks.push(Tensor::cat(row, 0));
-    if global + 1 < n {
-        blocks.push(Tensor::zeros([(n - 1 - global) * len], device));
-    }
-    let stacked = Tensor::cat(blocks, 0).into_primitive().tensor();
-
-    let id = PeerId::from(global);
-    let collective = match &session.multinode {
-        Some(node) => Some((node.collective(session.n, step)?, node.data_port(step))),
-        None => None,
-    };
+    let row = Tensor::cat(row, 0);
     session.set_waiting(rank, Some(step));
-    let reduced = match collective {
-        None => all_reduce::<B>(id, stacked, ReduceOperation::Sum).map_err(|e| format!("{e:?}")),
-        Some((collective, data_port)) => node_all_reduce::<B>(
-            id,
-            device.clone(),
-            collective,
-            data_port,
-            stacked,
-            session.config.timeout,
-            session.finished.clone(),
-        ),
+    let reduced = match &session.multinode {
+        None => local_all_reduce(global, n, len, row),
+        Some(node) => read_f32s(row).and_then(|row| {
+            let rows = relay::all_gather(
+                &node.orchestrator,
+                step,
+                global,
+                n,
+                &row,
+                session.config.timeout,
+                |link| {
+                    lock(&session.links)[rank] = link.try_clone().ok();
+                    // An abort that came before the link was filed (see Session::abort).
+                    if session.aborted.load(Ordering::SeqCst) {
+                        let _ = link.shutdown(Shutdown::Both);
+                    }
+                },
+            );
+            lock(&session.links)[rank] = None;
+            rows.map(|rows| Tensor::from_data(TensorData::new(rows, [n * len]), device))
+        }),
     };
     session.set_waiting(rank, None);
     let reduced = reduced.map_err(|e| {
@@ -518,7 +395,7 @@ fn reduce<B: Backend>(
             step + 1
         ))
     })?;
-    let rows = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(reduced)).reshape([n, len]);
+    let rows = reduced.reshape([n, len]);
 
     let tails = read_f64s(
         rows.clone().slice([0..n, width..len]).reshape([n * TAIL]),
@@ -621,7 +498,7 @@ fn peer_main<B: AutodiffKernelBackend>(
     messages: Receiver<Message>,
     session: Arc<Session>,
 ) {
-    // Multi-node peers register in every step instead.
+    // Multi-node peers exchange their rows through the orchestrator instead.
     if session.multinode.is_none() {
         if !matches!(messages.recv(), Ok(Message::Register)) {
             return;
@@ -670,8 +547,7 @@ fn watch<B: Backend>(session: Arc<Session>) {
                 None => continue,
             }
         }
-        session.aborted.store(true, Ordering::SeqCst);
-        reset_collective::<B>();
+        session.abort::<B>();
         return;
     }
 }
@@ -741,7 +617,7 @@ impl<B: AutodiffKernelBackend> DataParallel<B> {
             waiting: Mutex::new(vec![None; n]),
             aborted: AtomicBool::new(false),
             closed: AtomicBool::new(false),
-            finished: Arc::new(Barrier::new(n)),
+            links: Mutex::new((0..n).map(|_| None).collect()),
         });
         let mut this = Self {
             session: session.clone(),
@@ -894,8 +770,7 @@ impl<B: AutodiffKernelBackend> DataParallel<B> {
         self.closed = true;
         let abort = abort || self.session.failure().is_some();
         if abort {
-            self.session.aborted.store(true, Ordering::SeqCst);
-            reset_collective::<B::InnerBackend>();
+            self.session.abort::<B::InnerBackend>();
         }
         // Closing the channels ends the peers' loops.
         self.senders.clear();
@@ -984,7 +859,7 @@ mod tests {
             waiting: Mutex::new(vec![None; 3]),
             aborted: AtomicBool::new(false),
             closed: AtomicBool::new(false),
-            finished: Arc::new(Barrier::new(3)),
+            links: Mutex::new((0..3).map(|_| None).collect()),
         };
         assert_eq!(session.overdue(), None);
         session.set_waiting(0, Some(4));
@@ -1013,44 +888,6 @@ mod tests {
             assert_eq!(all, shares(len, nodes * local));
             assert_eq!(all.last().unwrap().end, len);
         }
-    }
-
-    #[test]
-    fn a_step_alternates_orchestrators_and_data_ports() {
-        let node = MultiNode {
-            nodes: 2,
-            node_rank: 1,
-            orchestrators: ["ws://a:1".into(), "ws://a:2".into()],
-            node_host: "b".into(),
-            data_ports: [7, 8],
-        };
-        let (even, odd) = (
-            node.collective(1, 4).unwrap(),
-            node.collective(1, 5).unwrap(),
-        );
-        let text = |c: &CollectiveConfig| c.to_string();
-        assert!(text(&even).contains("ws://a:1") && text(&even).contains("ws://b:7"));
-        assert!(text(&odd).contains("ws://a:2") && text(&odd).contains("ws://b:8"));
-    }
-
-    #[test]
-    fn data_ports_in_the_ephemeral_range_are_warned_about() {
-        let Some((low, _)) = ephemeral_ports() else {
-            return; // not Linux: no range to check against
-        };
-        let node = |data_ports| MultiNode {
-            nodes: 2,
-            node_rank: 0,
-            orchestrators: ["ws://a:1".into(), "ws://a:2".into()],
-            node_host: "b".into(),
-            data_ports,
-        };
-        assert_eq!(node([low - 2, low - 1]).ephemeral_port_warning(), None);
-        let warning = node([low - 1, low]).ephemeral_port_warning().unwrap();
-        assert!(
-            warning.contains(&format!("port {low} ")) && !warning.contains(&(low - 1).to_string()),
-            "{warning}"
-        );
     }
 
     #[test]

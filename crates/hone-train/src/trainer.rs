@@ -214,7 +214,7 @@ impl<'a, B: AutodiffKernelBackend> Trainer<'a, B> {
         let memory = check_memory::<B>(config, &model_config)?;
         let devices = peer_devices::<B>(config, device.clone())?;
         let multinode = config.multinode();
-        if let Some(warning) = multinode.as_ref().and_then(|m| m.ephemeral_port_warning()) {
+        if let Some(warning) = config.distributed.obsolete_keys_warning() {
             tracing::warn!("{warning}");
         }
         let lead = multinode.as_ref().is_none_or(|m| m.node_rank == 0);

@@ -1,6 +1,6 @@
 //! Multi-node training (`[distributed]`): the config keys' validation (runs everywhere), and two
 //! node processes × one CPU peer (then × two) against one device with the doubled (quadrupled)
-//! batch (binds sockets, so `#[ignore]`d; `socket_tests_pass_in_a_private_network_namespace` runs them
+//! batch (opens sockets, so `#[ignore]`d; `socket_tests_pass_in_a_private_network_namespace` runs them
 //! inside `unshare -rn` during a plain `cargo test`, or by hand):
 //!
 //! ```text
@@ -8,10 +8,10 @@
 //! unshare -rn sh -c 'ip link set lo up && cargo test -p hone-train --test multinode -- --ignored --nocapture'
 //! ```
 //!
-//! (without `unshare` it binds random free ports; the orchestrators and data services listen
-//! on every interface while it runs.) The test starts the orchestrators (on a port and the next)
-//! on a thread of its own process and each node as a child process running this binary's `node_process`, since
-//! burn-collective keeps one collective server per process.
+//! (the orchestrator listens on a free loopback port.) The test starts the orchestrator on a
+//! thread of its own process and each node as a child process running this binary's
+//! `node_process`, as nodes are processes (burn-collective keeps one collective server per
+//! process for the local peers).
 
 mod common;
 
@@ -34,55 +34,25 @@ const DEADLINE: Duration = Duration::from_secs(300);
 const TRAIN: &str = "max_steps = 4\nlog_every = 1";
 const SETS: [&str; 1] = ["lora.dropout=0.1"];
 
-/// Environment of a node process: `rank,dir,data,orchestrator,data port,local peers`.
+/// Environment of a node process: `rank,dir,data,orchestrator port,local peers`.
 const NODE_ENV: &str = "HONE_TEST_MULTINODE_NODE";
 
-/// The `[train]` and `[distributed]` lines of node `rank` (the orchestrators on `orchestrator`
-/// and the next port, the node's data ports `port` and the next).
-fn node_lines(rank: usize, orchestrator: u16, port: u16, local: usize) -> String {
+/// The `[train]` and `[distributed]` lines of node `rank` (the orchestrator on `orchestrator`).
+fn node_lines(rank: usize, orchestrator: u16, local: usize) -> String {
     let devices = vec!["\"cpu\""; local].join(", ");
     format!(
         "{TRAIN}\ndevices = [{devices}]\ncollective_timeout_secs = 120\n\
          distributed.nodes = 2\ndistributed.node_rank = {rank}\n\
-         distributed.orchestrator = \"ws://127.0.0.1:{orchestrator}\"\n\
-         distributed.node_host = \"127.0.0.1\"\ndistributed.data_port = {port}"
+         distributed.orchestrator = \"tcp://127.0.0.1:{orchestrator}\""
     )
 }
 
-/// Ports `p` such that `p` and `p + 1` were free a moment ago (all held at once so that they
-/// differ), below the ephemeral range: the nodes' data servers listen on their ports every
-/// other step, and an outgoing connection in between may take an ephemeral port (this failed
-/// CI once: "Failed to connect to data server").
-fn free_port_pairs<const N: usize>() -> [u16; N] {
-    let low = hone_train::parallel::ephemeral_ports().map_or(32768, |(low, _)| low);
-    assert!(low > 2048, "ephemeral ports start at {low}");
-    // Start at a place that differs from run to run (several test processes may pick).
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    let span = low - 2048;
-    let mut candidate = 1024 + (nanos % u32::from(span)) as u16;
-    let mut held = Vec::new();
-    let mut ports = Vec::new();
-    for _ in 0..span {
-        if ports.len() == N {
-            break;
-        }
-        candidate = if u32::from(candidate) + 2 >= u32::from(low) {
-            1024
-        } else {
-            candidate + 2
-        };
-        let pair =
-            [candidate, candidate + 1].map(|p| std::net::TcpListener::bind(("127.0.0.1", p)).ok());
-        if let [Some(first), Some(second)] = pair {
-            held.extend([first, second]);
-            ports.push(candidate);
-        }
-    }
-    assert_eq!(ports.len(), N, "no {N} free port pairs below {low}");
-    std::array::from_fn(|i| ports[i])
+/// Starts an orchestrator on a free loopback port, on a thread; its port.
+fn start_orchestrator() -> u16 {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || hone_train::parallel::serve_orchestrator(listener));
+    port
 }
 
 /// One node of [`two_nodes_train_as_one_device_with_the_doubled_batch`], in a child process;
@@ -99,7 +69,7 @@ fn node_process() {
     let config = config(
         Path::new(f[2]),
         &Path::new(f[1]).join(format!("node{rank}")),
-        &node_lines(rank, p(3), p(4), f[5].parse().unwrap()),
+        &node_lines(rank, p(3), f[4].parse().unwrap()),
         &SETS,
     );
     let summary = train_on::<Ad>(
@@ -114,16 +84,12 @@ fn node_process() {
     assert_eq!(summary.adapter_dir.is_some(), rank == 0);
 }
 
-fn spawn_node(rank: usize, dir: &Path, data: &Path, orch: u16, port: u16, local: usize) -> Child {
+fn spawn_node(rank: usize, dir: &Path, data: &Path, orch: u16, local: usize) -> Child {
     Command::new(std::env::current_exe().unwrap())
         .args(["node_process", "--exact", "--ignored", "--nocapture"])
         .env(
             NODE_ENV,
-            format!(
-                "{rank},{},{},{orch},{port},{local}",
-                dir.display(),
-                data.display(),
-            ),
+            format!("{rank},{},{},{orch},{local}", dir.display(), data.display(),),
         )
         .spawn()
         .unwrap()
@@ -142,12 +108,10 @@ fn two_nodes_train_as_one_device_with_the_doubled_batch() {
 fn two_nodes_match_one_device(local: usize) {
     let tmp = tempfile::tempdir().unwrap();
     let data = write_data(tmp.path(), 24);
-    let [o, a, b] = free_port_pairs::<3>();
-    std::thread::spawn(move || hone_train::parallel::run_orchestrator(o));
-    std::thread::sleep(Duration::from_millis(300));
+    let o = start_orchestrator();
     let mut nodes = [
-        spawn_node(0, tmp.path(), &data, o, a, local),
-        spawn_node(1, tmp.path(), &data, o, b, local),
+        spawn_node(0, tmp.path(), &data, o, local),
+        spawn_node(1, tmp.path(), &data, o, local),
     ];
 
     let one = train_on::<Ad>(
@@ -204,15 +168,25 @@ fn load(lines: &str) -> Result<RunConfig, String> {
 
 #[test]
 fn multinode_keys_are_validated_with_the_key_named() {
-    let good = node_lines(1, 1, 3, 1);
+    let good = node_lines(1, 65535, 1);
     let config = load(&good).unwrap();
     let node = config.multinode().unwrap();
-    assert_eq!(
-        (node.nodes, node.node_rank, node.data_ports),
-        (2, 1, [3, 4])
-    );
-    assert_eq!(node.orchestrators, ["ws://127.0.0.1:1", "ws://127.0.0.1:2"]);
+    assert_eq!((node.nodes, node.node_rank), (2, 1));
+    assert_eq!(node.orchestrator, "127.0.0.1:65535");
+    assert_eq!(config.distributed.obsolete_keys_warning(), None);
     assert_eq!(load(TRAIN).unwrap().multinode(), None);
+    // Configs written for burn's websocket orchestrator still load; its keys are only warned about.
+    let old = format!(
+        "{}\ndistributed.node_host = \"10.0.0.2\"\ndistributed.data_port = 29510",
+        good.replace("tcp://", "ws://")
+    );
+    let config = load(&old).unwrap();
+    assert_eq!(config.multinode(), Some(node));
+    let warning = config.distributed.obsolete_keys_warning().unwrap();
+    assert!(
+        warning.contains("distributed.node_host and distributed.data_port are no longer used"),
+        "{warning}"
+    );
     for (change, key) in [
         ("distributed.node_rank = 2", "distributed.node_rank"),
         ("distributed.nodes = 0", "distributed.nodes"),
@@ -221,12 +195,14 @@ fn multinode_keys_are_validated_with_the_key_named() {
             "distributed.orchestrator",
         ),
         (
-            "distributed.orchestrator = \"ws://h:65535\"",
+            "distributed.orchestrator = \"tcp://h:0\"",
             "distributed.orchestrator",
         ),
-        ("distributed.data_port = 0", "distributed.data_port"),
-        ("distributed.data_port = 65535", "distributed.data_port"),
-        ("distributed.node_host = \"\"", "distributed.node_host"),
+        (
+            "distributed.orchestrator = \"http://h:1\"",
+            "distributed.orchestrator",
+        ),
+        ("distributed.data_port = 65536", "distributed.data_port"),
     ] {
         let (k, _) = change.split_once('=').unwrap();
         let lines: String = good
@@ -253,12 +229,12 @@ fn multinode_keys_left_in_train_name_their_distributed_key() {
     for (old, new) in [
         ("nodes = 2", "distributed.nodes"),
         ("node_rank = 1", "distributed.node_rank"),
-        ("node_host = \"10.0.0.2\"", "distributed.node_host"),
+        ("node_host = \"10.0.0.2\"", "distributed.orchestrator"),
         (
             "orchestrators = [\"ws://h:1\", \"ws://h:2\"]",
             "distributed.orchestrator",
         ),
-        ("data_ports = [5, 6]", "distributed.data_port"),
+        ("data_ports = [5, 6]", "distributed.orchestrator"),
     ] {
         let err = load(&format!("{TRAIN}\n{old}")).unwrap_err();
         let (key, _) = old.split_once(' ').unwrap();
@@ -275,11 +251,9 @@ fn a_missing_node_is_an_error_after_the_timeout_not_a_hang() {
     let _guard = serial();
     let tmp = tempfile::tempdir().unwrap();
     let data = write_data(tmp.path(), 24);
-    let [o, a] = free_port_pairs::<2>();
-    std::thread::spawn(move || hone_train::parallel::run_orchestrator(o));
-    std::thread::sleep(Duration::from_millis(300));
+    let o = start_orchestrator();
     // Node 0 of 2, node 1 never comes.
-    let lines = node_lines(0, o, a, 1).replace(
+    let lines = node_lines(0, o, 1).replace(
         "collective_timeout_secs = 120",
         "collective_timeout_secs = 2",
     );

@@ -85,8 +85,7 @@ pub enum Command {
 
 #[derive(Args, Debug)]
 pub struct TrainOrchestratorArgs {
-    /// Port to listen on (every interface); the next port is used too (burn 0.21 needs two
-    /// orchestrators, which this command runs both).
+    /// Port to listen on (every interface).
     #[arg(long)]
     pub port: u16,
 }

@@ -323,14 +323,12 @@ fn print_summary(summary: &RunSummary, out: Out) {
     }
 }
 
-/// `hone train-orchestrator`: the global orchestrator of multi-node training (on `--port` and
-/// the next port), until killed.
+/// `hone train-orchestrator`: the orchestrator of multi-node training (on `--port`), until
+/// killed.
 pub fn orchestrator(args: crate::args::TrainOrchestratorArgs) -> Result<()> {
     eprintln!(
-        "multi-node orchestrator on ports {} and {} (every interface): distributed.orchestrator = \"ws://THIS_HOST:{}\"",
-        args.port,
-        args.port.saturating_add(1),
-        args.port
+        "multi-node orchestrator on port {} (every interface): distributed.orchestrator = \"tcp://THIS_HOST:{}\"",
+        args.port, args.port
     );
     hone_train::parallel::run_orchestrator(args.port)
         .with_context(|| format!("orchestrator on port {}", args.port))
