@@ -22,6 +22,8 @@ use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use super::lock;
+
 const MAGIC: &[u8; 4] = b"HONE";
 const VERSION: u32 = 1;
 /// Request header: magic, version, step, rank, peers, length.
@@ -34,10 +36,6 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 const LIVENESS_INTERVAL: Duration = Duration::from_millis(100);
 /// Pause between attempts to reach an orchestrator that refuses connections.
 const CONNECT_RETRY: Duration = Duration::from_millis(100);
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// One step's rows as they arrive.
 struct Group {
@@ -97,6 +95,14 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
 }
 
+/// Little-endian `f32`s.
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
 /// One peer's request: read it, file its row, wait for the step's answer, send it.
 fn handle(relay: &Relay, mut stream: TcpStream) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
@@ -129,10 +135,7 @@ fn handle(relay: &Relay, mut stream: TcpStream) -> std::io::Result<()> {
     let len = len as usize;
     let mut bytes = vec![0u8; len * 4];
     stream.read_exact(&mut bytes)?;
-    let row: Vec<f32> = bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
+    let row = f32s(&bytes);
     drop(bytes);
 
     let answer = {
@@ -327,10 +330,7 @@ pub fn all_gather(
     let mut bytes = vec![0u8; 4 * peers * row.len()];
     stream.read_exact(&mut bytes).map_err(io)?;
     let _ = stream.shutdown(Shutdown::Both);
-    Ok(bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect())
+    Ok(f32s(&bytes))
 }
 
 #[cfg(test)]
@@ -344,6 +344,32 @@ mod tests {
         std::thread::spawn(move || serve(listener));
         address
     }
+
+    /// [`all_gather`] with nothing to do on connecting.
+    fn send(
+        address: &str,
+        step: usize,
+        rank: usize,
+        peers: usize,
+        row: &[f32],
+        timeout: Duration,
+    ) -> Result<Vec<f32>, String> {
+        all_gather(address, step, rank, peers, row, timeout, |_| {})
+    }
+
+    /// [`send`] on a thread of its own.
+    fn spawn_send(
+        address: &str,
+        step: usize,
+        rank: usize,
+        peers: usize,
+        row: Vec<f32>,
+    ) -> std::thread::JoinHandle<Result<Vec<f32>, String>> {
+        let address = address.to_string();
+        std::thread::spawn(move || send(&address, step, rank, peers, &row, LONG))
+    }
+
+    const LONG: Duration = Duration::from_secs(20);
 
     fn row(rank: usize, step: usize, len: usize) -> Vec<f32> {
         (0..len)
@@ -360,21 +386,7 @@ mod tests {
     ) -> Vec<Result<Vec<f32>, String>> {
         let handles: Vec<_> = (0..peers)
             .rev()
-            .map(|rank| {
-                let address = address.to_string();
-                std::thread::spawn(move || {
-                    let row = row(rank, step, len);
-                    all_gather(
-                        &address,
-                        step,
-                        rank,
-                        peers,
-                        &row,
-                        Duration::from_secs(20),
-                        |_| {},
-                    )
-                })
-            })
+            .map(|rank| spawn_send(address, step, rank, peers, row(rank, step, len)))
             .collect();
         let mut out: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
         out.reverse();
@@ -396,31 +408,9 @@ mod tests {
     #[test]
     fn peers_that_disagree_on_the_shape_all_get_an_error() {
         let address = orchestrator();
-        let other = {
-            let address = address.clone();
-            std::thread::spawn(move || {
-                all_gather(
-                    &address,
-                    0,
-                    0,
-                    2,
-                    &[1.0; 4],
-                    Duration::from_secs(20),
-                    |_| {},
-                )
-            })
-        };
+        let other = spawn_send(&address, 0, 0, 2, vec![1.0; 4]);
         std::thread::sleep(Duration::from_millis(200));
-        let err = all_gather(
-            &address,
-            0,
-            1,
-            2,
-            &[1.0; 3],
-            Duration::from_secs(20),
-            |_| {},
-        )
-        .unwrap_err();
+        let err = send(&address, 0, 1, 2, &[1.0; 3], LONG).unwrap_err();
         assert!(err.contains("disagree") && err.contains("step 1"), "{err}");
         let err = other.join().unwrap().unwrap_err();
         assert!(err.contains("disagree"), "{err}");
@@ -430,16 +420,7 @@ mod tests {
     fn a_peer_that_hangs_up_leaves_no_row_behind() {
         let address = orchestrator();
         // Rank 0 sends a stale row and gives up after its timeout.
-        let err = all_gather(
-            &address,
-            7,
-            0,
-            2,
-            &[9.0; 5],
-            Duration::from_millis(300),
-            |_| {},
-        )
-        .unwrap_err();
+        let err = send(&address, 7, 0, 2, &[9.0; 5], Duration::from_millis(300)).unwrap_err();
         assert!(err.contains("collective_timeout_secs"), "{err}");
         std::thread::sleep(3 * LIVENESS_INTERVAL);
         // A new run's step 7 gathers its own rows, not the stale one (nor "two peers of rank 0").
@@ -452,31 +433,9 @@ mod tests {
     #[test]
     fn a_duplicate_rank_is_named() {
         let address = orchestrator();
-        let first = {
-            let address = address.clone();
-            std::thread::spawn(move || {
-                all_gather(
-                    &address,
-                    0,
-                    1,
-                    2,
-                    &[1.0; 2],
-                    Duration::from_secs(20),
-                    |_| {},
-                )
-            })
-        };
+        let first = spawn_send(&address, 0, 1, 2, vec![1.0; 2]);
         std::thread::sleep(Duration::from_millis(200));
-        let err = all_gather(
-            &address,
-            0,
-            1,
-            2,
-            &[1.0; 2],
-            Duration::from_secs(20),
-            |_| {},
-        )
-        .unwrap_err();
+        let err = send(&address, 0, 1, 2, &[1.0; 2], LONG).unwrap_err();
         assert!(err.contains("global rank 1"), "{err}");
         assert!(first.join().unwrap().is_err());
     }
@@ -491,16 +450,7 @@ mod tests {
             .port();
         let address = format!("127.0.0.1:{port}");
         let started = Instant::now();
-        let err = all_gather(
-            &address,
-            0,
-            0,
-            2,
-            &[1.0],
-            Duration::from_millis(500),
-            |_| {},
-        )
-        .unwrap_err();
+        let err = send(&address, 0, 0, 2, &[1.0], Duration::from_millis(500)).unwrap_err();
         assert!(started.elapsed() < Duration::from_secs(10));
         assert!(
             err.contains(&address) && err.contains("train-orchestrator"),
