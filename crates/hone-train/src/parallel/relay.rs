@@ -393,15 +393,19 @@ mod tests {
         out
     }
 
+    /// [`gather`], asserting that every peer got every peer's row in rank order.
+    fn assert_gathered(address: &str, step: usize, peers: usize, len: usize) {
+        let expected: Vec<f32> = (0..peers).flat_map(|r| row(r, step, len)).collect();
+        for answer in gather(address, step, peers, len) {
+            assert_eq!(answer.unwrap(), expected);
+        }
+    }
+
     #[test]
     fn every_peer_gets_every_row_in_rank_order() {
         let address = orchestrator();
         for step in 0..3 {
-            let answers = gather(&address, step, 3, 5);
-            let expected: Vec<f32> = (0..3).flat_map(|r| row(r, step, 5)).collect();
-            for answer in answers {
-                assert_eq!(answer.unwrap(), expected);
-            }
+            assert_gathered(&address, step, 3, 5);
         }
     }
 
@@ -419,15 +423,21 @@ mod tests {
     #[test]
     fn a_peer_that_hangs_up_leaves_no_row_behind() {
         let address = orchestrator();
-        // Rank 0 sends a stale row and gives up after its timeout.
-        let err = send(&address, 7, 0, 2, &[9.0; 5], Duration::from_millis(300)).unwrap_err();
+        // Rank 1 of 3 waits in step 7 while rank 0 sends a stale row and gives up.
+        let waiting = spawn_send(&address, 7, 1, 3, row(1, 7, 5));
+        let err = send(&address, 7, 0, 3, &[9.0; 5], Duration::from_millis(300)).unwrap_err();
         assert!(err.contains("collective_timeout_secs"), "{err}");
-        std::thread::sleep(3 * LIVENESS_INTERVAL);
-        // A new run's step 7 gathers its own rows, not the stale one (nor "two peers of rank 0").
-        let expected: Vec<f32> = (0..2).flat_map(|r| row(r, 7, 5)).collect();
-        for answer in gather(&address, 7, 2, 5) {
-            assert_eq!(answer.unwrap(), expected);
+        // The orchestrator notices within LIVENESS_INTERVAL; the margin is for a loaded machine.
+        std::thread::sleep(20 * LIVENESS_INTERVAL);
+        // Rank 0 comes again, rank 2 comes: the step gathers the new row, not the stale one
+        // (nor "two peers with global rank 0").
+        let late = [0, 2].map(|r| spawn_send(&address, 7, r, 3, row(r, 7, 5)));
+        let expected: Vec<f32> = (0..3).flat_map(|r| row(r, 7, 5)).collect();
+        for answer in [waiting].into_iter().chain(late) {
+            assert_eq!(answer.join().unwrap().unwrap(), expected);
         }
+        // Once every peer has its answer the step is forgotten: a rerun's step 7 starts anew.
+        assert_gathered(&address, 7, 2, 5);
     }
 
     #[test]
