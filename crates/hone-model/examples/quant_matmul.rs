@@ -73,6 +73,18 @@ fn time<F: FnMut()>(mut f: F) -> f64 {
     best
 }
 
+/// One JSON line: the product of `m` input rows by a `[rows, cols]` weight of `weight_bytes`
+/// bytes took `secs`.
+fn line(kernel: &str, ty: GgmlType, [rows, cols, m]: [usize; 3], secs: f64, weight_bytes: usize) {
+    let flops = 2.0 * (m * rows * cols) as f64;
+    println!(
+        "{{\"kernel\":\"{kernel}\",\"type\":\"{ty}\",\"rows\":{rows},\"cols\":{cols},\"m\":{m},\"us\":{:.1},\"gflops\":{:.2},\"weight_gbps\":{:.2}}}",
+        secs * 1e6,
+        flops / secs / 1e9,
+        weight_bytes as f64 / secs / 1e9
+    );
+}
+
 fn main() {
     let device = Default::default();
     for (rows, cols) in [(1536, 576), (576, 1536), (49152, 576)] {
@@ -88,12 +100,12 @@ fn main() {
                 let y = xt.clone().matmul(wt.clone());
                 let _ = y.into_data();
             });
-            let flops = 2.0 * (m * rows * cols) as f64;
-            println!(
-                "{{\"kernel\":\"burn_f32\",\"type\":\"F32\",\"rows\":{rows},\"cols\":{cols},\"m\":{m},\"us\":{:.1},\"gflops\":{:.2},\"weight_gbps\":{:.2}}}",
-                secs * 1e6,
-                flops / secs / 1e9,
-                (rows * cols * 4) as f64 / secs / 1e9
+            line(
+                "burn_f32",
+                GgmlType::F32,
+                [rows, cols, m],
+                secs,
+                rows * cols * 4,
             );
             {
                 // The same product with the weight stored transposed ([in, out], row-major).
@@ -105,11 +117,12 @@ fn main() {
                     let y = xt.clone().matmul(wt_c.clone());
                     let _ = y.into_data();
                 });
-                println!(
-                    "{{\"kernel\":\"burn_f32_wt\",\"type\":\"F32\",\"rows\":{rows},\"cols\":{cols},\"m\":{m},\"us\":{:.1},\"gflops\":{:.2},\"weight_gbps\":{:.2}}}",
-                    secs * 1e6,
-                    flops / secs / 1e9,
-                    (rows * cols * 4) as f64 / secs / 1e9
+                line(
+                    "burn_f32_wt",
+                    GgmlType::F32,
+                    [rows, cols, m],
+                    secs,
+                    rows * cols * 4,
                 );
             }
             if m > 8 {
@@ -117,11 +130,12 @@ fn main() {
                 let secs = time(|| {
                     std::hint::black_box(matmul_dense_many(&wd, rows, cols, &x, m));
                 });
-                println!(
-                    "{{\"kernel\":\"dense_many\",\"type\":\"F32\",\"rows\":{rows},\"cols\":{cols},\"m\":{m},\"us\":{:.1},\"gflops\":{:.2},\"weight_gbps\":{:.2}}}",
-                    secs * 1e6,
-                    flops / secs / 1e9,
-                    (rows * cols * 4) as f64 / secs / 1e9
+                line(
+                    "dense_many",
+                    GgmlType::F32,
+                    [rows, cols, m],
+                    secs,
+                    rows * cols * 4,
                 );
             }
             if m <= 8 {
@@ -129,11 +143,12 @@ fn main() {
                 let secs = time(|| {
                     std::hint::black_box(matmul_dense_few(&wd, rows, cols, &x, m));
                 });
-                println!(
-                    "{{\"kernel\":\"dense_few\",\"type\":\"F32\",\"rows\":{rows},\"cols\":{cols},\"m\":{m},\"us\":{:.1},\"gflops\":{:.2},\"weight_gbps\":{:.2}}}",
-                    secs * 1e6,
-                    flops / secs / 1e9,
-                    (rows * cols * 4) as f64 / secs / 1e9
+                line(
+                    "dense_few",
+                    GgmlType::F32,
+                    [rows, cols, m],
+                    secs,
+                    rows * cols * 4,
                 );
             }
             for ty in GgmlType::ALL {
@@ -158,12 +173,7 @@ fn main() {
                     let secs = time(|| {
                         std::hint::black_box(matmul_quant_with(matrix, &x, m, activations));
                     });
-                    println!(
-                        "{{\"kernel\":\"{kernel}\",\"type\":\"{ty}\",\"rows\":{rows},\"cols\":{cols},\"m\":{m},\"us\":{:.1},\"gflops\":{:.2},\"weight_gbps\":{:.2}}}",
-                        secs * 1e6,
-                        flops / secs / 1e9,
-                        bytes.len() as f64 / secs / 1e9
-                    );
+                    line(kernel, ty, [rows, cols, m], secs, bytes.len());
                 }
                 // F16 and BF16 as a model holds them: in panels of sixteen rows.
                 if matches!(ty, GgmlType::F16 | GgmlType::BF16) {
@@ -171,12 +181,7 @@ fn main() {
                     let secs = time(|| {
                         std::hint::black_box(weight.matmul_nt(&x, m));
                     });
-                    println!(
-                        "{{\"kernel\":\"quant_panels\",\"type\":\"{ty}\",\"rows\":{rows},\"cols\":{cols},\"m\":{m},\"us\":{:.1},\"gflops\":{:.2},\"weight_gbps\":{:.2}}}",
-                        secs * 1e6,
-                        flops / secs / 1e9,
-                        bytes.len() as f64 / secs / 1e9
-                    );
+                    line("quant_panels", ty, [rows, cols, m], secs, bytes.len());
                 }
                 // The weight as a model holds it with 8-bit activations: Q4_0, Q4_1, Q4_K and Q5_K
                 // rows regrouped by eight (the other formats as above).
@@ -190,12 +195,7 @@ fn main() {
                     let secs = time(|| {
                         std::hint::black_box(weight.matmul_nt(&x, m));
                     });
-                    println!(
-                        "{{\"kernel\":\"quant_q8_regrouped\",\"type\":\"{ty}\",\"rows\":{rows},\"cols\":{cols},\"m\":{m},\"us\":{:.1},\"gflops\":{:.2},\"weight_gbps\":{:.2}}}",
-                        secs * 1e6,
-                        flops / secs / 1e9,
-                        bytes.len() as f64 / secs / 1e9
-                    );
+                    line("quant_q8_regrouped", ty, [rows, cols, m], secs, bytes.len());
                 }
             }
         }
