@@ -3,11 +3,16 @@
 # `llama-bench -p P -n N -t T` and `hone bench generate --model FILE --prompt-tokens P
 # --new-tokens N`, alternately, every line printed as it comes (llama-bench's as JSON too).
 #
-#   scripts/bench_generate_llamacpp.sh [-n ROUNDS] [-b HONE_BIN] [-l LLAMA_CPP_DIR] [-t TYPE] [-p P] [-g N] [-q]
+#   scripts/bench_generate_llamacpp.sh [-n ROUNDS] [-b HONE_BIN] [-l LLAMA_CPP_DIR] [-t TYPE] [-p P] [-g N] [-q] [-H]
 #
 # -q runs hone a second time per round with --q8-activations (decoding multiplies the quantized
 # weights by activations rounded to 8 bits, as llama.cpp always does), so each round prints hone
 # exact, hone q8 and llama.cpp.
+#
+# -H runs llama-bench a second time per round on transparent huge pages, as hone runs (hone asks
+# glibc for them at start-up: README, "Huge pages"): weights read into memory (`-lm none`, not
+# mapped from the file's 4 KiB page cache) and GLIBC_TUNABLES=glibc.malloc.hugetlb=1; its lines
+# say "huge_pages": true. llama.cpp's own default (the first line) maps the file.
 #
 # The model is SmolLM2-135M-Instruct (scripts/fetch-models.sh smollm2), rewritten as TYPE (f32,
 # f16, bf16, q8_0, q4_0 or q4_1 = the file as shipped) by llama.cpp's own `llama-quantize
@@ -38,7 +43,8 @@ prompt=128
 gen=128
 threads=$(nproc)
 q8=0
-while getopts "n:b:l:t:p:g:q" opt; do
+huge=0
+while getopts "n:b:l:t:p:g:qH" opt; do
     case $opt in
         n) rounds=$OPTARG ;;
         b) hone=$OPTARG ;;
@@ -47,7 +53,8 @@ while getopts "n:b:l:t:p:g:q" opt; do
         p) prompt=$OPTARG ;;
         g) gen=$OPTARG ;;
         q) q8=1 ;;
-        *) echo "usage: $0 [-n ROUNDS] [-b HONE_BIN] [-l LLAMA_CPP_DIR] [-t TYPE] [-p P] [-g N] [-q]" >&2; exit 2 ;;
+        H) huge=1 ;;
+        *) echo "usage: $0 [-n ROUNDS] [-b HONE_BIN] [-l LLAMA_CPP_DIR] [-t TYPE] [-p P] [-g N] [-q] [-H]" >&2; exit 2 ;;
     esac
 done
 
@@ -75,21 +82,31 @@ case $type in
     *) echo "unknown type $type (f32, f16, bf16, q8_0, q4_0, q4_1, q4_k_m, q5_k_m, q6_k)" >&2; exit 2 ;;
 esac
 
-for ((i = 1; i <= rounds; i++)); do
-    "$hone" bench generate --model "$model" --prompt-tokens "$prompt" --new-tokens "$gen" 2>/dev/null | tail -n 1
-    if ((q8)); then
-        "$hone" bench generate --model "$model" --prompt-tokens "$prompt" --new-tokens "$gen" \
-            --q8-activations 2>/dev/null | tail -n 1
-    fi
-    "$bench" -m "$model" -p "$prompt" -n "$gen" -t "$threads" -o jsonl 2>/dev/null \
-        | python3 -c '
-import json, sys
+# llama-bench's prefill and decode lines as JSON; $1: whether on huge pages, then extra flags.
+llama_bench() {
+    local huge_pages=$1
+    shift
+    "$bench" -m "$model" -p "$prompt" -n "$gen" -t "$threads" "$@" -o jsonl 2>/dev/null \
+        | HUGE_PAGES=$huge_pages python3 -c '
+import json, os, sys
 for line in sys.stdin:
     r = json.loads(line)
     kind = "prefill" if r["n_prompt"] else "decode"
     print(json.dumps({"bench": "generate", "impl": "llama.cpp " + str(r.get("build_commit")), "phase": kind,
                       "tokens": r["n_prompt"] or r["n_gen"], "tokens_per_sec": r["avg_ts"],
                       "threads": r["n_threads"], "model": r["model_type"],
-                      "cpu": r.get("cpu_info")}))
+                      "cpu": r.get("cpu_info"), "huge_pages": os.environ["HUGE_PAGES"] == "1"}))
 '
+}
+
+for ((i = 1; i <= rounds; i++)); do
+    "$hone" bench generate --model "$model" --prompt-tokens "$prompt" --new-tokens "$gen" 2>/dev/null | tail -n 1
+    if ((q8)); then
+        "$hone" bench generate --model "$model" --prompt-tokens "$prompt" --new-tokens "$gen" \
+            --q8-activations 2>/dev/null | tail -n 1
+    fi
+    llama_bench 0
+    if ((huge)); then
+        GLIBC_TUNABLES=glibc.malloc.hugetlb=1 llama_bench 1 -lm none
+    fi
 done

@@ -17,7 +17,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 use crate::error::{BenchError, Result};
-use crate::memory::{available_threads, cpu_model, isa, peak_rss_mb};
+use crate::memory::{available_threads, cpu_model, huge_pages_mb, isa, peak_rss_mb};
 use crate::shape::Shape;
 
 /// The model a benchmark runs.
@@ -196,6 +196,7 @@ impl BackendTask for GenerateTask {
             "threads": available_threads(),
             "cpu": cpu_model(),
             "isa": isa(),
+            "huge_pages_mb": huge_pages_mb(),
         }))
     }
 }

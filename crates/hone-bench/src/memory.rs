@@ -8,6 +8,17 @@ pub fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// This process's memory on transparent huge pages now, in MB (`AnonHugePages` of
+/// `/proc/self/smaps_rollup`), where the OS reports it: the benchmark lines report it as
+/// `huge_pages_mb`, since streaming weights from 2 MiB pages runs faster than from 4 KiB ones
+/// (`hone` asks glibc for them at start-up; see the README, "Huge pages").
+pub fn huge_pages_mb() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
+    let line = text.lines().find(|l| l.starts_with("AnonHugePages:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
 /// Resets the peak resident memory (VmHWM) to the current one (Linux: `clear_refs` 5), so that
 /// [`peak_rss_mb`] reports the peak of what follows; elsewhere it stays the peak so far.
 pub fn reset_peak_rss() {

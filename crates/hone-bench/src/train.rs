@@ -18,7 +18,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 use crate::error::{BenchError, Result};
-use crate::memory::{available_threads, cpu_model, isa, peak_rss_mb};
+use crate::memory::{available_threads, cpu_model, huge_pages_mb, isa, peak_rss_mb};
 use crate::shape::Shape;
 
 /// Settings of [`bench_train`].
@@ -149,6 +149,7 @@ impl BackendTask for TrainTask {
             "threads": available_threads(),
             "cpu": cpu_model(),
             "isa": isa(),
+            "huge_pages_mb": huge_pages_mb(),
         }))
     }
 }

@@ -284,3 +284,54 @@ fn bench_serve_reports_throughput_latency_and_zero_errors_across_adapters() {
         assert!(f("ttft_p50_s") <= f("latency_p50_s"), "{line}");
     }
 }
+
+/// The environment of the running process `pid` as `/proc/PID/environ` shows it: its entries,
+/// and glibc's tunables split at their `:`s (glibc parses `GLIBC_TUNABLES` in place, writing a
+/// NUL over each separator).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn environ_of(pid: u32) -> Vec<String> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    environ
+        .split(|&b| b == 0)
+        .map(|entry| String::from_utf8_lossy(entry).into_owned())
+        .collect()
+}
+
+/// hone starts again with glibc's huge-page tunable added to what the user set (the process
+/// keeps its pid: SIGTERM still stops it), and a setting of the user's own stands.
+#[test]
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn hone_runs_with_glibc_huge_pages_unless_the_user_set_them() {
+    let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled");
+    if mode.as_deref().map_or(true, |m| m.contains("[never]")) {
+        eprintln!("skipped: transparent huge pages are off here ({mode:?})");
+        return;
+    }
+    let user = "glibc.malloc.trim_threshold=4294967295";
+    let (mut guard, addr) = spawn_serve(&[], &[("GLIBC_TUNABLES", user)]);
+    assert_eq!(http(&addr, "GET", "/health", None, None).0, 200);
+    let environ = environ_of(guard.0.id());
+    let at = environ
+        .iter()
+        .position(|e| e == &format!("GLIBC_TUNABLES={user}"))
+        .unwrap_or_else(|| panic!("the user's tunable is gone: {environ:?}"));
+    assert_eq!(
+        environ.get(at + 1).map(String::as_str),
+        Some("glibc.malloc.hugetlb=1")
+    );
+    terminate(&mut guard, Duration::from_secs(20));
+
+    let (mut guard, addr) = spawn_serve(&[], &[("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")]);
+    assert_eq!(http(&addr, "GET", "/health", None, None).0, 200);
+    let environ = environ_of(guard.0.id());
+    assert!(
+        environ
+            .iter()
+            .any(|e| e == "GLIBC_TUNABLES=glibc.malloc.hugetlb=0")
+            && !environ
+                .iter()
+                .any(|e| e.ends_with("glibc.malloc.hugetlb=1")),
+        "{environ:?}"
+    );
+    terminate(&mut guard, Duration::from_secs(20));
+}
