@@ -10,10 +10,13 @@
 # p50/p99 latency, time to first token and inter-token latency.
 #
 #   scripts/bench_serve_llamacpp.sh -l LLAMA_CPP_DIR [-m MODEL.gguf] [-c 1,8,32] [-n REQUESTS]
-#                                   [-g MAX_TOKENS] [-p PROMPT_TOKENS] [-r ROUNDS] [-b HONE_BIN] [-q]
+#                                   [-g MAX_TOKENS] [-p PROMPT_TOKENS] [-r ROUNDS] [-b HONE_BIN] [-q] [-H]
 #
 # -q serves hone with --q8-activations (decoding steps multiply the quantized weights by
 # activations rounded to 8 bits, as llama.cpp does; its lines then say "server": "hone q8").
+# -H also runs llama-server on transparent huge pages, as hone runs (README, "Huge pages"): the
+# weights read into memory (-lm none) and GLIBC_TUNABLES=glibc.malloc.hugetlb=1; its lines say
+# "server": "llama.cpp huge pages".
 # -a passes more arguments to `hone serve` (e.g. -a "--prefill-chunk 64"); -o runs hone only.
 #
 # REQUESTS per concurrency (default: 4 × concurrency, at least 8). llama.cpp is built outside the
@@ -37,7 +40,8 @@ q8=()
 server=hone
 extra=()
 peer=1
-while getopts "l:m:c:n:g:p:r:b:qa:o" opt; do
+huge=0
+while getopts "l:m:c:n:g:p:r:b:qa:oH" opt; do
     case $opt in
         l) llama=$OPTARG ;;
         m) model=$OPTARG ;;
@@ -50,7 +54,8 @@ while getopts "l:m:c:n:g:p:r:b:qa:o" opt; do
         q) q8=(--q8-activations); server="hone q8" ;;
         a) read -ra extra <<<"$OPTARG" ;;
         o) peer=0 ;;
-        *) echo "usage: $0 -l LLAMA_CPP_DIR [-m MODEL] [-c 1,8,32] [-n REQUESTS] [-g MAX_TOKENS] [-p PROMPT_TOKENS] [-r ROUNDS] [-b HONE_BIN] [-q] [-a HONE_SERVE_ARGS] [-o]" >&2; exit 2 ;;
+        H) huge=1 ;;
+        *) echo "usage: $0 -l LLAMA_CPP_DIR [-m MODEL] [-c 1,8,32] [-n REQUESTS] [-g MAX_TOKENS] [-p PROMPT_TOKENS] [-r ROUNDS] [-b HONE_BIN] [-q] [-a HONE_SERVE_ARGS] [-o] [-H]" >&2; exit 2 ;;
     esac
 done
 [[ -x $hone ]] || { echo "$hone: not an executable (cargo build --release -p hone-cli)" >&2; exit 2; }
@@ -88,15 +93,24 @@ load() { # name round
     done
 }
 
+llama() { # name round [llama-server flags...]
+    local name=$1 round=$2
+    shift 2
+    # Context: every slot holds its prompt and its tokens.
+    "$server_bin" -m "$model" -np "$slots" -cb -t "$threads" -c $(( slots * (prompt + gen + 16) )) \
+        --port "$port" "$@" >"$log/$name.log" 2>&1 &
+    pid=$!
+    wait_ready "$name"
+    load "$name" "$round"
+    stop
+}
+
 for round in $(seq 1 "$rounds"); do
     if (( peer )); then
-        # Context: every slot holds its prompt and its tokens.
-        "$server_bin" -m "$model" -np "$slots" -cb -t "$threads" -c $(( slots * (prompt + gen + 16) )) \
-            --port "$port" >"$log/llama.cpp.log" 2>&1 &
-        pid=$!
-        wait_ready llama.cpp
-        load llama.cpp "$round"
-        stop
+        llama llama.cpp "$round"
+        if (( huge )); then
+            GLIBC_TUNABLES=glibc.malloc.hugetlb=1 llama "llama.cpp huge pages" "$round" -lm none
+        fi
     fi
     "$hone" serve --model "$model" --port "$port" --max-batch "$slots" "${q8[@]}" "${extra[@]}" \
         >"$log/hone.log" 2>&1 &

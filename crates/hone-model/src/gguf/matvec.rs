@@ -124,7 +124,11 @@ pub(super) mod x86 {
     /// 75-87 / 115 / 120-129, Q4_1 likewise 149-193 / 196-221 / 216. On a later Xeon (model 167,
     /// 480 MiB L3, 2 vCPUs), 4 KiB / 8 KiB ahead, three alternated pairs each: F32 34.8-37.2 /
     /// 39.4-40.7 tokens/s (llama.cpp 40.6-46.2 there), Q4_1 63.0-67.1 / 64.4-69.1; 16 KiB was
-    /// no faster than 8 and 32 KiB slower than 4.
+    /// no faster than 8 and 32 KiB slower than 4. The block and K formats with f32 activations
+    /// (`group`, `group_k`) fetched nothing ahead until later: on that Xeon their one-row
+    /// products ran at ~4 GB/s of weights, a third of their cache-resident rate; one line per
+    /// block fetched ahead, SmolLM2 exact decode Q4_1 53-56 -> 130-136 tokens/s, Q8_0 79-81 ->
+    /// 154-167, the Q6_K file 69 -> 118-142 (alternated runs).
     pub(in crate::gguf) const PREFETCH_AHEAD: usize = 8192;
 
     /// Fetches the `LINES` cache lines [`PREFETCH_AHEAD`] bytes past `p` (weights read once, in
@@ -390,6 +394,9 @@ pub(super) mod x86 {
                 let mut acc = [[_mm512_setzero_ps(); 2]; M];
                 let p = row.as_ptr();
                 for b in 0..nb {
+                    if M == 1 {
+                        prefetch_ahead::<1>(p.add(b * bb));
+                    }
                     let (w0, w1) = decode::<K>(p.add(b * bb));
                     for (i, acc) in acc.iter_mut().enumerate() {
                         let xp = x.add(i * cols + b * 32);
@@ -453,6 +460,11 @@ pub(super) mod x86 {
                 let mut acc = [[_mm512_setzero_ps(); 2]; M];
                 for b in 0..nb {
                     let p = row.as_ptr().add(b * bb);
+                    if M == 1 {
+                        for line in 0..bb.div_ceil(64) {
+                            prefetch_ahead::<1>(p.add(64 * line));
+                        }
+                    }
                     let (s, o) = k_scales::<K>(p);
                     for c in 0..16 {
                         let q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(k_chunk::<K>(p, c)));
@@ -598,6 +610,9 @@ pub(super) mod x86 {
                 let mut acc = [[_mm256_setzero_ps(); 2]; M];
                 let p = row.as_ptr();
                 for b in 0..nb {
+                    if M == 1 {
+                        super::prefetch_ahead::<1>(p.add(b * bb));
+                    }
                     let w = decode::<K>(p.add(b * bb));
                     for (i, acc) in acc.iter_mut().enumerate() {
                         let xp = x.add(i * cols + b * 32);
@@ -663,6 +678,11 @@ pub(super) mod x86 {
                 let mut acc = [[_mm256_setzero_ps(); 2]; M];
                 for b in 0..nb {
                     let p = row.as_ptr().add(b * bb);
+                    if M == 1 {
+                        for line in 0..bb.div_ceil(64) {
+                            super::prefetch_ahead::<1>(p.add(64 * line));
+                        }
+                    }
                     let (s, o) = k_scales::<K>(p);
                     for c in 0..16 {
                         let q = k_chunk::<K>(p, c);
