@@ -169,14 +169,15 @@ fn bench_generate_on_a_quantized_gguf_needs_far_less_memory_than_dequantizing() 
     );
     // Nor are the mapped file's pages kept beside the copies made of them (358 MB before):
     // the weights once, the f32 embedding table (vocab × hidden, for the training loss) and
-    // under 90 MB for everything else.
+    // under 100 MB for everything else (81 MB on 4 KiB pages; 87 with glibc's heaps on huge
+    // pages, as hone runs, where memory comes in 2 MiB pieces).
     let mib = |bytes: f64| bytes / (1024.0 * 1024.0);
     let file = mib(std::fs::metadata(&gguf).unwrap().len() as f64);
     let table = mib(49152.0 * 576.0 * 4.0);
     assert!(
-        q < file + table + 90.0,
+        q < file + table + 100.0,
         "peak RSS quantized {q} MB: more than the {file:.0} MB file, the {table:.0} MB f32 \
-         embedding table and 90 MB"
+         embedding table and 100 MB"
     );
 }
 
