@@ -2,10 +2,7 @@
 
 /// Peak resident memory of this process in MB (VmHWM), where the OS reports it.
 pub fn peak_rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
+    kb_field("/proc/self/status", "VmHWM:").map(|kb| kb / 1024.0)
 }
 
 /// This process's memory on transparent huge pages now, in MB (`AnonHugePages` of
@@ -13,10 +10,14 @@ pub fn peak_rss_mb() -> Option<f64> {
 /// `huge_pages_mb`, since streaming weights from 2 MiB pages runs faster than from 4 KiB ones
 /// (`hone` asks glibc for them at start-up; see the README, "Huge pages").
 pub fn huge_pages_mb() -> Option<f64> {
-    let text = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
-    let line = text.lines().find(|l| l.starts_with("AnonHugePages:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
+    kb_field("/proc/self/smaps_rollup", "AnonHugePages:").map(|kb| kb / 1024.0)
+}
+
+/// The value of the `key` line (`key   123 kB`) of a `/proc` file, in kB.
+fn kb_field(path: &str, key: &str) -> Option<f64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Resets the peak resident memory (VmHWM) to the current one (Linux: `clear_refs` 5), so that
