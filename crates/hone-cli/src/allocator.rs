@@ -51,6 +51,41 @@ pub fn use_huge_pages() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn use_huge_pages() {}
 
+/// Makes malloc start on a cleared stack, before `main`, so that `glibc.malloc.hugetlb=1` takes
+/// effect every time.
+///
+/// glibc 2.36 as Debian 12 ships it decides whether the tunable applies by reading the kernel's
+/// THP mode into a 24-byte stack buffer that it does not terminate and comparing that with
+/// `strcmp` (`__malloc_thp_mode`; later glibc writes the terminating zero): the comparison
+/// succeeds only when the byte after the 23 it read happens to be zero. Whatever the start-up
+/// code left there decides, so one build of hone ran on huge pages in every run and another
+/// (the AVX2 build, 8% slower without them) in one run of four and in none without address
+/// randomisation. glibc reads the mode once, in the first `malloc`; this runs from the
+/// executable's `.init_array`, before the Rust runtime's first allocation, clears the stack
+/// below its frame and then calls `malloc`, so that the byte is zero. Where the first
+/// allocation has already happened, or the glibc is a fixed one, it changes nothing.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[used]
+#[link_section = ".init_array"]
+static START_MALLOC_ON_A_CLEARED_STACK: extern "C" fn() = start_malloc_on_a_cleared_stack;
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+extern "C" fn start_malloc_on_a_cleared_stack() {
+    clear_stack();
+    // SAFETY: one byte allocated and freed at once, before any thread exists. `black_box`
+    // keeps the compiler from removing the pair (it knows what malloc and free do).
+    unsafe { libc::free(std::hint::black_box(libc::malloc(1))) };
+}
+
+/// Writes zeros over 16 KiB of stack below the caller's frame (far more than `malloc`'s first
+/// call and its initialisation use).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[inline(never)]
+fn clear_stack() {
+    let mut bytes = [0u8; 16 * 1024];
+    std::hint::black_box(&mut bytes);
+}
+
 /// `GLIBC_TUNABLES` with `glibc.malloc.hugetlb=1` added, or `None` where `current` already
 /// sets that tunable (to any value: the user's choice stands).
 pub fn with_huge_pages(current: Option<&str>) -> Option<String> {

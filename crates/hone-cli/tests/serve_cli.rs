@@ -297,8 +297,33 @@ fn environ_of(pid: u32) -> Vec<String> {
         .collect()
 }
 
+/// How many of the process's mappings are advised for huge pages (`hg` in `/proc/PID/smaps`);
+/// in hone only glibc's malloc asks for that, and only when its tunable took effect.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn mappings_on_huge_pages(pid: u32) -> usize {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    smaps
+        .lines()
+        .filter(|l| l.starts_with("VmFlags:") && l.split_whitespace().any(|f| f == "hg"))
+        .count()
+}
+
+/// Whether this glibc acts on `glibc.malloc.hugetlb=1` here: glibc 2.35 or later, and the
+/// kernel's THP mode `madvise` (under `always` glibc has nothing to advise).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn glibc_advises_huge_pages(mode: &str) -> bool {
+    // SAFETY: gnu_get_libc_version returns a static NUL-terminated string.
+    let version = unsafe { std::ffi::CStr::from_ptr(libc::gnu_get_libc_version()) };
+    let mut parts = version.to_str().unwrap_or("").split('.');
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (major, minor) >= (2, 35) && mode.contains("[madvise]")
+}
+
 /// hone starts again with glibc's huge-page tunable added to what the user set (the process
-/// keeps its pid: SIGTERM still stops it), and a setting of the user's own stands.
+/// keeps its pid: SIGTERM still stops it), the tunable takes effect (malloc's memory is advised
+/// for huge pages: on Debian 12's glibc that depends on a stack byte, see
+/// `allocator::start_malloc_on_a_cleared_stack`), and a setting of the user's own stands.
 #[test]
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn hone_runs_with_glibc_huge_pages_unless_the_user_set_them() {
@@ -319,6 +344,13 @@ fn hone_runs_with_glibc_huge_pages_unless_the_user_set_them() {
         environ.get(at + 1).map(String::as_str),
         Some("glibc.malloc.hugetlb=1")
     );
+    let advised = glibc_advises_huge_pages(mode.as_deref().unwrap_or(""));
+    if advised {
+        assert!(
+            mappings_on_huge_pages(guard.0.id()) > 0,
+            "glibc.malloc.hugetlb=1 is set but no mapping is advised for huge pages"
+        );
+    }
     terminate(&mut guard, Duration::from_secs(20));
 
     let (mut guard, addr) = spawn_serve(&[], &[("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")]);
@@ -333,5 +365,8 @@ fn hone_runs_with_glibc_huge_pages_unless_the_user_set_them() {
                 .any(|e| e.ends_with("glibc.malloc.hugetlb=1")),
         "{environ:?}"
     );
+    if advised {
+        assert_eq!(mappings_on_huge_pages(guard.0.id()), 0);
+    }
     terminate(&mut guard, Duration::from_secs(20));
 }
