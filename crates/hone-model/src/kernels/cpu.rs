@@ -1398,9 +1398,12 @@ pub fn linear_nt_gemm(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec
 }
 
 /// `dx [m, k] = g [m, n] · w` for a row-major `w` `[n, k]` (the input gradient of
-/// [`linear_nt`]), on every thread.
+/// [`linear_nt`]), on every thread: hone's AVX2 tile on the AVX2 path, gemm elsewhere.
 pub fn linear_nn(g: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
     assert!(g.len() >= m * n && w.len() >= n * k, "linear_nn: shapes");
+    if super::fma::available() {
+        return super::fma::linear_nn(g, w, m, n, k);
+    }
     matmul_par(m, k, n, g, w)
 }
 
