@@ -640,6 +640,19 @@ unsafe fn block_product(
     (rhs, rhs_rs, rhs_cs): (*const f32, usize, usize),
     beta: f32,
 ) {
+    // On the AVX2 path, hone's tile reading both sides in place (attention 2-5% faster in a
+    // smol training step than through gemm, which packs both every call).
+    #[cfg(target_arch = "x86_64")]
+    if super::fma::available() {
+        // dstᵀ [n, m] (row stride dst_cs) = rhsᵀ · lhsᵀ, lhsᵀ's rows being lhs's columns.
+        let a = super::fma::InPlace {
+            ptr: rhs,
+            rs: rhs_cs,
+            ds: rhs_rs,
+        };
+        super::fma::product_in_place((n, m, k), a, (lhs, lhs_cs), (dst, dst_cs), beta, accumulate);
+        return;
+    }
     matmul(
         m, n, k, dst, 1, dst_cs, accumulate, lhs, 1, lhs_cs, rhs, rhs_rs, rhs_cs, beta,
     )
