@@ -224,7 +224,6 @@ pub struct InPlace {
 /// The CPU has AVX2 and FMA; every `a(i, d)`, `b[d·ldb + j]` and `c[i·ldc + j]` named above is
 /// valid, and `c`'s are not read or written elsewhere during the call.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
 pub unsafe fn product_in_place(
     (m, n, depth): (usize, usize, usize),
     a: InPlace,
