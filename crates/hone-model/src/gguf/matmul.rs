@@ -610,50 +610,78 @@ pub(crate) fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f
         src.len() >= rows * cols && dst.len() >= rows * cols,
         "transpose_into: buffers smaller than {rows} × {cols}"
     );
-    let (full_r, full_c) = (rows / 8 * 8, cols / 8 * 8);
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx") {
-        // SAFETY: the CPU has AVX; the blocks lie inside the buffers checked above.
-        unsafe { transpose_blocks_avx(src, rows, cols, full_r, full_c, dst) };
-        transpose_scalar(src, rows, cols, full_r, full_c, dst);
-        return;
-    }
-    transpose_scalar(src, rows, cols, 0, 0, dst);
+    // SAFETY: dst holds cols rows of `rows` values, checked above.
+    unsafe { transpose_to(src, rows, cols, dst.as_mut_ptr(), rows) };
 }
 
-/// The elements of `dst = srcᵀ` outside the top-left `done_r × done_c` block of `src`.
-fn transpose_scalar(
+/// [`transpose_into`] with the rows of `dst` `stride` values apart: `src`'s value `(r, c)` goes
+/// to `dst + c · stride + r` (so a band of `src`'s rows lands in its columns of a larger
+/// transpose, written in place).
+///
+/// # Safety
+/// `src` holds `rows × cols` values, `stride >= rows`, `dst + c · stride + r` is valid for
+/// writes for every `r < rows`, `c < cols`, and nothing else accesses those values meanwhile.
+pub(crate) unsafe fn transpose_to(
     src: &[f32],
     rows: usize,
     cols: usize,
-    done_r: usize,
-    done_c: usize,
-    dst: &mut [f32],
+    dst: *mut f32,
+    stride: usize,
+) {
+    assert!(
+        src.len() >= rows * cols && stride >= rows,
+        "transpose_to: source smaller than {rows} × {cols} or stride below {rows}"
+    );
+    let (full_r, full_c) = (rows / 8 * 8, cols / 8 * 8);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") {
+        // SAFETY: the CPU has AVX; the blocks lie inside the buffers (the caller's contract).
+        unsafe { transpose_blocks_avx(src, (rows, cols), (full_r, full_c), dst, stride) };
+        // SAFETY: as above.
+        unsafe { transpose_scalar(src, (rows, cols), (full_r, full_c), dst, stride) };
+        return;
+    }
+    // SAFETY: as above.
+    unsafe { transpose_scalar(src, (rows, cols), (0, 0), dst, stride) };
+}
+
+/// The elements of `dst = srcᵀ` (rows `stride` apart) outside the top-left `done_r × done_c`
+/// block of `src`.
+///
+/// # Safety
+/// As [`transpose_to`].
+unsafe fn transpose_scalar(
+    src: &[f32],
+    (rows, cols): (usize, usize),
+    (done_r, done_c): (usize, usize),
+    dst: *mut f32,
+    stride: usize,
 ) {
     for r in 0..rows {
         let from = if r < done_r { done_c } else { 0 };
         for c in from..cols {
-            dst[c * rows + r] = src[r * cols + c];
+            // SAFETY: inside dst by the caller's contract.
+            unsafe { *dst.add(c * stride + r) = src[r * cols + c] };
         }
     }
 }
 
-/// `dst = srcᵀ` on the top-left `full_r × full_c` block (multiples of 8), 8 × 8 at a time.
+/// `dst = srcᵀ` (rows `stride` apart) on the top-left `full_r × full_c` block (multiples of
+/// 8), 8 × 8 at a time.
 ///
 /// # Safety
-/// The CPU has AVX; `src` holds `rows × cols` values and `dst` `cols × rows`.
+/// The CPU has AVX; otherwise as [`transpose_to`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx")]
 unsafe fn transpose_blocks_avx(
     src: &[f32],
-    rows: usize,
-    cols: usize,
-    full_r: usize,
-    full_c: usize,
-    dst: &mut [f32],
+    (_, cols): (usize, usize),
+    (full_r, full_c): (usize, usize),
+    d: *mut f32,
+    stride: usize,
 ) {
     use std::arch::x86_64::*;
-    let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+    let s = src.as_ptr();
     for r0 in (0..full_r).step_by(8) {
         for c0 in (0..full_c).step_by(8) {
             // As in `transpose_half_blocks` (16 values a line; +1.7% F32 prefill, AVX2).
@@ -667,7 +695,7 @@ unsafe fn transpose_blocks_avx(
             for (i, a) in a.iter_mut().enumerate() {
                 *a = _mm256_loadu_ps(s.add((r0 + i) * cols + c0));
             }
-            store_transposed8(a, d, rows, r0, c0);
+            store_transposed8(a, d, stride, r0, c0);
         }
     }
 }
@@ -726,7 +754,39 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::transpose_into;
+    use super::{transpose_into, transpose_to};
+
+    #[test]
+    fn transposes_bands_into_the_columns_of_a_strided_destination() {
+        // Bands of 16 rows (the last partial) of a 37 × 21 source, each written at its column
+        // offset of a destination whose rows are 40 apart: the whole transpose, gaps untouched.
+        let (rows, cols, stride) = (37, 21, 40);
+        let src: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+        let mut dst = vec![f32::NAN; cols * stride];
+        for r0 in (0..rows).step_by(16) {
+            let n = 16.min(rows - r0);
+            // SAFETY: every (r, c) of the band lands at c * stride + r0 + r < cols * stride.
+            unsafe {
+                transpose_to(
+                    &src[r0 * cols..(r0 + n) * cols],
+                    n,
+                    cols,
+                    dst.as_mut_ptr().add(r0),
+                    stride,
+                )
+            };
+        }
+        for c in 0..cols {
+            for r in 0..stride {
+                let got = dst[c * stride + r];
+                if r < rows {
+                    assert_eq!(got, src[r * cols + c], "at {r},{c}");
+                } else {
+                    assert!(got.is_nan(), "gap {r},{c} written");
+                }
+            }
+        }
+    }
 
     #[test]
     fn transposes_every_shape_including_partial_blocks() {
