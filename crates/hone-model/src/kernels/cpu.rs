@@ -375,7 +375,10 @@ pub(crate) unsafe fn matmul(
 /// reciprocal root of each row.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let h = w.len();
-    assert!(h > 0 && x.len() % h == 0, "rms_norm: rows of {h} expected");
+    assert!(
+        h > 0 && x.len().is_multiple_of(h),
+        "rms_norm: rows of {h} expected"
+    );
     let rows = x.len() / h;
     let mut y = Vec::with_capacity(x.len());
     let mut rstd = vec![0f32; rows];
@@ -409,7 +412,7 @@ pub fn rms_norm_backward(
 ) -> (Vec<f32>, Option<Vec<f32>>) {
     let h = w.len();
     assert!(
-        h > 0 && x.len() % h == 0 && g.len() == x.len() && rstd.len() == x.len() / h,
+        h > 0 && x.len().is_multiple_of(h) && g.len() == x.len() && rstd.len() == x.len() / h,
         "rms_norm_backward: shapes"
     );
     let mut dx = Vec::with_capacity(x.len());
