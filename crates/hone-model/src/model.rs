@@ -145,8 +145,45 @@ impl<B: KernelBackend> Linear<B> {
         let dims = x.dims();
         let rows = dims[..D - 1].iter().product::<usize>();
         let x2d = x.reshape([rows, dims[D - 1]]);
+        if let Some(y) = self.fused_with_adapter(x2d.clone(), select, kernels) {
+            let y = match &self.bias {
+                Some(b) => y + b.val().unsqueeze_dim(0),
+                None => y,
+            };
+            let mut out = dims;
+            out[D - 1] = self.shape()[0];
+            return y.reshape(out);
+        }
         let y = self.base(x2d.clone());
         self.finish(y, x2d, select, kernels, dims)
+    }
+
+    /// `x Wᵀ` plus the adapter `select` picks as one fused product
+    /// ([`KernelBackend::lora_linear`]: no separate delta to add, forwards or backwards), when
+    /// the weight is dense, one adapter applies to every row, it has no dropout in effect and
+    /// computes in `x`'s dtype with fused kernels; `None` otherwise (the bias is not added).
+    fn fused_with_adapter(
+        &self,
+        x2d: Tensor<B, 2>,
+        select: &Selection<B>,
+        kernels: Kernels,
+    ) -> Option<Tensor<B, 2>> {
+        let (BaseWeight::Dense(w), Selection::Slot(slot)) = (&self.weight, select) else {
+            return None;
+        };
+        let lora = self.slot(*slot)?;
+        let a = lora.lora_a.val();
+        let dropping = lora.dropout > 0.0 && B::ad_enabled(&x2d.device());
+        if dropping || a.dtype() != x2d.dtype() || !kernels.fused::<B>(a.dtype()) {
+            return None;
+        }
+        Some(B::lora_linear(
+            x2d,
+            w.val(),
+            a,
+            lora.lora_b.val(),
+            lora.scale,
+        ))
     }
 
     /// [`Linear::forward`] of one input through several projections of the same input width

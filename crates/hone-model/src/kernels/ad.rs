@@ -442,3 +442,105 @@ pub(crate) fn lora_delta<C: CheckpointStrategy>(
         OpsKind::UnTracked(prep) => prep.finish(y),
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct LoraLinearOp;
+
+#[derive(Debug, Clone)]
+struct LoraLinearState {
+    x: FlexTensor,
+    /// The frozen weight `[out, in]` (shared, not copied).
+    w: FlexTensor,
+    a: FlexTensor,
+    b: FlexTensor,
+    /// `x Aᵀ`.
+    h: Arc<Vec<f32>>,
+    scale: f32,
+}
+
+impl Backward<Flex, 3> for LoraLinearOp {
+    type State = LoraLinearState;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [px, pa, pb] = ops.parents;
+        let g = contiguous(&grads.consume::<Flex>(&ops.node));
+        let s = ops.state;
+        let (rows, d) = lora_dims(&s.x, &s.a, &s.b);
+        let (dx, da, db) = cpu::lora_linear_backward(
+            values(&g),
+            values(&s.x),
+            values(&s.w),
+            (values(&s.a), values(&s.b), &s.h),
+            rows,
+            d,
+            s.scale,
+            (px.is_some(), pa.is_some(), pb.is_some()),
+        );
+        if let (Some(node), Some(dx)) = (px, dx) {
+            grads.register::<Flex>(node.id, flex(dx, &[rows, d.0]));
+        }
+        if let (Some(node), Some(da)) = (pa, da) {
+            grads.register::<Flex>(node.id, flex(da, &[d.1, d.0]));
+        }
+        if let (Some(node), Some(db)) = (pb, db) {
+            grads.register::<Flex>(node.id, flex(db, &[d.2, d.1]));
+        }
+    }
+}
+
+/// `x Wᵀ + scale · (x Aᵀ) Bᵀ` for a frozen dense `w` `[out, in]` and an adapter `a` `[r, in]`,
+/// `b` `[out, r]` as one node ([`cpu::lora_linear`]): gradients for `x`, `a` and `b`.
+pub(crate) fn lora_linear<C: CheckpointStrategy>(
+    x: AdTensor,
+    w: FlexTensor,
+    a: AdTensor,
+    b: AdTensor,
+    scale: f32,
+) -> AdTensor {
+    let (xf, af, bf) = (
+        contiguous(&x.primitive),
+        contiguous(&a.primitive),
+        contiguous(&b.primitive),
+    );
+    let w = contiguous(&w);
+    let (rows, d) = lora_dims(&xf, &af, &bf);
+    assert!(
+        dims(&w) == [d.2, d.0],
+        "lora_linear: weight {:?}, adapter [{}, {}] · [{}, {}]",
+        dims(&w),
+        d.2,
+        d.1,
+        d.1,
+        d.0
+    );
+    let (y, h) = cpu::lora_linear(
+        values(&xf),
+        values(&w),
+        values(&af),
+        values(&bf),
+        rows,
+        d,
+        scale,
+    );
+    let y = flex(y, &[rows, d.2]);
+    match LoraLinearOp
+        .prepare::<C>([x.node.clone(), a.node.clone(), b.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(
+            LoraLinearState {
+                x: xf,
+                w,
+                a: af,
+                b: bf,
+                h: Arc::new(h),
+                scale,
+            },
+            y,
+        ),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    }
+}

@@ -1458,13 +1458,29 @@ fn matmul_rows(
     rhs_cs: usize,
     beta: f32,
 ) -> Vec<f32> {
-    assert!(
-        lhs.len() >= m * k && rhs.len() >= (k.max(1) - 1) * rhs_rs + (n.max(1) - 1) * rhs_cs + 1
-    );
     let mut dst = zeroed(m * n);
+    matmul_rows_into(&mut dst, false, (m, n, k), lhs, (rhs, rhs_rs, rhs_cs), beta);
+    dst
+}
+
+/// [`matmul_rows`] into `dst` `[m, n]`, added to what it holds with `accumulate`.
+fn matmul_rows_into(
+    dst: &mut [f32],
+    accumulate: bool,
+    (m, n, k): (usize, usize, usize),
+    lhs: &[f32],
+    (rhs, rhs_rs, rhs_cs): (&[f32], usize, usize),
+    beta: f32,
+) {
+    assert!(
+        dst.len() >= m * n
+            && lhs.len() >= m * k
+            && rhs.len() > (k.max(1) - 1) * rhs_rs + (n.max(1) - 1) * rhs_cs
+    );
     let threads = lora_threads(m);
     let per = m.div_ceil(threads).max(1);
-    dst.par_chunks_mut(per * n.max(1))
+    dst[..m * n]
+        .par_chunks_mut(per * n.max(1))
         .zip(lhs.par_chunks(per * k.max(1)))
         .for_each(|(d, l)| {
             let rows = d.len() / n.max(1);
@@ -1478,7 +1494,7 @@ fn matmul_rows(
                     d.as_mut_ptr(),
                     n,
                     1,
-                    false,
+                    accumulate,
                     l.as_ptr(),
                     k,
                     1,
@@ -1489,7 +1505,6 @@ fn matmul_rows(
                 )
             }
         });
-    dst
 }
 
 /// `dst [m, n] = beta · aᵀ · b` for row-major `a [rows, m]`, `b [rows, n]` (a sum over the
@@ -1689,6 +1704,66 @@ pub fn lora_delta_backward(
     (dx, da, db)
 }
 
+/// A frozen projection with its adapter in one pass: `y = x Wᵀ + scale · (x Aᵀ) Bᵀ` for `x`
+/// `[rows, in]`, `w` `[out, in]`, `a` `[r, in]`, `b` `[out, r]`; the adapter's product is added
+/// into the base product's buffer by gemm (no separate delta buffer and no tensor addition
+/// after it). Returns `y` and `h = x Aᵀ` (what the backward pass needs).
+pub fn lora_linear(
+    x: &[f32],
+    w: &[f32],
+    a: &[f32],
+    b: &[f32],
+    rows: usize,
+    dims: (usize, usize, usize),
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>) {
+    let (inp, r, out) = dims;
+    assert!(
+        w.len() >= out * inp,
+        "lora_linear: weight smaller than [{out}, {inp}]"
+    );
+    let mut y = linear_nt(x, w, rows, out, inp);
+    let at = transpose(a, r, inp);
+    let bt = transpose(b, out, r);
+    let h = matmul_rows(rows, r, inp, x, &at, r, 1, 1.0);
+    matmul_rows_into(&mut y, true, (rows, out, r), &h, (&bt, out, 1), scale);
+    (y, h)
+}
+
+/// Gradients of [`lora_linear`] for the output gradient `g [rows, out]`: `(dx, da, db)`, each
+/// computed when asked for; `dx = g W + scale · (g B) A`, the adapter's part added into the base
+/// part's buffer.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_linear_backward(
+    g: &[f32],
+    x: &[f32],
+    w: &[f32],
+    (a, b, h): (&[f32], &[f32], &[f32]),
+    rows: usize,
+    dims: (usize, usize, usize),
+    scale: f32,
+    want: (bool, bool, bool),
+) -> (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>) {
+    let (inp, r, out) = dims;
+    let (want_dx, want_da, want_db) = want;
+    // dh = s · g B  [rows, r]
+    let dh = (want_dx || want_da).then(|| matmul_rows(rows, r, out, g, b, r, 1, scale));
+    let db = want_db.then(|| matmul_tn(rows, out, r, g, h, scale));
+    let da = match (&dh, want_da) {
+        (Some(dh), true) => Some(transpose(&matmul_tn(rows, inp, r, x, dh, 1.0), inp, r)),
+        _ => None,
+    };
+    let dx = match (&dh, want_dx) {
+        (Some(dh), true) => {
+            let mut dx = linear_nn(g, w, rows, out, inp);
+            matmul_rows_into(&mut dx, true, (rows, inp, r), dh, (a, inp, 1), 1.0);
+            Some(dx)
+        }
+        _ => None,
+    };
+    (dx, da, db)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1843,6 +1918,37 @@ mod tests {
         let (dx, da, db) = backward((false, false, true));
         assert!(dx.is_none() && da.is_none());
         close("dB alone", &db.unwrap(), &db_ref);
+
+        // With the frozen weight in the same pass: y = x Wᵀ + delta, dx = g W + the adapter's.
+        let w: Vec<f32> = (0..out * inp).map(|_| next()).collect();
+        let base: Vec<f64> = (0..rows * out)
+            .map(|i| {
+                (0..inp)
+                    .map(|k| x[i / out * inp + k] as f64 * w[i % out * inp + k] as f64)
+                    .sum()
+            })
+            .collect();
+        let dx_base: Vec<f64> = (0..rows * inp)
+            .map(|i| {
+                (0..out)
+                    .map(|o| g[i / inp * out + o] as f64 * w[o * inp + i % inp] as f64)
+                    .sum()
+            })
+            .collect();
+        let sum =
+            |p: &[f64], q: &[f64]| -> Vec<f64> { p.iter().zip(q).map(|(a, b)| a + b).collect() };
+        let (y, h) = lora_linear(&x, &w, &a, &b, rows, (inp, r, out), scale);
+        close("h (fused)", &h, &h_ref);
+        close("y (fused)", &y, &sum(&base, &y_ref));
+        let backward =
+            |want| lora_linear_backward(&g, &x, &w, (&a, &b, &h), rows, (inp, r, out), scale, want);
+        let (dx, da, db) = backward((true, true, true));
+        close("dx (fused)", &dx.unwrap(), &sum(&dx_base, &dx_ref));
+        close("dA (fused)", &da.unwrap(), &da_ref);
+        close("dB (fused)", &db.unwrap(), &db_ref);
+        let (dx, da, db) = backward((false, true, false));
+        assert!(dx.is_none() && db.is_none());
+        close("dA alone (fused)", &da.unwrap(), &da_ref);
     }
 
     /// The blocked cross-entropy through the output projection equals the definition (f64) when

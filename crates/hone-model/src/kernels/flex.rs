@@ -310,6 +310,37 @@ impl KernelBackend for Flex {
         tensor(ad::dense_linear::<C>(prim(x), w))
     }
 
+    fn ad_lora_linear<C: CheckpointStrategy>(
+        x: AdTensorOf<Self, C, 2>,
+        w: AdTensorOf<Self, C, 2>,
+        a: AdTensorOf<Self, C, 2>,
+        b: AdTensorOf<Self, C, 2>,
+        scale: f64,
+    ) -> AdTensorOf<Self, C, 2> {
+        // One node: the adapter's product added into the base product's buffer, and its input
+        // gradient into the base's (`cpu::lora_linear`), where two nodes had burn add a delta
+        // to the output and, backwards, the two input gradients, single-threaded. The same
+        // cases as `ad_dense_linear` take the two-node form.
+        if !f32s(x.dtype())
+            || !f32s(w.dtype())
+            || !f32s(a.dtype())
+            || !f32s(b.dtype())
+            || w.is_require_grad()
+            || x.dims()[0] <= super::DENSE_FEW_ROWS
+        {
+            return Self::ad_dense_linear::<C>(x.clone(), w)
+                + Self::ad_lora_delta::<C>(x, a, b, scale);
+        }
+        let w = prim(w).primitive;
+        tensor(ad::lora_linear::<C>(
+            prim(x),
+            w,
+            prim(a),
+            prim(b),
+            scale as f32,
+        ))
+    }
+
     fn ad_lora_delta<C: CheckpointStrategy>(
         x: AdTensorOf<Self, C, 2>,
         a: AdTensorOf<Self, C, 2>,

@@ -293,6 +293,20 @@ pub trait KernelBackend: Backend {
         composed::lora_delta(x, a, b, scale)
     }
 
+    /// A dense frozen projection with an adapter, `x Wᵀ + scale · (x Aᵀ) Bᵀ`, for `x` `[rows, in]`,
+    /// `w` `[out, in]`, `a` `[r, in]`, `b` `[out, r]` (gradients for `x`, `a` and `b` under
+    /// autodiff). The default is [`KernelBackend::dense_linear`] plus
+    /// [`KernelBackend::lora_delta`]; a backend may run both in one pass.
+    fn lora_linear(
+        x: Tensor<Self, 2>,
+        w: Tensor<Self, 2>,
+        a: Tensor<Self, 2>,
+        b: Tensor<Self, 2>,
+        scale: f64,
+    ) -> Tensor<Self, 2> {
+        Self::dense_linear(x.clone(), w) + Self::lora_delta(x, a, b, scale)
+    }
+
     /// [`KernelBackend::fuses`] of `Autodiff<Self, _>`.
     fn ad_fuses(dtype: DType) -> bool {
         let _ = dtype;
@@ -329,6 +343,17 @@ pub trait KernelBackend: Backend {
         scale: f64,
     ) -> AdTensorOf<Self, C, 2> {
         composed::lora_delta(x, a, b, scale)
+    }
+
+    /// [`KernelBackend::lora_linear`] on `Autodiff<Self, C>`.
+    fn ad_lora_linear<C: CheckpointStrategy>(
+        x: AdTensorOf<Self, C, 2>,
+        w: AdTensorOf<Self, C, 2>,
+        a: AdTensorOf<Self, C, 2>,
+        b: AdTensorOf<Self, C, 2>,
+        scale: f64,
+    ) -> AdTensorOf<Self, C, 2> {
+        Self::ad_dense_linear::<C>(x.clone(), w) + Self::ad_lora_delta::<C>(x, a, b, scale)
     }
 
     /// [`KernelBackend::rms_norm`] on `Autodiff<Self, C>`.
@@ -411,6 +436,16 @@ impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
         scale: f64,
     ) -> Tensor<Self, 2> {
         B::ad_lora_delta::<C>(x, a, b, scale)
+    }
+
+    fn lora_linear(
+        x: Tensor<Self, 2>,
+        w: Tensor<Self, 2>,
+        a: Tensor<Self, 2>,
+        b: Tensor<Self, 2>,
+        scale: f64,
+    ) -> Tensor<Self, 2> {
+        B::ad_lora_linear::<C>(x, w, a, b, scale)
     }
 
     fn rms_norm(x: Tensor<Self, 3>, w: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
