@@ -1652,6 +1652,9 @@ fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     t
 }
 
+/// An adapter's gradients `(dx, dA, dB)`, each when asked for.
+pub type LoraGrads = (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>);
+
 /// LoRA's delta `scale · (x Aᵀ) Bᵀ` for `x [rows, in]`, `a [r, in]`, `b [out, r]`: returns
 /// the delta `[rows, out]` and `h = x Aᵀ` `[rows, r]` (what the backward pass needs).
 pub fn lora_delta(
@@ -1684,7 +1687,7 @@ pub fn lora_delta_backward(
     dims: (usize, usize, usize),
     scale: f32,
     want: (bool, bool, bool),
-) -> (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>) {
+) -> LoraGrads {
     let (inp, r, out) = dims;
     let (want_dx, want_da, want_db) = want;
     // dh = s · g B  [rows, r]
@@ -1743,7 +1746,7 @@ pub fn lora_linear_backward(
     dims: (usize, usize, usize),
     scale: f32,
     want: (bool, bool, bool),
-) -> (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>) {
+) -> LoraGrads {
     let (inp, r, out) = dims;
     let (want_dx, want_da, want_db) = want;
     // dh = s · g B  [rows, r]
