@@ -592,6 +592,31 @@ impl AttnShape {
     }
 }
 
+multiversion! {
+    /// `Σ a·b` over 16 independent partial sums (a plain `.sum()` adds one product after the
+    /// other: latency-bound).
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len()) / LANES * LANES;
+        let mut acc = [0f32; LANES];
+        for (a, b) in a[..n].chunks_exact(LANES).zip(b[..n].chunks_exact(LANES)) {
+            for i in 0..LANES {
+                acc[i] += a[i] * b[i];
+            }
+        }
+        let tail: f32 = a[n..].iter().zip(&b[n..]).map(|(a, b)| a * b).sum();
+        acc.iter().sum::<f32>() + tail
+    }
+}
+
+multiversion! {
+    /// One row of attention's score gradient in place: `p = p · (dp - di) · scale`.
+    fn score_gradient_row(p: &mut [f32], dp: &[f32], di: f32, scale: f32) {
+        for (pv, dpv) in p.iter_mut().zip(dp) {
+            *pv *= (dpv - di) * scale;
+        }
+    }
+}
+
 /// Query rows per block of [`attention`] and [`attention_backward`]: each block multiplies only
 /// the keys some row of it may see ([`key_span`]), so a causal pass does about half of the
 /// `seq × seq` work (seq 256: 62.5%) while the products stay large enough for gemm.
@@ -1079,11 +1104,8 @@ pub fn attention_backward(
                         .enumerate()
                     {
                         let at = qb + i * hd;
-                        let (go, oo) = (&g[at..at + d], &o[at..at + d]);
-                        let di: f32 = go.iter().zip(oo).map(|(a, b)| a * b).sum();
-                        for (pv, dpv) in prow.iter_mut().zip(dprow) {
-                            *pv *= (dpv - di) * s.scale;
-                        }
+                        let di = dot(&g[at..at + d], &o[at..at + d]);
+                        score_gradient_row(prow, dprow, di, s.scale);
                     }
                     unsafe {
                         // dQᵀ [d, rows] = Kᵀ dSᵀ
