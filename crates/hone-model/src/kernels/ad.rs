@@ -387,7 +387,7 @@ impl Backward<Flex, 3> for LoraDeltaOp {
         let g = contiguous(&grads.consume::<Flex>(&ops.node));
         let s = ops.state;
         let (rows, d) = lora_dims(&s.x, &s.a, &s.b);
-        let (dx, da, db) = cpu::lora_delta_backward(
+        let grads_of = cpu::lora_delta_backward(
             values(&g),
             values(&s.x),
             values(&s.a),
@@ -398,15 +398,28 @@ impl Backward<Flex, 3> for LoraDeltaOp {
             s.scale,
             (px.is_some(), pa.is_some(), pb.is_some()),
         );
-        if let (Some(node), Some(dx)) = (px, dx) {
-            grads.register::<Flex>(node.id, flex(dx, &[rows, d.0]));
-        }
-        if let (Some(node), Some(da)) = (pa, da) {
-            grads.register::<Flex>(node.id, flex(da, &[d.1, d.0]));
-        }
-        if let (Some(node), Some(db)) = (pb, db) {
-            grads.register::<Flex>(node.id, flex(db, &[d.2, d.1]));
-        }
+        let ids = [px, pa, pb].map(|p| p.map(|node| node.id));
+        register_lora(grads, ids, grads_of, rows, d);
+    }
+}
+
+/// Registers an adapter's gradients `(dx, dA, dB)` with their tracked parents `x`, `A`, `B`.
+fn register_lora(
+    grads: &mut Gradients,
+    parents: [Option<burn::backend::autodiff::NodeId>; 3],
+    (dx, da, db): cpu::LoraGrads,
+    rows: usize,
+    (inp, r, out): (usize, usize, usize),
+) {
+    let [px, pa, pb] = parents;
+    if let (Some(id), Some(dx)) = (px, dx) {
+        grads.register::<Flex>(id, flex(dx, &[rows, inp]));
+    }
+    if let (Some(id), Some(da)) = (pa, da) {
+        grads.register::<Flex>(id, flex(da, &[r, inp]));
+    }
+    if let (Some(id), Some(db)) = (pb, db) {
+        grads.register::<Flex>(id, flex(db, &[out, r]));
     }
 }
 
@@ -468,7 +481,7 @@ impl Backward<Flex, 3> for LoraLinearOp {
         let g = contiguous(&grads.consume::<Flex>(&ops.node));
         let s = ops.state;
         let (rows, d) = lora_dims(&s.x, &s.a, &s.b);
-        let (dx, da, db) = cpu::lora_linear_backward(
+        let grads_of = cpu::lora_linear_backward(
             values(&g),
             values(&s.x),
             values(&s.w),
@@ -478,15 +491,8 @@ impl Backward<Flex, 3> for LoraLinearOp {
             s.scale,
             (px.is_some(), pa.is_some(), pb.is_some()),
         );
-        if let (Some(node), Some(dx)) = (px, dx) {
-            grads.register::<Flex>(node.id, flex(dx, &[rows, d.0]));
-        }
-        if let (Some(node), Some(da)) = (pa, da) {
-            grads.register::<Flex>(node.id, flex(da, &[d.1, d.0]));
-        }
-        if let (Some(node), Some(db)) = (pb, db) {
-            grads.register::<Flex>(node.id, flex(db, &[d.2, d.1]));
-        }
+        let ids = [px, pa, pb].map(|p| p.map(|node| node.id));
+        register_lora(grads, ids, grads_of, rows, d);
     }
 }
 

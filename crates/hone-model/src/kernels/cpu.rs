@@ -1687,13 +1687,27 @@ pub fn lora_delta(
     dims: (usize, usize, usize),
     scale: f32,
 ) -> (Vec<f32>, Vec<f32>) {
-    let (inp, r, out) = dims;
+    let mut y = zeroed(rows * dims.2);
+    let h = add_lora(&mut y, false, x, (a, b), rows, dims, scale);
+    (y, h)
+}
+
+/// `y (+)= scale · (x Aᵀ) Bᵀ` (`+=` with `accumulate`); returns `h = x Aᵀ`.
+fn add_lora(
+    y: &mut [f32],
+    accumulate: bool,
+    x: &[f32],
+    (a, b): (&[f32], &[f32]),
+    rows: usize,
+    (inp, r, out): (usize, usize, usize),
+    scale: f32,
+) -> Vec<f32> {
     // The small factors transposed once, so each product reads its right side row by row.
     let at = transpose(a, r, inp);
     let bt = transpose(b, out, r);
     let h = matmul_rows(rows, r, inp, x, &at, r, 1, 1.0);
-    let y = matmul_rows(rows, out, r, &h, &bt, out, 1, scale);
-    (y, h)
+    matmul_rows_into(y, accumulate, (rows, out, r), &h, (&bt, out, 1), scale);
+    h
 }
 
 /// Gradients of [`lora_delta`] for the output gradient `g [rows, out]`: `(dx, da, db)`, each
@@ -1710,8 +1724,22 @@ pub fn lora_delta_backward(
     scale: f32,
     want: (bool, bool, bool),
 ) -> LoraGrads {
-    let (inp, r, out) = dims;
-    let (want_dx, want_da, want_db) = want;
+    lora_backward(g, x, None, (a, b, h), rows, dims, scale, want)
+}
+
+/// The gradients of an adapter, and of the frozen weight `base` `[out, in]` under it when given
+/// (its input gradient `g W` then starts `dx`, the adapter's part added into it).
+#[allow(clippy::too_many_arguments)]
+fn lora_backward(
+    g: &[f32],
+    x: &[f32],
+    base: Option<&[f32]>,
+    (a, b, h): (&[f32], &[f32], &[f32]),
+    rows: usize,
+    (inp, r, out): (usize, usize, usize),
+    scale: f32,
+    (want_dx, want_da, want_db): (bool, bool, bool),
+) -> LoraGrads {
     // dh = s · g B  [rows, r]
     let dh = (want_dx || want_da).then(|| matmul_rows(rows, r, out, g, b, r, 1, scale));
     // db = s · gᵀ h  [out, r]
@@ -1721,9 +1749,16 @@ pub fn lora_delta_backward(
         (Some(dh), true) => Some(transpose(&matmul_tn(rows, inp, r, x, dh, 1.0), inp, r)),
         _ => None,
     };
-    // dx = dh A  [rows, in]
+    // dx (+)= dh A  [rows, in]
     let dx = match (&dh, want_dx) {
-        (Some(dh), true) => Some(matmul_rows(rows, inp, r, dh, a, inp, 1, 1.0)),
+        (Some(dh), true) => Some(match base {
+            Some(w) => {
+                let mut dx = linear_nn(g, w, rows, out, inp);
+                matmul_rows_into(&mut dx, true, (rows, inp, r), dh, (a, inp, 1), 1.0);
+                dx
+            }
+            None => matmul_rows(rows, inp, r, dh, a, inp, 1, 1.0),
+        }),
         _ => None,
     };
     (dx, da, db)
@@ -1742,16 +1777,13 @@ pub fn lora_linear(
     dims: (usize, usize, usize),
     scale: f32,
 ) -> (Vec<f32>, Vec<f32>) {
-    let (inp, r, out) = dims;
+    let (inp, _, out) = dims;
     assert!(
         w.len() >= out * inp,
         "lora_linear: weight smaller than [{out}, {inp}]"
     );
     let mut y = linear_nt(x, w, rows, out, inp);
-    let at = transpose(a, r, inp);
-    let bt = transpose(b, out, r);
-    let h = matmul_rows(rows, r, inp, x, &at, r, 1, 1.0);
-    matmul_rows_into(&mut y, true, (rows, out, r), &h, (&bt, out, 1), scale);
+    let h = add_lora(&mut y, true, x, (a, b), rows, dims, scale);
     (y, h)
 }
 
@@ -1763,30 +1795,13 @@ pub fn lora_linear_backward(
     g: &[f32],
     x: &[f32],
     w: &[f32],
-    (a, b, h): (&[f32], &[f32], &[f32]),
+    factors: (&[f32], &[f32], &[f32]),
     rows: usize,
     dims: (usize, usize, usize),
     scale: f32,
     want: (bool, bool, bool),
 ) -> LoraGrads {
-    let (inp, r, out) = dims;
-    let (want_dx, want_da, want_db) = want;
-    // dh = s · g B  [rows, r]
-    let dh = (want_dx || want_da).then(|| matmul_rows(rows, r, out, g, b, r, 1, scale));
-    let db = want_db.then(|| matmul_tn(rows, out, r, g, h, scale));
-    let da = match (&dh, want_da) {
-        (Some(dh), true) => Some(transpose(&matmul_tn(rows, inp, r, x, dh, 1.0), inp, r)),
-        _ => None,
-    };
-    let dx = match (&dh, want_dx) {
-        (Some(dh), true) => {
-            let mut dx = linear_nn(g, w, rows, out, inp);
-            matmul_rows_into(&mut dx, true, (rows, inp, r), dh, (a, inp, 1), 1.0);
-            Some(dx)
-        }
-        _ => None,
-    };
-    (dx, da, db)
+    lora_backward(g, x, Some(w), factors, rows, dims, scale, want)
 }
 
 #[cfg(test)]
