@@ -367,11 +367,14 @@ pub(crate) fn dense_linear<C: CheckpointStrategy>(x: AdTensor, w: FlexTensor) ->
 // ---------------------------------------------------------------------------------------------
 
 #[derive(Debug)]
-struct LoraDeltaOp;
+struct LoraOp;
 
 #[derive(Debug, Clone)]
-struct LoraDeltaState {
+struct LoraState {
     x: FlexTensor,
+    /// The frozen weight `[out, in]` under the adapter when the node includes its product
+    /// ([`lora_linear`]; shared, not copied), `None` for the adapter's delta alone.
+    w: Option<FlexTensor>,
     a: FlexTensor,
     b: FlexTensor,
     /// `x Aᵀ`.
@@ -379,121 +382,44 @@ struct LoraDeltaState {
     scale: f32,
 }
 
-impl Backward<Flex, 3> for LoraDeltaOp {
-    type State = LoraDeltaState;
+impl Backward<Flex, 3> for LoraOp {
+    type State = LoraState;
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [px, pa, pb] = ops.parents;
         let g = contiguous(&grads.consume::<Flex>(&ops.node));
         let s = ops.state;
         let (rows, d) = lora_dims(&s.x, &s.a, &s.b);
-        let grads_of = cpu::lora_delta_backward(
+        let (dx, da, db) = cpu::lora_backward(
             values(&g),
             values(&s.x),
-            values(&s.a),
-            values(&s.b),
-            &s.h,
-            rows,
-            d,
-            s.scale,
-            (px.is_some(), pa.is_some(), pb.is_some()),
-        );
-        let ids = [px, pa, pb].map(|p| p.map(|node| node.id));
-        register_lora(grads, ids, grads_of, rows, d);
-    }
-}
-
-/// Registers an adapter's gradients `(dx, dA, dB)` with their tracked parents `x`, `A`, `B`.
-fn register_lora(
-    grads: &mut Gradients,
-    parents: [Option<burn::backend::autodiff::NodeId>; 3],
-    (dx, da, db): cpu::LoraGrads,
-    rows: usize,
-    (inp, r, out): (usize, usize, usize),
-) {
-    let [px, pa, pb] = parents;
-    if let (Some(id), Some(dx)) = (px, dx) {
-        grads.register::<Flex>(id, flex(dx, &[rows, inp]));
-    }
-    if let (Some(id), Some(da)) = (pa, da) {
-        grads.register::<Flex>(id, flex(da, &[r, inp]));
-    }
-    if let (Some(id), Some(db)) = (pb, db) {
-        grads.register::<Flex>(id, flex(db, &[out, r]));
-    }
-}
-
-pub(crate) fn lora_delta<C: CheckpointStrategy>(
-    x: AdTensor,
-    a: AdTensor,
-    b: AdTensor,
-    scale: f32,
-) -> AdTensor {
-    let (xf, af, bf) = (
-        contiguous(&x.primitive),
-        contiguous(&a.primitive),
-        contiguous(&b.primitive),
-    );
-    let (rows, d) = lora_dims(&xf, &af, &bf);
-    let (y, h) = cpu::lora_delta(values(&xf), values(&af), values(&bf), rows, d, scale);
-    let y = flex(y, &[rows, d.2]);
-    match LoraDeltaOp
-        .prepare::<C>([x.node.clone(), a.node.clone(), b.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish(
-            LoraDeltaState {
-                x: xf,
-                a: af,
-                b: bf,
-                h: Arc::new(h),
-                scale,
-            },
-            y,
-        ),
-        OpsKind::UnTracked(prep) => prep.finish(y),
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-
-#[derive(Debug)]
-struct LoraLinearOp;
-
-#[derive(Debug, Clone)]
-struct LoraLinearState {
-    x: FlexTensor,
-    /// The frozen weight `[out, in]` (shared, not copied).
-    w: FlexTensor,
-    a: FlexTensor,
-    b: FlexTensor,
-    /// `x Aᵀ`.
-    h: Arc<Vec<f32>>,
-    scale: f32,
-}
-
-impl Backward<Flex, 3> for LoraLinearOp {
-    type State = LoraLinearState;
-
-    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [px, pa, pb] = ops.parents;
-        let g = contiguous(&grads.consume::<Flex>(&ops.node));
-        let s = ops.state;
-        let (rows, d) = lora_dims(&s.x, &s.a, &s.b);
-        let grads_of = cpu::lora_linear_backward(
-            values(&g),
-            values(&s.x),
-            values(&s.w),
+            s.w.as_ref().map(values),
             (values(&s.a), values(&s.b), &s.h),
             rows,
             d,
             s.scale,
             (px.is_some(), pa.is_some(), pb.is_some()),
         );
-        let ids = [px, pa, pb].map(|p| p.map(|node| node.id));
-        register_lora(grads, ids, grads_of, rows, d);
+        if let (Some(node), Some(dx)) = (px, dx) {
+            grads.register::<Flex>(node.id, flex(dx, &[rows, d.0]));
+        }
+        if let (Some(node), Some(da)) = (pa, da) {
+            grads.register::<Flex>(node.id, flex(da, &[d.1, d.0]));
+        }
+        if let (Some(node), Some(db)) = (pb, db) {
+            grads.register::<Flex>(node.id, flex(db, &[d.2, d.1]));
+        }
     }
+}
+
+/// The adapter's delta `scale · (x Aᵀ) Bᵀ` ([`cpu::lora_delta`]): gradients for `x`, `a`, `b`.
+pub(crate) fn lora_delta<C: CheckpointStrategy>(
+    x: AdTensor,
+    a: AdTensor,
+    b: AdTensor,
+    scale: f32,
+) -> AdTensor {
+    lora_node::<C>(x, None, a, b, scale)
 }
 
 /// `x Wᵀ + scale · (x Aᵀ) Bᵀ` for a frozen dense `w` `[out, in]` and an adapter `a` `[r, in]`,
@@ -505,39 +431,53 @@ pub(crate) fn lora_linear<C: CheckpointStrategy>(
     b: AdTensor,
     scale: f32,
 ) -> AdTensor {
+    lora_node::<C>(x, Some(contiguous(&w)), a, b, scale)
+}
+
+fn lora_node<C: CheckpointStrategy>(
+    x: AdTensor,
+    w: Option<FlexTensor>,
+    a: AdTensor,
+    b: AdTensor,
+    scale: f32,
+) -> AdTensor {
     let (xf, af, bf) = (
         contiguous(&x.primitive),
         contiguous(&a.primitive),
         contiguous(&b.primitive),
     );
-    let w = contiguous(&w);
     let (rows, d) = lora_dims(&xf, &af, &bf);
-    assert!(
-        dims(&w) == [d.2, d.0],
-        "lora_linear: weight {:?}, adapter [{}, {}] · [{}, {}]",
-        dims(&w),
-        d.2,
-        d.1,
-        d.1,
-        d.0
-    );
-    let (y, h) = cpu::lora_linear(
-        values(&xf),
-        values(&w),
-        values(&af),
-        values(&bf),
-        rows,
-        d,
-        scale,
-    );
+    let (y, h) = match &w {
+        Some(w) => {
+            assert!(
+                dims(w) == [d.2, d.0],
+                "lora_linear: weight {:?}, adapter [{}, {}] · [{}, {}]",
+                dims(w),
+                d.2,
+                d.1,
+                d.1,
+                d.0
+            );
+            cpu::lora_linear(
+                values(&xf),
+                values(w),
+                values(&af),
+                values(&bf),
+                rows,
+                d,
+                scale,
+            )
+        }
+        None => cpu::lora_delta(values(&xf), values(&af), values(&bf), rows, d, scale),
+    };
     let y = flex(y, &[rows, d.2]);
-    match LoraLinearOp
+    match LoraOp
         .prepare::<C>([x.node.clone(), a.node.clone(), b.node.clone()])
         .compute_bound()
         .stateful()
     {
         OpsKind::Tracked(prep) => prep.finish(
-            LoraLinearState {
+            LoraState {
                 x: xf,
                 w,
                 a: af,

@@ -1730,7 +1730,7 @@ pub fn lora_delta_backward(
 /// The gradients of an adapter, and of the frozen weight `base` `[out, in]` under it when given
 /// (its input gradient `g W` then starts `dx`, the adapter's part added into it).
 #[allow(clippy::too_many_arguments)]
-fn lora_backward(
+pub(crate) fn lora_backward(
     g: &[f32],
     x: &[f32],
     base: Option<&[f32]>,
