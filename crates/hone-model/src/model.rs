@@ -146,13 +146,7 @@ impl<B: KernelBackend> Linear<B> {
         let rows = dims[..D - 1].iter().product::<usize>();
         let x2d = x.reshape([rows, dims[D - 1]]);
         if let Some(y) = self.fused_with_adapter(x2d.clone(), select, kernels) {
-            let y = match &self.bias {
-                Some(b) => y + b.val().unsqueeze_dim(0),
-                None => y,
-            };
-            let mut out = dims;
-            out[D - 1] = self.shape()[0];
-            return y.reshape(out);
+            return self.shaped(self.with_bias(y), dims);
         }
         let y = self.base(x2d.clone());
         self.finish(y, x2d, select, kernels, dims)
@@ -220,10 +214,7 @@ impl<B: KernelBackend> Linear<B> {
         kernels: Kernels,
         dims: [usize; D],
     ) -> Tensor<B, D> {
-        let mut y = match &self.bias {
-            Some(b) => y + b.val().unsqueeze_dim(0),
-            None => y,
-        };
+        let mut y = self.with_bias(y);
         match select {
             Selection::Slot(slot) => {
                 if let Some(lora) = self.slot(*slot) {
@@ -239,6 +230,19 @@ impl<B: KernelBackend> Linear<B> {
                 }
             }
         }
+        self.shaped(y, dims)
+    }
+
+    /// `y` `[rows, out]` plus the bias, if the projection has one.
+    fn with_bias(&self, y: Tensor<B, 2>) -> Tensor<B, 2> {
+        match &self.bias {
+            Some(b) => y + b.val().unsqueeze_dim(0),
+            None => y,
+        }
+    }
+
+    /// `y` `[rows, out]` reshaped to the input's `dims` with the last dimension `out`.
+    fn shaped<const D: usize>(&self, y: Tensor<B, 2>, dims: [usize; D]) -> Tensor<B, D> {
         let mut out = dims;
         out[D - 1] = self.shape()[0];
         y.reshape(out)
