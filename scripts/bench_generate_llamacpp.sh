@@ -7,7 +7,9 @@
 #
 # -q runs hone a second time per round with --q8-activations (decoding multiplies the quantized
 # weights by activations rounded to 8 bits, as llama.cpp always does), so each round prints hone
-# exact, hone q8 and llama.cpp.
+# exact, hone q8 and llama.cpp; with -t bf16 that second run takes --bf16-activations instead
+# (prefill multiplies BF16 weights by activations rounded to bfloat16, as llama.cpp does, on
+# CPUs with AVX-512 BF16).
 #
 # -H runs llama-bench a second time per round on transparent huge pages, as hone runs (hone asks
 # glibc for them at start-up: README, "Huge pages"): weights read into memory (`-lm none`, not
@@ -102,8 +104,10 @@ for line in sys.stdin:
 for ((i = 1; i <= rounds; i++)); do
     "$hone" bench generate --model "$model" --prompt-tokens "$prompt" --new-tokens "$gen" 2>/dev/null | tail -n 1
     if ((q8)); then
+        rounded=--q8-activations
+        [[ $type == bf16 ]] && rounded=--bf16-activations
         "$hone" bench generate --model "$model" --prompt-tokens "$prompt" --new-tokens "$gen" \
-            --q8-activations 2>/dev/null | tail -n 1
+            "$rounded" 2>/dev/null | tail -n 1
     fi
     llama_bench 0
     if ((huge)); then

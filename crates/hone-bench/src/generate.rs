@@ -183,6 +183,7 @@ impl BackendTask for GenerateTask {
             "activations": match a.activations {
                 Activations::F32 => "f32",
                 Activations::Q8 => "q8",
+                Activations::Bf16 => "bf16",
             },
             "quantized_projections": model.quantized_projections(),
             "batch": a.batch,

@@ -200,6 +200,29 @@ fn q8_activations_flag_reaches_the_model() {
     assert!(!text.is_empty());
 }
 
+/// `--bf16-activations` reaches the model (reported by `hone bench generate`), and asking for
+/// both roundings at once is refused with an error naming the two flags.
+#[test]
+fn bf16_activations_flag_reaches_the_model() {
+    let gguf = root().join("fixtures/gguf/kquant/tiny_q4_0.gguf");
+    assert_eq!(
+        bench_generate(&gguf, &["--bf16-activations"])["activations"],
+        "bf16"
+    );
+    let out = hone()
+        .args(["bench", "generate", "--model"])
+        .arg(&gguf)
+        .args(["--q8-activations", "--bf16-activations"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--q8-activations") && err.contains("--bf16-activations"),
+        "{err}"
+    );
+}
+
 /// `hone bench serve` serves a GGUF file in process (with a random adapter beside it).
 #[test]
 fn bench_serve_takes_a_gguf_model_file() {

@@ -595,8 +595,9 @@ pub struct LoadOptions {
     /// backend multiplies by block formats ([`KernelBackend::keeps_quantized`]: Flex, f32).
     /// False by default: they stay quantized there (`--dequantize`, `model.dequantize`).
     pub dequantize: bool,
-    /// How the weights kept quantized multiply few rows (decoding): exact f32 by default, or
-    /// 8-bit activations as llama.cpp does (`--q8-activations`; faster, not exact).
+    /// How the weights kept quantized multiply activations: exact f32 by default, 8-bit
+    /// activations as llama.cpp does (`--q8-activations`), or bfloat16 activations for BF16
+    /// weights' many-row products (`--bf16-activations`); both faster, not exact.
     pub activations: Activations,
 }
 

@@ -108,7 +108,8 @@ pub struct ServeConfig {
     pub api_key: Option<String>,
     pub device: DeviceSpec,
     pub dtype: DType,
-    /// How a GGUF model's quantized weights multiply decoding rows (`--q8-activations`).
+    /// How a GGUF model's quantized weights multiply activations (`--q8-activations`,
+    /// `--bf16-activations`).
     pub activations: Activations,
     /// Chat template (`None`: the model's own, if it has one).
     pub chat_template: Option<TemplateSource>,

@@ -109,6 +109,11 @@ pub struct ServeArgs {
     /// not exact; by default activations stay f32 and the product is exact).
     #[arg(long)]
     pub q8_activations: bool,
+    /// Round activations to bfloat16 where they multiply a GGUF model's BF16 weights in prefill
+    /// and batched products, on a CPU with AVX-512 BF16 (llama.cpp's method for BF16 files:
+    /// bfloat16 dot products, faster, not exact; elsewhere it changes nothing).
+    #[arg(long, conflicts_with = "q8_activations")]
+    pub bf16_activations: bool,
     /// Chat template: model (the model's own; the default), model:NAME, chatml, llama3, alpaca.
     #[arg(long)]
     pub chat_template: Option<TemplateSource>,

@@ -48,7 +48,10 @@ fn generate_settings(a: BenchGenerateArgs) -> Result<GenerateBench> {
         repeat: a.repeat,
         kernels: a.kernels,
         dequantize: a.dequantize,
-        activations: hone_model::gguf::matmul::Activations::q8_if(a.q8_activations),
+        activations: hone_model::gguf::matmul::Activations::from_flags(
+            a.q8_activations,
+            a.bf16_activations,
+        ),
     })
 }
 

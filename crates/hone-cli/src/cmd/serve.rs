@@ -36,7 +36,10 @@ fn serve_config(args: ServeArgs) -> Result<ServeConfig> {
         .or_else(|| std::env::var("HONE_API_KEY").ok().filter(|k| !k.is_empty()));
     config.device = args.device;
     config.dtype = args.dtype.burn();
-    config.activations = hone_model::gguf::matmul::Activations::q8_if(args.q8_activations);
+    config.activations = hone_model::gguf::matmul::Activations::from_flags(
+        args.q8_activations,
+        args.bf16_activations,
+    );
     config.chat_template = args.chat_template;
     config.rag = args.rag.map(|dir| RagSettings {
         dir,

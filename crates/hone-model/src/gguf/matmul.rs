@@ -80,6 +80,12 @@ pub enum Activations {
     /// formats, at the cost of rounding `x`. The 16-bit float types stay exact, and so does
     /// training (its weights never take this).
     Q8,
+    /// Rounded to bfloat16 where they multiply BF16 weights in many-row products (prefill,
+    /// batched serving) on a CPU with AVX-512 BF16 (Zen 4, Sapphire Rapids and later): the
+    /// CPU's bfloat16 dot products take two products per f32 lane and instruction, as
+    /// llama.cpp multiplies BF16 weights ([`super::panel::matmul_many`]). Decoding (few rows),
+    /// the other weight types and training stay exact.
+    Bf16,
 }
 
 impl Activations {
@@ -89,6 +95,16 @@ impl Activations {
             Self::Q8
         } else {
             Self::F32
+        }
+    }
+
+    /// The activations of the `--q8-activations` / `--bf16-activations` flags (at most one:
+    /// the command line rejects both), [`Activations::F32`] without either.
+    pub fn from_flags(q8: bool, bf16: bool) -> Self {
+        if bf16 {
+            Self::Bf16
+        } else {
+            Self::q8_if(q8)
         }
     }
 }
@@ -154,7 +170,8 @@ pub(crate) fn product(p: Product<'_>, x: &[f32], m: usize) -> Vec<f32> {
         return small_m_many(&[p], x, m).pop().expect("one product");
     }
     if let Some(panels) = p.panels().filter(|_| m > 0) {
-        return super::panel::matmul_many(&[panels], x, m)
+        let bf16_x = p.activations == Activations::Bf16;
+        return super::panel::matmul_many(&[panels], x, m, bf16_x)
             .pop()
             .expect("one product");
     }
@@ -347,7 +364,8 @@ pub(crate) fn products_many(ws: &[Product<'_>], x: &[f32], m: usize) -> Vec<Vec<
         // Products in panels as one parallel loop (a layer's q/k/v or gate/up together).
         let panels: Vec<_> = ws.iter().filter_map(|p| p.panels()).collect();
         if panels.len() == ws.len() {
-            return super::panel::matmul_many(&panels, x, m);
+            let bf16_x = ws.iter().all(|p| p.activations == Activations::Bf16);
+            return super::panel::matmul_many(&panels, x, m, bf16_x);
         }
     }
     if m == 0 || m > SMALL_M {

@@ -174,9 +174,15 @@ pub(crate) fn dot_rows(w: Panels<'_>, x: &[f32], m: usize, yt: &mut [f32]) {
 /// `y [m, rows] = x [m, cols] · Wᵀ` for each weight of `ws` (the same `cols`), as one parallel
 /// loop over tasks of [`TASK_ROWS`] rows and up to [`TASK_TOKENS`] input rows of every weight.
 ///
+/// With `bf16_x`, where every weight is BF16, `cols` is even and the CPU has AVX-512 BF16
+/// ([`bf16_dot_applies`]), `x` is first rounded to bfloat16 (to nearest, ties to even) and the
+/// products run on the CPU's bfloat16 dot products (`vdpbf16ps`: two products per f32 lane and
+/// instruction, summed in f32), as llama.cpp multiplies BF16 weights; the result is then
+/// `bf16(x) · Wᵀ` up to summation order, not `x · Wᵀ`. Otherwise `bf16_x` changes nothing.
+///
 /// # Panics
 /// When the shapes differ, or where [`applies`] is false.
-pub(crate) fn matmul_many(ws: &[Panels<'_>], x: &[f32], m: usize) -> Vec<Vec<f32>> {
+pub(crate) fn matmul_many(ws: &[Panels<'_>], x: &[f32], m: usize, bf16_x: bool) -> Vec<Vec<f32>> {
     let Some(k) = ws.first().map(|w| w.cols) else {
         return Vec::new();
     };
@@ -184,6 +190,10 @@ pub(crate) fn matmul_many(ws: &[Panels<'_>], x: &[f32], m: usize) -> Vec<Vec<f32
         ws.iter().all(|w| w.cols == k) && x.len() == m * k,
         "panel::matmul_many: shapes"
     );
+    if bf16_x && ws.iter().all(|w| bf16_dot_applies(w.bf16, k)) {
+        #[cfg(all(target_arch = "x86_64", feature = "avx512"))]
+        return matmul_many_bf16(ws, x, m);
+    }
     let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.rows]).collect();
     let outs: Vec<Shared> = ys.iter_mut().map(|y| Shared(y.as_mut_ptr())).collect();
     let mut tasks = Vec::new();
@@ -207,6 +217,66 @@ pub(crate) fn matmul_many(ws: &[Panels<'_>], x: &[f32], m: usize) -> Vec<Vec<f32
                 rows,
                 x.as_ptr().add(t0 * k),
                 k,
+                mt,
+                outs[i].at(t0 * w.rows + r0),
+                w.rows,
+            )
+        };
+    });
+    ys
+}
+
+/// Whether products by a weight in panels (`bf16`: of BF16 values) with `cols` inputs can take
+/// bfloat16 activations ([`matmul_many`]'s `bf16_x`): BF16, an even `cols` (the dot products
+/// take pairs of inputs), and a CPU with AVX-512 BF16 in a build with the AVX-512 kernels.
+pub(crate) fn bf16_dot_applies(bf16: bool, cols: usize) -> bool {
+    #[cfg(all(target_arch = "x86_64", feature = "avx512"))]
+    {
+        bf16 && cols.is_multiple_of(2)
+            && isa() == Some(Isa::V4)
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(all(target_arch = "x86_64", feature = "avx512")))]
+    {
+        let _ = (bf16, cols);
+        false
+    }
+}
+
+/// [`matmul_many`] with bfloat16 activations ([`bf16_dot_applies`] holds for every weight):
+/// `x` rounded once to pairs of bfloat16 (one `u32` per two inputs), then the tasks of
+/// [`matmul_many`] on [`x86::block_bf16`].
+#[cfg(all(target_arch = "x86_64", feature = "avx512"))]
+fn matmul_many_bf16(ws: &[Panels<'_>], x: &[f32], m: usize) -> Vec<Vec<f32>> {
+    let k = ws[0].cols;
+    let kp = k / 2;
+    let mut xb = vec![0u32; m * kp];
+    xb.par_chunks_mut(kp)
+        .zip(x.par_chunks(k))
+        // SAFETY: bf16_dot_applies checked the CPU; both rows hold `k` inputs.
+        .for_each(|(dst, src)| unsafe { x86::round_bf16_pairs(src, dst) });
+    let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.rows]).collect();
+    let outs: Vec<Shared> = ys.iter_mut().map(|y| Shared(y.as_mut_ptr())).collect();
+    let mut tasks = Vec::new();
+    for (i, w) in ws.iter().enumerate() {
+        for r0 in (0..w.rows).step_by(TASK_ROWS) {
+            for t0 in (0..m).step_by(TASK_TOKENS) {
+                tasks.push((i, r0, t0));
+            }
+        }
+    }
+    tasks.into_par_iter().for_each(|(i, r0, t0)| {
+        let w = ws[i];
+        let rows = TASK_ROWS.min(w.rows - r0);
+        let mt = TASK_TOKENS.min(m - t0);
+        // SAFETY: as in matmul_many (xb is [m, k / 2]); r0 and rows are whole panels.
+        unsafe {
+            x86::block_bf16(
+                w.bytes.as_ptr().add(2 * r0 * k) as *const u16,
+                rows / ROWS,
+                k,
+                xb.as_ptr().add(t0 * kp),
                 mt,
                 outs[i].at(t0 * w.rows + r0),
                 w.rows,
@@ -408,6 +478,127 @@ mod x86 {
         }
     }
 
+    /// `out[j]` = the bfloat16 values of `x[2j]` (low half) and `x[2j + 1]` (high half), each
+    /// rounded to nearest, ties to even.
+    #[cfg(feature = "avx512")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn round_bf16_pairs(x: &[f32], out: &mut [u32]) {
+        assert_eq!(x.len(), 2 * out.len(), "round_bf16_pairs: lengths");
+        let full = out.len() / 16;
+        for c in 0..full {
+            let lo = _mm512_loadu_ps(x.as_ptr().add(32 * c));
+            let hi = _mm512_loadu_ps(x.as_ptr().add(32 * c + 16));
+            // Lane i of the result's low 256 bits is the second operand's value i.
+            let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_storeu_si512(out.as_mut_ptr().add(16 * c) as *mut _, v);
+        }
+        for j in 16 * full..out.len() {
+            let (a, b) = (x[2 * j], x[2 * j + 1]);
+            let pair = _mm_cvtneps_pbh(_mm_setr_ps(a, b, 0.0, 0.0));
+            let bits: __m128i = std::mem::transmute(pair);
+            out[j] = _mm_cvtsi128_si32(bits) as u32;
+        }
+    }
+
+    /// `y[t·ys + 16q + r] = Σ_j (w[q·16k + 2j·16 + r] · x_t[2j] + w[q·16k + (2j+1)·16 + r] ·
+    /// x_t[2j+1])` with `x_t` the bfloat16 pairs `xb[t·k/2 ..]`: `P` panels, `N` input rows, on
+    /// bfloat16 dot products. A panel stores a column's 16 rows side by side, so one 64-byte
+    /// load holds two columns, which one permutation interleaves into the pairs the dot
+    /// product takes (amortised over the `N` rows).
+    #[cfg(feature = "avx512")]
+    #[inline(always)]
+    unsafe fn tile_bf16<const P: usize, const N: usize>(
+        w: *const u16,
+        k: usize,
+        xb: *const u32,
+        y: *mut f32,
+        ys: usize,
+    ) {
+        const PAIRS: [u16; 32] = {
+            let mut idx = [0u16; 32];
+            let mut r = 0;
+            while r < 16 {
+                idx[2 * r] = r as u16;
+                idx[2 * r + 1] = 16 + r as u16;
+                r += 1;
+            }
+            idx
+        };
+        let idx = _mm512_loadu_si512(PAIRS.as_ptr() as *const _);
+        let kp = k / 2;
+        let mut acc = [[_mm512_setzero_ps(); P]; N];
+        for j in 0..kp {
+            let mut wv = [_mm512_setzero_si512(); P];
+            for (q, wv) in wv.iter_mut().enumerate() {
+                let cols = _mm512_loadu_si512(w.add(q * 16 * k + j * 32) as *const _);
+                *wv = _mm512_permutexvar_epi16(idx, cols);
+            }
+            for (t, acc) in acc.iter_mut().enumerate() {
+                let b: __m512bh =
+                    std::mem::transmute(_mm512_set1_epi32(*xb.add(t * kp + j) as i32));
+                for q in 0..P {
+                    let a: __m512bh = std::mem::transmute(wv[q]);
+                    acc[q] = _mm512_dpbf16_ps(acc[q], a, b);
+                }
+            }
+        }
+        for (t, acc) in acc.iter().enumerate() {
+            for (q, acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(y.add(t * ys + 16 * q), *acc);
+            }
+        }
+    }
+
+    /// [`super::matmul_many_bf16`]'s tasks: `np` panels at `w` (BF16, `k` even) by `mt` rows
+    /// of bfloat16 pairs at `xb` (`k / 2` apart) into `y` (`mt` rows `ys` apart).
+    #[cfg(feature = "avx512")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn block_bf16(
+        w: *const u16,
+        np: usize,
+        k: usize,
+        xb: *const u32,
+        mt: usize,
+        y: *mut f32,
+        ys: usize,
+    ) {
+        macro_rules! widths {
+            ($p:literal, $n:expr, $w:expr, $x:expr, $y:expr) => {
+                match $n {
+                    1 => tile_bf16::<$p, 1>($w, k, $x, $y, ys),
+                    2 => tile_bf16::<$p, 2>($w, k, $x, $y, ys),
+                    3 => tile_bf16::<$p, 3>($w, k, $x, $y, ys),
+                    4 => tile_bf16::<$p, 4>($w, k, $x, $y, ys),
+                    5 => tile_bf16::<$p, 5>($w, k, $x, $y, ys),
+                    6 => tile_bf16::<$p, 6>($w, k, $x, $y, ys),
+                    7 => tile_bf16::<$p, 7>($w, k, $x, $y, ys),
+                    8 => tile_bf16::<$p, 8>($w, k, $x, $y, ys),
+                    9 => tile_bf16::<$p, 9>($w, k, $x, $y, ys),
+                    10 => tile_bf16::<$p, 10>($w, k, $x, $y, ys),
+                    11 => tile_bf16::<$p, 11>($w, k, $x, $y, ys),
+                    _ => tile_bf16::<$p, 12>($w, k, $x, $y, ys),
+                }
+            };
+        }
+        let mut t = 0;
+        while t < mt {
+            let n = N4.min(mt - t);
+            let (xt, yt) = (xb.add(t * (k / 2)), y.add(t * ys));
+            let mut p = 0;
+            while p < np {
+                let (wp, yp) = (w.add(p * 16 * k), yt.add(p * 16));
+                if np - p >= 2 {
+                    widths!(2, n, wp, xt, yp);
+                    p += 2;
+                } else {
+                    widths!(1, n, wp, xt, yp);
+                    p += 1;
+                }
+            }
+            t += n;
+        }
+    }
+
     /// [`super::block`] with the AVX-512 kernels: `np` panels at `w`, two at a time.
     #[cfg(feature = "avx512")]
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
@@ -492,6 +683,62 @@ mod tests {
         }
     }
 
+    /// With bfloat16 activations, every kernel width and both panel counts against the f64
+    /// product of the decoded weights and the inputs rounded by `half` (to nearest, ties to
+    /// even: llama.cpp's rounding), tight enough that exact f32 inputs would fail it; and
+    /// unchanged results where the path does not apply (F16 weights, odd widths).
+    #[test]
+    fn bf16_activations_equal_the_rounded_definition() {
+        if isa().is_none() {
+            return;
+        }
+        let mut seed = 13;
+        for ty in [GgmlType::BF16, GgmlType::F16] {
+            for (rows, cols) in [(16, 2), (48, 38), (32, 64), (80, 576), (32, 37)] {
+                let bytes = rows_of(ty, rows * cols, &mut seed);
+                let mut w = vec![0f32; rows * cols];
+                dequantize(ty, &bytes, &mut w);
+                let panels = interleave(&bytes, cols);
+                let p = Panels::new(ty, &panels, rows, cols).expect("16-bit type");
+                let rounded = bf16_dot_applies(p.bf16, cols);
+                for m in [1, 2, 11, 12, 13, 25, 250] {
+                    // Inputs with low bits that rounding to bfloat16 drops.
+                    let x: Vec<f32> = (0..m * cols).map(|_| lcg(&mut seed) * 3.3).collect();
+                    let xr: Vec<f32> = if rounded {
+                        x.iter()
+                            .map(|&v| half::bf16::from_f32(v).to_f32())
+                            .collect()
+                    } else {
+                        x.clone()
+                    };
+                    let y = matmul_many(&[p, p], &x, m, true);
+                    let exact = matmul_many(&[p], &x, m, false).pop().expect("one product");
+                    let mut far_from_exact = false;
+                    for i in 0..m {
+                        for r in 0..rows {
+                            let want: f64 = (0..cols)
+                                .map(|k| f64::from(w[r * cols + k]) * f64::from(xr[i * cols + k]))
+                                .sum();
+                            let got = y[0][i * rows + r];
+                            let tol = 2e-6 * (cols as f64).sqrt() * (1.0 + want.abs());
+                            assert!(
+                                (f64::from(got) - want).abs() <= tol,
+                                "{ty} [{rows}, {cols}] m={m} ({i}, {r}): {got} vs {want}"
+                            );
+                            assert_eq!(y[1][i * rows + r], got);
+                            far_from_exact |= (exact[i * rows + r] - got).abs() > 1e-3;
+                        }
+                    }
+                    if !rounded {
+                        assert_eq!(y[0], exact, "{ty} [{rows}, {cols}]: path does not apply");
+                    } else if cols >= 64 {
+                        assert!(far_from_exact, "[{rows}, {cols}] m={m}: inputs not rounded");
+                    }
+                }
+            }
+        }
+    }
+
     /// Every kernel width and both panel counts against the f64 product of the decoded values.
     #[test]
     fn products_equal_the_definition() {
@@ -520,7 +767,7 @@ mod tests {
                             "{ty} [{rows}, {cols}] m={m} {what}: {got} vs {want}"
                         );
                     };
-                    let y = matmul_many(&[p, p], &x, m);
+                    let y = matmul_many(&[p, p], &x, m, false);
                     for i in 0..m {
                         for r in 0..rows {
                             close(y[0][i * rows + r], want(i, r), "matmul_many");
