@@ -194,6 +194,22 @@ pub(crate) fn matmul_many(ws: &[Panels<'_>], x: &[f32], m: usize, bf16_x: bool) 
         #[cfg(all(target_arch = "x86_64", feature = "avx512"))]
         return matmul_many_bf16(ws, x, m);
     }
+    // SAFETY: x is [m, k].
+    in_tasks(ws, m, |w, r0, rows, t0, mt, y| unsafe {
+        block(w, r0, rows, x.as_ptr().add(t0 * k), k, mt, y, w.rows)
+    })
+}
+
+/// `y [m, rows]` for each weight of `ws`, written by `task(w, r0, rows, t0, mt, y)` for tasks of
+/// [`TASK_ROWS`] rows `r0..r0 + rows` and up to [`TASK_TOKENS`] input rows `t0..t0 + mt` of
+/// every weight, run as one parallel loop; `y` points at output row `t0`, column `r0` of `w`'s
+/// `[m, w.rows]` result, and the task must write that block (`mt` rows `w.rows` apart, `rows`
+/// values each) and nothing else: no other task writes it.
+fn in_tasks(
+    ws: &[Panels<'_>],
+    m: usize,
+    task: impl Fn(Panels<'_>, usize, usize, usize, usize, *mut f32) + Sync,
+) -> Vec<Vec<f32>> {
     let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.rows]).collect();
     let outs: Vec<Shared> = ys.iter_mut().map(|y| Shared(y.as_mut_ptr())).collect();
     let mut tasks = Vec::new();
@@ -208,20 +224,8 @@ pub(crate) fn matmul_many(ws: &[Panels<'_>], x: &[f32], m: usize, bf16_x: bool) 
         let w = ws[i];
         let rows = TASK_ROWS.min(w.rows - r0);
         let mt = TASK_TOKENS.min(m - t0);
-        // SAFETY: x is [m, k]; the task writes y[t0..t0 + mt, r0..r0 + rows] of product i's
-        // [m, rows] output, which no other task writes.
-        unsafe {
-            block(
-                w,
-                r0,
-                rows,
-                x.as_ptr().add(t0 * k),
-                k,
-                mt,
-                outs[i].at(t0 * w.rows + r0),
-                w.rows,
-            )
-        };
+        // The block y[t0..t0 + mt, r0..r0 + rows] of product i's output.
+        task(w, r0, rows, t0, mt, outs[i].at(t0 * w.rows + r0));
     });
     ys
 }
@@ -256,34 +260,18 @@ fn matmul_many_bf16(ws: &[Panels<'_>], x: &[f32], m: usize) -> Vec<Vec<f32>> {
         .zip(x.par_chunks(k))
         // SAFETY: bf16_dot_applies checked the CPU; both rows hold `k` inputs.
         .for_each(|(dst, src)| unsafe { x86::round_bf16_pairs(src, dst) });
-    let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.rows]).collect();
-    let outs: Vec<Shared> = ys.iter_mut().map(|y| Shared(y.as_mut_ptr())).collect();
-    let mut tasks = Vec::new();
-    for (i, w) in ws.iter().enumerate() {
-        for r0 in (0..w.rows).step_by(TASK_ROWS) {
-            for t0 in (0..m).step_by(TASK_TOKENS) {
-                tasks.push((i, r0, t0));
-            }
-        }
-    }
-    tasks.into_par_iter().for_each(|(i, r0, t0)| {
-        let w = ws[i];
-        let rows = TASK_ROWS.min(w.rows - r0);
-        let mt = TASK_TOKENS.min(m - t0);
-        // SAFETY: as in matmul_many (xb is [m, k / 2]); r0 and rows are whole panels.
-        unsafe {
-            x86::block_bf16(
-                w.bytes.as_ptr().add(2 * r0 * k) as *const u16,
-                rows / ROWS,
-                k,
-                xb.as_ptr().add(t0 * kp),
-                mt,
-                outs[i].at(t0 * w.rows + r0),
-                w.rows,
-            )
-        };
-    });
-    ys
+    // SAFETY: bf16_dot_applies checked the CPU; xb is [m, k / 2]; r0 and rows are whole panels.
+    in_tasks(ws, m, |w, r0, rows, t0, mt, y| unsafe {
+        x86::block_bf16(
+            w.bytes.as_ptr().add(2 * r0 * k) as *const u16,
+            rows / ROWS,
+            k,
+            xb.as_ptr().add(t0 * kp),
+            mt,
+            y,
+            w.rows,
+        )
+    })
 }
 
 /// `y[t·ys + r - r0] = Σ_k W[r, k] · x[t·ldx + k]` for rows `r0..r0 + rows` (whole panels) and
