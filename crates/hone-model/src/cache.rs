@@ -142,6 +142,37 @@ impl HostKv {
         crate::kernels::cpu::attention_cached_rows(q, &views, shape, window, false)
     }
 
+    /// [`HostKv::attend_rows`] for rows of different numbers of new tokens, one after the
+    /// other (`q`, `k`, `v` `[tokens, heads, dim]`; row `b` = `lens[b]` tokens continuing
+    /// `rows[b]`): [`crate::kernels::cpu::attention_cached_ragged`].
+    pub(crate) fn attend_ragged(
+        rows: &mut [(&mut HostKv, usize)],
+        lens: &[usize],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        shape: crate::kernels::AttnShape,
+        window: usize,
+    ) -> Vec<f32> {
+        assert_eq!(rows.len(), lens.len(), "one cache per row");
+        let kvd = shape.kv_heads * shape.dim;
+        let mut start = 0;
+        for ((cache, past), &len) in rows.iter_mut().zip(lens) {
+            let span = start * kvd..(start + len) * kvd;
+            cache.append(
+                *past,
+                &k[span.clone()],
+                &v[span],
+                1,
+                shape.kv_heads,
+                shape.dim,
+            );
+            start += len;
+        }
+        let views: Vec<_> = rows.iter().map(|(c, past)| c.view(*past)).collect();
+        crate::kernels::cpu::attention_cached_ragged(q, &views, lens, shape, window)
+    }
+
     /// Keeps rows `rows` of the batch, in that order.
     fn retain_rows(&mut self, rows: &[usize]) {
         let per_row = self.kv_heads * self.capacity * self.dim;

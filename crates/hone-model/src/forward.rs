@@ -92,6 +92,11 @@ pub enum Cache<'a, B: Backend> {
     Batch(&'a mut KvCache<B>),
     /// One cache per row, each of its own length.
     PerRow(&'a mut [&'a mut KvCache<B>]),
+    /// Rows of different numbers of new tokens (`lens`), one after the other in `ids` `[1,
+    /// tokens]`, each continuing its own cache (serving: a step that decodes some rows and
+    /// prefills a chunk of others). Adapters per row and the last position's output are those
+    /// of the rows (outputs `[rows, 1, ..]`); every-position outputs are `[1, tokens, ..]`.
+    Ragged(&'a mut [&'a mut KvCache<B>], Vec<usize>),
 }
 
 /// The description of one forward pass (see the module docs).
@@ -156,6 +161,13 @@ impl<'a, B: Backend> Input<'a, B> {
         self
     }
 
+    /// Rows of different lengths one after the other (`ids` `[1, lens.iter().sum()]`), row `b`
+    /// continuing `caches[b]` (see [`Cache::Ragged`]).
+    pub fn ragged_caches(mut self, caches: &'a mut [&'a mut KvCache<B>], lens: Vec<usize>) -> Self {
+        self.cache = Cache::Ragged(caches, lens);
+        self
+    }
+
     /// Run every row with the adapter in `slot`.
     pub fn adapter_slot(mut self, slot: usize) -> Self {
         self.adapters = Adapters::Slot(slot);
@@ -197,11 +209,19 @@ pub(crate) enum Selection<B: Backend> {
 }
 
 impl<B: Backend> Selection<B> {
-    fn new(adapters: &Adapters, batch: usize, seq: usize, device: &B::Device) -> Self {
+    /// The selection of rows of `rows[b]` tokens each, one after the other (rows of equal
+    /// length: [`Selection::new`]): the flattened token indices of each slot's rows.
+    fn ragged(adapters: &Adapters, rows: &[usize], device: &B::Device) -> Self {
         match adapters {
             Adapters::Slot(slot) => Selection::Slot(*slot),
             Adapters::PerRow(per_row) => {
-                assert_eq!(per_row.len(), batch, "one adapter choice per row");
+                assert_eq!(per_row.len(), rows.len(), "one adapter choice per row");
+                let mut starts = Vec::with_capacity(rows.len());
+                let mut start = 0;
+                for &n in rows {
+                    starts.push(start);
+                    start += n;
+                }
                 let mut slots: Vec<usize> = per_row.iter().flatten().copied().collect();
                 slots.sort_unstable();
                 slots.dedup();
@@ -210,9 +230,9 @@ impl<B: Backend> Selection<B> {
                     .map(|slot| {
                         let idx: Vec<i64> = per_row
                             .iter()
-                            .enumerate()
-                            .filter(|(_, s)| **s == Some(slot))
-                            .flat_map(|(r, _)| (0..seq).map(move |t| (r * seq + t) as i64))
+                            .zip(starts.iter().zip(rows))
+                            .filter(|(s, _)| **s == Some(slot))
+                            .flat_map(|(_, (&s, &n))| (s..s + n).map(|t| t as i64))
                             .collect();
                         let n = idx.len();
                         (slot, Tensor::from_data(TensorData::new(idx, [n]), device))
@@ -221,6 +241,10 @@ impl<B: Backend> Selection<B> {
                 Selection::Rows(groups)
             }
         }
+    }
+
+    fn new(adapters: &Adapters, batch: usize, seq: usize, device: &B::Device) -> Self {
+        Self::ragged(adapters, &vec![seq; batch], device)
     }
 }
 
@@ -262,18 +286,61 @@ impl<B: KernelBackend> CausalLm<B> {
                 );
                 caches.iter().map(|c| c.len()).collect()
             }
+            Cache::Ragged(caches, rows) => {
+                assert_eq!(caches.len(), rows.len(), "one cache per row");
+                assert!(
+                    batch == 1 && rows.iter().sum::<usize>() == seq && !rows.contains(&0),
+                    "ragged rows: ids must be [1, tokens] with rows of 1 or more tokens"
+                );
+                assert!(
+                    matches!(visibility, Visibility::Causal),
+                    "ragged rows take causal attention"
+                );
+                vec![0]
+            }
         };
         let past = match &cache {
             Cache::Batch(c) => c.len(),
             _ => 0,
+        };
+        // Ragged rows: each row's positions continue its cache, adapters are chosen per row's
+        // tokens, and "the last position" is each row's last token.
+        let (positions, adapters, ragged) = match (&cache, positions) {
+            (Cache::Ragged(caches, rows), positions) => {
+                let positions = match positions {
+                    Positions::Continue => Positions::PerToken(
+                        caches
+                            .iter()
+                            .zip(rows)
+                            .flat_map(|(c, &n)| (c.len()..c.len() + n).map(|p| p as u32))
+                            .collect(),
+                    ),
+                    given => given,
+                };
+                let select = Selection::ragged(&adapters, rows, &ids.device());
+                let mut end = 0;
+                let last: Vec<i64> = rows
+                    .iter()
+                    .map(|&n| {
+                        end += n;
+                        (end - 1) as i64
+                    })
+                    .collect();
+                (positions, Adapters::Slot(OWN_SLOT), Some((select, last)))
+            }
+            (_, positions) => (positions, adapters, None),
         };
         let prepared = self.prepare(ids, positions, &visibility, &adapters, &lens, past);
         let Prepared {
             mut x,
             rope,
             masks,
-            select,
+            mut select,
         } = prepared;
+        let last_rows = ragged.map(|(ragged_select, last)| {
+            select = ragged_select;
+            last
+        });
         let ctx = LayerContext {
             rope: &rope,
             select: &select,
@@ -308,12 +375,41 @@ impl<B: KernelBackend> CausalLm<B> {
                     c.advance(seq);
                 }
             }
+            Cache::Ragged(caches, rows) => {
+                for (i, (layer, mask)) in layers {
+                    let per_row = caches
+                        .iter_mut()
+                        .map(|c| {
+                            let len = c.len();
+                            (c.layer_mut(i), len)
+                        })
+                        .collect();
+                    let slot = LayerCacheMut::Ragged(per_row, &rows);
+                    x = layer.forward(x, &ctx, mask.as_ref(), slot);
+                }
+                for (c, &n) in caches.iter_mut().zip(&rows) {
+                    c.advance(n);
+                }
+            }
         }
+        let last = |x: Tensor<B, 3>| match &last_rows {
+            None => x.narrow(1, seq - 1, 1),
+            Some(rows) => {
+                let hidden = x.dims()[2];
+                let idx = Tensor::<B, 1, Int>::from_data(
+                    TensorData::new(rows.clone(), [rows.len()]),
+                    &x.device(),
+                );
+                x.reshape([seq, hidden])
+                    .select(0, idx)
+                    .reshape([rows.len(), 1, hidden])
+            }
+        };
         match output {
             Output::Hidden => self.norm(x),
             Output::Logits => self.logits(self.norm(x)),
-            Output::LastHidden => self.norm(x.narrow(1, seq - 1, 1)),
-            Output::LastLogits => self.logits(self.norm(x.narrow(1, seq - 1, 1))),
+            Output::LastHidden => self.norm(last(x)),
+            Output::LastLogits => self.logits(self.norm(last(x))),
         }
     }
 

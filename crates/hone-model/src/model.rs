@@ -298,6 +298,9 @@ pub(crate) enum LayerCacheMut<'a, B: Backend> {
     Batch(&'a mut LayerCache<B>, usize),
     /// One cache per row, each with its own length.
     Rows(Vec<(&'a mut LayerCache<B>, usize)>),
+    /// Rows of different numbers of new tokens, one after the other in a batch of one: row
+    /// `b` (`lens[b]` tokens) continues its own cache, of its own length.
+    Ragged(Vec<(&'a mut LayerCache<B>, usize)>, &'a [usize]),
 }
 
 impl<B: KernelBackend> Attention<B> {
@@ -336,6 +339,26 @@ impl<B: KernelBackend> Attention<B> {
                     .collect();
                 return self.forward_cached(x, ctx, &mut rows);
             }
+            LayerCacheMut::Ragged(rows, lens)
+                if host_path && rows.iter().all(|(s, _)| s.on_host()) =>
+            {
+                let mut rows: Vec<(&mut HostKv, usize)> = rows
+                    .iter_mut()
+                    .map(|(s, len)| (s.host_mut().expect("checked on_host"), *len))
+                    .collect();
+                let (q, k, v) = self.fused_qkv(x, ctx.rope, select);
+                let shape = self.attn_shape(1, seq);
+                let out = B::attention_cached_ragged(
+                    q,
+                    k,
+                    v,
+                    &mut rows,
+                    lens,
+                    shape,
+                    self.sliding_window,
+                );
+                return self.o_proj.forward(out, select, Kernels::Fused);
+            }
             _ => {}
         }
         let q = self
@@ -372,6 +395,23 @@ impl<B: KernelBackend> Attention<B> {
                     })
                     .collect();
                 Tensor::cat(outs, 0)
+            }
+            LayerCacheMut::Ragged(rows, lens) => {
+                // Rows of different lengths one after the other: attention runs per row, over
+                // its span of the tokens.
+                let mut start = 0;
+                let outs = rows
+                    .into_iter()
+                    .zip(lens)
+                    .map(|((slot, past), &len)| {
+                        let span = |t: &Tensor<B, 4>| t.clone().narrow(2, start, len);
+                        let (k, v) = slot.append(past, span(&k), span(&v));
+                        let out = self.attend(span(&q), k, v, past, None);
+                        start += len;
+                        out
+                    })
+                    .collect();
+                Tensor::cat(outs, 1)
             }
         };
         self.o_proj.forward(out, select, ctx.kernels)

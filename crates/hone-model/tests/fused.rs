@@ -305,5 +305,73 @@ fn cached_decoding_with_fused_kernels_equals_composed() {
                 }
             }
         }
+
+        // Ragged steps (as the server's steps that decode some rows while prefilling a chunk
+        // of another): rows of different numbers of new tokens one after the other in a
+        // batch of one, each over its own cache; every position's logits, then each row's
+        // last position alone.
+        let plan: [[usize; 3]; 5] = [[5, 1, 3], [1, 6, 1], [2, 1, 1], [1, 2, 4], [3, 1, 1]];
+        for model in [&fused, &composed] {
+            let mut caches: Vec<hone_model::KvCache<Cpu>> = (0..batch)
+                .map(|_| hone_model::KvCache::new(model.config().num_layers))
+                .collect();
+            let mut done = [0usize; 3];
+            for (step, lens) in plan.iter().enumerate() {
+                let chunk: Vec<i64> = (0..batch)
+                    .flat_map(|r| input[r * seq + done[r]..r * seq + done[r] + lens[r]].to_vec())
+                    .collect();
+                let tokens = chunk.len();
+                let mut rows: Vec<&mut hone_model::KvCache<Cpu>> = caches.iter_mut().collect();
+                let last_only = step % 2 == 1;
+                let input_step = Input::new(ids(&chunk, 1)).ragged_caches(&mut rows, lens.to_vec());
+                let out = if last_only {
+                    model.forward(input_step.last_logits())
+                } else {
+                    model.forward(input_step)
+                };
+                let expect_dims = if last_only {
+                    [batch, 1, vocab]
+                } else {
+                    [1, tokens, vocab]
+                };
+                assert_eq!(out.dims(), expect_dims);
+                let logits = host(out);
+                let mut at_token = 0;
+                for r in 0..batch {
+                    let positions = if last_only {
+                        (lens[r] - 1)..lens[r]
+                    } else {
+                        0..lens[r]
+                    };
+                    for (i, s) in positions.enumerate() {
+                        let ours = if last_only {
+                            &logits[r * vocab..(r + 1) * vocab]
+                        } else {
+                            &logits[(at_token + i) * vocab..(at_token + i + 1) * vocab]
+                        };
+                        let at = (r * seq + done[r] + s) * vocab;
+                        assert_close(
+                            &format!(
+                                "{name} ({label}) {:?} row {r} ragged step {step} position {}",
+                                model.kernels(),
+                                done[r] + s
+                            ),
+                            ours,
+                            &full[at..at + vocab],
+                            1e-5,
+                        );
+                    }
+                    at_token += lens[r];
+                    done[r] += lens[r];
+                }
+            }
+            for (r, c) in caches.iter().enumerate() {
+                assert_eq!(
+                    c.len(),
+                    done[r],
+                    "row {r}'s cache advanced by its own tokens"
+                );
+            }
+        }
     }
 }

@@ -35,8 +35,8 @@ pub enum ModelSource {
 pub struct Limits {
     /// Requests decoded together.
     pub max_batch: usize,
-    /// Prompt tokens prefilled between two decode steps while requests are decoding (whole
-    /// prompts when nothing else runs).
+    /// Prompt tokens prefilled in one step while requests are decoding, in the same forward
+    /// pass as their tokens (whole prompts when nothing else runs).
     pub prefill_chunk: usize,
     /// Requests waiting for a place in the batch; beyond it, 429.
     pub max_queue: usize,
@@ -54,7 +54,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_batch: 32,
-            prefill_chunk: 256,
+            prefill_chunk: 64,
             max_queue: 256,
             max_prompt_tokens: None,
             max_body_bytes: 4 << 20,

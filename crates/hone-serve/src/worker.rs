@@ -3,12 +3,15 @@
 //!
 //! Each iteration: take new commands; drop requests whose client went away; admit waiting
 //! requests while the batch has room (requests whose prompts have the same length are prefilled
-//! together, a row each); run one chunk of prefill (at most `limits.prefill_chunk` prompt
-//! tokens while other requests are decoding, so that a long prompt does not stall their
-//! streams; whole prompts when nothing else runs), sampling the first token of each request
-//! whose prompt is done; then one decode step for the whole batch, one token per row, each
-//! row with its own cache and adapter slot ([`hone_model::Cache::PerRow`], [`hone_model::Adapters::PerRow`]). A request joins or
-//! leaves the batch between steps. Rows never interact, so greedy output does not depend on
+//! together, a row each); then one forward pass for everything that runs: a token for every
+//! decoding request and the next chunk of the waiting prompts (at most `limits.prefill_chunk`
+//! prompt tokens while requests decode, so that a long prompt does not stall their streams;
+//! whole prompts when nothing else runs). The rows of a step have different numbers of tokens,
+//! each row its own cache and adapter slot ([`hone_model::Cache::Ragged`],
+//! [`hone_model::Adapters::PerRow`]): decoding rows ride on the prompt chunk's products instead
+//! of a pass of their own. A request whose prompt is done samples its first token and joins
+//! the decoding rows from the next step. A request joins or leaves the batch between steps.
+//! Rows never interact, so greedy output does not depend on
 //! what else is in the batch. A panic inside the model fails the requests of that step, not
 //! the server.
 
@@ -285,9 +288,8 @@ impl<B: hone_model::KernelBackend> Worker<B> {
             // The model's work runs on the pool (see `hone_model::run_on_this_thread`), whose
             // threads stay awake for the step (`hone_model::in_busy_pool`).
             hone_model::in_busy_pool(|| {
-                self.prefill_step();
+                self.step();
                 self.publish_gauges();
-                self.decode_step();
             });
         }
         self.shared
@@ -499,39 +501,161 @@ impl<B: hone_model::KernelBackend> Worker<B> {
         }
     }
 
-    /// Prefills the next chunk of the waiting prompts: `limits.prefill_chunk` tokens while
-    /// requests are decoding (the longest a running stream waits for a newcomer's prompt),
-    /// whole prompts otherwise. Requests whose prompts are done sample their first token and
-    /// join the decoding batch.
-    fn prefill_step(&mut self) {
-        let mut budget = if self.active.is_empty() {
-            usize::MAX
-        } else {
-            self.shared.limits.prefill_chunk
+    /// One forward pass for the batch: a token for every decoding request and, in the same
+    /// pass, the next chunk of the waiting prompts (`limits.prefill_chunk` tokens while requests
+    /// are decoding: the most a running stream waits for a newcomer's prompt beyond its own
+    /// token; whole prompts, up to [`MAX_PREFILL_TOKENS`], when nothing decodes). The rows
+    /// have different numbers of tokens and each its own cache and adapter
+    /// ([`hone_model::Cache::Ragged`]), so the decoding rows ride on the prompt chunk's
+    /// products instead of a pass of their own. Requests whose prompts are done sample their
+    /// first token and join the decoding batch for the next step.
+    fn step(&mut self) {
+        let chunks = self.plan_prefill();
+        let decoding = self.active.len();
+        if decoding == 0 && chunks.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let mut ids: Vec<i64> = self.active.iter().map(|s| s.next as i64).collect();
+        let mut lens = vec![1; decoding];
+        let mut slots: Vec<Option<usize>> = self.active.iter().map(|s| s.slot).collect();
+        // Rows whose logits are needed: every decoding row, and the rows of prompts that end in
+        // this step.
+        let mut wanted: Vec<i64> = (0..decoding as i64).collect();
+        let mut prompt_tokens = 0;
+        let mut chunks = chunks;
+        for (p, chunk) in &chunks {
+            let last = p.done + chunk == p.group[0].0.prompt.len();
+            for (req, slot) in &p.group {
+                if last {
+                    wanted.push(lens.len() as i64);
+                }
+                ids.extend(req.prompt[p.done..p.done + chunk].iter().map(|&t| t as i64));
+                lens.push(*chunk);
+                slots.push(*slot);
+                prompt_tokens += chunk;
+            }
+        }
+        let (model, device) = (&self.model, &self.device);
+        let mut caches: Vec<&mut KvCache<B>> =
+            self.active.iter_mut().map(|s| &mut s.cache).collect();
+        caches.extend(chunks.iter_mut().flat_map(|(p, _)| p.caches.iter_mut()));
+        let tokens = ids.len();
+        let result = flatten(catch_unwind(AssertUnwindSafe(|| {
+            let input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, tokens]), device);
+            let hidden = model.forward(
+                Input::new(input)
+                    .ragged_caches(&mut caches, lens)
+                    .adapters_per_row(slots)
+                    .last_hidden(),
+            );
+            // The output projection for the rows that sample only.
+            let [rows, _, width] = hidden.dims();
+            let hidden = if wanted.len() == rows {
+                hidden
+            } else {
+                let n = wanted.len();
+                let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(wanted, [n]), device);
+                hidden.select(0, idx)
+            };
+            let n = hidden.dims()[0];
+            let logits = model.logits(hidden.reshape([n, 1, width]));
+            read_floats(logits.reshape([n, model.config().vocab_size]))
+        })));
+        let mut logits = match result {
+            Ok(logits) => logits,
+            Err(message) => {
+                self.fail_prefills(chunks, &message);
+                return self.fail_batch(&message);
+            }
         };
+        // The step's time, shared between decoding and prefill by their tokens.
+        let seconds = started.elapsed().as_secs_f64();
+        let m = self.shared.metrics.clone();
+        let decode_share = seconds * decoding as f64 / tokens as f64;
+        if decoding > 0 {
+            m.decode_step.observe(seconds);
+            m.decode_seconds.add(decode_share);
+            m.decode_tokens
+                .fetch_add(decoding as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        if prompt_tokens > 0 {
+            m.prefill_seconds.add(seconds - decode_share);
+            m.prefill_steps
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let t = prompt_tokens as u64;
+            m.prompt_tokens
+                .fetch_add(t, std::sync::atomic::Ordering::Relaxed);
+            m.prefill_tokens
+                .fetch_add(t, std::sync::atomic::Ordering::Relaxed);
+        }
+        let vocab = self.model.config().vocab_size;
+        for (i, mut seq) in std::mem::take(&mut self.active).into_iter().enumerate() {
+            let row = &mut logits[i * vocab..(i + 1) * vocab];
+            match seq.accept(row, &self.shared.tokenizer, &m) {
+                Outcome::Continue => self.active.push(seq),
+                done => self.retire(seq, done),
+            }
+        }
+        let mut next = decoding * vocab;
+        let mut unfinished = Vec::new();
+        for (mut p, chunk) in chunks {
+            if p.done + chunk == p.group[0].0.prompt.len() {
+                let rows = p.group.len() * vocab;
+                self.start_decoding(p, logits[next..next + rows].to_vec());
+                next += rows;
+            } else {
+                p.done += chunk;
+                unfinished.push(p);
+            }
+        }
+        for p in unfinished.into_iter().rev() {
+            self.prefilling.push_front(p);
+        }
+    }
+
+    /// Takes the prompt chunks of the next step off the prefill queue: `(group, tokens per
+    /// row)`, `limits.prefill_chunk` tokens in all while requests decode (at least one token of
+    /// one group); whole prompts when nothing decodes (the first group's whatever its length,
+    /// then those that fit in [`MAX_PREFILL_TOKENS`]).
+    fn plan_prefill(&mut self) -> Vec<(Prefill<B>, usize)> {
+        let mut planned = Vec::new();
+        if self.active.is_empty() {
+            let mut budget = MAX_PREFILL_TOKENS;
+            while let Some(p) = self.prefilling.pop_front() {
+                let left = p.group[0].0.prompt.len() - p.done;
+                let tokens = p.group.len() * left;
+                if !planned.is_empty() && tokens > budget {
+                    self.prefilling.push_front(p);
+                    break;
+                }
+                budget = budget.saturating_sub(tokens);
+                planned.push((p, left));
+            }
+            return planned;
+        }
+        let mut budget = self.shared.limits.prefill_chunk;
         while budget > 0 {
-            let Some(mut p) = self.prefilling.pop_front() else {
+            let Some(p) = self.prefilling.pop_front() else {
                 break;
             };
-            let (n, len) = (p.group.len(), p.group[0].0.prompt.len());
-            let chunk = (len - p.done).min((budget / n).max(1));
+            let (n, left) = (p.group.len(), p.group[0].0.prompt.len() - p.done);
+            let chunk = left.min((budget / n).max(1));
             budget = budget.saturating_sub(n * chunk);
-            let last = p.done + chunk == len;
-            match self.prefill_chunk(&mut p, chunk, last) {
-                Ok(Some(logits)) => self.start_decoding(p, logits),
-                Ok(None) => {
-                    p.done += chunk;
-                    self.prefilling.push_front(p);
-                }
-                Err(message) => {
-                    tracing::error!("prefill failed for {n} requests: {message}");
-                    for (req, slot) in p.group {
-                        let _ = req.events.send(Event::Error(ApiError::internal(format!(
-                            "the model failed on this request: {message}"
-                        ))));
-                        self.release(slot);
-                    }
-                }
+            planned.push((p, chunk));
+        }
+        planned
+    }
+
+    /// Ends the requests of prefill groups with an error (the model failed on their step).
+    fn fail_prefills(&mut self, chunks: Vec<(Prefill<B>, usize)>, message: &str) {
+        for (p, _) in chunks {
+            tracing::error!("prefill failed for {} requests: {message}", p.group.len());
+            for (req, slot) in p.group {
+                let _ = req.events.send(Event::Error(ApiError::internal(format!(
+                    "the model failed on this request: {message}"
+                ))));
+                self.release(slot);
             }
         }
     }
@@ -561,51 +685,6 @@ impl<B: hone_model::KernelBackend> Worker<B> {
             return None;
         }
         Some(slot)
-    }
-
-    /// Runs prompt positions `done..done + chunk` of a prefill group; with `last`, returns the
-    /// logits of the last position of every row (`[rows, vocab]`).
-    fn prefill_chunk(
-        &mut self,
-        p: &mut Prefill<B>,
-        chunk: usize,
-        last: bool,
-    ) -> std::result::Result<Option<Vec<f32>>, String> {
-        let n = p.group.len();
-        let started = Instant::now();
-        let slots: Vec<Option<usize>> = p.group.iter().map(|(_, slot)| *slot).collect();
-        let ids: Vec<i64> = p
-            .group
-            .iter()
-            .flat_map(|(r, _)| r.prompt[p.done..p.done + chunk].iter().map(|&i| i as i64))
-            .collect();
-        let (model, device, caches) = (&self.model, &self.device, &mut p.caches);
-        let result = catch_unwind(AssertUnwindSafe(|| {
-            let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [n, chunk]), device);
-            let mut refs: Vec<&mut KvCache<B>> = caches.iter_mut().collect();
-            let input = Input::new(tokens)
-                .row_caches(&mut refs)
-                .adapters_per_row(slots);
-            if last {
-                let out = model.forward(input.last_logits());
-                read_floats(out.reshape([n, model.config().vocab_size])).map(Some)
-            } else {
-                // The hidden state of the last position only: no output projection.
-                let _ = model.forward(input.last_hidden());
-                Ok(None)
-            }
-        }));
-        let result = result.unwrap_or_else(|panic| Err(hone_io::panic_message(&*panic)))?;
-        let m = &self.shared.metrics;
-        m.prefill_seconds.add(started.elapsed().as_secs_f64());
-        m.prefill_steps
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tokens = (n * chunk) as u64;
-        m.prompt_tokens
-            .fetch_add(tokens, std::sync::atomic::Ordering::Relaxed);
-        m.prefill_tokens
-            .fetch_add(tokens, std::sync::atomic::Ordering::Relaxed);
-        Ok(result)
     }
 
     /// Samples the first token of every request of a finished prefill (`logits` `[rows,
@@ -647,48 +726,6 @@ impl<B: hone_model::KernelBackend> Worker<B> {
                 "the model failed during decoding: {message}"
             ))));
             self.retire(seq, Outcome::Finished);
-        }
-    }
-
-    /// One token for every request in the batch.
-    fn decode_step(&mut self) {
-        let n = self.active.len();
-        if n == 0 {
-            return;
-        }
-        let started = Instant::now();
-        let tokens: Vec<i64> = self.active.iter().map(|s| s.next as i64).collect();
-        let adapters: Vec<Option<usize>> = self.active.iter().map(|s| s.slot).collect();
-        let (model, device, active) = (&self.model, &self.device, &mut self.active);
-        let result = catch_unwind(AssertUnwindSafe(|| {
-            let mut caches: Vec<&mut KvCache<B>> =
-                active.iter_mut().map(|s| &mut s.cache).collect();
-            let input = Tensor::<B, 2, Int>::from_data(TensorData::new(tokens, [n, 1]), device);
-            let out = model.forward(
-                Input::new(input)
-                    .row_caches(&mut caches)
-                    .adapters_per_row(adapters)
-                    .last_logits(),
-            );
-            read_floats(out.reshape([n, model.config().vocab_size]))
-        }));
-        let mut logits = match flatten(result) {
-            Ok(logits) => logits,
-            Err(message) => return self.fail_batch(&message),
-        };
-        let seconds = started.elapsed().as_secs_f64();
-        let m = self.shared.metrics.clone();
-        m.decode_step.observe(seconds);
-        m.decode_seconds.add(seconds);
-        m.decode_tokens
-            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-        let vocab = self.model.config().vocab_size;
-        for (i, mut seq) in std::mem::take(&mut self.active).into_iter().enumerate() {
-            let row = &mut logits[i * vocab..(i + 1) * vocab];
-            match seq.accept(row, &self.shared.tokenizer, &m) {
-                Outcome::Continue => self.active.push(seq),
-                done => self.retire(seq, done),
-            }
         }
     }
 }

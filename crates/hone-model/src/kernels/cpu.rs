@@ -861,28 +861,30 @@ pub struct CachedKv<'a> {
 /// medians of five and six alternated runs on Zen 4.
 const CACHED_PARALLEL_WORK: usize = 1 << 14;
 
-/// Query head `h` of row `b` of [`attention_cached`]: `q` `[.., seq, heads, dim]` from row
-/// `qb`'s first query, the cache's kv row `kb`, output written at the same place as `q`'s.
+/// Query head `h` of one row of [`attention_cached_rows`]: the row's `seq` queries are `q`'s
+/// token rows `q0..q0 + seq` (`q` `[tokens, heads, dim]`), the cache's kv row `kb`, output
+/// written at the same place as `q`'s.
 ///
 /// # Safety
-/// `out` points to a buffer shaped like `q` that nothing else writes at this head's columns.
+/// `out` points to a buffer shaped like `q` that nothing else writes at this head's columns of
+/// these token rows.
 #[allow(clippy::too_many_arguments)]
 unsafe fn cached_head(
     p: &mut Vec<f32>,
     q: &[f32],
-    (qb, kb, h): (usize, usize, usize),
+    (q0, seq, kb, h): (usize, usize, usize, usize),
     kv: &CachedKv,
     s: &AttnShape,
     window: usize,
     out: &Shared,
 ) {
-    let (seq, d) = (s.seq, s.dim);
+    let d = s.dim;
     let (past, capacity) = (kv.past, kv.capacity);
     let total = past + seq;
     let hd = s.heads * d;
     let groups = s.heads / s.kv_heads;
     let ko = (kb * s.kv_heads + h / groups) * capacity * d;
-    let qo = qb * seq * hd + h * d;
+    let qo = q0 * hd + h * d;
     if seq == 0 {
         return;
     }
@@ -988,18 +990,60 @@ pub fn attention_cached_rows(
         q.len() == s.batch * s.seq * s.heads * s.dim && caches.len() == s.batch,
         "attention_cached_rows: q is not [rows, seq, heads, dim] with a cache per row"
     );
+    let spans: Vec<(usize, usize)> = (0..s.batch).map(|b| (b * s.seq, s.seq)).collect();
+    cached_spans(q, caches, &spans, s, window, shared)
+}
+
+/// [`attention_cached_rows`] for rows of different numbers of new queries, their tokens one
+/// after the other (`q` `[tokens, heads, dim]`, row `b` = `lens[b]` tokens, as a serving step
+/// that decodes some rows and prefills a chunk of others): row `b`'s queries attend over
+/// `caches[b]` (kv row 0, the new positions already written). `s.batch` and `s.seq` are not
+/// read. Returns `[tokens, heads, dim]`.
+pub fn attention_cached_ragged(
+    q: &[f32],
+    caches: &[CachedKv],
+    lens: &[usize],
+    s: AttnShape,
+    window: usize,
+) -> Vec<f32> {
+    let tokens: usize = lens.iter().sum();
+    assert!(
+        q.len() == tokens * s.heads * s.dim && caches.len() == lens.len(),
+        "attention_cached_ragged: q is not [tokens, heads, dim] with a cache per row"
+    );
+    let mut spans = Vec::with_capacity(lens.len());
+    let mut start = 0;
+    for &len in lens {
+        spans.push((start, len));
+        start += len;
+    }
+    cached_spans(q, caches, &spans, s, window, false)
+}
+
+/// Row `b`'s queries (token rows `spans[b].0..` + `spans[b].1` of `q`) over `caches[b]`, every
+/// (row, head) at once.
+fn cached_spans(
+    q: &[f32],
+    caches: &[CachedKv],
+    spans: &[(usize, usize)],
+    s: AttnShape,
+    window: usize,
+    shared: bool,
+) -> Vec<f32> {
     let mut out = zeroed(q.len());
     let optr = Shared(out.as_mut_ptr());
     let task = |p: &mut Vec<f32>, bh: usize| {
         let (b, h) = (bh / s.heads, bh % s.heads);
         let kb = if shared { b } else { 0 };
-        // SAFETY: each (row, head) writes its own columns of `out`.
-        unsafe { cached_head(p, q, (b, kb, h), &caches[b], &s, window, &optr) }
+        let (q0, seq) = spans[b];
+        // SAFETY: each (row, head) writes its own columns of its own token rows of `out`.
+        unsafe { cached_head(p, q, (q0, seq, kb, h), &caches[b], &s, window, &optr) }
     };
-    let tasks = s.batch * s.heads;
+    let tasks = spans.len() * s.heads;
     let work: usize = caches
         .iter()
-        .map(|c| s.seq * (c.past + s.seq) * s.dim * s.heads)
+        .zip(spans)
+        .map(|(c, &(_, seq))| seq * (c.past + seq) * s.dim * s.heads)
         .sum();
     if work < CACHED_PARALLEL_WORK {
         let mut p = Vec::new();

@@ -240,6 +240,20 @@ impl KernelBackend for Flex {
         })
     }
 
+    fn attention_cached_ragged(
+        q: Tensor<Self, 3>,
+        k: Tensor<Self, 3>,
+        v: Tensor<Self, 3>,
+        rows: &mut [(&mut HostKv, usize)],
+        lens: &[usize],
+        shape: AttnShape,
+        window: usize,
+    ) -> Tensor<Self, 3> {
+        host_attention(q, k, v, |q, k, v| {
+            HostKv::attend_ragged(rows, lens, q, k, v, shape, window)
+        })
+    }
+
     fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
         if !f32s(gate.dtype()) {
             return composed::swiglu(gate, up);

@@ -231,6 +231,40 @@ pub trait KernelBackend: Backend {
         Tensor::cat(outs, 0)
     }
 
+    /// [`KernelBackend::attention_cached`] for rows with different numbers of new tokens, one
+    /// after the other (`q`, `k`, `v` `[1, tokens, heads * dim]`; row `b` = `lens[b]` tokens
+    /// continuing `rows[b]`). `shape.batch` and `shape.seq` are not read. The default attends
+    /// row by row.
+    fn attention_cached_ragged(
+        q: Tensor<Self, 3>,
+        k: Tensor<Self, 3>,
+        v: Tensor<Self, 3>,
+        rows: &mut [(&mut HostKv, usize)],
+        lens: &[usize],
+        shape: AttnShape,
+        window: usize,
+    ) -> Tensor<Self, 3> {
+        assert_eq!(rows.len(), lens.len(), "one cache per row");
+        let mut start = 0;
+        let outs = rows
+            .iter_mut()
+            .zip(lens)
+            .map(|((cache, past), &len)| {
+                let one = AttnShape {
+                    batch: 1,
+                    seq: len,
+                    ..shape
+                };
+                let span = |t: &Tensor<Self, 3>| t.clone().narrow(1, start, len);
+                let o =
+                    Self::attention_cached(span(&q), span(&k), span(&v), cache, *past, one, window);
+                start += len;
+                o
+            })
+            .collect();
+        Tensor::cat(outs, 1)
+    }
+
     /// `silu(gate) * up`.
     fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
         composed::swiglu(gate, up)
