@@ -114,9 +114,9 @@ impl HostKv {
     }
 
     /// [`HostKv::attend`] for a batch whose rows have caches of their own (`rows[b]` = row
-    /// `b`'s cache and its length; `q`, `k`, `v` as there, `shape.batch` rows): each row's keys
-    /// and values are appended to its cache, then every (row, head) attends in one parallel
-    /// pass ([`crate::kernels::cpu::attention_cached_rows`]).
+    /// `b`'s cache and its length; `q`, `k`, `v` as there, `shape.batch` rows of `shape.seq`
+    /// tokens): each row's keys and values are appended to its cache, then every (row, head)
+    /// attends in one parallel pass ([`HostKv::attend_ragged`] with rows of equal length).
     pub(crate) fn attend_rows(
         rows: &mut [(&mut HostKv, usize)],
         q: &[f32],
@@ -126,20 +126,7 @@ impl HostKv {
         window: usize,
     ) -> Vec<f32> {
         assert_eq!(rows.len(), shape.batch, "one cache per row");
-        let per_row = k.len() / shape.batch.max(1);
-        for (b, (cache, past)) in rows.iter_mut().enumerate() {
-            let span = b * per_row..(b + 1) * per_row;
-            cache.append(
-                *past,
-                &k[span.clone()],
-                &v[span],
-                1,
-                shape.kv_heads,
-                shape.dim,
-            );
-        }
-        let views: Vec<_> = rows.iter().map(|(c, past)| c.view(*past)).collect();
-        crate::kernels::cpu::attention_cached_rows(q, &views, shape, window, false)
+        Self::attend_ragged(rows, &vec![shape.seq; shape.batch], q, k, v, shape, window)
     }
 
     /// [`HostKv::attend_rows`] for rows of different numbers of new tokens, one after the

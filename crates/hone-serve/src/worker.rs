@@ -510,7 +510,7 @@ impl<B: hone_model::KernelBackend> Worker<B> {
     /// products instead of a pass of their own. Requests whose prompts are done sample their
     /// first token and join the decoding batch for the next step.
     fn step(&mut self) {
-        let chunks = self.plan_prefill();
+        let mut chunks = self.plan_prefill();
         let decoding = self.active.len();
         if decoding == 0 && chunks.is_empty() {
             return;
@@ -523,7 +523,6 @@ impl<B: hone_model::KernelBackend> Worker<B> {
         // this step.
         let mut wanted: Vec<i64> = (0..decoding as i64).collect();
         let mut prompt_tokens = 0;
-        let mut chunks = chunks;
         for (p, chunk) in &chunks {
             let last = p.done + chunk == p.group[0].0.prompt.len();
             for (req, slot) in &p.group {
