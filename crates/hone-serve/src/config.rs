@@ -54,7 +54,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_batch: 32,
-            prefill_chunk: 64,
+            prefill_chunk: 256,
             max_queue: 256,
             max_prompt_tokens: None,
             max_body_bytes: 4 << 20,
