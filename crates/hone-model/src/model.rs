@@ -330,14 +330,14 @@ impl<B: KernelBackend> Attention<B> {
         match &mut cache {
             LayerCacheMut::Batch(slot, len) if host_path && slot.on_host() => {
                 let host = slot.host_mut().expect("checked on_host");
-                return self.forward_cached(x, ctx, &mut [(host, *len)]);
+                return self.forward_cached(x, ctx, &mut [(host, *len)], None);
             }
             LayerCacheMut::Rows(rows) if host_path && rows.iter().all(|(s, _)| s.on_host()) => {
                 let mut rows: Vec<(&mut HostKv, usize)> = rows
                     .iter_mut()
                     .map(|(s, len)| (s.host_mut().expect("checked on_host"), *len))
                     .collect();
-                return self.forward_cached(x, ctx, &mut rows);
+                return self.forward_cached(x, ctx, &mut rows, None);
             }
             LayerCacheMut::Ragged(rows, lens)
                 if host_path && rows.iter().all(|(s, _)| s.on_host()) =>
@@ -346,18 +346,7 @@ impl<B: KernelBackend> Attention<B> {
                     .iter_mut()
                     .map(|(s, len)| (s.host_mut().expect("checked on_host"), *len))
                     .collect();
-                let (q, k, v) = self.fused_qkv(x, ctx.rope, select);
-                let shape = self.attn_shape(1, seq);
-                let out = B::attention_cached_ragged(
-                    q,
-                    k,
-                    v,
-                    &mut rows,
-                    lens,
-                    shape,
-                    self.sliding_window,
-                );
-                return self.o_proj.forward(out, select, Kernels::Fused);
+                return self.forward_cached(x, ctx, &mut rows, Some(lens));
             }
             _ => {}
         }
@@ -478,21 +467,28 @@ impl<B: KernelBackend> Attention<B> {
     /// [`Self::forward`] continuing host KV caches through the backend's fused kernels (RoPE,
     /// attention over the cache read in place): one cache `(cache, past)` for the whole batch,
     /// or one per row (rows of different lengths: the projections and attention run batched,
-    /// each row over its own cache).
+    /// each row over its own cache); with `ragged`, rows of those numbers of new tokens one after
+    /// the other in a batch of one.
     fn forward_cached(
         &self,
         x: Tensor<B, 3>,
         ctx: &LayerContext<'_, B>,
         caches: &mut [(&mut HostKv, usize)],
+        ragged: Option<&[usize]>,
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
         let select = ctx.select;
         let (q, k, v) = self.fused_qkv(x, ctx.rope, select);
         let window = self.sliding_window;
         let shape = |batch| self.attn_shape(batch, seq);
-        let out = match caches {
-            [(cache, past)] => B::attention_cached(q, k, v, cache, *past, shape(batch), window),
-            rows => B::attention_cached_rows(q, k, v, rows, shape(batch), window),
+        let out = match (caches, ragged) {
+            (rows, Some(lens)) => {
+                B::attention_cached_ragged(q, k, v, rows, lens, shape(batch), window)
+            }
+            ([(cache, past)], None) => {
+                B::attention_cached(q, k, v, cache, *past, shape(batch), window)
+            }
+            (rows, None) => B::attention_cached_rows(q, k, v, rows, shape(batch), window),
         };
         self.o_proj.forward(out, select, Kernels::Fused)
     }
