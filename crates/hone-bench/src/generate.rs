@@ -96,7 +96,8 @@ fn run_once<B: hone_model::KernelBackend>(
 ) -> Result<Timing> {
     hone_model::in_busy_pool(|| {
         let vocab = model.config().vocab_size;
-        let mut cache = KvCache::new(model.config().num_layers);
+        let mut cache =
+            KvCache::for_generation(model.config().num_layers, prompt.len() / batch, new_tokens);
         let started = Instant::now();
         let logits = model.forward(
             Input::new(ids_tensor::<B>(prompt, batch, device))

@@ -100,7 +100,8 @@ pub fn generate_greedy<B: hone_model::KernelBackend>(
     let mut active: Vec<usize> = (0..prompts.len()).collect();
     let mut pads: Vec<usize> = prompts.iter().map(|p| width - p.len()).collect();
     let mut lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
-    let mut cache = KvCache::new(model.config().num_layers);
+    let mut cache =
+        KvCache::for_generation(model.config().num_layers, width, settings.max_new_tokens);
     let mut streams: Vec<TextStream> = prompts
         .iter()
         .map(|p| TextStream::new(p, &settings.stop_strings))

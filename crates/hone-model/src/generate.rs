@@ -215,7 +215,11 @@ pub fn generate<B: KernelBackend>(
     }
     let device = model.devices().into_iter().next().unwrap_or_default();
     let mut sampler = Sampler::new(config.sampling.clone());
-    let mut cache = KvCache::new(model.config.num_layers);
+    let mut cache = KvCache::for_generation(
+        model.config.num_layers,
+        prompt_ids.len(),
+        config.max_new_tokens,
+    );
     let mut history = prompt_ids.to_vec();
     let mut generated: Vec<u32> = Vec::new();
     let mut stream = TextStream::new(prompt_ids, &config.stop_strings);

@@ -28,7 +28,7 @@ pub mod rope;
 pub mod tokenizer;
 pub mod weights;
 
-pub use cache::KvCache;
+pub use cache::{KvCache, RESERVED_NEW_TOKENS};
 pub use config::{Architecture, ModelConfig};
 pub use device::{in_busy_pool, in_pool, run_on, run_on_this_thread, BackendTask, DeviceSpec};
 pub use dtype::FloatDtype;

@@ -263,29 +263,42 @@ fn kv_cache_decoding_matches_full_forward_position_by_position() {
                 .model
                 .forward(Input::new(ids_tensor(&ids, batch, &device))),
         );
-        // Prefill 5 positions, then one position at a time.
-        let mut cache = KvCache::new(loaded.model.config().num_layers);
-        let all = ids_tensor(&ids, batch, &device);
-        let mut pos = 0;
-        while pos < seq {
-            let step = if pos == 0 { 5 } else { 1 };
-            let chunk = all.clone().narrow(1, pos, step);
-            let logits = to_vec(loaded.model.forward(Input::new(chunk).cache(&mut cache)));
-            for b in 0..batch {
-                for s in 0..step {
-                    let ours = &logits[(b * step + s) * vocab..(b * step + s + 1) * vocab];
-                    let at = (b * seq + pos + s) * vocab;
-                    let diff = max_abs_diff(ours, &full[at..at + vocab]);
-                    assert!(
-                        diff < 1e-4,
-                        "{name}: batch {b} position {}: cached logits differ by {diff}",
-                        pos + s
-                    );
+        // Prefill 5 positions, then one position at a time: into a cache that grows, and into
+        // one that holds every position from the first write.
+        let layers = loaded.model.config().num_layers;
+        for (mut cache, reserved) in [
+            (KvCache::new(layers), None),
+            (KvCache::with_capacity(layers, seq + 40), Some(seq + 40)),
+        ] {
+            let all = ids_tensor(&ids, batch, &device);
+            let mut pos = 0;
+            while pos < seq {
+                let step = if pos == 0 { 5 } else { 1 };
+                let chunk = all.clone().narrow(1, pos, step);
+                let logits = to_vec(loaded.model.forward(Input::new(chunk).cache(&mut cache)));
+                for b in 0..batch {
+                    for s in 0..step {
+                        let ours = &logits[(b * step + s) * vocab..(b * step + s + 1) * vocab];
+                        let at = (b * seq + pos + s) * vocab;
+                        let diff = max_abs_diff(ours, &full[at..at + vocab]);
+                        assert!(
+                            diff < 1e-4,
+                            "{name}: batch {b} position {}: cached logits differ by {diff}",
+                            pos + s
+                        );
+                    }
                 }
+                pos += step;
             }
-            pos += step;
+            assert_eq!(cache.len(), seq);
+            if let Some(reserved) = reserved {
+                assert_eq!(
+                    cache.capacity(),
+                    reserved,
+                    "{name}: the reserved cache grew"
+                );
+            }
         }
-        assert_eq!(cache.len(), seq);
     }
 }
 

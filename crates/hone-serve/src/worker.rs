@@ -490,8 +490,10 @@ impl<B: hone_model::KernelBackend> Worker<B> {
             admitted = rest;
             let later = group.split_off(rows.min(group.len()));
             admitted.extend(later);
-            let caches = (0..group.len())
-                .map(|_| KvCache::new(self.model.config().num_layers))
+            let layers = self.model.config().num_layers;
+            let caches = group
+                .iter()
+                .map(|(req, _)| KvCache::for_generation(layers, len, req.max_tokens))
                 .collect();
             self.prefilling.push_back(Prefill {
                 group,
@@ -540,6 +542,7 @@ impl<B: hone_model::KernelBackend> Worker<B> {
             self.active.iter_mut().map(|s| &mut s.cache).collect();
         caches.extend(chunks.iter_mut().flat_map(|(p, _)| p.caches.iter_mut()));
         let tokens = ids.len();
+        let wanted_rows = wanted.len();
         let result = flatten(catch_unwind(AssertUnwindSafe(|| {
             let input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, tokens]), device);
             let hidden = model.forward(
@@ -572,6 +575,14 @@ impl<B: hone_model::KernelBackend> Worker<B> {
         let seconds = started.elapsed().as_secs_f64();
         let m = self.shared.metrics.clone();
         let decode_share = seconds * decoding as f64 / tokens as f64;
+        tracing::debug!(
+            target: "hone_serve::step",
+            decoding,
+            prompt_tokens,
+            sampled = wanted_rows,
+            ms = seconds * 1e3,
+            "step"
+        );
         if decoding > 0 {
             m.decode_step.observe(seconds);
             m.decode_seconds.add(decode_share);
