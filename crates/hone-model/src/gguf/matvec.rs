@@ -148,6 +148,30 @@ pub(super) mod x86 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h))))
     }
 
+    /// The f16 at `p` in all eight lanes. A 16-bit broadcast from memory writes the whole
+    /// register: converting one lane instead ([`f16`], then a broadcast) compiles to an insert
+    /// into whatever register LLVM picks (`vpinsrw $0, mem, %xmmN, ...`, the other lanes being
+    /// unused), and in the block loops it picked the accumulator (AVX2) or the previous block's
+    /// scale (AVX-512), so every block waited for the one before: the AVX2 kernel ran at ~19
+    /// cycles per 32-value block.
+    #[inline(always)]
+    pub(in crate::gguf) unsafe fn f16x8(p: *const u8) -> __m256 {
+        _mm256_cvtph_ps(_mm_set1_epi16(std::ptr::read_unaligned(p as *const i16)))
+    }
+
+    /// [`scale`] in every lane (see [`f16x8`]).
+    #[inline(always)]
+    pub(in crate::gguf) unsafe fn scale8<const K: u8>(p: *const u8) -> (__m256, __m256) {
+        let d = f16x8(p);
+        let m = match K {
+            Q4_0 => _mm256_mul_ps(d, _mm256_set1_ps(-8.0)),
+            Q5_0 => _mm256_mul_ps(d, _mm256_set1_ps(-16.0)),
+            Q4_1 | Q5_1 => f16x8(p.add(2)),
+            _ => _mm256_setzero_ps(),
+        };
+        (d, m)
+    }
+
     // The block formats, as const parameters (so that every kernel is specialised to one).
     pub(in crate::gguf) const Q4_0: u8 = 0;
     pub(in crate::gguf) const Q4_1: u8 = 1;
@@ -342,11 +366,29 @@ pub(super) mod x86 {
         /// Input rows per pass: two accumulators each, 16 of the 32 registers.
         const GROUP: usize = 8;
 
+        /// The f16 at `p` in all sixteen lanes (as [`f16x8`]).
+        #[inline(always)]
+        unsafe fn f16x16(p: *const u8) -> __m512 {
+            _mm512_cvtph_ps(_mm256_set1_epi16(std::ptr::read_unaligned(p as *const i16)))
+        }
+
+        /// [`scale`] in every lane.
+        #[inline(always)]
+        unsafe fn scale16<const K: u8>(p: *const u8) -> (__m512, __m512) {
+            let d = f16x16(p);
+            let m = match K {
+                Q4_0 => _mm512_mul_ps(d, _mm512_set1_ps(-8.0)),
+                Q5_0 => _mm512_mul_ps(d, _mm512_set1_ps(-16.0)),
+                Q4_1 | Q5_1 => f16x16(p.add(2)),
+                _ => _mm512_setzero_ps(),
+            };
+            (d, m)
+        }
+
         /// The 32 values of the block at `p` as two vectors (elements 0..16, 16..32).
         #[inline(always)]
         unsafe fn decode<const K: u8>(p: *const u8) -> (__m512, __m512) {
-            let (d, m) = scale::<K>(p);
-            let (d, m) = (_mm512_set1_ps(d), _mm512_set1_ps(m));
+            let (d, m) = scale16::<K>(p);
             let (lo, hi) = if K == Q8_0 {
                 let a = _mm_loadu_si128(p.add(2) as *const __m128i);
                 let b = _mm_loadu_si128(p.add(18) as *const __m128i);
@@ -554,8 +596,7 @@ pub(super) mod x86 {
         /// The 32 values of the block at `p` as four vectors of eight.
         #[inline(always)]
         unsafe fn decode<const K: u8>(p: *const u8) -> [__m256; 4] {
-            let (d, m) = scale::<K>(p);
-            let (d, m) = (_mm256_set1_ps(d), _mm256_set1_ps(m));
+            let (d, m) = scale8::<K>(p);
             let q: [__m256i; 4] = if K == Q8_0 {
                 [0, 8, 16, 24]
                     .map(|o| _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(2 + o) as *const __m128i)))
