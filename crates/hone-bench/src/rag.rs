@@ -428,7 +428,7 @@ fn corpus_of_size(
             title: String::new(),
             source: "spliced".into(),
             text,
-            span: chunks[a].span.clone(),
+            span: chunks[a].span,
         });
         let start = vectors.len();
         for i in 0..dim {

@@ -448,7 +448,7 @@ fn output_directory_holding_an_input_is_never_replaced_even_with_force() {
     let data = dir.path().join("data");
     std::fs::create_dir(&data).unwrap();
     let f = write_jsonl(&data, "raw.jsonl", &rows);
-    let p = prepare(&bare_config(&[f.clone()])).unwrap();
+    let p = prepare(&bare_config(std::slice::from_ref(&f))).unwrap();
     // Spelled another way: the comparison is of canonical paths.
     let out = data.join("..").join("data");
     for overwrite in [Overwrite::Prepared, Overwrite::Any] {

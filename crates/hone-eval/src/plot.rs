@@ -302,6 +302,7 @@ pub fn scatter(
         y1 = y1.max(*y);
     }
     let x1 = (x1 * 1.25).max(1e-3);
+    #[allow(clippy::manual_clamp)] // a NaN maximum gives 0.05, where clamp would keep the NaN
     let y1 = (y1 * 1.15).max(0.05).min(1.0);
     const COLORS: [RGBColor; 8] = [
         RGBColor(31, 119, 180),

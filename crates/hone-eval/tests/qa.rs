@@ -197,8 +197,7 @@ fn a_prompt_beyond_the_context_is_refused_naming_the_question() {
         ..setup(tmp.path())
     };
     let e = compare_qa::<Cpu>(&settings, &Default::default(), &mut |_, _, _| {})
-        .err()
-        .expect("a prompt beyond the context of 256")
+        .expect_err("a prompt beyond the context of 256")
         .to_string();
     assert!(
         e.contains("question 1 (q1)") && e.contains("--max-tokens"),
@@ -209,8 +208,7 @@ fn a_prompt_beyond_the_context_is_refused_naming_the_question() {
         ..setup(tmp.path())
     };
     let e = compare_qa::<Cpu>(&missing, &Default::default(), &mut |_, _, _| {})
-        .err()
-        .expect("a missing index")
+        .expect_err("a missing index")
         .to_string();
     assert!(e.contains("nowhere"), "{e}");
 }

@@ -318,7 +318,7 @@ mod tests {
         std::fs::write(staged.path(), b"half").unwrap();
         drop(staged);
         assert_eq!(std::fs::read(&path).unwrap(), b"old");
-        assert_eq!(names(&dir), ["out.txt"]);
+        assert_eq!(names(dir), ["out.txt"]);
     }
 
     #[test]
@@ -343,7 +343,7 @@ mod tests {
             std::fs::read(target.join("nested/new.txt")).unwrap(),
             b"new"
         );
-        assert_eq!(names(&dir), ["out"]);
+        assert_eq!(names(dir), ["out"]);
     }
 
     #[test]
@@ -353,6 +353,6 @@ mod tests {
         let staged = StagedDir::new(&dir.join("out")).unwrap();
         std::fs::write(staged.path().join("a"), b"a").unwrap();
         drop(staged);
-        assert!(names(&dir).is_empty());
+        assert!(names(dir).is_empty());
     }
 }

@@ -149,7 +149,7 @@ pub fn tensor_type(
     let is_output = name == "output.weight" || (tied && name == "token_embd.weight");
     let layer = layer_of(name);
     if is_output {
-        if cols % default.block_size() != 0 {
+        if !cols.is_multiple_of(default.block_size()) {
             t = GgmlType::Q8_0;
         } else if default != GgmlType::Q8_0 {
             t = GgmlType::Q6K;
@@ -162,14 +162,14 @@ pub fn tensor_type(
         }
     }
     // Rows that are not whole blocks: llama-quantize's fallbacks, then F16.
-    if cols % t.block_size() != 0 {
+    if !cols.is_multiple_of(t.block_size()) {
         t = match t {
             GgmlType::Q4K => GgmlType::Q5_0,
             GgmlType::Q5K => GgmlType::Q5_1,
             GgmlType::Q6K => GgmlType::Q8_0,
             other => other,
         };
-        if cols % t.block_size() != 0 {
+        if !cols.is_multiple_of(t.block_size()) {
             t = GgmlType::F16;
         }
     }
@@ -729,7 +729,7 @@ pub fn export_lora(options: &GgufExportOptions) -> Result<GgufExportReport> {
         modules.push((gguf, a, b, shape));
     }
     let fit = |row: usize| {
-        if row % ty.block_size() == 0 {
+        if row.is_multiple_of(ty.block_size()) {
             ty
         } else {
             GgmlType::F16

@@ -346,6 +346,7 @@ impl<B: KernelBackend> CausalLm<B> {
             select: &select,
             kernels: self.kernels,
         };
+        #[allow(clippy::unused_enumerate_index)] // the cached arms use the index
         let layers = self.model.layers.iter().zip(&masks).enumerate();
         match cache {
             Cache::None => {

@@ -113,9 +113,8 @@ impl<B: Backend> Linear<B> {
     /// Puts `lora` into `slot`, returning what was there.
     pub(crate) fn set_slot(&mut self, slot: usize, lora: Option<Lora<B>>) -> Option<Lora<B>> {
         if self.adapters.len() <= slot {
-            if lora.is_none() {
-                return None;
-            }
+            // An empty slot beyond the last: nothing to put or to give back.
+            lora.as_ref()?;
             self.adapters.resize_with(slot + 1, || None);
         }
         let old = std::mem::replace(&mut self.adapters[slot], lora);

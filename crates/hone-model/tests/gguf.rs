@@ -173,7 +173,7 @@ impl Builder {
             b.extend_from_slice(&ty.to_le_bytes());
             b.extend_from_slice(&offset.to_le_bytes());
         }
-        while b.len() % 32 != 0 {
+        while !b.len().is_multiple_of(32) {
             b.push(0);
         }
         b.extend_from_slice(&self.data);

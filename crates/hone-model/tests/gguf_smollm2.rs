@@ -105,7 +105,6 @@ fn check(path: &Path, refs: &Value, dequantize: bool) {
             let pairs = head
                 .iter()
                 .enumerate()
-                .map(|(i, v)| (i, v))
                 .chain(top.iter().map(|&i| i as usize).zip(top_values));
             for (i, want) in pairs {
                 let diff = (ours[i] - want.as_f64().unwrap() as f32).abs();

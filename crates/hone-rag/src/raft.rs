@@ -229,7 +229,7 @@ impl Rng {
 
 /// Whether question `id` is held out: a hash of the id and the seed, not its position.
 fn held_out(id: &str, seed: u64, fraction: f64) -> bool {
-    let h = xxhash_rust::xxh3::xxh3_64_with_seed(id.as_bytes(), seed ^ 0x68_6f6e_65);
+    let h = xxhash_rust::xxh3::xxh3_64_with_seed(id.as_bytes(), seed ^ 0x686f_6e65);
     ((h >> 11) as f64 / (1u64 << 53) as f64) < fraction
 }
 

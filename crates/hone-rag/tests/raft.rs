@@ -354,6 +354,6 @@ fn the_unanswerable_share_of_training_examples_is_capped() {
             ..Default::default()
         },
     );
-    let message = bad.err().expect("a share above 1").to_string();
+    let message = bad.expect_err("a share above 1").to_string();
     assert!(message.contains("unanswerable_share"), "{message}");
 }

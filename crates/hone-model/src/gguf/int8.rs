@@ -107,7 +107,7 @@ pub(super) fn isa(ty: GgmlType, cols: usize) -> Option<(Isa, u8)> {
         ty,
         T::Q4_0 | T::Q4_1 | T::Q5_0 | T::Q5_1 | T::Q8_0 | T::Q4K | T::Q5K | T::Q6K
     );
-    if !covered || cols % ty.block_size() != 0 || cols > MAX_COLS {
+    if !covered || !cols.is_multiple_of(ty.block_size()) || cols > MAX_COLS {
         return None;
     }
     let kind = match ty {

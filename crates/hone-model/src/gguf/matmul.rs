@@ -49,7 +49,7 @@ impl QuantMatrix<'_> {
     /// Checks the byte length and block alignment against the shape.
     pub fn validate(&self) -> Result<(), String> {
         let bs = self.ty.block_size();
-        if self.cols % bs != 0 {
+        if !self.cols.is_multiple_of(bs) {
             return Err(format!(
                 "{} rows of {} values are not whole blocks of {bs}",
                 self.ty, self.cols
@@ -205,7 +205,7 @@ pub(crate) fn product(p: Product<'_>, x: &[f32], m: usize) -> Vec<f32> {
 /// format whose rows the 8-bit kernels take).
 fn q8_applies(w: &QuantMatrix<'_>, activations: Activations) -> bool {
     activations == Activations::Q8
-        && w.cols % 32 == 0
+        && w.cols.is_multiple_of(32)
         && w.cols <= super::int8::MAX_COLS
         && w.ty.is_quantized()
 }

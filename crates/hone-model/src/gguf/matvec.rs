@@ -32,13 +32,13 @@ pub(crate) fn rows_dot(
                 ty,
                 GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0
             ))
-            || cols % ty.block_size() != 0
+            || !cols.is_multiple_of(ty.block_size())
         {
             return false;
         }
         let rb = ty.byte_len(cols);
         assert!(
-            rows.len() % rb == 0 && x.len() >= m * cols,
+            rows.len().is_multiple_of(rb) && x.len() >= m * cols,
             "rows_dot: shapes"
         );
         assert!(yt.len() >= rows.len() / rb * m, "rows_dot: output");
@@ -83,7 +83,7 @@ pub(crate) fn rows_dot(
 /// [`rows_dot`] for dense f32 rows `w` (`cols` wide): `yt[r·m + i] = Σ_k w[r, k] · x[i, k]`.
 /// Always computes (a portable loop where the CPU has neither AVX-512 nor AVX2).
 pub(crate) fn dense_rows_dot(w: &[f32], cols: usize, x: &[f32], m: usize, yt: &mut [f32]) {
-    let rows = if cols == 0 { 0 } else { w.len() / cols };
+    let rows = w.len().checked_div(cols).unwrap_or(0);
     assert!(
         w.len() == rows * cols && x.len() >= m * cols && yt.len() >= rows * m,
         "dense_rows_dot: shapes"
@@ -479,8 +479,8 @@ pub(super) mod x86 {
                 }
                 for (i, acc) in acc.iter().enumerate() {
                     let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
-                    for k in full..cols {
-                        sum += row[k] * *x.add(i * cols + k);
+                    for (k, w) in (full..cols).zip(&row[full..cols]) {
+                        sum += w * *x.add(i * cols + k);
                     }
                     *yt.add(r * m + i) = sum;
                 }
@@ -696,8 +696,8 @@ pub(super) mod x86 {
                 }
                 for (i, acc) in acc.iter().enumerate() {
                     let mut sum = hsum(_mm256_add_ps(acc[0], acc[1]));
-                    for k in full..cols {
-                        sum += row[k] * *x.add(i * cols + k);
+                    for (k, w) in (full..cols).zip(&row[full..cols]) {
+                        sum += w * *x.add(i * cols + k);
                     }
                     *yt.add(r * m + i) = sum;
                 }
@@ -819,11 +819,11 @@ pub(crate) fn half_rows_dot(
             GgmlType::BF16 => true,
             _ => return false,
         };
-        if cols % 32 != 0 {
+        if !cols.is_multiple_of(32) {
             return false;
         }
         assert!(
-            rows.len() % (2 * cols) == 0 && x.len() >= m * cols,
+            rows.len().is_multiple_of(2 * cols) && x.len() >= m * cols,
             "half_rows_dot: shapes"
         );
         assert!(

@@ -266,7 +266,7 @@ fn config_map(file: &GgufFile) -> Result<(Map<String, Json>, &'static str)> {
         let head_dim = config
             .get("head_dim")
             .and_then(Json::as_u64)
-            .unwrap_or(if heads > 0 { hidden / heads } else { 0 });
+            .unwrap_or(hidden.checked_div(heads).unwrap_or(0));
         if let Some(rot) = file
             .get(&format!("{arch}.rope.dimension_count"))
             .and_then(Value::as_u64)

@@ -23,7 +23,7 @@ const BLOCKS_PER_TASK: usize = 1024;
 /// wrong (a length that is not whole blocks, a type hone cannot write).
 pub fn quantize(ty: GgmlType, values: &[f32]) -> Result<Vec<u8>, String> {
     let bs = ty.block_size();
-    if values.len() % bs != 0 {
+    if !values.len().is_multiple_of(bs) {
         return Err(format!(
             "{} values are not whole {} blocks of {bs}",
             values.len(),

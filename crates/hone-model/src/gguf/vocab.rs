@@ -169,11 +169,11 @@ fn processor_adds(processor: &Json, token: &str, first: bool) -> bool {
 }
 
 /// The chat template of `dir`: `chat_template.jinja`, else `tokenizer_config.json`'s
+/// A chat template's GGUF metadata entries, its default text and where it came from.
+type TemplateMetadata = (Vec<(String, Value)>, Option<String>, Option<String>);
+
 /// `chat_template` (a string, or named templates); `(metadata, default text, source)`.
-fn chat_template(
-    dir: &Path,
-    config: Option<&Json>,
-) -> Result<(Vec<(String, Value)>, Option<String>, Option<String>)> {
+fn chat_template(dir: &Path, config: Option<&Json>) -> Result<TemplateMetadata> {
     let jinja = dir.join("chat_template.jinja");
     if jinja.is_file() {
         let text = std::fs::read_to_string(&jinja).map_err(|e| ModelError::Io {

@@ -1514,6 +1514,7 @@ fn lora_threads(rows: usize) -> usize {
 
 /// `dst [m, n] = beta · lhs [m, k] · rhs` (row-major `lhs`, `rhs` given by its strides), the
 /// rows of `lhs`/`dst` split across threads.
+#[allow(clippy::too_many_arguments)]
 fn matmul_rows(
     m: usize,
     n: usize,

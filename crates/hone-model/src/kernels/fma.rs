@@ -405,6 +405,7 @@ fn run(
     // projection 2,000): interleaved (output projections 1.21-1.26x against 1.13-1.15x).
     let in_place = panels.len() <= IN_PLACE_PANELS;
     (0..threads).into_par_iter().for_each(|t| {
+        #[allow(clippy::redundant_locals)]
         let out = out; // the whole wrapper (Send), not its raw pointer field
         let (t0, t1) = ((t * per).min(m), ((t + 1) * per).min(m));
         if t0 == t1 {
@@ -612,7 +613,7 @@ mod tests {
     #[test]
     fn depth_block_follows_the_l1_data_cache() {
         let kc = kc();
-        assert!((128..=KC).contains(&kc) && kc % 64 == 0, "kc {kc}");
+        assert!((128..=KC).contains(&kc) && kc.is_multiple_of(64), "kc {kc}");
         if let Some(l1) = l1d_bytes() {
             // The panel (kc × 16 floats) takes at most two thirds of L1.
             assert!(
