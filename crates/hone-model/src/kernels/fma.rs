@@ -186,8 +186,15 @@ pub fn linear_nn(g: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32>
                     _mm_prefetch::<_MM_HINT_T1>(row.as_ptr().add(next).cast());
                 }
             }
-            line[..features].copy_from_slice(&row[f0..next]);
-            line[features..].fill(0.0);
+            if features == NR {
+                // A fixed-size copy (two vector moves), not a call to memmove per line: the
+                // calls were ~1.7% of a smol training step on the AVX2 path (Zen 4).
+                let line: &mut [f32; NR] = line.try_into().expect("panel lines are NR long");
+                *line = row[f0..next].try_into().expect("NR features");
+            } else {
+                line[..features].copy_from_slice(&row[f0..next]);
+                line[features..].fill(0.0);
+            }
         }
     };
     run(
