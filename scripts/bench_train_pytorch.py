@@ -16,7 +16,9 @@ import json
 import resource
 import time
 
+import peft
 import torch
+import transformers
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -124,6 +126,7 @@ def main():
         "peak_gpu_mb": (torch.cuda.max_memory_allocated() / 2**20
                         if a.device.startswith("cuda") else None),
         "cpu": machine()[0], "isa": machine()[1],
+        "transformers": transformers.__version__, "peft": peft.__version__,
     }))
 
 

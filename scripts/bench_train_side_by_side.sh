@@ -65,7 +65,7 @@ for shape in dict.fromkeys(r["shape"] for r in rows):
     print(json.dumps({
         "bench": "train_side_by_side", "shape": shape, "rounds": len(hone),
         "cpu": hone[0]["cpu"], "isa_hone": hone[0]["isa"], "isa_cpu": torch[0]["isa"],
-        "peer": torch[0]["impl"],
+        "peer": " + ".join([torch[0]["impl"]] + [f"{k} {torch[0][k]}" for k in ("transformers", "peft") if k in torch[0]]),
         "hone_tokens_per_sec": [round(r["tokens_per_sec"], 1) for r in hone],
         "peer_tokens_per_sec": [round(r["tokens_per_sec"], 1) for r in torch],
         "median_ratio": round(h / t, 3),
